@@ -1,0 +1,1 @@
+"""Benchmarks: each prints a figure, a same-run baseline and their ratio."""

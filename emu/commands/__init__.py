@@ -1,0 +1,1 @@
+"""Subcommands of `netswap`, one module each."""

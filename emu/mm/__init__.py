@@ -1,0 +1,1 @@
+"""The emulated memory manager: pages, gfp, reserve, slab, reclaim, swap."""

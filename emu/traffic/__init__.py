@@ -1,0 +1,1 @@
+"""Background traffic built with scapy and sent on loopback."""
