@@ -1,0 +1,315 @@
+"""Scenario files: one emulated host, its workload, its background traffic, in TOML.
+
+A scenario says everything a run needs except what the command line overrides (backend, policy,
+server). `load()` validates every key and value; a bad file raises `ScenarioError` naming the
+file, the line, the key and the value, and what was expected. `dumps()` writes a scenario back
+as TOML that `loads()` reads to the same object (the round trip the tests check).
+
+Sizes are written like the kernel's command line: `16M`, `512K`, `1G`, or a plain byte count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+BACKENDS = ("nfs-udp", "nfs-tcp", "iscsi")
+POLICIES = ("none", "v12", "pfmemalloc")
+WORKLOADS = ("sequential", "random", "hotcold")
+TRAFFIC_PROFILES = ("none", "udp-flood", "frag", "mixed")
+DEFAULT_SCENARIO = "demo"
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)(i?[bB])?\s*$")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+class ScenarioError(ValueError):
+    """A bad scenario: names the file, the line, the key and the value."""
+
+    def __init__(self, source: str, line: int | None, key: str, value: object, expected: str) -> None:
+        self.source, self.line, self.key, self.value, self.expected = source, line, key, value, expected
+        where = f"{source}:{line}" if line else source
+        if key.startswith("<"):
+            super().__init__(f"{where}: {expected}")
+        else:
+            super().__init__(f"{where}: {key} = {value!r}: {expected}")
+
+
+def parse_size(text: str | int) -> int:
+    """`16M` -> 16777216. Raises ValueError on anything else (negative, unit typo, float)."""
+    if isinstance(text, bool):
+        raise ValueError("a size, not a boolean")
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError("a size cannot be negative")
+        return text
+    if not isinstance(text, str):
+        raise ValueError("a size like 16M, 512K or a byte count")
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError("a size like 16M, 512K, 1G or a byte count")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def format_size(n: int) -> str:
+    for unit, mult in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= mult and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return str(n)
+
+
+# --- the schema -------------------------------------------------------------------------------
+# Each field's metadata: kind ("size", "int", "float", "str", "bool", "choice", "net"), bounds or
+# choices, and a one-line help used in error messages and in `dumps()` comments.
+
+
+def _f(default: Any, kind: str, help: str, **meta: Any) -> Any:
+    return field(default=default, metadata={"kind": kind, "help": help, **meta})
+
+
+@dataclass
+class HostSection:
+    ram: int = _f(12 << 20, "size", "emulated RAM", min=1 << 20, max=1 << 30)
+    page_size: int = _f(4096, "int", "page size in bytes", choices=(4096,))
+    min_free_kbytes: int = _f(0, "int", "vm.min_free_kbytes (0 = Linux's default formula)", min=0, max=65536)
+    swap: int = _f(64 << 20, "size", "swap size", min=1 << 20, max=4 << 30)
+    mtu: int = _f(1500, "int", "NIC MTU", min=576, max=65535)
+    route_max_size: int = _f(0, "int", "net.ipv4.route.max_size (0 = derived from RAM)", min=0, max=1 << 24)
+    ipfrag_high_thresh: int = _f(262144, "int", "net.ipv4.ipfrag_high_thresh in bytes", min=4096, max=1 << 30)
+    ipfrag_low_thresh: int = _f(196608, "int", "net.ipv4.ipfrag_low_thresh in bytes", min=0, max=1 << 30)
+    ipfrag_time: float = _f(30.0, "float", "net.ipv4.ipfrag_time in seconds", min=0.1, max=3600.0)
+    rmem_default: int = _f(212992, "int", "net.core.rmem_default (socket receive buffer)", min=2048, max=1 << 30)
+
+
+@dataclass
+class WorkloadSection:
+    kind: str = _f("hotcold", "choice", "access pattern", choices=WORKLOADS)
+    processes: int = _f(2, "int", "number of workload processes", min=1, max=64)
+    working_set: int = _f(20 << 20, "size", "anonymous working set of all workload processes together", min=4096, max=4 << 30)
+    passes: int = _f(3, "int", "passes over the working set (each pass rewrites every page it touches)", min=1, max=1000)
+    hot_fraction: float = _f(0.2, "float", "hotcold: fraction of pages that are hot", min=0.0, max=1.0)
+    hot_probability: float = _f(0.8, "float", "hotcold: probability that an access goes to a hot page", min=0.0, max=1.0)
+    write_fraction: float = _f(1.0, "float", "fraction of accesses that write (the rest read and verify)", min=0.0, max=1.0)
+    seed: int = _f(1, "int", "random seed of the access pattern", min=0, max=2**31)
+
+
+@dataclass
+class TrafficSection:
+    profile: str = _f("mixed", "choice", "background traffic profile", choices=TRAFFIC_PROFILES)
+    apps: int = _f(4, "int", "application processes owning the sockets that receive it", min=0, max=256)
+    app_pages: int = _f(8, "int", "anonymous pages of each application process", min=1, max=4096)
+    app_period: float = _f(0.05, "float", "seconds between an application's reads of its socket", min=0.001, max=60.0)
+    rate: int = _f(6000, "int", "packets per second", min=1, max=1_000_000)
+    size: int = _f(1024, "int", "UDP payload bytes (udp-flood)", min=1, max=65507)
+    frag_size: int = _f(4000, "int", "UDP payload bytes of fragmented datagrams (frag)", min=1, max=65507)
+    spoof: str = _f("127.64.0.0/16", "net", "spoofed source range inside 127.0.0.0/8 (root only)")
+    start_after: float = _f(0.5, "float", "seconds after the workload starts", min=0.0, max=3600.0)
+    duration: float = _f(60.0, "float", "seconds the traffic lasts at most", min=0.1, max=3600.0)
+
+
+@dataclass
+class WatchdogSection:
+    stall: float = _f(4.0, "float", "seconds with tasks blocked and no progress before a deadlock is declared", min=0.2, max=600.0)
+    timeout: float = _f(90.0, "float", "seconds a run may last at most", min=1.0, max=86400.0)
+    sample: float = _f(0.05, "float", "seconds between timeline samples", min=0.005, max=10.0)
+
+
+@dataclass
+class Scenario:
+    name: str = "demo"
+    description: str = ""
+    backend: str = "nfs-udp"
+    policy: str = "none"
+    server: str = ""
+    host: HostSection = field(default_factory=HostSection)
+    workload: WorkloadSection = field(default_factory=WorkloadSection)
+    traffic: TrafficSection = field(default_factory=TrafficSection)
+    watchdog: WatchdogSection = field(default_factory=WatchdogSection)
+    source: str = "<defaults>"
+
+    SECTIONS = ("host", "workload", "traffic", "watchdog")
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "description": self.description, "backend": self.backend,
+                             "policy": self.policy, "server": self.server}
+        for s in self.SECTIONS:
+            d[s] = dataclasses.asdict(getattr(self, s))
+        return d
+
+    def replace(self, **changes: Any) -> "Scenario":
+        return dataclasses.replace(self, **changes)
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def _line_of(text: str, section: str | None, key: str) -> int | None:
+    """The line where `key` is assigned inside `[section]` (None: top level)."""
+    current: str | None = None
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if line.startswith("[") and not line.startswith("[["):
+            current = line.strip("[] \t").split("#")[0].strip()
+            continue
+        if current == section and re.match(rf"^\"?{re.escape(key)}\"?\s*=", line):
+            return n
+    return None
+
+
+def _section_line(text: str, section: str) -> int | None:
+    for n, raw in enumerate(text.splitlines(), 1):
+        if raw.strip().startswith(f"[{section}]"):
+            return n
+    return None
+
+
+def _convert(value: Any, meta: dict[str, Any]) -> Any:
+    kind = meta["kind"]
+    if kind == "size":
+        v = parse_size(value)
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("an integer")
+        v = value
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("a number")
+        v = float(value)
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError("true or false")
+        v = value
+    elif kind in ("str", "choice", "net"):
+        if not isinstance(value, str):
+            raise ValueError("a string")
+        v = value
+    else:  # pragma: no cover - schema bug
+        raise AssertionError(kind)
+    if "choices" in meta and v not in meta["choices"]:
+        raise ValueError("one of " + ", ".join(str(c) for c in meta["choices"]))
+    if "min" in meta and v < meta["min"]:
+        raise ValueError(f"at least {format_size(meta['min']) if kind == 'size' else meta['min']}")
+    if "max" in meta and v > meta["max"]:
+        raise ValueError(f"at most {format_size(meta['max']) if kind == 'size' else meta['max']}")
+    if kind == "net":
+        try:
+            net = ipaddress.ip_network(v, strict=False)
+        except ValueError as e:
+            raise ValueError(f"a network like 127.64.0.0/16 ({e})") from None
+        if not net.subnet_of(ipaddress.ip_network("127.0.0.0/8")):  # type: ignore[arg-type]
+            raise ValueError("a range inside 127.0.0.0/8 (traffic stays on loopback)")
+    return v
+
+
+def loads(text: str, source: str = "<string>") -> Scenario:
+    """Parse and validate a scenario. Unset keys take the defaults of the demo scenario."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"line (\d+)", str(e))
+        raise ScenarioError(source, int(m.group(1)) if m else None, "<toml>", None, f"not valid TOML: {e}") from None
+    sc = Scenario(source=source)
+    top = {"name": ("str", None), "description": ("str", None), "backend": ("choice", BACKENDS),
+           "policy": ("choice", POLICIES), "server": ("str", None)}
+    for key, value in data.items():
+        if key in Scenario.SECTIONS:
+            if not isinstance(value, dict):
+                raise ScenarioError(source, _line_of(text, None, key), key, value, "a table [" + key + "]")
+            cls = type(getattr(sc, key))
+            known = {f.name: f for f in fields(cls)}
+            section_obj = cls()
+            for k, v in value.items():
+                dotted = f"{key}.{k}"
+                if k not in known:
+                    raise ScenarioError(source, _line_of(text, key, k) or _section_line(text, key), dotted, v,
+                                        "unknown key; known keys: " + ", ".join(known))
+                try:
+                    setattr(section_obj, k, _convert(v, dict(known[k].metadata)))
+                except ValueError as e:
+                    raise ScenarioError(source, _line_of(text, key, k), dotted, v,
+                                        f"expected {e} ({known[k].metadata['help']})") from None
+            setattr(sc, key, section_obj)
+        elif key in top:
+            kind, choices = top[key]
+            if not isinstance(value, str) or (choices and value not in choices):
+                exp = "one of " + ", ".join(choices) if choices else "a string"
+                raise ScenarioError(source, _line_of(text, None, key), key, value, "expected " + exp)
+            setattr(sc, key, value)
+        else:
+            raise ScenarioError(source, _line_of(text, None, key), key, value,
+                                "unknown key; known: " + ", ".join([*top, *Scenario.SECTIONS]))
+    _cross_check(sc, text)
+    return sc
+
+
+def _cross_check(sc: Scenario, text: str) -> None:
+    h = sc.host
+    if h.ipfrag_low_thresh > h.ipfrag_high_thresh:
+        raise ScenarioError(sc.source, _line_of(text, "host", "ipfrag_low_thresh"), "host.ipfrag_low_thresh",
+                            h.ipfrag_low_thresh, f"expected at most host.ipfrag_high_thresh ({h.ipfrag_high_thresh})")
+    if h.ram % h.page_size:
+        raise ScenarioError(sc.source, _line_of(text, "host", "ram"), "host.ram", format_size(h.ram),
+                            "expected a whole number of pages")
+    if h.min_free_kbytes * 1024 * 2 >= h.ram:
+        raise ScenarioError(sc.source, _line_of(text, "host", "min_free_kbytes"), "host.min_free_kbytes",
+                            h.min_free_kbytes, f"expected well below host.ram ({format_size(h.ram)})")
+    swap_needed = sc.workload.working_set + sc.traffic.apps * sc.traffic.app_pages * h.page_size
+    if swap_needed > h.swap + h.ram:
+        raise ScenarioError(sc.source, _line_of(text, "workload", "working_set"), "workload.working_set",
+                            format_size(sc.workload.working_set),
+                            f"expected to fit in host.ram + host.swap ({format_size(h.ram + h.swap)})")
+
+
+def load(path: str | Path) -> Scenario:
+    """Load a scenario file, or a shipped one by name (`demo`, `tiny` ...)."""
+    p = Path(path)
+    if not p.exists() and not str(path).endswith(".toml"):
+        shipped = resources.files("emu").joinpath("scenarios", f"{path}.toml")
+        if shipped.is_file():
+            return loads(shipped.read_text(), source=f"{path}.toml (shipped)")
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ScenarioError(str(path), None, "<file>", str(path), f"cannot read: {e.strerror}") from None
+    return loads(text, source=str(path))
+
+
+def shipped() -> list[str]:
+    return sorted(r.name[:-5] for r in resources.files("emu").joinpath("scenarios").iterdir() if r.name.endswith(".toml"))
+
+
+def default() -> Scenario:
+    """The demo's scenario: its host, its workload and its background traffic."""
+    return load(DEFAULT_SCENARIO)
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def _toml_value(v: Any, kind: str | None = None) -> str:
+    if kind == "size":
+        return f'"{format_size(v)}"'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{s}"'
+
+
+def dumps(sc: Scenario) -> str:
+    out = []
+    for key in ("name", "description", "backend", "policy", "server"):
+        out.append(f"{key} = {_toml_value(getattr(sc, key))}")
+    for s in Scenario.SECTIONS:
+        out.append(f"\n[{s}]")
+        obj = getattr(sc, s)
+        for f in fields(obj):
+            out.append(f"{f.name} = {_toml_value(getattr(obj, f.name), f.metadata['kind'])}  # {f.metadata['help']}")
+    return "\n".join(out) + "\n"
