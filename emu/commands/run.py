@@ -1,0 +1,125 @@
+"""`netswap run`: one emulated host, one backend, one policy, to a real server."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from emu import scenario as scen
+from emu.servers import ServerURLError, check_backend_matches, parse_server_url
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DEADLOCK = 0, 1, 2, 3
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return scen.parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(f"{value!r}: {e}", ctx, param) from None
+
+
+def apply_overrides(sc: scen.Scenario, *, backend: str | None, policy: str | None, ram: int | None,
+                    swap: int | None, workload: str | None, traffic: str | None,
+                    duration: float | None, server: str | None) -> scen.Scenario:
+    """Command-line flags override the scenario file; re-validated so a flag cannot break it."""
+    d = scen.loads(scen.dumps(sc), source=sc.source)
+    d.source = sc.source
+    if backend:
+        d.backend = backend
+    if policy:
+        d.policy = policy
+    if ram is not None:
+        d.host.ram = ram
+    if swap is not None:
+        d.host.swap = swap
+    if workload:
+        d.workload.kind = workload
+    if traffic:
+        d.traffic.profile = traffic
+    if duration is not None:
+        d.watchdog.timeout = duration
+    if server is not None:
+        d.server = server
+    return scen.loads(scen.dumps(d), source=f"{sc.source} with command-line overrides")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("scenario_file", required=False, metavar="[SCENARIO.toml]")
+@click.option("--backend", type=click.Choice(scen.BACKENDS), help="Swap storage: a swap file over NFS/UDP or NFS/TCP, or an iSCSI LUN.")
+@click.option("--policy", type=click.Choice(scen.POLICIES), help="none (vanilla 2.6.22), v12 (the seed's reserve), pfmemalloc (Linux 3.6).")
+@click.option("--ram", callback=_size, metavar="SIZE", help="Emulated RAM, e.g. 12M.")
+@click.option("--swap", callback=_size, metavar="SIZE", help="Swap size, e.g. 64M.")
+@click.option("--workload", type=click.Choice(scen.WORKLOADS), help="Access pattern of the workload processes.")
+@click.option("--traffic", type=click.Choice(scen.TRAFFIC_PROFILES), help="Background traffic profile.")
+@click.option("--duration", type=click.FloatRange(min=1.0), metavar="S", help="Stop the run after S seconds at most.")
+@click.option("--server", metavar="URL", help="Swap to an external server: nfs://127.0.0.1/EXPORT?nfsport=P&mountport=Q or iscsi://127.0.0.1:PORT/IQN/LUN. Default: start ours.")
+@click.option("--json", "json_out", metavar="OUT", help="Write the result as JSON to OUT ('-' for stdout).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Write the timeline PNG, JSON and report into DIR.")
+@click.option("--list-scenarios", is_flag=True, help="List the shipped scenarios and exit.")
+@click.option("--print-scenario", is_flag=True, help="Print the effective scenario as TOML and exit.")
+@click.option("-q", "--quiet", is_flag=True, help="No live progress.")
+def run(scenario_file: str | None, backend: str | None, policy: str | None, ram: int | None, swap: int | None,
+        workload: str | None, traffic: str | None, duration: float | None, server: str | None,
+        json_out: str | None, out_dir: str | None, list_scenarios: bool, print_scenario: bool, quiet: bool) -> None:
+    """Run one emulated host swapping to a real server under one policy.
+
+    Without SCENARIO.toml it runs the demo's scenario (its workload and background traffic), so
+    `netswap run --backend nfs-udp --policy none` alone shows the deadlock. A shipped scenario
+    can be named without `.toml` (see --list-scenarios). Without --server our own server is
+    started as a separate process on free loopback ports and stopped afterwards.
+
+    Exit status: 0 completed, 3 deadlock (the report is printed), 2 usage error, 1 other error.
+    """
+    console = Console(stderr=True)
+    if list_scenarios:
+        for name in scen.shipped():
+            click.echo(f"{name}: {scen.load(name).description}")
+        return
+    try:
+        sc = scen.load(scenario_file) if scenario_file else scen.default()
+        sc = apply_overrides(sc, backend=backend, policy=policy, ram=ram, swap=swap, workload=workload,
+                             traffic=traffic, duration=duration, server=server)
+    except scen.ScenarioError as e:
+        console.print(f"[red]error:[/] {e}")
+        sys.exit(EXIT_USAGE)
+    if sc.server:
+        try:
+            check_backend_matches(sc.backend, parse_server_url(sc.server))
+        except ServerURLError as e:
+            console.print(f"[red]error:[/] --server: {e}")
+            sys.exit(EXIT_USAGE)
+    if print_scenario:
+        click.echo(scen.dumps(sc), nl=False)
+        return
+
+    from emu.host import run_scenario
+    from emu.report import LiveProgress, print_result
+
+    out = Path(out_dir) if out_dir else None
+    try:
+        with LiveProgress(console, enabled=not quiet and not (json_out == "-" and not console.is_terminal)) as live:
+            live.add_run(sc.backend, sc.policy)
+            result = run_scenario(sc, progress=live.update, out_dir=out)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - a run that cannot start is exit 1 with its reason
+        console.print(f"[red]error:[/] {type(e).__name__}: {e}")
+        sys.exit(EXIT_ERROR)
+    print_result(console, result)
+    if json_out:
+        payload = json.dumps(result.to_json(), indent=2)
+        if json_out == "-":
+            click.echo(payload)
+        else:
+            Path(json_out).write_text(payload + "\n")
+    if result.outcome == "deadlock":
+        sys.exit(EXIT_DEADLOCK)
+    if result.outcome != "completed":
+        sys.exit(EXIT_ERROR)

@@ -1,0 +1,255 @@
+"""What a run shows: live progress, the result table, and the deadlock report.
+
+The deadlock report is SysRq-M and SysRq-T together, written for a kernel engineer (DESIGN §7):
+free pages against each watermark and the reserve; who holds memory (skbs queued per socket,
+fragment queues, route cache, slab caches); the swap I/O in flight and how often its replies were
+dropped and why; the blocked tasks and where they wait. `ReportData` is filled by the host from
+its mm and net; this module only lays it out, so the layout is tested without a host.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+
+@dataclass
+class InflightIO:
+    """One swap I/O the storage has sent and not seen complete."""
+
+    op: str            # "write" / "read"
+    slot: int
+    nr_pages: int
+    age_s: float
+    attempts: int      # sends (1 + retransmissions / reissues)
+    what: str = ""     # "WRITE FILE_SYNC xid=0x..." / "WRITE(10) FUA ITT=..."
+
+
+@dataclass
+class ReportData:
+    policy: str
+    backend: str
+    server: str
+    t: float
+    stalled_for: float
+    nr_pages: int
+    nr_free: int
+    wmark_min: int
+    wmark_low: int
+    wmark_high: int
+    atomic_floor: int
+    pages_emerg: int
+    reserve_size: int
+    reserve_peak: int
+    reserve_info: str = ""
+    meminfo: str = ""
+    vmstat: dict[str, int] = field(default_factory=dict)
+    ss: str = ""
+    socket_holders: list[tuple[str, int, int, bool]] = field(default_factory=list)  # (socket, skbs, bytes, memalloc)
+    frag_queues: int = 0
+    frag_bytes: int = 0
+    route_entries: int = 0
+    route_bytes: int = 0
+    route_max: int = 0
+    slabinfo: str = ""
+    inflight: list[InflightIO] = field(default_factory=list)
+    swap_sock: str = ""
+    swap_sock_drops: dict[str, int] = field(default_factory=dict)
+    swap_retransmits: int = 0
+    drops: dict[str, int] = field(default_factory=dict)
+    nstat: str = ""
+    tasks: list[tuple[int, str, str, str, str]] = field(default_factory=list)  # (pid, comm, state, wchan, flags)
+
+
+def _kb(pages: int, page_size: int = 4096) -> str:
+    return f"{pages * page_size // 1024}kB"
+
+
+def render_deadlock_report(r: ReportData) -> str:
+    L: list[str] = []
+    bar = "=" * 100
+    L.append(bar)
+    L.append(f"netswap: DEADLOCK — policy {r.policy}, backend {r.backend}, server {r.server}")
+    L.append(f"at t={r.t:.2f} s: tasks blocked in reclaim/faults for {r.stalled_for:.1f} s, "
+             f"no page reclaimed and no swap I/O completed")
+    L.append(bar)
+
+    L.append("\nSysRq : Show Memory")
+    L.append(f"Node 0 Normal free:{_kb(r.nr_free)} min:{_kb(r.wmark_min)} low:{_kb(r.wmark_low)} "
+             f"high:{_kb(r.wmark_high)} present:{_kb(r.nr_pages)}")
+    L.append(f"  free pages {r.nr_free} of {r.nr_pages}: "
+             + ("BELOW min" if r.nr_free <= r.wmark_min else "above min")
+             + f" (min {r.wmark_min}, low {r.wmark_low}, high {r.wmark_high}); GFP_ATOMIC floor "
+             f"{r.atomic_floor} pages ({'reached' if r.nr_free <= r.atomic_floor + 1 else 'not reached'})")
+    if r.pages_emerg or r.reserve_size:
+        L.append(f"  reserve: {r.reserve_size} pages (pages_emerg {r.pages_emerg}), peak use {r.reserve_peak} pages")
+    else:
+        L.append("  reserve: none reachable from the receive path under this policy")
+    if r.reserve_info:
+        L.append("/proc/reserve_info:")
+        L.extend("  " + x for x in r.reserve_info.rstrip().splitlines())
+    if r.meminfo:
+        L.append("/proc/meminfo:")
+        L.extend("  " + x for x in r.meminfo.rstrip().splitlines())
+
+    L.append("\nMemory holders")
+    total_sk = sum(b for _, _, b, _ in r.socket_holders)
+    L.append(f"  skbs queued on sockets: {sum(n for _, n, _, _ in r.socket_holders)} skbs, "
+             f"{total_sk} bytes truesize ({total_sk // 4096} pages)")
+    for name, n, b, memalloc in sorted(r.socket_holders, key=lambda x: -x[2]):
+        L.append(f"    {name:<46} {n:>6} skbs {b:>10} bytes{'  SOCK_MEMALLOC' if memalloc else ''}")
+    L.append(f"  IPv4 fragment queues: {r.frag_queues} queues, {r.frag_bytes} bytes")
+    L.append(f"  IPv4 route cache: {r.route_entries} entries (max_size {r.route_max}), {r.route_bytes} bytes")
+    if r.slabinfo:
+        L.append("  /proc/slabinfo:")
+        L.extend("    " + x for x in r.slabinfo.rstrip().splitlines())
+    if r.ss:
+        L.append("  ss -m:")
+        L.extend("    " + x for x in r.ss.rstrip().splitlines())
+
+    L.append("\nSwap I/O in flight")
+    if not r.inflight:
+        L.append("  none")
+    for io in sorted(r.inflight, key=lambda x: -x.age_s)[:20]:
+        L.append(f"  {io.op:<5} slot {io.slot:>6} x{io.nr_pages} pages  waiting {io.age_s:6.2f} s  "
+                 f"sent {io.attempts}x  {io.what}")
+    if len(r.inflight) > 20:
+        L.append(f"  ... and {len(r.inflight) - 20} more")
+    L.append(f"  swap transport {r.swap_sock or '?'}: requests retransmitted/reissued {r.swap_retransmits} times")
+    reasons = {k: v for k, v in r.swap_sock_drops.items() if v}
+    if reasons:
+        L.append("  replies to swap I/O dropped: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))
+    else:
+        L.append("  replies to swap I/O dropped: (none recorded per socket)")
+    L.append("  host-wide drops: " + (", ".join(f"{k} {v}" for k, v in r.drops.items() if v) or "none"))
+    if r.drops.get("rx_nomem"):
+        L.append("  => replies cannot be received: the skb for them cannot be allocated (rx_nomem) because "
+                 "free memory is at the GFP_ATOMIC floor and this policy gives the receive path no reserve.")
+
+    L.append("\nSysRq : Show Blocked State")
+    L.append(f"  {'pid':>5} {'task':<20} {'state':<20} {'wchan':<28} flags")
+    for pid, comm, state, wchan, flags in r.tasks:
+        L.append(f"  {pid:>5} {comm:<20} {state:<20} {wchan or '-':<28} {flags}")
+    if r.vmstat:
+        keys = ("pgalloc", "pgfree", "pgscan_kswapd", "pgscan_direct", "pgsteal", "pswpout", "pswpin",
+                "pgmajfault", "allocstall", "pgscan_direct_throttle")
+        L.append("\n/proc/vmstat: " + " ".join(f"{k} {r.vmstat[k]}" for k in keys if k in r.vmstat))
+    if r.nstat:
+        L.append("nstat:")
+        L.extend("  " + x for x in r.nstat.rstrip().splitlines())
+    return "\n".join(L) + "\n"
+
+
+# --- results ----------------------------------------------------------------------------------
+
+
+def _outcome_style(outcome: str) -> str:
+    return {"completed": "[green]completed[/]", "deadlock": "[bold red]deadlock[/]"}.get(outcome, f"[yellow]{outcome}[/]")
+
+
+def print_result(console: Console, result: Any) -> None:
+    """One run's figures (and its deadlock report when it deadlocked)."""
+    if result.report:
+        console.print(result.report, markup=False, highlight=False)
+    results_table(console, [result], title=f"netswap run: {result.backend} / {result.policy}")
+    if result.files:
+        for what, path in result.files.items():
+            console.print(f"{what}: {path}")
+
+
+def results_table(console: Console, results: list[Any], title: str) -> None:
+    t = Table(title=title)
+    t.add_column("")
+    for r in results:
+        t.add_column(f"{r.backend}\n{r.policy}", justify="right")
+    rows: list[tuple[str, Any]] = [
+        ("outcome", lambda r: _outcome_style(r.outcome)),
+        ("duration", lambda r: f"{r.duration_s:.1f} s"),
+        ("workload done", lambda r: f"{r.accesses_done}/{r.accesses_total}"),
+        ("pages swapped out", lambda r: str(r.pages_swapped_out)),
+        ("pages swapped in", lambda r: str(r.pages_swapped_in)),
+        ("pages verified", lambda r: str(r.integrity["verified"])),
+        ("mismatches", lambda r: ("[red]" if r.integrity["mismatches"] else "") + str(r.integrity["mismatches"])),
+        ("min free pages", lambda r: f"{r.min_free} (min wmark {r.wmark_min})"),
+        ("reserve size/peak", lambda r: f"{r.reserve['size']}/{r.reserve['peak']} pages"),
+        ("swap retransmits", lambda r: str(r.swap_retransmits)),
+    ]
+    reasons = sorted({k for r in results for k, v in r.drops.items() if v})
+    for k in reasons:
+        rows.append((f"drops: {k}", lambda r, k=k: str(r.drops.get(k, 0))))
+    rows.append(("emergency skbs", lambda r: str(r.emergency_skbs)))
+    for label, fn in rows:
+        t.add_row(label, *[fn(r) for r in results])
+    console.print(t)
+
+
+# --- live progress ----------------------------------------------------------------------------
+
+
+class LiveProgress:
+    """A rich live table with one row per run: phase, workload progress, memory, swap, drops."""
+
+    def __init__(self, console: Console, enabled: bool = True) -> None:
+        self.console = console
+        self.enabled = enabled and console.is_terminal
+        self.rows: dict[tuple[str, str], Any] = {}
+        self.order: list[tuple[str, str]] = []
+        self._live: Live | None = None
+        self._last_plain = 0.0
+        self.plain = enabled and not console.is_terminal
+
+    def __enter__(self) -> "LiveProgress":
+        if self.enabled:
+            self._live = Live(self._render(), console=self.console, refresh_per_second=8, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.update(self._render())
+            self._live.__exit__(None, None, None)
+
+    def add_run(self, backend: str, policy: str) -> None:
+        key = (backend, policy)
+        if key not in self.rows:
+            self.order.append(key)
+            self.rows[key] = None
+
+    def update(self, status: Any) -> None:
+        key = (status.backend, status.policy)
+        self.add_run(*key)
+        self.rows[key] = status
+        if self._live is not None:
+            self._live.update(self._render())
+        elif self.plain and (time.monotonic() - self._last_plain > 2.0 or status.phase in ("completed", "deadlock")):
+            self._last_plain = time.monotonic()
+            self.console.print(self._line(status), markup=False, highlight=False)
+
+    @staticmethod
+    def _line(s: Any) -> str:
+        return (f"{s.backend}/{s.policy} {s.phase} t={s.t:.1f}s work {s.done}/{s.total} free {s.nr_free} "
+                f"(min {s.wmark_min}) swpout {s.pswpout} swpin {s.pswpin} drops {s.drops} stall {s.stalled_for:.1f}s")
+
+    def _render(self) -> Table:
+        t = Table(expand=False, title="netswap")
+        for c in ("backend", "policy", "phase", "t", "workload", "free/min", "reserve", "swpout", "swpin",
+                  "drops", "stalled"):
+            t.add_column(c, justify="left" if c in ("backend", "policy", "phase", "workload") else "right")
+        for key in self.order:
+            s = self.rows[key]
+            if s is None:
+                t.add_row(key[0], key[1], "waiting", "", "", "", "", "", "", "", "")
+                continue
+            frac = s.done / s.total if s.total else 0.0
+            width = 20
+            bar = "█" * int(frac * width) + "·" * (width - int(frac * width))
+            phase = _outcome_style(s.phase) if s.phase in ("completed", "deadlock") else s.phase
+            t.add_row(s.backend, s.policy, phase, f"{s.t:.1f}s", f"{bar} {frac:4.0%}",
+                      f"{s.nr_free}/{s.wmark_min}", f"{s.reserve_used}", f"{s.pswpout}", f"{s.pswpin}",
+                      f"{s.drops}", f"{s.stalled_for:.1f}s")
+        return t
