@@ -1,0 +1,89 @@
+"""Scenario files: the shipped ones load, a round trip is lossless, bad files are named precisely."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from emu import scenario as scen
+
+
+def test_shipped_scenarios_load_and_default_is_demo() -> None:
+    names = scen.shipped()
+    assert "demo" in names
+    for name in names:
+        sc = scen.load(name)
+        assert sc.name == name
+    d = scen.default()
+    assert d.name == "demo"
+    # the demo's own workload and traffic: a working set larger than RAM, traffic on
+    assert d.workload.working_set > d.host.ram
+    assert d.traffic.profile != "none" and d.traffic.apps > 0
+
+
+def test_round_trip_through_a_file(tmp_path: Path) -> None:
+    sc = scen.default().replace(backend="iscsi", policy="v12", server="iscsi://127.0.0.1:3261/iqn.2024-01.test:tgt/1")
+    sc.host.ram = 8 << 20
+    sc.workload.kind = "random"
+    sc.traffic.rate = 1234
+    sc.watchdog.stall = 2.5
+    p = tmp_path / "s.toml"
+    p.write_text(scen.dumps(sc))
+    back = scen.load(p)
+    assert back.to_dict() == sc.to_dict()
+    assert back.source == str(p)
+
+
+@pytest.mark.parametrize(
+    ("body", "line", "key", "value"),
+    [
+        ('name = "x"\n[host]\nram = "12Q"\n', 3, "host.ram", "12Q"),
+        ('[workload]\nprocesses = 2\nkind = "zigzag"\n', 3, "workload.kind", "zigzag"),
+        ('[traffic]\n\nspoof = "10.0.0.0/8"\n', 3, "traffic.spoof", "10.0.0.0/8"),
+        ('policy = "v13"\n', 1, "policy", "v13"),
+        ('[host]\nbogus = 1\n', 2, "host.bogus", "1"),
+        ('[watchdog]\nstall = -1\n', 2, "watchdog.stall", "-1"),
+        ('[host]\nram = "12M"\nmin_free_kbytes = 9000\n', 3, "host.min_free_kbytes", "9000"),
+    ],
+)
+def test_bad_file_names_file_line_key_and_value(tmp_path: Path, body: str, line: int, key: str, value: str) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text(body)
+    with pytest.raises(scen.ScenarioError) as ei:
+        scen.load(p)
+    msg = str(ei.value)
+    assert msg.startswith(f"{p}:{line}: {key} = "), msg
+    assert value in msg
+    assert ei.value.line == line and ei.value.key == key
+
+
+def test_not_toml_and_missing_file(tmp_path: Path) -> None:
+    p = tmp_path / "broken.toml"
+    p.write_text("[host\nram = 1\n")
+    with pytest.raises(scen.ScenarioError, match=r"broken\.toml:1: not valid TOML"):
+        scen.load(p)
+    with pytest.raises(scen.ScenarioError, match="cannot read"):
+        scen.load(tmp_path / "nope.toml")
+
+
+def test_run_rejects_bad_scenario_with_exit_2(tmp_path: Path) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text('[workload]\nworking_set = "lots"\n')
+    r = subprocess.run([sys.executable, "-m", "emu", "run", str(p)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert f"{p}:2: workload.working_set = 'lots'" in r.stderr.replace("\n", "")
+
+
+def test_run_usage_errors_name_the_flag(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "emu", "run", "--ram", "lots"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--ram" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "emu", "run", "--backend", "nfs-udp", "--server", "iscsi://127.0.0.1/iqn.x:y/0"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--server" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "emu", "run", "--policy", "none", "--print-scenario"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
+    assert scen.loads(r.stdout).policy == "none"
