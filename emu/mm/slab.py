@@ -1,0 +1,373 @@
+"""Slab caches, kmalloc, and the SLAB geometry the reserve sizing relies on.
+
+The invariant (DESIGN §3): an object carved from a pfmemalloc (reserve) slab is never handed to a
+caller that is not entitled to the reserve.  Such a caller is served from a normal slab, from a new
+slab grown from a normal page, or fails.  Slabs are kept on two partial lists (SLUB-style), so the
+check costs nothing on the normal path.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextvars
+from typing import Any
+
+from emu.mm.gfp import Gfp
+from emu.mm.page_alloc import Page, Zone
+from emu.mm.sizes import CACHE_LINE, KMALLOC_MAX_CACHE_SIZE, KMALLOC_SIZES, SLAB_BUFCTL, SLAB_HEADER
+
+# ---- SLAB geometry (mm/slab.c, 2.6.2x) and the v12 estimates ---------------------------------
+
+
+def ilog2(n: int) -> int:
+    return n.bit_length() - 1
+
+
+def roundup_pow_of_two(n: int) -> int:
+    if n <= 0:
+        raise ValueError(f"roundup_pow_of_two({n})")
+    return 1 << (n - 1).bit_length()
+
+
+def hwcache_align(size: int, cache_line: int = CACHE_LINE) -> int:
+    """SLAB_HWCACHE_ALIGN: align to the cache line, or to half of it while the object fits."""
+    ralign = cache_line
+    while size <= ralign // 2:
+        ralign //= 2
+    return -(-size // ralign) * ralign
+
+
+def cache_estimate(order: int, buffer_size: int, page_size: int, off_slab: bool) -> tuple[int, int]:
+    """SLAB's cache_estimate(): (objects per slab, bytes left over) for a slab of 2^order pages."""
+    slab_size = page_size << order
+    if off_slab:
+        num = slab_size // buffer_size
+        return num, slab_size - num * buffer_size
+    num = (slab_size - SLAB_HEADER) // (buffer_size + SLAB_BUFCTL)
+
+    def mgmt(n: int) -> int:
+        return -(-(SLAB_HEADER + n * SLAB_BUFCTL) // CACHE_LINE) * CACHE_LINE
+
+    if num > 0 and mgmt(num) + num * buffer_size > slab_size:
+        num -= 1
+    return num, slab_size - num * buffer_size - (mgmt(num) if num > 0 else 0)
+
+
+def calculate_slab_order(buffer_size: int, page_size: int, break_order: int = 1) -> tuple[int, int, bool]:
+    """(order, objects per slab, off_slab) as kmem_cache_create() picks them."""
+    off_slab = buffer_size >= page_size // 8
+    best: tuple[int, int] | None = None
+    for order in range(0, 6):
+        num, left_over = cache_estimate(order, buffer_size, page_size, off_slab)
+        if num == 0:
+            continue
+        if off_slab and num > (buffer_size - SLAB_HEADER) // SLAB_BUFCTL:
+            break
+        best = (order, num)
+        if order >= break_order:
+            break
+        if left_over * 8 <= (page_size << order):
+            break
+    if best is None:
+        raise ValueError(f"object of {buffer_size} bytes does not fit a slab")
+    return best[0], best[1], off_slab
+
+
+def kmem_estimate(objects: int, size: int, page_size: int = 4096, align: bool = True) -> int:
+    """kmem_alloc_estimate(): pages to back `objects` of a cache of `size`-byte objects.
+
+    P = ceil(objects / num) << order, plus 1 + ilog2(P) for the per-cpu/alien queues and slab
+    management (0 for no objects).
+    """
+    if objects < 0:
+        raise ValueError(f"negative object count {objects}")
+    if objects == 0:
+        return 0
+    buffer_size = hwcache_align(size) if align else size
+    order, num, _ = calculate_slab_order(buffer_size, page_size)
+    pages = -(-objects // num) << order
+    return pages + 1 + ilog2(pages)
+
+
+def kmalloc_estimate(nbytes: int, page_size: int = 4096) -> int:
+    """kmalloc_estimate_bytes(): ceil(2 * bytes / PAGE_SIZE); the 2 covers power-of-two rounding."""
+    if nbytes < 0:
+        raise ValueError(f"negative byte count {nbytes}")
+    return -(-2 * nbytes // page_size)
+
+
+def kmalloc_size_class(size: int) -> int:
+    """The kmalloc cache (size-N) that serves `size` bytes."""
+    if size <= 0 or size > KMALLOC_MAX_CACHE_SIZE:
+        raise ValueError(f"no kmalloc cache for {size} bytes")
+    return KMALLOC_SIZES[bisect.bisect_left(KMALLOC_SIZES, size)]
+
+
+def kmalloc_objs_estimate(objects: int, size: int, page_size: int = 4096) -> int:
+    """kmalloc_estimate_objs(): the kmem_cache estimate of the size-N cache holding `size`."""
+    return kmem_estimate(objects, kmalloc_size_class(size), page_size)
+
+
+# ---- objects and caches -----------------------------------------------------------------------
+
+
+class Slab:
+    __slots__ = ("cache", "pages", "pfmemalloc", "inuse")
+
+    def __init__(self, cache: KmemCache, pages: list[Page]) -> None:
+        self.cache = cache
+        self.pages = pages
+        self.pfmemalloc = pages[0].pfmemalloc
+        self.inuse = 0
+
+
+class SlabObj:
+    """One allocated object.  `slab` is None for kmalloc objects backed directly by pages."""
+
+    __slots__ = ("cache", "size", "pfmemalloc", "slab", "pages", "owner", "home")
+
+    def __init__(self, cache: KmemCache | None, size: int, slab: Slab | None, pages: list[Page] | None) -> None:
+        self.cache = cache
+        self.size = size
+        self.slab = slab
+        self.pages = pages
+        self.pfmemalloc = slab.pfmemalloc if slab is not None else bool(pages and pages[0].pfmemalloc)
+        self.owner: Any = None
+        self.home: Slabs | None = None  # for page-backed objects: whose pages they are
+
+    @property
+    def freed(self) -> bool:
+        return self.slab is None and self.pages is None
+
+    def __repr__(self) -> str:
+        name = self.cache.name if self.cache else "pages"
+        return f"<SlabObj {name} {self.size}B{' pfmemalloc' if self.pfmemalloc else ''}>"
+
+
+class KmemCache:
+    """kmem_cache: objects of one size carved from slabs of 2^order pages."""
+
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        align: int | None = CACHE_LINE,
+        zone: Zone | None = None,
+        *,
+        break_order: int = 1,
+    ) -> None:
+        if zone is None:
+            raise ValueError("a KmemCache needs the zone it takes pages from")
+        if size <= 0:
+            raise ValueError(f"object size must be positive, not {size}")
+        self.name = name
+        self.object_size = size
+        self.buffer_size = hwcache_align(size, align) if align else size
+        self.zone = zone
+        self.order, self.num, self.off_slab = calculate_slab_order(self.buffer_size, zone.page_size, break_order)
+        self._partial: list[Slab] = []  # normal slabs with a free object
+        self._partial_pf: list[Slab] = []  # pfmemalloc slabs with a free object
+        self.nr_slabs = 0
+        self.nr_pfmemalloc_slabs = 0
+        self.active_objs = 0
+        self.nr_alloc_fail = 0
+
+    @property
+    def size(self) -> int:
+        return self.object_size
+
+    def _grow(self, pages: list[Page]) -> Slab:
+        slab = Slab(self, pages)
+        for p in pages:
+            p.PG_slab = True
+            p.owner = self.name
+            p.mapping = slab
+        self.nr_slabs += 1
+        if slab.pfmemalloc:
+            self.nr_pfmemalloc_slabs += 1
+            self._partial_pf.append(slab)
+        else:
+            self._partial.append(slab)
+        self.zone.state["nr_slab"] += len(pages)
+        return slab
+
+    def _take(self, slab: Slab, partial: list[Slab]) -> SlabObj:
+        slab.inuse += 1
+        if slab.inuse == self.num:
+            partial.pop()  # it was the last one on the list
+        self.active_objs += 1
+        return SlabObj(self, self.object_size, slab, None)
+
+    def alloc(self, gfp: Gfp | int) -> SlabObj | None:
+        """kmem_cache_alloc(): never sleeps; None on failure."""
+        if self._partial:
+            return self._take(self._partial[-1], self._partial)
+        zone = self.zone
+        if not zone.entitled(gfp):
+            pages = zone.alloc_pages(gfp, self.order)
+            if pages is None:
+                self.nr_alloc_fail += 1
+                return None
+            slab = self._grow(pages)  # cannot be pfmemalloc: the same context was not entitled
+            return self._take(slab, self._partial)
+        # Entitled: prefer normal memory, then reserve objects already carved, then new reserve.
+        pages = zone.alloc_pages(Gfp(gfp) | Gfp.NOMEMALLOC, self.order)
+        if pages is None:
+            if self._partial_pf:
+                return self._take(self._partial_pf[-1], self._partial_pf)
+            pages = zone.alloc_pages(gfp, self.order)
+            if pages is None:
+                self.nr_alloc_fail += 1
+                return None
+        slab = self._grow(pages)
+        return self._take(slab, self._partial_pf if slab.pfmemalloc else self._partial)
+
+    async def alloc_wait(self, gfp: Gfp | int) -> SlabObj:
+        """kmem_cache_alloc() for callers that may sleep (reclaims; OutOfMemory if impossible)."""
+        obj = self.alloc(gfp)
+        if obj is not None:
+            return obj
+        pages = await self.zone.alloc_pages_wait(gfp, self.order)
+        slab = self._grow(pages)
+        return self._take(slab, self._partial_pf if slab.pfmemalloc else self._partial)
+
+    def free(self, obj: SlabObj) -> None:
+        """kmem_cache_free(); an empty slab goes straight back to the page allocator."""
+        slab = obj.slab
+        if slab is None or slab.cache is not self:
+            raise RuntimeError(f"bad free of {obj!r} to {self.name}")
+        obj.slab = None
+        self.active_objs -= 1
+        partial = self._partial_pf if slab.pfmemalloc else self._partial
+        if slab.inuse == self.num:
+            partial.append(slab)
+        slab.inuse -= 1
+        if slab.inuse == 0:
+            partial.remove(slab)
+            self.nr_slabs -= 1
+            if slab.pfmemalloc:
+                self.nr_pfmemalloc_slabs -= 1
+            self.zone.state["nr_slab"] -= len(slab.pages)
+            self.zone.free_pages(slab.pages)
+
+    def slabinfo_line(self) -> str:
+        num_objs = self.nr_slabs * self.num
+        return (
+            f"{self.name:<20} {self.active_objs:>6} {num_objs:>6} {self.buffer_size:>6} {self.num:>4} "
+            f"{1 << self.order:>4} : tunables    0    0    0 : slabdata {self.nr_slabs:>6} {self.nr_slabs:>6}      0"
+            f" : pfmemalloc {self.nr_pfmemalloc_slabs}"
+        )
+
+    def __repr__(self) -> str:
+        return f"<KmemCache {self.name} {self.buffer_size}B x{self.num}/{1 << self.order}p>"
+
+
+class Slabs:
+    """The slab caches of one host: the kmalloc size classes plus named caches."""
+
+    def __init__(self, zone: Zone) -> None:
+        self.zone = zone
+        self.caches: dict[str, KmemCache] = {}
+        self._kmalloc = [self.cache(f"size-{s}", s) for s in KMALLOC_SIZES]
+        self.large_pages = 0  # pages held by kmalloc objects above KMALLOC_MAX_CACHE_SIZE
+        _current_slabs.set(self)
+
+    def cache(self, name: str, size: int, align: int | None = CACHE_LINE) -> KmemCache:
+        """kmem_cache_create(), or the existing cache of that name."""
+        c = self.caches.get(name)
+        if c is None:
+            c = self.caches[name] = KmemCache(name, size, align, self.zone)
+        elif c.object_size != size:
+            raise ValueError(f"cache {name} exists with object size {c.object_size}, not {size}")
+        return c
+
+    def kmalloc_cache(self, size: int) -> KmemCache:
+        return self._kmalloc[bisect.bisect_left(KMALLOC_SIZES, size)]
+
+    def _large_order(self, size: int) -> int:
+        pages = -(-size // self.zone.page_size)
+        return (pages - 1).bit_length()
+
+    def kmalloc(self, size: int, gfp: Gfp | int) -> SlabObj | None:
+        if size <= 0:
+            raise ValueError(f"kmalloc of {size} bytes")
+        if size <= KMALLOC_MAX_CACHE_SIZE:
+            obj = self._kmalloc[bisect.bisect_left(KMALLOC_SIZES, size)].alloc(gfp)
+            if obj is not None:
+                obj.size = size
+            return obj
+        pages = self.zone.alloc_pages(gfp, self._large_order(size))
+        return None if pages is None else self._large(size, pages)
+
+    async def kmalloc_wait(self, size: int, gfp: Gfp | int) -> SlabObj:
+        if size <= 0:
+            raise ValueError(f"kmalloc of {size} bytes")
+        if size <= KMALLOC_MAX_CACHE_SIZE:
+            obj = await self._kmalloc[bisect.bisect_left(KMALLOC_SIZES, size)].alloc_wait(gfp)
+            obj.size = size
+            return obj
+        pages = await self.zone.alloc_pages_wait(gfp, self._large_order(size))
+        return self._large(size, pages)
+
+    def _large(self, size: int, pages: list[Page]) -> SlabObj:
+        for p in pages:
+            p.owner = "kmalloc"
+        self.large_pages += len(pages)
+        obj = SlabObj(None, size, None, pages)
+        obj.home = self
+        return obj
+
+    def kfree(self, obj: SlabObj) -> None:
+        if obj.cache is not None:
+            obj.cache.free(obj)
+            return
+        pages = obj.pages
+        if pages is None:
+            raise RuntimeError(f"double kfree of {obj!r}")
+        obj.pages = None
+        self.large_pages -= len(pages)
+        self.zone.free_pages(pages)
+
+    def nr_slab_pages(self) -> int:
+        return self.zone.state["nr_slab"]
+
+    def slabinfo(self) -> str:
+        """/proc/slabinfo (version 2.1 columns, plus the number of pfmemalloc slabs)."""
+        head = (
+            "slabinfo - version: 2.1\n# name            <active_objs> <num_objs> <objsize> <objperslab> "
+            "<pagesperslab> : tunables <limit> <batchcount> <sharedfactor> : slabdata <active_slabs> "
+            "<num_slabs> <sharedavail> : pfmemalloc <slabs>\n"
+        )
+        rows = sorted(self.caches.values(), key=lambda c: c.name)
+        return head + "".join(c.slabinfo_line() + "\n" for c in rows if c.nr_slabs or not c.name.startswith("size-"))
+
+
+_current_slabs: contextvars.ContextVar[Slabs] = contextvars.ContextVar("slabs")
+
+
+def _slabs(slabs: Slabs | None) -> Slabs:
+    if slabs is not None:
+        return slabs
+    try:
+        return _current_slabs.get()
+    except LookupError:
+        raise RuntimeError("no Slabs in this context: create the host's Slabs(zone) first") from None
+
+
+def kmalloc(size: int, gfp: Gfp | int, slabs: Slabs | None = None) -> SlabObj | None:
+    """kmalloc() from `slabs`, or the Slabs most recently created in this context."""
+    return _slabs(slabs).kmalloc(size, gfp)
+
+
+async def kmalloc_wait(size: int, gfp: Gfp | int, slabs: Slabs | None = None) -> SlabObj:
+    return await _slabs(slabs).kmalloc_wait(size, gfp)
+
+
+def kfree(obj: SlabObj) -> None:
+    """kfree(): the object knows its cache (or, for page-backed objects, its Slabs)."""
+    if obj.cache is not None:
+        obj.cache.free(obj)
+    elif obj.home is not None:
+        obj.home.kfree(obj)
+    else:
+        raise RuntimeError(f"kfree of a foreign object {obj!r}")
