@@ -1,0 +1,231 @@
+"""The NFS server's trio driver: sockets in, `RpcService.dispatch` in the middle, sockets out.
+
+Every service port (NFS, MOUNT, optional portmap) is served on both UDP and TCP, and every port
+answers every program (as knfsd's and ganesha's ports do for NULL probes). One task per TCP
+connection handles one record at a time, so a connection buffers at most one record (capped by
+`max_record`); a record over the cap closes that connection only. Replies go out with
+`sendmsg` scatter-gather so READ data is never copied into a bigger message.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import socket as pysocket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from nfs.drc import DuplicateRequestCache
+from nfs.mount import MOUNT_PROGRAM, MOUNT_V3, MountProgram
+from nfs.nfs3 import NFS_PROGRAM, NFS_V3
+from nfs.nfsd import NfsProgram
+from nfs.portmap import IPPROTO_TCP, IPPROTO_UDP, Mapping, PortmapProgram
+from nfs.record import DEFAULT_MAX_RECORD, RecordDecoder, RecordTooLarge, record_mark
+from nfs.store import Export, default_state_dir, load_key
+from nfs.svc import Buffer, CallContext, RpcService
+
+log = logging.getLogger("netswap.nfs.server")
+
+UDP_MAX_PAYLOAD = 65507
+_BIG_RECV = 64 * 1024
+
+
+@dataclass
+class ServerConfig:
+    export: Path
+    bind: str = "127.0.0.1"
+    port: int = 2049
+    mount_port: int = 20048
+    portmap_port: int | None = None  # None: no portmap service
+    allow: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(
+        default_factory=lambda: [ipaddress.ip_network("127.0.0.0/8")])
+    state_dir: Path | None = None
+    names: Sequence[str] = ()  # extra export names (aliases) clients may mount
+    max_record: int = DEFAULT_MAX_RECORD
+    max_connections: int = 256
+    max_io: int = 1024 * 1024
+
+
+@dataclass
+class ServerStats:
+    tcp_connections: int = 0
+    tcp_refused: int = 0
+    oversized_records: int = 0
+    udp_datagrams: int = 0
+    udp_send_errors: int = 0
+
+
+async def send_iov(sock: trio.socket.SocketType, bufs: Sequence[Buffer], addr: object = None) -> None:
+    """Send every buffer, in order, handling partial sends on a stream socket."""
+    views = [memoryview(b).cast("B") for b in bufs if len(b)]
+    if addr is not None:
+        await sock.sendmsg(views, [], 0, addr)
+        return
+    while views:
+        n = await sock.sendmsg(views)
+        while n:
+            first = len(views[0])
+            if n >= first:
+                n -= first
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0
+
+
+class NfsServer:
+    """MOUNT v3 + NFSv3 (+ portmap v2) for one exported directory."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        key = load_key(config.state_dir or default_state_dir())
+        self.export = Export(config.export, key)
+        names = [self.export.root, *config.names]
+        self.nfs = NfsProgram(self.export, config.allow, max_io=config.max_io)
+        self.mount = MountProgram(self.export, names, config.allow)
+        self.portmap = PortmapProgram() if config.portmap_port is not None else None
+        programs: list = [self.nfs, self.mount]
+        if self.portmap is not None:
+            programs.append(self.portmap)
+        self.svc = RpcService(programs, DuplicateRequestCache())
+        self.stats = ServerStats()
+        self.ports: dict[str, int] = {}
+        self._conns = 0
+
+    @property
+    def verifier(self) -> bytes:
+        return self.nfs.verifier
+
+    async def _bind_pair(self, port: int) -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
+        """A TCP listener and a UDP socket on the same port number (port 0: pick a free one)."""
+        family = pysocket.AF_INET6 if ":" in self.config.bind else pysocket.AF_INET
+        for _ in range(50):
+            tcp = trio.socket.socket(family, pysocket.SOCK_STREAM)
+            tcp.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_REUSEADDR, 1)
+            udp = trio.socket.socket(family, pysocket.SOCK_DGRAM)
+            try:
+                await tcp.bind((self.config.bind, port))
+                actual = tcp.getsockname()[1]
+                await udp.bind((self.config.bind, actual))
+            except OSError as e:
+                tcp.close()
+                udp.close()
+                if port == 0 and e.errno == errno.EADDRINUSE:
+                    continue
+                raise
+            tcp.listen(128)
+            udp.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVBUF, 4 * 1024 * 1024)
+            return tcp, udp
+        raise OSError(errno.EADDRINUSE, "no free port for both TCP and UDP")
+
+    async def serve(self, *, task_status: trio.TaskStatus[dict[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        wanted = [("nfs", cfg.port), ("mount", cfg.mount_port)]
+        if cfg.portmap_port is not None:
+            wanted.append(("portmap", cfg.portmap_port))
+        socks: list[tuple[str, trio.socket.SocketType, trio.socket.SocketType]] = []
+        try:
+            for name, port in wanted:
+                tcp, udp = await self._bind_pair(port)
+                socks.append((name, tcp, udp))
+                self.ports[name] = tcp.getsockname()[1]
+            if self.portmap is not None:
+                for prog, vers, name in ((NFS_PROGRAM, NFS_V3, "nfs"), (MOUNT_PROGRAM, MOUNT_V3, "mount")):
+                    for prot in (IPPROTO_TCP, IPPROTO_UDP):
+                        self.portmap.set(Mapping(prog, vers, prot, self.ports[name]))
+            async with trio.open_nursery() as nursery:
+                for _, tcp, udp in socks:
+                    nursery.start_soon(self._accept_loop, tcp, nursery)
+                    nursery.start_soon(self._udp_loop, udp)
+                task_status.started(dict(self.ports))
+        finally:
+            for _, tcp, udp in socks:
+                tcp.close()
+                udp.close()
+            self.export.close()
+
+    async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                sock, peer = await listener.accept()
+            except OSError as e:  # EMFILE and friends: back off, keep serving
+                log.warning("accept: %s", e)
+                await trio.sleep(0.05)
+                continue
+            if self._conns >= self.config.max_connections:
+                self.stats.tcp_refused += 1
+                sock.close()
+                continue
+            self._conns += 1
+            self.stats.tcp_connections += 1
+            nursery.start_soon(self._tcp_conn, sock, peer)
+
+    async def _tcp_conn(self, sock: trio.socket.SocketType, peer: tuple) -> None:
+        sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
+        dec = RecordDecoder(self.config.max_record)
+        scratch = bytearray(_BIG_RECV)
+        scratch_mv = memoryview(scratch)
+        host, port = str(peer[0]), int(peer[1])
+        try:
+            while True:
+                rec = dec.next_record()
+                if rec is None:
+                    buf = dec.get_buffer()
+                    if buf is not None and len(buf) >= _BIG_RECV:
+                        # Inside a big fragment: receive straight into the record.
+                        n = await sock.recv_into(buf)
+                        buf.release()
+                        if n == 0:
+                            return
+                        dec.commit(n)
+                    else:
+                        if buf is not None:
+                            buf.release()
+                        n = await sock.recv_into(scratch)
+                        if n == 0:
+                            return
+                        dec.feed(scratch_mv[:n])
+                    continue
+                ctx = CallContext(host, port, "tcp")
+                reply = await self.svc.dispatch(rec, ctx)
+                del rec
+                if reply is not None:
+                    total = sum(len(b) for b in reply)
+                    await send_iov(sock, [record_mark(total), *reply])
+        except RecordTooLarge as e:
+            self.stats.oversized_records += 1
+            log.warning("%s:%d: %s; closing the connection", host, port, e)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            log.debug("%s:%d: connection ended: %s", host, port, e)
+        finally:
+            self._conns -= 1
+            sock.close()
+
+    async def _udp_loop(self, sock: trio.socket.SocketType) -> None:
+        while True:
+            try:
+                data, addr = await sock.recvfrom(UDP_MAX_PAYLOAD + 1)
+            except OSError as e:  # e.g. ECONNREFUSED from an earlier ICMP error
+                log.debug("udp recvfrom: %s", e)
+                continue
+            self.stats.udp_datagrams += 1
+            ctx = CallContext(str(addr[0]), int(addr[1]), "udp", max_reply=UDP_MAX_PAYLOAD)
+            reply = await self.svc.dispatch(data, ctx)
+            if reply is None:
+                continue
+            try:
+                await send_iov(sock, reply, addr)
+            except OSError as e:
+                self.stats.udp_send_errors += 1
+                log.debug("udp sendmsg to %s: %s", addr, e)
+
+
+def parse_allow(values: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(v, strict=False) for v in values]
+
+
+__all__ = ["NfsServer", "ServerConfig", "parse_allow", "send_iov"]

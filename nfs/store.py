@@ -1,0 +1,230 @@
+"""The export: a directory on disk, and the opaque file handles that name what is inside it.
+
+A handle is 44 bytes: magic "NSW1", the export's fsid, the inode number, the parent directory's
+inode number (a hint for finding the file again after a restart) and a 16-byte keyed BLAKE2b
+tag over all of that. The key is kept in the server's state directory, so handles survive a
+restart; a handle whose tag does not verify was forged or mangled (NFS3ERR_BADHANDLE). A handle
+is resolved only to a path found *inside* the export (from a cache of paths built from validated
+names, or by walking the export without following symlinks), so no handle can reach outside it;
+if the inode is no longer there the handle is stale (NFS3ERR_STALE).
+
+Limitation (documented): without the inode generation number a deleted file's inode number that
+the filesystem reuses inside the export would make an old handle name the new file.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat as pystat
+import struct
+from collections import OrderedDict
+from pathlib import Path
+
+from nfs.nfs3 import NAME_MAX, Nfs3Error, Stat
+
+FH_MAGIC = b"NSW1"
+_FH_BODY = struct.Struct(">4sQQQ")
+FH_SIZE = _FH_BODY.size + 16  # 44
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "netswap" / "nfs"
+
+
+def load_key(state_dir: Path) -> bytes:
+    """The handle-signing key, created (mode 0600) on first use and kept across restarts."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "fhkey"
+    try:
+        key = path.read_bytes()
+        if len(key) == 32:
+            return key
+    except FileNotFoundError:
+        pass
+    key = os.urandom(32)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, key)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return key
+
+
+def errno_to_stat(e: OSError) -> int:
+    return {
+        errno.ENOENT: Stat.NFS3ERR_NOENT, errno.EACCES: Stat.NFS3ERR_ACCES, errno.EPERM: Stat.NFS3ERR_PERM,
+        errno.EEXIST: Stat.NFS3ERR_EXIST, errno.ENOTDIR: Stat.NFS3ERR_NOTDIR, errno.EISDIR: Stat.NFS3ERR_ISDIR,
+        errno.EINVAL: Stat.NFS3ERR_INVAL, errno.EFBIG: Stat.NFS3ERR_FBIG, errno.ENOSPC: Stat.NFS3ERR_NOSPC,
+        errno.EROFS: Stat.NFS3ERR_ROFS, errno.ENAMETOOLONG: Stat.NFS3ERR_NAMETOOLONG,
+        errno.ENOTEMPTY: Stat.NFS3ERR_NOTEMPTY, errno.EDQUOT: Stat.NFS3ERR_DQUOT, errno.ELOOP: Stat.NFS3ERR_INVAL,
+        errno.EXDEV: Stat.NFS3ERR_XDEV, errno.EMLINK: Stat.NFS3ERR_MLINK,
+    }.get(e.errno or 0, Stat.NFS3ERR_IO)
+
+
+class Export:
+    """One exported directory: handle minting and resolution, and a cache of open files."""
+
+    def __init__(self, root: str | os.PathLike[str], key: bytes, max_open: int = 64) -> None:
+        self.root = os.path.realpath(root)
+        st = os.stat(self.root)
+        if not pystat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(self.root)
+        self.dev = st.st_dev
+        self.root_ino = st.st_ino
+        self.fsid = int.from_bytes(hashlib.blake2b(f"{st.st_dev}:{st.st_ino}".encode(), digest_size=8).digest(), "big")
+        self._key = key
+        self._paths: dict[int, str] = {st.st_ino: self.root}  # ino -> absolute path inside root
+        self._parents: dict[int, int] = {st.st_ino: st.st_ino}
+        self._fds: OrderedDict[int, int] = OrderedDict()  # ino -> fd, LRU
+        self.max_open = max_open
+        self.root_fh = self.make_fh(st.st_ino, st.st_ino)
+
+    # -- handles ---------------------------------------------------------------------------
+
+    def _tag(self, body: bytes) -> bytes:
+        return hashlib.blake2b(body, key=self._key, digest_size=16).digest()
+
+    def make_fh(self, ino: int, parent_ino: int) -> bytes:
+        body = _FH_BODY.pack(FH_MAGIC, self.fsid, ino, parent_ino)
+        return body + self._tag(body)
+
+    def fh_for(self, path: str, st: os.stat_result, parent_ino: int) -> bytes:
+        self._paths[st.st_ino] = path
+        self._parents[st.st_ino] = parent_ino
+        return self.make_fh(st.st_ino, parent_ino)
+
+    def decode_fh(self, fh: bytes) -> tuple[int, int]:
+        """(ino, parent ino) of a handle this export minted; BADHANDLE otherwise."""
+        if len(fh) != FH_SIZE or fh[:4] != FH_MAGIC:
+            raise Nfs3Error(Stat.NFS3ERR_BADHANDLE, "not one of our handles")
+        body = fh[: _FH_BODY.size]
+        if self._tag(body) != fh[_FH_BODY.size :]:
+            raise Nfs3Error(Stat.NFS3ERR_BADHANDLE, "handle does not verify")
+        _, fsid, ino, parent = _FH_BODY.unpack(body)
+        if fsid != self.fsid:
+            raise Nfs3Error(Stat.NFS3ERR_STALE, "handle of another export")
+        return ino, parent
+
+    def resolve(self, fh: bytes) -> tuple[str, os.stat_result]:
+        """Path and lstat of the object a handle names; BADHANDLE or STALE on failure."""
+        ino, parent = self.decode_fh(fh)
+        path = self._paths.get(ino)
+        if path is not None:
+            st = self._lstat_ino(path, ino)
+            if st is not None:
+                return path, st
+        path = self._find(ino, parent)
+        if path is None:
+            self._forget(ino)
+            raise Nfs3Error(Stat.NFS3ERR_STALE, f"inode {ino} is gone")
+        st = os.lstat(path)
+        self._paths[ino] = path
+        return path, st
+
+    def _lstat_ino(self, path: str, ino: int) -> os.stat_result | None:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        return st if st.st_ino == ino and st.st_dev == self.dev else None
+
+    def _find(self, ino: int, parent: int) -> str | None:
+        """Find an inode inside the export: first in its parent's directory, then everywhere."""
+        if ino == self.root_ino:
+            return self.root
+        ppath = self._paths.get(parent)
+        if ppath is not None and self._lstat_ino(ppath, parent) is not None:
+            hit = self._scan_dir(ppath, ino)
+            if hit:
+                return hit
+        for dirpath, _dirs, _files in os.walk(self.root, followlinks=False):
+            hit = self._scan_dir(dirpath, ino)
+            if hit:
+                return hit
+        return None
+
+    def _scan_dir(self, dirpath: str, ino: int) -> str | None:
+        try:
+            with os.scandir(dirpath) as it:
+                for ent in it:
+                    if ent.inode() == ino:
+                        st = ent.stat(follow_symlinks=False)
+                        if st.st_dev == self.dev:
+                            return ent.path
+        except OSError:
+            return None
+        return None
+
+    def _forget(self, ino: int) -> None:
+        self._paths.pop(ino, None)
+        self._parents.pop(ino, None)
+        fd = self._fds.pop(ino, None)
+        if fd is not None:
+            os.close(fd)
+
+    # -- names -----------------------------------------------------------------------------
+
+    def child_path(self, dir_path: str, dir_st: os.stat_result, name: str) -> str:
+        """The path of `name` in a directory of the export; never leaves the export."""
+        if not pystat.S_ISDIR(dir_st.st_mode):
+            raise Nfs3Error(Stat.NFS3ERR_NOTDIR)
+        check_name(name)
+        if name == ".":
+            return dir_path
+        if name == "..":
+            if dir_st.st_ino == self.root_ino:
+                return dir_path
+            return os.path.dirname(dir_path)
+        return os.path.join(dir_path, name)
+
+    def parent_ino(self, path: str) -> int:
+        if path == self.root:
+            return self.root_ino
+        return os.lstat(os.path.dirname(path)).st_ino
+
+    # -- open files for READ/WRITE ------------------------------------------------------------
+
+    def fd(self, path: str, st: os.stat_result) -> int:
+        """An fd open read-write (or read-only) on a regular file, cached by inode."""
+        ino = st.st_ino
+        fd = self._fds.get(ino)
+        if fd is not None:
+            self._fds.move_to_end(ino)
+            return fd
+        if not pystat.S_ISREG(st.st_mode):
+            raise Nfs3Error(Stat.NFS3ERR_ISDIR if pystat.S_ISDIR(st.st_mode) else Stat.NFS3ERR_INVAL)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except PermissionError:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        if os.fstat(fd).st_ino != ino:
+            os.close(fd)
+            raise Nfs3Error(Stat.NFS3ERR_STALE)
+        self._fds[ino] = fd
+        while len(self._fds) > self.max_open:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def close_ino(self, ino: int) -> None:
+        fd = self._fds.pop(ino, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def check_name(name: str) -> None:
+    if not name or "/" in name or "\0" in name:
+        raise Nfs3Error(Stat.NFS3ERR_INVAL if name else Stat.NFS3ERR_NOENT, "bad name")
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        raise Nfs3Error(Stat.NFS3ERR_NAMETOOLONG)

@@ -1,0 +1,137 @@
+"""The RPC server side (Linux's sunrpc `svc`): from one call message to one reply message.
+
+`RpcService.dispatch(msg, ctx)` decodes the call header, checks the RPC version, the credential
+flavor, the program, version and procedure, consults the duplicate request cache for
+non-idempotent procedures, runs the program's handler, and returns the reply as a list of
+buffers (an iovec, so READ data is sent without being copied into one big message). It returns
+None when the message must be dropped: its header is unreadable, or it duplicates a call still in
+progress. Handlers signal undecodable arguments by raising `XdrError` -> GARBAGE_ARGS; any other
+exception becomes SYSTEM_ERR and is counted, never crashing the server.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from nfs.drc import DrcState, DuplicateRequestCache
+from nfs.rpc import (
+    AcceptStat, AuthFlavor, AuthStat, AuthSys, CallHeader, RejectStat, RpcVersionMismatch, decode_call,
+    encode_reply_accepted, encode_reply_denied, reply_header,
+)
+from nfs.xdr import Unpacker, XdrError
+
+log = logging.getLogger("netswap.nfs.svc")
+
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass
+class CallContext:
+    """Who is calling and over what: handlers use it for --allow checks and transfer limits."""
+
+    host: str
+    port: int
+    transport: str  # "tcp" or "udp"
+    header: CallHeader | None = None
+    cred: AuthSys | None = None
+    max_reply: int = 4 * 1024 * 1024  # UDP: what fits in one datagram
+
+
+class RpcProgram(Protocol):
+    prog: int
+    versions: Sequence[int]
+    name: str
+
+    def has_proc(self, vers: int, proc: int) -> bool: ...
+
+    def non_idempotent(self, vers: int, proc: int) -> bool: ...
+
+    async def call(self, vers: int, proc: int, args: Unpacker, ctx: CallContext) -> list[Buffer]: ...
+
+
+@dataclass
+class SvcStats:
+    calls: int = 0
+    dropped: int = 0
+    garbage_args: int = 0
+    system_err: int = 0
+    prog_unavail: int = 0
+    prog_mismatch: int = 0
+    proc_unavail: int = 0
+    auth_errors: int = 0
+    by_proc: dict[str, int] = field(default_factory=dict)
+
+
+class RpcService:
+    def __init__(self, programs: Sequence[RpcProgram], drc: DuplicateRequestCache | None = None) -> None:
+        self.programs = {p.prog: p for p in programs}
+        self.drc = drc if drc is not None else DuplicateRequestCache()
+        self.stats = SvcStats()
+
+    async def dispatch(self, msg: Buffer, ctx: CallContext) -> list[Buffer] | None:
+        try:
+            hdr, args = decode_call(msg)
+        except RpcVersionMismatch as e:
+            return [encode_reply_denied(e.xid, RejectStat.RPC_MISMATCH)]
+        except XdrError:
+            self.stats.dropped += 1
+            return None
+        self.stats.calls += 1
+        xid = hdr.xid
+        ctx.header = hdr
+        if hdr.cred.flavor == AuthFlavor.AUTH_SYS:
+            try:
+                ctx.cred = AuthSys.from_auth(hdr.cred)
+            except XdrError:
+                self.stats.auth_errors += 1
+                return [encode_reply_denied(xid, RejectStat.AUTH_ERROR, AuthStat.AUTH_BADCRED)]
+        elif hdr.cred.flavor != AuthFlavor.AUTH_NONE:
+            self.stats.auth_errors += 1
+            return [encode_reply_denied(xid, RejectStat.AUTH_ERROR, AuthStat.AUTH_BADCRED)]
+        if hdr.verf.flavor not in (AuthFlavor.AUTH_NONE, AuthFlavor.AUTH_SYS):
+            self.stats.auth_errors += 1
+            return [encode_reply_denied(xid, RejectStat.AUTH_ERROR, AuthStat.AUTH_BADVERF)]
+        prog = self.programs.get(hdr.prog)
+        if prog is None:
+            self.stats.prog_unavail += 1
+            return [encode_reply_accepted(xid, AcceptStat.PROG_UNAVAIL)]
+        if hdr.vers not in prog.versions:
+            self.stats.prog_mismatch += 1
+            return [encode_reply_accepted(xid, AcceptStat.PROG_MISMATCH, low=min(prog.versions),
+                                          high=max(prog.versions))]
+        if not prog.has_proc(hdr.vers, hdr.proc):
+            self.stats.proc_unavail += 1
+            return [encode_reply_accepted(xid, AcceptStat.PROC_UNAVAIL)]
+        key = None
+        if prog.non_idempotent(hdr.vers, hdr.proc):
+            key = self.drc.key(xid, ctx.host, hdr.prog, hdr.vers, hdr.proc, args.buf[args.pos :])
+            state, cached = self.drc.lookup(key)
+            if state is DrcState.IN_PROGRESS:
+                return None
+            if state is DrcState.DONE:
+                assert cached is not None
+                return [cached]
+        reply: list[Buffer]
+        try:
+            body = await prog.call(hdr.vers, hdr.proc, args, ctx)
+            reply = [reply_header(xid), *body]
+        except XdrError as e:
+            self.stats.garbage_args += 1
+            log.debug("xid %#x: GARBAGE_ARGS (%s)", xid, e)
+            reply = [encode_reply_accepted(xid, AcceptStat.GARBAGE_ARGS)]
+        except Exception:
+            self.stats.system_err += 1
+            log.exception("xid %#x: %s proc %d failed", xid, prog.name, hdr.proc)
+            reply = [encode_reply_accepted(xid, AcceptStat.SYSTEM_ERR)]
+        except BaseException:
+            if key is not None:
+                self.drc.done(key, None)
+            raise
+        if key is not None:
+            self.drc.done(key, b"".join(reply))
+        name = f"{prog.name}.{hdr.proc}"
+        self.stats.by_proc[name] = self.stats.by_proc.get(name, 0) + 1
+        return reply
