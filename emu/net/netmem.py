@@ -1,0 +1,198 @@
+"""The network stack's memory: its slab caches, the policies' reserve rules, the v12 charges.
+
+One place decides, for every allocation the stack makes, which gfp it uses and whether it may
+reach the reserve (DESIGN §2):
+
+- RX skbs (softirq, GFP_ATOMIC):
+  - none: GFP_ATOMIC only; the receive path never reaches the reserve.
+  - v12: GFP_ATOMIC; on failure, if a memalloc (SOCK_VMIO) socket exists and the "SKB data
+    reserve" admits roundup_pow_of_two(size), allocate with __GFP_EMERGENCY and mark the skb
+    `emergency` (uncharged when freed).
+  - pfmemalloc: if a memalloc socket exists, GFP_ATOMIC|__GFP_NOMEMALLOC first, then
+    GFP_ATOMIC|__GFP_MEMALLOC; the skb is `pfmemalloc` if its memory came from the reserve.
+- Route entries and fragment queues: GFP_ATOMIC in the receive stage's context, so they reach the
+  reserve exactly when the current frame is processed under PF_MEMALLOC; under v12 a reserve
+  object is charged to its node ("IPv4 route cache" objects, "IPv4 fragment cache" bytes) and the
+  allocation fails if the node is full.
+- TX skbs: the socket's `sk_allocation`; they may sleep (direct reclaim) like the kernel's.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from emu.mm.gfp import GFP_ATOMIC, Gfp, Policy
+from emu.mm.sizes import DST_ENTRY, IPQ, KMALLOC_MAX_CACHE_SIZE, SKB_HEAD, SKB_SHARED_INFO
+from emu.mm.slab import KmemCache, Slabs, SlabObj, roundup_pow_of_two
+from emu.net.skbuff import SkBuff
+
+if TYPE_CHECKING:
+    from emu.net.netstat import NetStat
+    from emu.net.sock import Sock
+
+_ATOMIC_NOMEMALLOC = GFP_ATOMIC | Gfp.NOMEMALLOC
+_ATOMIC_MEMALLOC = GFP_ATOMIC | Gfp.MEMALLOC
+_ATOMIC_EMERGENCY = GFP_ATOMIC | Gfp.EMERGENCY
+
+
+class NetMem:
+    def __init__(self, slabs: Slabs, policy: Policy, stat: NetStat, reserve: Any = None) -> None:
+        self.slabs = slabs
+        self.zone = slabs.zone
+        self.policy = Policy(policy)
+        self.stat = stat
+        self.reserve = reserve if self.policy is Policy.V12 else None
+        self.head_cache: KmemCache = slabs.cache("skbuff_head_cache", SKB_HEAD)
+        self.dst_cache: KmemCache = slabs.cache("ip_dst_cache", DST_ENTRY)
+        self.ipq_cache: KmemCache = slabs.kmalloc_cache(IPQ)
+        self.memalloc_socks = 0  # sk_memalloc_socks()
+        self._data_cache: dict[int, KmemCache | None] = {}
+        # Live skbs (RX and TX) and their truesize: the accounting the tests check.
+        self.skbs_live = 0
+        self.skb_truesize_live = 0
+
+    # ---- skbs ---------------------------------------------------------------------------------
+
+    def data_cache(self, size: int) -> KmemCache | None:
+        c = self._data_cache.get(size)
+        if c is None and size not in self._data_cache:
+            n = size + SKB_SHARED_INFO
+            c = self.slabs.kmalloc_cache(n) if n <= KMALLOC_MAX_CACHE_SIZE else None
+            self._data_cache[size] = c
+        return c
+
+    def skb_try(self, size: int, gfp: Gfp, rx: bool) -> SkBuff | None:
+        """Both allocations of one skb with `gfp`, or None (nothing left allocated)."""
+        head = self.head_cache.alloc(gfp)
+        if head is None:
+            return None
+        cache = self.data_cache(size)
+        buf = cache.alloc(gfp) if cache is not None else self.slabs.kmalloc(size + SKB_SHARED_INFO, gfp)
+        if buf is None:
+            self.head_cache.free(head)
+            return None
+        skb = SkBuff(self, size, head, buf, rx)
+        self.skbs_live += 1
+        self.skb_truesize_live += skb.truesize
+        return skb
+
+    def rx_skb(self, size: int) -> SkBuff | None:
+        """__netdev_alloc_skb in the receive stage: the policy's emergency rule (module doc)."""
+        stat = self.stat
+        if not self.memalloc_socks or self.policy is Policy.NONE:
+            skb = self.skb_try(size, GFP_ATOMIC, True)
+            if skb is not None:
+                stat.skbs += 1
+            return skb
+        if self.policy is Policy.PFMEMALLOC:
+            skb = self.skb_try(size, _ATOMIC_NOMEMALLOC, True)
+            if skb is None:
+                skb = self.skb_try(size, _ATOMIC_MEMALLOC, True)
+                if skb is None:
+                    return None
+                if skb.buf.pfmemalloc or skb.head.pfmemalloc:
+                    skb.pfmemalloc = skb.memalloc = True
+                    stat.skbs_emergency += 1
+            stat.skbs += 1
+            return skb
+        # v12
+        skb = self.skb_try(size, GFP_ATOMIC, True)
+        if skb is None:
+            charge = roundup_pow_of_two(size + SKB_SHARED_INFO)
+            node = self.reserve.skb_data if self.reserve is not None else None
+            if node is not None and not node.charge(charge):
+                return None
+            skb = self.skb_try(size, _ATOMIC_EMERGENCY, True)
+            if skb is None:
+                if node is not None:
+                    node.uncharge(charge)
+                return None
+            skb.emergency = skb.memalloc = True
+            skb.charged = charge if node is not None else 0
+            stat.skbs_emergency += 1
+        stat.skbs += 1
+        return skb
+
+    def skb_free(self, skb: SkBuff) -> None:
+        if skb.freed:
+            raise RuntimeError(f"double free of {skb!r}")
+        skb.freed = True
+        if skb.frag_list:
+            for s in skb.frag_list:
+                self.skb_free(s)
+            skb.frag_list = None
+        self.head_cache.free(skb.head)
+        buf = skb.buf
+        if buf.cache is not None:
+            buf.cache.free(buf)
+        else:
+            self.slabs.kfree(buf)
+        self.skbs_live -= 1
+        self.skb_truesize_live -= skb.own_truesize
+        if skb.charged:
+            self.reserve.skb_data.uncharge(skb.charged)  # memory freed first, then uncharged
+            skb.charged = 0
+
+    async def tx_skbs(self, sizes: list[int], sk: Sock) -> list[SkBuff]:
+        """TX skbs for one send with the socket's sk_allocation; may sleep in reclaim."""
+        gfp = sk.sk_allocation
+        out: list[SkBuff] = []
+        stat = self.stat
+        try:
+            for size in sizes:
+                skb = self.skb_try(size, gfp, False)
+                if skb is None:
+                    head = await self.head_cache.alloc_wait(gfp)
+                    try:
+                        buf = await self.slabs.kmalloc_wait(size + SKB_SHARED_INFO, gfp)
+                    except BaseException:
+                        self.head_cache.free(head)
+                        raise
+                    skb = SkBuff(self, size, head, buf, False)
+                    self.skbs_live += 1
+                    self.skb_truesize_live += skb.truesize
+                if skb.head.pfmemalloc or skb.buf.pfmemalloc:
+                    skb.pfmemalloc = skb.memalloc = True
+                    stat.tx_skbs_reserve += 1
+                stat.tx_skbs += 1
+                out.append(skb)
+        except BaseException:
+            stat.tx_nomem += 1
+            for s in out:
+                s.free()
+            raise
+        return out
+
+    # ---- route cache entries and fragment queues ----------------------------------------------
+
+    def dst_alloc(self) -> tuple[SlabObj, bool] | None:
+        obj = self.dst_cache.alloc(GFP_ATOMIC)
+        if obj is None:
+            return None
+        if obj.pfmemalloc and self.reserve is not None:
+            if not self.reserve.route_cache.charge(1):
+                self.dst_cache.free(obj)
+                return None
+            return obj, True
+        return obj, False
+
+    def dst_free(self, obj: SlabObj, charged: bool) -> None:
+        self.dst_cache.free(obj)
+        if charged:
+            self.reserve.route_cache.uncharge(1)
+
+    def ipq_alloc(self) -> tuple[SlabObj, bool] | None:
+        obj = self.ipq_cache.alloc(GFP_ATOMIC)
+        if obj is None:
+            return None
+        if obj.pfmemalloc and self.reserve is not None:
+            if not self.reserve.frag_cache.charge(IPQ):
+                self.ipq_cache.free(obj)
+                return None
+            return obj, True
+        return obj, False
+
+    def ipq_free(self, obj: SlabObj, charged: bool) -> None:
+        self.ipq_cache.free(obj)
+        if charged:
+            self.reserve.frag_cache.uncharge(IPQ)

@@ -1,0 +1,127 @@
+"""Network counters, nstat-style, and the ss-style socket view.
+
+Counters are plain attributes on a slotted object: the receive stage bumps them for every frame,
+so they must cost one attribute increment. Each counter has the kernel MIB name an engineer would
+grep for in `nstat -a` (where the kernel has one), shown next to netswap's own name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from emu.net.sock import Sock
+
+# netswap name -> (kernel MIB name or "", what it counts)
+COUNTERS: dict[str, tuple[str, str]] = {
+    "frames": ("IpInReceives", "frames seen by the receive stage (UDP fragments and TCP chunks)"),
+    "bytes": ("IpExtInOctets", "bytes in those frames (IP packets)"),
+    "skbs": ("", "RX skbs allocated"),
+    "skbs_emergency": ("", "RX skbs allocated from the reserve (v12 emergency / 3.6 pfmemalloc)"),
+    "rx_nomem": ("", "frames dropped: no memory for the skb (step 1)"),
+    "route_nomem": ("IpOutNoRoutes", "frames dropped: no memory / room for a route cache entry (step 3)"),
+    "route_lookups": ("", "route cache lookups"),
+    "route_hits": ("", "route cache hits"),
+    "route_entries_created": ("", "route cache entries created"),
+    "route_gc_freed": ("", "route cache entries freed by garbage collection"),
+    "route_overflow": ("", "'dst cache overflow': cache at ip_rt_max_size after GC"),
+    "frags": ("IpReasmReqds", "fragments received"),
+    "frag_nomem": ("", "fragments dropped: no memory for a reassembly queue"),
+    "frag_reassembled": ("IpReasmOKs", "datagrams reassembled"),
+    "frag_evicted": ("IpReasmFails", "reassembly queues evicted above ipfrag_high_thresh"),
+    "frag_timeout": ("IpExtReasmTimeout", "reassembly queues expired after ipfrag_time"),
+    "no_socket": ("UdpNoPorts", "frames dropped: no socket for the port (step 5)"),
+    "pfmemalloc_drop": ("TcpExtPFMemallocDrop", "reserve skbs dropped at a socket that is not memalloc (step 6)"),
+    "rcvbuf_full": ("UdpRcvbufErrors", "frames dropped: socket receive buffer full (step 7)"),
+    "rcvbuf_bypass": ("", "reserve skbs queued past a full rcvbuf on a memalloc socket"),
+    "delivered": ("UdpInDatagrams", "skbs queued on a socket (step 8; TCP chunks included)"),
+    "delivered_emergency": ("", "reserve skbs queued on a memalloc socket"),
+    "tcp_held": ("TcpExtTCPRcvQDrop", "TCP chunks dropped and held on the wire for re-offer"),
+    "tcp_reoffer": ("", "TCP chunks offered again after a retransmission timeout"),
+    "tcp_window_closed": ("TcpExtTCPZeroWindowDrop", "times a TCP wire stopped reading: receive window closed"),
+    "tx_skbs": ("IpOutRequests", "TX skbs allocated"),
+    "tx_skbs_reserve": ("", "TX skbs allocated from the reserve"),
+    "tx_nomem": ("", "sends that failed: no memory for a TX skb"),
+    "tx_bytes": ("IpExtOutOctets", "bytes handed to real sockets"),
+    "app_read_bytes": ("", "bytes read by socket owners"),
+    "wire_eof": ("", "TCP wires that reached end of stream"),
+    "wire_errors": ("", "real socket errors seen by a wire"),
+}
+
+
+class NetStat:
+    """The counters of one emulated host's network stack."""
+
+    __slots__ = tuple(COUNTERS)
+
+    def __init__(self) -> None:
+        for name in COUNTERS:
+            setattr(self, name, 0)
+
+    def snapshot(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in COUNTERS}
+
+    def drops(self) -> dict[str, int]:
+        """Every drop reason, by name (the deadlock report prints these)."""
+        names = ("rx_nomem", "route_nomem", "no_socket", "pfmemalloc_drop", "rcvbuf_full",
+                 "frag_nomem", "frag_evicted", "frag_timeout", "tcp_held")
+        return {n: getattr(self, n) for n in names}
+
+    def nstat(self, nonzero: bool = True) -> str:
+        """`nstat -a`-style text: name, value, what it counts."""
+        lines = ["#kernel"]
+        for name, (mib, what) in COUNTERS.items():
+            value = getattr(self, name)
+            if nonzero and not value:
+                continue
+            label = f"{name} ({mib})" if mib else name
+            lines.append(f"{label:<44} {value:>12}    # {what}")
+        return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class SockRow:
+    """One line of the ss view."""
+
+    netid: str
+    state: str
+    recv_q: int  # payload bytes queued, unread
+    rmem_alloc: int  # truesize charged
+    rcvbuf: int
+    local: str
+    peer: str
+    memalloc: bool
+    owner: str
+    drops: int
+    skbs: int
+    emergency_skbs: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def ss_rows(socks: list[Sock]) -> list[SockRow]:
+    rows = []
+    for sk in socks:
+        rows.append(SockRow(
+            netid=sk.proto, state=sk.state, recv_q=sk.rx_queued_bytes, rmem_alloc=sk.sk_rmem_alloc,
+            rcvbuf=sk.sk_rcvbuf, local=sk.local_str(), peer=sk.peer_str(),
+            memalloc=sk.memalloc, owner=sk.owner_name(), drops=sk.sk_drops,
+            skbs=len(sk.receive_queue), emergency_skbs=sk.rx_emergency_skbs(),
+        ))
+    return rows
+
+
+def ss(socks: list[Sock]) -> str:
+    """`ss -m`-style text: one line per socket, with queued bytes, skmem and the memalloc flag."""
+    head = (f"{'Netid':<5} {'State':<10} {'Recv-Q':>8} {'rmem':>9} {'rcvbuf':>9} {'skbs':>6} "
+            f"{'emerg':>5} {'drops':>7} {'Local Address:Port':<22} {'Peer Address:Port':<22} "
+            f"{'flags':<13} owner")
+    lines = [head]
+    for r in ss_rows(socks):
+        flags = "SOCK_MEMALLOC" if r.memalloc else "-"
+        lines.append(
+            f"{r.netid:<5} {r.state:<10} {r.recv_q:>8} {r.rmem_alloc:>9} {r.rcvbuf:>9} {r.skbs:>6} "
+            f"{r.emergency_skbs:>5} {r.drops:>7} {r.local:<22} {r.peer:<22} {flags:<13} {r.owner}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,230 @@
+"""The NIC receive stage: DESIGN §6 steps 1-8 for every frame, in softirq context.
+
+Wires (wire.py) hand frames over synchronously; nothing here sleeps.
+
+  1. allocate the skb (GFP_ATOMIC, the policy's emergency rule) ........ else drop rx_nomem
+  2. an emergency/pfmemalloc skb is processed under PF_MEMALLOC from here on
+  3. route cache lookup by (source, destination) ........................ else drop route_nomem
+  4. fragments join their reassembly queue (a complete datagram continues)
+  5. demultiplex to the emulated socket ................................ else drop no_socket
+  6. a reserve skb for a socket that is not SOCK_MEMALLOC ................ drop pfmemalloc_drop
+  7. over the socket's receive buffer .................................... drop rcvbuf_full
+     (reserve skbs for a memalloc socket bypass this: the stream-deadlock fix)
+  8. queue on the socket; the memory stays charged until the owner reads it
+
+A UDP drop loses the datagram.  A TCP drop returns False to the wire, which holds the chunk and
+offers it again after a retransmission timeout.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import trio
+
+from emu.mm.sched import TaskFlags, memalloc_noreclaim, softirq, task
+from emu.net.wire import IP_HDR, MSS_DEFAULT, MTU_DEFAULT, TCP_HDR, UDP_HDR, TCP_RTO_MAX, TCP_RTO_MIN, ip_fragments
+
+if TYPE_CHECKING:
+    from emu.net.ip import RouteCache
+    from emu.net.ipfrag import FragQueues
+    from emu.net.netmem import NetMem
+    from emu.net.netstat import NetStat
+    from emu.net.skbuff import SkBuff
+    from emu.net.sock import Sock
+
+IPPROTO_UDP = 17
+
+
+class Nic:
+    """The receive stage of one emulated host, and the tasks (wires, timers) that feed it."""
+
+    def __init__(self, mem: NetMem, stat: NetStat, routes: RouteCache, frags: FragQueues, *,
+                 mtu: int = MTU_DEFAULT, batch: int = 64, tcp_rto_min: float = TCP_RTO_MIN,
+                 tcp_rto_max: float = TCP_RTO_MAX, timer_interval: float = 0.1) -> None:
+        if mtu < 68:
+            raise ValueError(f"MTU {mtu} is below the IPv4 minimum of 68")
+        if batch < 1:
+            raise ValueError("batch must be >= 1")
+        if not 0 < tcp_rto_min <= tcp_rto_max:
+            raise ValueError("need 0 < tcp_rto_min <= tcp_rto_max")
+        self.mem = mem
+        self.stat = stat
+        self.routes = routes
+        self.frags = frags
+        self.mtu = mtu
+        self.mss = mtu - IP_HDR - TCP_HDR if mtu != MTU_DEFAULT else MSS_DEFAULT
+        self.batch = batch
+        self.tcp_rto_min = tcp_rto_min
+        self.tcp_rto_max = tcp_rto_max
+        self.timer_interval = timer_interval
+        self.udp_table: dict[int, Sock] = {}
+        self.tcp_table: dict[tuple[int, str, int], Sock] = {}
+        self.ip_id = 0
+        self._spawn_send, self._spawn_recv = trio.open_memory_channel[object](math.inf)
+        self.ksoftirqd = None
+
+    # ---- wires --------------------------------------------------------------------------------
+
+    def attach(self, wire: object) -> None:
+        """Start draining a wire (as soon as `run` is running)."""
+        self._spawn_send.send_nowait(wire)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run every wire and the IP timers, as the kernel thread ksoftirqd/0, until cancelled."""
+        with task("ksoftirqd/0", TaskFlags.PF_KTHREAD) as t:
+            self.ksoftirqd = t
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._timers)
+                task_status.started()
+                async for wire in self._spawn_recv:
+                    nursery.start_soon(wire.run)  # type: ignore[attr-defined]
+
+    async def _timers(self) -> None:
+        """ip_expire and rt_check_expire: timers run in softirq too."""
+        while True:
+            await trio.sleep(self.timer_interval)
+            with softirq():
+                now = trio.current_time()
+                self.frags.expire(now)
+                self.routes.expire(now)
+
+    # ---- UDP ----------------------------------------------------------------------------------
+
+    def udp_input(self, saddr: str, sport: int, daddr: str, dport: int, data: bytes | bytearray,
+                  now: float) -> None:
+        """One datagram as drained from a real socket: one frame, or its fragments."""
+        stat = self.stat
+        n = len(data)
+        size = n + IP_HDR + UDP_HDR
+        if size <= self.mtu:
+            stat.frames += 1
+            stat.bytes += size
+            skb = self.mem.rx_skb(size)  # step 1
+            if skb is None:
+                stat.rx_nomem += 1
+                return
+            skb.data = data
+            skb.len = n
+            skb.saddr = saddr
+            skb.sport = sport
+            if skb.memalloc:  # step 2
+                with memalloc_noreclaim():
+                    self._udp_rcv(skb, saddr, daddr, dport, now)
+            else:
+                self._udp_rcv(skb, saddr, daddr, dport, now)
+            return
+        self.ip_id = ip_id = (self.ip_id + 1) & 0xFFFF
+        key = (saddr, daddr, ip_id, IPPROTO_UDP)
+        for off, length, more in ip_fragments(n + UDP_HDR, self.mtu):
+            size = length + IP_HDR
+            stat.frames += 1
+            stat.bytes += size
+            stat.frags += 1
+            skb = self.mem.rx_skb(size)
+            if skb is None:
+                stat.rx_nomem += 1
+                continue
+            skb.saddr = saddr
+            skb.sport = sport
+            if skb.memalloc:
+                with memalloc_noreclaim():
+                    self._udp_frag_rcv(skb, key, off, length, more, data if off == 0 else None, dport, now)
+            else:
+                self._udp_frag_rcv(skb, key, off, length, more, data if off == 0 else None, dport, now)
+
+    def _udp_rcv(self, skb: SkBuff, saddr: str, daddr: str, dport: int, now: float) -> None:
+        if self.routes.input(saddr, daddr, now) is None:  # step 3
+            self.stat.route_nomem += 1
+            skb.free()
+            return
+        self._udp_deliver(skb, dport)
+
+    def _udp_frag_rcv(self, skb: SkBuff, key: tuple[str, str, int, int], off: int, length: int,
+                      more: bool, payload: bytes | bytearray | None, dport: int, now: float) -> None:
+        if self.routes.input(key[0], key[1], now) is None:  # step 3
+            self.stat.route_nomem += 1
+            skb.free()
+            return
+        whole = self.frags.queue_fragment(skb, key, off, length, more, payload, now)  # step 4
+        if whole is None:
+            return
+        if whole.memalloc and not skb.memalloc:
+            with memalloc_noreclaim():
+                self._udp_deliver(whole, dport)
+        else:
+            self._udp_deliver(whole, dport)
+
+    def _udp_deliver(self, skb: SkBuff, dport: int) -> None:
+        stat = self.stat
+        sk = self.udp_table.get(dport)  # step 5
+        if sk is None:
+            stat.no_socket += 1
+            skb.free()
+            return
+        if skb.memalloc and not sk.memalloc:  # step 6
+            stat.pfmemalloc_drop += 1
+            sk.sk_drops += 1
+            skb.free()
+            return
+        if sk.sk_rmem_alloc + skb.truesize >= sk.sk_rcvbuf:  # step 7 (2.6.22 sock_queue_rcv_skb)
+            if not (skb.memalloc and sk.memalloc):
+                stat.rcvbuf_full += 1
+                sk.sk_drops += 1
+                skb.free()
+                return
+            stat.rcvbuf_bypass += 1
+        sk.queue_rcv_skb(skb)  # step 8
+        stat.delivered += 1
+        if skb.memalloc:
+            stat.delivered_emergency += 1
+
+    # ---- TCP ----------------------------------------------------------------------------------
+
+    def tcp_input(self, sk: Sock, chunk: bytes, now: float) -> bool:
+        """One MSS chunk of a connection; False means dropped (the wire holds it)."""
+        stat = self.stat
+        size = len(chunk) + IP_HDR + TCP_HDR
+        stat.frames += 1
+        stat.bytes += size
+        skb = self.mem.rx_skb(size)  # step 1
+        if skb is None:
+            stat.rx_nomem += 1
+            return False
+        skb.data = chunk
+        skb.len = len(chunk)
+        skb.saddr = sk.raddr
+        skb.sport = sk.rport
+        if skb.memalloc:  # step 2
+            with memalloc_noreclaim():
+                return self._tcp_rcv(skb, sk, now)
+        return self._tcp_rcv(skb, sk, now)
+
+    def _tcp_rcv(self, skb: SkBuff, sk: Sock, now: float) -> bool:
+        stat = self.stat
+        if self.routes.input(sk.raddr, sk.laddr, now) is None:  # step 3
+            stat.route_nomem += 1
+            skb.free()
+            return False
+        if self.tcp_table.get((sk.lport, sk.raddr, sk.rport)) is not sk:  # step 5
+            stat.no_socket += 1
+            skb.free()
+            return False
+        if skb.memalloc and not sk.memalloc:  # step 6
+            stat.pfmemalloc_drop += 1
+            sk.sk_drops += 1
+            skb.free()
+            return False
+        if sk.sk_rmem_alloc + skb.truesize >= sk.sk_rcvbuf:  # step 7
+            if not (skb.memalloc and sk.memalloc):
+                stat.rcvbuf_full += 1
+                sk.sk_drops += 1
+                skb.free()
+                return False
+            stat.rcvbuf_bypass += 1
+        sk.queue_rcv_skb(skb)  # step 8
+        stat.delivered += 1
+        if skb.memalloc:
+            stat.delivered_emergency += 1
+        return True
