@@ -44,6 +44,6 @@ class Pacer:
             if due <= 0:
                 # message number sent+1 is due once floor(rate * t) + 1 > sent, i.e. at t = sent / rate
                 next_at = min(sent / self.rate, self.duration)
-                return Step(0, max(next_at - elapsed, 0.0), False)
+                return Step(0, max(next_at - elapsed, 1e-6), False)  # > 0: float rounding never spins
             n = min(n, due)
         return Step(n, 0.0, False)
