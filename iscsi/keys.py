@@ -1,0 +1,186 @@
+"""Login/Text keys (RFC 7143 §13): the negotiated operational parameters and how each is decided.
+
+Every key the initiator offers gets an explicit answer (libiscsi applies no defaults for keys left
+unanswered: an unanswered HeaderDigest means CRC32C to it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+# key -> (kind, RFC default). kinds: "list" (first acceptable of the offer), "min", "max", "and",
+# "or", "decl" (declarative), "number".
+KEY_RULES: dict[str, tuple[str, str]] = {
+    "HeaderDigest": ("list", "None"),
+    "DataDigest": ("list", "None"),
+    "MaxConnections": ("min", "1"),
+    "InitialR2T": ("or", "Yes"),
+    "ImmediateData": ("and", "Yes"),
+    "MaxRecvDataSegmentLength": ("decl", "8192"),
+    "MaxBurstLength": ("min", "262144"),
+    "FirstBurstLength": ("min", "65536"),
+    "DefaultTime2Wait": ("max", "2"),
+    "DefaultTime2Retain": ("min", "20"),
+    "MaxOutstandingR2T": ("min", "1"),
+    "DataPDUInOrder": ("or", "Yes"),
+    "DataSequenceInOrder": ("or", "Yes"),
+    "ErrorRecoveryLevel": ("min", "0"),
+    "IFMarker": ("and", "No"),
+    "OFMarker": ("and", "No"),
+}
+NUMERIC_RANGES: dict[str, tuple[int, int]] = {
+    "MaxConnections": (1, 65535),
+    "MaxRecvDataSegmentLength": (512, (1 << 24) - 1),
+    "MaxBurstLength": (512, (1 << 24) - 1),
+    "FirstBurstLength": (512, (1 << 24) - 1),
+    "DefaultTime2Wait": (0, 3600),
+    "DefaultTime2Retain": (0, 3600),
+    "MaxOutstandingR2T": (1, 65535),
+    "ErrorRecoveryLevel": (0, 2),
+}
+# Keys an initiator declares; the target takes note and does not answer.
+INITIATOR_DECLARATIVE = {"InitiatorName", "InitiatorAlias", "SessionType", "TargetName"}
+# Keys from RFC 3720 / iSER that are known but irrelevant here.
+IRRELEVANT = {"IFMarkInt", "OFMarkInt", "RDMAExtensions", "InitiatorRecvDataSegmentLength", "TargetRecvDataSegmentLength", "TaskReporting", "iSCSIProtocolLevel"}
+
+
+class NegotiationError(ValueError):
+    """A key value that cannot be negotiated (the login fails with an initiator error)."""
+
+
+@dataclass
+class SessionParams:
+    """Negotiated operational parameters of one session (RFC defaults until negotiated).
+
+    `max_recv_data_segment_length` is OUR receive limit; `peer_max_recv_data_segment_length` the
+    peer's (the largest data segment we may send).
+    """
+
+    header_digest: bool = False
+    data_digest: bool = False
+    max_connections: int = 1
+    initial_r2t: bool = True
+    immediate_data: bool = True
+    max_recv_data_segment_length: int = 8192
+    peer_max_recv_data_segment_length: int = 8192
+    max_burst_length: int = 262144
+    first_burst_length: int = 65536
+    default_time2wait: int = 2
+    default_time2retain: int = 20
+    max_outstanding_r2t: int = 1
+    data_pdu_in_order: bool = True
+    data_sequence_in_order: bool = True
+    error_recovery_level: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_ATTR = {
+    "HeaderDigest": "header_digest",
+    "DataDigest": "data_digest",
+    "MaxConnections": "max_connections",
+    "InitialR2T": "initial_r2t",
+    "ImmediateData": "immediate_data",
+    "MaxBurstLength": "max_burst_length",
+    "FirstBurstLength": "first_burst_length",
+    "DefaultTime2Wait": "default_time2wait",
+    "DefaultTime2Retain": "default_time2retain",
+    "MaxOutstandingR2T": "max_outstanding_r2t",
+    "DataPDUInOrder": "data_pdu_in_order",
+    "DataSequenceInOrder": "data_sequence_in_order",
+    "ErrorRecoveryLevel": "error_recovery_level",
+}
+
+
+def _bool(key: str, value: str) -> bool:
+    if value == "Yes":
+        return True
+    if value == "No":
+        return False
+    raise NegotiationError(f"{key}={value}: expected Yes or No")
+
+
+def _num(key: str, value: str) -> int:
+    try:
+        n = int(value, 0)
+    except ValueError:
+        raise NegotiationError(f"{key}={value}: not a number") from None
+    lo, hi = NUMERIC_RANGES.get(key, (0, 1 << 32))
+    if not lo <= n <= hi:
+        raise NegotiationError(f"{key}={value}: outside {lo}..{hi}")
+    return n
+
+
+def negotiate(key: str, offer: str, ours: str) -> str:
+    """The answer to an offered `key=offer` when our own preference is `ours` (RFC 7143 §6.2)."""
+    kind, _ = KEY_RULES[key]
+    if kind == "list":
+        offered = offer.split(",")
+        acceptable = ours.split(",")
+        for v in offered:
+            if v in acceptable:
+                return v
+        return "Reject"
+    if kind in ("and", "or"):
+        a, b = _bool(key, offer), _bool(key, ours)
+        r = (a and b) if kind == "and" else (a or b)
+        return "Yes" if r else "No"
+    a, b = _num(key, offer), _num(key, ours)
+    if kind == "min":
+        return str(min(a, b))
+    if kind == "max":
+        return str(max(a, b))
+    return ours
+
+
+def apply(params: SessionParams, key: str, value: str) -> None:
+    """Record a negotiated result in `params` (declarative MaxRecvDataSegmentLength excluded)."""
+    attr = _ATTR.get(key)
+    if attr is None:
+        return
+    kind, _ = KEY_RULES[key]
+    if key in ("HeaderDigest", "DataDigest"):
+        if value not in ("None", "CRC32C"):
+            raise NegotiationError(f"{key}={value}")
+        setattr(params, attr, value == "CRC32C")
+    elif kind in ("and", "or"):
+        setattr(params, attr, _bool(key, value))
+    else:
+        setattr(params, attr, _num(key, value))
+
+
+@dataclass
+class TargetPrefs:
+    """What the target offers/accepts; turned into negotiation answers."""
+
+    max_recv_data_segment_length: int = 262144
+    max_burst_length: int = 1 << 20
+    first_burst_length: int = 262144
+    digests: str = "None,CRC32C"
+    immediate_data: bool = True
+    initial_r2t: bool = False
+    max_outstanding_r2t: int = 1
+    default_time2wait: int = 2
+    default_time2retain: int = 0
+
+    def ours(self, key: str) -> str:
+        yn = lambda b: "Yes" if b else "No"  # noqa: E731
+        return {
+            "HeaderDigest": self.digests,
+            "DataDigest": self.digests,
+            "MaxConnections": "1",
+            "InitialR2T": yn(self.initial_r2t),
+            "ImmediateData": yn(self.immediate_data),
+            "MaxRecvDataSegmentLength": str(self.max_recv_data_segment_length),
+            "MaxBurstLength": str(self.max_burst_length),
+            "FirstBurstLength": str(self.first_burst_length),
+            "DefaultTime2Wait": str(self.default_time2wait),
+            "DefaultTime2Retain": str(self.default_time2retain),
+            "MaxOutstandingR2T": str(self.max_outstanding_r2t),
+            "DataPDUInOrder": "Yes",
+            "DataSequenceInOrder": "Yes",
+            "ErrorRecoveryLevel": "0",
+            "IFMarker": "No",
+            "OFMarker": "No",
+        }[key]

@@ -1,0 +1,314 @@
+"""iSCSI PDUs (RFC 7143 §11): the 48-byte Basic Header Segment, AHS, padding and digests.
+
+Sans-IO: `PduReader` takes bytes and gives `Pdu`s; `Pdu.encode()` gives bytes. Field offsets are the
+RFC's; accessors read the BHS in place so the hot path never copies a header.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+from .digest import DIGEST_LEN, digest
+
+BHS_LEN = 48
+RESERVED_TAG = 0xFFFFFFFF  # ITT/TTT "no tag"
+MAX_AHS_LEN = 255 * 4  # TotalAHSLength is one byte of 4-byte words
+
+_U32 = struct.Struct(">I")
+_U16 = struct.Struct(">H")
+_U64 = struct.Struct(">Q")
+
+
+class Op(enum.IntEnum):
+    # initiator -> target
+    NOP_OUT = 0x00
+    SCSI_CMD = 0x01
+    TASK_MGMT_REQ = 0x02
+    LOGIN_REQ = 0x03
+    TEXT_REQ = 0x04
+    DATA_OUT = 0x05
+    LOGOUT_REQ = 0x06
+    SNACK = 0x10
+    # target -> initiator
+    NOP_IN = 0x20
+    SCSI_RSP = 0x21
+    TASK_MGMT_RSP = 0x22
+    LOGIN_RSP = 0x23
+    TEXT_RSP = 0x24
+    DATA_IN = 0x25
+    LOGOUT_RSP = 0x26
+    R2T = 0x31
+    ASYNC_MSG = 0x32
+    REJECT = 0x3F
+
+
+INITIATOR_OPS = frozenset({0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x10})
+TARGET_OPS = frozenset({0x20, 0x21, 0x22, 0x23, 0x24, 0x25, 0x26, 0x31, 0x32, 0x3F})
+
+# byte 1 flag bits
+F_FINAL = 0x80
+F_READ = 0x40  # SCSI Command R; Data-In A (acknowledge); Text/Login C is 0x40 too
+F_CONTINUE = 0x40
+F_WRITE = 0x20
+F_TRANSIT = 0x80  # Login T
+# SCSI Response / Data-In residual flags
+F_BIDI_OVERFLOW = 0x10
+F_BIDI_UNDERFLOW = 0x08
+F_OVERFLOW = 0x04
+F_UNDERFLOW = 0x02
+F_STATUS = 0x01  # Data-In S
+
+
+class TmfFunction(enum.IntEnum):
+    ABORT_TASK = 1
+    ABORT_TASK_SET = 2
+    CLEAR_ACA = 3
+    CLEAR_TASK_SET = 4
+    LOGICAL_UNIT_RESET = 5
+    TARGET_WARM_RESET = 6
+    TARGET_COLD_RESET = 7
+    TASK_REASSIGN = 8
+
+
+class TmfResponse(enum.IntEnum):
+    FUNCTION_COMPLETE = 0
+    TASK_DOES_NOT_EXIST = 1
+    LUN_DOES_NOT_EXIST = 2
+    TASK_STILL_ALLEGIANT = 3
+    REASSIGNMENT_NOT_SUPPORTED = 4
+    NOT_SUPPORTED = 5
+    AUTHORIZATION_FAILED = 6
+    REJECTED = 255
+
+
+class RejectReason(enum.IntEnum):
+    DATA_DIGEST_ERROR = 0x02
+    SNACK_REJECT = 0x03
+    PROTOCOL_ERROR = 0x04
+    COMMAND_NOT_SUPPORTED = 0x05
+    IMMEDIATE_COMMAND_REJECT = 0x06
+    TASK_IN_PROGRESS = 0x07
+    INVALID_DATA_ACK = 0x08
+    INVALID_PDU_FIELD = 0x09
+    LONG_OP_REJECT = 0x0A
+    WAITING_FOR_LOGOUT = 0x0C
+
+
+class PduError(Exception):
+    """The byte stream cannot be parsed further (bad header digest, oversized segment)."""
+
+    def __init__(self, message: str, bhs: bytes = b"", reason: RejectReason = RejectReason.PROTOCOL_ERROR) -> None:
+        super().__init__(message)
+        self.bhs = bhs
+        self.reason = reason
+
+
+class DataDigestError(Exception):
+    """A PDU whose data digest is wrong: the header is sound, so the stream is still in sync."""
+
+    def __init__(self, pdu: "Pdu") -> None:
+        super().__init__(f"data digest error in {pdu.describe()}")
+        self.pdu = pdu
+
+
+def pad4(n: int) -> int:
+    return (-n) & 3
+
+
+class Pdu:
+    """One PDU: a mutable BHS plus AHS and data segment (unpadded)."""
+
+    __slots__ = ("bhs", "ahs", "data")
+
+    def __init__(self, bhs: bytes | bytearray | None = None, data: bytes | bytearray | memoryview = b"", ahs: bytes = b"") -> None:
+        self.bhs = bytearray(bhs) if bhs is not None else bytearray(BHS_LEN)
+        self.ahs = ahs
+        self.data = data
+
+    @classmethod
+    def new(cls, op: int, flags: int = 0, *, immediate: bool = False, itt: int = RESERVED_TAG, data: bytes | bytearray | memoryview = b"") -> Pdu:
+        p = cls(None, data)
+        p.bhs[0] = op | (0x40 if immediate else 0)
+        p.bhs[1] = flags
+        _U32.pack_into(p.bhs, 16, itt)
+        return p
+
+    # --- common fields -------------------------------------------------------------------------
+    @property
+    def opcode(self) -> int:
+        return self.bhs[0] & 0x3F
+
+    @property
+    def immediate(self) -> bool:
+        return bool(self.bhs[0] & 0x40)
+
+    @property
+    def flags(self) -> int:
+        return self.bhs[1]
+
+    @property
+    def final(self) -> bool:
+        return bool(self.bhs[1] & F_FINAL)
+
+    @property
+    def itt(self) -> int:
+        return _U32.unpack_from(self.bhs, 16)[0]
+
+    @property
+    def lun_field(self) -> bytes:
+        return bytes(self.bhs[8:16])
+
+    def u8(self, off: int) -> int:
+        return self.bhs[off]
+
+    def u16(self, off: int) -> int:
+        return _U16.unpack_from(self.bhs, off)[0]
+
+    def u32(self, off: int) -> int:
+        return _U32.unpack_from(self.bhs, off)[0]
+
+    def u64(self, off: int) -> int:
+        return _U64.unpack_from(self.bhs, off)[0]
+
+    def set_u8(self, off: int, v: int) -> Pdu:
+        self.bhs[off] = v
+        return self
+
+    def set_u16(self, off: int, v: int) -> Pdu:
+        _U16.pack_into(self.bhs, off, v)
+        return self
+
+    def set_u32(self, off: int, v: int) -> Pdu:
+        _U32.pack_into(self.bhs, off, v & 0xFFFFFFFF)
+        return self
+
+    def set_u64(self, off: int, v: int) -> Pdu:
+        _U64.pack_into(self.bhs, off, v)
+        return self
+
+    def set_lun(self, lun: int) -> Pdu:
+        self.bhs[8:16] = encode_lun(lun)
+        return self
+
+    def describe(self) -> str:
+        try:
+            name = Op(self.opcode).name
+        except ValueError:
+            name = f"opcode 0x{self.opcode:02x}"
+        return f"{name} itt=0x{self.itt:08x} len={len(self.data)}"
+
+    def encode(self, header_digest: bool = False, data_digest: bool = False) -> bytes:
+        """BHS (+AHS) (+header digest) + data + padding (+data digest)."""
+        n = len(self.data)
+        bhs = self.bhs
+        bhs[4] = len(self.ahs) // 4
+        bhs[5] = (n >> 16) & 0xFF
+        bhs[6] = (n >> 8) & 0xFF
+        bhs[7] = n & 0xFF
+        head = bytes(bhs) + self.ahs if self.ahs else bytes(bhs)
+        parts = [head]
+        if header_digest:
+            parts.append(digest(head))
+        if n:
+            padded = bytes(self.data) + b"\0" * pad4(n) if n & 3 else self.data
+            parts.append(padded)  # type: ignore[arg-type]
+            if data_digest:
+                parts.append(digest(padded))
+        return b"".join(parts)
+
+
+def encode_lun(lun: int) -> bytes:
+    """SAM single-level LUN: peripheral addressing below 256, flat space addressing above."""
+    if lun < 256:
+        return bytes((0, lun, 0, 0, 0, 0, 0, 0))
+    if lun < 0x4000:
+        return bytes((0x40 | (lun >> 8), lun & 0xFF, 0, 0, 0, 0, 0, 0))
+    raise ValueError(f"LUN {lun} is out of range for single-level addressing")
+
+
+def decode_lun(field: bytes | bytearray | memoryview) -> int:
+    method = field[0] >> 6
+    if any(field[2:8]):
+        return -1  # a second level: not served
+    if method == 1:
+        return ((field[0] & 0x3F) << 8) | field[1]
+    if method == 0 and not field[0] & 0x3F:
+        return field[1]
+    return -1  # bus identifiers, logical unit or extended addressing: not served
+
+
+class PduReader:
+    """Sans-IO PDU framer: `feed(bytes)`, then `next()` until it returns None.
+
+    Buffers at most one PDU plus whatever one `feed` brought: a segment longer than `max_data`
+    raises PduError instead of being buffered.
+    """
+
+    def __init__(self, *, max_data: int = 1 << 24, header_digest: bool = False, data_digest: bool = False) -> None:
+        self.buf = bytearray()
+        self.pos = 0
+        self.max_data = max_data
+        self.header_digest = header_digest
+        self.data_digest = data_digest
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self.pos:
+            del self.buf[: self.pos]
+            self.pos = 0
+        self.buf += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self.buf) - self.pos
+
+    def next(self) -> Pdu | None:
+        buf = self.buf
+        pos = self.pos
+        avail = len(buf) - pos
+        if avail < BHS_LEN:
+            return None
+        ahs_len = buf[pos + 4] * 4
+        dlen = (buf[pos + 5] << 16) | (buf[pos + 6] << 8) | buf[pos + 7]
+        if dlen > self.max_data:
+            raise PduError(f"data segment of {dlen} bytes exceeds MaxRecvDataSegmentLength {self.max_data}", bytes(buf[pos : pos + BHS_LEN]))
+        hd = DIGEST_LEN if self.header_digest else 0
+        dd = DIGEST_LEN if self.data_digest and dlen else 0
+        padded = dlen + ((-dlen) & 3)
+        total = BHS_LEN + ahs_len + hd + padded + dd
+        if avail < total:
+            return None
+        hend = pos + BHS_LEN + ahs_len
+        if hd:
+            if digest(memoryview(buf)[pos:hend]) != buf[hend : hend + 4]:
+                raise PduError("header digest error", bytes(buf[pos : pos + BHS_LEN]))
+        dstart = hend + hd
+        pdu = Pdu.__new__(Pdu)
+        pdu.bhs = buf[pos : pos + BHS_LEN]
+        pdu.ahs = bytes(buf[pos + BHS_LEN : hend]) if ahs_len else b""
+        pdu.data = bytes(buf[dstart : dstart + dlen]) if dlen else b""
+        self.pos = pos + total
+        if dd:
+            if digest(memoryview(buf)[dstart : dstart + padded]) != buf[dstart + padded : dstart + padded + 4]:
+                raise DataDigestError(pdu)
+        return pdu
+
+
+# --- text segments (RFC 7143 §6): key=value pairs, each NUL-terminated -------------------------------
+
+
+def parse_text(data: bytes) -> list[tuple[str, str]]:
+    pairs: list[tuple[str, str]] = []
+    for item in bytes(data).split(b"\0"):
+        if not item:
+            continue
+        key, sep, value = item.partition(b"=")
+        if not sep:
+            raise ValueError(f"text item without '=': {item[:64]!r}")
+        pairs.append((key.decode("utf-8", "replace"), value.decode("utf-8", "replace")))
+    return pairs
+
+
+def encode_text(pairs: list[tuple[str, str]] | dict[str, str]) -> bytes:
+    items = pairs.items() if isinstance(pairs, dict) else pairs
+    return b"".join(f"{k}={v}".encode() + b"\0" for k, v in items)

@@ -1,0 +1,91 @@
+"""SCSI status codes and fixed-format sense data (SPC-4 §4.5.3)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Status(enum.IntEnum):
+    GOOD = 0x00
+    CHECK_CONDITION = 0x02
+    CONDITION_MET = 0x04
+    BUSY = 0x08
+    RESERVATION_CONFLICT = 0x18
+    TASK_SET_FULL = 0x28
+    ACA_ACTIVE = 0x30
+    TASK_ABORTED = 0x40
+
+
+class SenseKey(enum.IntEnum):
+    NO_SENSE = 0x0
+    RECOVERED_ERROR = 0x1
+    NOT_READY = 0x2
+    MEDIUM_ERROR = 0x3
+    HARDWARE_ERROR = 0x4
+    ILLEGAL_REQUEST = 0x5
+    UNIT_ATTENTION = 0x6
+    DATA_PROTECT = 0x7
+    ABORTED_COMMAND = 0xB
+    MISCOMPARE = 0xE
+
+
+# (ASC, ASCQ) pairs used here, by their T10 names.
+INVALID_COMMAND_OPERATION_CODE = (0x20, 0x00)
+LBA_OUT_OF_RANGE = (0x21, 0x00)
+INVALID_FIELD_IN_CDB = (0x24, 0x00)
+LOGICAL_UNIT_NOT_SUPPORTED = (0x25, 0x00)
+INVALID_FIELD_IN_PARAMETER_LIST = (0x26, 0x00)
+PARAMETER_LIST_LENGTH_ERROR = (0x1A, 0x00)
+INVALID_FIELD_IN_INFORMATION_UNIT = (0x0E, 0x03)
+SAVING_PARAMETERS_NOT_SUPPORTED = (0x39, 0x00)
+MISCOMPARE_DURING_VERIFY = (0x1D, 0x00)
+NOT_READY_INIT_REQUIRED = (0x04, 0x02)
+DATA_PHASE_ERROR = (0x4B, 0x00)
+WRITE_ERROR = (0x0C, 0x00)
+UNRECOVERED_READ_ERROR = (0x11, 0x00)
+NO_ADDITIONAL_SENSE = (0x00, 0x00)
+
+
+@dataclass(frozen=True)
+class Sense:
+    key: int
+    asc: int
+    ascq: int
+    information: int | None = None
+
+    def fixed(self) -> bytes:
+        """18-byte fixed-format sense data (response code 0x70, current error)."""
+        b = bytearray(18)
+        b[0] = 0x70
+        b[2] = self.key & 0x0F
+        if self.information is not None:
+            b[0] |= 0x80  # VALID
+            b[3:7] = (self.information & 0xFFFFFFFF).to_bytes(4, "big")
+        b[7] = 10
+        b[12] = self.asc
+        b[13] = self.ascq
+        return bytes(b)
+
+    @classmethod
+    def parse(cls, data: bytes) -> Sense | None:
+        """Fixed (0x70/0x71) or descriptor (0x72/0x73) format."""
+        if len(data) < 3:
+            return None
+        code = data[0] & 0x7F
+        if code in (0x70, 0x71) and len(data) >= 14:
+            return cls(data[2] & 0x0F, data[12], data[13])
+        if code in (0x72, 0x73) and len(data) >= 4:
+            return cls(data[1] & 0x0F, data[2], data[3])
+        return None
+
+    def __str__(self) -> str:
+        try:
+            key = SenseKey(self.key).name
+        except ValueError:
+            key = f"0x{self.key:x}"
+        return f"{key} ASC/ASCQ 0x{self.asc:02x}/0x{self.ascq:02x}"
+
+
+def illegal_request(ascq_pair: tuple[int, int]) -> Sense:
+    return Sense(SenseKey.ILLEGAL_REQUEST, *ascq_pair)

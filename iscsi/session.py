@@ -1,0 +1,482 @@
+"""Target side of the full feature phase (RFC 7143): one session on one connection, sans-IO.
+
+`receive(pdu)` appends encoded PDUs to `out`; the driver sends them, after an fsync when
+`sync_needed` says so (FUA writes and SYNCHRONIZE CACHE answer only once the data is on disk).
+Commands outside the CmdSN window are silently ignored; commands ahead of ExpCmdSN wait (bounded by
+the window) until the gap fills.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from . import sense as S
+from .digest import digest
+from .keys import SessionParams
+from .login import LoginResult
+from .lun import DiskLun, ScsiResult, check, no_such_lun, report_luns
+from .pdu import (
+    F_FINAL,
+    F_OVERFLOW,
+    F_STATUS,
+    F_UNDERFLOW,
+    RESERVED_TAG,
+    Op,
+    Pdu,
+    RejectReason,
+    TmfFunction,
+    TmfResponse,
+    decode_lun,
+    encode_lun,
+    encode_text,
+    parse_text,
+)
+from .scsi import READS, Opcode
+from .sense import Status, illegal_request
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+MASK = 0xFFFFFFFF
+CMD_WINDOW = 128
+MAX_WRITE_BUFFERED = 64 << 20  # per session: beyond this, new writes get TASK SET FULL
+MAX_TEXT = 64 << 10
+
+# One struct for every target BHS whose 20..47 are eight u32 (Data-In, SCSI Response, R2T, NOP-In,
+# TMF/Logout/Text responses, Reject): op, flags, b2, b3, ahs|dlen, lun, itt, w20..w44.
+_BHS = struct.Struct(">BBBBI8sIIIIIIII")
+_CMD = struct.Struct(">II II")  # ITT, EDTL, CmdSN, ExpStatSN at 16
+_PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
+
+
+def sn_lt(a: int, b: int) -> bool:
+    """Serial number arithmetic (RFC 1982) for 32-bit sequence numbers: a < b."""
+    return a != b and ((b - a) & MASK) < 0x80000000
+
+
+@dataclass
+class TargetCore:
+    """What all sessions of one target share: its LUNs and its sessions (for resets)."""
+
+    target_name: str
+    luns: dict[int, DiskLun]
+    portal: str = "127.0.0.1:3260"
+    portal_group_tag: int = 1
+    sessions: set["TargetSession"] = field(default_factory=set)
+
+    def lun_list(self) -> list[int]:
+        return sorted(self.luns)
+
+
+@dataclass
+class WriteTask:
+    itt: int
+    cmd_sn: int
+    lun: int
+    cdb: bytes
+    edtl: int
+    spdtl: int
+    buf: bytearray
+    received: int = 0
+    seq_end: int = 0  # end offset of the current (unsolicited or R2T) sequence
+    in_unsolicited: bool = False
+    ttt: int = RESERVED_TAG
+    exp_data_sn: int = 0
+    r2t_sn: int = 0
+    error: bool = False
+
+
+class TargetSession:
+    def __init__(self, core: TargetCore, login: LoginResult, *, close: Callable[[], None] | None = None, window: int = CMD_WINDOW) -> None:
+        self.core = core
+        self.login = login
+        self.params: SessionParams = login.params
+        self.discovery = login.session_type == "Discovery"
+        self.hd = self.params.header_digest
+        self.dd = self.params.data_digest
+        self.mrdsl = self.params.peer_max_recv_data_segment_length
+        self.exp_cmd_sn = login.cmd_sn
+        self.stat_sn = login.stat_sn
+        self.window = window
+        self.out: list[bytes] = []
+        self.sync_luns: set[DiskLun] = set()
+        self.closing = False
+        self.pending: dict[int, Pdu] = {}  # CmdSN -> command waiting for an earlier CmdSN
+        self.writes: dict[int, WriteTask] = {}  # ITT -> write waiting for Data-Out
+        self.by_ttt: dict[int, WriteTask] = {}
+        self.write_buffered = 0
+        self.next_ttt = 1
+        self.text_buf = bytearray()
+        self.nop_ttt = 0x10000000
+        self.nops_unanswered = 0
+        self.close_cb = close
+        self.portal: str | None = None  # the address this connection reached us on
+        self.stats = {"commands": 0, "ignored": 0, "rejects": 0, "data_in": 0, "r2t": 0}
+        self.dispatch = {
+            Op.SCSI_CMD: self._scsi_cmd,
+            Op.NOP_OUT: self._nop_out,
+            Op.TASK_MGMT_REQ: self._tmf,
+            Op.TEXT_REQ: self._text,
+            Op.LOGOUT_REQ: self._logout,
+        }
+
+    # --- output -----------------------------------------------------------------------------------
+
+    @property
+    def max_cmd_sn(self) -> int:
+        return (self.exp_cmd_sn + self.window - 1) & MASK
+
+    def _emit(self, bhs: bytes, data: bytes | bytearray | memoryview = b"") -> None:
+        out = self.out
+        out.append(bhs)
+        if self.hd:
+            out.append(digest(bhs))
+        if data:
+            n = len(data)
+            pad = _PAD[n & 3]
+            if pad:
+                data = bytes(data) + pad
+            out.append(data)  # type: ignore[arg-type]
+            if self.dd:
+                out.append(digest(data))
+
+    def _status_sn(self) -> int:
+        sn = self.stat_sn
+        self.stat_sn = (sn + 1) & MASK
+        return sn
+
+    def _pdu(self, op: int, flags: int, b2: int, b3: int, dlen: int, lun: bytes, itt: int, w20: int, *, advance: bool = True, w36: int = 0, w40: int = 0, w44: int = 0) -> bytes:
+        sn = self._status_sn() if advance else self.stat_sn
+        return _BHS.pack(op, flags, b2, b3, dlen, lun, itt, w20, sn, self.exp_cmd_sn, self.max_cmd_sn, w36, w40, w44)
+
+    def reject(self, bhs: bytes | bytearray, reason: int) -> None:
+        self.stats["rejects"] += 1
+        hdr = bytes(bhs[:48])
+        self._emit(self._pdu(Op.REJECT, F_FINAL, reason, 0, len(hdr), bytes(8), RESERVED_TAG, 0), hdr)
+
+    def scsi_response(self, itt: int, status: int, sense: S.Sense | None = None, *, resid_flags: int = 0, resid: int = 0, exp_data_sn: int = 0) -> None:
+        data = b""
+        if sense is not None:
+            sd = sense.fixed()
+            data = struct.pack(">H", len(sd)) + sd
+        self._emit(self._pdu(Op.SCSI_RSP, F_FINAL | resid_flags, 0, status, len(data), bytes(8), itt, 0, w36=exp_data_sn, w44=resid), data)
+
+    # --- input ------------------------------------------------------------------------------------
+
+    def receive(self, pdu: Pdu) -> None:
+        bhs = pdu.bhs
+        op = bhs[0] & 0x3F
+        handler = self.dispatch.get(op)
+        if handler is None:
+            if op == Op.DATA_OUT:
+                self._data_out(pdu)
+            elif op == Op.LOGIN_REQ:
+                self.reject(bhs, RejectReason.PROTOCOL_ERROR)
+            elif op == Op.SNACK:
+                self.reject(bhs, RejectReason.COMMAND_NOT_SUPPORTED)  # ErrorRecoveryLevel 0
+            else:
+                self.reject(bhs, RejectReason.PROTOCOL_ERROR if op & 0x20 else RejectReason.COMMAND_NOT_SUPPORTED)
+            return
+        cmd_sn = (bhs[24] << 24) | (bhs[25] << 16) | (bhs[26] << 8) | bhs[27]
+        if bhs[0] & 0x40:  # immediate: delivered now, CmdSN not advanced
+            handler(pdu)
+            return
+        d = (cmd_sn - self.exp_cmd_sn) & MASK
+        if d == 0:
+            self.exp_cmd_sn = (cmd_sn + 1) & MASK
+            handler(pdu)
+            if self.pending:
+                self._drain_pending()
+        elif d < self.window:
+            if len(self.pending) < self.window:
+                self.pending[cmd_sn] = pdu
+        else:
+            self.stats["ignored"] += 1  # outside [ExpCmdSN, MaxCmdSN]: silently ignored
+
+    def _drain_pending(self) -> None:
+        while True:
+            pdu = self.pending.pop(self.exp_cmd_sn, None)
+            if pdu is None:
+                return
+            self.exp_cmd_sn = (self.exp_cmd_sn + 1) & MASK
+            self.dispatch[pdu.bhs[0] & 0x3F](pdu)
+
+    def data_digest_error(self, pdu: Pdu) -> None:
+        """RFC 7143 §7.8: reject the PDU; a command it carried is not executed."""
+        self.reject(pdu.bhs, RejectReason.DATA_DIGEST_ERROR)
+
+    # --- SCSI commands ----------------------------------------------------------------------------
+
+    def _scsi_cmd(self, pdu: Pdu) -> None:
+        if self.discovery:
+            self.reject(pdu.bhs, RejectReason.PROTOCOL_ERROR)
+            return
+        bhs = pdu.bhs
+        self.stats["commands"] += 1
+        itt, edtl = struct.unpack_from(">II", bhs, 16)
+        cdb = bytes(bhs[32:48])
+        lun_no = decode_lun(bhs[8:16])
+        lun = self.core.luns.get(lun_no)
+        op = cdb[0]
+        if lun is None:
+            res = report_luns(self.core.lun_list(), cdb) if op == Opcode.REPORT_LUNS else no_such_lun(cdb, self.core.lun_list())
+            self._finish(itt, edtl, res, bytes(bhs[8:16]))
+            return
+        if op in READS:
+            self._finish(itt, edtl, lun.read(cdb), bytes(bhs[8:16]))
+            return
+        spdtl, early = lun.data_out_length(cdb)
+        if early is not None:
+            self._finish(itt, edtl, early, bytes(bhs[8:16]))
+            return
+        if spdtl == 0:
+            if op == Opcode.REPORT_LUNS:
+                res = report_luns(self.core.lun_list(), cdb)
+            else:
+                res = lun.execute(cdb)
+            self._finish(itt, edtl, res, bytes(bhs[8:16]), lun)
+            return
+        if edtl != spdtl:
+            # SAM-5: the device server does not guess which bytes were meant.
+            if edtl > spdtl:
+                self.scsi_response(itt, Status.CHECK_CONDITION, illegal_request(S.INVALID_FIELD_IN_INFORMATION_UNIT), resid_flags=F_UNDERFLOW, resid=edtl - spdtl)
+            else:
+                self.scsi_response(itt, Status.CHECK_CONDITION, illegal_request(S.INVALID_FIELD_IN_INFORMATION_UNIT), resid_flags=F_OVERFLOW, resid=spdtl - edtl)
+            return
+        if itt in self.writes:
+            self.reject(bhs, RejectReason.TASK_IN_PROGRESS)
+            return
+        if self.write_buffered + edtl > MAX_WRITE_BUFFERED:
+            self.scsi_response(itt, Status.TASK_SET_FULL)
+            return
+        p = self.params
+        imm = pdu.data
+        task = WriteTask(itt, struct.unpack_from(">I", bhs, 24)[0], lun_no, cdb, edtl, spdtl, bytearray(edtl))
+        if imm:
+            n = min(len(imm), edtl, p.first_burst_length)
+            task.buf[:n] = imm[:n]
+            task.received = n
+        self.writes[itt] = task
+        self.write_buffered += edtl
+        if not bhs[1] & F_FINAL and not p.initial_r2t:
+            # Unsolicited Data-Out follows, up to FirstBurstLength.
+            task.in_unsolicited = True
+            task.seq_end = min(edtl, p.first_burst_length)
+            task.exp_data_sn = 0
+            return
+        self._advance_write(task)
+
+    def _advance_write(self, task: WriteTask) -> None:
+        """Solicit the next burst with an R2T, or execute the write once all data is in."""
+        if task.error:
+            self._drop_write(task)
+            self.scsi_response(task.itt, Status.CHECK_CONDITION, S.Sense(S.SenseKey.ABORTED_COMMAND, *S.DATA_PHASE_ERROR))
+            return
+        if task.received >= task.edtl:
+            self._drop_write(task)
+            lun = self.core.luns.get(task.lun)
+            if lun is None:  # removed by a reset race; nothing to write to
+                self.scsi_response(task.itt, Status.CHECK_CONDITION, illegal_request(S.LOGICAL_UNIT_NOT_SUPPORTED))
+                return
+            res = lun.execute(task.cdb, memoryview(task.buf)[: task.spdtl])
+            self._finish(task.itt, task.edtl, res, b"", lun, data_sn_sent=0)
+            return
+        offset = task.received
+        length = min(task.edtl - offset, self.params.max_burst_length)
+        if task.ttt != RESERVED_TAG:
+            self.by_ttt.pop(task.ttt, None)
+        task.ttt = self.next_ttt
+        self.next_ttt = (self.next_ttt + 1) & 0x7FFFFFFF or 1
+        self.by_ttt[task.ttt] = task
+        task.seq_end = offset + length
+        task.in_unsolicited = False
+        task.exp_data_sn = 0
+        r2t_sn = task.r2t_sn
+        task.r2t_sn += 1
+        self.stats["r2t"] += 1
+        self._emit(self._pdu(Op.R2T, F_FINAL, 0, 0, 0, encode_lun(task.lun), task.itt, task.ttt, advance=False, w36=r2t_sn, w40=offset, w44=length))
+
+    def _drop_write(self, task: WriteTask) -> None:
+        if self.writes.pop(task.itt, None) is not None:
+            self.write_buffered -= task.edtl
+        if task.ttt != RESERVED_TAG:
+            self.by_ttt.pop(task.ttt, None)
+
+    def _data_out(self, pdu: Pdu) -> None:
+        bhs = pdu.bhs
+        itt, ttt = struct.unpack_from(">II", bhs, 16)
+        data_sn, offset = struct.unpack_from(">II", bhs, 36)
+        task = self.writes.get(itt)
+        if task is None:
+            return  # data for a task already answered or aborted: dropped
+        if ttt != RESERVED_TAG and ttt != task.ttt:
+            task.error = True
+        elif ttt == RESERVED_TAG and not task.in_unsolicited:
+            task.error = True
+        data = pdu.data
+        if data_sn != task.exp_data_sn:
+            task.error = True
+        task.exp_data_sn += 1
+        end = offset + len(data)
+        if offset != task.received or end > task.seq_end:
+            task.error = True
+        elif not task.error:
+            task.buf[offset:end] = data
+            task.received = end
+        if bhs[1] & F_FINAL:
+            self._advance_write(task)
+
+    def _finish(self, itt: int, edtl: int, res: ScsiResult, lun_field: bytes, lun: DiskLun | None = None, data_sn_sent: int = 0) -> None:
+        """Send a command's Data-In and status, with residuals against the EDTL."""
+        if res.sync and lun is not None:
+            self.sync_luns.add(lun)
+        if res.status != Status.GOOD:
+            self.scsi_response(itt, res.status, res.sense)
+            return
+        data = res.data
+        n = len(data)
+        flags = 0
+        resid = 0
+        if n > edtl:
+            flags, resid = F_OVERFLOW, n - edtl
+            data = data[:edtl]
+            n = edtl
+        elif n < edtl:
+            flags, resid = F_UNDERFLOW, edtl - n
+        if n == 0:
+            self.scsi_response(itt, res.status, None, resid_flags=flags, resid=resid)
+            return
+        mrdsl = self.mrdsl
+        self.stats["data_in"] += 1
+        if n <= mrdsl:
+            self._emit(
+                _BHS.pack(Op.DATA_IN, F_FINAL | F_STATUS | flags, 0, res.status, n, bytes(8), itt, RESERVED_TAG,
+                          self._status_sn(), self.exp_cmd_sn, self.max_cmd_sn, 0, 0, resid),
+                data,
+            )
+            return
+        mv = memoryview(data) if not isinstance(data, memoryview) else data
+        sn = 0
+        off = 0
+        while off < n:
+            chunk = mv[off : off + mrdsl]
+            last = off + len(chunk) >= n
+            if last:
+                bhs = _BHS.pack(Op.DATA_IN, F_FINAL | F_STATUS | flags, 0, res.status, len(chunk), bytes(8), itt, RESERVED_TAG,
+                                self._status_sn(), self.exp_cmd_sn, self.max_cmd_sn, sn, off, resid)
+            else:
+                bhs = _BHS.pack(Op.DATA_IN, 0, 0, 0, len(chunk), bytes(8), itt, RESERVED_TAG, 0, self.exp_cmd_sn, self.max_cmd_sn, sn, off, 0)
+            self._emit(bhs, chunk)
+            off += len(chunk)
+            sn += 1
+
+    # --- NOP, TMF, Text, Logout -------------------------------------------------------------------
+
+    def _nop_out(self, pdu: Pdu) -> None:
+        itt, ttt = struct.unpack_from(">II", pdu.bhs, 16)
+        if ttt != RESERVED_TAG:
+            self.nops_unanswered = 0  # the answer to our NOP-In ping
+        if itt == RESERVED_TAG:
+            return
+        data = pdu.data[: self.mrdsl]
+        self._emit(self._pdu(Op.NOP_IN, F_FINAL, 0, 0, len(data), bytes(pdu.bhs[8:16]), itt, RESERVED_TAG), data)
+
+    def nop_in_ping(self) -> None:
+        """Target-initiated NOP-In (asks for a NOP-Out answer; StatSN not advanced)."""
+        self.nop_ttt = (self.nop_ttt + 1) & 0x7FFFFFFF or 1
+        self.nops_unanswered += 1
+        self._emit(self._pdu(Op.NOP_IN, F_FINAL, 0, 0, 0, bytes(8), RESERVED_TAG, self.nop_ttt, advance=False))
+
+    def _tmf(self, pdu: Pdu) -> None:
+        bhs = pdu.bhs
+        function = bhs[1] & 0x7F
+        itt, rtt, _cmd_sn, _exp, ref_cmd_sn = struct.unpack_from(">IIIII", bhs, 16)
+        lun_no = decode_lun(bhs[8:16])
+        response = TmfResponse.FUNCTION_COMPLETE
+        if self.discovery:
+            self.reject(bhs, RejectReason.PROTOCOL_ERROR)
+            return
+        if function == TmfFunction.ABORT_TASK:
+            task = self.writes.get(rtt)
+            if task is not None:
+                self._drop_write(task)
+            else:
+                queued = [sn for sn, p in self.pending.items() if p.itt == rtt]
+                for sn in queued:
+                    del self.pending[sn]
+                if not queued and sn_lt(ref_cmd_sn, self.exp_cmd_sn):
+                    # Already received and answered (RFC 7143 §11.5.1).
+                    response = TmfResponse.TASK_DOES_NOT_EXIST
+                elif not queued:
+                    response = TmfResponse.TASK_DOES_NOT_EXIST
+        elif function in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET):
+            if lun_no not in self.core.luns:
+                response = TmfResponse.LUN_DOES_NOT_EXIST
+            else:
+                self.abort_tasks(lun_no)
+        elif function == TmfFunction.LOGICAL_UNIT_RESET:
+            if lun_no not in self.core.luns:
+                response = TmfResponse.LUN_DOES_NOT_EXIST
+            else:
+                for s in list(self.core.sessions) or [self]:
+                    s.abort_tasks(lun_no)
+        elif function == TmfFunction.TARGET_WARM_RESET:
+            for s in list(self.core.sessions) or [self]:
+                s.abort_tasks(None)
+        elif function == TmfFunction.TASK_REASSIGN:
+            response = TmfResponse.REASSIGNMENT_NOT_SUPPORTED
+        else:  # CLEAR ACA (no NACA support), TARGET COLD RESET
+            response = TmfResponse.NOT_SUPPORTED
+        self._emit(self._pdu(Op.TASK_MGMT_RSP, F_FINAL, response, 0, 0, bytes(8), itt, 0))
+
+    def abort_tasks(self, lun: int | None) -> None:
+        """Abort this session's tasks (of one LUN, or all): no responses are sent for them."""
+        for task in list(self.writes.values()):
+            if lun is None or task.lun == lun:
+                self._drop_write(task)
+        for sn, p in list(self.pending.items()):
+            if p.opcode == Op.SCSI_CMD and (lun is None or decode_lun(p.bhs[8:16]) == lun):
+                del self.pending[sn]
+
+    def _text(self, pdu: Pdu) -> None:
+        bhs = pdu.bhs
+        itt = pdu.itt
+        self.text_buf += pdu.data
+        if len(self.text_buf) > MAX_TEXT:
+            self.text_buf.clear()
+            self.reject(bhs, RejectReason.PROTOCOL_ERROR)
+            return
+        if bhs[1] & 0x40:  # C: more text follows; acknowledge with an empty response
+            self._emit(self._pdu(Op.TEXT_RSP, 0, 0, 0, 0, bytes(8), itt, 0x7FFFFFFF))
+            return
+        try:
+            pairs = parse_text(bytes(self.text_buf))
+        except ValueError:
+            self.text_buf.clear()
+            self.reject(bhs, RejectReason.PROTOCOL_ERROR)
+            return
+        self.text_buf.clear()
+        answer: list[tuple[str, str]] = []
+        for key, value in pairs:
+            if key == "SendTargets":
+                if value == "All" or value == self.core.target_name or (value == "" and not self.discovery):
+                    answer.append(("TargetName", self.core.target_name))
+                    answer.append(("TargetAddress", f"{self.portal or self.core.portal},{self.core.portal_group_tag}"))
+            else:
+                answer.append((key, "NotUnderstood"))
+        data = encode_text(answer)
+        self._emit(self._pdu(Op.TEXT_RSP, F_FINAL, 0, 0, len(data), bytes(8), itt, RESERVED_TAG), data)
+
+    def _logout(self, pdu: Pdu) -> None:
+        reason = pdu.bhs[1] & 0x7F
+        response = 0 if reason in (0, 1) else 2  # 2: connection recovery not supported
+        self.abort_tasks(None)
+        self._emit(self._pdu(Op.LOGOUT_RSP, F_FINAL, response, 0, 0, bytes(8), pdu.itt, 0, w40=(self.params.default_time2wait << 16) | self.params.default_time2retain))
+        if response == 0:
+            self.closing = True
+
+    def close(self) -> None:
+        self.abort_tasks(None)
+        self.core.sessions.discard(self)
