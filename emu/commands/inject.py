@@ -103,7 +103,7 @@ def inject(to: str, profile: str, rate: str, duration: float, count: int | None,
     try:
         spec, notes = resolve(spec, fallback=bool(fallback))
     except NeedsRawError as exc:
-        err.print(f"[red]netswap inject:[/] {exc}")
+        click.echo(f"netswap inject: {exc}", err=True)
         if fallback is None and sys.stdin.isatty() and click.confirm("Run udp-flood without spoofing over an ordinary socket instead?", err=True):
             spec, notes = spec.without_raw(), ["ran the unprivileged fallback (udp-flood --no-spoof)"]
         else:
@@ -116,7 +116,7 @@ def inject(to: str, profile: str, rate: str, duration: float, count: int | None,
     try:
         stats = _run_with_progress(run, spec, stop, err, quiet=as_json)
     except ConnectionRefusedError as exc:
-        err.print(f"[red]netswap inject:[/] {exc}")
+        click.echo(f"netswap inject: {exc}", err=True)
         sys.exit(EXIT_ERROR)
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -23,10 +23,16 @@ class NeedsRawError(PermissionError):
         what = {"udp-flood": "spoofs source addresses", "frag": "crafts IP fragments", "mixed": "spoofs sources and crafts IP fragments"}.get(profile, "crafts IP headers")
         super().__init__(
             f"the {profile} profile {what}, which needs a raw socket: root or CAP_NET_RAW{(' (' + why + ')') if why else ''}.\n"
-            "Run it as root (sudo /work/venv/bin/netswap inject ...), or without privileges use\n"
+            f"Run it as root (sudo {_netswap()} inject ...), or without privileges use\n"
             "  --profile udp-flood --no-spoof   (ordinary UDP sockets, source 127.0.0.1)"
         )
         self.profile = profile
+
+
+def _netswap() -> str:
+    import shutil
+
+    return shutil.which("netswap") or "netswap"
 
 
 def have_cap_net_raw() -> bool:

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+from peers import require_root
+
+from emu.cli import cli
+
+
+def test_inject_json_reports_the_run(udp_receiver) -> None:  # type: ignore[no-untyped-def]
+    result = CliRunner().invoke(cli, ["inject", "--to", f"127.0.0.1:{udp_receiver.port}", "--no-spoof", "--count", "250", "--rate", "5000", "--size", "32", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert (out["profile"], out["method"], out["sent"], out["errors"], out["stopped"]) == ("udp-flood", "socket", 250, 0, "count")
+    assert out["elapsed"] >= 0.0498 and 0 < out["rate"] <= 5000 * 250 / 249 + 1
+    assert udp_receiver.settle() == 250 and udp_receiver.sizes == {32: 250}
+
+
+def test_inject_table_prints_the_achieved_rate(udp_receiver) -> None:  # type: ignore[no-untyped-def]
+    require_root()
+    result = CliRunner().invoke(cli, ["inject", "--to", f"127.0.0.1:{udp_receiver.port}", "--profile", "frag", "--count", "20", "--rate", "max"])
+    assert result.exit_code == 0, result.output
+    for row in ("datagrams sent", "IP packets sent", "achieved rate", "achieved packet rate", "stopped by"):
+        assert row in result.stdout
+    assert udp_receiver.settle() == 20
+
+
+def test_usage_errors_name_the_flag() -> None:
+    runner = CliRunner()
+    for args, flag in ((["--rate", "fast"], "--rate"), (["--duration", "0"], "--duration"), (["--count", "0"], "--count"),
+                       (["--fragsize", "1001"], "--fragsize"), (["--profile", "udp-flood", "--incomplete"], "--incomplete"), ([], "--to")):
+        result = runner.invoke(cli, ["inject", *(["--to", "127.0.0.1:9"] if args else []), *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert flag in result.output, (args, result.output)
+
+
+def test_bench_inject_json_has_figures_and_ratios() -> None:
+    result = CliRunner().invoke(cli, ["bench", "inject", "--count", "3000", "--repeat", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    rows = out if isinstance(out, list) else [out]
+    assert {r["baseline_name"] for r in rows} == {"plain sendto loop"}
+    for r in rows:
+        assert r["figure"] > 0 and r["baseline"] > 0 and abs(r["ratio"] - r["figure"] / r["baseline"]) < 1e-9
