@@ -175,6 +175,7 @@ class DiskLun:
         bs = self.block_size
         medium = os.pread(self.fd, n * bs, lba * bs)
         expect = bytes(data_out) if bytchk == 1 else bytes(data_out[:bs]) * n
+        medium = medium[: len(expect)]  # EDTL shorter than the CDB asks: compare what came
         if medium == expect:
             return GOOD
         for i in range(len(medium)):

@@ -16,7 +16,7 @@ from . import sense as S
 from .digest import digest
 from .keys import SessionParams
 from .login import LoginResult
-from .lun import DiskLun, ScsiResult, check, no_such_lun, report_luns
+from .lun import MAX_TRANSFER_BYTES, DiskLun, ScsiResult, no_such_lun, report_luns
 from .pdu import (
     F_FINAL,
     F_OVERFLOW,
@@ -238,12 +238,12 @@ class TargetSession:
                 res = lun.execute(cdb)
             self._finish(itt, edtl, res, bytes(bhs[8:16]), lun)
             return
-        if edtl != spdtl:
-            # SAM-5: the device server does not guess which bytes were meant.
-            if edtl > spdtl:
-                self.scsi_response(itt, Status.CHECK_CONDITION, illegal_request(S.INVALID_FIELD_IN_INFORMATION_UNIT), resid_flags=F_UNDERFLOW, resid=edtl - spdtl)
-            else:
-                self.scsi_response(itt, Status.CHECK_CONDITION, illegal_request(S.INVALID_FIELD_IN_INFORMATION_UNIT), resid_flags=F_OVERFLOW, resid=spdtl - edtl)
+        if edtl == 0:
+            # Nothing may be transferred: the command moves no data (SAM-5 §5.4.3, overflow).
+            self.scsi_response(itt, Status.GOOD, resid_flags=F_OVERFLOW, resid=spdtl)
+            return
+        if edtl > MAX_TRANSFER_BYTES:
+            self.scsi_response(itt, Status.CHECK_CONDITION, illegal_request(S.INVALID_FIELD_IN_INFORMATION_UNIT))
             return
         if itt in self.writes:
             self.reject(bhs, RejectReason.TASK_IN_PROGRESS)
@@ -280,8 +280,20 @@ class TargetSession:
             if lun is None:  # removed by a reset race; nothing to write to
                 self.scsi_response(task.itt, Status.CHECK_CONDITION, illegal_request(S.LOGICAL_UNIT_NOT_SUPPORTED))
                 return
-            res = lun.execute(task.cdb, memoryview(task.buf)[: task.spdtl])
-            self._finish(task.itt, task.edtl, res, b"", lun, data_sn_sent=0)
+            # With EDTL != SPDTL only the bytes both sides agree on are used (libiscsi's
+            # iSCSIResiduals tests check exactly that), and the response says by how much.
+            res = lun.execute(task.cdb, memoryview(task.buf)[: min(task.spdtl, task.edtl)])
+            if res.sync:
+                self.sync_luns.add(lun)
+            flags = resid = 0
+            if task.spdtl > task.edtl:
+                flags, resid = F_OVERFLOW, task.spdtl - task.edtl
+            elif task.spdtl < task.edtl:
+                flags, resid = F_UNDERFLOW, task.edtl - task.spdtl
+            if res.status == Status.GOOD:
+                self.scsi_response(task.itt, Status.GOOD, resid_flags=flags, resid=resid)
+            else:
+                self.scsi_response(task.itt, res.status, res.sense)
             return
         offset = task.received
         length = min(task.edtl - offset, self.params.max_burst_length)
@@ -328,7 +340,7 @@ class TargetSession:
         if bhs[1] & F_FINAL:
             self._advance_write(task)
 
-    def _finish(self, itt: int, edtl: int, res: ScsiResult, lun_field: bytes, lun: DiskLun | None = None, data_sn_sent: int = 0) -> None:
+    def _finish(self, itt: int, edtl: int, res: ScsiResult, lun_field: bytes, lun: DiskLun | None = None) -> None:
         """Send a command's Data-In and status, with residuals against the EDTL."""
         if res.sync and lun is not None:
             self.sync_luns.add(lun)
