@@ -38,7 +38,7 @@ def stats_table(stats: InjectStats) -> Table:
     t = Table(title=f"netswap inject: {stats.profile} ({stats.method})", show_header=False)
     t.add_column(style="bold")
     t.add_column(justify="right")
-    unit = "writes" if stats.profile == "tcp-stream" else "datagrams"
+    unit = {"tcp-stream": "writes", "mixed": "messages"}.get(stats.profile, "datagrams")
     t.add_row(f"{unit} sent", f"{stats.sent:,}")
     if stats.packets and stats.packets != stats.sent:
         t.add_row("IP packets sent", f"{stats.packets:,}")
