@@ -1,0 +1,38 @@
+"""Fixtures for the network stack's integration tests: real loopback sockets, real time."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import trio
+
+from emu.mm.gfp import Policy
+from emu.mm.page_alloc import Zone
+from emu.mm.reserve import ReserveTree
+from emu.mm.slab import Slabs
+from emu.net.stack import NetStack
+
+sys.path.insert(0, str(Path(__file__).parent))  # nethelp
+
+
+@pytest.fixture
+async def make_net() -> AsyncIterator[Callable[..., Any]]:
+    """make_net(policy, ram=..., **NetStack kwargs) -> a running NetStack; torn down afterwards."""
+    async with trio.open_nursery() as nursery:
+        stacks: list[NetStack] = []
+
+        async def make(policy: str = "none", ram: int = 8 << 20, **kw: Any) -> NetStack:
+            zone = Zone(ram, policy=Policy(policy))
+            slabs = Slabs(zone)
+            reserve = ReserveTree(zone) if policy == "v12" else None
+            net = NetStack.from_parts(zone, slabs, reserve, **kw)
+            await nursery.start(net.run)
+            stacks.append(net)
+            return net
+
+        yield make
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,99 @@
+"""TCP over the receive stage: MSS chunks, hold and re-offer after RTO, the receive window."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+
+import trio
+
+from emu.mm.sched import TaskFlags, task
+from nethelp import hog, wait_for
+
+
+def pattern(n: int) -> bytes:
+    out = bytearray()
+    i = 0
+    while len(out) < n:
+        out += hashlib.sha256(i.to_bytes(8, "big")).digest()
+        i += 1
+    return bytes(out[:n])
+
+
+async def serve_bytes(nursery: trio.Nursery, data: bytes) -> int:
+    """A real TCP server on loopback that sends `data` to each client and closes."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(data)
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    return listeners[0].socket.getsockname()[1]
+
+
+async def read_all(stream, chunk: int = 65536) -> bytes:
+    out = bytearray()
+    while data := await stream.receive_some(chunk):
+        out += data
+    return bytes(out)
+
+
+async def test_held_chunks_are_reoffered_and_the_stream_arrives_complete_in_order(make_net) -> None:
+    net = await make_net("none", ram=8 << 20, tcp_rto_max=0.4)
+    data = pattern(300_000)
+    async with trio.open_nursery() as n:
+        port = await serve_bytes(n, data)
+        stream = await net.connect_tcp("127.0.0.1", port)
+        pages = hog(net.zone)  # no memory: every chunk is dropped (rx_nomem) and held
+        await wait_for(lambda: net.stat.tcp_reoffer >= 2)
+        assert net.stat.delivered == 0 and net.stat.rx_nomem >= 3
+        held = net.stat.rx_nomem
+        await trio.sleep(0.3)
+        assert net.stat.rx_nomem <= held + 2  # nothing more is read meanwhile: one try per RTO
+        net.zone.free_pages(pages)
+        got = await read_all(stream)
+        assert got == data
+        assert net.stat.tcp_held >= 2
+        assert net.mem.skbs_live == 0
+        await stream.aclose()
+        n.cancel_scope.cancel()
+
+
+async def test_receive_window_limits_what_is_read_from_the_wire(make_net) -> None:
+    net = await make_net("none", ram=16 << 20)
+    data = pattern(400_000)
+    async with trio.open_nursery() as n:
+        port = await serve_bytes(n, data)
+        stream = await net.connect_tcp("127.0.0.1", port, rcvbuf=32 * 1024)
+        sk = stream.sock
+        await wait_for(lambda: net.stat.tcp_window_closed >= 1)
+        await trio.sleep(0.05)
+        assert sk.sk_rmem_alloc < sk.sk_rcvbuf  # the window kept the queue inside the buffer
+        assert sk.rx_queued_bytes <= sk.tcp_window_max()
+        got = bytearray()
+        while data_ := await stream.receive_some(3000):  # a slow reader in small reads
+            got += data_
+            assert sk.sk_rmem_alloc < sk.sk_rcvbuf
+        assert bytes(got) == data
+        assert net.stat.rcvbuf_full == 0 and net.stat.tcp_held == 0
+        n.cancel_scope.cancel()
+
+
+async def test_reserve_chunks_for_ordinary_tcp_socket_are_dropped_then_retransmitted(make_net) -> None:
+    net = await make_net("pfmemalloc", ram=8 << 20, tcp_rto_max=0.4)
+    data = pattern(100_000)
+    async with trio.open_nursery() as n:
+        port = await serve_bytes(n, data)
+        vm_port = await serve_bytes(n, data)
+        vm = await net.connect_tcp("127.0.0.1", vm_port, memalloc=True)
+        plain = await net.connect_tcp("127.0.0.1", port)
+        pages = hog(net.zone)
+        with task("nfsiod", TaskFlags.PF_MEMALLOC):
+            got_vm = await read_all(vm)  # a memalloc socket receives from the reserve
+        assert got_vm == data
+        assert net.stat.delivered_emergency > 0
+        await wait_for(lambda: net.stat.pfmemalloc_drop >= 2)
+        assert plain.sock.rx_queued_bytes == 0
+        net.zone.free_pages(pages)
+        assert await read_all(plain) == data  # re-offered once memory is back: complete, in order
+        n.cancel_scope.cancel()
