@@ -171,27 +171,59 @@ async def inject(
     to: str | int | Sequence[int] | None = None,
     *,
     fallback: bool = False,
+    isolate: bool = False,
     on_progress: ProgressFn | None = None,
     **fields: Any,
 ) -> InjectStats:
-    """Inject from trio: the blocking send loop runs in a worker thread (`trio.to_thread`), so the
-    event loop keeps running. Validation and the privilege check happen first, in the caller.
-    Cancelling the calling scope stops the loop within one batch (about a millisecond).
+    """Inject from trio without blocking the event loop; returns the InjectStats.
+
+    Validation (loopback only) and the privilege check happen first, in the caller, and raise
+    like run(). Then the send loop runs in a worker thread (`trio.to_thread`), or with
+    `isolate=True` in a child process (`python -m emu.traffic.worker`), which keeps the flood off
+    this process's GIL so the emulated host's receive stage gets a core of its own.
+    Cancelling the caller stops the traffic within one batch (thread) or on SIGTERM (process).
+    `on_progress` (thread mode only) is called from the worker thread.
 
         stats = await inject(spec)                                  # a TrafficSpec
         stats = await inject("udp-flood", port, rate=20_000, duration=3, count=50_000, spoof=None)
     """
-    import functools
-
     import trio
 
     spec, notes = resolve(make_spec(spec, to, **fields), fallback)
-    stop = threading.Event()
-    try:
-        stats = await trio.to_thread.run_sync(
-            functools.partial(run, spec, stop=stop, on_progress=on_progress), abandon_on_cancel=True
-        )
-    finally:
-        stop.set()  # on cancellation the abandoned thread sees this and closes its sockets
+    if isolate:
+        stats = await _inject_process(spec)
+    else:
+        import functools
+
+        stop = threading.Event()
+        try:
+            stats = await trio.to_thread.run_sync(
+                functools.partial(run, spec, stop=stop, on_progress=on_progress), abandon_on_cancel=True
+            )
+        finally:
+            stop.set()  # on cancellation the abandoned thread sees this and closes its sockets
     stats.notes[:0] = notes
     return stats
+
+
+async def _inject_process(spec: TrafficSpec) -> InjectStats:
+    import json
+    import sys
+
+    import trio
+
+    done = await trio.run_process(
+        [sys.executable, "-m", "emu.traffic.worker"],
+        stdin=json.dumps(spec.to_mapping()).encode(),
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    try:
+        result = json.loads(done.stdout)
+    except ValueError:
+        raise RuntimeError(f"injector process failed (exit {done.returncode}): {done.stderr.decode(errors='replace')[-2000:]}") from None
+    if "error" in result:
+        kind = {"ConnectionRefusedError": ConnectionRefusedError, "NeedsRawError": PermissionError, "PermissionError": PermissionError}
+        raise kind.get(result["error"], RuntimeError)(result["message"])
+    return InjectStats.from_json(result)

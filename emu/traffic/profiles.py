@@ -21,6 +21,7 @@ SPORT = 40000  # UDP source port of injected datagrams (ordinary sockets use an 
 IP_HLEN = 20  # scapy's IP() has no options
 UDP_HLEN = 8
 IPV4_MAX_PAYLOAD = 65535 - IP_HLEN - UDP_HLEN  # largest UDP payload over IPv4: 65507
+POOL_BYTES = 32 << 20  # a pool never holds more than this; big datagrams get fewer variants
 
 
 class Profile(str, enum.Enum):
@@ -86,7 +87,7 @@ def _src_bytes(sources: Sequence[str]) -> list[bytes]:
 
 def udp_pool(targets: Sequence[Target], sources: Sequence[str], size: int, distinct: int) -> list[Datagram]:
     """Up to `distinct` unfragmented datagrams, cycling over targets and sources together."""
-    n = max(len(targets), min(distinct, len(targets) * len(sources)))
+    n = max(len(targets), min(distinct, len(targets) * len(sources), POOL_BYTES // (size + IP_HLEN + UDP_HLEN)))
     srcs = _src_bytes(sources)
     templates = {t: _template(sources[0], t, size, 1) for t in targets}
     pool = []
@@ -108,7 +109,8 @@ def frag_pool(
     """
     from scapy.layers.inet import IP, fragment
 
-    n = max(len(targets), min(distinct, len(targets) * len(sources) * 65535))
+    wire = size + UDP_HLEN + IP_HLEN * -(-(size + UDP_HLEN) // fragsize)  # bytes on the wire per datagram
+    n = max(len(targets), min(distinct, len(targets) * len(sources) * 65535, POOL_BYTES // wire))
     srcs = _src_bytes(sources)
     frags = {t: [bytes(f) for f in fragment(IP(_template(sources[0], t, size, 1)), fragsize=fragsize)] for t in targets}
     pool = []

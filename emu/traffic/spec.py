@@ -70,9 +70,12 @@ class TrafficSpec:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> TrafficSpec:
+    def from_mapping(cls, data: Mapping[str, Any], **overrides: Any) -> TrafficSpec:
         """From a scenario's TOML table: keys are the field names (dashes allowed), plus
-        `to = "127.0.0.1:9000,9001"` as an alternative to host/ports, and `spoof = false` for None."""
+        `to = "127.0.0.1:9000,9001"` as an alternative to host/ports, and `spoof = false` for None.
+        `overrides` (e.g. ports=(port,) known only at run time) win over the table. Validated,
+        except that a table without ports and no ports override is accepted: pass them later
+        with .replace(ports=...); run() and inject() validate again."""
         names = {f.name for f in dataclasses.fields(cls)}
         kw: dict[str, Any] = {}
         for key, value in data.items():
@@ -91,7 +94,18 @@ class TrafficSpec:
                 kw[k] = tuple(value) if isinstance(value, (list, tuple)) else (value,)
             else:
                 kw[k] = value
-        return cls(**kw).validate()
+        kw.update(overrides)
+        spec = cls(**kw)
+        if not spec.ports:
+            spec.replace(ports=(9,)).validate()  # everything but the ports, which come later
+            return spec
+        return spec.validate()
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The inverse of from_mapping (JSON/TOML-friendly: profile as text, ports as a list)."""
+        d = dataclasses.asdict(self)
+        d["profile"], d["ports"] = str(self.profile), list(self.ports)
+        return d
 
     def replace(self, **changes: Any) -> TrafficSpec:
         return dataclasses.replace(self, **changes)
@@ -191,6 +205,11 @@ class InjectStats:
         self.errors += 1
         if self.first_error is None:
             self.first_error = f"{type(exc).__name__}: {exc}"
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> InjectStats:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

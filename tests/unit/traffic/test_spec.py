@@ -80,3 +80,14 @@ def test_make_spec_accepts_a_profile_and_a_destination() -> None:
     assert make_spec(TrafficSpec(), "127.1.2.3:5,6", rate=None).targets[1].addr == ("127.1.2.3", 6)
     with pytest.raises(TargetError, match="one host"):
         make_spec("udp-flood", "127.0.0.1:5,127.0.0.2:6")
+
+
+def test_a_table_without_ports_takes_them_later() -> None:
+    spec = TrafficSpec.from_mapping({"profile": "udp-flood", "rate": 1000})
+    assert spec.ports == ()
+    assert spec.replace(ports=(4000,)).validate().ports == (4000,)
+    assert TrafficSpec.from_mapping({"rate": 1000}, ports=(7,)).ports == (7,)
+    with pytest.raises(SpecError):  # the rest is still checked up front
+        TrafficSpec.from_mapping({"rate": -1})
+    again = TrafficSpec.from_mapping(make_spec("frag", 9, incomplete=True).to_mapping())
+    assert again == make_spec("frag", 9, incomplete=True)
