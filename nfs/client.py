@@ -111,7 +111,10 @@ class RpcClient:
         cm, self._nursery_cm = self._nursery_cm, None
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
-        return await cm.__aexit__(et, e, tb)  # type: ignore[attr-defined]
+        # The body's own exception propagates as itself (not wrapped in an ExceptionGroup): the
+        # reader tasks catch their errors, so the nursery has nothing of its own to raise.
+        await cm.__aexit__(None, None, None)  # type: ignore[attr-defined]
+        return None
 
     async def aclose(self) -> None:
         self.closed = True

@@ -1,0 +1,201 @@
+"""Loss, duplicates, silence, restarts and garbage: the client recovers, the server survives."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from nfs.client import NfsClient
+from nfs.nfs3 import FILE_SYNC, NFS_PROGRAM, UNSTABLE, CreateMode, Proc
+from nfs.record import LAST_FRAG
+from nfs.rpc import encode_call
+from nfs.server import NfsServer, ServerConfig
+from nfs.transport import udp_connect
+from nfs.xprt import RpcTimeout
+
+H = "127.0.0.1"
+
+
+class UdpProxy:
+    """Relays datagrams client <-> server, dropping the first `drop` calls and sending each call
+    `copies` times (to exercise retransmission and the duplicate request cache)."""
+
+    def __init__(self, server_port: int, drop: int = 0, copies: int = 1) -> None:
+        self.server_port, self.drop, self.copies = server_port, drop, copies
+        self.calls = 0
+        self.port = 0
+
+    async def run(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        front = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        back = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        await front.bind((H, 0))
+        await back.connect((H, self.server_port))
+        self.port = front.getsockname()[1]
+        client_addr: list[object] = []
+
+        async def replies() -> None:
+            while True:
+                data = await back.recv(70000)
+                if client_addr:
+                    await front.sendto(data, client_addr[0])
+
+        async with trio.open_nursery() as n:
+            n.start_soon(replies)
+            task_status.started(self.port)
+            while True:
+                data, addr = await front.recvfrom(70000)
+                client_addr[:] = [addr]
+                self.calls += 1
+                if self.calls <= self.drop:
+                    continue
+                for _ in range(self.copies):
+                    await back.send(data)
+
+
+async def test_udp_retransmits_with_backoff_through_loss(nfs_server) -> None:  # type: ignore[no-untyped-def]
+    async with trio.open_nursery() as n:
+        proxy = UdpProxy(nfs_server.nfs_port, drop=2)
+        port = await n.start(proxy.run)
+        async with NfsClient.udp(H, port, nfs_server.mount_port, timeo=0.05, retrans=3, hard=False) as c:
+            t0 = trio.current_time()
+            root = await c.mount(str(nfs_server.export))  # MNT direct, FSINFO through the proxy
+            assert root == nfs_server.server.export.root_fh
+            assert c.stats["retransmissions"] == 2
+            assert trio.current_time() - t0 >= 0.05 + 0.1  # backed off: 0.05 then 0.1
+        n.cancel_scope.cancel()
+
+
+async def test_duplicate_calls_hit_the_reply_cache(nfs_server) -> None:  # type: ignore[no-untyped-def]
+    async with trio.open_nursery() as n:
+        proxy = UdpProxy(nfs_server.nfs_port, copies=2)
+        port = await n.start(proxy.run)
+        async with NfsClient.udp(H, port, nfs_server.mount_port, timeo=2.0, hard=False) as c:
+            root = await c.mount(str(nfs_server.export))
+            # Executed twice, a GUARDED create or a REMOVE would fail (EXIST / NOENT).
+            fh, _ = await c.create(root, "once", how=CreateMode.GUARDED)
+            await c.remove(root, "once")
+            await trio.sleep(0.05)
+            assert nfs_server.server.svc.drc.stats.hits + nfs_server.server.svc.drc.stats.in_progress_drops >= 2
+            assert c.stats["bad_xids"] >= 1  # the second copy's reply matched nobody
+        n.cancel_scope.cancel()
+
+
+async def test_soft_timeout_against_a_silent_server() -> None:
+    silent = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await silent.bind((H, 0))
+    port = silent.getsockname()[1]
+    async with NfsClient.udp(H, port, port, timeo=0.05, retrans=2, hard=False) as c:
+        t0 = trio.current_time()
+        with pytest.raises(RpcTimeout):
+            await c.null()
+        assert c.stats["transmissions"] == 3  # first try + retrans
+        assert trio.current_time() - t0 >= 0.05 + 0.1 + 0.2
+    silent.close()
+
+
+async def test_restart_reconnect_and_resend_of_lost_unstable_writes(tmp_path: Path, export_dir: Path) -> None:
+    state = tmp_path / "state"
+
+    def make(nfs_port: int = 0, mount_port: int = 0) -> NfsServer:
+        return NfsServer(ServerConfig(export=export_dir, port=nfs_port, mount_port=mount_port, state_dir=state))
+
+    data = os.urandom(256 * 1024)
+    async with trio.open_nursery() as outer:
+        s1 = make()
+        scope1 = trio.CancelScope()
+
+        async def run(server: NfsServer, scope: trio.CancelScope, task_status=trio.TASK_STATUS_IGNORED):  # type: ignore[no-untyped-def]
+            with scope:
+                await server.serve(task_status=task_status)
+
+        ports = await outer.start(run, s1, scope1)
+        async with NfsClient.tcp(H, ports["nfs"], ports["mount"], timeo=1.0, retrans=10, hard=False) as c:
+            root = await c.mount(str(export_dir))
+            fh, _ = await c.create(root, "swapfile")
+            res = await c.write(fh, 0, data, stable=UNSTABLE)
+            assert res.verifier == s1.verifier
+            scope1.cancel()  # the server goes away...
+            await trio.sleep(0.05)
+            os.truncate(export_dir / "swapfile", 0)  # ...and its unstable data with it
+            s2 = make(ports["nfs"], ports["mount"])
+            await outer.start(run, s2, trio.CancelScope())
+            assert s2.verifier != s1.verifier
+            # The handle still works after the restart; COMMIT sees a new verifier and resends.
+            assert await c.commit(fh) == s2.verifier
+            assert c.stats["commit_resends"] == 1 and c.stats["reconnects"] >= 1
+            assert await c.read(fh, 0, len(data)) == data
+        outer.cancel_scope.cancel()
+
+
+async def test_garbage_never_stops_the_server(nfs_server) -> None:  # type: ignore[no-untyped-def]
+    call = encode_call(5, NFS_PROGRAM, 3, Proc.WRITE, b"\0\0\0\x2c" + b"z" * 20)
+    # UDP: random bytes, a truncated header, a truncated call.
+    u = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await u.connect((H, nfs_server.nfs_port))
+    for junk in (os.urandom(1000), b"\0\0\0\1\0\0", bytes(call[:30]), bytes(call)):
+        await u.send(junk)
+    with trio.fail_after(2):
+        reply = await u.recv(1000)  # only the full (garbage-args) call gets an answer
+    assert struct.unpack(">IIIIII", reply[:24])[5] == 4  # GARBAGE_ARGS
+    u.close()
+    # TCP: random bytes; a truncated record then EOF; a huge record mark (closes that connection).
+    for junk, closes in ((os.urandom(5000), False), (struct.pack(">I", LAST_FRAG | 100) + b"x" * 10, False),
+                         (struct.pack(">I", LAST_FRAG | 0x7FFFFFFF), True)):
+        s = await trio.open_tcp_stream(H, nfs_server.nfs_port)
+        await s.send_all(junk)
+        if closes:
+            with trio.fail_after(2):
+                assert await s.receive_some(100) == b""
+        await s.aclose()
+    assert nfs_server.server.stats.oversized_records >= 1  # (random bytes may also make a huge mark)
+    # A well-behaved client is served as before.
+    async with NfsClient.tcp(H, nfs_server.nfs_port, nfs_server.mount_port, hard=False, timeo=2.0) as c:
+        root = await c.mount(str(nfs_server.export))
+        fh, _ = await c.create(root, "after")
+        assert (await c.write(fh, 0, b"ok", FILE_SYNC)).count == 2
+
+
+async def test_tcp_record_in_many_fragments_is_served(nfs_server) -> None:  # type: ignore[no-untyped-def]
+    msg = encode_call(9, NFS_PROGRAM, 3, Proc.NULL)
+    frags = b"".join(struct.pack(">I", (LAST_FRAG if i == len(msg) - 1 else 0) | 1) + msg[i:i + 1]
+                     for i in range(len(msg)))
+    s = await trio.open_tcp_stream(H, nfs_server.nfs_port)
+    await s.send_all(frags)
+    with trio.fail_after(2):
+        reply = await s.receive_some(100)
+    assert struct.unpack(">IIIIIII", reply[:28]) == (LAST_FRAG | 24, 9, 1, 0, 0, 0, 0)
+    await s.aclose()
+
+
+def test_cli_ready_line_and_clean_stop(tmp_path: Path) -> None:
+    exp = tmp_path / "e"
+    exp.mkdir()
+    netswap = [sys.executable, "-m", "emu"]
+    bad = subprocess.run([*netswap, "serve", "nfs", "--export", str(exp), "--allow", "not-a-cidr"],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "--allow" in bad.stderr
+    p = subprocess.Popen([*netswap, "serve", "nfs", "--export", str(exp), "--port", "0", "--mount-port", "0",
+                          "--state-dir", str(tmp_path / "s")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        line = p.stdout.readline()  # type: ignore[union-attr]
+        m = re.search(r"nfs_port=(\d+) mount_port=(\d+)", line)
+        assert m, line
+        with socket.create_connection((H, int(m.group(1))), timeout=5):
+            pass
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=10) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
