@@ -14,6 +14,9 @@ from emu.bench.result import BenchResult, emit
 from emu.cli import CONTEXT
 
 
+GOAL = 0.5  # issue 5: the injector keeps at least half the pace of the plainest sender
+
+
 def _sink() -> socket.socket:
     """A bound UDP socket nobody reads: every sender pays the same delivery (then drop) cost."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -90,7 +93,7 @@ def bench_inject(count: int, size: int, repeat: int, as_json: bool) -> None:
     finally:
         sink.close()
     results = []
-    common = {"count": count, "size": size, "repeat": repeat}
+    common = {"count": count, "size": size, "repeat": repeat, "goal_ratio": GOAL}
     if raw:
         results.append(BenchResult("inject udp-flood (raw, spoofed)", "pkt/s", best["udp-flood"][1], base, "plain sendto loop", extra=common))
     results.append(BenchResult("inject udp-flood --no-spoof (socket)", "pkt/s", best["no-spoof"][1], base, "plain sendto loop", extra=common))
@@ -98,5 +101,8 @@ def bench_inject(count: int, size: int, repeat: int, as_json: bool) -> None:
         results.append(BenchResult("inject frag (raw, 4000 B in 3 fragments)", "pkt/s", best["frag"][1], base, "plain sendto loop",
                                    extra={**common, "size": 4000, "datagrams_per_s": best["frag"][0]}))
     emit(results, as_json)
+    for r in results:
+        if r.ratio < GOAL and not as_json:
+            err.print(f"[yellow]below the goal:[/] {r.name} ratio {r.ratio:.2f} < {GOAL} (a busy machine? try --repeat 5)")
     if not raw and not as_json:
         err.print("note: no CAP_NET_RAW, so only the unprivileged fallback was measured; run with sudo for the raw socket")
