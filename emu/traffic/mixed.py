@@ -16,21 +16,33 @@ class Sender(Protocol):
 
 
 class Blend:
-    """Splits each batch between senders so that after T messages sender k has been offered
-    floor(T * share_k) of them (the first sender takes the rounding), exactly, at any batch size."""
+    """Splits each batch between senders in fixed shares. Never offers more than the batch (the
+    pacer's grant); after T messages each sender has been offered its share of T to within the
+    number of senders, whatever the batch sizes: shares the batch could not fit are owed and paid
+    first in the next batch (the first sender takes what is left)."""
 
     def __init__(self, parts: Sequence[tuple[Sender, float]]) -> None:
         total = sum(share for _, share in parts)
         self.parts = [(s, share / total) for s, share in parts]
+        self.given = [0] * len(self.parts)
         self.offered = 0
 
+    def split(self, n: int) -> list[int]:
+        self.offered += n
+        counts = [0] * len(self.parts)
+        left = n
+        for k in range(1, len(self.parts)):
+            owed = max(0, math.floor(self.offered * self.parts[k][1]) - self.given[k])
+            counts[k] = min(owed, left)
+            left -= counts[k]
+        counts[0] = left
+        for k, c in enumerate(counts):
+            self.given[k] += c
+        return counts
+
     def send(self, n: int, stats: InjectStats) -> int:
-        before, after = self.offered, self.offered + n
-        self.offered = after
-        shares = [math.floor(after * w) - math.floor(before * w) for _, w in self.parts[1:]]
-        counts = [n - sum(shares), *shares]
         progressed = 0
-        for (sender, _), k in zip(self.parts, counts):
+        for (sender, _), k in zip(self.parts, self.split(n)):
             if k > 0:
                 progressed += sender.send(k, stats)
         return n if progressed else 0  # a stalled TCP share alone never holds back the datagrams
