@@ -1,0 +1,209 @@
+"""Real NFS servers on loopback, for interop tests and `netswap bench nfs`: netswap's own server
+as a subprocess, and nfs-ganesha (with rpcbind). Every process and mount started here is stopped
+or undone on exit, also when the body fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+H = "127.0.0.1"
+
+
+class TestbedError(RuntimeError):
+    pass
+
+
+def free_port_pair() -> int:
+    """A port number free for both TCP and UDP on 127.0.0.1 right now."""
+    for _ in range(100):
+        t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            t.bind((H, 0))
+            port = t.getsockname()[1]
+            u.bind((H, port))
+            return port
+        except OSError:
+            continue
+        finally:
+            t.close()
+            u.close()
+    raise TestbedError("no free port for TCP and UDP")
+
+
+def port_open(port: int, host: str = H) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL: only the process we started, by its pid."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def fs_type(path: Path) -> str:
+    out = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=False)
+    return out.stdout.strip()
+
+
+@dataclass
+class Served:
+    nfs_port: int
+    mount_port: int
+    export: Path  # on disk
+    export_path: str  # what clients mount
+    proc: subprocess.Popen
+
+    def url(self, rel: str = "") -> str:
+        path = self.export_path.rstrip("/") + ("/" + rel.lstrip("/") if rel else "")
+        return f"nfs://{H}{path}?version=3&nfsport={self.nfs_port}&mountport={self.mount_port}"
+
+
+@contextlib.contextmanager
+def netswap_server(export: Path, state_dir: Path, extra: tuple[str, ...] = ()) -> Iterator[Served]:
+    """`python -m nfs --export ...` on free ports; yields once its ready line is printed."""
+    proc = subprocess.Popen([sys.executable, "-m", "nfs", "--export", str(export), "--port", "0", "--mount-port",
+                             "0", "--state-dir", str(state_dir), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        m = re.search(r"export=(\S+) .*nfs_port=(\d+) mount_port=(\d+)", line)
+        if not m:
+            err = proc.stderr.read() if proc.stderr and proc.poll() is not None else ""
+            raise TestbedError(f"netswap nfs server did not start: {line!r} {err}")
+        yield Served(int(m.group(2)), int(m.group(3)), export, m.group(1), proc)
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
+def rpcbind() -> Iterator[subprocess.Popen | None]:
+    """rpcbind on port 111: reuse a running one, else start ours (and stop it afterwards)."""
+    if port_open(111):
+        yield None
+        return
+    proc = subprocess.Popen(["rpcbind", "-f"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not port_open(111):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise TestbedError(f"rpcbind did not start: {proc.stderr.read() if proc.stderr else ''}")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        stop(proc)
+
+
+GANESHA_CONF = """\
+NFS_CORE_PARAM {{ Protocols = 3; NFS_Port = {nfs}; MNT_Port = {mnt}; Bind_addr = 127.0.0.1;
+  Enable_NLM = false; Enable_RQUOTA = false; Enable_UDP = true; }}
+NFSV4 {{ RecoveryRoot = {dir}/recov; Graceless = true; }}
+EXPORT {{ Export_Id = 1; Path = {export}; Pseudo = /export; Protocols = 3; Transports = TCP, UDP;
+  Access_Type = RW; Squash = No_Root_Squash; SecType = sys; FSAL {{ Name = VFS; }} }}
+"""
+
+
+@contextlib.contextmanager
+def tmpfs_if_needed(path: Path, size: str) -> Iterator[None]:
+    """ganesha's VFS FSAL cannot export overlayfs: mount a tmpfs there if that is what we are on."""
+    path.mkdir(parents=True, exist_ok=True)
+    if fs_type(path) not in ("overlayfs", "overlay", "aufs"):
+        yield
+        return
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@contextlib.contextmanager
+def ganesha(workdir: Path, tmpfs_size: str = "1g", timeout: float = 30.0) -> Iterator[Served]:
+    """nfs-ganesha (VFS FSAL, NFSv3 over UDP and TCP) exporting workdir/export, with rpcbind."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "recov").mkdir(exist_ok=True)
+    export = workdir / "export"
+    nfs, mnt = free_port_pair(), free_port_pair()
+    while mnt == nfs:
+        mnt = free_port_pair()
+    with rpcbind(), tmpfs_if_needed(export, tmpfs_size):
+        conf = workdir / "ganesha.conf"
+        conf.write_text(GANESHA_CONF.format(nfs=nfs, mnt=mnt, dir=workdir, export=export))
+        log = workdir / "ganesha.log"
+        proc = subprocess.Popen(["ganesha.nfsd", "-F", "-f", str(conf), "-L", str(log), "-N", "NIV_EVENT",
+                                 "-p", str(workdir / "ganesha.pid")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + timeout
+            while not (port_open(nfs) and port_open(mnt)):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                    raise TestbedError(f"ganesha did not start (rc={proc.poll()}):\n{tail}")
+                time.sleep(0.1)
+            yield Served(nfs, mnt, export, str(export), proc)
+        finally:
+            stop(proc, timeout=15)
+
+
+@contextlib.contextmanager
+def capture(port_filter: str, out: Path, iface: str = "lo") -> Iterator[Path]:
+    """dumpcap on loopback with a BPF filter; yields once packets are really being captured
+    (dumpcap says "Capturing on" a moment before it does: we send probe datagrams until one
+    lands in the file), and is stopped (SIGINT) and flushed when the block ends."""
+    probe_port = free_port_pair()
+    flt = f"({port_filter}) or (udp port {probe_port})"
+    log = out.with_suffix(".dumpcap.log")  # a file, not a pipe: its progress output never blocks it
+    with open(log, "w") as err:
+        proc = subprocess.Popen(["dumpcap", "-i", iface, "-B", "256", "-f", flt, "-w", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 15
+        while "Capturing on" not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise TestbedError(f"dumpcap did not start: {log.read_text(errors='replace')}")
+            time.sleep(0.02)
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            size0 = out.stat().st_size if out.exists() else 0
+            while not (out.exists() and out.stat().st_size > size0):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise TestbedError("dumpcap captures nothing")
+                probe.sendto(b"netswap capture probe", (H, probe_port))
+                time.sleep(0.05)
+        finally:
+            probe.close()
+        yield out
+        time.sleep(0.3)  # let the last packets reach the capture
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def libnfs(tool: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([tool, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "LC_ALL": "C"})

@@ -1,0 +1,88 @@
+"""Real peers: libnfs tools against `netswap serve nfs` (checked by tshark), and our client
+against nfs-ganesha over UDP and TCP."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+from peers import require_binary, require_root
+
+from nfs.client import NfsClient
+from nfs.nfs3 import FILE_SYNC, UNSTABLE, CreateMode
+from nfs.testbed import H, capture, ganesha, libnfs, netswap_server
+
+pytestmark = pytest.mark.peers
+
+
+def test_libnfs_tools_against_our_server_and_tshark_finds_nothing_malformed(tmp_path: Path) -> None:
+    require_root()
+    require_binary("nfs-ls", "nfs-cp", "nfs-cat", "dumpcap", "tshark")
+    export = tmp_path / "export"
+    (export / "dir").mkdir(parents=True)
+    (export / "hello.txt").write_text("hello over NFSv3\n")
+    src = tmp_path / "random.bin"
+    src.write_bytes(os.urandom(16 * 1024 * 1024))
+    back = tmp_path / "back.bin"
+    cap = tmp_path / "nfs.pcapng"
+    with netswap_server(export, tmp_path / "state") as srv:
+        flt = f"port {srv.nfs_port} or port {srv.mount_port}"
+        with capture(flt, cap):
+            ls = libnfs("nfs-ls", srv.url())
+            assert ls.returncode == 0, ls.stderr
+            assert "hello.txt" in ls.stdout and "dir" in ls.stdout
+            cat = libnfs("nfs-cat", srv.url("hello.txt"))
+            assert cat.returncode == 0 and cat.stdout == "hello over NFSv3\n", cat.stderr
+            cp_in = libnfs("nfs-cp", str(src), srv.url("dir/random.bin"))
+            assert cp_in.returncode == 0, cp_in.stderr
+            cp_out = libnfs("nfs-cp", srv.url("dir/random.bin"), str(back))
+            assert cp_out.returncode == 0, cp_out.stderr
+            missing = libnfs("nfs-cat", srv.url("nope.txt"))
+            assert missing.returncode != 0
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    assert hashlib.sha256((export / "dir" / "random.bin").read_bytes()).hexdigest() == digest
+    assert hashlib.sha256(back.read_bytes()).hexdigest() == digest
+    # tshark dissected the traffic as NFS/MOUNT, and nothing of it is malformed.
+    dis = subprocess.run(["tshark", "-r", str(cap), "-Y", "nfs || mount", "-T", "fields", "-e", "frame.number"],
+                         capture_output=True, text=True, timeout=120)
+    assert dis.returncode == 0, dis.stderr
+    assert len(dis.stdout.split()) >= 2 * (16 + 8)  # at least the 16 MiB in and out, 1-2 MiB per call
+    bad = subprocess.run(["tshark", "-r", str(cap), "-Y", "_ws.malformed || (rpc && _ws.expert.severity >= warning)"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 0, bad.stderr
+    assert bad.stdout.strip() == "", bad.stdout[:3000]
+
+
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+async def test_our_client_against_ganesha(tmp_path: Path, proto: str) -> None:
+    require_root()
+    require_binary("ganesha.nfsd", "rpcbind")
+    data = os.urandom(3 * 1024 * 1024 + 123)
+    page = os.urandom(4096)
+    with ganesha(tmp_path / "ganesha", tmpfs_size="64m") as g:
+        ctor = NfsClient.udp if proto == "udp" else NfsClient.tcp
+        async with ctor(H, g.nfs_port, g.mount_port, hard=False, timeo=5.0) as c:
+            root = await c.mount(g.export_path)
+            fh, _ = await c.create(root, f"file-{proto}", mode=0o644, how=CreateMode.GUARDED)
+            res = await c.write(fh, 0, data, stable=UNSTABLE)
+            assert res.count == len(data)
+            verf = await c.commit(fh)
+            assert len(verf) == 8 and c.commits.nbytes() == 0
+            assert (await c.write(fh, len(data), page, stable=FILE_SYNC)).committed == FILE_SYNC
+            assert (await c.getattr(fh)).size == len(data) + 4096
+            assert await c.read(fh, 0, len(data) + 4096) == data + page
+
+            async def swap_page(i: int) -> None:  # several in flight, like the host's swap-out
+                await c.write(fh, i * 4096, page, stable=FILE_SYNC)
+
+            async with trio.open_nursery() as n:
+                for i in range(16):
+                    n.start_soon(swap_page, i)
+            assert await c.read(fh, 0, 16 * 4096) == page * 16
+            fh2, _ = await c.lookup(root, f"file-{proto}")
+            assert fh2 == fh
+        assert (g.export / f"file-{proto}").read_bytes() == page * 16 + data[16 * 4096:] + page
