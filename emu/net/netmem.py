@@ -46,7 +46,7 @@ class NetMem:
         self.dst_cache: KmemCache = slabs.cache("ip_dst_cache", DST_ENTRY)
         self.ipq_cache: KmemCache = slabs.kmalloc_cache(IPQ)
         self.memalloc_socks = 0  # sk_memalloc_socks()
-        self._data_cache: dict[int, KmemCache | None] = {}
+        self._data_cache: dict[int, KmemCache | None | bool] = {}
         # Live skbs (RX and TX) and their truesize: the accounting the tests check.
         self.skbs_live = 0
         self.skb_truesize_live = 0
@@ -54,11 +54,11 @@ class NetMem:
     # ---- skbs ---------------------------------------------------------------------------------
 
     def data_cache(self, size: int) -> KmemCache | None:
-        c = self._data_cache.get(size)
-        if c is None and size not in self._data_cache:
+        """The kmalloc cache for an skb data buffer of `size` (None: larger than any cache)."""
+        c = self._data_cache.get(size, False)
+        if c is False:
             n = size + SKB_SHARED_INFO
-            c = self.slabs.kmalloc_cache(n) if n <= KMALLOC_MAX_CACHE_SIZE else None
-            self._data_cache[size] = c
+            c = self._data_cache[size] = self.slabs.kmalloc_cache(n) if n <= KMALLOC_MAX_CACHE_SIZE else None
         return c
 
     def skb_try(self, size: int, gfp: Gfp, rx: bool) -> SkBuff | None:
@@ -66,7 +66,9 @@ class NetMem:
         head = self.head_cache.alloc(gfp)
         if head is None:
             return None
-        cache = self.data_cache(size)
+        cache = self._data_cache.get(size, False)
+        if cache is False:
+            cache = self.data_cache(size)
         buf = cache.alloc(gfp) if cache is not None else self.slabs.kmalloc(size + SKB_SHARED_INFO, gfp)
         if buf is None:
             self.head_cache.free(head)

@@ -3,6 +3,8 @@
 Wires (wire.py) hand frames over synchronously; nothing here sleeps.
 
   1. allocate the skb (GFP_ATOMIC, the policy's emergency rule) ........ else drop rx_nomem
+     (as a NIC driver's RX ring: once a refill fails, the rest of that poll's frames are missed
+     without further allocation attempts; the next poll tries again)
   2. an emergency/pfmemalloc skb is processed under PF_MEMALLOC from here on
   3. route cache lookup by (source, destination) ........................ else drop route_nomem
   4. fragments join their reassembly queue (a complete datagram continues)
@@ -52,6 +54,7 @@ class Nic:
         self.mem = mem
         self.stat = stat
         self.routes = routes
+        self.rtable = routes.table
         self.frags = frags
         self.mtu = mtu
         self.mss = mtu - IP_HDR - TCP_HDR if mtu != MTU_DEFAULT else MSS_DEFAULT
@@ -62,6 +65,7 @@ class Nic:
         self.udp_table: dict[int, Sock] = {}
         self.tcp_table: dict[tuple[int, str, int], Sock] = {}
         self.ip_id = 0
+        self.ring_ok = True  # reset by each wire at the start of each poll (batch)
         self._spawn_send, self._spawn_recv = trio.open_memory_channel[object](math.inf)
         self.ksoftirqd = None
 
@@ -101,9 +105,14 @@ class Nic:
         if size <= self.mtu:
             stat.frames += 1
             stat.bytes += size
+            if not self.ring_ok:
+                stat.rx_nomem += 1
+                stat.rx_missed += 1
+                return
             skb = self.mem.rx_skb(size)  # step 1
             if skb is None:
                 stat.rx_nomem += 1
+                self.ring_ok = False
                 return
             skb.data = data
             skb.len = n
@@ -112,6 +121,14 @@ class Nic:
             if skb.memalloc:  # step 2
                 with memalloc_noreclaim():
                     self._udp_rcv(skb, saddr, daddr, dport, now)
+                return
+            # step 3, the route cache hit inlined (the flood's hot path)
+            rt = self.rtable.get((saddr, daddr))
+            if rt is not None:
+                stat.route_lookups += 1
+                stat.route_hits += 1
+                rt.lastuse = now
+                self._udp_deliver(skb, dport)
             else:
                 self._udp_rcv(skb, saddr, daddr, dport, now)
             return
@@ -122,9 +139,14 @@ class Nic:
             stat.frames += 1
             stat.bytes += size
             stat.frags += 1
+            if not self.ring_ok:
+                stat.rx_nomem += 1
+                stat.rx_missed += 1
+                continue
             skb = self.mem.rx_skb(size)
             if skb is None:
                 stat.rx_nomem += 1
+                self.ring_ok = False
                 continue
             skb.saddr = saddr
             skb.sport = sport
@@ -188,9 +210,14 @@ class Nic:
         size = len(chunk) + IP_HDR + TCP_HDR
         stat.frames += 1
         stat.bytes += size
+        if not self.ring_ok:
+            stat.rx_nomem += 1
+            stat.rx_missed += 1
+            return False
         skb = self.mem.rx_skb(size)  # step 1
         if skb is None:
             stat.rx_nomem += 1
+            self.ring_ok = False
             return False
         skb.data = chunk
         skb.len = len(chunk)

@@ -66,6 +66,9 @@ class Sock:
             self.raddr, self.rport = "*", 0
         self._readers = trio.lowlevel.ParkingLot()
         self._space = trio.lowlevel.ParkingLot()
+        # Plain flags (cheaper than asking the ParkingLot on every skb): someone is parked.
+        self._readers_waiting = False
+        self._space_waiting = False
         self.wire: Any = None
         self.sk_obj: Any = None  # the struct sock's slab object
         self.bytes_read = 0
@@ -101,7 +104,8 @@ class Sock:
         self.sk_rmem_alloc += skb.truesize
         self.rx_queued_bytes += skb.len
         skb.sk = self
-        if self._readers:
+        if self._readers_waiting:
+            self._readers_waiting = False
             self._readers.unpark_all()
 
     def rx_eof(self) -> None:
@@ -125,6 +129,7 @@ class Sock:
 
     async def wait_space(self) -> None:
         """Sleep until a reader frees receive-buffer space (the window update)."""
+        self._space_waiting = True
         await self._space.park()
 
     def rx_emergency_skbs(self) -> int:
@@ -136,6 +141,7 @@ class Sock:
         while not self.receive_queue and not self.eof and self.error is None:
             if self.closed:
                 raise trio.ClosedResourceError("socket closed")
+            self._readers_waiting = True
             await self._readers.park()
 
     def _dequeue(self) -> SkBuff:
@@ -143,7 +149,8 @@ class Sock:
         self.sk_rmem_alloc -= skb.truesize
         self.rx_queued_bytes -= skb.len - self.head_off
         self.head_off = 0
-        if self._space:
+        if self._space_waiting:
+            self._space_waiting = False
             self._space.unpark_all()
         return skb
 

@@ -108,6 +108,7 @@ class UdpWire:
                 await wait_readable(raw)
                 with softirq():
                     now = current_time()
+                    nic.ring_ok = True  # a new poll: the driver tries to refill its ring
                     for _ in range(nic.batch):
                         try:
                             n, addr = recvfrom_into(buf)
@@ -166,6 +167,7 @@ class TcpWire:
                 pending = self.pending
                 with softirq():
                     now = trio.current_time()
+                    nic.ring_ok = True
                     pos = self.pos
                     end = len(pending)
                     while pos < end:
