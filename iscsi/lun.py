@@ -314,6 +314,11 @@ class DiskLun:
             data = Sense(S.SenseKey.NO_SENSE, 0, 0).fixed()
         return ScsiResult(data=_alloc(data, cdb[4]))
 
+    def maintenance_in(self, cdb: bytes) -> ScsiResult:
+        if cdb[1] & 0x1F != SA_REPORT_SUPPORTED_OPCODES:
+            return check(illegal_request(S.INVALID_FIELD_IN_CDB))
+        return report_supported_opcodes(cdb)
+
     def start_stop_unit(self, cdb: bytes) -> ScsiResult:
         return GOOD  # not removable; power conditions are accepted and have no effect
 
@@ -331,7 +336,76 @@ _HANDLERS = {
     Opcode.REQUEST_SENSE: DiskLun.request_sense,
     Opcode.START_STOP_UNIT: DiskLun.start_stop_unit,
     Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL: DiskLun.prevent_allow,
+    Opcode.MAINTENANCE_IN: DiskLun.maintenance_in,
 }
+
+SA_REPORT_SUPPORTED_OPCODES = 0x0C
+_FF4 = (0xFF,) * 4
+# opcode -> (service action or None, CDB USAGE DATA: which CDB bits the device server looks at)
+_USAGE: dict[tuple[int, int | None], bytes] = {
+    (0x00, None): bytes((0x00, 0, 0, 0, 0, 0)),
+    (0x03, None): bytes((0x03, 0x01, 0, 0, 0xFF, 0)),
+    (0x08, None): bytes((0x08, 0x1F, 0xFF, 0xFF, 0xFF, 0)),
+    (0x0A, None): bytes((0x0A, 0x1F, 0xFF, 0xFF, 0xFF, 0)),
+    (0x12, None): bytes((0x12, 0x01, 0xFF, 0xFF, 0xFF, 0)),
+    (0x1A, None): bytes((0x1A, 0x08, 0xFF, 0xFF, 0xFF, 0)),
+    (0x1B, None): bytes((0x1B, 0x01, 0, 0x0F, 0xF7, 0)),
+    (0x1E, None): bytes((0x1E, 0, 0, 0, 0x03, 0)),
+    (0x25, None): bytes((0x25, 0, *_FF4, 0, 0, 0x01, 0)),
+    (0x28, None): bytes((0x28, 0xF8, *_FF4, 0, 0xFF, 0xFF, 0)),
+    (0x2A, None): bytes((0x2A, 0xF8, *_FF4, 0, 0xFF, 0xFF, 0)),
+    (0x2E, None): bytes((0x2E, 0xF2, *_FF4, 0, 0xFF, 0xFF, 0)),
+    (0x2F, None): bytes((0x2F, 0xF6, *_FF4, 0, 0xFF, 0xFF, 0)),
+    (0x35, None): bytes((0x35, 0, *_FF4, 0, 0xFF, 0xFF, 0)),
+    (0x5A, None): bytes((0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0)),
+    (0x88, None): bytes((0x88, 0xF8, *_FF4, *_FF4, *_FF4, 0, 0)),
+    (0x8A, None): bytes((0x8A, 0xF8, *_FF4, *_FF4, *_FF4, 0, 0)),
+    (0x8E, None): bytes((0x8E, 0xF2, *_FF4, *_FF4, *_FF4, 0, 0)),
+    (0x8F, None): bytes((0x8F, 0xF6, *_FF4, *_FF4, *_FF4, 0, 0)),
+    (0x91, None): bytes((0x91, 0, *_FF4, *_FF4, *_FF4, 0, 0)),
+    (0x9E, 0x10): bytes((0x9E, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, *_FF4, 0, 0)),
+    (0xA0, None): bytes((0xA0, 0, 0xFF, 0, 0, 0, *_FF4, 0, 0)),
+    (0xA3, 0x0C): bytes((0xA3, 0x0C, 0x87, 0xFF, 0xFF, 0xFF, *_FF4, 0, 0)),
+    (0xA8, None): bytes((0xA8, 0xF8, *_FF4, *_FF4, 0, 0)),
+    (0xAA, None): bytes((0xAA, 0xF8, *_FF4, *_FF4, 0, 0)),
+    (0xAE, None): bytes((0xAE, 0xF2, *_FF4, *_FF4, 0, 0)),
+    (0xAF, None): bytes((0xAF, 0xF6, *_FF4, *_FF4, 0, 0)),
+}
+_TIMEOUTS = struct.pack(">HxxII", 0x0A, 0, 0)  # command timeouts descriptor: no figures given
+
+
+def report_supported_opcodes(cdb: bytes) -> ScsiResult:
+    """REPORT SUPPORTED OPERATION CODES (SPC-4 §6.35)."""
+    rctd = bool(cdb[2] & 0x80)
+    options = cdb[2] & 0x07
+    req_op = cdb[3]
+    req_sa = struct.unpack_from(">H", cdb, 4)[0]
+    alloc = struct.unpack_from(">I", cdb, 6)[0]
+    if options == 0:
+        descs = []
+        for (op, sa), usage in sorted(_USAGE.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+            flags = (0x02 if rctd else 0) | (0x01 if sa is not None else 0)
+            descs.append(struct.pack(">BxHxBH", op, sa or 0, flags, len(usage)) + (_TIMEOUTS if rctd else b""))
+        body = b"".join(descs)
+        return ScsiResult(data=_alloc(struct.pack(">I", len(body)) + body, alloc))
+    has_sa = {op for (op, sa) in _USAGE if sa is not None}
+    if options == 1:
+        if req_op in has_sa:
+            return check(illegal_request(S.INVALID_FIELD_IN_CDB))
+        usage = _USAGE.get((req_op, None))
+    elif options == 2:
+        if req_op not in has_sa:
+            return check(illegal_request(S.INVALID_FIELD_IN_CDB))
+        usage = _USAGE.get((req_op, req_sa))
+    elif options == 3:
+        usage = _USAGE.get((req_op, req_sa if req_op in has_sa else None))
+    else:
+        return check(illegal_request(S.INVALID_FIELD_IN_CDB))
+    if usage is None:
+        data = bytes((0, 0x01, 0, 0))  # SUPPORT 001b: not supported
+    else:
+        data = bytes((0, (0x80 if rctd else 0) | 0x03)) + struct.pack(">H", len(usage)) + usage + (_TIMEOUTS if rctd else b"")
+    return ScsiResult(data=_alloc(data, alloc))
 
 
 def report_luns(luns: list[int], cdb: bytes) -> ScsiResult:
