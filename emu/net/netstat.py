@@ -97,9 +97,12 @@ class SockRow:
     drops: int
     skbs: int
     emergency_skbs: int
+    rx_drops: dict[str, int]
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        d["rx_drops"] = dict(self.rx_drops)
+        return d
 
 
 def ss_rows(socks: list[Sock]) -> list[SockRow]:
@@ -110,6 +113,7 @@ def ss_rows(socks: list[Sock]) -> list[SockRow]:
             rcvbuf=sk.sk_rcvbuf, local=sk.local_str(), peer=sk.peer_str(),
             memalloc=sk.memalloc, owner=sk.owner_name(), drops=sk.sk_drops,
             skbs=len(sk.receive_queue), emergency_skbs=sk.rx_emergency_skbs(),
+            rx_drops=dict(sk.rx_drops),
         ))
     return rows
 

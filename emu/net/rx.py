@@ -108,11 +108,13 @@ class Nic:
             if not self.ring_ok:
                 stat.rx_nomem += 1
                 stat.rx_missed += 1
+                self._udp_sk_drop(dport, "rx_nomem")
                 return
             skb = self.mem.rx_skb(size)  # step 1
             if skb is None:
                 stat.rx_nomem += 1
                 self.ring_ok = False
+                self._udp_sk_drop(dport, "rx_nomem")
                 return
             skb.data = data
             skb.len = n
@@ -142,11 +144,13 @@ class Nic:
             if not self.ring_ok:
                 stat.rx_nomem += 1
                 stat.rx_missed += 1
+                self._udp_sk_drop(dport, "rx_nomem")
                 continue
             skb = self.mem.rx_skb(size)
             if skb is None:
                 stat.rx_nomem += 1
                 self.ring_ok = False
+                self._udp_sk_drop(dport, "rx_nomem")
                 continue
             skb.saddr = saddr
             skb.sport = sport
@@ -156,9 +160,18 @@ class Nic:
             else:
                 self._udp_frag_rcv(skb, key, off, length, more, data if off == 0 else None, dport, now)
 
+    def _udp_sk_drop(self, dport: int, reason: str) -> None:
+        """Attribute a drop before demux to the socket the frame was for (diagnostics only: the
+        kernel cannot know it, the emulator's wire does)."""
+        sk = self.udp_table.get(dport)
+        if sk is not None:
+            d = sk.rx_drops
+            d[reason] = d.get(reason, 0) + 1
+
     def _udp_rcv(self, skb: SkBuff, saddr: str, daddr: str, dport: int, now: float) -> None:
         if self.routes.input(saddr, daddr, now) is None:  # step 3
             self.stat.route_nomem += 1
+            self._udp_sk_drop(dport, "route_nomem")
             skb.free()
             return
         self._udp_deliver(skb, dport)
@@ -167,10 +180,14 @@ class Nic:
                       more: bool, payload: bytes | bytearray | None, dport: int, now: float) -> None:
         if self.routes.input(key[0], key[1], now) is None:  # step 3
             self.stat.route_nomem += 1
+            self._udp_sk_drop(dport, "route_nomem")
             skb.free()
             return
+        nomem = self.stat.frag_nomem
         whole = self.frags.queue_fragment(skb, key, off, length, more, payload, now)  # step 4
         if whole is None:
+            if self.stat.frag_nomem != nomem:
+                self._udp_sk_drop(dport, "frag_nomem")
             return
         if whole.memalloc and not skb.memalloc:
             with memalloc_noreclaim():
@@ -187,13 +204,13 @@ class Nic:
             return
         if skb.memalloc and not sk.memalloc:  # step 6
             stat.pfmemalloc_drop += 1
-            sk.sk_drops += 1
+            sk.drop("pfmemalloc_drop")
             skb.free()
             return
         if sk.sk_rmem_alloc + skb.truesize >= sk.sk_rcvbuf:  # step 7 (2.6.22 sock_queue_rcv_skb)
             if not (skb.memalloc and sk.memalloc):
                 stat.rcvbuf_full += 1
-                sk.sk_drops += 1
+                sk.drop("rcvbuf_full")
                 skb.free()
                 return
             stat.rcvbuf_bypass += 1
@@ -213,11 +230,13 @@ class Nic:
         if not self.ring_ok:
             stat.rx_nomem += 1
             stat.rx_missed += 1
+            sk.drop("rx_nomem", pre_demux=True)
             return False
         skb = self.mem.rx_skb(size)  # step 1
         if skb is None:
             stat.rx_nomem += 1
             self.ring_ok = False
+            sk.drop("rx_nomem", pre_demux=True)
             return False
         skb.data = chunk
         skb.len = len(chunk)
@@ -232,6 +251,7 @@ class Nic:
         stat = self.stat
         if self.routes.input(sk.raddr, sk.laddr, now) is None:  # step 3
             stat.route_nomem += 1
+            sk.drop("route_nomem", pre_demux=True)
             skb.free()
             return False
         if self.tcp_table.get((sk.lport, sk.raddr, sk.rport)) is not sk:  # step 5
@@ -240,13 +260,13 @@ class Nic:
             return False
         if skb.memalloc and not sk.memalloc:  # step 6
             stat.pfmemalloc_drop += 1
-            sk.sk_drops += 1
+            sk.drop("pfmemalloc_drop")
             skb.free()
             return False
         if sk.sk_rmem_alloc + skb.truesize >= sk.sk_rcvbuf:  # step 7
             if not (skb.memalloc and sk.memalloc):
                 stat.rcvbuf_full += 1
-                sk.sk_drops += 1
+                sk.drop("rcvbuf_full")
                 skb.free()
                 return False
             stat.rcvbuf_bypass += 1

@@ -49,7 +49,10 @@ class Sock:
         self.sk_rcvbuf = max(int(rcvbuf), SOCK_MIN_RCVBUF)
         self.sk_rmem_alloc = 0
         self.sk_wmem_alloc = 0
-        self.sk_drops = 0
+        self.sk_drops = 0  # drops after demux (the kernel's sk_drops)
+        # Every drop of a frame for this socket, by reason, before demux included (diagnostics:
+        # the emulator's wire knows whose frame it was even when the kernel would not).
+        self.rx_drops: dict[str, int] = {}
         self.receive_queue: collections.deque[SkBuff] = collections.deque()
         self.rx_queued_bytes = 0
         self.head_off = 0  # bytes of receive_queue[0] already read (TCP)
@@ -117,6 +120,12 @@ class Sock:
         self.error = exc
         self.state = "CLOSE"
         self._readers.unpark_all()
+
+    def drop(self, reason: str, pre_demux: bool = False) -> None:
+        if not pre_demux:
+            self.sk_drops += 1
+        d = self.rx_drops
+        d[reason] = d.get(reason, 0) + 1
 
     def tcp_window(self) -> int:
         """Payload bytes the emulated receive buffer can still take (the advertised window)."""

@@ -54,6 +54,7 @@ async def test_held_chunks_are_reoffered_and_the_stream_arrives_complete_in_orde
         got = await read_all(stream)
         assert got == data
         assert net.stat.tcp_held >= 2
+        assert stream.sock.rx_drops["rx_nomem"] == net.stat.rx_nomem
         assert net.mem.skbs_live == 0
         await stream.aclose()
         n.cancel_scope.cancel()

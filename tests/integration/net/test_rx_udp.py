@@ -75,6 +75,8 @@ async def test_reserve_skbs_dropped_for_ordinary_sockets_accepted_for_memalloc(m
     st = net.stat
     assert st.skbs_emergency == 40  # memory is short: every skb came from the reserve
     assert st.pfmemalloc_drop == 20 and len(other.receive_queue) == 0
+    assert other.rx_drops == {"pfmemalloc_drop": 20} and other.sk_drops == 20
+    assert net.ss_rows()[1]["rx_drops"] == {"pfmemalloc_drop": 20}
     assert len(vm.receive_queue) == 20 and st.delivered_emergency == 20
     assert all(s.memalloc for s in vm.receive_queue)
     if policy == "v12":
@@ -118,6 +120,7 @@ async def test_policy_none_never_reaches_the_reserve(make_net) -> None:
     send_udp(vm.lport, [b"v" * 500] * 50)
     await wait_for(lambda: net.stat.frames == 50)
     assert net.stat.rx_nomem == 50 and net.stat.skbs_emergency == 0
+    assert vm.rx_drops == {"rx_nomem": 50} and vm.sk_drops == 0  # attributed, though pre-demux
     assert net.zone.vmstat["pgalloc_pfmemalloc"] == 0
     assert net.zone.nr_free == free_before > 0  # the reserve is untouched
     net.zone.free_pages(pages)
