@@ -113,3 +113,39 @@ async def test_emu_datagram_and_stream_round_trips(make_net) -> None:
         n.cancel_scope.cancel()
     udp.close()
     assert net.mem.skbs_live == 0 and net.socks == []
+
+
+@pytest.mark.parametrize("policy", ["v12", "pfmemalloc"])
+async def test_iscsi_initiator_over_emulated_stream(make_net, tmp_path: Path, policy: str) -> None:
+    from iscsi.initiator import Initiator
+    from iscsi.lun import DiskLun
+    from iscsi.target import Target
+
+    net = await make_net(policy, ram=32 << 20)
+    iqn = "iqn.2024-01.org.netswap:emu-net-test"
+    target = Target(iqn, {0: DiskLun(tmp_path / "disk.img", block_size=4096, size=4 << 20)})
+    buffers = SlabBuffers(net.slabs)
+    async with trio.open_nursery() as n:
+        listeners = await n.start(target.serve, "127.0.0.1", 0)
+        port = listeners[0].socket.getsockname()[1]
+        connect = functools.partial(net.connect_tcp, "127.0.0.1", port, memalloc=True)
+        pages = [pattern(4096, i) for i in range(32)]
+        async with Initiator(connect, iqn, buffers=buffers) as ini:
+            assert net.sk_memalloc_socks == 1
+            if policy == "v12":
+                assert net.reserve.connected  # the first memalloc socket hung the network reserve
+            with task("swap-writer", TaskFlags.PF_MEMALLOC):
+                for i, page in enumerate(pages):
+                    await ini.write(i, page, fua=True)
+            assert await ini.read(0, 32) == b"".join(pages)
+            sk = net.socks[0]
+            assert sk.memalloc and sk.proto == "tcp"
+            assert buffers.allocs >= 33
+        n.cancel_scope.cancel()
+    st = net.stat
+    assert st.tx_bytes > 32 * 4096 and st.tx_skbs > 32 * 4096 // net.mss
+    assert st.bytes > 32 * 4096 and st.delivered >= 32 * 4096 // net.mss
+    assert buffers.live == 0 and net.mem.skbs_live == 0
+    assert net.sk_memalloc_socks == 0
+    if policy == "v12":
+        assert not net.reserve.connected
