@@ -16,6 +16,7 @@ memory (`mm.zone`, `mm.slabs`, and under v12 `mm.reserve`).  Typical use:
 
 from __future__ import annotations
 
+import os
 import socket as _socket
 from collections.abc import Awaitable, Callable, Iterable
 from types import SimpleNamespace
@@ -282,6 +283,28 @@ class NetStack:
             "sk_memalloc_socks": self.mem.memalloc_socks,
         }
 
+    def wire_overruns(self) -> dict[str, int]:
+        """Datagrams the *real* kernel dropped on our UDP sockets before a wire could read them
+        (the `drops` column of /proc/net/udp), by local address.  Non-zero means the host saw
+        less than was sent: the emulated stage was too slow or the real buffer too small."""
+        by_inode: dict[int, str] = {}
+        for sk in self.socks:
+            if sk.proto == "udp" and not sk.closed:
+                by_inode[os.fstat(sk.raw.fileno()).st_ino] = sk.local_str()
+        for port, wire in self.closed_ports.items():
+            by_inode[os.fstat(wire.raw.fileno()).st_ino] = f"{wire.laddr}:{port}"
+        out: dict[str, int] = {}
+        try:
+            with open("/proc/net/udp") as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    if len(cols) >= 13 and int(cols[9]) in by_inode:
+                        out[by_inode[int(cols[9])]] = int(cols[12])
+        except OSError:
+            pass  # not Linux: nothing to say
+        return out
+
     def snapshot(self) -> dict[str, Any]:
         return {"policy": str(self.policy), "counters": self.stat.snapshot(), "memory": self.memory(),
-                "sockets": self.ss_rows()}
+                "sockets": self.ss_rows(), "wire_overruns": self.wire_overruns()}

@@ -40,6 +40,7 @@ async def test_flood_fills_queue_to_rcvbuf_and_memory_equals_skbs_queued(make_ne
     b.read_all_nowait()
     assert net.mem.skbs_live == 0 and net.mem.head_cache.active_objs == 0
     assert "127.0.0.1:%d" % a.lport in net.ss()
+    assert net.wire_overruns() == {a.local_str(): 0, b.local_str(): 0}  # the real kernel lost nothing
 
 
 async def test_reader_drains_while_owner_resident(make_net) -> None:
@@ -208,3 +209,13 @@ async def test_spoofed_sources_grow_route_cache_to_its_limit_and_no_further(make
     await wait_for(lambda: net.stat.frames == 61)
     assert len(net.routes) == 21 and net.stat.route_gc_freed == 20
     assert net.routes.mem.dst_cache.active_objs == 21
+
+
+async def test_real_kernel_drops_are_visible_as_wire_overruns(make_net) -> None:
+    net = await make_net("none", ram=16 << 20, real_rcvbuf=4096)
+    sk = await net.open_app_udp(0, rcvbuf=1 << 20)
+    send_udp(sk.lport, [b"w" * 500] * 200)  # in one go: the tiny real buffer overflows first
+    await trio.sleep(0.1)
+    lost = net.wire_overruns()[sk.local_str()]
+    assert lost > 0
+    assert net.stat.frames + lost == 200  # every datagram is either seen by the stage or counted
