@@ -1,0 +1,256 @@
+"""The target's full feature phase, driven by the initiator's sans-IO core over real PDU bytes."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from iscsi import scsi
+from iscsi.initiator import InitiatorCore, Task
+from iscsi.keys import SessionParams
+from iscsi.login import LoginResult
+from iscsi.lun import DiskLun
+from iscsi.pdu import Op, Pdu, PduReader, RESERVED_TAG, TmfFunction, TmfResponse, encode_lun, encode_text, parse_text
+from iscsi.sense import SenseKey, Status
+from iscsi.session import TargetCore, TargetSession
+
+IQN = "iqn.2024-01.test:disk"
+
+
+class Pair:
+    """A target session and an initiator core wired back to back through PDU bytes."""
+
+    def __init__(self, tmp: Path, *, window: int = 8, session_type: str = "Normal", **kw: object) -> None:
+        self.lun = DiskLun(tmp / "d.img", size=1 << 20)
+        self.core = TargetCore(IQN, {0: self.lun}, portal="127.0.0.1:3260")
+        tparams = SessionParams(**kw)  # type: ignore[arg-type]
+        iparams = SessionParams(**kw)  # type: ignore[arg-type]
+        # each side's peer limit is the other's own limit
+        tparams.peer_max_recv_data_segment_length = iparams.max_recv_data_segment_length
+        iparams.peer_max_recv_data_segment_length = tparams.max_recv_data_segment_length
+        res = LoginResult(session_type, "iqn.test:ini", IQN, b"\x80" * 6, 1, 0, tparams, cmd_sn=1, stat_sn=100)
+        self.ts = TargetSession(self.core, res, window=window)
+        self.ic = InitiatorCore(iparams, cmd_sn=1, exp_stat_sn=100, exp_cmd_sn=1, max_cmd_sn=window)
+        self.to_target = PduReader(max_data=tparams.max_recv_data_segment_length, header_digest=tparams.header_digest, data_digest=tparams.data_digest)
+        self.to_initiator = PduReader(header_digest=iparams.header_digest, data_digest=iparams.data_digest)
+        self.seen: list[Pdu] = []  # every PDU the target sent
+
+    def send(self, chunks: list[bytes]) -> None:
+        pending = b"".join(chunks)
+        while pending:
+            self.to_target.feed(pending)
+            while (p := self.to_target.next()) is not None:
+                self.ts.receive(p)
+            out = b"".join(self.ts.out)
+            self.ts.out.clear()
+            self.to_initiator.feed(out)
+            back: list[bytes] = []
+            while (p := self.to_initiator.next()) is not None:
+                self.seen.append(p)
+                back += self.ic.receive(p)
+            pending = b"".join(back)
+
+    def run(self, task: Task) -> Task:
+        self.send(self.ic.submit(task))
+        return task
+
+
+def scsi_task(cdb: bytes, *, data: bytes | None = None, read_len: int = 0) -> Task:
+    return Task("scsi", 0, cdb, memoryview(data) if data is not None else None, read_len)
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Pair:
+    return Pair(tmp_path)
+
+
+def test_write_with_r2t_then_read_in_many_data_in(tmp_path: Path) -> None:
+    p = Pair(tmp_path, initial_r2t=True, immediate_data=False, max_burst_length=4096, max_recv_data_segment_length=1024)
+    data = os.urandom(16384)
+    w = p.run(scsi_task(scsi.cdb_write(10, 32), data=data))
+    assert w.result is not None and w.result.status == Status.GOOD
+    r2ts = [x for x in p.seen if x.opcode == Op.R2T]
+    assert [x.u32(40) for x in r2ts] == [0, 4096, 8192, 12288]  # BufferOffset of each burst
+    assert [x.u32(36) for x in r2ts] == [0, 1, 2, 3]  # R2TSN
+    p.seen.clear()
+    r = p.run(scsi_task(scsi.cdb_read(10, 32), read_len=16384))
+    assert r.result.data == data
+    data_in = [x for x in p.seen if x.opcode == Op.DATA_IN]
+    assert len(data_in) == 16 and [x.u32(36) for x in data_in] == list(range(16))  # DataSN
+    assert data_in[-1].flags & 0x01 and not data_in[0].flags & 0x01  # status only in the last
+
+
+def test_immediate_and_unsolicited_data(tmp_path: Path) -> None:
+    p = Pair(tmp_path, initial_r2t=False, immediate_data=True, first_burst_length=8192, max_recv_data_segment_length=2048)
+    data = os.urandom(20480)
+    w = p.run(scsi_task(scsi.cdb_write(0, 40), data=data))
+    assert w.result.status == Status.GOOD
+    r2ts = [x for x in p.seen if x.opcode == Op.R2T]
+    assert r2ts and r2ts[0].u32(40) == 8192  # the first 8192 bytes came unsolicited
+    assert p.lun.execute(scsi.cdb_read(0, 40)).data == data
+
+
+def test_statsn_and_cmdsn_window(pair: Pair) -> None:
+    tur = scsi.cdb_test_unit_ready()
+    for _ in range(3):
+        pair.run(scsi_task(tur))
+    stat_sns = [x.u32(24) for x in pair.seen]
+    assert stat_sns == [100, 101, 102]
+    assert pair.seen[-1].u32(28) == 4 and pair.seen[-1].u32(32) == 4 + 8 - 1  # ExpCmdSN, MaxCmdSN
+    # CmdSN beyond MaxCmdSN, and below ExpCmdSN: silently ignored
+    for bad in (pair.ic.max_cmd_sn + 1, pair.ic.cmd_sn - 1):
+        t = Task("scsi", 0, tur)
+        out = pair.ic.submit(t)
+        pair.ic.cmd_sn -= 1
+        bhs = bytearray(out[0])
+        struct.pack_into(">I", bhs, 24, bad)
+        n = len(pair.seen)
+        pair.send([bytes(bhs)])
+        assert len(pair.seen) == n and pair.ts.stats["ignored"] >= 1
+        pair.ic.tasks.pop(t.itt)
+    assert pair.run(scsi_task(tur)).result.status == Status.GOOD
+
+
+def test_commands_ahead_of_expcmdsn_wait_for_the_gap(pair: Pair) -> None:
+    a, b = scsi_task(scsi.cdb_test_unit_ready()), scsi_task(scsi.cdb_test_unit_ready())
+    first = pair.ic.submit(a)
+    second = pair.ic.submit(b)
+    pair.send(second)
+    assert b.result is None and len(pair.ts.pending) == 1
+    pair.send(first)
+    assert a.result.status == b.result.status == Status.GOOD
+    assert [x.itt for x in pair.seen] == [a.itt, b.itt]  # executed in CmdSN order
+
+
+@pytest.mark.parametrize("edtl,flag,resid,datalen", [(200, 0x04, 312, 200), (10000, 0x02, 10000 - 512, 512), (0, 0x04, 512, 0)])
+def test_read_residuals(pair: Pair, edtl: int, flag: int, resid: int, datalen: int) -> None:
+    t = scsi_task(scsi.cdb_read(0, 1), read_len=edtl)
+    pair.run(t)
+    assert t.result.status == Status.GOOD and len(t.result.data) == datalen
+    last = pair.seen[-1]
+    assert last.flags & 0x06 == flag and last.u32(44) == resid
+
+
+def test_lba_out_of_range_sense(pair: Pair) -> None:
+    t = pair.run(scsi_task(scsi.cdb_read(pair.lun.nblocks, 1), read_len=512))
+    assert t.result.status == Status.CHECK_CONDITION
+    assert (t.result.sense.key, t.result.sense.asc, t.result.sense.ascq) == (SenseKey.ILLEGAL_REQUEST, 0x21, 0)
+    t = pair.run(scsi_task(bytes((0xEE,)) + bytes(9)))
+    assert (t.result.sense.key, t.result.sense.asc) == (SenseKey.ILLEGAL_REQUEST, 0x20)
+
+
+def test_fua_write_and_sync_cache_ask_for_fsync(pair: Pair) -> None:
+    pair.run(scsi_task(scsi.cdb_write(0, 1), data=bytes(512)))
+    assert not pair.ts.sync_luns
+    pair.run(scsi_task(scsi.cdb_write(0, 1, fua=True), data=bytes(512)))
+    assert pair.ts.sync_luns == {pair.lun}
+    pair.ts.sync_luns.clear()
+    pair.run(scsi_task(scsi.cdb_synchronize_cache()))
+    assert pair.ts.sync_luns == {pair.lun}
+
+
+def _data_out(itt: int, ttt: int, data_sn: int, offset: int, data: bytes, final: bool) -> bytes:
+    p = Pdu.new(Op.DATA_OUT, 0x80 if final else 0, itt=itt, data=data)
+    p.set_u32(20, ttt).set_u32(36, data_sn).set_u32(40, offset)
+    return p.encode()
+
+
+def test_bad_datasn_fails_the_command(tmp_path: Path) -> None:
+    p = Pair(tmp_path, initial_r2t=True, immediate_data=False)
+    t = scsi_task(scsi.cdb_write(0, 2), data=bytes(1024))
+    cmd = p.ic.submit(t)
+    p.to_target.feed(b"".join(cmd))
+    p.ts.receive(p.to_target.next())
+    r2t = p.ts.out
+    p.to_initiator.feed(b"".join(r2t))
+    p.ts.out = []
+    r2t_pdu = p.to_initiator.next()
+    ttt = r2t_pdu.u32(20)
+    p.send([_data_out(t.itt, ttt, 1, 0, bytes(512), False), _data_out(t.itt, ttt, 0, 512, bytes(512), True)])
+    assert t.result.status == Status.CHECK_CONDITION and t.result.sense.key == SenseKey.ABORTED_COMMAND
+
+
+def test_nop_both_ways(pair: Pair) -> None:
+    t = Task("nop")
+    t.payload = b"ping!"
+    t.immediate = True
+    pair.run(t)
+    assert t.response == b"ping!"
+    pair.ts.nop_in_ping()
+    assert pair.ts.nops_unanswered == 1
+    out = b"".join(pair.ts.out)
+    pair.ts.out.clear()
+    pair.to_initiator.feed(out)
+    answer = pair.ic.receive(pair.to_initiator.next())
+    pair.send(answer)  # the initiator's NOP-Out echoes the TTT
+    assert pair.ts.nops_unanswered == 0
+
+
+def test_abort_task_and_resets(tmp_path: Path) -> None:
+    p = Pair(tmp_path, initial_r2t=True, immediate_data=False)
+    w = scsi_task(scsi.cdb_write(0, 2), data=bytes(1024))
+    p.to_target.feed(b"".join(p.ic.submit(w)))
+    p.ts.receive(p.to_target.next())
+    p.ts.out.clear()  # the R2T is never answered: the write is in progress
+    assert w.itt in p.ts.writes
+
+    def tmf(function: int, ref: int = RESERVED_TAG) -> int:
+        t = Task("tmf")
+        t.immediate = True
+        t.response = (function, ref, w.cmd_sn)
+        p.run(t)
+        return t.response  # type: ignore[return-value]
+
+    assert tmf(TmfFunction.ABORT_TASK, w.itt) == TmfResponse.FUNCTION_COMPLETE
+    assert w.itt not in p.ts.writes and w.result is None  # no SCSI response for an aborted task
+    assert tmf(TmfFunction.ABORT_TASK, 0xABCD) == TmfResponse.TASK_DOES_NOT_EXIST
+    assert tmf(TmfFunction.LOGICAL_UNIT_RESET) == TmfResponse.FUNCTION_COMPLETE
+    assert tmf(TmfFunction.TARGET_WARM_RESET) == TmfResponse.FUNCTION_COMPLETE
+    assert tmf(TmfFunction.TASK_REASSIGN) == TmfResponse.REASSIGNMENT_NOT_SUPPORTED
+    assert p.ts.write_buffered == 0
+
+
+def test_rejects(pair: Pair) -> None:
+    for op in (0x1F, Op.SNACK, Op.NOP_IN):
+        bad = Pdu.new(op, 0x80, itt=77)
+        pair.send([bad.encode()])
+        rej = pair.seen[-1]
+        assert rej.opcode == Op.REJECT and rej.data[:48] == bytes(bad.bhs)  # carries the header
+    stat = [x.u32(24) for x in pair.seen]
+    assert stat == [100, 101, 102]  # StatSN advances after each Reject
+
+
+def test_logout(pair: Pair) -> None:
+    t = Task("logout")
+    t.immediate = True
+    pair.run(t)
+    assert t.response == 0 and pair.ts.closing
+
+
+def test_sendtargets_discovery(tmp_path: Path) -> None:
+    p = Pair(tmp_path, session_type="Discovery")
+    t = Task("text")
+    t.payload = encode_text([("SendTargets", "All")])
+    p.run(t)
+    rsp = p.seen[-1]
+    assert rsp.opcode == Op.TEXT_RSP and rsp.flags == 0x80 and rsp.u32(20) == RESERVED_TAG
+    assert parse_text(t.response) == [("TargetName", IQN), ("TargetAddress", "127.0.0.1:3260,1")]
+    s = scsi_task(scsi.cdb_test_unit_ready())
+    p.run(s)
+    assert p.seen[-1].opcode == Op.REJECT  # no SCSI in a discovery session
+
+
+def test_write_buffering_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import iscsi.session as sess
+
+    monkeypatch.setattr(sess, "MAX_WRITE_BUFFERED", 4096)
+    p = Pair(tmp_path, initial_r2t=True, immediate_data=False)
+    first = scsi_task(scsi.cdb_write(0, 8), data=bytes(4096))
+    p.to_target.feed(b"".join(p.ic.submit(first)))
+    p.ts.receive(p.to_target.next())
+    p.ts.out.clear()
+    second = p.run(scsi_task(scsi.cdb_write(8, 8), data=bytes(4096)))
+    assert second.result.status == Status.TASK_SET_FULL
