@@ -428,9 +428,10 @@ class Initiator:
         self._nursery = await self._nursery_cm.__aenter__()  # type: ignore[attr-defined]
         try:
             await self.login()
-        except BaseException as e:
+        except BaseException:
             self._nursery.cancel_scope.cancel()
-            await self._nursery_cm.__aexit__(type(e), e, e.__traceback__)  # type: ignore[attr-defined]
+            await self._teardown()
+            await self._nursery_cm.__aexit__(None, None, None)  # type: ignore[attr-defined]
             raise
         return self
 

@@ -1,0 +1,230 @@
+"""Our trio target and our initiator over real loopback TCP: data, concurrency, recovery, bad input."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from iscsi.initiator import Initiator, ISCSIError, ScsiError, discover
+from iscsi.login import LoginError, LoginStatus
+from iscsi.lun import DiskLun
+from iscsi.pdu import Op, Pdu, PduReader, encode_text
+from iscsi.sense import SenseKey
+from iscsi.target import Target
+
+IQN = "iqn.2024-01.test:loop"
+
+
+class Served:
+    def __init__(self, target: Target, port: int, lun: DiskLun) -> None:
+        self.target, self.port, self.lun = target, port, lun
+
+    async def connect(self) -> trio.SocketStream:
+        return await trio.open_tcp_stream("127.0.0.1", self.port)
+
+    def initiator(self, **kw: object) -> Initiator:
+        return Initiator(self.connect, IQN, **kw)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def _serve(tmp_path: Path, **kw: object) -> AsyncIterator[Served]:
+    lun = DiskLun(tmp_path / "lun.img", size=4 << 20)
+    target = Target(IQN, {0: lun}, **kw)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(target.serve, "127.0.0.1", 0)
+        yield Served(target, listeners[0].socket.getsockname()[1], lun)
+        nursery.cancel_scope.cancel()
+    lun.close()
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    async with _serve(tmp_path) as s:
+        yield s
+
+
+async def test_write_read_fua_sync(served: Served) -> None:
+    async with served.initiator() as ini:
+        assert (ini.nblocks, ini.block_size) == (8192, 512)
+        data = os.urandom(1 << 20)  # beyond FirstBurstLength: unsolicited data and R2Ts
+        await ini.write(64, data, fua=True)
+        with open(served.lun.path, "rb") as f:  # on disk before the response came
+            f.seek(64 * 512)
+            assert f.read(len(data)) == data
+        assert await ini.read(64, len(data) // 512) == data
+        await ini.synchronize_cache()
+        assert await ini.nop(b"x" * 100) == b"x" * 100
+        with pytest.raises(ScsiError) as e:
+            await ini.read(ini.nblocks, 1)
+        assert (e.value.sense.key, e.value.sense.asc) == (SenseKey.ILLEGAL_REQUEST, 0x21)
+
+
+async def test_many_in_flight_with_digests_and_buffers_hook(served: Served) -> None:
+    class Counting:
+        def __init__(self) -> None:
+            self.live = 0
+            self.peak = 0
+            self.total = 0
+
+        async def alloc(self, nbytes: int) -> object:
+            self.live += 1
+            self.total += 1
+            self.peak = max(self.peak, self.live)
+            return nbytes
+
+        def free(self, token: object) -> None:
+            self.live -= 1
+
+    bufs = Counting()
+    async with served.initiator(header_digest=True, data_digest=True, buffers=bufs) as ini:
+        assert ini.params.header_digest and ini.params.data_digest
+        pages = {i: os.urandom(4096) for i in range(64)}
+
+        async def one(i: int) -> None:
+            await ini.write(i * 8, pages[i])
+            assert await ini.read(i * 8, 8) == pages[i]
+
+        async with trio.open_nursery() as n:
+            for i in pages:
+                n.start_soon(one, i)
+    assert bufs.live == 0 and bufs.total >= 128 and bufs.peak > 1  # concurrent, all freed
+
+
+async def test_cmdsn_window_is_respected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import iscsi.session as sess
+
+    monkeypatch.setattr(sess, "CMD_WINDOW", 2)
+    async with _serve(tmp_path) as s:
+        async with s.initiator() as ini:
+            results = []
+
+            async def rd(i: int) -> None:
+                results.append(len(await ini.read(i, 1)))
+
+            async with trio.open_nursery() as n:
+                for i in range(40):
+                    n.start_soon(rd, i)
+            assert results == [512] * 40  # none ignored by the target, none lost
+            assert s.target.core.sessions and all(x.stats["ignored"] == 0 for x in s.target.core.sessions)
+
+
+async def test_session_recovery_reissues_outstanding(served: Served) -> None:
+    async with served.initiator(reconnect_delay=0.01) as ini:
+        await ini.write(0, b"a" * 4096)
+        # The target drops every connection (what a restarted or wedged target does).
+        for scope in list(served.target.by_nexus.values()):
+            scope.cancel()
+        data = os.urandom(4096)
+        await ini.write(8, data)  # issued while the session is down or coming back
+        assert await ini.read(8, 8) == data
+        assert ini.reconnects >= 1
+
+
+async def test_recovery_gives_up_when_target_is_gone(tmp_path: Path) -> None:
+    async with _serve(tmp_path) as s:
+        ini = s.initiator(reconnect_delay=0.01, max_reconnects=2)
+        async with ini:
+            s.target.login_config.target_name = "iqn.2024-01.test:renamed"  # relogins now fail
+            for scope in list(s.target.by_nexus.values()):
+                scope.cancel()
+            with pytest.raises(ISCSIError, match="reconnects failed"):
+                await ini.read(0, 1)
+
+
+async def test_chap_and_refusals(tmp_path: Path) -> None:
+    async with _serve(tmp_path, chap=("user", "twelve-chars!")) as s:
+        async with s.initiator(chap=("user", "twelve-chars!")) as ini:
+            assert len(await ini.read(0, 1)) == 512
+        with pytest.raises(LoginError) as e:
+            async with s.initiator(chap=("user", "wrong-secret")):
+                pass
+        assert e.value.status == LoginStatus.AUTHENTICATION_FAILURE
+        with pytest.raises(LoginError) as e:
+            async with Initiator(s.connect, "iqn.2024-01.test:other"):
+                pass
+        assert e.value.status == LoginStatus.NOT_FOUND
+
+
+async def test_discovery(served: Served) -> None:
+    found = await discover(served.connect)
+    assert found == [(IQN, f"127.0.0.1:{served.port},1")]
+
+
+async def _raw_login(stream: trio.SocketStream) -> PduReader:
+    req = Pdu.new(Op.LOGIN_REQ, 0x87, immediate=True, itt=1, data=encode_text([("InitiatorName", "iqn.x:raw"), ("TargetName", IQN), ("HeaderDigest", "None"), ("DataDigest", "None")]))
+    req.bhs[8:14] = os.urandom(6)
+    await stream.send_all(req.encode())
+    reader = PduReader()
+    while (rsp := reader.next()) is None:
+        reader.feed(await stream.receive_some(65536))
+    assert rsp.opcode == Op.LOGIN_RSP and rsp.bhs[36] == 0
+    return reader
+
+
+async def test_bad_input_never_disturbs_other_sessions(served: Served) -> None:
+    async with served.initiator() as ini:
+        data = os.urandom(4096)
+        await ini.write(0, data)
+        # 1) garbage before login: the connection is closed, nothing crashes
+        s = await served.connect()
+        await s.send_all(os.urandom(4096))
+        with trio.fail_after(35):
+            while await s.receive_some(65536):
+                pass
+        await s.aclose()
+        # 2) an oversized data segment after login: Reject (carrying the header), then closed
+        s = await served.connect()
+        reader = await _raw_login(s)
+        huge = Pdu.new(Op.SCSI_CMD, 0x80, itt=5)
+        hdr = bytearray(huge.encode())
+        hdr[5:8] = (1 << 24 - 1).to_bytes(3, "big")  # 8 MiB claimed, never sent
+        await s.send_all(bytes(hdr))
+        got = b""
+        with trio.fail_after(5):
+            while chunk := await s.receive_some(65536):
+                got += chunk
+        reader.feed(got)
+        rej = reader.next()
+        assert rej is not None and rej.opcode == Op.REJECT and rej.data[:5] == bytes(hdr[:5])
+        await s.aclose()
+        # 3) a login PDU out of order in the full feature phase: Reject, session lives on
+        s = await served.connect()
+        reader = await _raw_login(s)
+        again = Pdu.new(Op.LOGIN_REQ, 0x87, immediate=True, itt=2)
+        await s.send_all(again.encode())
+        while (p := reader.next()) is None:
+            reader.feed(await s.receive_some(65536))
+        assert p.opcode == Op.REJECT
+        await s.aclose()
+        # the first session saw none of it
+        assert await ini.read(0, 8) == data
+
+
+async def test_half_open_connections_are_bounded(tmp_path: Path) -> None:
+    async with _serve(tmp_path, max_connections=3) as s:
+        socks = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(5)]
+        try:
+            await trio.sleep(0.2)
+            assert s.target.connections == 3  # the rest were closed at once
+        finally:
+            for x in socks:
+                x.close()
+        await trio.sleep(0.1)
+        async with s.initiator() as ini:  # and service resumes
+            await ini.test_unit_ready()
+
+
+async def test_target_nop_in_pings_are_answered(tmp_path: Path) -> None:
+    async with _serve(tmp_path, nop_interval=0.05) as s:
+        async with s.initiator() as ini:
+            await trio.sleep(0.4)  # several pings; unanswered ones would close the session
+            (sess,) = s.target.core.sessions
+            assert sess.nop_ttt > 0x10000000 and sess.nops_unanswered == 0
+            assert len(await ini.read(0, 1)) == 512
