@@ -82,9 +82,21 @@ class NetMem:
         """__netdev_alloc_skb in the receive stage: the policy's emergency rule (module doc)."""
         stat = self.stat
         if not self.memalloc_socks or self.policy is Policy.NONE:
-            skb = self.skb_try(size, GFP_ATOMIC, True)
-            if skb is not None:
-                stat.skbs += 1
+            # skb_try(size, GFP_ATOMIC, True), inlined: this is every frame's first step
+            head = self.head_cache.alloc(GFP_ATOMIC)
+            if head is None:
+                return None
+            cache = self._data_cache.get(size, False)
+            if cache is False:
+                cache = self.data_cache(size)
+            buf = cache.alloc(GFP_ATOMIC) if cache is not None else self.slabs.kmalloc(size + SKB_SHARED_INFO, GFP_ATOMIC)
+            if buf is None:
+                self.head_cache.free(head)
+                return None
+            skb = SkBuff(self, size, head, buf, True)
+            self.skbs_live += 1
+            self.skb_truesize_live += skb.truesize
+            stat.skbs += 1
             return skb
         if self.policy is Policy.PFMEMALLOC:
             skb = self.skb_try(size, _ATOMIC_NOMEMALLOC, True)

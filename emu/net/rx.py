@@ -130,7 +130,13 @@ class Nic:
                 stat.route_lookups += 1
                 stat.route_hits += 1
                 rt.lastuse = now
-                self._udp_deliver(skb, dport)
+                # steps 5-8 for an ordinary skb, inlined likewise
+                sk = self.udp_table.get(dport)
+                if sk is not None and sk.sk_rmem_alloc + skb.truesize < sk.sk_rcvbuf:
+                    sk.queue_rcv_skb(skb)
+                    stat.delivered += 1
+                else:
+                    self._udp_deliver(skb, dport)
             else:
                 self._udp_rcv(skb, saddr, daddr, dport, now)
             return

@@ -115,6 +115,8 @@ class UdpWire:
                         except BlockingIOError:
                             break
                         except OSError:  # e.g. ECONNREFUSED queued by ICMP on a connected socket
+                            if raw.fileno() == -1:  # closed under us: the socket is going away
+                                return
                             stat.wire_errors += 1
                             continue
                         udp_input(addr[0], addr[1], laddr, lport, buf[:n], now)
