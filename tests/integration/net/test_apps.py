@@ -1,0 +1,53 @@
+"""Applications read their sockets only while their own pages are resident (a real Mm, real swap)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from emu.mm.gfp import Policy
+from emu.mm.mm import Mm
+from emu.mm.page_alloc import Zone
+from emu.mm.process import Process
+from emu.mm.sched import task
+from emu.mm.slab import Slabs
+from emu.mm.swap import LocalFileSwap
+from emu.net.sock import app_reader
+from emu.net.stack import NetStack
+from nethelp import send_udp, wait_for
+
+
+async def test_swapped_out_owner_lets_its_queue_fill_then_drains_it(tmp_path: Path) -> None:
+    zone = Zone(2 << 20, policy=Policy.NONE)
+    mm = Mm(zone, Slabs(zone))
+    net = NetStack(mm)
+    async with trio.open_nursery() as n:
+        await n.start(mm.run)
+        await n.start(net.run)
+        storage = LocalFileSwap(tmp_path / "swap")
+        await mm.swapon(storage, 2048)
+        app = Process(mm, "app", 8)
+        hogp = Process(mm, "hog", 1024)
+        with task("app"):
+            for p in range(8):
+                await app.touch(p)
+        sk = await net.open_app_udp(0, owner=app, rcvbuf=64 * 1024)
+        with task("hog"):  # push the app's pages out to swap
+            for p in range(700):
+                await hogp.touch(p)
+        assert all(isinstance(pte, int) for pte in app.pte), app.pte  # swapped out
+        storage.latency = 0.2  # from now on a slow swap device
+        with task("app"):
+            n.start_soon(app_reader, sk, net.resident(app, range(2)))
+            send_udp(sk.lport, [b"a" * 1000] * 200)
+            await wait_for(lambda: net.stat.frames == 200)
+            # While its working set comes back from the slow device, nothing is read: the queue
+            # filled to its receive buffer and the rest was dropped.
+            assert sk.bytes_read == 0 and net.stat.rcvbuf_full > 0
+            assert sk.sk_rmem_alloc == net.mem.skb_truesize_live > 0
+            await wait_for(lambda: sk.bytes_read > 0, timeout=10)
+            await wait_for(lambda: not sk.receive_queue)
+        assert app.maj_flt >= 1
+        assert "app" in net.ss()
+        n.cancel_scope.cancel()
