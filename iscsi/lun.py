@@ -316,7 +316,7 @@ class DiskLun:
 
     def maintenance_in(self, cdb: bytes) -> ScsiResult:
         if cdb[1] & 0x1F != SA_REPORT_SUPPORTED_OPCODES:
-            return check(illegal_request(S.INVALID_FIELD_IN_CDB))
+            return check(illegal_request(S.INVALID_FIELD_IN_CDB, field_pointer=1))
         return report_supported_opcodes(cdb)
 
     def start_stop_unit(self, cdb: bytes) -> ScsiResult:
@@ -391,16 +391,16 @@ def report_supported_opcodes(cdb: bytes) -> ScsiResult:
     has_sa = {op for (op, sa) in _USAGE if sa is not None}
     if options == 1:
         if req_op in has_sa:
-            return check(illegal_request(S.INVALID_FIELD_IN_CDB))
+            return check(illegal_request(S.INVALID_FIELD_IN_CDB, field_pointer=2))
         usage = _USAGE.get((req_op, None))
     elif options == 2:
         if req_op not in has_sa:
-            return check(illegal_request(S.INVALID_FIELD_IN_CDB))
+            return check(illegal_request(S.INVALID_FIELD_IN_CDB, field_pointer=2))
         usage = _USAGE.get((req_op, req_sa))
     elif options == 3:
         usage = _USAGE.get((req_op, req_sa if req_op in has_sa else None))
     else:
-        return check(illegal_request(S.INVALID_FIELD_IN_CDB))
+        return check(illegal_request(S.INVALID_FIELD_IN_CDB, field_pointer=2))
     if usage is None:
         data = bytes((0, 0x01, 0, 0))  # SUPPORT 001b: not supported
     else:

@@ -53,6 +53,7 @@ class Sense:
     asc: int
     ascq: int
     information: int | None = None
+    field_pointer: int | None = None  # sense-key specific: the offending CDB byte (SKSV, C/D=1)
 
     def fixed(self) -> bytes:
         """18-byte fixed-format sense data (response code 0x70, current error)."""
@@ -65,6 +66,9 @@ class Sense:
         b[7] = 10
         b[12] = self.asc
         b[13] = self.ascq
+        if self.field_pointer is not None:
+            b[15] = 0xC0  # SKSV, C/D: the error is in the CDB
+            b[16:18] = self.field_pointer.to_bytes(2, "big")
         return bytes(b)
 
     @classmethod
@@ -87,5 +91,5 @@ class Sense:
         return f"{key} ASC/ASCQ 0x{self.asc:02x}/0x{self.ascq:02x}"
 
 
-def illegal_request(ascq_pair: tuple[int, int]) -> Sense:
-    return Sense(SenseKey.ILLEGAL_REQUEST, *ascq_pair)
+def illegal_request(ascq_pair: tuple[int, int], field_pointer: int | None = None) -> Sense:
+    return Sense(SenseKey.ILLEGAL_REQUEST, *ascq_pair, field_pointer=field_pointer)
