@@ -41,6 +41,8 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "tcp_held": ("TcpExtTCPRcvQDrop", "TCP chunks dropped and held on the wire for re-offer"),
     "tcp_reoffer": ("", "TCP chunks offered again after a retransmission timeout"),
     "tcp_window_closed": ("TcpExtTCPZeroWindowDrop", "times a TCP wire stopped reading: receive window closed"),
+    "tcp_accepted": ("TcpPassiveOpens", "connections accepted by application listeners"),
+    "listen_drops": ("TcpExtListenDrops", "connections refused: no memory for the new socket"),
     "tx_skbs": ("IpOutRequests", "TX skbs allocated"),
     "tx_skbs_reserve": ("", "TX skbs allocated from the reserve"),
     "tx_nomem": ("", "sends that failed: no memory for a TX skb"),

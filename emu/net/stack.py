@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import os
 import socket as _socket
+import struct
 from collections.abc import Awaitable, Callable, Iterable
 from types import SimpleNamespace
 from typing import Any
 
 import trio
 
-from emu.mm.gfp import GFP_KERNEL, Policy
+from emu.mm.gfp import GFP_ATOMIC, GFP_KERNEL, Policy
+from emu.mm.sched import softirq
 from emu.mm.reserve import IPFRAG_HIGH_THRESH, IPFRAG_LOW_THRESH, IPFRAG_TIME, route_hash_defaults
 from emu.mm.sizes import SOCK_TCP, SOCK_UDP
 from emu.net.ip import RouteCache
@@ -37,7 +39,7 @@ from emu.net.sock import RMEM_DEFAULT, Sock, app_reader
 from emu.net.transport import EmuDatagram, EmuStream
 from emu.net.wire import IP_HDR, REAL_RCVBUF_DEFAULT, TCP_HDR, TCP_RTO_MAX, TCP_RTO_MIN, TcpWire, UdpWire, set_big_rcvbuf
 
-__all__ = ["NetStack", "app_reader"]
+__all__ = ["NetStack", "TcpListener", "app_reader", "serve_app_tcp"]
 
 
 class NetStack:
@@ -99,6 +101,7 @@ class NetStack:
         self.tcp_chunk_truesize = self.mss + IP_HDR + TCP_HDR + SKB_OVERHEAD
         self.socks: list[Sock] = []
         self.closed_ports: dict[int, UdpWire] = {}
+        self.listeners: list[TcpListener] = []
         self.udp_sk_cache = self.slabs.cache("UDP", SOCK_UDP)
         self.tcp_sk_cache = self.slabs.cache("TCP", SOCK_TCP)
 
@@ -135,16 +138,40 @@ class NetStack:
             raw.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
             tsock = trio.socket.from_stdlib_socket(raw)
             await tsock.connect((host, port))
-            sk = await self._new_sock("tcp", raw, owner, rcvbuf)
+            sk_obj = await self.tcp_sk_cache.alloc_wait(GFP_KERNEL)  # sk_alloc
         except BaseException:
             raw.close()
             raise
-        self.nic.tcp_table[(sk.lport, sk.raddr, sk.rport)] = sk
-        sk.wire = TcpWire(self.nic, sk, raw)
-        self.nic.attach(sk.wire)
+        sk = self._adopt_tcp(raw, owner, rcvbuf, sk_obj)
         if memalloc:
             sk.sk_set_memalloc()
         return EmuStream(sk)
+
+    async def open_app_tcp_listener(self, port: int = 0, owner: Any = None, *, rcvbuf: int | None = None,
+                                    addr: str | None = None, backlog: int = 128) -> TcpListener:
+        """An application's listening TCP socket; `accept()` (or `serve_app_tcp`) yields emulated
+        TCP sockets owned by `owner`, so background TCP streams are charged like UDP floods."""
+        raw = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+        try:
+            raw.setblocking(False)
+            raw.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+            raw.bind((addr or self.local_addr, port))
+            raw.listen(backlog)
+        except BaseException:
+            raw.close()
+            raise
+        lst = TcpListener(self, raw, owner, rcvbuf)
+        self.listeners.append(lst)
+        return lst
+
+    def _adopt_tcp(self, raw: _socket.socket, owner: Any, rcvbuf: int | None, sk_obj: Any) -> Sock:
+        sk = Sock(self, "tcp", raw, owner, rcvbuf if rcvbuf is not None else self.rmem_default)
+        sk.sk_obj = sk_obj
+        self.socks.append(sk)
+        self.nic.tcp_table[(sk.lport, sk.raddr, sk.rport)] = sk
+        sk.wire = TcpWire(self.nic, sk, raw)
+        self.nic.attach(sk.wire)
+        return sk
 
     async def open_udp(self, host: str, port: int, *, memalloc: bool = False, owner: Any = None,
                        rcvbuf: int | None = None) -> EmuDatagram:
@@ -224,6 +251,8 @@ class NetStack:
             wire.cancel_scope.cancel()
             trio.socket.from_stdlib_socket(wire.raw).close()
         self.closed_ports.clear()
+        for lst in list(self.listeners):
+            lst.close()
 
     # ---- SOCK_MEMALLOC bookkeeping ----------------------------------------------------------------
 
@@ -308,3 +337,69 @@ class NetStack:
     def snapshot(self) -> dict[str, Any]:
         return {"policy": str(self.policy), "counters": self.stat.snapshot(), "memory": self.memory(),
                 "sockets": self.ss_rows(), "wire_overruns": self.wire_overruns()}
+
+
+class TcpListener:
+    """A listening socket of an application on the emulated host.
+
+    The real kernel completes the handshake; `accept()` then allocates the emulated `struct
+    tcp_sock` as the kernel does for a new child socket (GFP_ATOMIC, softirq).  Without memory the
+    connection is reset and counted (`listen_drops`)."""
+
+    def __init__(self, net: NetStack, raw: _socket.socket, owner: Any, rcvbuf: int | None) -> None:
+        self.net = net
+        self.raw = raw
+        self.tsock = trio.socket.from_stdlib_socket(raw)
+        self.owner = owner
+        self.rcvbuf = rcvbuf
+        self.laddr, self.port = raw.getsockname()[:2]
+        self.closed = False
+
+    async def accept(self) -> Sock:
+        net = self.net
+        while True:
+            if self.closed:
+                raise trio.ClosedResourceError("listener closed")
+            await trio.lowlevel.wait_readable(self.raw)
+            try:
+                conn, _ = self.raw.accept()
+            except BlockingIOError:
+                continue
+            conn.setblocking(False)
+            with softirq():
+                sk_obj = net.tcp_sk_cache.alloc(GFP_ATOMIC)
+            if sk_obj is None:
+                net.stat.listen_drops += 1
+                conn.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()  # RST
+                continue
+            net.stat.tcp_accepted += 1
+            return net._adopt_tcp(conn, self.owner, self.rcvbuf, sk_obj)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.tsock.close()
+        if self in self.net.listeners:
+            self.net.listeners.remove(self)
+
+
+async def serve_app_tcp(listener: TcpListener, resident: Callable[[], Awaitable[None]] | None = None,
+                        interval: float = 0.0) -> None:
+    """An application's TCP server: accept every connection and read it with `app_reader`
+    (reading only while the owner is resident); each socket is closed at end of stream."""
+
+    async def one(sk: Sock) -> None:
+        try:
+            await app_reader(sk, resident, interval)
+        finally:
+            sk.close()
+
+    async with trio.open_nursery() as nursery:
+        while True:
+            try:
+                sk = await listener.accept()
+            except trio.ClosedResourceError:
+                return
+            nursery.start_soon(one, sk)

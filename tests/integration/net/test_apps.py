@@ -51,3 +51,43 @@ async def test_swapped_out_owner_lets_its_queue_fill_then_drains_it(tmp_path: Pa
         assert app.maj_flt >= 1
         assert "app" in net.ss()
         n.cancel_scope.cancel()
+
+
+async def test_app_tcp_listener_receives_streams_and_refuses_without_memory(make_net) -> None:
+    from emu.net.stack import serve_app_tcp
+    from nethelp import hog
+
+    net = await make_net("none", ram=16 << 20)
+    lst = await net.open_app_tcp_listener(0, owner="tcpapp", rcvbuf=64 * 1024)
+    payload = b"t" * 100_000
+
+    async def client() -> None:
+        s = await trio.open_tcp_stream("127.0.0.1", lst.port)
+        async with s:
+            await s.send_all(payload)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(serve_app_tcp, lst)
+        async with trio.open_nursery() as clients:
+            for _ in range(3):
+                clients.start_soon(client)
+        await wait_for(lambda: net.stat.app_read_bytes == 3 * len(payload))
+        assert net.stat.tcp_accepted == 3
+        await wait_for(lambda: net.socks == [])  # closed at end of stream
+        pages = hog(net.zone)
+        held = []  # and any free struct tcp_sock objects still on a slab
+        while (o := net.tcp_sk_cache.alloc(0)) is not None:
+            held.append(o)
+        with trio.fail_after(5):
+            try:
+                await client()
+            except (OSError, trio.BrokenResourceError):
+                pass  # reset by the emulated host: no memory for the socket
+            await wait_for(lambda: net.stat.listen_drops == 1)
+        assert net.stat.tcp_accepted == 3
+        for o in held:
+            net.tcp_sk_cache.free(o)
+        net.zone.free_pages(pages)
+        assert net.stat.listen_drops >= 1
+        n.cancel_scope.cancel()
+    lst.close()
