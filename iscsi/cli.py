@@ -80,18 +80,19 @@ def serve_iscsi(lun_path: str, size: int | None, block_size: str, bind: str, por
     target = Target(iqn, {0: lun}, allow_initiators=list(allow) or None, chap=chap, nop_interval=nop_interval)
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            try:
-                listeners = await nursery.start(target.serve, bind, port)
-            except OSError as e:
-                raise click.ClickException(f"cannot listen on {bind}:{port}: {e.strerror or e}") from None
-            host, real_port = listeners[0].socket.getsockname()[:2]
-            print(
-                f"iscsi target {iqn} ready on {host}:{real_port} "
-                f"(LUN 0: {lun_path}, {lun.nblocks} blocks of {lun.block_size} bytes)",
-                flush=True,
-            )
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # Signals are caught before the ready line, so a stop right after it is always clean.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                try:
+                    listeners = await nursery.start(target.serve, bind, port)
+                except OSError as e:
+                    raise click.ClickException(f"cannot listen on {bind}:{port}: {e.strerror or e}") from None
+                host, real_port = listeners[0].socket.getsockname()[:2]
+                print(
+                    f"iscsi target {iqn} ready on {host}:{real_port} "
+                    f"(LUN 0: {lun_path}, {lun.nblocks} blocks of {lun.block_size} bytes)",
+                    flush=True,
+                )
                 async for signum in signals:
                     print(f"iscsi target: {signal.Signals(signum).name}, stopping", file=sys.stderr, flush=True)
                     nursery.cancel_scope.cancel()

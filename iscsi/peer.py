@@ -41,11 +41,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def _stop(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(5)
+            proc.wait(grace)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
@@ -100,7 +100,7 @@ def tgtd(workdir: str | os.PathLike[str], *, size: int = 64 << 20, digests: bool
         _wait_port(port, proc)
         yield Daemon(proc, port, TGT_IQN, TGT_LUN, img)
     finally:
-        _stop(proc)
+        _stop(proc, grace=1.0)  # tgtd ignores SIGTERM while it has targets: then SIGKILL
         log.close()
 
 
