@@ -109,6 +109,7 @@ class TrafficSection:
     size: int = _f(1024, "int", "UDP payload bytes (udp-flood)", min=1, max=65507)
     frag_size: int = _f(4000, "int", "UDP payload bytes of fragmented datagrams (frag)", min=1, max=65507)
     spoof: str = _f("127.64.0.0/16", "net", "spoofed source range inside 127.0.0.0/8 (root only)")
+    distinct: int = _f(4096, "int", "distinct spoofed sources (each one a route cache entry)", min=1, max=65536)
     start_after: float = _f(0.5, "float", "seconds after the workload starts", min=0.0, max=3600.0)
     duration: float = _f(60.0, "float", "seconds the traffic lasts at most", min=0.1, max=3600.0)
 

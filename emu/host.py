@@ -1,0 +1,582 @@
+"""The emulated host: mm + net + swap device + workload + background traffic, under a watchdog.
+
+One `Host` is one run: a zone of `ram` bytes under one policy, its slab caches, reserve tree,
+kswapd, network stack (every socket backed by a real loopback socket), a swap area on a swap file
+over NFS or on an iSCSI LUN, workload processes whose anonymous working set exceeds RAM,
+application processes owning the sockets background traffic lands on, and a traffic generator in
+a separate process. A sampler records the timeline and feeds the watchdog; the run ends when the
+workload completes (then every page has been verified), when the watchdog declares a deadlock
+(then the report is built from the live state), or at the scenario's timeout.
+
+Nothing here decides the outcome: it emerges from the allocator, reclaim and receive rules of
+emu/mm and emu/net under the chosen policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from emu import scenario as scen
+from emu.report import InflightIO, ReportData, render_deadlock_report
+from emu.servers import Server, local_server, parse_server_url
+from emu.timeline import Recorder, Sample, plot
+from emu.watchdog import Verdict, Watchdog, is_blocked, progress_of
+from emu.workload import Pattern, split_pages
+
+
+@dataclass
+class RunStatus:
+    backend: str
+    policy: str
+    phase: str
+    t: float = 0.0
+    done: int = 0
+    total: int = 0
+    nr_free: int = 0
+    wmark_min: int = 0
+    reserve_used: int = 0
+    pswpout: int = 0
+    pswpin: int = 0
+    drops: int = 0
+    stalled_for: float = 0.0
+
+
+@dataclass
+class RunResult:
+    outcome: str                     # "completed" | "deadlock" | "timeout" | "error"
+    policy: str
+    backend: str
+    server: str
+    ram: int
+    page_size: int
+    pages_swapped_out: int = 0
+    pages_swapped_in: int = 0
+    integrity: dict[str, int] = field(default_factory=lambda: {"verified": 0, "mismatches": 0})
+    drops: dict[str, int] = field(default_factory=dict)
+    reserve: dict[str, int] = field(default_factory=lambda: {"size": 0, "peak": 0})
+    duration_s: float = 0.0
+    accesses_done: int = 0
+    accesses_total: int = 0
+    min_free: int = 0
+    wmark_min: int = 0
+    atomic_floor: int = 0
+    stall: dict[str, Any] | None = None
+    swap_retransmits: int = 0
+    emergency_skbs: int = 0
+    traffic: dict[str, Any] = field(default_factory=dict)
+    vmstat: dict[str, int] = field(default_factory=dict)
+    error: str = ""
+    report: str = ""
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "report"}
+        d["deadlock_report"] = self.report or None
+        return d
+
+
+# --- background traffic (a separate process, bounded in time) ---------------------------------
+
+
+def _plain_traffic(ports: list[int], rate: float, size: int, duration: float) -> None:
+    """The plain-socket fallback generator: UDP datagrams to the ports, paced, bounded."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    payload = b"x" * size
+    end = time.monotonic() + duration
+    start = time.monotonic()
+    sent = 0
+    while (now := time.monotonic()) < end:
+        due = int((now - start) * rate)
+        while sent < due:
+            with contextlib.suppress(OSError):
+                s.sendto(payload, ("127.0.0.1", ports[sent % len(ports)]))
+            sent += 1
+        time.sleep(0.002)
+
+
+def traffic_argv(tr: scen.TrafficSection, ports: list[int], duration: float) -> tuple[list[str], str]:
+    """The command that sends the scenario's background traffic (in its own process, so it
+    competes with the emulated host only for CPU), and which generator it is."""
+    size = tr.frag_size if tr.profile == "frag" else tr.size
+    try:
+        import emu.traffic.api  # noqa: F401
+    except ImportError:
+        code = f"from emu.host import _plain_traffic; _plain_traffic({ports!r}, {float(tr.rate)!r}, {size}, {duration!r})"
+        return [sys.executable, "-c", code], "plain UDP sockets"
+    # fallback=True: without CAP_NET_RAW the injector sends udp-flood over an ordinary socket.
+    spoof = repr(tr.spoof) if os.geteuid() == 0 else "None"
+    code = ("from emu.traffic.api import make_spec, run; "
+            f"run(make_spec({tr.profile!r}, {ports!r}, rate={float(tr.rate)!r}, duration={duration!r}, "
+            f"size={size}, spoof={spoof}, distinct={tr.distinct}), fallback=True)")
+    return [sys.executable, "-c", code], "emu.traffic (scapy)" if os.geteuid() == 0 else "emu.traffic (ordinary sockets)"
+
+
+# --- the host ---------------------------------------------------------------------------------
+
+
+class Host:
+    """Assembles one emulated host for a scenario and a server (see the module docstring)."""
+
+    def __init__(self, sc: scen.Scenario, server: Server) -> None:
+        from emu.mm.gfp import Policy
+        from emu.mm.page_alloc import Zone
+        from emu.mm.vmstat import VmStat
+
+        self.sc = sc
+        self.server = server
+        self.policy = Policy(sc.policy)
+        h = sc.host
+        self.vmstat = VmStat()
+        self.zone = Zone(h.ram, h.page_size, self.policy, h.min_free_kbytes or None, self.vmstat)
+        self._build_mm()
+        self._build_net()
+        self.storage: Any = None
+        self.recorder = Recorder()
+        self.dog = Watchdog(stall=sc.watchdog.stall)
+        self.procs: list[Any] = []
+        self.apps: list[Any] = []
+        self.app_socks: list[Any] = []
+        self.done = 0
+        self.pattern_total = 0
+        self.min_free = self.zone.nr_free
+        self.reserve_peak = 0
+        self.verdict: Verdict | None = None
+        self.report_text = ""
+        self.traffic_info: dict[str, Any] = {}
+        self.t0 = 0.0
+        self.final_verified = 0
+        self.final_mismatches = 0
+
+    # ---- construction (adapts to emu/mm and emu/net) ------------------------------------------
+
+    def _build_mm(self) -> None:
+        from emu.mm.mm import Mm
+        from emu.mm.reserve import ReserveTree
+        from emu.mm.slab import Slabs
+
+        h = self.sc.host
+        self.slabs = Slabs(self.zone)
+        self.reserve = ReserveTree(self.zone, route_max_size=h.route_max_size or None,
+                                   ipfrag_high_thresh=h.ipfrag_high_thresh)
+        # Swap-out I/O size: over NFS, 2.6.22's swap_writepage -> a_ops->swap_out sends one page
+        # per WRITE RPC (the RPC slot table bounds how many are in flight); on a block device
+        # contiguous swap bios are merged by the elevator.
+        max_io = 1 if self.sc.backend.startswith("nfs") else 8
+        self.mm = Mm(self.zone, self.slabs, self.reserve, self.vmstat, max_io_pages=max_io)
+
+    def _build_net(self) -> None:
+        from emu.net.stack import NetStack
+
+        h = self.sc.host
+        self.net = NetStack(self.mm, self.policy, mtu=h.mtu, rmem_default=h.rmem_default,
+                            ipfrag_high_thresh=h.ipfrag_high_thresh, ipfrag_low_thresh=h.ipfrag_low_thresh,
+                            ipfrag_time=h.ipfrag_time)
+        self.swap_reply_drops: dict[str, int] = {}
+        self._instrument_swap_replies()
+
+    # The receive stage counts drops per reason host-wide and per socket only in total; the
+    # report wants to know why the *swap transport's* replies were dropped. Wrap the NIC's input
+    # functions (before any wire starts) and attribute the counter deltas of frames arriving on
+    # the swap transport's sockets to it.
+    _DROP_REASONS = ("rx_nomem", "route_nomem", "frag_nomem", "no_socket", "pfmemalloc_drop", "rcvbuf_full")
+
+    def _instrument_swap_replies(self) -> None:
+        nic = self.net.nic
+        stat = self.net.stat
+        reasons = self._DROP_REASONS
+        drops = self.swap_reply_drops
+        swap_ports: set[int] = set()
+        self._swap_ports = swap_ports
+        orig_udp, orig_tcp = nic.udp_input, nic.tcp_input
+
+        def account(before: tuple[int, ...]) -> None:
+            for name, b in zip(reasons, before):
+                d = getattr(stat, name) - b
+                if d:
+                    drops[name] = drops.get(name, 0) + d
+
+        def udp_input(saddr: str, sport: int, daddr: str, dport: int, data: Any, now: float) -> None:
+            if dport not in swap_ports:
+                return orig_udp(saddr, sport, daddr, dport, data, now)
+            before = tuple(getattr(stat, n) for n in reasons)
+            orig_udp(saddr, sport, daddr, dport, data, now)
+            account(before)
+
+        def tcp_input(sk: Any, chunk: bytes, now: float) -> bool:
+            if sk.lport not in swap_ports:
+                return orig_tcp(sk, chunk, now)
+            before = tuple(getattr(stat, n) for n in reasons)
+            ok = orig_tcp(sk, chunk, now)
+            account(before)
+            return ok
+
+        nic.udp_input = udp_input
+        nic.tcp_input = tcp_input
+
+    # ---- views -------------------------------------------------------------------------------
+
+    def atomic_floor(self) -> int:
+        """The lowest free count a GFP_ATOMIC allocation can reach (min - min/2 - min/4 (+emerg))."""
+        m = self.zone.watermark_min
+        m -= m // 2
+        m -= m // 4
+        emerg = self.zone.pages_emerg if self.sc.policy == "v12" else 0
+        return m + emerg + 1
+
+    def reserve_size(self) -> int:
+        if self.sc.policy == "v12":
+            return self.zone.pages_emerg
+        if self.sc.policy == "pfmemalloc":
+            return self.zone.watermark_min
+        return 0
+
+    def reserve_used(self) -> int:
+        """Pages handed out from the reserve and not yet freed (pfmemalloc-tagged)."""
+        return sum(1 for p in self.zone.mem_map if p.pfmemalloc and not p.PG_buddy)
+
+    def drops(self) -> dict[str, int]:
+        return dict(self.net.stat.drops())
+
+    def blocked(self) -> list[tuple[str, str, str]]:
+        from emu.mm.sched import all_tasks
+
+        return [(t.comm, t.state, t.wchan) for t in all_tasks() if is_blocked(t.state)]
+
+    def integrity(self) -> dict[str, int]:
+        """Every swap-in is checked by the mm against (pid, page, version); the final pass checks
+        every page of every workload process once more, resident or not."""
+        return {"verified": int(self.vmstat["pswpin"]) + self.final_verified,
+                "mismatches": int(self.mm.nr_verify_errors) + self.final_mismatches}
+
+    def sample(self, now: float) -> Sample:
+        z = self.zone
+        used = self.reserve_used()
+        self.reserve_peak = max(self.reserve_peak, used)
+        self.min_free = min(self.min_free, z.nr_free)
+        vm = self.vmstat.counters
+        s = Sample(t=now - self.t0, nr_free=z.nr_free, wmark_min=z.watermark_min, wmark_low=z.watermark_low,
+                   wmark_high=z.watermark_high, atomic_floor=self.atomic_floor(), reserve_used=used,
+                   reserve_size=self.reserve_size(), pswpout=vm["pswpout"], pswpin=vm["pswpin"], drops=self.drops())
+        self.recorder.add(s)
+        return s
+
+    def status(self, phase: str, s: Sample | None = None, now: float | None = None) -> RunStatus:
+        now = trio.current_time() if now is None else now
+        z = self.zone
+        return RunStatus(self.sc.backend, self.sc.policy, phase, now - self.t0, self.done, self.pattern_total,
+                         z.nr_free, z.watermark_min, s.reserve_used if s else 0, self.vmstat["pswpout"],
+                         self.vmstat["pswpin"], sum(self.drops().values()), self.dog.stalled_for(now))
+
+    # ---- the deadlock report ----------------------------------------------------------------
+
+    def report_data(self, now: float, stalled_for: float) -> ReportData:
+        from emu.mm.sched import all_tasks
+
+        z = self.zone
+        net = self.net
+        holders = []
+        for sk in net.socks:
+            holders.append((f"{sk.proto} {sk.local_str()} {sk.owner_name()}", len(sk.receive_queue),
+                            sk.sk_rmem_alloc, sk.memalloc))
+        inflight = []
+        if self.storage is not None:
+            for op, slot, n, age, attempts, what in self.storage.inflight.snapshot(now):
+                inflight.append(InflightIO(op, slot, n, age, attempts, what))
+        swap_sock = self.storage.sock_name() if self.storage is not None else ""
+        swap_drops = dict(self.swap_reply_drops)
+        retrans = self.storage.retransmits() if self.storage is not None else 0
+        from emu.mm.sizes import DST_ENTRY
+
+        mem = net.memory()
+        frag_q, frag_b = mem["frag_queues"], mem["ip_frag_mem"]
+        route_n, route_max = mem["route_entries"], net.routes.max_size
+        route_b = route_n * DST_ENTRY
+        tasks = [(t.pid, t.comm, t.state, t.wchan, str(t.flags)) for t in all_tasks()
+                 if t.state != "X" and (is_blocked(t.state) or t.comm in ("kswapd0",))]
+        return ReportData(
+            policy=self.sc.policy, backend=self.sc.backend, server=self.server.url(), t=now - self.t0,
+            stalled_for=stalled_for, nr_pages=z.nr_pages, nr_free=z.nr_free, wmark_min=z.watermark_min,
+            wmark_low=z.watermark_low, wmark_high=z.watermark_high, atomic_floor=self.atomic_floor(),
+            pages_emerg=z.pages_emerg, reserve_size=self.reserve_size(), reserve_peak=self.reserve_peak,
+            reserve_info=self.reserve.reserve_info() if self.sc.policy == "v12" else "",
+            meminfo=self.vmstat.meminfo(z), vmstat=self.vmstat.snapshot(), ss=net.ss(),
+            socket_holders=holders, frag_queues=frag_q, frag_bytes=frag_b, route_entries=route_n,
+            route_bytes=route_b, route_max=route_max, slabinfo=self.slabs.slabinfo(), inflight=inflight,
+            swap_sock=swap_sock, swap_sock_drops=swap_drops, swap_retransmits=retrans, drops=self.drops(),
+            nstat=net.stat.nstat(), tasks=tasks)
+
+    # ---- running -----------------------------------------------------------------------------
+
+    async def _workload_proc(self, i: int, nr_pages: int, pattern: Pattern) -> None:
+        from emu.mm.process import Process
+        from emu.mm.sched import task
+
+        from emu.mm.page_alloc import Page
+
+        with task(f"workload{i}"):
+            proc = Process(self.mm, f"workload{i}", nr_pages)
+            self.procs.append(proc)
+            checkpoint = trio.lowlevel.checkpoint
+            for page, write in pattern:
+                await proc.touch(page, write=write)
+                self.done += 1
+                await checkpoint()  # a resident access never sleeps: let the others run (the tick)
+            # Finally read every page back once and check its bytes, resident or swapped.
+            for page in range(nr_pages):
+                await proc.touch(page, write=False)
+                pte = proc.pte[page]
+                if pte.__class__ is Page and proc.verify(page, pte.data):
+                    self.final_verified += 1
+                else:
+                    self.final_mismatches += 1
+                self.done += 1
+                await trio.lowlevel.checkpoint()
+
+    async def run(self, progress: Callable[[RunStatus], None] | None = None) -> RunResult:
+        sc = self.sc
+        self.t0 = trio.current_time()
+        wall0 = time.monotonic()
+        res = RunResult("error", sc.policy, sc.backend, self.server.url(), sc.host.ram, sc.host.page_size)
+        outcome = "timeout"
+        traffic_started = False
+        try:
+            async with trio.open_nursery() as nursery:
+                await self.start_kernel(nursery)
+                if progress:
+                    progress(self.status("swapon"))
+                await self.swapon(nursery)
+                await self.start_apps(nursery)
+                nr = sc.workload.working_set // sc.host.page_size
+                sizes = split_pages(nr, sc.workload.processes)
+                patterns = [Pattern(sc.workload.kind, n, sc.workload.passes, sc.workload.seed + i,
+                                    sc.workload.hot_fraction, sc.workload.hot_probability, sc.workload.write_fraction)
+                            for i, n in enumerate(sizes)]
+                self.pattern_total = sum(len(p) + n for p, n in zip(patterns, sizes))
+                finished = trio.Event()
+                verdict_box: list[Verdict] = []
+
+                async def workload() -> None:
+                    async with trio.open_nursery() as wn:
+                        for i, (n, p) in enumerate(zip(sizes, patterns)):
+                            wn.start_soon(self._workload_proc, i, n, p)
+                    finished.set()
+
+                nursery.start_soon(workload)
+                start_traffic_at = trio.current_time() + sc.traffic.start_after
+                deadline = self.t0 + sc.watchdog.timeout
+                last_progress_cb = 0.0
+                while True:
+                    now = trio.current_time()
+                    if not traffic_started and sc.traffic.profile != "none" and self.app_socks and now >= start_traffic_at:
+                        traffic_started = True
+                        nursery.start_soon(self.traffic, min(sc.traffic.duration, max(1.0, deadline - now)))
+                    s = self.sample(now)
+                    if finished.is_set():
+                        outcome = "completed"
+                        break
+                    v = self.dog.observe(now, progress_of(self.vmstat.counters), self.blocked())
+                    if v is not None:
+                        verdict_box.append(v)
+                        outcome = "deadlock"
+                        break
+                    if now >= deadline:
+                        outcome = "timeout"
+                        break
+                    if progress and now - last_progress_cb >= 0.1:
+                        last_progress_cb = now
+                        progress(self.status("running", s, now))
+                    await trio.sleep(sc.watchdog.sample)
+                now = trio.current_time()
+                if outcome == "deadlock":
+                    self.verdict = verdict_box[0]
+                    self.report_text = render_deadlock_report(self.report_data(now, self.verdict.stalled_for))
+                    res.stall = {"t": round(now - self.t0, 2), "nr_free": self.zone.nr_free,
+                                 "stalled_for": round(self.verdict.stalled_for, 2),
+                                 "blocked_tasks": len(self.verdict.blocked),
+                                 "inflight": len(self.storage.inflight.ios) if self.storage else 0}
+                self._fill_result(res, outcome, time.monotonic() - wall0)
+                if progress:
+                    progress(self.status(outcome, self.recorder.samples[-1] if self.recorder.samples else None, now))
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.move_on_after(3, shield=True):
+                await self.shutdown()
+        return res
+
+    def _fill_result(self, res: RunResult, outcome: str, duration: float) -> None:
+        vm = self.vmstat.counters
+        res.outcome = outcome
+        res.pages_swapped_out = int(vm["pswpout"])
+        res.pages_swapped_in = int(vm["pswpin"])
+        res.integrity = self.integrity()
+        res.drops = self.drops()
+        res.reserve = {"size": self.reserve_size(), "peak": self.reserve_peak}
+        res.duration_s = round(duration, 3)
+        res.accesses_done = self.done
+        res.accesses_total = self.pattern_total
+        res.min_free = self.min_free
+        res.wmark_min = self.zone.watermark_min
+        res.atomic_floor = self.atomic_floor()
+        res.swap_retransmits = self.storage.retransmits() if self.storage else 0
+        res.emergency_skbs = int(self.net.stat.skbs_emergency)
+        res.traffic = self.traffic_info
+        res.vmstat = {k: int(v) for k, v in vm.items() if v}
+        res.report = self.report_text
+
+    # ---- parts -------------------------------------------------------------------------------
+
+    async def start_kernel(self, nursery: trio.Nursery) -> None:
+        await nursery.start(self.mm.run)    # kswapd and the swap-I/O tasks
+        await nursery.start(self.net.run)   # the receive stage (ksoftirqd) and IP timers
+
+    async def swapon(self, nursery: trio.Nursery) -> None:
+        from emu.swapdev import make_storage
+
+        self.storage = make_storage(self, self.server)
+        await nursery.start(self.storage.run)
+        nr_slots = self.sc.host.swap // self.sc.host.page_size
+        await self.mm.swapon(self.storage, nr_slots)
+        for sk in getattr(self.storage, "sockets", []):
+            self._swap_ports.add(sk.lport)
+
+    async def start_apps(self, nursery: trio.Nursery) -> None:
+        from emu.mm.process import Process
+        from emu.mm.sched import task
+
+        tr = self.sc.traffic
+        if tr.profile == "none":
+            return
+        for i in range(tr.apps):
+            proc = Process(self.mm, f"app{i}", tr.app_pages)
+            sk = await self.net.open_app_udp(0, proc)
+            self.apps.append(proc)
+            self.app_socks.append(sk)
+            nursery.start_soon(self._app_loop, i, proc, sk)
+
+    async def _app_loop(self, i: int, proc: Any, sk: Any) -> None:
+        """An application: writes its pages once, then reads its socket whenever data is queued,
+        touching its working set first (so it waits, swapped out, while memory is short)."""
+        from emu.mm.sched import task
+        from emu.net.sock import app_reader
+
+        tr = self.sc.traffic
+        with task(f"app{i}"):
+            for page in range(tr.app_pages):
+                await proc.touch(page, write=True)
+            await app_reader(sk, self.net.resident(proc, range(tr.app_pages)), tr.app_period)
+
+    async def traffic(self, duration: float) -> None:
+        """The background traffic, from a separate process (bounded by `duration`); stopped
+        (SIGTERM) when the run ends."""
+        tr = self.sc.traffic
+        ports = [sk.lport for sk in self.app_socks]
+        size = tr.frag_size if tr.profile == "frag" else tr.size
+        self.traffic_info = {"profile": tr.profile, "rate": tr.rate, "size": size, "ports": ports,
+                             "duration": round(duration, 1)}
+        try:
+            from emu.traffic.api import inject, make_spec
+        except ImportError:
+            argv, how = traffic_argv(tr, ports, duration)
+            self.traffic_info["generator"] = how
+            await trio.run_process(argv, check=False)
+            return
+        spoof = tr.spoof if os.geteuid() == 0 else None
+        spec = make_spec(tr.profile, ports, rate=float(tr.rate), duration=duration, size=size, spoof=spoof,
+                         distinct=tr.distinct)
+        self.traffic_info["generator"] = "emu.traffic (scapy, raw socket)" if spoof else "emu.traffic (ordinary socket)"
+        self.traffic_info["spoof"] = spoof
+        try:
+            stats = await inject(spec, isolate=True, fallback=True)
+        except Exception as e:  # noqa: BLE001 - the run goes on; the result says why there was no traffic
+            self.traffic_info["error"] = f"{type(e).__name__}: {e}"
+            return
+        self.traffic_info.update({"sent": stats.sent, "packets": stats.packets, "achieved_rate": round(stats.rate),
+                                  "method": stats.method})
+
+    async def shutdown(self) -> None:
+        if self.storage is not None:
+            with contextlib.suppress(Exception):
+                await self.storage.close()
+        with contextlib.suppress(Exception):
+            self.net.close_all()
+
+
+def stop_process(p: subprocess.Popen[bytes]) -> None:
+    if p.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(3)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(3)
+
+
+# --- entry points -----------------------------------------------------------------------------
+
+
+def write_outputs(res: RunResult, host: Host | None, out_dir: Path, stem: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if host is not None:
+        png = plot(host.recorder, out_dir / f"{stem}.png",
+                   f"netswap {res.backend} / policy {res.policy}: {res.outcome} "
+                   f"({res.pages_swapped_out} pages out, {res.pages_swapped_in} in)",
+                   deadlock_at=(host.verdict.at - host.t0) if host.verdict else None)
+        res.files["timeline"] = str(png)
+    if res.report:
+        rp = out_dir / f"{stem}-deadlock.txt"
+        rp.write_text(res.report)
+        res.files["report"] = str(rp)
+    jp = out_dir / f"{stem}.json"
+    res.files["json"] = str(jp)
+    jp.write_text(json.dumps(res.to_json(), indent=2) + "\n")
+
+
+async def run_host(sc: scen.Scenario, server: Server, progress: Callable[[RunStatus], None] | None = None,
+                   out_dir: Path | None = None) -> RunResult:
+    host = Host(sc, server)
+    res = await host.run(progress)
+    if out_dir is not None:
+        write_outputs(res, host, out_dir, f"{sc.backend}-{sc.policy}")
+    return res
+
+
+def run_scenario(sc: scen.Scenario, progress: Callable[[RunStatus], None] | None = None,
+                 out_dir: Path | None = None) -> RunResult:
+    """Run one scenario (starting our server unless the scenario names one)."""
+    if sc.server:
+        return trio.run(run_host, sc, parse_server_url(sc.server), progress, out_dir)
+    with local_server(sc.backend, sc.host.swap) as sp:
+        return trio.run(run_host, sc, sp.server, progress, out_dir)
+
+
+def run_matrix(base: scen.Scenario, backends: tuple[str, ...] | list[str], policies: tuple[str, ...] | list[str],
+               out_dir: Path | None = None, progress: Callable[[RunStatus], None] | None = None) -> list[RunResult]:
+    """Each backend under each policy with the same workload and traffic; one server per backend."""
+    results = []
+    for b in backends:
+        sc_b = base.replace(backend=b)
+        if base.server:
+            server = parse_server_url(base.server)
+            for p in policies:
+                results.append(trio.run(run_host, sc_b.replace(policy=p), server, progress, out_dir))
+            continue
+        with local_server(b, base.host.swap) as sp:
+            for p in policies:
+                results.append(trio.run(run_host, sc_b.replace(policy=p), sp.server, progress, out_dir))
+    return results
+
+

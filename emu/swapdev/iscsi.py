@@ -1,0 +1,156 @@
+"""An iSCSI LUN used as a swap block device (the seed's patches 32-40).
+
+- swap_activate: log in (the session's TCP socket is SOCK_MEMALLOC from the moment it is
+  connected, and again after every reconnect: the connect factory marks each new one), read the
+  capacity, check the LUN holds the swap area; under v12 the session's TX term is added to the
+  reserve tree.
+- swap_rw("write"): the PDUs are built and sent under PF_MEMALLOC; writes are durable with FUA
+  (default) or WRITE followed by SYNCHRONIZE CACHE.
+- swap_rw("read"): READ of the slot's blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Literal
+
+import trio
+
+from emu.mm.gfp import GFP_NOIO
+from emu.mm.sched import memalloc_noreclaim
+from emu.mm.sizes import ISCSI_TASK
+from emu.mm.swap import SwapIOError
+from emu.servers import IscsiServer
+from emu.swapdev.buffers import HostBuffers
+from emu.swapdev.inflight import Inflight
+
+
+class IscsiSwapLun:
+    fs_backed = False  # a block device: GFP_NOFS reclaim may write to it (GFP_NOIO may not)
+
+    def __init__(self, net: Any, server: IscsiServer, *, reserve: Any = None, policy: str = "none",
+                 durability: Literal["fua", "sync_cache"] = "fua", via_host: bool = True,
+                 command_timeout: float | None = None) -> None:
+        self.net = net
+        self.server = server
+        self.reserve = reserve
+        self.policy = policy
+        self.durability = durability
+        self.via_host = via_host
+        self.command_timeout = command_timeout
+        self.inflight = Inflight()
+        self.buffers = HostBuffers(net.slabs, GFP_NOIO, ISCSI_TASK) if via_host else None
+        self.ini: Any = None
+        self.page_size = 4096
+        self.nr_pages = 0
+        self.block_size = 512
+        self.sockets: list[Any] = []
+        self.connects = 0
+        self._nursery: trio.Nursery | None = None
+        self._done = trio.Event()
+        self._reserve_added = False
+        self._last_reissued = 0
+
+    async def _connect(self) -> Any:
+        self.connects += 1
+        if not self.via_host:
+            s = await trio.open_tcp_stream(self.server.host, self.server.port)
+            return s
+        st = await self.net.connect_tcp(self.server.host, self.server.port, memalloc=True)
+        self.sockets.append(st.sock)
+        return st
+
+    @property
+    def sock(self) -> Any:
+        live = [s for s in self.sockets if not s.closed]
+        return live[-1] if live else (self.sockets[-1] if self.sockets else None)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the client's lifetime (its receive tasks) in the host's nursery until cancelled."""
+        async with trio.open_nursery() as n:
+            self._nursery = n
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _hold(self, client: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with client:
+            task_status.started()
+            await self._done.wait()
+
+    async def swap_activate(self, nr_pages: int, page_size: int) -> None:
+        from iscsi.initiator import Initiator
+
+        self.page_size, self.nr_pages = page_size, nr_pages
+        kw: dict[str, Any] = {"lun": self.server.lun, "command_timeout": self.command_timeout}
+        if self.buffers is not None:
+            kw["buffers"] = self.buffers
+        self.ini = Initiator(self._connect, self.server.iqn, **kw)
+        await self._nursery.start(self._hold, self.ini)
+        self.block_size = self.ini.block_size
+        if page_size % self.block_size:
+            raise SwapIOError(f"LUN block size {self.block_size} does not divide the page size {page_size}")
+        need = nr_pages * page_size // self.block_size
+        if self.ini.nblocks < need:
+            raise SwapIOError(f"LUN {self.server.url()} has {self.ini.nblocks} blocks of {self.block_size}; "
+                              f"swap of {nr_pages} pages needs {need}")
+        if self.via_host and self.policy == "v12" and self.reserve is not None:
+            self.reserve.add_iscsi_session()
+            self._reserve_added = True
+
+    async def swap_rw(self, op: Literal["read", "write"], slot: int, bufs: list[memoryview]) -> None:
+        from iscsi.initiator import ISCSIError, ScsiError
+
+        if self.ini is None:
+            raise SwapIOError("iSCSI LUN not active")
+        if slot < 0 or slot + len(bufs) > self.nr_pages:
+            raise SwapIOError(f"slots {slot}..{slot + len(bufs) - 1} outside the swap area of {self.nr_pages}")
+        per = self.page_size // self.block_size
+        lba = slot * per
+        nblocks = len(bufs) * per
+        try:
+            if op == "write":
+                data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
+                what = f"WRITE lba {lba}+{nblocks} {'FUA' if self.durability == 'fua' else '+ SYNCHRONIZE CACHE'}"
+                with self.inflight.track("write", slot, len(bufs), what):
+                    with memalloc_noreclaim():
+                        await self.ini.write(lba, data, fua=self.durability == "fua")
+                        if self.durability == "sync_cache":
+                            await self.ini.synchronize_cache(lba, nblocks)
+            elif op == "read":
+                with self.inflight.track("read", slot, len(bufs), f"READ lba {lba}+{nblocks}"):
+                    data = await self.ini.read(lba, nblocks)
+                want = len(bufs) * self.page_size
+                if len(data) != want:
+                    raise SwapIOError(f"short iSCSI read at slot {slot}: {len(data)} of {want}")
+                pos = 0
+                for b in bufs:
+                    b[:] = data[pos:pos + len(b)]
+                    pos += len(b)
+            else:
+                raise ValueError(f"bad swap op {op!r}")
+        except (ISCSIError, ScsiError) as e:
+            raise SwapIOError(f"iSCSI {op} at slot {slot}: {e}") from e
+
+    async def swap_deactivate(self) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._reserve_added:
+            with contextlib.suppress(Exception):
+                self.reserve.remove_iscsi_session()
+            self._reserve_added = False
+        self._done.set()
+        self.ini = None
+
+    def retransmits(self) -> int:
+        """Session recoveries (reissued commands) and TCP re-offers of held response chunks."""
+        if self.ini is not None:
+            self._last_reissued = int(self.ini.reconnects)
+        wire = getattr(self.sock, "wire", None)
+        return self._last_reissued + int(getattr(wire, "reoffers", 0))
+
+    def sock_name(self) -> str:
+        sk = self.sock
+        if sk is None:
+            return "iscsi (plain socket)"
+        return f"{sk.proto} {sk.local_str()} -> {sk.peer_str()}{' SOCK_MEMALLOC' if sk.memalloc else ''}"

@@ -1,0 +1,215 @@
+"""A swap file on an NFS export, activated as Linux does it (nfs_swap_activate, 2007 and 3.6).
+
+- swap_activate: MOUNT the export, LOOKUP or CREATE the swap file, make it exactly the swap size
+  and preallocate it (write every block, so it has no holes, as swapon requires), then mark the
+  transport a swapper: its socket gets SOCK_MEMALLOC (`sk_set_memalloc`) — again after every
+  reconnect, since the connect factory marks each new socket — and under v12 the NFS swapper's
+  TX term is added to the reserve tree.
+- swap_rw("write"): runs under PF_MEMALLOC (RPC_TASK_SWAPPER); FILE_SYNC writes (default) or
+  UNSTABLE writes followed by COMMIT, whose verifier is checked against the writes' (a changed
+  verifier means the server restarted: the client resends the data).
+- swap_rw("read"): READ of the slot's bytes into the pages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Literal
+
+import trio
+
+from emu.mm.gfp import GFP_NOFS
+from emu.mm.sched import memalloc_noreclaim
+from emu.mm.sizes import RPC_RQST
+from emu.mm.swap import SwapIOError
+from emu.servers import NfsServer
+from emu.swapdev.buffers import HostBuffers
+from emu.swapdev.inflight import Inflight
+
+PREALLOC_CHUNK = 32 * 1024
+PREALLOC_PARALLEL = 4
+
+
+class NfsSwapFile:
+    fs_backed = True  # writing enters a filesystem: GFP_NOFS reclaim may not start it
+
+    def __init__(self, net: Any, server: NfsServer, proto: Literal["udp", "tcp"], *, reserve: Any = None,
+                 policy: str = "none", stable: Literal["FILE_SYNC", "UNSTABLE"] = "FILE_SYNC",
+                 timeo: float | None = None, via_host: bool = True) -> None:
+        self.net = net
+        self.server = server
+        self.proto = proto
+        self.reserve = reserve
+        self.policy = policy
+        self.stable = stable
+        self.timeo = timeo
+        self.via_host = via_host
+        self.inflight = Inflight()
+        self.buffers = HostBuffers(net.slabs, GFP_NOFS, RPC_RQST) if via_host else None
+        self.client: Any = None
+        self.fh: bytes = b""
+        self.page_size = 4096
+        self.nr_pages = 0
+        self.sockets: list[Any] = []  # every transport socket this file has used (reconnects)
+        self.connects = 0
+        self._nursery: trio.Nursery | None = None
+        self._done = trio.Event()
+        self._reserve_added = False
+
+    # ---- transports --------------------------------------------------------------------------
+
+    async def _connect(self) -> Any:
+        """The client's connect factory: every new socket is marked SOCK_MEMALLOC at once."""
+        host, port = self.server.host, self.server.nfsport
+        self.connects += 1
+        if not self.via_host:
+            from nfs.transport import tcp_connect, udp_connect
+
+            return await (udp_connect(host, port) if self.proto == "udp" else tcp_connect(host, port))
+        if self.proto == "udp":
+            t = await self.net.open_udp(host, port, memalloc=True)
+        else:
+            t = await self.net.connect_tcp(host, port, memalloc=True)
+        self.sockets.append(t.sock)
+        return t
+
+    async def _mount_connect(self) -> Any:
+        host, port = self.server.host, self.server.mountport
+        if not self.via_host:
+            from nfs.transport import tcp_connect, udp_connect
+
+            return await (udp_connect(host, port) if self.proto == "udp" else tcp_connect(host, port))
+        if self.proto == "udp":
+            return await self.net.open_udp(host, port)
+        return await self.net.connect_tcp(host, port)
+
+    @property
+    def sock(self) -> Any:
+        live = [s for s in self.sockets if not s.closed]
+        return live[-1] if live else (self.sockets[-1] if self.sockets else None)
+
+    # ---- SwapStorage ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the client's lifetime (its receive tasks) in the host's nursery until cancelled."""
+        async with trio.open_nursery() as n:
+            self._nursery = n
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _hold(self, client: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with client:
+            task_status.started()
+            await self._done.wait()
+
+    async def swap_activate(self, nr_pages: int, page_size: int) -> None:
+        from nfs.client import NfsClient
+        from nfs.nfs3 import CreateMode, Nfs3Error, Stat
+
+        self.page_size, self.nr_pages = page_size, nr_pages
+        kw: dict[str, Any] = {"proto": self.proto, "slots": 16}
+        if self.timeo is not None:
+            kw["timeo"] = self.timeo
+        if self.buffers is not None:
+            kw["buffers"] = self.buffers
+        self.client = NfsClient(self._connect, mount_connect=self._mount_connect, **kw)
+        await self._nursery.start(self._hold, self.client)
+        root = await self.client.mount(self.server.export)
+        name = self.server.swapfile
+        try:
+            fh, attr = await self.client.lookup(root, name)
+        except Nfs3Error as e:
+            if e.status != Stat.NFS3ERR_NOENT:
+                raise
+            fh, attr = await self.client.create(root, name, mode=0o600, how=CreateMode.UNCHECKED)
+        self.fh = fh
+        size = nr_pages * page_size
+        if attr is None:
+            attr = await self.client.getattr(fh)
+        # A swap file must have no holes: reuse one that is fully allocated, else write it all.
+        if attr.size != size or attr.used < size:
+            await self.client.setattr(fh, size=size)
+            await self._preallocate(size)
+        # The transport serves the VM from now on (xs_set_memalloc / sk_set_memalloc).
+        if self.via_host and self.policy == "v12" and self.reserve is not None:
+            self.reserve.add_nfs_swapper()
+            self._reserve_added = True
+
+    async def _preallocate(self, size: int) -> None:
+        """Write every block once (no holes), UNSTABLE then one COMMIT, as mkswap + dd would."""
+        from nfs.nfs3 import StableHow
+
+        zero = bytes(PREALLOC_CHUNK)
+        offsets = list(range(0, size, PREALLOC_CHUNK))
+
+        async def worker(i: int) -> None:
+            for off in offsets[i::PREALLOC_PARALLEL]:
+                n = min(PREALLOC_CHUNK, size - off)
+                await self.client.write(self.fh, off, zero[:n], stable=StableHow.UNSTABLE)
+
+        async with trio.open_nursery() as n:
+            for i in range(PREALLOC_PARALLEL):
+                n.start_soon(worker, i)
+        await self.client.commit(self.fh)
+
+    async def swap_rw(self, op: Literal["read", "write"], slot: int, bufs: list[memoryview]) -> None:
+        from nfs.nfs3 import Nfs3Error, StableHow
+
+        if self.client is None:
+            raise SwapIOError("NFS swap file not active")
+        if slot < 0 or slot + len(bufs) > self.nr_pages:
+            raise SwapIOError(f"slots {slot}..{slot + len(bufs) - 1} outside the swap file of {self.nr_pages}")
+        off = slot * self.page_size
+        want = len(bufs) * self.page_size
+        try:
+            if op == "write":
+                data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
+                stable = StableHow.FILE_SYNC if self.stable == "FILE_SYNC" else StableHow.UNSTABLE
+                with self.inflight.track("write", slot, len(bufs), f"NFS WRITE {self.stable} {want} bytes at {off}"):
+                    # Swap writes run as RPC_TASK_SWAPPER: under PF_MEMALLOC.
+                    with memalloc_noreclaim():
+                        res = await self.client.write(self.fh, off, data, stable=stable)
+                        if res.count != want:
+                            raise SwapIOError(f"short NFS write at slot {slot}: {res.count} of {want}")
+                        if stable == StableHow.UNSTABLE and res.committed == StableHow.UNSTABLE:
+                            await self.client.commit(self.fh, off, want)  # verifier checked, resent if changed
+            elif op == "read":
+                with self.inflight.track("read", slot, len(bufs), f"NFS READ {want} bytes at {off}"):
+                    data = await self.client.read(self.fh, off, want)
+                if len(data) != want:
+                    raise SwapIOError(f"short NFS read at slot {slot}: {len(data)} of {want}")
+                pos = 0
+                for b in bufs:
+                    b[:] = data[pos:pos + len(b)]
+                    pos += len(b)
+            else:
+                raise ValueError(f"bad swap op {op!r}")
+        except Nfs3Error as e:
+            raise SwapIOError(f"NFS {op} at slot {slot}: {e}") from e
+
+    async def swap_deactivate(self) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._reserve_added:
+            with contextlib.suppress(Exception):
+                self.reserve.remove_nfs_swapper()
+            self._reserve_added = False
+        self._done.set()
+        self.client = None
+
+    # ---- for the report ------------------------------------------------------------------------
+
+    def retransmits(self) -> int:
+        if self.client is None:
+            return self._last_retrans
+        self._last_retrans = int(self.client.stats.get("retransmissions", 0))
+        return self._last_retrans
+
+    _last_retrans = 0
+
+    def sock_name(self) -> str:
+        sk = self.sock
+        if sk is None:
+            return f"nfs-{self.proto} (plain socket)"
+        return f"{sk.proto} {sk.local_str()} -> {sk.peer_str()}{' SOCK_MEMALLOC' if sk.memalloc else ''}"
