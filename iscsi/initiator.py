@@ -104,7 +104,7 @@ class Task:
     """One outstanding request: a SCSI command, a NOP-Out ping, a TMF, a Text or a Logout."""
 
     __slots__ = ("kind", "itt", "cmd_sn", "lun", "cdb", "data_out", "read_len", "chunks", "received", "exp_data_sn",
-                 "result", "error", "done", "token", "immediate", "payload", "response", "seq", "gen")
+                 "result", "error", "done", "token", "immediate", "payload", "response", "seq", "gen", "sent_at")
 
     def __init__(self, kind: str, lun: int = 0, cdb: bytes = b"", data_out: memoryview | None = None, read_len: int = 0) -> None:
         self.kind = kind
@@ -126,6 +126,7 @@ class Task:
         self.response: object = None
         self.seq = 0
         self.gen = 0  # connection generation it was last sent on (0: not yet)
+        self.sent_at = 0.0
 
 
 class ProtocolViolation(Exception):
@@ -411,7 +412,8 @@ class Initiator:
         self.reconnects = 0
         self._nursery: trio.Nursery | None = None
         self._nursery_cm: object = None
-        self._send_lock = trio.Lock()
+        self._out: list[bytes] = []
+        self._out_wake = trio.Event()
         self._window_changed = trio.Event()
         self._connected = trio.Event()
         self._outstanding: dict[int, Task] = {}  # seq -> task, across reconnects
@@ -479,8 +481,13 @@ class Initiator:
         self.core = core
         self.params = core.params
         self._generation += 1
+        self._out = []
+        self._out_wake = trio.Event()
         assert self._nursery is not None
         self._nursery.start_soon(self._receiver, stream, core, reader, self._generation)
+        self._nursery.start_soon(self._sender, stream, self._generation)
+        if self.command_timeout is not None:
+            self._nursery.start_soon(self._watchdog, stream, self._generation)
         self._connected.set()
         self._kick_window()
 
@@ -491,10 +498,11 @@ class Initiator:
         task = Task("logout")
         task.immediate = True
         self._closing = True  # the target closes the connection after answering
-        try:
-            await self._issue(task, retry=False)
-        except (ISCSIError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        with trio.move_on_after(self.command_timeout or 30):
+            try:
+                await self._issue(task)
+            except (ISCSIError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
         self._closing = True
         await self._teardown()
 
@@ -512,8 +520,7 @@ class Initiator:
                         break
                     replies = core.receive(pdu)
                     if replies:
-                        async with self._send_lock:
-                            await stream.send_all(b"".join(replies))
+                        self._enqueue(replies)
                     if core.completed:
                         self._finish_completed(core)
                     if core.async_events:
@@ -551,6 +558,8 @@ class Initiator:
             self._recovering = False
 
     async def _recover_inner(self, cause: BaseException) -> None:
+        self._generation += 1  # retire the old connection's sender and watchdog
+        self._out_wake.set()
         self._connected = trio.Event()
         self.core = None
         old = self.stream
@@ -584,10 +593,43 @@ class Initiator:
     async def _resend(self, task: Task) -> None:
         try:
             await self._send(task)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass  # the receiver notices and recovers again
+        except ISCSIError:
+            pass  # the session is dead: _recover already failed the task
 
     # --- the send side ----------------------------------------------------------------------------
+
+    def _enqueue(self, chunks: list[bytes]) -> None:
+        self._out.extend(chunks)
+        self._out_wake.set()
+
+    async def _sender(self, stream: trio.abc.Stream, generation: int) -> None:
+        """One writer per connection: whatever accumulated while it sent goes out in one write,
+        so with many commands in flight there are far fewer syscalls than commands."""
+        try:
+            while generation == self._generation:
+                if not self._out:
+                    self._out_wake = trio.Event()
+                    await self._out_wake.wait()
+                    continue
+                data = b"".join(self._out)
+                self._out.clear()
+                await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            with trio.CancelScope(shield=True):
+                await stream.aclose()  # the receiver notices and recovers
+
+    async def _watchdog(self, stream: trio.abc.Stream, generation: int) -> None:
+        """Drop the connection when a command goes unanswered for command_timeout seconds."""
+        timeout = self.command_timeout
+        assert timeout is not None
+        while generation == self._generation:
+            await trio.sleep(timeout / 4)
+            now = trio.current_time()
+            if any(t.gen == generation and now - t.sent_at > timeout for t in self._outstanding.values()):
+                log.warning("command unanswered for %.1fs; dropping the connection", timeout)
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+                return
 
     async def _send(self, task: Task) -> None:
         while True:
@@ -602,17 +644,13 @@ class Initiator:
             if not task.immediate and not core.window_open():
                 await self._window_changed.wait()
                 continue
-            async with self._send_lock:
-                if self.core is not core or self.stream is None:
-                    continue  # reconnected while we waited for the lock
-                if not task.immediate and not core.window_open():
-                    continue
-                data = core.submit(task)
-                task.gen = self._generation
-                await self.stream.send_all(b"".join(data) if len(data) > 1 else data[0])
-                return
+            # Synchronous from here: CmdSN order is queue order.
+            self._enqueue(core.submit(task))
+            task.gen = self._generation
+            task.sent_at = trio.current_time()
+            return
 
-    async def _issue(self, task: Task, *, retry: bool = True) -> Task:
+    async def _issue(self, task: Task) -> Task:
         task.done = trio.Event()
         nbytes = 48 + (len(task.data_out) if task.data_out is not None else 0) + task.read_len
         task.token = await self.buffers.alloc(nbytes)
@@ -620,25 +658,8 @@ class Initiator:
             self._seq += 1
             task.seq = self._seq
             self._outstanding[task.seq] = task
-            try:
-                await self._send(task)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                if not retry:
-                    raise
-            while True:
-                if self.command_timeout is None:
-                    await task.done.wait()
-                    break
-                with trio.move_on_after(self.command_timeout):
-                    await task.done.wait()
-                    break
-                if not retry:
-                    raise ISCSIError(f"no answer to {task.kind} within {self.command_timeout}s")
-                # No answer in time: treat the connection as lost; recovery reissues the task.
-                if self.stream is not None and not self._recovering:
-                    log.warning("command timed out after %.1fs; dropping the connection", self.command_timeout)
-                    with trio.CancelScope(shield=True):
-                        await self.stream.aclose()
+            await self._send(task)
+            await task.done.wait()
             if task.error is not None:
                 raise task.error
             return task

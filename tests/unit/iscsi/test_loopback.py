@@ -228,3 +228,24 @@ async def test_target_nop_in_pings_are_answered(tmp_path: Path) -> None:
             (sess,) = s.target.core.sessions
             assert sess.nop_ttt > 0x10000000 and sess.nops_unanswered == 0
             assert len(await ini.read(0, 1)) == 512
+
+
+async def test_unanswered_command_times_out_and_is_reissued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import iscsi.session as sess
+
+    real = sess.TargetSession._scsi_cmd
+    swallowed = []
+
+    def lossy(self: sess.TargetSession, pdu: Pdu) -> None:
+        if pdu.bhs[32] == 0x28 and not swallowed:  # the first READ(10) is never answered
+            swallowed.append(pdu.itt)
+            return
+        real(self, pdu)
+
+    monkeypatch.setattr(sess.TargetSession, "_scsi_cmd", lossy)
+    async with _serve(tmp_path) as s:
+        async with s.initiator(command_timeout=0.3, reconnect_delay=0.01) as ini:
+            await ini.write(0, b"z" * 512)
+            with trio.fail_after(10):
+                assert await ini.read(0, 1) == b"z" * 512
+            assert swallowed and ini.reconnects == 1
