@@ -8,7 +8,9 @@ reader freeing what was queued).  Paths measured:
 
 - accept: every frame is queued on an application socket whose reader frees it;
 - drop-rcvbuf: the socket's owner does not read (swapped out): frames are dropped at step 7;
-- drop-nomem: memory is exhausted: frames are dropped at step 1 (rx_nomem).
+- drop-nomem: memory is exhausted: frames are dropped at step 1 (rx_nomem);
+- drop-reserve (v12, pfmemalloc): memory is short and a memalloc socket exists: every frame gets
+  a reserve skb and is dropped at step 6 (pfmemalloc_drop), the cure's own hot path under a flood.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from rich.progress import Progress
 from emu.bench.result import BenchResult, emit
 from emu.cli import CONTEXT
 
-MODES = ("accept", "drop-rcvbuf", "drop-nomem")
+MODES = ("accept", "drop-rcvbuf", "drop-nomem", "drop-reserve")
 
 
 def _fill(port: int, payload: bytes, count: int) -> None:
@@ -122,7 +124,10 @@ async def stage(mode: str, size: int, frames: int, batch: int, policy: str, real
             nursery.start_soon(app_reader, app)
         else:
             app = await net.open_app_udp(0, rcvbuf=0 if mode == "drop-rcvbuf" else None)
-        if mode == "drop-nomem":
+        if mode == "drop-reserve":
+            vm = await net.open_app_udp(0)
+            vm.sk_set_memalloc()
+        if mode in ("drop-nomem", "drop-reserve"):
             hog = []
             while (p := zone.alloc_pages(GFP_ATOMIC)) is not None:
                 hog.extend(p)
@@ -155,7 +160,9 @@ def bench_rx(frames: int, size: int, batch: int, policy: str, modes: tuple[str, 
         raise click.BadParameter("must be >= 1", param_hint="--batch")
     if repeat < 1:
         raise click.BadParameter("must be >= 1", param_hint="--repeat")
-    modes = modes or MODES
+    modes = modes or tuple(m for m in MODES if m != "drop-reserve" or policy != "none")
+    if policy == "none" and "drop-reserve" in modes:
+        raise click.BadParameter("drop-reserve needs --policy v12 or pfmemalloc", param_hint="--mode")
     real_rcvbuf = 64 << 20
     console = Console(stderr=True)
     best_base = 0.0

@@ -47,6 +47,12 @@ class NetMem:
         self.ipq_cache: KmemCache = slabs.kmalloc_cache(IPQ)
         self.memalloc_socks = 0  # sk_memalloc_socks()
         self._data_cache: dict[int, KmemCache | None | bool] = {}
+        # Within one poll: sizes whose ordinary (non-reserve) RX attempt failed, with nr_free then.
+        # While nr_free has not grown and no ordinary skb was freed, that attempt would fail the
+        # same way (the watermark test is monotonic in nr_free, and only a free of an ordinary
+        # object refills an ordinary slab), so reserve policies skip it: one failed attempt per
+        # poll and size instead of one per frame (the attempts are the slow path of the mm).
+        self.rx_failed: dict[int, int] = {}
         # Live skbs (RX and TX) and their truesize: the accounting the tests check.
         self.skbs_live = 0
         self.skb_truesize_live = 0
@@ -98,8 +104,14 @@ class NetMem:
             self.skb_truesize_live += skb.truesize
             stat.skbs += 1
             return skb
+        failed = self.rx_failed.get(size)
+        if failed is not None and self.zone.nr_free <= failed:
+            skb = None  # the ordinary attempt would fail again (see rx_failed)
+        else:
+            skb = self.skb_try(size, _ATOMIC_NOMEMALLOC if self.policy is Policy.PFMEMALLOC else GFP_ATOMIC, True)
+            if skb is None:
+                self.rx_failed[size] = self.zone.nr_free
         if self.policy is Policy.PFMEMALLOC:
-            skb = self.skb_try(size, _ATOMIC_NOMEMALLOC, True)
             if skb is None:
                 skb = self.skb_try(size, _ATOMIC_MEMALLOC, True)
                 if skb is None:
@@ -110,7 +122,6 @@ class NetMem:
             stat.skbs += 1
             return skb
         # v12
-        skb = self.skb_try(size, GFP_ATOMIC, True)
         if skb is None:
             charge = roundup_pow_of_two(size + SKB_SHARED_INFO)
             node = self.reserve.skb_data if self.reserve is not None else None
@@ -143,6 +154,8 @@ class NetMem:
             self.slabs.kfree(buf)
         self.skbs_live -= 1
         self.skb_truesize_live -= skb.own_truesize
+        if not skb.memalloc and self.rx_failed:
+            self.rx_failed.clear()  # an ordinary object went back to a slab: try normally again
         if skb.charged:
             self.reserve.skb_data.uncharge(skb.charged)  # memory freed first, then uncharged
             skb.charged = 0

@@ -71,6 +71,12 @@ class Nic:
 
     # ---- wires --------------------------------------------------------------------------------
 
+    def new_poll(self) -> None:
+        """A wire starts a poll (a batch): the driver refills its ring, memos of failures go."""
+        self.ring_ok = True
+        if self.mem.rx_failed:
+            self.mem.rx_failed.clear()
+
     def attach(self, wire: object) -> None:
         """Start draining a wire (as soon as `run` is running)."""
         self._spawn_send.send_nowait(wire)

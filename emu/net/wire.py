@@ -108,7 +108,7 @@ class UdpWire:
                 await wait_readable(raw)
                 with softirq():
                     now = current_time()
-                    nic.ring_ok = True  # a new poll: the driver tries to refill its ring
+                    nic.new_poll()
                     for _ in range(nic.batch):
                         try:
                             n, addr = recvfrom_into(buf)
@@ -169,7 +169,7 @@ class TcpWire:
                 pending = self.pending
                 with softirq():
                     now = trio.current_time()
-                    nic.ring_ok = True
+                    nic.new_poll()
                     pos = self.pos
                     end = len(pending)
                     while pos < end:
