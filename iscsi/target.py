@@ -17,7 +17,7 @@ from .keys import TargetPrefs
 from .login import LoginConfig, LoginResult, TargetLogin
 from .lun import DiskLun
 from .pdu import DataDigestError, PduError, PduReader, RejectReason
-from .session import TargetCore, TargetSession
+from .session import CMD_WINDOW, TargetCore, TargetSession
 
 log = logging.getLogger("netswap.iscsi.target")
 
@@ -41,6 +41,7 @@ class Target:
         prefs: TargetPrefs | None = None,
         nop_interval: float = 0.0,
         max_connections: int = MAX_CONNECTIONS,
+        cmd_window: int = CMD_WINDOW,
     ) -> None:
         self.core = TargetCore(target_name, luns)
         self.login_config = LoginConfig(
@@ -50,6 +51,7 @@ class Target:
             prefs=prefs or TargetPrefs(),
         )
         self.nop_interval = nop_interval
+        self.cmd_window = cmd_window
         self.max_connections = max_connections
         self._tsih = itertools.count(1)
         self.connections = 0
@@ -88,7 +90,7 @@ class Target:
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         reader = PduReader(max_data=LOGIN_MAX_DATA)
-        login = TargetLogin(self.login_config, self.new_tsih)
+        login = TargetLogin(self.login_config, self.new_tsih, max_cmd_window=self.cmd_window)
         result = await self._login(stream, reader, login)
         if result is None:
             return
@@ -103,7 +105,7 @@ class Target:
             if old is not None:
                 old.cancel()  # session reinstatement (RFC 7143 §6.3.5): the old one goes
             self.by_nexus[nexus] = scope
-            session = TargetSession(self.core, result)
+            session = TargetSession(self.core, result, window=self.cmd_window)
             try:
                 local = stream.socket.getsockname()
                 session.portal = f"{local[0]}:{local[1]}"

@@ -97,22 +97,22 @@ async def test_many_in_flight_with_digests_and_buffers_hook(served: Served) -> N
     assert bufs.live == 0 and bufs.total >= 128 and bufs.peak > 1  # concurrent, all freed
 
 
-async def test_cmdsn_window_is_respected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import iscsi.session as sess
-
-    monkeypatch.setattr(sess, "CMD_WINDOW", 2)
-    async with _serve(tmp_path) as s:
+async def test_cmdsn_window_is_respected(tmp_path: Path) -> None:
+    async with _serve(tmp_path, cmd_window=2) as s:
         async with s.initiator() as ini:
             results = []
 
             async def rd(i: int) -> None:
                 results.append(len(await ini.read(i, 1)))
 
-            async with trio.open_nursery() as n:
-                for i in range(40):
-                    n.start_soon(rd, i)
+            with trio.fail_after(10):  # a command sent beyond MaxCmdSN would never be answered
+                async with trio.open_nursery() as n:
+                    for i in range(40):
+                        n.start_soon(rd, i)
             assert results == [512] * 40  # none ignored by the target, none lost
-            assert s.target.core.sessions and all(x.stats["ignored"] == 0 for x in s.target.core.sessions)
+            (sess,) = s.target.core.sessions
+            assert sess.window == 2 and sess.stats["ignored"] == 0 and sess.stats["commands"] >= 41
+            assert ini.core is not None and ini.core.max_cmd_sn == (ini.core.exp_cmd_sn + 1) & 0xFFFFFFFF
 
 
 async def test_session_recovery_reissues_outstanding(served: Served) -> None:
