@@ -150,3 +150,29 @@ def test_netmem_policy_is_validated() -> None:
         NetMem(Slabs(zone), "bogus", NetStat())  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         NetStack.from_parts(zone, Slabs(zone), policy="v12")
+
+
+@pytest.mark.parametrize("policy", ["v12", "pfmemalloc"])
+def test_failed_ordinary_attempt_memo_is_exact(policy: str) -> None:
+    net = stack(policy)
+    if net.reserve is not None:
+        net.reserve.connect_network()
+    net.mem.memalloc_socks = 1
+    pages = hog(net.zone)
+    vm = net.zone.vmstat
+    with softirq():
+        f0 = vm["pgalloc_fail"]
+        a = net.mem.rx_skb(500)
+        f1 = vm["pgalloc_fail"]
+        b = net.mem.rx_skb(500)  # nothing changed: the ordinary attempt is skipped, not repeated
+        f2 = vm["pgalloc_fail"]
+    assert a is not None and a.memalloc and b is not None and b.memalloc
+    assert 500 in net.mem.rx_failed
+    assert f2 - f1 < f1 - f0  # b failed fewer attempts: only the reserve path's own
+    net.zone.free_pages(pages[:200])  # memory came back within the same poll
+    with softirq():
+        c = net.mem.rx_skb(500)
+    assert c is not None and not c.memalloc  # so the ordinary attempt was made, and succeeded
+    for s in (a, b, c):
+        s.free()
+    assert net.mem.skbs_live == 0
