@@ -13,7 +13,7 @@ import trio
 
 from emu.mm.gfp import GFP_HIGHUSER
 from emu.mm.page_alloc import Page, Zone
-from emu.mm.sched import TaskFlags, task, waiting
+from emu.mm.sched import TaskFlags, current, task
 from emu.mm.slab import Slabs
 from emu.mm.swap import (
     MAX_SWAPFILES,
@@ -41,6 +41,7 @@ class Mm:
 
     `max_writeback`: pages that may be under writeback at once (beyond it reclaim waits: the
     device is congested).  `max_io_pages`: largest single swap_rw (contiguous slots).
+    `page_cluster`: swap readahead of 2^page_cluster pages (vm.page_cluster, default 3).
     """
 
     def __init__(
@@ -52,10 +53,13 @@ class Mm:
         *,
         max_writeback: int = 256,
         max_io_pages: int = 16,
+        page_cluster: int = 3,
         kswapd: bool = True,
     ) -> None:
         if max_writeback < 1 or max_io_pages < 1:
             raise ValueError("max_writeback and max_io_pages must be >= 1")
+        if not 0 <= page_cluster <= 6:
+            raise ValueError(f"page_cluster must be 0..6, not {page_cluster}")
         self.zone = zone
         if vmstat is not None:
             zone.vmstat = vmstat
@@ -64,6 +68,9 @@ class Mm:
         self.reserve = reserve
         self.max_writeback = max_writeback
         self.max_io_pages = max_io_pages
+        # vm.page_cluster: swap-in reads up to 2^page_cluster contiguous slots in one swap_rw
+        # (forward readahead), bounded by max_io_pages; 0 disables readahead.
+        self.page_cluster = page_cluster
         self.lru: OrderedDict[Page, None] = OrderedDict()
         self.swap_areas: list[SwapArea] = []
         self.swap_cache: dict[int, Page] = {}
@@ -72,6 +79,9 @@ class Mm:
         self.nr_verify_errors = 0
         self.verify_errors: list[tuple[str, int, int, int]] = []  # (process, pid, page, version), first 100
         self.nr_swap_io_errors = 0
+        # Swap entries whose owner went away while their page was locked or under writeback:
+        # the I/O completion frees page and slot.
+        self._orphans: set[int] = set()
         self._io_event = trio.Event()
         self._io_waited = False
         self._nursery: trio.Nursery | None = None
@@ -180,7 +190,8 @@ class Mm:
     def release_page(self, page: Page) -> None:
         """A mapped page goes away (process exit)."""
         if page.PG_writeback or page.PG_locked:
-            page.mapping = None  # orphan: the I/O completion frees it
+            self._orphans.add(page.private)  # the I/O completion frees page and slot
+            page.mapping = None
             return
         if page.PG_swapcache:
             self.delete_from_swap_cache(page, free_slot=True)
@@ -194,6 +205,7 @@ class Mm:
             self.swap_free(entry)
             return
         if page.PG_writeback or page.PG_locked:
+            self._orphans.add(entry)
             page.mapping = None
             return
         self.delete_from_swap_cache(page, free_slot=True)
@@ -218,15 +230,26 @@ class Mm:
     async def swapin(self, proc: Process, page_no: int, entry: int) -> Page | None:
         """do_swap_page(): the page from the swap cache, or read from storage and verified.
 
-        Returns None when the pte changed while we slept (the caller looks again).
+        Reads ahead the following contiguous in-use slots (up to 2^page_cluster, one swap_rw)
+        while memory is plentiful; those pages wait in the swap cache and are verified when their
+        owner faults on them.  Returns None when the pte changed while we slept (look again).
         """
         page = self.swap_cache.get(entry)
         if page is not None:
             if page.PG_locked:  # another task is reading it in
-                with waiting("D pagefault", "__lock_page"):
+                t = current()
+                old = t.state, t.wchan
+                t.state, t.wchan = "D pagefault", "__lock_page"
+                try:
                     await self.wait_writeback_progress()
+                finally:
+                    t.state, t.wchan = old
                 return None
             proc.min_flt += 1
+            if page.PG_readahead:
+                page.PG_readahead = False
+                self.vmstat.counters["swap_ra_hit"] += 1
+                self._verify(proc, page_no, page)
             return page
         page = await self.alloc_user_page()
         if proc.pte[page_no] != entry or entry in self.swap_cache:
@@ -237,36 +260,84 @@ class Mm:
         page.PG_locked = True
         page.mapping = proc
         page.index = page_no
+        pages = [page]
+        off = entry & SWP_OFFSET_MASK
+        ra = min(1 << self.page_cluster, self.max_io_pages) - 1
+        if ra > 0:
+            self._readahead(area, entry, off, ra, pages)
         c = self.vmstat.counters
         c["pgmajfault"] += 1
-        c["pswpin"] += 1
+        c["pswpin"] += len(pages)
         proc.maj_flt += 1
+        t = current()
+        old = t.state, t.wchan
+        t.state, t.wchan = "D pagefault", "swap_readpage"
         try:
-            with waiting("D pagefault", "swap_readpage"):
-                await area.storage.swap_rw("read", entry & SWP_OFFSET_MASK, [memoryview(page.data)])
+            await area.storage.swap_rw("read", off, [memoryview(p.data) for p in pages])
         except BaseException as exc:
-            page.PG_locked = False
-            self.delete_from_swap_cache(page, free_slot=False)
-            self.zone.free_page(page)
+            orphans = self._orphans
+            for p in pages:
+                p.PG_locked = False
+                e = p.private
+                self.delete_from_swap_cache(p, free_slot=e in orphans)
+                orphans.discard(e)
+                self.zone.free_page(p)
             self._io_done()
             if isinstance(exc, (SwapIOError, OSError)):
                 area.nr_read_errors += 1
                 self.nr_swap_io_errors += 1
                 raise SwapIOError(f"swap read of {proc.name} page {page_no} failed: {exc}") from exc
             raise
-        page.PG_locked = False
-        page.PG_uptodate = True
-        page.PG_dirty = False
+        finally:
+            t.state, t.wchan = old
+        orphans = self._orphans
+        for p in pages:
+            p.PG_locked = False
+            p.PG_uptodate = True
+            p.PG_dirty = False
+            if orphans and p.private in orphans:  # its owner exited while we read
+                orphans.discard(p.private)
+                self.delete_from_swap_cache(p, free_slot=True)
+                self.zone.free_page(p)
+                p.PG_readahead = False
+                if p is page:
+                    page = None  # type: ignore[assignment]
+            elif p is not page:
+                p.PG_readahead = True
+                self.lru_add(p)  # unmapped and clean: the cheapest pages to reclaim
         self._io_done()
-        if page.mapping is None:  # the process exited while we read
-            self.delete_from_swap_cache(page, free_slot=True)
-            self.zone.free_page(page)
+        if page is None:
             return None
+        self._verify(proc, page_no, page)
+        return page
+
+    def _readahead(self, area: SwapArea, entry: int, off: int, ra: int, pages: list[Page]) -> None:
+        zone = self.zone
+        if zone.nr_free - ra <= zone.watermark_min + zone._emerg:
+            return  # not into the reserves for pages nobody asked for yet
+        smap = area.swap_map
+        cache = self.swap_cache
+        base = entry - off
+        for slot in range(off + 1, min(off + 1 + ra, area.nr_slots)):
+            e = base + slot
+            if smap[slot] != 1 or e in cache:
+                break
+            got = zone.alloc_pages(GFP_HIGHUSER)
+            if got is None:
+                break
+            p = got[0]
+            self.add_to_swap_cache(p, e)
+            p.PG_locked = True
+            p.mapping = None
+            pages.append(p)
+        if len(pages) > 1:
+            self.vmstat.counters["swap_ra"] += len(pages) - 1
+
+    def _verify(self, proc: Process, page_no: int, page: Page) -> None:
         if not proc.verify(page_no, page.data):
             self.nr_verify_errors += 1
             if len(self.verify_errors) < 100:
                 self.verify_errors.append((proc.name, proc.pid, page_no, proc.version[page_no]))
-        return page
 
     # ---- swap-out --------------------------------------------------------------------------------
 
@@ -317,11 +388,14 @@ class Mm:
         self.nr_writeback -= 1
         self.zone.state["nr_writeback"] -= 1
         proc = page.mapping
-        if proc is None:  # orphaned by exit
-            if page.PG_swapcache:
-                self.delete_from_swap_cache(page, free_slot=True)
+        if self._orphans and page.private in self._orphans:  # its owner exited meanwhile
+            self._orphans.discard(page.private)
+            self.delete_from_swap_cache(page, free_slot=True)
             self.lru_del(page)
             self.zone.free_page(page)
+            return
+        if proc is None:  # a read-ahead page, never mapped, somehow written: keep it cached
+            self.lru_add(page)
             return
         if error:
             page.PG_dirty = True  # keep the data; reclaim will try again

@@ -93,6 +93,7 @@ class Page:
         "PG_slab",
         "PG_uptodate",
         "PG_locked",
+        "PG_readahead",
         "mapping",
         "index",
         "private",
@@ -116,6 +117,7 @@ class Page:
         self.PG_slab = False
         self.PG_uptodate = False
         self.PG_locked = False
+        self.PG_readahead = False  # read ahead into the swap cache, owner not yet verified
         self.mapping: Any = None  # the anon address space (rmap) or slab cache
         self.index = 0  # page number inside `mapping`
         self.private: Any = None  # swap entry while PG_swapcache

@@ -80,7 +80,7 @@ class Vmscan:
                     continue
                 mm.add_to_swap_cache(page, entry)
             proc = page.mapping
-            if proc.pte[page.index] is page:
+            if proc is not None and proc.pte[page.index] is page:
                 proc.unmap(page, page.private)
             if page.PG_dirty:
                 if not can_write or len(to_write) >= write_budget:

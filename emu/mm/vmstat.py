@@ -28,6 +28,7 @@ VM_EVENTS = (
     "kswapd_wakeup",
     "pageoutrun",
     "swap_ra",
+    "swap_ra_hit",
     "oom_kill",
 )
 
