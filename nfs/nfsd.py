@@ -25,7 +25,7 @@ from nfs.nfs3 import (
     unpack_name, unpack_time, NON_IDEMPOTENT, NAME_MAX,
 )
 from nfs.store import Export, errno_to_stat
-from nfs.svc import Buffer, CallContext
+from nfs.svc import Buffer, CallContext, FileSegment
 from nfs.xdr import Packer, Unpacker, XdrError
 
 _U32 = struct.Struct(">I")
@@ -216,10 +216,16 @@ class NfsProgram:
         limit = self.udp_max_io if ctx.transport == "udp" else self.max_io
         count = min(count, limit, max(0, ctx.max_reply - 256))
         fd = self.export.fd(path, st)
-        data = os.pread(fd, count, offset) if count else b""
         st = os.fstat(fd)
-        n = len(data)
+        n = max(0, min(count, st.st_size - offset))
         eof = offset + n >= st.st_size
+        if ctx.transport == "udp" or n < 65536:
+            data: Buffer = os.pread(fd, n, offset) if n else b""
+            if len(data) < n:  # the file shrank since the fstat
+                n = len(data)
+                eof = True
+        else:
+            data = FileSegment(fd, offset, n)  # sent with sendfile(2)
         return [_OK, self._attr(st), _READ_OK.pack(n, eof, n), data, _PADS[n & 3]]
 
     async def write(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:

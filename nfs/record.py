@@ -4,8 +4,9 @@
 `RecordDecoder` is sans-IO. Bytes go in either with `feed(data)` or, on the hot path, straight
 into the decoder's own buffer: `buf = dec.get_buffer()`, `n = sock.recv_into(buf)`,
 `dec.commit(n)` — so a 1 MiB WRITE is received without an extra copy. Records come out of
-`next_record()`. A record (all fragments together) larger than `max_record` raises
-`RecordTooLarge` before any of its payload is buffered, so buffering is always bounded.
+`next_record()` as memoryviews; `recycle()` hands a buffer back for reuse. A record (all
+fragments together) larger than `max_record` raises `RecordTooLarge` before any of its payload
+is buffered, so buffering is always bounded.
 """
 
 from __future__ import annotations
@@ -16,6 +17,25 @@ LAST_FRAG = 0x8000_0000
 _MARK = struct.Struct(">I")
 
 DEFAULT_MAX_RECORD = 4 * 1024 * 1024 + 64 * 1024
+
+
+class BufferPool:
+    """A few record-sized buffers to reuse, so a connection (or the server's write-behind, which
+    hands buffers back once their data is on disk) does not fault in a fresh megabyte per call."""
+
+    def __init__(self, max_buffers: int = 8) -> None:
+        self.max_buffers = max_buffers
+        self._free: list[bytearray] = []
+
+    def get(self, n: int) -> bytearray | None:
+        for i, buf in enumerate(self._free):
+            if len(buf) >= n:
+                return self._free.pop(i)
+        return None
+
+    def put(self, buf: object) -> None:
+        if isinstance(buf, bytearray) and len(self._free) < self.max_buffers:
+            self._free.append(buf)
 
 
 class RecordTooLarge(Exception):
@@ -44,15 +64,16 @@ def record_mark(n: int) -> bytes:
 class RecordDecoder:
     """Reassemble records from a byte stream (any split of the bytes gives the same records)."""
 
-    def __init__(self, max_record: int = DEFAULT_MAX_RECORD) -> None:
+    def __init__(self, max_record: int = DEFAULT_MAX_RECORD, pool: BufferPool | None = None) -> None:
         self.max_record = max_record
+        self.pool = pool if pool is not None else BufferPool(1)
         self._mark = bytearray()  # partial 4-byte mark
         self._frag_left = 0  # payload bytes still expected for the current fragment
         self._last = False
-        self._rec = bytearray()  # the record being assembled (capacity pre-sized)
+        self._rec = bytearray()  # the record being assembled (pre-sized; may be longer)
         self._rec_len = 0  # bytes of payload already in _rec
         self._in_frag = False
-        self._ready: list[bytearray] = []
+        self._ready: list[memoryview] = []
 
     # -- the state machine ------------------------------------------------------------------
 
@@ -62,9 +83,17 @@ class RecordDecoder:
         total = self._rec_len + length
         if total > self.max_record:
             raise RecordTooLarge(f"record of at least {total} bytes exceeds the limit {self.max_record}")
-        # Grow the buffer to hold this fragment so recv_into can write straight into it.
-        if len(self._rec) < total:
-            self._rec.extend(bytes(total - len(self._rec)))
+        # Size the buffer to hold this fragment so recv_into can write straight into it: a
+        # recycled buffer if it is big enough, else a new one (never a zero-filled temporary).
+        if self._rec_len == 0 and len(self._rec) < total and (spare := self.pool.get(total)) is not None:
+            self._rec = spare
+        elif len(self._rec) < total:
+            if self._rec_len == 0:
+                self._rec = bytearray(total)
+            else:
+                grown = bytearray(total)
+                grown[: self._rec_len] = memoryview(self._rec)[: self._rec_len]
+                self._rec = grown
         self._frag_left = length
         self._in_frag = True
         if length == 0:
@@ -73,12 +102,17 @@ class RecordDecoder:
     def _end_fragment(self) -> None:
         self._in_frag = False
         if self._last:
-            rec = self._rec
-            if len(rec) != self._rec_len:
-                del rec[self._rec_len :]
-            self._ready.append(rec)
+            self._ready.append(memoryview(self._rec)[: self._rec_len])
             self._rec = bytearray()
             self._rec_len = 0
+
+    def recycle(self, record: memoryview) -> None:
+        """The consumer is done with `record` (and holds no view of it any more): its buffer may
+        hold the next record, so a connection does not allocate a fresh buffer per call."""
+        buf = record.obj
+        record.release()
+        if isinstance(buf, bytearray) and len(buf) <= self.max_record:
+            self.pool.put(buf)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         mv = memoryview(data)
@@ -123,7 +157,9 @@ class RecordDecoder:
         """Bytes of record mark still needed (0 while inside a fragment)."""
         return 0 if self._in_frag else 4 - len(self._mark)
 
-    def next_record(self) -> bytearray | None:
+    def next_record(self) -> memoryview | None:
+        """The next complete record: a view of a buffer owned by the caller from now on (give it
+        back with recycle() once nothing refers to it)."""
         return self._ready.pop(0) if self._ready else None
 
     @property

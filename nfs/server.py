@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
 import socket as pysocket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,14 +25,15 @@ from nfs.mount import MOUNT_PROGRAM, MOUNT_V3, MountProgram
 from nfs.nfs3 import NFS_PROGRAM, NFS_V3
 from nfs.nfsd import NfsProgram
 from nfs.portmap import IPPROTO_TCP, IPPROTO_UDP, Mapping, PortmapProgram
-from nfs.record import DEFAULT_MAX_RECORD, RecordDecoder, RecordTooLarge, record_mark
+from nfs.record import DEFAULT_MAX_RECORD, BufferPool, RecordDecoder, RecordTooLarge, record_mark
 from nfs.store import Export, default_state_dir, load_key
-from nfs.svc import Buffer, CallContext, RpcService
+from nfs.svc import Buffer, CallContext, FileSegment, RpcService, close_segments, materialize
 
 log = logging.getLogger("netswap.nfs.server")
 
 UDP_MAX_PAYLOAD = 65507
 _BIG_RECV = 64 * 1024
+_MAX_LOWAT = 256 * 1024
 
 
 @dataclass
@@ -60,13 +62,29 @@ class ServerStats:
 
 
 async def send_iov(sock: trio.socket.SocketType, bufs: Sequence[Buffer], addr: object = None) -> None:
-    """Send every buffer, in order, handling partial sends on a stream socket."""
-    views = [memoryview(b).cast("B") for b in bufs if len(b)]
-    if addr is not None:
-        await sock.sendmsg(views, [], 0, addr)
-        return
+    """Send every buffer, in order: one datagram to `addr`, or onto a stream socket, handling
+    partial sends; file segments go by sendfile(2)."""
+    try:
+        if addr is not None:
+            await sock.sendmsg([memoryview(b).cast("B") for b in materialize(list(bufs)) if len(b)], [], 0, addr)
+            return
+        views: list[memoryview] = []
+        for b in bufs:
+            if isinstance(b, FileSegment):
+                await _send_views(sock, views, more=True)
+                views = []
+                await _sendfile(sock, b)
+            elif len(b):
+                views.append(memoryview(b).cast("B"))
+        await _send_views(sock, views)
+    finally:
+        close_segments(list(bufs))
+
+
+async def _send_views(sock: trio.socket.SocketType, views: list[memoryview], more: bool = False) -> None:
+    flags = pysocket.MSG_MORE if more else 0
     while views:
-        n = await sock.sendmsg(views)
+        n = await sock.sendmsg(views, [], flags)
         while n:
             first = len(views[0])
             if n >= first:
@@ -77,6 +95,22 @@ async def send_iov(sock: trio.socket.SocketType, bufs: Sequence[Buffer], addr: o
                 n = 0
 
 
+async def _sendfile(sock: trio.socket.SocketType, seg: FileSegment) -> None:
+    offset, left = seg.offset, seg.count
+    while left:
+        try:
+            n = os.sendfile(sock.fileno(), seg.fd, offset, left)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        if n == 0:  # the file shrank under us: keep the record intact with zeros
+            await _send_views(sock, [memoryview(bytes(left))])
+            return
+        offset += n
+        left -= n
+        await trio.lowlevel.checkpoint_if_cancelled()
+
+
 class NfsServer:
     """MOUNT v3 + NFSv3 (+ portmap v2) for one exported directory."""
 
@@ -85,6 +119,7 @@ class NfsServer:
         key = load_key(config.state_dir or default_state_dir())
         self.export = Export(config.export, key)
         names = [self.export.root, *config.names]
+        self.pool = BufferPool(8)  # record buffers, shared by the connections
         self.nfs = NfsProgram(self.export, config.allow, max_io=config.max_io)
         self.mount = MountProgram(self.export, names, config.allow)
         self.portmap = PortmapProgram() if config.portmap_port is not None else None
@@ -166,17 +201,23 @@ class NfsServer:
 
     async def _tcp_conn(self, sock: trio.socket.SocketType, peer: tuple) -> None:
         sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
-        dec = RecordDecoder(self.config.max_record)
+        dec = RecordDecoder(self.config.max_record, self.pool)
         scratch = bytearray(_BIG_RECV)
         scratch_mv = memoryview(scratch)
         host, port = str(peer[0]), int(peer[1])
+        lowat = 1
         try:
             while True:
                 rec = dec.next_record()
                 if rec is None:
                     buf = dec.get_buffer()
                     if buf is not None and len(buf) >= _BIG_RECV:
-                        # Inside a big fragment: receive straight into the record.
+                        # Inside a big fragment: receive straight into the record, and let the
+                        # kernel wake us only once a good part of it is there (SO_RCVLOWAT).
+                        want = min(len(buf), _MAX_LOWAT)
+                        if want != lowat:
+                            sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, want)
+                            lowat = want
                         n = await sock.recv_into(buf)
                         buf.release()
                         if n == 0:
@@ -185,6 +226,9 @@ class NfsServer:
                     else:
                         if buf is not None:
                             buf.release()
+                        if lowat != 1:
+                            sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, 1)
+                            lowat = 1
                         n = await sock.recv_into(scratch)
                         if n == 0:
                             return
@@ -192,7 +236,7 @@ class NfsServer:
                     continue
                 ctx = CallContext(host, port, "tcp")
                 reply = await self.svc.dispatch(rec, ctx)
-                del rec
+                dec.recycle(rec)  # nothing refers to the call any more: reuse its buffer
                 if reply is not None:
                     total = sum(len(b) for b in reply)
                     await send_iov(sock, [record_mark(total), *reply])

@@ -12,6 +12,7 @@ exception becomes SYSTEM_ERR and is counted, never crashing the server.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -25,7 +26,45 @@ from nfs.xdr import Unpacker, XdrError
 
 log = logging.getLogger("netswap.nfs.svc")
 
-Buffer = bytes | bytearray | memoryview
+
+
+class FileSegment:
+    """`count` bytes of an open file at `offset`, as one element of a reply iovec: a stream
+    driver sends it with sendfile(2) (no copy through user space), a datagram driver reads it.
+    It owns a dup of the fd, so the export's fd cache may close its own meanwhile."""
+
+    __slots__ = ("fd", "offset", "count")
+
+    def __init__(self, fd: int, offset: int, count: int) -> None:
+        self.fd = os.dup(fd)
+        self.offset = offset
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def read(self) -> bytes:
+        data = os.pread(self.fd, self.count, self.offset) if self.count else b""
+        return data + bytes(self.count - len(data))  # a file that shrank meanwhile reads as zeros
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+Buffer = bytes | bytearray | memoryview | FileSegment
+
+
+def close_segments(bufs: list[Buffer]) -> None:
+    for b in bufs:
+        if isinstance(b, FileSegment):
+            b.close()
+
+
+def materialize(bufs: list[Buffer]) -> list[bytes | bytearray | memoryview]:
+    """The iovec with file segments read into memory (for datagrams and the reply cache)."""
+    return [b.read() if isinstance(b, FileSegment) else b for b in bufs]
 
 
 @dataclass
@@ -131,7 +170,7 @@ class RpcService:
                 self.drc.done(key, None)
             raise
         if key is not None:
-            self.drc.done(key, b"".join(reply))
+            self.drc.done(key, b"".join(materialize(reply)))
         name = f"{prog.name}.{hdr.proc}"
         self.stats.by_proc[name] = self.stats.by_proc.get(name, 0) + 1
         return reply
