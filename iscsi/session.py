@@ -47,7 +47,6 @@ MAX_TEXT = 64 << 10
 # One struct for every target BHS whose 20..47 are eight u32 (Data-In, SCSI Response, R2T, NOP-In,
 # TMF/Logout/Text responses, Reject): op, flags, b2, b3, ahs|dlen, lun, itt, w20..w44.
 _BHS = struct.Struct(">BBBBI8sIIIIIIII")
-_CMD = struct.Struct(">II II")  # ITT, EDTL, CmdSN, ExpStatSN at 16
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
 
 

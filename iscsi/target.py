@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 
 import trio
 
@@ -202,6 +201,3 @@ class Target:
             async with send_lock:
                 await stream.send_all(ping)
 
-
-def open_luns(path: str, *, size: int | None, block_size: int) -> dict[int, DiskLun]:
-    return {0: DiskLun(os.fspath(path), block_size=block_size, size=size)}

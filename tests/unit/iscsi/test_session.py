@@ -13,7 +13,7 @@ from iscsi.initiator import InitiatorCore, Task
 from iscsi.keys import SessionParams
 from iscsi.login import LoginResult
 from iscsi.lun import DiskLun
-from iscsi.pdu import Op, Pdu, PduReader, RESERVED_TAG, TmfFunction, TmfResponse, encode_lun, encode_text, parse_text
+from iscsi.pdu import RESERVED_TAG, Op, Pdu, PduReader, TmfFunction, TmfResponse, encode_text, parse_text
 from iscsi.sense import SenseKey, Status
 from iscsi.session import TargetCore, TargetSession
 
