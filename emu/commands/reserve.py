@@ -308,14 +308,15 @@ def reserve(
     console.print(table)
     console.print("[bold]how each term is computed[/bold]", highlight=False)
     for n in nodes:
-        console.print(f"  {n['id']} {n['name']}: {n['formula']}", highlight=False, markup=False)
+        console.print(f"  {n['id']} {n['name']}: {n['formula']}", highlight=False, markup=False, soft_wrap=True)
     frac = 100 * total / nr_pages
     console.print(
         f"total reserve {total:,} pages = {_fmt_kib(total, page_size)} = {frac:.1f}% of RAM; "
         f"watermarks min/low/high {wm['min']}/{wm['low']}/{wm['high']} pages (min_free_kbytes {mfk})",
         highlight=False,
+        soft_wrap=True,
     )
-    console.print(f"policy {policy}: reserve {reserve_pages:,} pages: {meaning}", highlight=False)
+    console.print(f"policy {policy}: reserve {reserve_pages:,} pages: {meaning}", highlight=False, soft_wrap=True)
     if frac > 25:
         console.print(
             f"[yellow]warning:[/yellow] the reserve is {frac:.0f}% of RAM; the route cache term alone is "

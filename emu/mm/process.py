@@ -132,6 +132,8 @@ class Process:
         counters = mm.vmstat.counters
         counters["pgfault"] += 1
         while True:
+            if self.exited:
+                raise SegmentationFault(f"{self.name}[{self.pid}] exited while faulting on page {page_no}")
             pte = self.pte[page_no]
             if pte is None:
                 page = await mm.alloc_user_page()

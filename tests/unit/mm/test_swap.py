@@ -190,3 +190,43 @@ async def test_process_bounds() -> None:
     await p.touch(0, write=False)
     assert p.pte[0].data == bytes(4096)  # type: ignore[union-attr]
     assert p.status()["VmRSS"] == 4
+
+
+async def test_exit_during_swap_io_frees_everything(make_host, swapfile: str,
+                                                    autojump_clock: trio.testing.MockClock) -> None:
+    h = await make_host(swapfile, ram=1 << 20, latency=1.0, kswapd=False)
+    mm, zone = h.mm, h.zone
+    p = Process(mm, "shortlived", 2 * zone.nr_pages)
+    q = Process(mm, "other", 8)
+    with task("t"):
+        async with trio.open_nursery() as n:
+            async def fill() -> None:
+                for i in range(p.nr_pages):
+                    await p.touch(i)
+            n.start_soon(fill)
+            while mm.nr_writeback == 0:
+                await trio.sleep(0.1)
+            n.cancel_scope.cancel()
+        assert mm.nr_writeback > 0
+        p.exit()  # pages under writeback: freed by the completions
+        await trio.sleep(5)
+        assert mm.nr_writeback == 0
+        assert mm.swap_areas[0].inuse_pages == 0 and not mm.swap_cache
+        # Now a swapped-out process exits while its page (and read-ahead) is being read.
+        r = Process(mm, "reader", 2 * zone.nr_pages)
+        for i in range(r.nr_pages):
+            await r.touch(i)
+        await trio.sleep(5)
+        assert isinstance(r.pte[0], int)
+        async def doomed() -> None:
+            with pytest.raises(SegmentationFault, match="exited"):
+                await r.touch(0, False)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(doomed)
+            await trio.sleep(0.5)  # the read (with read-ahead) is in flight
+            assert any(pg.PG_locked for pg in mm.swap_cache.values())
+            r.exit()
+        await trio.sleep(5)
+    assert mm.swap_areas[0].inuse_pages == 0 and not mm.swap_cache and not mm._orphans
+    assert zone.nr_free == zone.nr_pages - q.rss
