@@ -65,6 +65,7 @@ class Sock:
         self.laddr, self.lport = raw.getsockname()[:2]
         try:
             self.raddr, self.rport = raw.getpeername()[:2]
+            self.state = "ESTAB"  # as ss shows a connected UDP socket too
         except OSError:
             self.raddr, self.rport = "*", 0
         self._readers = trio.lowlevel.ParkingLot()
