@@ -55,7 +55,7 @@ class Target:
         self._tsih = itertools.count(1)
         self.connections = 0
         self.by_nexus: dict[tuple[str, bytes], trio.CancelScope] = {}
-        self.stats = {"connections": 0, "logins": 0, "login_failures": 0, "protocol_errors": 0}
+        self.stats = {"connections": 0, "logins": 0, "login_failures": 0, "protocol_errors": 0, "handler_errors": 0}
 
     def new_tsih(self) -> int:
         t = next(self._tsih) & 0xFFFF
@@ -82,6 +82,10 @@ class Target:
             await self._connection(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             pass
+        except Exception:
+            # A bug provoked by one peer's input costs that connection only, never the target.
+            self.stats["handler_errors"] += 1
+            log.exception("connection handler failed; closing that connection")
         finally:
             self.connections -= 1
             with trio.CancelScope(shield=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -248,3 +249,35 @@ async def test_unanswered_command_times_out_and_is_reissued(tmp_path: Path, monk
             with trio.fail_after(10):
                 assert await ini.read(0, 1) == b"z" * 512
             assert swallowed and ini.reconnects == 1
+
+
+async def test_fuzzed_pdus_after_login_never_take_the_target_down(served: Served) -> None:
+    import random
+
+    rng = random.Random(7143)
+    async with served.initiator() as ini:
+        data = os.urandom(4096)
+        await ini.write(0, data)
+        for round_ in range(40):
+            s = await served.connect()
+            await _raw_login(s)
+            blob = b""
+            for _ in range(20):
+                bhs = bytearray(rng.randbytes(48))
+                bhs[0] = rng.choice([0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x10, 0x41, 0x42, 0x46, rng.randrange(256)])
+                bhs[4] = rng.choice([0, 0, 1])
+                dlen = rng.choice([0, 0, 5, 512, 4096])
+                bhs[5:8] = dlen.to_bytes(3, "big")
+                ahs = rng.randbytes(bhs[4] * 4)
+                payload = rng.randbytes(dlen) + bytes(-dlen % 4)
+                blob += bytes(bhs) + ahs + payload
+            with trio.move_on_after(0.05):
+                await s.send_all(blob)
+                with contextlib.suppress(trio.BrokenResourceError):
+                    while await s.receive_some(65536):
+                        pass
+            await s.aclose()
+        assert served.target.stats["handler_errors"] == 0  # every input handled by the protocol code
+        assert await ini.read(0, 8) == data  # the target and the first session are still fine
+        async with served.initiator() as again:  # and it still accepts new sessions
+            assert await again.read(0, 8) == data
