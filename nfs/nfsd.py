@@ -13,7 +13,7 @@ import os
 import stat as pystat
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -43,6 +43,16 @@ _FAIL_BODY: dict[int, bytes] = {
 }
 
 IMPLEMENTED = frozenset(_FAIL_BODY) | {Proc.NULL}
+
+
+async def _sync(fd: int, how: Callable[[int], None]) -> None:
+    """fsync/fdatasync in a worker thread (other calls go on meanwhile), on our own dup of the fd
+    so the export's fd cache may close its copy in the meantime."""
+    own = os.dup(fd)
+    try:
+        await trio.to_thread.run_sync(how, own)
+    finally:
+        os.close(own)
 
 
 def allowed(host: str, nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
@@ -241,10 +251,8 @@ class NfsProgram:
         done = 0
         while done < count:
             done += os.pwrite(fd, mv[done:], offset + done)
-        if stable == StableHow.FILE_SYNC:
-            await trio.to_thread.run_sync(os.fsync, fd)
-        elif stable == StableHow.DATA_SYNC:
-            await trio.to_thread.run_sync(os.fdatasync, fd)
+        if stable != StableHow.UNSTABLE:
+            await _sync(fd, os.fsync if stable == StableHow.FILE_SYNC else os.fdatasync)
         st = os.fstat(fd)
         return [_OK, pre, self._attr(st), _WRITE_OK.pack(count, stable), self.verifier]
 
@@ -423,7 +431,7 @@ class NfsProgram:
             raise Nfs3Error(Stat.NFS3ERR_ISDIR if pystat.S_ISDIR(st.st_mode) else Stat.NFS3ERR_INVAL)
         pre = self._pre_op(st)
         fd = self.export.fd(path, st)
-        await trio.to_thread.run_sync(os.fsync, fd)
+        await _sync(fd, os.fsync)
         return [_OK, pre, self._attr(os.fstat(fd)), self.verifier]
 
 

@@ -50,6 +50,8 @@ class ServerConfig:
     max_record: int = DEFAULT_MAX_RECORD
     max_connections: int = 256
     max_io: int = 1024 * 1024
+    max_inflight: int = 16  # calls executed at once per TCP connection (x4 per UDP socket)
+    inflight_bytes: int = 8 * 1024 * 1024  # and the bytes of their arguments
 
 
 @dataclass
@@ -205,67 +207,122 @@ class NfsServer:
         scratch = bytearray(_BIG_RECV)
         scratch_mv = memoryview(scratch)
         host, port = str(peer[0]), int(peer[1])
+        budget = InflightBudget(self.config.max_inflight, self.config.inflight_bytes)
+        send_lock = trio.StrictFIFOLock()
         lowat = 1
         try:
-            while True:
-                rec = dec.next_record()
-                if rec is None:
-                    buf = dec.get_buffer()
-                    if buf is not None and len(buf) >= _BIG_RECV:
-                        # Inside a big fragment: receive straight into the record, and let the
-                        # kernel wake us only once a good part of it is there (SO_RCVLOWAT).
-                        want = min(len(buf), _MAX_LOWAT)
-                        if want != lowat:
-                            sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, want)
-                            lowat = want
-                        n = await sock.recv_into(buf)
-                        buf.release()
-                        if n == 0:
-                            return
-                        dec.commit(n)
-                    else:
-                        if buf is not None:
+            async with trio.open_nursery() as calls:
+                try:
+                    while True:
+                        rec = dec.next_record()
+                        if rec is not None:
+                            # Calls of one connection run concurrently (a FILE_SYNC write's fsync
+                            # does not hold up the next READ), within the connection's budget.
+                            await budget.acquire(len(rec))
+                            calls.start_soon(self._tcp_call, sock, send_lock, dec, rec, host, port, budget)
+                            continue
+                        buf = dec.get_buffer()
+                        if buf is not None and len(buf) >= _BIG_RECV:
+                            # Inside a big fragment: receive straight into the record, and let the
+                            # kernel wake us only once a good part of it is there (SO_RCVLOWAT).
+                            want = min(len(buf), _MAX_LOWAT)
+                            if want != lowat:
+                                sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, want)
+                                lowat = want
+                            n = await sock.recv_into(buf)
                             buf.release()
-                        if lowat != 1:
-                            sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, 1)
-                            lowat = 1
-                        n = await sock.recv_into(scratch)
-                        if n == 0:
-                            return
-                        dec.feed(scratch_mv[:n])
-                    continue
-                ctx = CallContext(host, port, "tcp")
-                reply = await self.svc.dispatch(rec, ctx)
-                dec.recycle(rec)  # nothing refers to the call any more: reuse its buffer
-                if reply is not None:
-                    total = sum(len(b) for b in reply)
-                    await send_iov(sock, [record_mark(total), *reply])
-        except RecordTooLarge as e:
-            self.stats.oversized_records += 1
-            log.warning("%s:%d: %s; closing the connection", host, port, e)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            log.debug("%s:%d: connection ended: %s", host, port, e)
+                            if n == 0:
+                                return
+                            dec.commit(n)
+                        else:
+                            if buf is not None:
+                                buf.release()
+                            if lowat != 1:
+                                sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, 1)
+                                lowat = 1
+                            n = await sock.recv_into(scratch)
+                            if n == 0:
+                                return  # the calls in flight still get their replies
+                            dec.feed(scratch_mv[:n])
+                except RecordTooLarge as e:
+                    self.stats.oversized_records += 1
+                    log.warning("%s:%d: %s; closing the connection", host, port, e)
+                    calls.cancel_scope.cancel()
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    log.debug("%s:%d: connection ended: %s", host, port, e)
+        except Exception:  # a bug must cost this connection, never the server
+            log.exception("%s:%d: connection failed", host, port)
         finally:
             self._conns -= 1
             sock.close()
 
+    async def _tcp_call(self, sock: trio.socket.SocketType, send_lock: trio.StrictFIFOLock, dec: RecordDecoder,
+                        rec: memoryview, host: str, port: int, budget: InflightBudget) -> None:
+        n = len(rec)
+        try:
+            reply = await self.svc.dispatch(rec, CallContext(host, port, "tcp"))
+            dec.recycle(rec)  # nothing refers to the call any more: reuse its buffer
+            if reply is not None:
+                total = sum(len(b) for b in reply)
+                async with send_lock:
+                    await send_iov(sock, [record_mark(total), *reply])
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            log.debug("%s:%d: reply not sent: %s", host, port, e)
+        finally:
+            budget.release(n)
+
     async def _udp_loop(self, sock: trio.socket.SocketType) -> None:
-        while True:
-            try:
-                data, addr = await sock.recvfrom(UDP_MAX_PAYLOAD + 1)
-            except OSError as e:  # e.g. ECONNREFUSED from an earlier ICMP error
-                log.debug("udp recvfrom: %s", e)
-                continue
-            self.stats.udp_datagrams += 1
+        budget = InflightBudget(self.config.max_inflight * 4, self.config.inflight_bytes)
+        async with trio.open_nursery() as calls:
+            while True:
+                try:
+                    data, addr = await sock.recvfrom(UDP_MAX_PAYLOAD + 1)
+                except OSError as e:  # e.g. ECONNREFUSED from an earlier ICMP error
+                    log.debug("udp recvfrom: %s", e)
+                    continue
+                self.stats.udp_datagrams += 1
+                await budget.acquire(len(data))
+                calls.start_soon(self._udp_call, sock, data, addr, budget)
+
+    async def _udp_call(self, sock: trio.socket.SocketType, data: bytes, addr: tuple, budget: InflightBudget) -> None:
+        try:
             ctx = CallContext(str(addr[0]), int(addr[1]), "udp", max_reply=UDP_MAX_PAYLOAD)
             reply = await self.svc.dispatch(data, ctx)
-            if reply is None:
-                continue
-            try:
-                await send_iov(sock, reply, addr)
-            except OSError as e:
-                self.stats.udp_send_errors += 1
-                log.debug("udp sendmsg to %s: %s", addr, e)
+            if reply is not None:
+                try:
+                    await send_iov(sock, reply, addr)
+                except OSError as e:
+                    self.stats.udp_send_errors += 1
+                    log.debug("udp sendmsg to %s: %s", addr, e)
+        except Exception:  # a bug must cost this call, never the server
+            log.exception("udp call from %s failed", addr)
+        finally:
+            budget.release(len(data))
+
+
+class InflightBudget:
+    """Bounds the calls being executed (and the bytes of their arguments) for one connection or
+    UDP socket; the reader waits here, so TCP backpressure reaches the client."""
+
+    def __init__(self, max_calls: int, max_bytes: int) -> None:
+        self.max_calls = max_calls
+        self.max_bytes = max_bytes
+        self.calls = 0
+        self.bytes = 0
+        self._changed = trio.Event()
+
+    async def acquire(self, n: int) -> None:
+        # One call always fits (its size is already capped by max_record).
+        while self.calls >= self.max_calls or (self.calls and self.bytes + n > self.max_bytes):
+            await self._changed.wait()
+        self.calls += 1
+        self.bytes += n
+
+    def release(self, n: int) -> None:
+        self.calls -= 1
+        self.bytes -= n
+        self._changed.set()
+        self._changed = trio.Event()
 
 
 def parse_allow(values: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

@@ -199,3 +199,17 @@ def test_cli_ready_line_and_clean_stop(tmp_path: Path) -> None:
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+async def test_client_resetting_its_connection_mid_call_does_not_stop_the_server(nfs_server) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(3):
+        s = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        await s.connect((H, nfs_server.nfs_port))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+        msg = encode_call(3, NFS_PROGRAM, 3, Proc.FSINFO, b"\0\0\0\0")
+        await s.send(struct.pack(">I", LAST_FRAG | len(msg)) + msg + struct.pack(">I", LAST_FRAG | 100) + b"x")
+        s.close()
+    await trio.sleep(0.1)
+    async with NfsClient.tcp(H, nfs_server.nfs_port, nfs_server.mount_port, hard=False, timeo=2.0) as c:
+        await c.null()
+        assert await c.mount(str(nfs_server.export)) == nfs_server.server.export.root_fh
