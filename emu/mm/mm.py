@@ -73,6 +73,7 @@ class Mm:
         self.page_cluster = page_cluster
         self.lru: OrderedDict[Page, None] = OrderedDict()
         self.swap_areas: list[SwapArea] = []
+        self._by_prio: list[SwapArea] = []
         self.swap_cache: dict[int, Page] = {}
         self.processes: list[Process] = []
         self.nr_writeback = 0
@@ -124,6 +125,7 @@ class Mm:
         check_swap_header(back, nr_pages, ps)
         area = SwapArea(storage, nr_pages, type_=len(self.swap_areas), prio=prio)
         self.swap_areas.append(area)
+        self._by_prio = sorted(self.swap_areas, key=lambda a: -a.prio)
         return area
 
     async def swapoff(self, area: SwapArea) -> None:
@@ -140,11 +142,12 @@ class Mm:
             await self.wait_writeback_progress()
         await area.storage.swap_deactivate()
         self.swap_areas[area.type] = _DeadArea(area)  # keep type numbers stable
+        self._by_prio = [a for a in self._by_prio if a is not area]
 
     def get_swap_page(self) -> int | None:
         """Allocate a slot from the highest-priority area that has one."""
-        for area in sorted(self.swap_areas, key=lambda a: -a.prio):
-            if area.nr_slots and area.nr_free > 0:
+        for area in self._by_prio:
+            if area.inuse_pages < area.nr_slots - 1:
                 return area.get_swap_page()
         return None
 

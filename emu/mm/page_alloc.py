@@ -38,7 +38,16 @@ class AllocFlags(enum.IntFlag):
     CPUSET = 0x40
 
 
-_ALLOC_RESERVE_GFP = Gfp.MEMALLOC | Gfp.EMERGENCY
+_ALLOC_RESERVE_GFP = int(Gfp.MEMALLOC | Gfp.EMERGENCY)
+_GFP_HIGH = int(Gfp.HIGH)
+_GFP_WAIT = int(Gfp.WAIT)
+_GFP_NOMEMALLOC = int(Gfp.NOMEMALLOC)
+_PF_MEMALLOC_INT = int(TaskFlags.PF_MEMALLOC)
+_AF_NO_WATERMARKS = int(AllocFlags.NO_WATERMARKS)
+_AF_HIGH = int(AllocFlags.HIGH)
+_AF_HARDER = int(AllocFlags.HARDER)
+# The decision depends on nothing but these few inputs: memoize it (it sits on hot paths).
+_af_cache: dict[tuple[int, int, bool, bool, Policy], AllocFlags] = {}
 
 
 def gfp_to_alloc_flags(gfp: Gfp | int, task: Task, policy: Policy) -> AllocFlags:
@@ -52,21 +61,29 @@ def gfp_to_alloc_flags(gfp: Gfp | int, task: Task, policy: Policy) -> AllocFlags
     The reserve policies (v12, pfmemalloc) grant exactly the same contexts; they differ in how
     the reserve is sized (pages_emerg vs the min watermark) and in the RX path.
     """
+    key = (int(gfp), int(task.flags), task.tif_memdie, task.in_softirq, policy)
+    flags = _af_cache.get(key)
+    if flags is None:
+        flags = _af_cache[key] = _gfp_to_alloc_flags(*key)
+    return flags
+
+
+def _gfp_to_alloc_flags(gfp: int, tflags: int, memdie: bool, in_softirq: bool, policy: Policy) -> AllocFlags:
     flags = AllocFlags.WMARK_MIN
-    if gfp & Gfp.HIGH:
+    if gfp & _GFP_HIGH:
         flags |= AllocFlags.HIGH
-    if not gfp & Gfp.WAIT:
+    if not gfp & _GFP_WAIT:
         flags |= AllocFlags.HARDER  # atomic callers may dig a bit deeper
     else:
         flags |= AllocFlags.CPUSET
-    if gfp & Gfp.NOMEMALLOC:
+    if gfp & _GFP_NOMEMALLOC:
         return flags
-    pf_memalloc = bool(task.flags & _PF_MEMALLOC)
+    pf_memalloc = bool(tflags & _PF_MEMALLOC_INT)
     if policy is Policy.NONE:
-        if (pf_memalloc or task.tif_memdie) and not task.in_softirq:
+        if (pf_memalloc or memdie) and not in_softirq:
             flags |= AllocFlags.NO_WATERMARKS
     else:
-        if gfp & _ALLOC_RESERVE_GFP or pf_memalloc or (task.tif_memdie and not task.in_softirq):
+        if gfp & _ALLOC_RESERVE_GFP or pf_memalloc or (memdie and not in_softirq):
             flags |= AllocFlags.NO_WATERMARKS
     return flags
 
@@ -216,13 +233,17 @@ class Zone:
 
     def zone_watermark_ok(self, order: int, mark: int, alloc_flags: AllocFlags | int = 0) -> bool:
         """zone_watermark_ok(): free - 2^order + 1 > mark (after the HIGH / HARDER discounts)."""
-        free_pages = len(self._free) - (1 << order) + 1
-        min_ = mark
-        if alloc_flags & AllocFlags.HIGH:
-            min_ -= min_ // 2
-        if alloc_flags & AllocFlags.HARDER:
-            min_ -= min_ // 4
-        return free_pages > min_ + self._emerg
+        return len(self._free) - (1 << order) + 1 > self.watermark_floor(mark, alloc_flags)
+
+    def watermark_floor(self, mark: int, alloc_flags: AllocFlags | int = 0) -> int:
+        """The mark after the __GFP_HIGH / ALLOC_HARDER discounts (plus v12's pages_emerg): an
+        order-0 allocation succeeds while free > floor, so it can leave exactly `floor` free."""
+        af = int(alloc_flags)
+        if af & _AF_HIGH:
+            mark -= mark // 2
+        if af & _AF_HARDER:
+            mark -= mark // 4
+        return mark + self._emerg
 
     def pfmemalloc_watermark_ok(self) -> bool:
         """3.6: free pages above half the sum of the min watermarks (the throttle's test)."""
@@ -231,7 +252,7 @@ class Zone:
     def entitled(self, gfp: Gfp | int, task: Task | None = None) -> bool:
         """Would this context get ALLOC_NO_WATERMARKS (the reserve) for `gfp`?"""
         t = task if task is not None else current()
-        return bool(gfp_to_alloc_flags(gfp, t, self.policy) & AllocFlags.NO_WATERMARKS)
+        return bool(int(gfp_to_alloc_flags(gfp, t, self.policy)) & _AF_NO_WATERMARKS)
 
     # ---- allocation -------------------------------------------------------------------------
 
@@ -267,10 +288,10 @@ class Zone:
         if order < 0 or order > 10:
             raise ValueError(f"order {order} out of range")
         self.wakeup_kswapd(order)
-        flags = gfp_to_alloc_flags(gfp, current(), self.policy)
+        flags = int(gfp_to_alloc_flags(gfp, current(), self.policy))
         if self.zone_watermark_ok(order, self.watermark_min, flags):
             return self._take(nr, False)
-        if flags & AllocFlags.NO_WATERMARKS and len(self._free) >= nr:
+        if flags & _AF_NO_WATERMARKS and len(self._free) >= nr:
             return self._take(nr, True)  # could only be had from the reserve: tag it
         self.vmstat.counters["pgalloc_fail"] += 1
         return None
@@ -285,11 +306,11 @@ class Zone:
         pages = self.alloc_pages(gfp, order)
         if pages is not None:
             return pages
-        if not gfp & Gfp.WAIT:
+        if not int(gfp) & _GFP_WAIT:
             raise OutOfMemory(f"order-{order} {gfp_name(Gfp(gfp))} allocation failed (cannot sleep)")
         task = current()
         while True:
-            if task.flags & _PF_MEMALLOC:
+            if int(task.flags) & _PF_MEMALLOC_INT:
                 with waiting("D alloc", "__alloc_pages"):
                     await self.wait_free_progress()
             elif self.reclaimer is None:
