@@ -116,6 +116,10 @@ class Vmscan:
         freed0 = zone.nr_freed
         with memalloc_noreclaim(), waiting("D reclaim", "try_to_free_pages"):
             started = 0
+            if mm.nr_writeback >= mm.max_writeback:  # the device is congested: just wait
+                with waiting("D reclaim", "congestion_wait"), trio.move_on_after(CONGESTION_WAIT):
+                    await mm.wait_writeback_progress()
+                return zone.nr_freed - freed0
             for priority in range(DEF_PRIORITY, -1, -1):
                 want = max(SWAP_CLUSTER_MAX, self.reclaim_deficit(zone.watermark_min))
                 nr_scan = max(SWAP_CLUSTER_MAX, len(mm.lru) >> priority)

@@ -176,3 +176,30 @@ async def test_pf_memalloc_waiter_sleeps_until_a_page_is_freed(autojump_clock: t
         assert not got
         z.free_pages(held[:1])
     assert got == [3.0]
+
+
+def test_watermark_floor_is_what_an_allocation_leaves() -> None:
+    z = Zone(16 << 20, policy=Policy.V12)
+    z.pages_emerg = 10
+    floor = z.watermark_floor(z.watermark_min, AllocFlags.HIGH | AllocFlags.HARDER)
+    assert floor == 48 + 10
+    while z.alloc_pages(GFP_ATOMIC) is not None:
+        pass
+    assert z.nr_free == floor
+
+
+def test_text_views() -> None:
+    from emu.mm.vmstat import VmStat
+
+    vm = VmStat()
+    z = Zone(16 << 20, vmstat=vm)
+    pages = z.alloc_pages(GFP_KERNEL, order=1)
+    vm.inc("pswpout", 3)
+    text = vm.vmstat(z)
+    assert "nr_free_pages 4094\n" in text and "pgalloc 2\n" in text and "pswpout 3\n" in text
+    assert vm.snapshot()["pswpout"] == 3
+    info = vm.meminfo(z, {"SwapTotal": 1024})
+    assert "MemTotal:          16384 kB" in info and "MemFree:           16376 kB" in info
+    assert "SwapTotal:          1024 kB" in info
+    assert "min      128" in z.zoneinfo()
+    z.free_pages(pages or [])

@@ -162,3 +162,22 @@ async def test_no_throttle_under_other_policies(make_host, swapfile: str,
             await h.mm.vmscan.direct_reclaim(h.zone, GFP_KERNEL, 0)
             assert trio.current_time() - t0 == pytest.approx(0.1)
         assert h.mm.vmstat["pgscan_direct_throttle"] == 0 and h.mm.vmstat["allocstall"] == 1
+
+
+async def test_congested_device_makes_direct_reclaim_wait(make_host, swapfile: str,
+                                                          autojump_clock: trio.testing.MockClock) -> None:
+    h = await make_host(swapfile, ram=2 << 20, latency=2.0, kswapd=False, max_writeback=16)
+    zone, mm = h.zone, h.mm
+    p = Process(mm, "hog", 2 * zone.nr_pages)
+    peak = 0
+    async with trio.open_nursery() as n:
+        async def hog() -> None:
+            with task("hog"):
+                for i in range(p.nr_pages):
+                    await p.touch(i)
+        n.start_soon(hog)
+        for _ in range(100):
+            await trio.sleep(0.1)
+            peak = max(peak, mm.nr_writeback, h.storage.inflight)
+    assert 1 < peak <= 16  # never more than max_writeback pages under writeback
+    assert mm.nr_verify_errors == 0
