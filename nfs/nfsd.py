@@ -74,6 +74,7 @@ class NfsProgram:
                  max_io: int = 1024 * 1024, udp_max_io: int = 32 * 1024) -> None:
         self.export = export
         self.allow = list(allow)
+        self._allowed: dict[str, bool] = {}  # host -> in --allow (parsing addresses per call is slow)
         self.max_io = max_io
         self.udp_max_io = udp_max_io
         # The write verifier: new at every start, so clients know to resend uncommitted data.
@@ -98,7 +99,12 @@ class NfsProgram:
             return []
         handler = self._handlers[proc]
         try:
-            if not allowed(ctx.host, self.allow):
+            ok = self._allowed.get(ctx.host)
+            if ok is None:
+                ok = self._allowed[ctx.host] = allowed(ctx.host, self.allow)
+                if len(self._allowed) > 4096:
+                    self._allowed.clear()
+            if not ok:
                 raise Nfs3Error(Stat.NFS3ERR_ACCES, f"{ctx.host} is not allowed")
             return await handler(args, ctx)
         except Nfs3Error as e:

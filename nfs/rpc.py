@@ -153,14 +153,12 @@ def decode_call(msg: bytes | bytearray | memoryview) -> tuple[CallHeader, Unpack
     """Decode a call header. Raises XdrError if the header itself is unreadable (drop the
     message), RpcVersionMismatch if rpcvers != 2 (answer RPC_MISMATCH)."""
     u = Unpacker(msg)
-    xid = u.u32()
-    mtype = u.u32()
+    if u.end < 24:
+        raise XdrError("truncated call header")
+    xid, mtype, rpcvers, prog, vers, proc = _CALL_HEAD.unpack_from(u.buf, 0)
+    u.pos = 24
     if mtype != CALL:
         raise XdrError(f"not a call (msg_type {mtype})")
-    rpcvers = u.u32()
-    prog = u.u32()
-    vers = u.u32()
-    proc = u.u32()
     if rpcvers != RPC_VERSION:
         raise RpcVersionMismatch(xid)
     cred = OpaqueAuth.unpack(u)
