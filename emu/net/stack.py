@@ -294,7 +294,16 @@ class NetStack:
         return [r.to_json() for r in ss_rows(self.socks)]
 
     def nstat(self, nonzero: bool = True) -> str:
-        return self.stat.nstat(nonzero)
+        """The counters, then the gauges an engineer asks for next (route cache, fragment memory)."""
+        gauges = [
+            ("route_entries", len(self.routes), f"route cache entries now (ip_rt_max_size {self.routes.max_size})"),
+            ("frag_queues", len(self.frags), "fragment reassembly queues now"),
+            ("ip_frag_mem", self.frags.ip_frag_mem, f"bytes in them (high {self.frags.high_thresh})"),
+            ("skbs_live", self.mem.skbs_live, "skbs allocated now (RX queued, in reassembly, TX in flight)"),
+            ("sk_memalloc_socks", self.mem.memalloc_socks, "SOCK_MEMALLOC sockets"),
+        ]
+        lines = [f"{name:<44} {value:>12}    # {what}" for name, value, what in gauges]
+        return self.stat.nstat(nonzero) + "\n".join(lines) + "\n"
 
     def memory(self) -> dict[str, int]:
         """Who holds network memory (the deadlock report's 'skbs queued per socket' part)."""
@@ -333,6 +342,10 @@ class NetStack:
         except OSError:
             pass  # not Linux: nothing to say
         return out
+
+    def dst_cache_objs(self) -> int:
+        """Objects live in ip_dst_cache (every route cache entry is one)."""
+        return self.mem.dst_cache.active_objs
 
     def snapshot(self) -> dict[str, Any]:
         return {"policy": str(self.policy), "counters": self.stat.snapshot(), "memory": self.memory(),
