@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import sense as S
-from .scsi import READS, SAI_READ_CAPACITY_16, SYNCS, VERIFIES, WRITE_VERIFIES, WRITES, Opcode, decode_lba
+from .scsi import PREFETCHES, READS, SAI_READ_CAPACITY_16, SYNCS, VERIFIES, WRITE_SAMES, WRITE_VERIFIES, WRITES, Opcode, decode_lba
 from .sense import Sense, Status, illegal_request
 
 VENDOR = b"NETSWAP "
 PRODUCT = b"VIRTUAL-DISK    "
 REVISION = b"0001"
 MAX_TRANSFER_BYTES = 8 << 20  # VPD B0 MAXIMUM TRANSFER LENGTH, and the cap on one command's buffer
+MAX_WRITE_SAME_BYTES = 64 << 20  # VPD B0 MAXIMUM WRITE SAME LENGTH, in bytes
 
 
 @dataclass
@@ -107,9 +108,25 @@ class DiskLun:
             if bytchk == 3:
                 return self.block_size, None
             return 0, check(illegal_request(S.INVALID_FIELD_IN_CDB))
+        if op in WRITE_SAMES:
+            bad = self._write_same_check(cdb)
+            if bad:
+                return 0, bad
+            ndob = op == Opcode.WRITE_SAME_16 and cdb[1] & 0x01
+            return (0 if ndob else self.block_size), None
         if op == Opcode.MODE_SELECT_6:
             return 0, check(illegal_request(S.INVALID_COMMAND_OPERATION_CODE))
         return 0, None
+
+    def _write_same_check(self, cdb: bytes) -> ScsiResult | None:
+        if cdb[1] & 0xF8:  # WRPROTECT; ANCHOR and UNMAP (fully provisioned: LBPME=0, no LBPWS)
+            return check(illegal_request(S.INVALID_FIELD_IN_CDB, field_pointer=1))
+        lba, n = decode_lba(cdb)
+        if lba + n > self.nblocks:
+            return check(illegal_request(S.LBA_OUT_OF_RANGE))
+        if n == 0 or n * self.block_size > MAX_WRITE_SAME_BYTES:
+            return check(illegal_request(S.INVALID_FIELD_IN_CDB))  # WSNZ is set in VPD B0
+        return None
 
     def _range(self, lba: int, n: int) -> ScsiResult | None:
         if lba + n > self.nblocks:
@@ -157,6 +174,16 @@ class DiskLun:
             if early:
                 return early
             return self.verify(cdb, data_out)
+        if op in WRITE_SAMES:
+            early = self._write_same_check(cdb)
+            if early:
+                return early
+            return self.write_same(cdb, data_out)
+        if op in PREFETCHES:
+            lba, n = decode_lba(cdb)
+            if lba + n > self.nblocks:
+                return check(illegal_request(S.LBA_OUT_OF_RANGE))
+            return GOOD  # the page cache does the prefetching
         if op in SYNCS:
             lba, n = decode_lba(cdb)
             if lba > self.nblocks or lba + n > self.nblocks:
@@ -166,6 +193,22 @@ class DiskLun:
         if handler is None:
             return check(illegal_request(S.INVALID_COMMAND_OPERATION_CODE))
         return handler(self, cdb)
+
+    def write_same(self, cdb: bytes, data_out: bytes | bytearray | memoryview) -> ScsiResult:
+        """WRITE SAME (10/16): one block replicated over the range (NDOB: zeros)."""
+        lba, n = decode_lba(cdb)
+        bs = self.block_size
+        block = bytes(bs) if cdb[0] == Opcode.WRITE_SAME_16 and cdb[1] & 0x01 else bytes(data_out[:bs])
+        if len(block) != bs:
+            return check(illegal_request(S.INVALID_FIELD_IN_INFORMATION_UNIT))
+        per = max(1, (1 << 20) // bs)
+        chunk = block * per
+        done = 0
+        while done < n:
+            k = min(per, n - done)
+            os.pwrite(self.fd, chunk[: k * bs], (lba + done) * bs)
+            done += k
+        return ScsiResult()
 
     def verify(self, cdb: bytes, data_out: bytes | bytearray | memoryview) -> ScsiResult:
         lba, n = decode_lba(cdb)
@@ -236,6 +279,8 @@ class DiskLun:
             struct.pack_into(">H", b, 2, 1)  # OPTIMAL TRANSFER LENGTH GRANULARITY
             struct.pack_into(">I", b, 4, MAX_TRANSFER_BYTES // self.block_size)  # MAXIMUM TRANSFER LENGTH
             struct.pack_into(">I", b, 8, (128 << 10) // self.block_size)  # OPTIMAL TRANSFER LENGTH
+            b[0] = 0x01  # WSNZ: WRITE SAME with NUMBER OF LOGICAL BLOCKS 0 is not supported
+            struct.pack_into(">Q", b, 32, MAX_WRITE_SAME_BYTES // self.block_size)  # MAXIMUM WRITE SAME LENGTH
             body = bytes(b)
         elif page == 0xB1:
             b = bytearray(0x3C)
@@ -356,13 +401,17 @@ _USAGE: dict[tuple[int, int | None], bytes] = {
     (0x2A, None): bytes((0x2A, 0xF8, *_FF4, 0, 0xFF, 0xFF, 0)),
     (0x2E, None): bytes((0x2E, 0xF2, *_FF4, 0, 0xFF, 0xFF, 0)),
     (0x2F, None): bytes((0x2F, 0xF6, *_FF4, 0, 0xFF, 0xFF, 0)),
+    (0x34, None): bytes((0x34, 0x02, *_FF4, 0, 0xFF, 0xFF, 0)),
     (0x35, None): bytes((0x35, 0, *_FF4, 0, 0xFF, 0xFF, 0)),
+    (0x41, None): bytes((0x41, 0xE0, *_FF4, 0, 0xFF, 0xFF, 0)),
     (0x5A, None): bytes((0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0)),
     (0x88, None): bytes((0x88, 0xF8, *_FF4, *_FF4, *_FF4, 0, 0)),
     (0x8A, None): bytes((0x8A, 0xF8, *_FF4, *_FF4, *_FF4, 0, 0)),
     (0x8E, None): bytes((0x8E, 0xF2, *_FF4, *_FF4, *_FF4, 0, 0)),
     (0x8F, None): bytes((0x8F, 0xF6, *_FF4, *_FF4, *_FF4, 0, 0)),
+    (0x90, None): bytes((0x90, 0x02, *_FF4, *_FF4, *_FF4, 0, 0)),
     (0x91, None): bytes((0x91, 0, *_FF4, *_FF4, *_FF4, 0, 0)),
+    (0x93, None): bytes((0x93, 0xE1, *_FF4, *_FF4, *_FF4, 0, 0)),
     (0x9E, 0x10): bytes((0x9E, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, *_FF4, 0, 0)),
     (0xA0, None): bytes((0xA0, 0, 0xFF, 0, 0, 0, *_FF4, 0, 0)),
     (0xA3, 0x0C): bytes((0xA3, 0x0C, 0x87, 0xFF, 0xFF, 0xFF, *_FF4, 0, 0)),

@@ -21,13 +21,17 @@ class Opcode(enum.IntEnum):
     WRITE_10 = 0x2A
     WRITE_AND_VERIFY_10 = 0x2E
     VERIFY_10 = 0x2F
+    PRE_FETCH_10 = 0x34
     SYNCHRONIZE_CACHE_10 = 0x35
+    WRITE_SAME_10 = 0x41
     MODE_SENSE_10 = 0x5A
     READ_16 = 0x88
     WRITE_16 = 0x8A
     WRITE_AND_VERIFY_16 = 0x8E
     VERIFY_16 = 0x8F
+    PRE_FETCH_16 = 0x90
     SYNCHRONIZE_CACHE_16 = 0x91
+    WRITE_SAME_16 = 0x93
     SERVICE_ACTION_IN_16 = 0x9E
     REPORT_LUNS = 0xA0
     MAINTENANCE_IN = 0xA3
@@ -44,6 +48,8 @@ WRITES = frozenset({0x0A, 0x2A, 0xAA, 0x8A})
 WRITE_VERIFIES = frozenset({0x2E, 0xAE, 0x8E})
 VERIFIES = frozenset({0x2F, 0xAF, 0x8F})
 SYNCS = frozenset({0x35, 0x91})
+PREFETCHES = frozenset({0x34, 0x90})
+WRITE_SAMES = frozenset({0x41, 0x93})
 
 _RW10 = struct.Struct(">xxIxH")
 _RW12 = struct.Struct(">xxII")

@@ -33,7 +33,7 @@ from .pdu import (
     encode_text,
     parse_text,
 )
-from .scsi import READS, Opcode
+from .scsi import READS, WRITE_SAMES, Opcode
 from .sense import Status, illegal_request
 
 if TYPE_CHECKING:
@@ -236,6 +236,10 @@ class TargetSession:
             else:
                 res = lun.execute(cdb)
             self._finish(itt, edtl, res, bytes(bhs[8:16]), lun)
+            return
+        if edtl != spdtl and op in WRITE_SAMES:
+            # One block or nothing: any other amount is not a WRITE SAME anyone meant.
+            self.scsi_response(itt, Status.CHECK_CONDITION, illegal_request(S.INVALID_FIELD_IN_INFORMATION_UNIT))
             return
         if edtl == 0:
             # Nothing may be transferred: the command moves no data (SAM-5 §5.4.3, overflow).

@@ -121,3 +121,19 @@ def test_report_supported_opcodes_usage_data(lun: DiskLun) -> None:
     allops = lun.execute(struct.pack(">BBBBHIBB", 0xA3, 0x0C, 0, 0, 0, 4096, 0, 0)).data
     ops = {allops[4 + i] for i in range(0, struct.unpack_from(">I", allops)[0], 8)}
     assert {0x28, 0x2A, 0x88, 0x8A, 0x35, 0x9E} <= ops
+
+
+def test_write_same_and_prefetch(lun: DiskLun) -> None:
+    block = os.urandom(512)
+    ws10 = struct.pack(">BBIBHB", 0x41, 0, 100, 0, 300, 0)
+    assert lun.data_out_length(ws10) == (512, None)
+    assert lun.execute(ws10, block).status == Status.GOOD
+    assert lun.execute(scsi.cdb_read(100, 300)).data == block * 300
+    ndob = struct.pack(">BBQIBB", 0x93, 0x01, 100, 10, 0, 0)  # NDOB: zeros, no data-out
+    assert lun.data_out_length(ndob) == (0, None) and lun.execute(ndob).status == Status.GOOD
+    assert lun.execute(scsi.cdb_read(100, 10)).data == bytes(5120)
+    assert sense_of(lun.execute(struct.pack(">BBIBHB", 0x41, 0, 0, 0, 0, 0), block)) == (SenseKey.ILLEGAL_REQUEST, 0x24, 0)  # WSNZ
+    assert sense_of(lun.execute(struct.pack(">BBIBHB", 0x41, 0x08, 0, 0, 1, 0), block)) == (SenseKey.ILLEGAL_REQUEST, 0x24, 0)  # UNMAP
+    assert sense_of(lun.execute(struct.pack(">BBIBHB", 0x41, 0, lun.nblocks, 0, 1, 0), block)) == (SenseKey.ILLEGAL_REQUEST, 0x21, 0)
+    assert lun.execute(struct.pack(">BBIBHB", 0x34, 0x02, lun.nblocks - 1, 0, 1, 0)).status == Status.GOOD
+    assert sense_of(lun.execute(struct.pack(">BBIBHB", 0x34, 0, lun.nblocks, 0, 1, 0))) == (SenseKey.ILLEGAL_REQUEST, 0x21, 0)
