@@ -504,6 +504,7 @@ class Initiator:
             except (ISCSIError, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         self._closing = True
+        self._dead = ISCSIError("logged out")  # later commands fail instead of waiting forever
         await self._teardown()
 
     # --- the receive side -------------------------------------------------------------------------

@@ -281,3 +281,12 @@ async def test_fuzzed_pdus_after_login_never_take_the_target_down(served: Served
         assert await ini.read(0, 8) == data  # the target and the first session are still fine
         async with served.initiator() as again:  # and it still accepts new sessions
             assert await again.read(0, 8) == data
+
+
+async def test_commands_after_logout_fail_fast(served: Served) -> None:
+    async with served.initiator() as ini:
+        await ini.test_unit_ready()
+        await ini.logout()
+        with trio.fail_after(2), pytest.raises(ISCSIError, match="logged out"):
+            await ini.read(0, 1)
+    assert not served.target.core.sessions  # the target closed its side too
