@@ -372,19 +372,23 @@ class TargetSession:
                 data,
             )
             return
+        # Several PDUs: each at most MaxRecvDataSegmentLength, and F closes every Data-In
+        # sequence of MaxBurstLength bytes (RFC 7143 §13.14); status rides on the very last.
         mv = memoryview(data) if not isinstance(data, memoryview) else data
+        burst = self.params.max_burst_length
         sn = 0
         off = 0
         while off < n:
-            chunk = mv[off : off + mrdsl]
-            last = off + len(chunk) >= n
-            if last:
+            end = min(off + mrdsl, n, (off // burst + 1) * burst)
+            chunk = mv[off:end]
+            if end >= n:
                 bhs = _BHS.pack(Op.DATA_IN, F_FINAL | F_STATUS | flags, 0, res.status, len(chunk), bytes(8), itt, RESERVED_TAG,
                                 self._status_sn(), self.exp_cmd_sn, self.max_cmd_sn, sn, off, resid)
             else:
-                bhs = _BHS.pack(Op.DATA_IN, 0, 0, 0, len(chunk), bytes(8), itt, RESERVED_TAG, 0, self.exp_cmd_sn, self.max_cmd_sn, sn, off, 0)
+                f = F_FINAL if end % burst == 0 else 0
+                bhs = _BHS.pack(Op.DATA_IN, f, 0, 0, len(chunk), bytes(8), itt, RESERVED_TAG, 0, self.exp_cmd_sn, self.max_cmd_sn, sn, off, 0)
             self._emit(bhs, chunk)
-            off += len(chunk)
+            off = end
             sn += 1
 
     # --- NOP, TMF, Text, Logout -------------------------------------------------------------------

@@ -254,3 +254,15 @@ def test_write_buffering_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     p.ts.out.clear()
     second = p.run(scsi_task(scsi.cdb_write(8, 8), data=bytes(4096)))
     assert second.result.status == Status.TASK_SET_FULL
+
+
+def test_data_in_sequences_respect_max_burst_length(tmp_path: Path) -> None:
+    p = Pair(tmp_path, max_burst_length=4096, max_recv_data_segment_length=3000)
+    data = os.urandom(12288)
+    p.lun.execute(scsi.cdb_write(0, 24), data)
+    r = p.run(scsi_task(scsi.cdb_read(0, 24), read_len=len(data)))
+    assert r.result.data == data
+    data_in = [x for x in p.seen if x.opcode == Op.DATA_IN]
+    assert [len(x.data) for x in data_in] == [3000, 1096] * 3  # never across a burst boundary
+    assert [bool(x.flags & 0x80) for x in data_in] == [False, True] * 3  # F ends every sequence
+    assert [x.u32(40) for x in data_in] == [0, 3000, 4096, 7096, 8192, 11192]
