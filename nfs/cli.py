@@ -48,10 +48,15 @@ def _port(ctx: click.Context, param: click.Parameter, value: int | None) -> int 
 def serve_nfs(export: Path, bind: str, port: int, mount_port: int, portmap_port: int | None,
               allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network], names: tuple[str, ...],
               state_dir: Path | None, max_record: int, verbose: int) -> None:
-    """Serve EXPORT over MOUNT v3 and NFSv3, on UDP and TCP.
+    """Serve a directory (--export) over MOUNT v3 and NFSv3, on UDP and TCP.
 
-    Prints one ready line naming its ports, then serves until SIGINT or SIGTERM. Try it with
-    libnfs: nfs-ls 'nfs://127.0.0.1/<export>?version=3&nfsport=P&mountport=Q'.
+    Prints one ready line naming its ports, then serves until SIGINT or SIGTERM. File handles
+    survive restarts (their key is in --state-dir); the write verifier changes at every start.
+
+    \b
+    Try it with libnfs:
+      nfs-ls  'nfs://127.0.0.1/<export>?version=3&nfsport=P&mountport=Q'
+      nfs-cp  file 'nfs://127.0.0.1/<export>/file?version=3&nfsport=P&mountport=Q'
     """
     logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
