@@ -42,7 +42,7 @@ from .pdu import (
     encode_text,
     parse_text,
 )
-from .sense import Sense, Status
+from .sense import Sense, SenseKey, Status
 
 log = logging.getLogger("netswap.iscsi.initiator")
 
@@ -51,6 +51,7 @@ _BHS = struct.Struct(">BBBBI8sIIIIIIII")
 _CMD = struct.Struct(">BBBBI8sIIII16s")
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
 ATTR_SIMPLE = 1
+BUSY_RETRIES = 20  # BUSY / TASK SET FULL answers retried with backoff before giving up
 
 
 class ISCSIError(Exception):
@@ -673,10 +674,22 @@ class Initiator:
     async def command(self, cdb: bytes, *, data_out: bytes | bytearray | memoryview | None = None, read_len: int = 0, check: bool = True) -> CommandResult:
         """Run one SCSI command on this LUN; raises ScsiError unless GOOD (when `check`)."""
         mv = memoryview(data_out) if data_out is not None else None
-        task = Task("scsi", self.lun, bytes(cdb), mv, read_len)
-        await self._issue(task)
-        res = task.result
-        assert res is not None
+        cdb = bytes(cdb)
+        delay = 0.005
+        for attempt in range(BUSY_RETRIES):
+            task = Task("scsi", self.lun, cdb, mv, read_len)
+            await self._issue(task)
+            res = task.result
+            assert res is not None
+            # As the Linux SCSI midlayer does: a busy target or a unit attention is not a failure
+            # of the command; try it again (bounded).
+            busy = res.status in (Status.BUSY, Status.TASK_SET_FULL)
+            ua = res.status == Status.CHECK_CONDITION and res.sense is not None and res.sense.key == SenseKey.UNIT_ATTENTION
+            if not (busy or (ua and attempt < 3)):
+                break
+            if busy:
+                await trio.sleep(delay)
+                delay = min(delay * 2, 0.5)
         if check and res.status != Status.GOOD:
             raise ScsiError(task.cdb, res.status, res.sense)
         return res

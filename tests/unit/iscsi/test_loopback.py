@@ -290,3 +290,23 @@ async def test_commands_after_logout_fail_fast(served: Served) -> None:
         with trio.fail_after(2), pytest.raises(ISCSIError, match="logged out"):
             await ini.read(0, 1)
     assert not served.target.core.sessions  # the target closed its side too
+
+
+async def test_busy_target_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import iscsi.session as sess
+    from iscsi.sense import Status
+
+    real = sess.TargetSession._scsi_cmd
+    busy = {"left": 3}
+
+    def sometimes_busy(self: sess.TargetSession, pdu: Pdu) -> None:
+        if pdu.bhs[32] == 0x28 and busy["left"]:
+            busy["left"] -= 1
+            self.scsi_response(pdu.itt, Status.TASK_SET_FULL)
+            return
+        real(self, pdu)
+
+    monkeypatch.setattr(sess.TargetSession, "_scsi_cmd", sometimes_busy)
+    async with _serve(tmp_path) as s:
+        async with s.initiator() as ini:
+            assert len(await ini.read(0, 1)) == 512 and busy["left"] == 0
