@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -213,3 +214,54 @@ async def test_client_resetting_its_connection_mid_call_does_not_stop_the_server
     async with NfsClient.tcp(H, nfs_server.nfs_port, nfs_server.mount_port, hard=False, timeo=2.0) as c:
         await c.null()
         assert await c.mount(str(nfs_server.export)) == nfs_server.server.export.root_fh
+
+
+async def test_tcp_timeout_forces_a_reconnect_then_a_soft_error() -> None:
+    accepted: list[trio.SocketStream] = []
+
+    async def mute(stream: trio.SocketStream) -> None:  # accepts, reads, never answers
+        accepted.append(stream)
+        async for _ in stream:
+            pass
+
+    async with trio.open_nursery() as n:
+        listeners = await n.start(functools.partial(trio.serve_tcp, mute, 0, host=H))
+        port = listeners[0].socket.getsockname()[1]
+        async with NfsClient.tcp(H, port, port, timeo=0.05, retrans=2, hard=False) as c:
+            with pytest.raises(RpcTimeout):
+                await c.null()
+            assert c.stats["transmissions"] == 3
+            assert c.stats["reconnects"] == 2 and len(accepted) == 3  # a new connection per retry
+        n.cancel_scope.cancel()
+
+
+async def test_request_buffers_are_held_until_the_reply_is_decoded(nfs_server) -> None:  # type: ignore[no-untyped-def]
+    class Recording:
+        def __init__(self) -> None:
+            self.live: dict[int, int] = {}
+            self.sizes: list[int] = []
+            self.n = 0
+
+        async def alloc(self, nbytes: int) -> object:
+            self.n += 1
+            self.live[self.n] = nbytes
+            self.sizes.append(nbytes)
+            return self.n
+
+        def free(self, token: object) -> None:
+            del self.live[token]  # type: ignore[arg-type]
+
+    bufs = Recording()
+    async with NfsClient.udp(H, nfs_server.nfs_port, nfs_server.mount_port, hard=False, timeo=2.0,
+                             buffers=bufs) as c:
+        root = await c.mount(str(nfs_server.export))
+        fh, _ = await c.create(root, "f")
+
+        async def write(i: int) -> None:
+            await c.write(fh, i * 4096, bytes(4096), FILE_SYNC)
+
+        async with trio.open_nursery() as n:
+            for i in range(8):
+                n.start_soon(write, i)
+        assert bufs.live == {}  # every buffer was given back
+        assert sum(1 for s in bufs.sizes if s > 4096) == 8  # one per WRITE, sized by its call
