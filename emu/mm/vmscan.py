@@ -129,7 +129,9 @@ class Vmscan:
                     break
                 if zone.zone_watermark_ok(order, zone.watermark_min):
                     break
-                if priority < DEF_PRIORITY - 2 and len(mm.lru) == 0:
+                if mm.nr_writeback >= mm.max_writeback:
+                    break  # congested now: scanning further cannot start I/O; wait instead
+                if not mm.lru:
                     break
             if zone.nr_freed > freed0:
                 return zone.nr_freed - freed0
