@@ -301,8 +301,8 @@ class NfsProgram:
                 st = os.lstat(path)
                 if not pystat.S_ISREG(st.st_mode):
                     raise Nfs3Error(Stat.NFS3ERR_EXIST)
-                self._apply(path, st, Sattr3(uid=attrs.uid, gid=attrs.gid, size=attrs.size, atime=attrs.atime,
-                                             mtime=attrs.mtime))
+                # The requested mode exactly (not filtered by our umask, as knfsd), and the rest.
+                self._apply(path, st, attrs)
         except OSError as e:
             return [_U32.pack(errno_to_stat(e)), pre, self._post_op(dpath)]
         st = os.lstat(path)

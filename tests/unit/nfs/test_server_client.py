@@ -164,3 +164,13 @@ async def test_readdir_follows_cookies(nfs_server) -> None:  # type: ignore[no-u
         root = await c.mount(str(nfs_server.export))
         listed = {n for n, _ in await c.readdir(root)}
         assert listed == names | {".", ".."}
+
+
+async def test_create_modes_are_exact_and_unchecked_truncates(nfs_server) -> None:  # type: ignore[no-untyped-def]
+    async with client("tcp", nfs_server) as c:
+        root = await c.mount(str(nfs_server.export))
+        fh, attr = await c.create(root, "m", mode=0o666, how=CreateMode.GUARDED)
+        assert attr is not None and attr.mode == 0o666  # the server's umask does not apply
+        await c.write(fh, 0, b"x" * 5000, FILE_SYNC)
+        fh2, attr = await c.create(root, "m", mode=0o640, how=CreateMode.UNCHECKED, size=0)
+        assert fh2 == fh and attr is not None and attr.size == 0 and attr.mode == 0o640
