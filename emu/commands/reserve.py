@@ -52,6 +52,19 @@ def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) 
     return size
 
 
+# Which flags feed each node of the tree (aggregates are sums of their children).
+TERM_FLAGS = {
+    "total reserve": "sum",
+    "total network reserve": "sum",
+    "network TX reserve": "sum",
+    "protocol TX pages": "--nfs-swappers --iscsi-sessions --rpc-slot-table --rpc-rqst-size --page-size",
+    "network RX reserve": "sum",
+    "IPv4 route cache": "--route-max-size (default from --ram) --dst-entry-size --page-size",
+    "SKB data reserve": "sum",
+    "IPv4 fragment cache": "--ipfrag-high-thresh --page-size",
+}
+
+
 def _fmt_kib(pages: int, page_size: int) -> str:
     kib = pages * page_size // 1024
     return f"{kib:,} KiB" if kib < 10240 else f"{kib / 1024:,.1f} MiB"
@@ -295,8 +308,9 @@ def reserve(
     console.print("[bold]/proc/reserve_info[/bold]", highlight=False)
     console.print(tree.reserve_info().rstrip(), highlight=False, markup=False)
     table = Table(title=f"reserve tree for {_fmt_kib(nr_pages, page_size)} RAM, {page_size}-byte pages")
-    for col in ("id", "node", "pages", "size", "limit", "unit"):
-        table.add_column(col, justify="right" if col in ("id", "pages", "size", "limit") else "left", no_wrap=True)
+    for col in ("id", "node", "pages", "size", "limit", "unit", "inputs"):
+        table.add_column(col, justify="right" if col in ("id", "pages", "size", "limit") else "left",
+                         no_wrap=col != "inputs")
     for n in nodes:
         depth = 0
         p = n["parent"]
@@ -304,7 +318,7 @@ def reserve(
             depth += 1
             p = nodes[p - 1]["parent"]
         table.add_row(str(n["id"]), "  " * max(0, depth - 1) + n["name"], f"{n['pages']:,}",
-                      _fmt_kib(n["pages"], page_size), f"{n['limit']:,}", n["unit"])
+                      _fmt_kib(n["pages"], page_size), f"{n['limit']:,}", n["unit"], TERM_FLAGS.get(n["name"], ""))
     console.print(table)
     console.print("[bold]how each term is computed[/bold]", highlight=False)
     for n in nodes:
