@@ -471,10 +471,3 @@ class FsStat:
         attr = unpack_post_op_attr(u)
         vals = [u.u64() for _ in range(6)]
         return cls(attr, *vals, u.u32())
-
-
-def check_status(u: Unpacker, what: str, fail: str = "attr") -> None:
-    """Read nfsstat3; on error skip the failure body's attributes and raise Nfs3Error."""
-    status = u.u32()
-    if status != Stat.NFS3_OK:
-        raise Nfs3Error(status, what)

@@ -20,7 +20,7 @@ import trio
 from nfs.nfs3 import (
     ACCESS3_DELETE, ACCESS3_EXECUTE, ACCESS3_EXTEND, ACCESS3_LOOKUP, ACCESS3_MODIFY, ACCESS3_READ,
     FSF3_CANSETTIME, FSF3_HOMOGENEOUS, FSF3_LINK, FSF3_SYMLINK, NFS3_COOKIEVERFSIZE, NFS3_CREATEVERFSIZE,
-    NFS_PROGRAM, NFS_V3, NO_ATTR, NO_WCC, PATH_MAX, CreateMode, FsInfo, FsStat, FType, Nfs3Error, NfsTime,
+    NFS_PROGRAM, NFS_V3, NO_ATTR, NO_WCC, CreateMode, FsInfo, FsStat, Nfs3Error, NfsTime,
     Proc, Sattr3, Stat, StableHow, WccAttr, decode_read_args, decode_write_args, fattr_bytes, pack_fh, unpack_fh,
     unpack_name, unpack_time, NON_IDEMPOTENT, NAME_MAX,
 )
@@ -441,4 +441,3 @@ class NfsProgram:
         return [_OK, pre, self._attr(os.fstat(fd)), self.verifier]
 
 
-__all__ = ["NfsProgram", "allowed", "PATH_MAX", "FType"]

@@ -10,7 +10,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from nfs.nfs3 import FILE_SYNC, NFS_PROGRAM, UNSTABLE, CreateMode, Proc
 from nfs.record import LAST_FRAG
 from nfs.rpc import encode_call
 from nfs.server import NfsServer, ServerConfig
-from nfs.transport import udp_connect
 from nfs.xprt import RpcTimeout
 
 H = "127.0.0.1"
