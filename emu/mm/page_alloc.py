@@ -191,6 +191,7 @@ class Zone:
         self._free_event = trio.Event()
         self._free_waited = False
         self.nr_freed = 0
+        self.nr_pfmemalloc = 0  # pages handed out from the reserve and not yet freed
         self.reclaimer: Reclaimer | None = None
         self.kswapd: Any = None  # the Kswapd object (vmscan), if running
         self.kswapd_wait: trio.Event | None = None  # set by kswapd while it sleeps
@@ -265,6 +266,7 @@ class Zone:
             self.vmstat.counters["pgalloc"] += 1
             if pfmemalloc:
                 self.vmstat.counters["pgalloc_pfmemalloc"] += 1
+                self.nr_pfmemalloc += 1
             return [page]
         pages = free[-nr:]
         del free[-nr:]
@@ -274,6 +276,7 @@ class Zone:
         self.vmstat.counters["pgalloc"] += nr
         if pfmemalloc:
             self.vmstat.counters["pgalloc_pfmemalloc"] += nr
+            self.nr_pfmemalloc += nr
         return pages
 
     def alloc_pages(self, gfp: Gfp | int, order: int = 0) -> list[Page] | None:
@@ -329,7 +332,9 @@ class Zone:
             if page.PG_buddy:
                 raise RuntimeError(f"double free of {page!r}")
             page._clear()
-            page.pfmemalloc = False
+            if page.pfmemalloc:
+                page.pfmemalloc = False
+                self.nr_pfmemalloc -= 1
             page.PG_buddy = True
             free.append(page)
             n += 1

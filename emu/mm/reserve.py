@@ -54,6 +54,11 @@ __all__ = [
     "IPFRAG_LOW_THRESH",
     "IPFRAG_TIME",
     "RMEM_DEFAULT",
+    "alloc_pages_reserve",
+    "alloc_pages_reserve_wait",
+    "free_pages_reserve",
+    "kmalloc_reserve",
+    "kfree_reserve",
 ]
 
 IPFRAG_HIGH_THRESH = 256 * 1024
@@ -464,3 +469,75 @@ class ReserveTree:
 
     def __repr__(self) -> str:
         return f"<ReserveTree {self.root.pages} pages, {self.sk_memalloc_socks} memalloc socks>"
+
+
+# ---- allocation from a reserve (mm/reserve.c's alloc wrappers) --------------------------------
+#
+# Try a normal allocation first (__GFP_NOMEMALLOC); only a context entitled to the reserve may
+# then charge the node and take memory below the watermarks.  A caller that may sleep waits on the
+# node for the charge; one that may not fails.  `emerg` tells the caller to free with the uncharge.
+
+
+def alloc_pages_reserve(zone: Zone, gfp: Any, order: int, res: MemReserve | None) -> tuple[list[Any] | None, bool]:
+    """__alloc_pages_reserve() without sleeping: (pages or None, charged to `res`)."""
+    from emu.mm.gfp import Gfp
+
+    pages = zone.alloc_pages(Gfp(gfp) | Gfp.NOMEMALLOC, order)
+    if pages is not None or not zone.entitled(gfp):
+        return pages, False
+    if res is not None and not res.charge(1 << order):
+        return None, False
+    pages = zone.alloc_pages(gfp, order)
+    if pages is None and res is not None:
+        res.uncharge(1 << order)
+    return pages, pages is not None and res is not None
+
+
+async def alloc_pages_reserve_wait(zone: Zone, gfp: Any, order: int, res: MemReserve) -> tuple[list[Any], bool]:
+    """As alloc_pages_reserve, waiting on the node for the charge (callers with __GFP_WAIT)."""
+    from emu.mm.gfp import Gfp
+
+    pages, emerg = alloc_pages_reserve(zone, gfp, order, res)
+    if pages is not None:
+        return pages, emerg
+    if not zone.entitled(gfp):
+        return await zone.alloc_pages_wait(gfp, order), False
+    await res.charge_wait(1 << order)
+    pages = zone.alloc_pages(Gfp(gfp) | Gfp.NOMEMALLOC, order)
+    if pages is not None:  # pressure lifted while we slept
+        res.uncharge(1 << order)
+        return pages, False
+    pages = zone.alloc_pages(gfp, order)
+    if pages is None:
+        res.uncharge(1 << order)
+        return await zone.alloc_pages_wait(gfp, order), False
+    return pages, True
+
+
+def free_pages_reserve(zone: Zone, pages: list[Any], res: MemReserve | None, emerg: bool) -> None:
+    """Free first, then uncharge: memory is present when a later charge succeeds."""
+    zone.free_pages(pages)
+    if emerg and res is not None:
+        res.uncharge(len(pages))
+
+
+def kmalloc_reserve(slabs: Any, size: int, gfp: Any, res: MemReserve | None) -> tuple[Any, bool]:
+    """___kmalloc_reserve() without sleeping: (object or None, charged to `res` in bytes)."""
+    from emu.mm.gfp import Gfp
+
+    obj = slabs.kmalloc(size, Gfp(gfp) | Gfp.NOMEMALLOC)
+    if obj is not None or not slabs.zone.entitled(gfp):
+        return obj, False
+    if res is not None and not res.kmalloc_charge(size):
+        return None, False
+    obj = slabs.kmalloc(size, gfp)
+    if obj is None and res is not None:
+        res.kmalloc_uncharge(size)
+    return obj, obj is not None and res is not None
+
+
+def kfree_reserve(slabs: Any, obj: Any, res: MemReserve | None, emerg: bool) -> None:
+    size = obj.size
+    slabs.kfree(obj)
+    if emerg and res is not None:
+        res.kmalloc_uncharge(size)

@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from emu.mm.gfp import GFP_ATOMIC, GFP_KERNEL, Policy
+from emu.mm.gfp import GFP_ATOMIC, GFP_KERNEL, GFP_NOIO, Policy
 from emu.mm.page_alloc import Zone
 from emu.mm.reserve import (
     MemReserve,
@@ -205,3 +205,56 @@ def test_bad_inputs() -> None:
     parent.connect(node)
     with pytest.raises(ValueError, match="already connected"):
         MemReserve("q").connect(node)
+
+
+async def test_alloc_from_reserve_charges_and_waits(autojump_clock: trio.testing.MockClock) -> None:
+    from emu.mm.reserve import alloc_pages_reserve, alloc_pages_reserve_wait, free_pages_reserve, kfree_reserve, kmalloc_reserve
+    from emu.mm.slab import Slabs
+
+    zone = Zone(64 << 20, policy=Policy.V12)
+    tree = ReserveTree(zone)
+    tree.add_nfs_swapper()
+    tree.connect_network()
+    node = tree.tx_pages  # limit 53 pages
+    # Plenty of memory: a normal allocation, nothing charged.
+    pages, emerg = alloc_pages_reserve(zone, GFP_ATOMIC, 0, node)
+    assert pages is not None and not emerg and node.usage == 0
+    zone.free_pages(pages)
+    # Memory below the watermarks: only entitled contexts, and only within the node's limit.
+    held = []
+    with task("hog", TaskFlags.PF_MEMALLOC):
+        while zone.nr_free > zone.pages_emerg:
+            held.extend(zone.alloc_pages(GFP_KERNEL) or [])
+    assert alloc_pages_reserve(zone, GFP_ATOMIC, 0, node) == (None, False)  # not entitled
+    got = []
+    before = zone.nr_pfmemalloc
+    with task("rpciod", TaskFlags.PF_MEMALLOC):
+        while True:
+            pages, emerg = alloc_pages_reserve(zone, GFP_ATOMIC, 0, node)
+            if pages is None:
+                break
+            assert emerg and pages[0].pfmemalloc
+            got.append(pages)
+    assert len(got) == 52 and node.usage == 52  # strict: 52 + 1 < 53 fails
+    assert zone.nr_pfmemalloc - before == 52
+    done: list[float] = []
+
+    async def waiter() -> None:
+        with task("rpciod2", TaskFlags.PF_MEMALLOC):
+            pages, emerg = await alloc_pages_reserve_wait(zone, GFP_NOIO, 0, node)
+            done.append(trio.current_time())
+            assert emerg
+
+    async with trio.open_nursery() as n:
+        n.start_soon(waiter)
+        await trio.sleep(1)
+        assert not done
+        free_pages_reserve(zone, got.pop(), node, True)  # freed, then uncharged: wakes the waiter
+    assert done == [1.0] and node.usage == 52
+    # kmalloc flavour, charged in (power-of-two) bytes to the SKB data reserve
+    slabs = Slabs(zone)
+    with task("softirq-memalloc", TaskFlags.PF_MEMALLOC):
+        obj, emerg = kmalloc_reserve(slabs, 1500, GFP_ATOMIC, tree.skb_data)
+    assert obj is not None and emerg and obj.pfmemalloc and tree.skb_data.usage == 2048
+    kfree_reserve(slabs, obj, tree.skb_data, emerg)
+    assert tree.skb_data.usage == 0
