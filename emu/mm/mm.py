@@ -129,7 +129,12 @@ class Mm:
         return area
 
     async def swapoff(self, area: SwapArea) -> None:
-        """sys_swapoff(): read every page back in (verified) and deactivate the storage."""
+        """sys_swapoff(): read every page back in (verified) and deactivate the storage.
+
+        The area takes no new slots from the start (SWP_WRITEOK cleared); like Linux, this needs
+        room in RAM (or in other swap areas) for everything it holds.
+        """
+        self._by_prio = [a for a in self._by_prio if a is not area]
         for proc in list(self.processes):
             for page_no, pte in enumerate(proc.pte):
                 if pte.__class__ is int and pte >> SWP_TYPE_SHIFT == area.type:
@@ -142,7 +147,6 @@ class Mm:
             await self.wait_writeback_progress()
         await area.storage.swap_deactivate()
         self.swap_areas[area.type] = _DeadArea(area)  # keep type numbers stable
-        self._by_prio = [a for a in self._by_prio if a is not area]
 
     def get_swap_page(self) -> int | None:
         """Allocate a slot from the highest-priority area that has one."""
