@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from emu.mm.sched import softirq
+from emu.mm.sched import current, softirq
 
 if TYPE_CHECKING:
     from emu.net.rx import Nic
@@ -103,10 +103,13 @@ class UdpWire:
         laddr, lport = self.laddr, self.lport
         wait_readable = trio.lowlevel.wait_readable
         current_time = trio.current_time
+        task = current()  # ksoftirqd/0: the Nic starts its wires in that context
         with self.cancel_scope:
             while True:
                 await wait_readable(raw)
-                with softirq():
+                # softirq(), spelled out: this runs once per wakeup, often for a few frames only
+                task.in_softirq = True
+                try:
                     now = current_time()
                     nic.new_poll()
                     for _ in range(nic.batch):
@@ -120,6 +123,8 @@ class UdpWire:
                             stat.wire_errors += 1
                             continue
                         udp_input(addr[0], addr[1], laddr, lport, buf[:n], now)
+                finally:
+                    task.in_softirq = False
 
 
 class TcpWire:
