@@ -22,6 +22,7 @@ PRODUCT = b"VIRTUAL-DISK    "
 REVISION = b"0001"
 MAX_TRANSFER_BYTES = 8 << 20  # VPD B0 MAXIMUM TRANSFER LENGTH, and the cap on one command's buffer
 MAX_WRITE_SAME_BYTES = 64 << 20  # VPD B0 MAXIMUM WRITE SAME LENGTH, in bytes
+MAX_COMPARE_AND_WRITE_BLOCKS = 128  # VPD B0 MAXIMUM COMPARE AND WRITE LENGTH
 
 
 @dataclass
@@ -108,6 +109,11 @@ class DiskLun:
             if bytchk == 3:
                 return self.block_size, None
             return 0, check(illegal_request(S.INVALID_FIELD_IN_CDB))
+        if op == Opcode.COMPARE_AND_WRITE:
+            bad = self._caw_check(cdb)
+            if bad:
+                return 0, bad
+            return 2 * cdb[13] * self.block_size, None
         if op in WRITE_SAMES:
             bad = self._write_same_check(cdb)
             if bad:
@@ -117,6 +123,38 @@ class DiskLun:
         if op == Opcode.MODE_SELECT_6:
             return 0, check(illegal_request(S.INVALID_COMMAND_OPERATION_CODE))
         return 0, None
+
+    def _caw_check(self, cdb: bytes) -> ScsiResult | None:
+        if cdb[1] & 0xE0:  # WRPROTECT
+            return check(illegal_request(S.INVALID_FIELD_IN_CDB, field_pointer=1))
+        lba = struct.unpack_from(">Q", cdb, 2)[0]
+        n = cdb[13]
+        if n > MAX_COMPARE_AND_WRITE_BLOCKS:
+            return check(illegal_request(S.INVALID_FIELD_IN_CDB, field_pointer=13))
+        if lba + n > self.nblocks:
+            return check(illegal_request(S.LBA_OUT_OF_RANGE))
+        return None
+
+    def compare_and_write(self, cdb: bytes, data_out: bytes | bytearray | memoryview) -> ScsiResult:
+        """COMPARE AND WRITE (SBC-3 §5.2): atomic here, as every command runs to completion on
+        the one event loop before the next starts."""
+        early = self._caw_check(cdb)
+        if early:
+            return early
+        lba = struct.unpack_from(">Q", cdb, 2)[0]
+        n = cdb[13]
+        if n == 0:
+            return GOOD
+        bs = self.block_size
+        if len(data_out) != 2 * n * bs:
+            return check(illegal_request(S.INVALID_FIELD_IN_INFORMATION_UNIT))
+        medium = os.pread(self.fd, n * bs, lba * bs)
+        verify = bytes(data_out[: n * bs])
+        if medium != verify:
+            first = next(i for i in range(len(medium)) if medium[i] != verify[i])
+            return check(Sense(S.SenseKey.MISCOMPARE, *S.MISCOMPARE_DURING_VERIFY, information=first))
+        os.pwrite(self.fd, data_out[n * bs :], lba * bs)
+        return ScsiResult(sync=bool(cdb[1] & 0x08))
 
     def _write_same_check(self, cdb: bytes) -> ScsiResult | None:
         if cdb[1] & 0xF8:  # WRPROTECT; ANCHOR and UNMAP (fully provisioned: LBPME=0, no LBPWS)
@@ -179,6 +217,8 @@ class DiskLun:
             if early:
                 return early
             return self.write_same(cdb, data_out)
+        if op == Opcode.COMPARE_AND_WRITE:
+            return self.compare_and_write(cdb, data_out)
         if op in PREFETCHES:
             lba, n = decode_lba(cdb)
             if lba + n > self.nblocks:
@@ -280,6 +320,7 @@ class DiskLun:
             struct.pack_into(">I", b, 4, MAX_TRANSFER_BYTES // self.block_size)  # MAXIMUM TRANSFER LENGTH
             struct.pack_into(">I", b, 8, (128 << 10) // self.block_size)  # OPTIMAL TRANSFER LENGTH
             b[0] = 0x01  # WSNZ: WRITE SAME with NUMBER OF LOGICAL BLOCKS 0 is not supported
+            b[1] = MAX_COMPARE_AND_WRITE_BLOCKS  # MAXIMUM COMPARE AND WRITE LENGTH
             struct.pack_into(">Q", b, 32, MAX_WRITE_SAME_BYTES // self.block_size)  # MAXIMUM WRITE SAME LENGTH
             body = bytes(b)
         elif page == 0xB1:
@@ -406,6 +447,7 @@ _USAGE: dict[tuple[int, int | None], bytes] = {
     (0x41, None): bytes((0x41, 0xE0, *_FF4, 0, 0xFF, 0xFF, 0)),
     (0x5A, None): bytes((0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0)),
     (0x88, None): bytes((0x88, 0xF8, *_FF4, *_FF4, *_FF4, 0, 0)),
+    (0x89, None): bytes((0x89, 0xF8, *_FF4, *_FF4, 0, 0, 0, 0xFF, 0, 0)),
     (0x8A, None): bytes((0x8A, 0xF8, *_FF4, *_FF4, *_FF4, 0, 0)),
     (0x8E, None): bytes((0x8E, 0xF2, *_FF4, *_FF4, *_FF4, 0, 0)),
     (0x8F, None): bytes((0x8F, 0xF6, *_FF4, *_FF4, *_FF4, 0, 0)),

@@ -26,6 +26,7 @@ class Opcode(enum.IntEnum):
     WRITE_SAME_10 = 0x41
     MODE_SENSE_10 = 0x5A
     READ_16 = 0x88
+    COMPARE_AND_WRITE = 0x89
     WRITE_16 = 0x8A
     WRITE_AND_VERIFY_16 = 0x8E
     VERIFY_16 = 0x8F

@@ -230,16 +230,18 @@ class TargetSession:
         if early is not None:
             self._finish(itt, edtl, early, bytes(bhs[8:16]))
             return
+        if edtl != spdtl and (op in WRITE_SAMES or op == Opcode.COMPARE_AND_WRITE):
+            # Any other amount is not a WRITE SAME / COMPARE AND WRITE anyone meant (a CAW of
+            # 256 blocks even wraps its 8-bit NUMBER OF LOGICAL BLOCKS to 0).
+            asc = S.INVALID_FIELD_IN_CDB if op == Opcode.COMPARE_AND_WRITE else S.INVALID_FIELD_IN_INFORMATION_UNIT
+            self.scsi_response(itt, Status.CHECK_CONDITION, illegal_request(asc))
+            return
         if spdtl == 0:
             if op == Opcode.REPORT_LUNS:
                 res = report_luns(self.core.lun_list(), cdb)
             else:
                 res = lun.execute(cdb)
             self._finish(itt, edtl, res, bytes(bhs[8:16]), lun)
-            return
-        if edtl != spdtl and op in WRITE_SAMES:
-            # One block or nothing: any other amount is not a WRITE SAME anyone meant.
-            self.scsi_response(itt, Status.CHECK_CONDITION, illegal_request(S.INVALID_FIELD_IN_INFORMATION_UNIT))
             return
         if edtl == 0:
             # Nothing may be transferred: the command moves no data (SAM-5 §5.4.3, overflow).

@@ -24,9 +24,10 @@ FAMILIES = [
     "SCSI.ReadCapacity10.*", "SCSI.ReadCapacity16.*",
     "SCSI.Inquiry.*", "SCSI.TestUnitReady.*", "SCSI.ModeSense6.*", "SCSI.ReportSupportedOpcodes.*",
     "SCSI.WriteSame10.*", "SCSI.WriteSame16.*", "SCSI.Prefetch10.*", "SCSI.Prefetch16.*",
+    "SCSI.CompareAndWrite.*",
 ]
 # Tests that must really run here, not skip themselves as "not implemented".
-MUST_RUN = ["Read10", "Write10", "Read16", "Write16", "ReadCapacity16", "Inquiry", "WriteSame10", "WriteSame16", "Prefetch10", "Prefetch16"]
+MUST_RUN = ["Read10", "Write10", "Read16", "Write16", "ReadCapacity16", "Inquiry", "WriteSame10", "WriteSame16", "Prefetch10", "Prefetch16", "CompareAndWrite"]
 
 
 @pytest.fixture(scope="module")

@@ -137,3 +137,20 @@ def test_write_same_and_prefetch(lun: DiskLun) -> None:
     assert sense_of(lun.execute(struct.pack(">BBIBHB", 0x41, 0, lun.nblocks, 0, 1, 0), block)) == (SenseKey.ILLEGAL_REQUEST, 0x21, 0)
     assert lun.execute(struct.pack(">BBIBHB", 0x34, 0x02, lun.nblocks - 1, 0, 1, 0)).status == Status.GOOD
     assert sense_of(lun.execute(struct.pack(">BBIBHB", 0x34, 0, lun.nblocks, 0, 1, 0))) == (SenseKey.ILLEGAL_REQUEST, 0x21, 0)
+
+
+def test_compare_and_write(lun: DiskLun) -> None:
+    old, new = os.urandom(1024), os.urandom(1024)
+    lun.execute(scsi.cdb_write(20, 2), old)
+    caw = struct.pack(">BBQxxxBBB", 0x89, 0x08, 20, 2, 0, 0)  # FUA
+    assert lun.data_out_length(caw) == (2048, None)
+    res = lun.execute(caw, old + new)
+    assert res.status == Status.GOOD and res.sync
+    assert lun.execute(scsi.cdb_read(20, 2)).data == new
+    wrong = bytearray(new)
+    wrong[600] ^= 0xFF
+    res = lun.execute(caw, bytes(wrong) + old)
+    assert sense_of(res) == (SenseKey.MISCOMPARE, 0x1D, 0) and res.sense.information == 600
+    assert lun.execute(scsi.cdb_read(20, 2)).data == new  # nothing written on a miscompare
+    too_many = struct.pack(">BBQxxxBBB", 0x89, 0, 0, 200, 0, 0)
+    assert sense_of(lun.data_out_length(too_many)[1]) == (SenseKey.ILLEGAL_REQUEST, 0x24, 0)
