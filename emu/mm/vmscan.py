@@ -211,6 +211,7 @@ class Kswapd:
                         await ev.wait()
                     continue
                 await self.balance_pgdat()
+                await trio.lowlevel.checkpoint()  # let the tasks it woke run before looking again
 
     async def balance_pgdat(self) -> None:
         """Reclaim until the high watermark holds (or nothing more can be done right now)."""

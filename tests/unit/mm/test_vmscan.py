@@ -181,3 +181,22 @@ async def test_congested_device_makes_direct_reclaim_wait(make_host, swapfile: s
             peak = max(peak, mm.nr_writeback, h.storage.inflight)
     assert 1 < peak <= 16  # never more than max_writeback pages under writeback
     assert mm.nr_verify_errors == 0
+
+
+async def test_kswapd_yields_to_throttled_tasks_it_woke(make_host, swapfile: str,
+                                                       autojump_clock: trio.testing.MockClock) -> None:
+    h = await make_host(swapfile, ram=2 << 20, policy="pfmemalloc")
+    zone, mm = h.zone, h.mm
+    held = _squeeze(zone, zone.watermark_min // 2)
+    ended: list[float] = []
+
+    async def reclaimer() -> None:
+        with task("fs"):
+            await mm.vmscan.throttle_direct_reclaim(GFP_KERNEL)
+            ended.append(trio.current_time())
+
+    async with trio.open_nursery() as n:
+        n.start_soon(reclaimer)
+        await trio.sleep(1)
+        zone.free_pages(held)  # far above high at once: kswapd has nothing to reclaim
+    assert ended and ended[0] <= 1.2
