@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from . import sense as S
 from .digest import digest
@@ -35,9 +34,6 @@ from .pdu import (
 )
 from .scsi import READS, WRITE_SAMES, Opcode
 from .sense import Status, illegal_request
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
 
 MASK = 0xFFFFFFFF
 CMD_WINDOW = 128
@@ -88,7 +84,7 @@ class WriteTask:
 
 
 class TargetSession:
-    def __init__(self, core: TargetCore, login: LoginResult, *, close: Callable[[], None] | None = None, window: int = CMD_WINDOW) -> None:
+    def __init__(self, core: TargetCore, login: LoginResult, *, window: int = CMD_WINDOW) -> None:
         self.core = core
         self.login = login
         self.params: SessionParams = login.params
@@ -110,7 +106,6 @@ class TargetSession:
         self.text_buf = bytearray()
         self.nop_ttt = 0x10000000
         self.nops_unanswered = 0
-        self.close_cb = close
         self.portal: str | None = None  # the address this connection reached us on
         self.stats = {"commands": 0, "ignored": 0, "rejects": 0, "data_in": 0, "r2t": 0}
         self.dispatch = {

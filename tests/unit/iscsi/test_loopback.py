@@ -310,3 +310,36 @@ async def test_busy_target_is_retried(tmp_path: Path, monkeypatch: pytest.Monkey
     async with _serve(tmp_path) as s:
         async with s.initiator() as ini:
             assert len(await ini.read(0, 1)) == 512 and busy["left"] == 0
+
+
+async def test_recovery_across_a_target_restart(tmp_path: Path) -> None:
+    lun = DiskLun(tmp_path / "lun.img", size=1 << 20)
+    port = 0
+    async with trio.open_nursery() as outer:
+        first = Target(IQN, {0: lun})
+        scope = trio.CancelScope()
+
+        async def run_first(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                async with trio.open_nursery() as n:
+                    listeners = await n.start(first.serve, "127.0.0.1", 0)
+                    task_status.started(listeners[0].socket.getsockname()[1])
+                    await trio.sleep_forever()
+
+        port = await outer.start(run_first)
+
+        async def connect() -> trio.SocketStream:
+            return await trio.open_tcp_stream("127.0.0.1", port)
+
+        async with Initiator(connect, IQN, reconnect_delay=0.05, max_reconnects=6) as ini:
+            data = os.urandom(8192)
+            await ini.write(0, data, fua=True)
+            scope.cancel()  # the whole target goes: listener and sessions; a new one takes the port
+            await trio.sleep(0.05)
+            second = Target(IQN, {0: lun})
+            await outer.start(second.serve, "127.0.0.1", port)
+            with trio.fail_after(10):
+                assert await ini.read(0, 16) == data
+            assert ini.reconnects >= 1 and second.stats["logins"] >= 1
+        outer.cancel_scope.cancel()
+    lun.close()
