@@ -134,6 +134,7 @@ class Vmscan:
                 if not mm.lru:
                     break
             if zone.nr_freed > freed0:
+                await trio.lowlevel.checkpoint()  # cond_resched()
                 return zone.nr_freed - freed0
             if mm.nr_writeback:
                 with waiting("D reclaim", "congestion_wait"), trio.move_on_after(CONGESTION_WAIT):
