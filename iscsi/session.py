@@ -38,6 +38,7 @@ from .sense import Status, illegal_request
 MASK = 0xFFFFFFFF
 CMD_WINDOW = 128
 MAX_WRITE_BUFFERED = 64 << 20  # per session: beyond this, new writes get TASK SET FULL
+MAX_TARGET_WRITE_BUFFERED = 256 << 20  # the same, over all sessions of the target
 MAX_TEXT = 64 << 10
 
 # One struct for every target BHS whose 20..47 are eight u32 (Data-In, SCSI Response, R2T, NOP-In,
@@ -60,6 +61,7 @@ class TargetCore:
     portal: str = "127.0.0.1:3260"
     portal_group_tag: int = 1
     sessions: set["TargetSession"] = field(default_factory=set)
+    write_buffered: int = 0  # bytes of Data-Out held for unfinished writes, all sessions
 
     def lun_list(self) -> list[int]:
         return sorted(self.luns)
@@ -248,7 +250,7 @@ class TargetSession:
         if itt in self.writes:
             self.reject(bhs, RejectReason.TASK_IN_PROGRESS)
             return
-        if self.write_buffered + edtl > MAX_WRITE_BUFFERED:
+        if self.write_buffered + edtl > MAX_WRITE_BUFFERED or self.core.write_buffered + edtl > MAX_TARGET_WRITE_BUFFERED:
             self.scsi_response(itt, Status.TASK_SET_FULL)
             return
         p = self.params
@@ -260,6 +262,7 @@ class TargetSession:
             task.received = n
         self.writes[itt] = task
         self.write_buffered += edtl
+        self.core.write_buffered += edtl
         if not bhs[1] & F_FINAL and not p.initial_r2t:
             # Unsolicited Data-Out follows, up to FirstBurstLength.
             task.in_unsolicited = True
@@ -313,6 +316,7 @@ class TargetSession:
     def _drop_write(self, task: WriteTask) -> None:
         if self.writes.pop(task.itt, None) is not None:
             self.write_buffered -= task.edtl
+            self.core.write_buffered -= task.edtl
         if task.ttt != RESERVED_TAG:
             self.by_ttt.pop(task.ttt, None)
 

@@ -210,7 +210,7 @@ def test_abort_task_and_resets(tmp_path: Path) -> None:
     assert tmf(TmfFunction.LOGICAL_UNIT_RESET) == TmfResponse.FUNCTION_COMPLETE
     assert tmf(TmfFunction.TARGET_WARM_RESET) == TmfResponse.FUNCTION_COMPLETE
     assert tmf(TmfFunction.TASK_REASSIGN) == TmfResponse.REASSIGNMENT_NOT_SUPPORTED
-    assert p.ts.write_buffered == 0
+    assert p.ts.write_buffered == 0 and p.core.write_buffered == 0
 
 
 def test_rejects(pair: Pair) -> None:
