@@ -331,6 +331,13 @@ def reserve(
         soft_wrap=True,
     )
     console.print(f"policy {policy}: reserve {reserve_pages:,} pages: {meaning}", highlight=False, soft_wrap=True)
+    if policy == "v12":
+        console.print(
+            f"with pages_emerg the zone keeps min/low/high at {wm['min'] + total}/{wm['low'] + total}/"
+            f"{wm['high'] + total} pages free for everyone not entitled to the reserve",
+            highlight=False,
+            soft_wrap=True,
+        )
     if frac > 25:
         console.print(
             f"[yellow]warning:[/yellow] the reserve is {frac:.0f}% of RAM; the route cache term alone is "

@@ -258,3 +258,37 @@ async def test_alloc_from_reserve_charges_and_waits(autojump_clock: trio.testing
     assert obj is not None and emerg and obj.pfmemalloc and tree.skb_data.usage == 2048
     kfree_reserve(slabs, obj, tree.skb_data, emerg)
     assert tree.skb_data.usage == 0
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["frag", "skb", "tx", "txp", "route"]), st.integers(-70000, 70000)),
+                max_size=60))
+def test_admission_invariants(ops: list[tuple[str, int]]) -> None:
+    t = published_tree()
+    nodes = {"frag": t.frag_cache, "skb": t.skb_data, "tx": t.tx, "txp": t.tx_pages, "route": t.route_cache}
+    own = {name: 0 for name in nodes}  # what each node itself holds (charged minus uncharged)
+    for name, amount in ops:
+        node = nodes[name]
+        if amount >= 0:
+            before = {k: n.usage for k, n in nodes.items()}
+            ok = node.charge(amount)
+            # admitted iff strictly below the limit on the node and every same-unit ancestor
+            chain = [node] + ([t.skb_data] if name == "frag" else []) + ([t.tx] if name == "txp" else [])
+            assert ok == all(before_n + amount < n.limit for n, before_n in
+                             ((n, before[[k for k, v in nodes.items() if v is n][0]]) for n in chain))
+            if ok:
+                own[name] += amount
+        else:
+            give = min(-amount, own[name])
+            node.uncharge(give)
+            own[name] -= give
+        # usage never reaches the limit; aggregates carry their same-unit children
+        for n in nodes.values():
+            assert 0 <= n.usage and (n.usage < n.limit or n.usage == 0)
+        assert t.skb_data.usage == own["skb"] + own["frag"]
+        assert t.tx.usage == own["tx"] + own["txp"]
+        assert t.route_cache.usage == own["route"] and t.rx.usage == 0 and t.network.usage == 0
