@@ -26,17 +26,19 @@ from typing import TYPE_CHECKING
 import trio
 
 from emu.mm.sched import TaskFlags, memalloc_noreclaim, softirq, task
+from emu.net.netstat import NetStat, ss  # re-exported: CONTRACT.md names them here
 from emu.net.wire import IP_HDR, MSS_DEFAULT, MTU_DEFAULT, TCP_HDR, UDP_HDR, TCP_RTO_MAX, TCP_RTO_MIN, ip_fragments
 
 if TYPE_CHECKING:
     from emu.net.ip import RouteCache
     from emu.net.ipfrag import FragQueues
     from emu.net.netmem import NetMem
-    from emu.net.netstat import NetStat
     from emu.net.skbuff import SkBuff
     from emu.net.sock import Sock
 
 IPPROTO_UDP = 17
+
+__all__ = ["Nic", "NetStat", "ss"]
 
 
 class Nic:

@@ -88,13 +88,13 @@ async def test_emu_datagram_and_stream_round_trips(make_net) -> None:
         listeners = await n.start(functools.partial(trio.serve_tcp, tcp_echo, 0, host="127.0.0.1"))
         tport = listeners[0].socket.getsockname()[1]
         dg = await net.open_udp("127.0.0.1", udp.getsockname()[1])
-        assert isinstance(dg, DatagramTransport)
+        assert isinstance(dg, EmuDatagram) and isinstance(dg, DatagramTransport)
         for size in (1, 1472, 1473, 20000):
             msg = pattern(size, size)
             await dg.send(msg)
             assert await dg.recv() == msg[::-1]
         st = await net.connect_tcp("127.0.0.1", tport)
-        assert isinstance(st, trio.abc.Stream)
+        assert isinstance(st, EmuStream) and isinstance(st, trio.abc.Stream)
         msg = pattern(200_000)
         async with trio.open_nursery() as inner:
             inner.start_soon(st.send_all, msg)
