@@ -91,6 +91,8 @@ class Nic:
                 nursery.start_soon(self._timers)
                 task_status.started()
                 async for wire in self._spawn_recv:
+                    if wire.cancel_scope.cancel_called:  # type: ignore[attr-defined]
+                        continue  # its socket was closed before the wire got going
                     nursery.start_soon(wire.run)  # type: ignore[attr-defined]
 
     async def _timers(self) -> None:

@@ -83,6 +83,7 @@ class Sock:
         """Mark the socket as serving the VM (idempotent)."""
         if self.memalloc:
             return
+        self.net.memalloc_socket_added(self)  # first: may refuse (a v12 reserve that cannot fit)
         self.memalloc = True
         pol = self.net.policy
         if pol is Policy.PFMEMALLOC:
@@ -91,7 +92,6 @@ class Sock:
             self.sk_allocation = GFP_NOIO | Gfp.EMERGENCY
         else:
             self.sk_allocation = GFP_NOIO  # a vanilla kernel has no reserve to give
-        self.net.memalloc_socket_added(self)
 
     def sk_clear_memalloc(self) -> None:
         if not self.memalloc:

@@ -144,7 +144,11 @@ class NetStack:
             raise
         sk = self._adopt_tcp(raw, owner, rcvbuf, sk_obj)
         if memalloc:
-            sk.sk_set_memalloc()
+            try:
+                sk.sk_set_memalloc()
+            except BaseException:
+                sk.close()
+                raise
         return EmuStream(sk)
 
     async def open_app_tcp_listener(self, port: int = 0, owner: Any = None, *, rcvbuf: int | None = None,
@@ -185,7 +189,11 @@ class NetStack:
             raise
         self._hash_udp(sk)
         if memalloc:
-            sk.sk_set_memalloc()
+            try:
+                sk.sk_set_memalloc()
+            except BaseException:
+                sk.close()
+                raise
         return EmuDatagram(sk)
 
     async def open_app_udp(self, port: int = 0, owner: Any = None, *, rcvbuf: int | None = None,
@@ -258,9 +266,9 @@ class NetStack:
 
     def memalloc_socket_added(self, sk: Sock) -> None:
         """sk_set_memalloc: sk_memalloc_socks++ (v12: the first hangs the network reserve)."""
-        self.mem.memalloc_socks += 1
         if self.reserve is not None and self.policy is Policy.V12:
-            self.reserve.connect_network()
+            self.reserve.connect_network()  # raises ReserveError if it cannot fit: nothing changed
+        self.mem.memalloc_socks += 1
 
     def memalloc_socket_removed(self, sk: Sock) -> None:
         self.mem.memalloc_socks -= 1

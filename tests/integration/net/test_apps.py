@@ -91,3 +91,16 @@ async def test_app_tcp_listener_receives_streams_and_refuses_without_memory(make
         assert net.stat.listen_drops >= 1
         n.cancel_scope.cancel()
     lst.close()
+
+
+async def test_memalloc_refused_when_the_v12_reserve_cannot_fit(make_net) -> None:
+    from emu.mm.reserve import ReserveError
+
+    import pytest
+
+    net = await make_net("v12", ram=2 << 20)  # the default route cache term alone exceeds 2 MiB
+    server = await net.open_app_udp(0)
+    with pytest.raises(ReserveError):
+        await net.open_udp("127.0.0.1", server.lport, memalloc=True)
+    assert net.sk_memalloc_socks == 0 and not net.reserve.connected
+    assert net.socks == [server]  # the refused socket was closed and forgotten
