@@ -65,12 +65,12 @@ async def test_udp_retransmits_with_backoff_through_loss(nfs_server) -> None:  #
     async with trio.open_nursery() as n:
         proxy = UdpProxy(nfs_server.nfs_port, drop=2)
         port = await n.start(proxy.run)
-        async with NfsClient.udp(H, port, nfs_server.mount_port, timeo=0.05, retrans=3, hard=False) as c:
+        async with NfsClient.udp(H, port, nfs_server.mount_port, timeo=0.1, retrans=5, hard=False) as c:
             t0 = trio.current_time()
             root = await c.mount(str(nfs_server.export))  # MNT direct, FSINFO through the proxy
             assert root == nfs_server.server.export.root_fh
-            assert c.stats["retransmissions"] == 2
-            assert trio.current_time() - t0 >= 0.05 + 0.1  # backed off: 0.05 then 0.1
+            assert proxy.calls >= 3 and c.stats["retransmissions"] >= 2  # (more if the machine is slow)
+            assert trio.current_time() - t0 >= 0.1 + 0.2  # backed off: 0.1 then 0.2
         n.cancel_scope.cancel()
 
 
