@@ -263,3 +263,14 @@ async def test_request_buffers_are_held_until_the_reply_is_decoded(nfs_server) -
                 n.start_soon(write, i)
         assert bufs.live == {}  # every buffer was given back
         assert sum(1 for s in bufs.sizes if s > 4096) == 8  # one per WRITE, sized by its call
+
+
+async def test_a_stalled_client_does_not_hold_up_others(nfs_server) -> None:  # type: ignore[no-untyped-def]
+    stalled = await trio.open_tcp_stream(H, nfs_server.nfs_port)
+    await stalled.send_all(struct.pack(">I", LAST_FRAG | 1_000_000) + b"w" * 1000)  # and then nothing
+    async with NfsClient.tcp(H, nfs_server.nfs_port, nfs_server.mount_port, hard=False, timeo=2.0) as c:
+        with trio.fail_after(5):
+            root = await c.mount(str(nfs_server.export))
+            fh, _ = await c.create(root, "busy")
+            assert (await c.write(fh, 0, b"y" * 100_000, FILE_SYNC)).count == 100_000
+    await stalled.aclose()
