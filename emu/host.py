@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -64,7 +65,7 @@ class RunResult:
     page_size: int
     pages_swapped_out: int = 0
     pages_swapped_in: int = 0
-    integrity: dict[str, int] = field(default_factory=lambda: {"verified": 0, "mismatches": 0})
+    integrity: dict[str, Any] = field(default_factory=lambda: {"verified": 0, "mismatches": 0})
     drops: dict[str, int] = field(default_factory=dict)
     reserve: dict[str, int] = field(default_factory=lambda: {"size": 0, "peak": 0})
     duration_s: float = 0.0
@@ -158,7 +159,9 @@ class Host:
         self.traffic_info: dict[str, Any] = {}
         self.t0 = 0.0
         self.final_verified = 0
+        self.phase = "starting"
         self.final_mismatches = 0
+        self.mismatch_details: list[dict[str, Any]] = []
 
     # ---- construction (adapts to emu/mm and emu/net) ------------------------------------------
 
@@ -171,11 +174,11 @@ class Host:
         self.slabs = Slabs(self.zone)
         self.reserve = ReserveTree(self.zone, route_max_size=h.route_max_size or None,
                                    ipfrag_high_thresh=h.ipfrag_high_thresh)
-        # Swap-out I/O size: over NFS, 2.6.22's swap_writepage -> a_ops->swap_out sends one page
-        # per WRITE RPC (the RPC slot table bounds how many are in flight); on a block device
-        # contiguous swap bios are merged by the elevator.
-        max_io = 1 if self.sc.backend.startswith("nfs") else 8
-        self.mm = Mm(self.zone, self.slabs, self.reserve, self.vmstat, max_io_pages=max_io)
+        # Swap-out I/O size: 2.6.22's swap_writepage writes one page at a time: over NFS one WRITE
+        # RPC per page (a_ops->swap_out; the RPC slot table bounds how many are in flight), on the
+        # iSCSI LUN one bio, i.e. one SCSI WRITE per page (the emulated block layer has no
+        # elevator to merge them).
+        self.mm = Mm(self.zone, self.slabs, self.reserve, self.vmstat, max_io_pages=self.sc.host.swap_cluster)
 
     def _build_net(self) -> None:
         from emu.net.stack import NetStack
@@ -342,6 +345,12 @@ class Host:
                     self.final_verified += 1
                 else:
                     self.final_mismatches += 1
+                    if len(self.mismatch_details) < 10 and pte.__class__ is Page:
+                        # what the page holds instead: (pid, page, version) of its first 16 bytes
+                        found = struct.unpack_from("<IIQ", pte.data)
+                        self.mismatch_details.append({"process": proc.name, "pid": proc.pid, "page": page,
+                                                      "version": proc.version[page], "found": list(found),
+                                                      "pfn": pte.pfn})
                 self.done += 1
                 await trio.lowlevel.checkpoint()
 
@@ -351,14 +360,23 @@ class Host:
         wall0 = time.monotonic()
         res = RunResult("error", sc.policy, sc.backend, self.server.url(), sc.host.ram, sc.host.page_size)
         outcome = "timeout"
-        traffic_started = False
         try:
             async with trio.open_nursery() as nursery:
                 await self.start_kernel(nursery)
-                if progress:
-                    progress(self.status("swapon"))
-                await self.swapon(nursery)
+                nursery.start_soon(self._sampler, progress)
                 await self.start_apps(nursery)
+                deadline = self.t0 + sc.watchdog.timeout
+                if self.app_socks:
+                    # The host is in service: background traffic reaches its applications first.
+                    nursery.start_soon(self.traffic, min(sc.traffic.duration, sc.watchdog.timeout))
+                self.phase = "swapon"
+                await self.swapon(nursery)
+                if self.app_socks:
+                    self.phase = "traffic"
+                    with trio.move_on_after(20):
+                        while self.net.stat.app_read_bytes == 0 and "error" not in self.traffic_info:
+                            await trio.sleep(0.02)
+                    await trio.sleep(sc.traffic.start_after)
                 nr = sc.workload.working_set // sc.host.page_size
                 sizes = split_pages(nr, sc.workload.processes)
                 patterns = [Pattern(sc.workload.kind, n, sc.workload.passes, sc.workload.seed + i,
@@ -375,15 +393,9 @@ class Host:
                     finished.set()
 
                 nursery.start_soon(workload)
-                start_traffic_at = trio.current_time() + sc.traffic.start_after
-                deadline = self.t0 + sc.watchdog.timeout
-                last_progress_cb = 0.0
+                self.phase = "running"
                 while True:
                     now = trio.current_time()
-                    if not traffic_started and sc.traffic.profile != "none" and self.app_socks and now >= start_traffic_at:
-                        traffic_started = True
-                        nursery.start_soon(self.traffic, min(sc.traffic.duration, max(1.0, deadline - now)))
-                    s = self.sample(now)
                     if finished.is_set():
                         outcome = "completed"
                         break
@@ -395,11 +407,10 @@ class Host:
                     if now >= deadline:
                         outcome = "timeout"
                         break
-                    if progress and now - last_progress_cb >= 0.1:
-                        last_progress_cb = now
-                        progress(self.status("running", s, now))
                     await trio.sleep(sc.watchdog.sample)
+                self.phase = outcome
                 now = trio.current_time()
+                self.sample(now)
                 if outcome == "deadlock":
                     self.verdict = verdict_box[0]
                     self.report_text = render_deadlock_report(self.report_data(now, self.verdict.stalled_for))
@@ -422,6 +433,10 @@ class Host:
         res.pages_swapped_out = int(vm["pswpout"])
         res.pages_swapped_in = int(vm["pswpin"])
         res.integrity = self.integrity()
+        if self.mismatch_details:
+            res.integrity["details"] = self.mismatch_details
+        if self.mm.verify_errors:
+            res.integrity["first_mismatches"] = [list(e) for e in self.mm.verify_errors[:10]]  # type: ignore[assignment]
         res.drops = self.drops()
         res.reserve = {"size": self.reserve_size(), "peak": self.reserve_peak}
         res.duration_s = round(duration, 3)
@@ -437,6 +452,17 @@ class Host:
         res.report = self.report_text
 
     # ---- parts -------------------------------------------------------------------------------
+
+    async def _sampler(self, progress: Callable[[RunStatus], None] | None) -> None:
+        """The timeline, from the first moment: one sample per tick, progress every 0.1 s."""
+        last = 0.0
+        while True:
+            now = trio.current_time()
+            s = self.sample(now)
+            if progress and now - last >= 0.1:
+                last = now
+                progress(self.status(self.phase, s, now))
+            await trio.sleep(self.sc.watchdog.sample)
 
     async def start_kernel(self, nursery: trio.Nursery) -> None:
         await nursery.start(self.mm.run)    # kswapd and the swap-I/O tasks
@@ -473,10 +499,20 @@ class Host:
         from emu.net.sock import app_reader
 
         tr = self.sc.traffic
+        state = {"next": 0}
+
+        async def resident() -> None:
+            # Before each read the application touches the next `app_touch` pages of its heap
+            # (round robin): a page it has not used for a while may have been swapped out, and
+            # then it waits in the fault while its socket's queue fills.
+            for _ in range(tr.app_touch):
+                await proc.touch(state["next"], write=False)
+                state["next"] = (state["next"] + 1) % tr.app_pages
+
         with task(f"app{i}"):
             for page in range(tr.app_pages):
                 await proc.touch(page, write=True)
-            await app_reader(sk, self.net.resident(proc, range(tr.app_pages)), tr.app_period)
+            await app_reader(sk, resident, tr.app_period)
 
     async def traffic(self, duration: float) -> None:
         """The background traffic, from a separate process (bounded by `duration`); stopped

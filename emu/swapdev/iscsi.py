@@ -17,7 +17,7 @@ from typing import Any, Literal
 import trio
 
 from emu.mm.gfp import GFP_NOIO
-from emu.mm.sched import memalloc_noreclaim
+from emu.mm.sched import TaskFlags, memalloc_noreclaim, task
 from emu.mm.sizes import ISCSI_TASK
 from emu.mm.swap import SwapIOError
 from emu.servers import IscsiServer
@@ -73,9 +73,13 @@ class IscsiSwapLun:
             await trio.sleep_forever()
 
     async def _hold(self, client: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        async with client:
-            task_status.started()
-            await self._done.wait()
+        # The transport's own workers (receive task, session recovery, NOP answers) are kernel
+        # threads serving the VM: they run PF_MEMALLOC and never recurse into reclaim (as
+        # iscsi_q does for a swap transport). Tasks they start inherit this context.
+        with task("iscsi_q", TaskFlags.PF_MEMALLOC | TaskFlags.PF_KTHREAD):
+            async with client:
+                task_status.started()
+                await self._done.wait()
 
     async def swap_activate(self, nr_pages: int, page_size: int) -> None:
         from iscsi.initiator import Initiator

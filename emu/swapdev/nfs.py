@@ -19,7 +19,7 @@ from typing import Any, Literal
 import trio
 
 from emu.mm.gfp import GFP_NOFS
-from emu.mm.sched import memalloc_noreclaim
+from emu.mm.sched import TaskFlags, memalloc_noreclaim, task
 from emu.mm.sizes import RPC_RQST
 from emu.mm.swap import SwapIOError
 from emu.servers import NfsServer
@@ -98,9 +98,13 @@ class NfsSwapFile:
             await trio.sleep_forever()
 
     async def _hold(self, client: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        async with client:
-            task_status.started()
-            await self._done.wait()
+        # The transport's own workers (receive task, session recovery, NOP answers) are kernel
+        # threads serving the VM: they run PF_MEMALLOC and never recurse into reclaim (as
+        # rpciod does for a swap transport). Tasks they start inherit this context.
+        with task("rpciod", TaskFlags.PF_MEMALLOC | TaskFlags.PF_KTHREAD):
+            async with client:
+                task_status.started()
+                await self._done.wait()
 
     async def swap_activate(self, nr_pages: int, page_size: int) -> None:
         from nfs.client import NfsClient
@@ -114,6 +118,12 @@ class NfsSwapFile:
             kw["buffers"] = self.buffers
         self.client = NfsClient(self._connect, mount_connect=self._mount_connect, **kw)
         await self._nursery.start(self._hold, self.client)
+        with task("rpciod", TaskFlags.PF_MEMALLOC | TaskFlags.PF_KTHREAD):
+            await self._activate(nr_pages, page_size)
+
+    async def _activate(self, nr_pages: int, page_size: int) -> None:
+        from nfs.nfs3 import CreateMode, Nfs3Error, Stat
+
         root = await self.client.mount(self.server.export)
         name = self.server.swapfile
         try:
