@@ -71,6 +71,7 @@ class DiskLun:
         self.serial = ident[:8].hex().encode()
         self.naa = bytes([0x60 | (ident[8] & 0x0F)]) + ident[9:24]  # NAA 6, 16 bytes
         self.writes_since_sync = 0
+        self.reserved_by: object = None  # the I_T nexus holding a RESERVE(6), if any
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -434,6 +435,8 @@ _USAGE: dict[tuple[int, int | None], bytes] = {
     (0x08, None): bytes((0x08, 0x1F, 0xFF, 0xFF, 0xFF, 0)),
     (0x0A, None): bytes((0x0A, 0x1F, 0xFF, 0xFF, 0xFF, 0)),
     (0x12, None): bytes((0x12, 0x01, 0xFF, 0xFF, 0xFF, 0)),
+    (0x16, None): bytes((0x16, 0, 0, 0, 0, 0)),
+    (0x17, None): bytes((0x17, 0, 0, 0, 0, 0)),
     (0x1A, None): bytes((0x1A, 0x08, 0xFF, 0xFF, 0xFF, 0)),
     (0x1B, None): bytes((0x1B, 0x01, 0, 0x0F, 0xF7, 0)),
     (0x1E, None): bytes((0x1E, 0, 0, 0, 0x03, 0)),

@@ -13,6 +13,8 @@ class Opcode(enum.IntEnum):
     WRITE_6 = 0x0A
     INQUIRY = 0x12
     MODE_SELECT_6 = 0x15
+    RESERVE_6 = 0x16
+    RELEASE_6 = 0x17
     MODE_SENSE_6 = 0x1A
     START_STOP_UNIT = 0x1B
     PREVENT_ALLOW_MEDIUM_REMOVAL = 0x1E

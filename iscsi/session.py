@@ -40,6 +40,9 @@ CMD_WINDOW = 128
 MAX_WRITE_BUFFERED = 64 << 20  # per session: beyond this, new writes get TASK SET FULL
 MAX_TARGET_WRITE_BUFFERED = 256 << 20  # the same, over all sessions of the target
 MAX_TEXT = 64 << 10
+# Commands another I_T nexus may still send while a RESERVE(6) is held (SPC-2 §5.5.1).
+RESERVATION_EXEMPT = frozenset({Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE, Opcode.RELEASE_6,
+                                Opcode.READ_CAPACITY_10, Opcode.SERVICE_ACTION_IN_16, Opcode.MAINTENANCE_IN})
 
 # One struct for every target BHS whose 20..47 are eight u32 (Data-In, SCSI Response, R2T, NOP-In,
 # TMF/Logout/Text responses, Reject): op, flags, b2, b3, ahs|dlen, lun, itt, w20..w44.
@@ -109,6 +112,7 @@ class TargetSession:
         self.nop_ttt = 0x10000000
         self.nops_unanswered = 0
         self.portal: str | None = None  # the address this connection reached us on
+        self.nexus = (login.initiator_name, login.isid)  # the I_T nexus, for reservations
         self.stats = {"commands": 0, "ignored": 0, "rejects": 0, "data_in": 0, "r2t": 0}
         self.dispatch = {
             Op.SCSI_CMD: self._scsi_cmd,
@@ -220,8 +224,19 @@ class TargetSession:
             res = report_luns(self.core.lun_list(), cdb) if op == Opcode.REPORT_LUNS else no_such_lun(cdb, self.core.lun_list())
             self._finish(itt, edtl, res, bytes(bhs[8:16]))
             return
+        holder = lun.reserved_by
+        if holder is not None and holder != self.nexus and op not in RESERVATION_EXEMPT:
+            self.scsi_response(itt, Status.RESERVATION_CONFLICT)
+            return
         if op in READS:
             self._finish(itt, edtl, lun.read(cdb), bytes(bhs[8:16]))
+            return
+        if op == Opcode.RESERVE_6 or op == Opcode.RELEASE_6:
+            if op == Opcode.RESERVE_6:
+                lun.reserved_by = self.nexus
+            elif holder == self.nexus:
+                lun.reserved_by = None
+            self.scsi_response(itt, Status.GOOD)
             return
         spdtl, early = lun.data_out_length(cdb)
         if early is not None:
@@ -442,9 +457,12 @@ class TargetSession:
             else:
                 for s in list(self.core.sessions) or [self]:
                     s.abort_tasks(lun_no)
+                self.core.luns[lun_no].reserved_by = None
         elif function == TmfFunction.TARGET_WARM_RESET:
             for s in list(self.core.sessions) or [self]:
                 s.abort_tasks(None)
+            for lun in self.core.luns.values():
+                lun.reserved_by = None
         elif function == TmfFunction.TASK_REASSIGN:
             response = TmfResponse.REASSIGNMENT_NOT_SUPPORTED
         else:  # CLEAR ACA (no NACA support), TARGET COLD RESET
@@ -498,5 +516,9 @@ class TargetSession:
             self.closing = True
 
     def close(self) -> None:
+        """The I_T nexus is gone: its tasks are aborted and its reservations released."""
         self.abort_tasks(None)
         self.core.sessions.discard(self)
+        for lun in self.core.luns.values():
+            if lun.reserved_by == self.nexus:
+                lun.reserved_by = None

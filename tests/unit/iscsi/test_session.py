@@ -266,3 +266,28 @@ def test_data_in_sequences_respect_max_burst_length(tmp_path: Path) -> None:
     assert [len(x.data) for x in data_in] == [3000, 1096] * 3  # never across a burst boundary
     assert [bool(x.flags & 0x80) for x in data_in] == [False, True] * 3  # F ends every sequence
     assert [x.u32(40) for x in data_in] == [0, 3000, 4096, 7096, 8192, 11192]
+
+
+def test_reserve6_conflicts_for_other_nexus_and_is_released(tmp_path: Path) -> None:
+    a = Pair(tmp_path)
+    other = Pair.__new__(Pair)
+    other.__dict__.update(a.__dict__)
+    # a second I_T nexus on the same target and LUN
+    res = LoginResult("Normal", "iqn.test:other", IQN, b"\x80\x01\x02\x03\x04\x05", 2, 0, a.ts.params, cmd_sn=1, stat_sn=1)
+    other.ts = TargetSession(a.core, res, window=8)
+    other.ic = InitiatorCore(SessionParams(), cmd_sn=1, exp_stat_sn=1, exp_cmd_sn=1, max_cmd_sn=8)
+    other.to_target, other.to_initiator, other.seen = PduReader(), PduReader(), []
+    a.core.sessions.update({a.ts, other.ts})
+
+    def status(p: Pair, cdb: bytes, read_len: int = 0) -> int:
+        return p.run(scsi_task(cdb, read_len=read_len)).result.status
+
+    reserve, release = bytes((0x16, 0, 0, 0, 0, 0)), bytes((0x17, 0, 0, 0, 0, 0))
+    assert status(a, reserve) == Status.GOOD
+    assert status(other, reserve) == Status.RESERVATION_CONFLICT
+    assert status(other, scsi.cdb_read(0, 1), 512) == Status.RESERVATION_CONFLICT
+    assert status(other, scsi.cdb_inquiry(96), 96) == Status.GOOD  # exempt
+    assert status(other, release) == Status.GOOD and a.lun.reserved_by == a.ts.nexus  # a no-op
+    assert status(a, scsi.cdb_read(0, 1), 512) == Status.GOOD
+    a.ts.close()  # I_T nexus loss releases it
+    assert status(other, reserve) == Status.GOOD
