@@ -439,15 +439,16 @@ class Initiator:
         return self
 
     async def __aexit__(self, *exc: object) -> bool | None:
-        try:
-            if exc[0] is None and self.core is not None and self._dead is None:
-                with trio.move_on_after(5):
+        if exc[0] is None and self.core is not None and self._dead is None:
+            with trio.move_on_after(5):
+                try:
                     await self.logout()
-        finally:
-            await self._teardown()
-            assert self._nursery is not None
-            self._nursery.cancel_scope.cancel()
-            return await self._nursery_cm.__aexit__(*exc)  # type: ignore[attr-defined]
+                except (ISCSIError, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # closing anyway
+        await self._teardown()
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        return await self._nursery_cm.__aexit__(*exc)  # type: ignore[attr-defined]
 
     async def _teardown(self) -> None:
         self._closing = True
@@ -505,8 +506,8 @@ class Initiator:
             except (ISCSIError, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         self._closing = True
-        self._dead = ISCSIError("logged out")  # later commands fail instead of waiting forever
         await self._teardown()
+        self._fail_all(ISCSIError("logged out"))  # later and unfinished commands fail, not hang
 
     # --- the receive side -------------------------------------------------------------------------
 
@@ -583,9 +584,12 @@ class Initiator:
                 if task.gen and task.kind in ("scsi", "nop", "text"):
                     self._nursery.start_soon(self._resend, task)  # type: ignore[union-attr]
             return
-        self._dead = ISCSIError(f"session lost and {self.max_reconnects} reconnects failed: {last}")
+        self._fail_all(ISCSIError(f"session lost and {self.max_reconnects} reconnects failed: {last}"))
+
+    def _fail_all(self, error: ISCSIError) -> None:
+        self._dead = error
         for task in list(self._outstanding.values()):
-            task.error = self._dead
+            task.error = error
             self._outstanding.pop(task.seq, None)
             if task.done is not None:
                 task.done.set()
