@@ -100,6 +100,7 @@ class SockRow:
     skbs: int
     emergency_skbs: int
     rx_drops: dict[str, int]
+    wire: str  # TCP: "held 1.2s rto 0.8s" while a refused chunk waits for re-offer
 
     def to_json(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -115,7 +116,7 @@ def ss_rows(socks: list[Sock]) -> list[SockRow]:
             rcvbuf=sk.sk_rcvbuf, local=sk.local_str(), peer=sk.peer_str(),
             memalloc=sk.memalloc, owner=sk.owner_name(), drops=sk.sk_drops,
             skbs=len(sk.receive_queue), emergency_skbs=sk.rx_emergency_skbs(),
-            rx_drops=dict(sk.rx_drops),
+            rx_drops=dict(sk.rx_drops), wire=sk.wire_state(),
         ))
     return rows
 
@@ -124,11 +125,12 @@ def ss(socks: list[Sock]) -> str:
     """`ss -m`-style text: one line per socket, with queued bytes, skmem and the memalloc flag."""
     head = (f"{'Netid':<5} {'State':<10} {'Recv-Q':>8} {'rmem':>9} {'rcvbuf':>9} {'skbs':>6} "
             f"{'emerg':>5} {'drops':>7} {'Local Address:Port':<22} {'Peer Address:Port':<22} "
-            f"{'flags':<13} owner")
+            f"{'flags':<13} owner  wire")
     lines = [head]
     for r in ss_rows(socks):
         flags = "SOCK_MEMALLOC" if r.memalloc else "-"
         lines.append(
             f"{r.netid:<5} {r.state:<10} {r.recv_q:>8} {r.rmem_alloc:>9} {r.rcvbuf:>9} {r.skbs:>6} "
-            f"{r.emergency_skbs:>5} {r.drops:>7} {r.local:<22} {r.peer:<22} {flags:<13} {r.owner}")
+            f"{r.emergency_skbs:>5} {r.drops:>7} {r.local:<22} {r.peer:<22} {flags:<13} {r.owner}"
+            + (f"  {r.wire}" if r.wire else ""))
     return "\n".join(lines) + "\n"

@@ -296,6 +296,15 @@ class Sock:
         self._readers.unpark_all()
         self._space.unpark_all()
 
+    def wire_state(self) -> str:
+        st = getattr(self.wire, "state", None)
+        if st is None:
+            return ""
+        try:
+            return st(trio.current_time())
+        except RuntimeError:  # outside trio.run (a report printed afterwards)
+            return ""
+
     def local_str(self) -> str:
         return f"{self.laddr}:{self.lport}"
 

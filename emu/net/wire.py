@@ -16,7 +16,6 @@ receive stage in arrival order, in softirq context:
 
 from __future__ import annotations
 
-import errno
 import socket as _socket
 from typing import TYPE_CHECKING
 
@@ -162,6 +161,8 @@ class TcpWire:
                     except BlockingIOError:
                         continue
                     except OSError as exc:
+                        if raw.fileno() == -1:  # closed under us: the socket is going away
+                            return
                         stat.wire_errors += 1
                         sock.rx_error(exc)
                         return
@@ -195,6 +196,9 @@ class TcpWire:
                     self.rto = nic.tcp_rto_min
                     self.held_since = None
 
+    def state(self, now: float) -> str:
+        """For ss: how long a chunk has been held on this wire, and the current RTO."""
+        if self.held_since is None:
+            return ""
+        return f"held {now - self.held_since:.1f}s rto {self.rto:g}s"
 
-def is_conn_error(exc: OSError) -> bool:
-    return exc.errno in (errno.ECONNRESET, errno.ECONNREFUSED, errno.EPIPE, errno.ENOTCONN)

@@ -47,6 +47,7 @@ async def test_held_chunks_are_reoffered_and_the_stream_arrives_complete_in_orde
         pages = hog(net.zone)  # no memory: every chunk is dropped (rx_nomem) and held
         await wait_for(lambda: net.stat.tcp_reoffer >= 2)
         assert net.stat.delivered == 0 and net.stat.rx_nomem >= 3
+        assert "held " in net.ss() and "rto 0.4s" in net.ss()  # ss shows the held wire
         held = net.stat.rx_nomem
         await trio.sleep(0.3)
         assert net.stat.rx_nomem <= held + 2  # nothing more is read meanwhile: one try per RTO
