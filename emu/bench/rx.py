@@ -142,8 +142,12 @@ async def stage(mode: str, size: int, frames: int, batch: int, policy: str, real
 @click.option("--frames", type=int, default=100_000, show_default=True, help="Frames per measurement.")
 @click.option("--size", type=int, default=200, show_default=True, help="UDP payload bytes (one frame each; must fit the MTU).")
 @click.option("--batch", type=int, default=64, show_default=True, help="Datagrams drained per wakeup (both sides).")
-@click.option("--policy", type=click.Choice(["none", "v12", "pfmemalloc"]), default="none", show_default=True)
-@click.option("--mode", "modes", type=click.Choice(MODES), multiple=True, help="Paths to measure (default: all).")
+@click.option("--policy", type=click.Choice(["none", "v12", "pfmemalloc"]), default="none", show_default=True,
+              help="Reserve policy of the emulated host.")
+@click.option("--mode", "modes", type=click.Choice(MODES), multiple=True,
+              help="Path to measure (repeatable; default: all that apply). accept: queued and read; "
+                   "drop-rcvbuf: owner not reading (step 7); drop-nomem: memory exhausted (step 1); "
+                   "drop-reserve: reserve skbs dropped at step 6 (v12, pfmemalloc).")
 @click.option("--repeat", type=int, default=3, show_default=True, help="Measurements of each; the best counts (the machine is shared).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def bench_rx(frames: int, size: int, batch: int, policy: str, modes: tuple[str, ...], repeat: int, as_json: bool) -> None:
