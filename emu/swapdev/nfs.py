@@ -146,7 +146,8 @@ class NfsSwapFile:
             self._reserve_added = True
 
     async def _preallocate(self, size: int) -> None:
-        """Write every block once (no holes), UNSTABLE then one COMMIT, as mkswap + dd would."""
+        """Write every block once (no holes), as mkswap + dd would. FILE_SYNC: UNSTABLE data would
+        be held by the client until a COMMIT (to resend it if the server restarts)."""
         from nfs.nfs3 import StableHow
 
         zero = bytes(PREALLOC_CHUNK)
@@ -155,12 +156,11 @@ class NfsSwapFile:
         async def worker(i: int) -> None:
             for off in offsets[i::PREALLOC_PARALLEL]:
                 n = min(PREALLOC_CHUNK, size - off)
-                await self.client.write(self.fh, off, zero[:n], stable=StableHow.UNSTABLE)
+                await self.client.write(self.fh, off, zero[:n], stable=StableHow.FILE_SYNC)
 
         async with trio.open_nursery() as n:
             for i in range(PREALLOC_PARALLEL):
                 n.start_soon(worker, i)
-        await self.client.commit(self.fh)
 
     async def swap_rw(self, op: Literal["read", "write"], slot: int, bufs: list[memoryview]) -> None:
         from nfs.nfs3 import Nfs3Error, StableHow
