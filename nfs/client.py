@@ -46,6 +46,7 @@ log = logging.getLogger("netswap.nfs.client")
 T = TypeVar("T")
 
 UDP_MAX_IO = 32 * 1024
+UDP_MAX_CALL = 65507  # the largest UDP payload over IPv4
 TCP_MAX_IO = 1024 * 1024
 
 
@@ -220,6 +221,8 @@ class RpcClient:
                     if not self.core.timed_out(rq):
                         raise OSError(f"cannot connect: {e}") from e
                     continue
+                if not c.stream and len(rq.message) > UDP_MAX_CALL:
+                    raise ValueError(f"a {len(rq.message)}-byte call does not fit in a UDP datagram")
                 ev = trio.Event()
                 self._events[rq.xid] = ev
                 try:

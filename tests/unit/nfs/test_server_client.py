@@ -174,3 +174,12 @@ async def test_create_modes_are_exact_and_unchecked_truncates(nfs_server) -> Non
         await c.write(fh, 0, b"x" * 5000, FILE_SYNC)
         fh2, attr = await c.create(root, "m", mode=0o640, how=CreateMode.UNCHECKED, size=0)
         assert fh2 == fh and attr is not None and attr.size == 0 and attr.mode == 0o640
+
+
+async def test_a_call_too_big_for_udp_is_refused_not_retried(nfs_server) -> None:  # type: ignore[no-untyped-def]
+    async with client("udp", nfs_server, hard=True) as c:
+        root = await c.mount(str(nfs_server.export))
+        fh, _ = await c.create(root, "big")
+        with pytest.raises(ValueError, match="UDP datagram"), trio.fail_after(5):
+            await c.write_once(fh, 0, bytes(70_000), FILE_SYNC)
+        assert (await c.write(fh, 0, bytes(70_000), FILE_SYNC)).count == 70_000  # split by wsize
