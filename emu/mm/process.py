@@ -12,7 +12,6 @@ import struct
 import zlib
 from typing import TYPE_CHECKING
 
-from emu.mm.gfp import GFP_HIGHUSER
 from emu.mm.page_alloc import Page
 from emu.mm.sched import waiting
 
