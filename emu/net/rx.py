@@ -46,7 +46,8 @@ class Nic:
 
     def __init__(self, mem: NetMem, stat: NetStat, routes: RouteCache, frags: FragQueues, *,
                  mtu: int = MTU_DEFAULT, batch: int = 64, tcp_rto_min: float = TCP_RTO_MIN,
-                 tcp_rto_max: float = TCP_RTO_MAX, timer_interval: float = 0.1) -> None:
+                 tcp_rto_max: float = TCP_RTO_MAX, timer_interval: float = 0.1,
+                 rt_gc_interval: float = 60.0) -> None:
         if mtu < 68:
             raise ValueError(f"MTU {mtu} is below the IPv4 minimum of 68")
         if batch < 1:
@@ -64,6 +65,7 @@ class Nic:
         self.tcp_rto_min = tcp_rto_min
         self.tcp_rto_max = tcp_rto_max
         self.timer_interval = timer_interval
+        self.rt_gc_interval = rt_gc_interval  # ip_rt_gc_interval: rt_check_expire's period
         self.udp_table: dict[int, Sock] = {}
         self.tcp_table: dict[tuple[int, str, int], Sock] = {}
         self.ip_id = 0
@@ -96,13 +98,18 @@ class Nic:
                     nursery.start_soon(wire.run)  # type: ignore[attr-defined]
 
     async def _timers(self) -> None:
-        """ip_expire and rt_check_expire: timers run in softirq too."""
+        """ip_expire (checked every timer_interval) and rt_check_expire (every ip_rt_gc_interval):
+        timers run in softirq too."""
+        next_rt = trio.current_time() + self.rt_gc_interval
         while True:
             await trio.sleep(self.timer_interval)
             with softirq():
                 now = trio.current_time()
-                self.frags.expire(now)
-                self.routes.expire(now)
+                if self.frags.queues:
+                    self.frags.expire(now)
+                if now >= next_rt:
+                    self.routes.expire(now)
+                    next_rt = now + self.rt_gc_interval
 
     # ---- UDP ----------------------------------------------------------------------------------
 

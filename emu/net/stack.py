@@ -54,6 +54,7 @@ class NetStack:
         ip_rt_gc_thresh: int | None = None,
         ip_rt_gc_min_interval: float = 0.5,
         ip_rt_gc_timeout: float = 300.0,
+        ip_rt_gc_interval: float = 60.0,
         ipfrag_high_thresh: int | None = None,
         ipfrag_low_thresh: int | None = None,
         ipfrag_time: float = IPFRAG_TIME,
@@ -95,7 +96,7 @@ class NetStack:
         self.frags = FragQueues(self.mem, self.stat, ipfrag_high_thresh, ipfrag_low_thresh, ipfrag_time)
         self.nic = Nic(self.mem, self.stat, self.routes, self.frags, mtu=mtu, batch=batch,
                        tcp_rto_min=tcp_rto_min, tcp_rto_max=tcp_rto_max,
-                       timer_interval=min(0.1, ipfrag_time / 4))
+                       timer_interval=min(0.1, ipfrag_time / 4), rt_gc_interval=ip_rt_gc_interval)
         self.mtu = mtu
         self.mss = self.nic.mss
         self.tcp_chunk_truesize = self.mss + IP_HDR + TCP_HDR + SKB_OVERHEAD
