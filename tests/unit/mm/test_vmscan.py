@@ -200,3 +200,65 @@ async def test_kswapd_yields_to_throttled_tasks_it_woke(make_host, swapfile: str
         await trio.sleep(1)
         zone.free_pages(held)  # far above high at once: kswapd has nothing to reclaim
     assert ended and ended[0] <= 1.2
+
+
+class GatedSwap:
+    """Local-file swap whose writes wait for a gate: a network swap whose replies never come."""
+
+    fs_backed = False
+
+    def __init__(self, path: str) -> None:
+        from emu.mm.swap import LocalFileSwap
+
+        self.inner = LocalFileSwap(path)
+        self.gate = trio.Event()
+        self.waiting = 0
+
+    async def swap_activate(self, nr_pages: int, page_size: int) -> None:
+        await self.inner.swap_activate(nr_pages, page_size)
+
+    async def swap_rw(self, op, slot, bufs):  # type: ignore[no-untyped-def]
+        if op == "write" and slot > 0:
+            self.waiting += 1
+            await self.gate.wait()
+            self.waiting -= 1
+        await self.inner.swap_rw(op, slot, bufs)
+
+    async def swap_deactivate(self) -> None:
+        await self.inner.swap_deactivate()
+
+
+async def test_stuck_writeback_blocks_reclaim_until_it_completes(make_host, swapfile: str,
+                                                                 autojump_clock: trio.testing.MockClock) -> None:
+    h = await make_host(None, ram=2 << 20)
+    zone, mm = h.zone, h.mm
+    storage = GatedSwap(swapfile)
+    await mm.swapon(storage, 4096)
+    procs = [Process(mm, f"w{i}", zone.nr_pages) for i in range(2)]
+    done = [0, 0]
+
+    async def worker(i: int) -> None:
+        with task(f"w{i}"):
+            for pg in range(procs[i].nr_pages):
+                await procs[i].touch(pg)
+                done[i] += 1
+
+    async with trio.open_nursery() as n:
+        for i in range(2):
+            n.start_soon(worker, i)
+        await trio.sleep(10)
+        # Memory is exhausted and no write completes: nothing is freed, everybody waits.
+        stuck_at = (list(done), zone.nr_freed)
+        await trio.sleep(10)
+        assert (list(done), zone.nr_freed) == stuck_at
+        assert storage.waiting > 0 and mm.nr_writeback >= storage.waiting  # pages >= I/Os
+        states = {t.comm: t.state for t in all_tasks()}
+        assert states["w0"].startswith("D") and states["w1"].startswith("D")
+        assert zone.nr_free <= zone.watermark_min
+        storage.gate.set()  # the replies arrive
+    assert done == [zone.nr_pages, zone.nr_pages]
+    with task("check"):
+        for p in procs:
+            for pg in range(p.nr_pages):
+                await p.touch(pg, write=False)
+    assert mm.nr_verify_errors == 0 and mm.vmstat["pswpin"] > 0
