@@ -89,7 +89,9 @@ class RpcClient:
         self._events: dict[int, trio.Event] = {}
         self._conn: _Conn | None = None
         self._gen = 0
-        self._connect_lock = trio.Lock()
+        self._connect_wanted = trio.Event()
+        self._connect_done = trio.Event()
+        self._connect_error: Exception | None = None
         self._nursery: trio.Nursery | None = None
         self._nursery_cm: object = None
         self.closed = False
@@ -104,6 +106,10 @@ class RpcClient:
         cm = trio.open_nursery()
         self._nursery = await cm.__aenter__()
         self._nursery_cm = cm
+        # Connections are made, and their reader tasks started, by this worker: it (and so they)
+        # run in the context of the task that entered the client, like Linux's xprtiod/rpciod,
+        # whatever task's call happened to need a new connection.
+        self._nursery.start_soon(self._connector)
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
@@ -128,28 +134,51 @@ class RpcClient:
         c = self._conn
         if c is not None and not c.dead:
             return c
-        async with self._connect_lock:
-            c = self._conn
-            if c is not None and not c.dead:
-                return c
-            if self.closed:
-                raise trio.ClosedResourceError("RPC client closed")
-            if self._nursery is None:
-                raise RuntimeError("use `async with` on the client before calling")
-            transport = await self._connect()
-            stream = is_stream(transport)
-            if self.proto is None:
-                self.proto = "tcp" if stream else "udp"
-                if not self._policy_fixed:
-                    self.core.policy = (self._policy_for or self._default_policy)(self.proto)
-                    self._policy_fixed = True
-            self._gen += 1
-            if self._gen > 1:
-                self.core.stats.reconnects += 1
-            c = _Conn(transport, stream, self._gen)
-            self._conn = c
-            self._nursery.start_soon(self._reader, c)
+        if self.closed:
+            raise trio.ClosedResourceError("RPC client closed")
+        if self._nursery is None:
+            raise RuntimeError("use `async with` on the client before calling")
+        done = self._connect_done
+        self._connect_wanted.set()
+        await done.wait()  # one attempt serves every caller waiting for it
+        c = self._conn
+        if c is not None and not c.dead:
             return c
+        raise self._connect_error or OSError("connect failed")
+
+    async def _connector(self) -> None:
+        while True:
+            await self._connect_wanted.wait()
+            self._connect_wanted = trio.Event()
+            c = self._conn
+            if c is None or c.dead:
+                try:
+                    with trio.fail_after(max(self.core.policy.timeo, 1.0)):
+                        transport = await self._connect()
+                except trio.TooSlowError:
+                    self._connect_error = TimeoutError("connect timed out")
+                except Exception as e:  # handed to the callers waiting for this attempt
+                    self._connect_error = e
+                else:
+                    self._connect_error = None
+                    self._attach(transport)
+            done, self._connect_done = self._connect_done, trio.Event()
+            done.set()
+
+    def _attach(self, transport: object) -> None:
+        assert self._nursery is not None
+        stream = is_stream(transport)
+        if self.proto is None:
+            self.proto = "tcp" if stream else "udp"
+            if not self._policy_fixed:
+                self.core.policy = (self._policy_for or self._default_policy)(self.proto)
+                self._policy_fixed = True
+        self._gen += 1
+        if self._gen > 1:
+            self.core.stats.reconnects += 1
+        c = _Conn(transport, stream, self._gen)
+        self._conn = c
+        self._nursery.start_soon(self._reader, c)
 
     async def _kill(self, c: _Conn) -> None:
         if c.dead:

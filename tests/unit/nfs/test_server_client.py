@@ -183,3 +183,29 @@ async def test_a_call_too_big_for_udp_is_refused_not_retried(nfs_server) -> None
         with pytest.raises(ValueError, match="UDP datagram"), trio.fail_after(5):
             await c.write_once(fh, 0, bytes(70_000), FILE_SYNC)
         assert (await c.write(fh, 0, bytes(70_000), FILE_SYNC)).count == 70_000  # split by wsize
+
+
+async def test_connections_are_made_in_the_context_that_entered_the_client(nfs_server) -> None:  # type: ignore[no-untyped-def]
+    import contextvars
+
+    from nfs.transport import tcp_connect
+
+    who = contextvars.ContextVar("who", default="nobody")
+    seen: list[str] = []
+
+    async def connect():  # type: ignore[no-untyped-def]
+        seen.append(who.get())
+        return await tcp_connect(H, nfs_server.nfs_port)
+
+    who.set("rpciod")  # the host enters the client as its PF_MEMALLOC rpciod task
+    async with NfsClient(connect, hard=False, timeo=2.0) as c:
+        async def caller() -> None:
+            who.set("some process")
+            await c.null()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(caller)
+        await c.rpc._kill(c.rpc._conn)  # type: ignore[arg-type]  # force a reconnect
+        async with trio.open_nursery() as n:
+            n.start_soon(caller)
+    assert seen == ["rpciod", "rpciod"]
