@@ -75,7 +75,13 @@ def alloc_skb(net: Any, size: int, gfp: Gfp, rx: bool = True) -> SkBuff | None:
     mem = _mem(net)
     if rx:
         return mem.rx_skb(size)
-    return mem.skb_try(size, gfp, rx=False)
+    skb = mem.skb_try(size, gfp, rx=False)
+    if skb is not None:
+        mem.stat.tx_skbs += 1
+        if skb.head.pfmemalloc or skb.buf.pfmemalloc:
+            skb.pfmemalloc = skb.memalloc = True
+            mem.stat.tx_skbs_reserve += 1
+    return skb
 
 
 def kfree_skb(skb: SkBuff) -> None:
