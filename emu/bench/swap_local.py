@@ -27,7 +27,7 @@ from emu.mm.swap import LocalFileSwap
 
 def plain_file_io(path: str, nr_pages: int, page_size: int) -> float:
     """Seconds to pwrite then pread nr_pages pages (content built the same way) one at a time."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         os.posix_fallocate(fd, 0, (nr_pages + 1) * page_size)
         buf = bytearray(page_size)
@@ -103,7 +103,8 @@ def bench_swap_local(pages: int, ram: str, page_size: int, directory: str | None
     if ram_bytes // page_size < 64:
         raise click.BadParameter(f"{ram!r}: at least 64 pages", param_hint="--ram")
     with tempfile.TemporaryDirectory(dir=directory, prefix="netswap-bench-") as d:
-        base = plain_file_io(os.path.join(d, "plain"), pages, page_size)
+        # The baseline runs on the very file the emulated host then swaps to.
+        base = plain_file_io(os.path.join(d, "swap"), pages, page_size)
         if as_json:
             elapsed, stats = trio.run(emulated, os.path.join(d, "swap"), pages, ram_bytes, page_size, None)
         else:
