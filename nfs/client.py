@@ -125,6 +125,7 @@ class RpcClient:
 
     async def aclose(self) -> None:
         self.closed = True
+        self._connect_done.set()  # callers waiting for a connection find the client closed
         if self._conn is not None:
             await self._kill(self._conn)
 
@@ -144,6 +145,8 @@ class RpcClient:
         c = self._conn
         if c is not None and not c.dead:
             return c
+        if self.closed:
+            raise trio.ClosedResourceError("RPC client closed")
         raise self._connect_error or OSError("connect failed")
 
     async def _connector(self) -> None:
