@@ -43,6 +43,7 @@ def test_libnfs_tools_against_our_server_and_tshark_finds_nothing_malformed(tmp_
             assert cp_out.returncode == 0, cp_out.stderr
             missing = libnfs("nfs-cat", srv.url("nope.txt"))
             assert missing.returncode != 0
+            trio.run(_our_client_over_udp, srv.nfs_port, srv.mount_port, srv.export_path)  # captured too
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     assert hashlib.sha256((export / "dir" / "random.bin").read_bytes()).hexdigest() == digest
     assert hashlib.sha256(back.read_bytes()).hexdigest() == digest
@@ -51,10 +52,24 @@ def test_libnfs_tools_against_our_server_and_tshark_finds_nothing_malformed(tmp_
                          capture_output=True, text=True, timeout=120)
     assert dis.returncode == 0, dis.stderr
     assert len(dis.stdout.split()) >= 2 * (16 + 8)  # at least the 16 MiB in and out, 1-2 MiB per call
+    udp = subprocess.run(["tshark", "-r", str(cap), "-Y", "udp && nfs.procedure_v3 == 7", "-T", "fields", "-e",
+                          "frame.number"], capture_output=True, text=True, timeout=120)
+    assert len(udp.stdout.split()) >= 2 * 4  # our client's WRITE calls and replies over UDP
     bad = subprocess.run(["tshark", "-r", str(cap), "-Y", "_ws.malformed || (rpc && _ws.expert.severity >= warning)"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 0, bad.stderr
     assert bad.stdout.strip() == "", bad.stdout[:3000]
+
+
+async def _our_client_over_udp(nfs_port: int, mount_port: int, export: str) -> None:
+    async with NfsClient.udp(H, nfs_port, mount_port, hard=False, timeo=5.0) as c:
+        root = await c.mount(export)
+        fh, _ = await c.create(root, "udp.bin", how=CreateMode.GUARDED)
+        data = os.urandom(100_000)
+        await c.write(fh, 0, data, stable=UNSTABLE)
+        await c.commit(fh)
+        assert await c.read(fh, 0, len(data)) == data
+        await c.remove(root, "udp.bin")
 
 
 @pytest.mark.parametrize("proto", ["udp", "tcp"])
