@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -123,16 +125,29 @@ EXPORT {{ Export_Id = 1; Path = {export}; Pseudo = /export; Protocols = 3; Trans
 """
 
 
+OVERLAY_TYPES = ("overlayfs", "overlay", "aufs")
+
+
 @contextlib.contextmanager
-def tmpfs_if_needed(path: Path, size: str) -> Iterator[None]:
-    """ganesha's VFS FSAL cannot export overlayfs: mount a tmpfs there if that is what we are on."""
+def real_fs_dir(path: Path, size: str) -> Iterator[Path]:
+    """A directory on a real filesystem for an export: `path` itself unless it is on overlayfs
+    (ganesha's VFS FSAL cannot export that; containers often have it), else a directory in
+    /dev/shm if that is a tmpfs, else a tmpfs of `size` mounted at `path` (unmounted after)."""
     path.mkdir(parents=True, exist_ok=True)
-    if fs_type(path) not in ("overlayfs", "overlay", "aufs"):
-        yield
+    if fs_type(path) not in OVERLAY_TYPES:
+        yield path
+        return
+    shm = Path("/dev/shm")
+    if shm.is_dir() and fs_type(shm) == "tmpfs" and os.access(shm, os.W_OK):
+        d = Path(tempfile.mkdtemp(prefix="netswap-export-", dir=shm))
+        try:
+            yield d
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
         return
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
     try:
-        yield
+        yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
@@ -146,7 +161,7 @@ def ganesha(workdir: Path, tmpfs_size: str = "1g", timeout: float = 30.0) -> Ite
     nfs, mnt = free_port_pair(), free_port_pair()
     while mnt == nfs:
         mnt = free_port_pair()
-    with rpcbind(), tmpfs_if_needed(export, tmpfs_size):
+    with rpcbind(), real_fs_dir(export, tmpfs_size) as export:
         conf = workdir / "ganesha.conf"
         conf.write_text(GANESHA_CONF.format(nfs=nfs, mnt=mnt, dir=workdir, export=export))
         log = workdir / "ganesha.log"

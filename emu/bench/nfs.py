@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from emu.bench.result import BenchResult, emit
-from nfs.testbed import Served, TestbedError, ganesha, libnfs, netswap_server, tmpfs_if_needed
+from nfs.testbed import Served, TestbedError, ganesha, libnfs, netswap_server, real_fs_dir
 
 MB = 1_000_000
 
@@ -90,8 +90,9 @@ def bench_nfs(size: str, rounds: int, warmup: bool, directory: Path | None, goal
         times: dict[str, list[float]] = {"ours_in": [], "ganesha_in": [], "ours_out": [], "ganesha_out": []}
         try:
             with contextlib.ExitStack() as stack:
-                ours_export = base / "ours" / "export"
-                stack.enter_context(tmpfs_if_needed(ours_export, f"{3 * nbytes // (1 << 20) + 64}m"))
+                # Both exports on the same kind of filesystem (tmpfs if we are on overlayfs).
+                ours_export = stack.enter_context(real_fs_dir(base / "ours" / "export",
+                                                              f"{3 * nbytes // (1 << 20) + 64}m"))
                 ours = stack.enter_context(netswap_server(ours_export, base / "ours" / "state"))
                 gan = stack.enter_context(ganesha(base / "ganesha", tmpfs_size=f"{3 * nbytes // (1 << 20) + 64}m"))
                 servers: dict[str, Served] = {"ours": ours, "ganesha": gan}
