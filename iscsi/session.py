@@ -8,6 +8,7 @@ the window) until the gap fills.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass, field
 
@@ -48,6 +49,10 @@ RESERVATION_EXEMPT = frozenset({Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUE
 # TMF/Logout/Text responses, Reject): op, flags, b2, b3, ahs|dlen, lun, itt, w20..w44.
 _BHS = struct.Struct(">BBBBI8sIIIIIIII")
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
+_ITT_EDTL_CMDSN = struct.Struct(">III")
+_READ10 = struct.Struct(">IxH")  # LBA, TRANSFER LENGTH from CDB byte 2 (BHS byte 34)
+_READ16 = struct.Struct(">QI")
+_LUN0 = bytes(8)
 
 
 def sn_lt(a: int, b: int) -> bool:
@@ -167,6 +172,8 @@ class TargetSession:
 
     def receive(self, pdu: Pdu) -> None:
         bhs = pdu.bhs
+        if bhs[0] == 0x01 and (bhs[32] == 0x28 or bhs[32] == 0x88) and not self.pending and self._fast_read(bhs):
+            return
         op = bhs[0] & 0x3F
         handler = self.dispatch.get(op)
         if handler is None:
@@ -194,6 +201,39 @@ class TargetSession:
                 self.pending[cmd_sn] = pdu
         else:
             self.stats["ignored"] += 1  # outside [ExpCmdSN, MaxCmdSN]: silently ignored
+
+    def _fast_read(self, bhs: bytearray) -> bool:
+        """The hot path: an in-order READ(10)/(16) of LUN 0 whose answer fits one Data-In.
+
+        Does exactly what the general path would (same checks, same PDU), minus its generality;
+        returns False, having changed nothing, for anything it does not cover."""
+        itt, edtl, cmd_sn = _ITT_EDTL_CMDSN.unpack_from(bhs, 16)
+        if cmd_sn != self.exp_cmd_sn or bhs[8:16] != _LUN0 or bhs[33] & 0xE0 or self.discovery:
+            return False
+        lun = self.core.luns.get(0)
+        if lun is None or (lun.reserved_by is not None and lun.reserved_by != self.nexus):
+            return False
+        lba, n = _READ10.unpack_from(bhs, 34) if bhs[32] == 0x28 else _READ16.unpack_from(bhs, 34)
+        bs = lun.block_size
+        nbytes = n * bs
+        if n == 0 or nbytes != edtl or nbytes > self.mrdsl or lba + n > lun.nblocks:
+            return False
+        data = os.pread(lun.fd, nbytes, lba * bs)
+        if len(data) != nbytes:
+            return False
+        exp = self.exp_cmd_sn = (cmd_sn + 1) & MASK
+        sn = self.stat_sn
+        self.stat_sn = (sn + 1) & MASK
+        self.stats["commands"] += 1
+        hdr = _BHS.pack(0x25, 0x81, 0, 0, nbytes, _LUN0, itt, RESERVED_TAG, sn, exp, (exp + self.window - 1) & MASK, 0, 0, 0)
+        out = self.out
+        out.append(hdr)
+        if self.hd:
+            out.append(digest(hdr))
+        out.append(data)  # a whole number of blocks: no padding
+        if self.dd:
+            out.append(digest(data))
+        return True
 
     def _drain_pending(self) -> None:
         while True:
