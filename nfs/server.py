@@ -2,9 +2,11 @@
 
 Every service port (NFS, MOUNT, optional portmap) is served on both UDP and TCP, and every port
 answers every program (as knfsd's and ganesha's ports do for NULL probes). One task per TCP
-connection handles one record at a time, so a connection buffers at most one record (capped by
-`max_record`); a record over the cap closes that connection only. Replies go out with
-`sendmsg` scatter-gather so READ data is never copied into a bigger message.
+connection reads records (each capped by `max_record`; a bigger one closes that connection only)
+and runs each call in its own task, at most `max_inflight` calls and `inflight_bytes` of
+arguments at once; past that it stops reading, so TCP flow control holds the client back.
+Replies go out with `sendmsg` scatter-gather, READ data with sendfile(2), so it is never copied
+into a bigger message.
 """
 
 from __future__ import annotations
@@ -259,6 +261,7 @@ class NfsServer:
     async def _tcp_call(self, sock: trio.socket.SocketType, send_lock: trio.StrictFIFOLock, dec: RecordDecoder,
                         rec: memoryview, host: str, port: int, budget: InflightBudget) -> None:
         n = len(rec)
+        reply: list[Buffer] | None = None
         try:
             reply = await self.svc.dispatch(rec, CallContext(host, port, "tcp"))
             dec.recycle(rec)  # nothing refers to the call any more: reuse its buffer
@@ -269,6 +272,8 @@ class NfsServer:
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
             log.debug("%s:%d: reply not sent: %s", host, port, e)
         finally:
+            if reply is not None:
+                close_segments(reply)  # (already closed if it was sent)
             budget.release(n)
 
     async def _udp_loop(self, sock: trio.socket.SocketType) -> None:
