@@ -291,3 +291,25 @@ def test_reserve6_conflicts_for_other_nexus_and_is_released(tmp_path: Path) -> N
     assert status(a, scsi.cdb_read(0, 1), 512) == Status.GOOD
     a.ts.close()  # I_T nexus loss releases it
     assert status(other, reserve) == Status.GOOD
+
+
+@pytest.mark.parametrize("digests", [False, True])
+def test_read_fast_path_is_byte_identical_to_the_general_path(tmp_path: Path, digests: bool) -> None:
+    outputs = []
+    for fast in (True, False):
+        (tmp_path / str(fast)).mkdir()
+        p = Pair(tmp_path / str(fast), header_digest=digests, data_digest=digests)
+        p.lun.execute(scsi.cdb_write(0, 64), bytes(range(256)) * 128)
+        if fast:
+            def general(pdu: Pdu) -> None:
+                raise AssertionError("the general path was taken")
+
+            p.ts.dispatch[Op.SCSI_CMD] = general
+        else:
+            p.ts._fast_read = lambda bhs: False  # type: ignore[method-assign]
+        read16 = struct.pack(">BBQIBB", 0x88, 0, 8, 8, 0, 0)
+        for cdb, n in ((scsi.cdb_read(0, 8), 4096), (read16, 4096), (scsi.cdb_read(3, 1), 512)):
+            p.run(scsi_task(cdb, read_len=n))
+        outputs.append([bytes(x.bhs) + x.data for x in p.seen])
+        assert p.ts.stats["commands"] == 3
+    assert outputs[0] == outputs[1]
