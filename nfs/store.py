@@ -82,6 +82,9 @@ class Export:
         self._paths: dict[int, str] = {st.st_ino: self.root}  # ino -> absolute path inside root
         self._parents: dict[int, int] = {st.st_ino: st.st_ino}
         self._fds: OrderedDict[int, int] = OrderedDict()  # ino -> fd, LRU
+        # Inodes a walk of the export did not find: later calls with their handles are STALE
+        # at once instead of walking the whole export again (until the inode is seen again).
+        self._gone: OrderedDict[int, None] = OrderedDict()
         self.max_open = max_open
         self.root_fh = self.make_fh(st.st_ino, st.st_ino)
 
@@ -95,6 +98,7 @@ class Export:
         return body + self._tag(body)
 
     def fh_for(self, path: str, st: os.stat_result, parent_ino: int) -> bytes:
+        self._gone.pop(st.st_ino, None)
         self._paths[st.st_ino] = path
         self._parents[st.st_ino] = parent_ino
         return self.make_fh(st.st_ino, parent_ino)
@@ -119,6 +123,8 @@ class Export:
             st = self._lstat_ino(path, ino)
             if st is not None:
                 return path, st
+        if ino in self._gone:
+            raise Nfs3Error(Stat.NFS3ERR_STALE, f"inode {ino} is gone")
         path = self._find(ino, parent)
         if path is None:
             self._forget(ino)
@@ -162,6 +168,9 @@ class Export:
         return None
 
     def _forget(self, ino: int) -> None:
+        self._gone[ino] = None
+        while len(self._gone) > 4096:
+            self._gone.popitem(last=False)
         self._paths.pop(ino, None)
         self._parents.pop(ino, None)
         fd = self._fds.pop(ino, None)
