@@ -88,3 +88,8 @@ def serve_nfs(export: Path, bind: str, port: int, mount_port: int, portmap_port:
         trio.run(main)
     except OSError as e:
         raise click.ClickException(f"cannot serve: {e}") from None
+    st, drc, srv = server.svc.stats, server.svc.drc.stats, server.stats
+    click.echo(f"netswap nfs: stopped after {st.calls} calls ({srv.tcp_connections} TCP connections, "
+               f"{srv.udp_datagrams} UDP datagrams); reply cache hits {drc.hits}, garbage args "
+               f"{st.garbage_args}, dropped {st.dropped}, oversized records {srv.oversized_records}, "
+               f"system errors {st.system_err}", err=True)
