@@ -433,6 +433,9 @@ class Host:
         res.pages_swapped_out = int(vm["pswpout"])
         res.pages_swapped_in = int(vm["pswpin"])
         res.integrity = self.integrity()
+        if self.storage is not None:
+            res.integrity["storage_audit"] = {"checked": self.storage.inflight.audit_checked,
+                                              "mismatches": self.storage.inflight.audit_mismatches}
         if self.mismatch_details:
             res.integrity["details"] = self.mismatch_details
         if self.mm.verify_errors:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +31,29 @@ class Inflight:
     reissued: int = 0           # writes resent after a verifier change / session recovery
     errors: int = 0
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    # The storage's own audit: crc32 of what was last written to each slot, checked when the
+    # slot is read back. A mismatch here is the transport or the server returning other bytes
+    # than were written (the mm's verification then fails too); none here but a mismatch in the
+    # mm would point at the mm.
+    written: dict[int, int] = field(default_factory=dict)
+    audit_mismatches: list[dict[str, object]] = field(default_factory=list)
+    audit_checked: int = 0
+
+    def wrote(self, slot: int, data: bytes | bytearray | memoryview, page_size: int) -> None:
+        mv = memoryview(data).cast("B")
+        for i in range(len(mv) // page_size):
+            self.written[slot + i] = zlib.crc32(mv[i * page_size:(i + 1) * page_size])
+
+    def read_back(self, slot: int, data: bytes | bytearray | memoryview, page_size: int) -> None:
+        mv = memoryview(data).cast("B")
+        for i in range(len(mv) // page_size):
+            exp = self.written.get(slot + i)
+            if exp is None:
+                continue
+            self.audit_checked += 1
+            page = mv[i * page_size:(i + 1) * page_size]
+            if zlib.crc32(page) != exp and len(self.audit_mismatches) < 20:
+                self.audit_mismatches.append({"slot": slot + i, "head": bytes(page[:16]).hex()})
 
     @contextmanager
     def track(self, op: str, slot: int, nr_pages: int, what: str = "") -> Iterator[SwapIO]:

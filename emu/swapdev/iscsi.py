@@ -120,12 +120,14 @@ class IscsiSwapLun:
                         await self.ini.write(lba, data, fua=self.durability == "fua")
                         if self.durability == "sync_cache":
                             await self.ini.synchronize_cache(lba, nblocks)
+                self.inflight.wrote(slot, data, self.page_size)
             elif op == "read":
                 with self.inflight.track("read", slot, len(bufs), f"READ lba {lba}+{nblocks}"):
                     data = await self.ini.read(lba, nblocks)
                 want = len(bufs) * self.page_size
                 if len(data) != want:
                     raise SwapIOError(f"short iSCSI read at slot {slot}: {len(data)} of {want}")
+                self.inflight.read_back(slot, data, self.page_size)
                 pos = 0
                 for b in bufs:
                     b[:] = data[pos:pos + len(b)]

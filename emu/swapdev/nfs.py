@@ -183,11 +183,13 @@ class NfsSwapFile:
                             raise SwapIOError(f"short NFS write at slot {slot}: {res.count} of {want}")
                         if stable == StableHow.UNSTABLE and res.committed == StableHow.UNSTABLE:
                             await self.client.commit(self.fh, off, want)  # verifier checked, resent if changed
+                self.inflight.wrote(slot, data, self.page_size)
             elif op == "read":
                 with self.inflight.track("read", slot, len(bufs), f"NFS READ {want} bytes at {off}"):
                     data = await self.client.read(self.fh, off, want)
                 if len(data) != want:
                     raise SwapIOError(f"short NFS read at slot {slot}: {len(data)} of {want}")
+                self.inflight.read_back(slot, data, self.page_size)
                 pos = 0
                 for b in bufs:
                     b[:] = data[pos:pos + len(b)]
