@@ -341,7 +341,9 @@ def unpack_fh(u: Unpacker) -> bytes:
 
 
 def unpack_name(u: Unpacker) -> str:
-    return u.string(NAME_MAX)
+    # filename3 is string<> (unbounded): read up to PATH_MAX so that a long name gets
+    # NFS3ERR_NAMETOOLONG from the procedure, not GARBAGE_ARGS.
+    return u.string(PATH_MAX)
 
 
 def pack_diropargs(p: Packer, dir_fh: bytes, name: str) -> None:

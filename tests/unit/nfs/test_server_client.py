@@ -209,3 +209,19 @@ async def test_connections_are_made_in_the_context_that_entered_the_client(nfs_s
         async with trio.open_nursery() as n:
             n.start_soon(caller)
     assert seen == ["rpciod", "rpciod"]
+
+
+async def test_long_names_get_nametoolong(nfs_server) -> None:  # type: ignore[no-untyped-def]
+    from nfs.nfs3 import pack_fh
+    from nfs.xdr import Packer
+
+    async with client("tcp", nfs_server) as c:
+        root = await c.mount(str(nfs_server.export))
+        p = Packer()
+        pack_fh(p, root)
+        p.string("n" * 300)  # the client refuses such names itself; send it raw
+
+        def status(u):  # type: ignore[no-untyped-def]
+            return u.u32()
+
+        assert await c.rpc.call(NFS_PROGRAM, 3, Proc.LOOKUP, p.buf, status) == Stat.NFS3ERR_NAMETOOLONG
