@@ -404,7 +404,6 @@ class Initiator:
         self.command_timeout = command_timeout
         # ISID: type 0x80 (random), kept for the life of this object so relogins reinstate.
         self.isid = isid or bytes((0x80,)) + os.urandom(5)
-        self.tsih = 0
         self.core: InitiatorCore | None = None
         self.stream: trio.abc.Stream | None = None
         self.params: SessionParams | None = None

@@ -91,3 +91,13 @@ def test_conformance_suite(target: peer.Daemon) -> None:
     for suite in MUST_RUN:
         assert f"[SKIPPED] {suite.upper()} is not implemented" not in out
     assert "REPORT_SUPPORTED_OPCODES is not implemented" not in out  # so the DpoFua tests ran
+
+
+def test_conformance_with_header_digests(target: peer.Daemon) -> None:
+    # libiscsi then offers only HeaderDigest=CRC32C: every PDU both ways carries a CRC32C.
+    url = target.url() + "?header_digest=crc32c"
+    r = run("iscsi-test-cu", "-d", "-t", "SCSI.Read10.*,SCSI.Write10.*,iSCSI.iSCSIResiduals.*", url, timeout=120)
+    out = r.stdout + r.stderr
+    summary = re.search(r"tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", out)
+    assert summary and int(summary.group(4)) == 0 and int(summary.group(3)) >= 15, out[-3000:]
+    assert r.returncode == 0
