@@ -109,9 +109,11 @@ def rpcbind() -> Iterator[subprocess.Popen | None]:
         deadline = time.monotonic() + 10
         while not port_open(111):
             if proc.poll() is not None or time.monotonic() > deadline:
+                if port_open(111):
+                    break  # another rpcbind won the race for port 111: use that one
                 raise TestbedError(f"rpcbind did not start: {proc.stderr.read() if proc.stderr else ''}")
             time.sleep(0.05)
-        yield proc
+        yield proc if proc.poll() is None else None
     finally:
         stop(proc)
 
