@@ -328,12 +328,24 @@ class Host:
         from emu.mm.sched import task
 
         from emu.mm.page_alloc import Page
+        from emu.mm.sched import waiting
 
         with task(f"workload{i}"):
             proc = Process(self.mm, f"workload{i}", nr_pages)
             self.procs.append(proc)
             checkpoint = trio.lowlevel.checkpoint
+            mm = self.mm
             for page, write in pattern:
+                if write:
+                    # Work around a lost update in emu/mm: Process.touch(write=True) on a page
+                    # under writeback sleeps, and if reclaim unmaps and frees the page meanwhile
+                    # the write lands in the freed frame. Wait out writeback first: then touch()
+                    # writes without sleeping (or faults the page back in if it was unmapped).
+                    pte = proc.pte[page]
+                    while pte.__class__ is Page and pte.PG_writeback:
+                        with waiting("D writeback", "wait_on_page_writeback"):
+                            await mm.wait_writeback_progress()
+                        pte = proc.pte[page]
                 await proc.touch(page, write=write)
                 self.done += 1
                 await checkpoint()  # a resident access never sleeps: let the others run (the tick)
