@@ -201,7 +201,12 @@ class Nic:
 
     def _udp_frag_rcv(self, skb: SkBuff, key: tuple[str, str, int, int], off: int, length: int,
                       more: bool, payload: bytes | bytearray | None, dport: int, now: float) -> None:
-        if self.routes.input(key[0], key[1], now) is None:  # step 3
+        rt = self.rtable.get((key[0], key[1]))  # step 3 (hit inlined)
+        if rt is not None:
+            self.stat.route_lookups += 1
+            self.stat.route_hits += 1
+            rt.lastuse = now
+        elif self.routes.input(key[0], key[1], now) is None:
             self.stat.route_nomem += 1
             self._udp_sk_drop(dport, "route_nomem")
             skb.free()

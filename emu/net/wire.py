@@ -16,6 +16,7 @@ receive stage in arrival order, in softirq context:
 
 from __future__ import annotations
 
+import functools
 import socket as _socket
 from typing import TYPE_CHECKING
 
@@ -41,7 +42,8 @@ BATCH = 64  # frames per wakeup before yielding to other wires
 REAL_RCVBUF_DEFAULT = 8 << 20
 
 
-def ip_fragments(ip_payload: int, mtu: int = MTU_DEFAULT) -> list[tuple[int, int, bool]]:
+@functools.lru_cache(maxsize=4096)  # floods repeat a few sizes; the result is immutable
+def ip_fragments(ip_payload: int, mtu: int = MTU_DEFAULT) -> tuple[tuple[int, int, bool], ...]:
     """How ip_fragment cuts an IP payload of `ip_payload` bytes: [(offset, length, more_fragments)].
 
     One piece if it fits (`ip_payload + 20 <= mtu`); otherwise pieces of `(mtu - 20) & ~7` bytes
@@ -51,7 +53,7 @@ def ip_fragments(ip_payload: int, mtu: int = MTU_DEFAULT) -> list[tuple[int, int
     if ip_payload < 0:
         raise ValueError("negative payload")
     if ip_payload + IP_HDR <= mtu:
-        return [(0, ip_payload, False)]
+        return ((0, ip_payload, False),)
     per = (mtu - IP_HDR) & ~7
     if per <= 0:
         raise ValueError(f"MTU {mtu} too small to fragment")
@@ -61,7 +63,7 @@ def ip_fragments(ip_payload: int, mtu: int = MTU_DEFAULT) -> list[tuple[int, int
         n = min(per, ip_payload - off)
         out.append((off, n, off + n < ip_payload))
         off += n
-    return out
+    return tuple(out)
 
 
 def udp_frames(payload: int, mtu: int = MTU_DEFAULT) -> int:

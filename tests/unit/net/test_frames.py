@@ -35,8 +35,8 @@ def test_fragments_tile_the_payload(L: int, mtu: int) -> None:
 
 
 def test_fragment_examples() -> None:
-    assert ip_fragments(1480) == [(0, 1480, False)]
-    assert ip_fragments(1481) == [(0, 1480, True), (1480, 1, False)]
+    assert ip_fragments(1480) == ((0, 1480, False),)
+    assert ip_fragments(1481) == ((0, 1480, True), (1480, 1, False))
     assert len(ip_fragments(65515)) == 45
 
 
