@@ -30,10 +30,6 @@ RMEM_DEFAULT = 212992  # net.core.rmem_default
 SOCK_MIN_RCVBUF = 2 * (2048 + 232 + 320)  # room for at least two full-size skbs
 
 
-class SockError(OSError):
-    pass
-
-
 class Sock:
     """One emulated socket."""
 
