@@ -188,7 +188,7 @@ class NfsProgram:
             st = os.lstat(path)
         except OSError as e:
             return [_U32.pack(errno_to_stat(e)), self._attr(dst)]
-        if st.st_dev != self.export.dev:
+        if not self.export.same_fs(st):
             return [_U32.pack(Stat.NFS3ERR_ACCES), self._attr(dst)]  # no crossing into other mounts
         fh = self._handle_of(path, st)
         p = Packer()

@@ -77,7 +77,10 @@ class Export:
             raise NotADirectoryError(self.root)
         self.dev = st.st_dev
         self.root_ino = st.st_ino
-        self.fsid = int.from_bytes(hashlib.blake2b(f"{st.st_dev}:{st.st_ino}".encode(), digest_size=8).digest(), "big")
+        # From the path and root inode, not st_dev: device numbers of overlay/tmpfs mounts can
+        # change across reboots, and handles must survive restarts.
+        self.fsid = int.from_bytes(hashlib.blake2b(f"{self.root}:{st.st_ino}".encode(), digest_size=8).digest(),
+                                   "big")
         self._key = key
         self._paths: dict[int, str] = {st.st_ino: self.root}  # ino -> absolute path inside root
         self._parents: dict[int, int] = {st.st_ino: st.st_ino}
@@ -138,7 +141,13 @@ class Export:
             st = os.lstat(path)
         except OSError:
             return None
-        return st if st.st_ino == ino and st.st_dev == self.dev else None
+        return st if st.st_ino == ino and self.same_fs(st) else None
+
+    def same_fs(self, st: os.stat_result) -> bool:
+        """Is this object on the exported filesystem? Only directories are checked: a directory
+        on another device is a mount point we do not cross (knfsd without crossmnt), while
+        overlayfs may report other device numbers for plain files of the same export."""
+        return st.st_dev == self.dev or not pystat.S_ISDIR(st.st_mode)
 
     def _find(self, ino: int, parent: int) -> str | None:
         """Find an inode inside the export: first in its parent's directory, then everywhere."""
@@ -161,7 +170,7 @@ class Export:
                 for ent in it:
                     if ent.inode() == ino:
                         st = ent.stat(follow_symlinks=False)
-                        if st.st_dev == self.dev:
+                        if self.same_fs(st):
                             return ent.path
         except OSError:
             return None
