@@ -337,7 +337,13 @@ class NfsProgram:
         parent = os.path.dirname(dpath) if dst.st_ino != self.export.root_ino else dpath
         entries = [(".", dst.st_ino), ("..", os.lstat(parent).st_ino)]
         with os.scandir(dpath) as it:
-            entries += sorted((e.name, e.inode()) for e in it)
+            # fileids must match GETATTR's, so st_ino (overlayfs's d_ino may differ from it).
+            for e in it:
+                try:
+                    entries.append((e.name, e.stat(follow_symlinks=False).st_ino))
+                except OSError:
+                    continue  # removed meanwhile
+        entries[2:] = sorted(entries[2:])
         return entries
 
     async def readdir(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:

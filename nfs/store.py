@@ -168,10 +168,13 @@ class Export:
         try:
             with os.scandir(dirpath) as it:
                 for ent in it:
-                    if ent.inode() == ino:
+                    # st_ino, not the dirent's d_ino: overlayfs may report different ones.
+                    try:
                         st = ent.stat(follow_symlinks=False)
-                        if self.same_fs(st):
-                            return ent.path
+                    except OSError:
+                        continue
+                    if st.st_ino == ino and self.same_fs(st):
+                        return ent.path
         except OSError:
             return None
         return None
