@@ -4,8 +4,9 @@ A retransmitted non-idempotent call (CREATE, REMOVE, SETATTR, WRITE) must not be
 the second CREATE GUARDED would fail with EXIST, a second REMOVE with NOENT. Entries are keyed by
 (xid, client host, prog, vers, proc) plus a checksum of the arguments' start, so two clients on
 the same host that happen to pick the same xid do not collide, and a TCP client that reconnects
-from a new port still hits. While the original is still being executed a duplicate is dropped;
-afterwards the cached reply is sent again. The cache is a bounded LRU.
+from a new port still hits. While the original is still being executed a duplicate is reported
+IN_PROGRESS (svc.py drops it over UDP and waits for the original over TCP); afterwards the cached
+reply is sent again. The cache is a bounded LRU.
 """
 
 from __future__ import annotations

@@ -5,8 +5,10 @@ flavor, the program, version and procedure, consults the duplicate request cache
 non-idempotent procedures, runs the program's handler, and returns the reply as a list of
 buffers (an iovec, so READ data is sent without being copied into one big message). It returns
 None when the message must be dropped: its header is unreadable, or it duplicates a call still in
-progress. Handlers signal undecodable arguments by raising `XdrError` -> GARBAGE_ARGS; any other
-exception becomes SYSTEM_ERR and is counted, never crashing the server.
+progress (over TCP it first waits for the original's reply, which the client, having
+reconnected, can only get this way). Handlers signal undecodable arguments by raising
+`XdrError` -> GARBAGE_ARGS; any other exception becomes SYSTEM_ERR and is counted, never
+crashing the server.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from nfs.drc import DrcState, DuplicateRequestCache
+import trio
+
+from nfs.drc import DrcKey, DrcState, DuplicateRequestCache
 from nfs.rpc import (
     AcceptStat, AuthFlavor, AuthStat, AuthSys, CallHeader, RejectStat, RpcVersionMismatch, decode_call,
     encode_reply_accepted, encode_reply_denied, reply_header,
@@ -108,7 +112,14 @@ class RpcService:
     def __init__(self, programs: Sequence[RpcProgram], drc: DuplicateRequestCache | None = None) -> None:
         self.programs = {p.prog: p for p in programs}
         self.drc = drc if drc is not None else DuplicateRequestCache()
+        self._in_progress: dict[DrcKey, trio.Event] = {}
+        self.drc_wait = 30.0  # how long a TCP duplicate waits for its original
         self.stats = SvcStats()
+
+    def _wake(self, key: DrcKey) -> None:
+        ev = self._in_progress.pop(key, None)
+        if ev is not None:
+            ev.set()
 
     async def dispatch(self, msg: Buffer, ctx: CallContext) -> list[Buffer] | None:
         try:
@@ -149,10 +160,20 @@ class RpcService:
             key = self.drc.key(xid, ctx.host, hdr.prog, hdr.vers, hdr.proc, args.buf[args.pos :])
             state, cached = self.drc.lookup(key)
             if state is DrcState.IN_PROGRESS:
-                return None
+                # UDP: drop it, the client retransmits. TCP: the client only resends after a
+                # reconnect, so the original's reply went to a dead connection: wait for it.
+                ev = self._in_progress.get(key)
+                if ctx.transport != "tcp" or ev is None:
+                    return None
+                with trio.move_on_after(self.drc_wait):
+                    await ev.wait()
+                state, cached = self.drc.lookup(key)
             if state is DrcState.DONE:
                 assert cached is not None
                 return [cached]
+            if state is DrcState.IN_PROGRESS:
+                return None
+            self._in_progress[key] = trio.Event()
         reply: list[Buffer]
         try:
             body = await prog.call(hdr.vers, hdr.proc, args, ctx)
@@ -168,9 +189,11 @@ class RpcService:
         except BaseException:
             if key is not None:
                 self.drc.done(key, None)
+                self._wake(key)
             raise
         if key is not None:
             self.drc.done(key, b"".join(materialize(reply)))
+            self._wake(key)
         name = f"{prog.name}.{hdr.proc}"
         self.stats.by_proc[name] = self.stats.by_proc.get(name, 0) + 1
         return reply

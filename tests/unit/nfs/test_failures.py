@@ -274,3 +274,30 @@ async def test_a_stalled_client_does_not_hold_up_others(nfs_server) -> None:  # 
             fh, _ = await c.create(root, "busy")
             assert (await c.write(fh, 0, b"y" * 100_000, FILE_SYNC)).count == 100_000
     await stalled.aclose()
+
+
+async def test_a_duplicate_on_a_new_tcp_connection_gets_the_original_reply(nfs_server) -> None:  # type: ignore[no-untyped-def]
+    from nfs.nfs3 import FILE_SYNC as FS
+    from nfs.nfs3 import encode_write_args_head
+
+    (nfs_server.export / "w").write_bytes(b"")
+    fh = nfs_server.server.export.fh_for(str(nfs_server.export / "w"), os.lstat(nfs_server.export / "w"),
+                                         nfs_server.server.export.root_ino)
+    data = os.urandom(512 * 1024)
+    call = encode_call(4242, NFS_PROGRAM, 3, Proc.WRITE, encode_write_args_head(fh, 0, len(data), FS) + data)
+    rec = struct.pack(">I", LAST_FRAG | len(call)) + call
+    a = await trio.open_tcp_stream(H, nfs_server.nfs_port)
+    b = await trio.open_tcp_stream(H, nfs_server.nfs_port)
+    await a.send_all(rec)
+    await b.send_all(rec)  # "the client reconnected and resent": same xid, while A's fsync runs
+    await a.aclose()  # A's reply goes nowhere
+    got = bytearray()
+    with trio.fail_after(10):
+        while len(got) < 8 or len(got) < 4 + (struct.unpack(">I", got[:4])[0] & 0x7FFFFFFF):
+            got += await b.receive_some(65536)
+    xid, mtype, rstat, _, _, astat, nfsstat = struct.unpack(">IIIIIII", got[4:32])
+    assert (xid, mtype, rstat, astat, nfsstat) == (4242, 1, 0, 0, 0)
+    await b.aclose()
+    assert (nfs_server.export / "w").read_bytes() == data
+    drc = nfs_server.server.svc.drc.stats
+    assert drc.hits + drc.in_progress_drops >= 1  # executed once, answered twice
