@@ -301,3 +301,25 @@ async def test_a_duplicate_on_a_new_tcp_connection_gets_the_original_reply(nfs_s
     assert (nfs_server.export / "w").read_bytes() == data
     drc = nfs_server.server.svc.drc.stats
     assert drc.hits + drc.in_progress_drops >= 1  # executed once, answered twice
+
+
+async def test_hard_client_outlasts_major_timeouts_until_the_server_comes(tmp_path: Path, export_dir: Path) -> None:
+    from nfs.testbed import free_port_pair
+
+    port = free_port_pair()
+    done = trio.Event()
+    async with trio.open_nursery() as n:
+        async with NfsClient.udp(H, port, port, timeo=0.05, retrans=1, hard=True) as c:
+
+            async def probe() -> None:
+                await c.null()  # hard: never gives up
+                done.set()
+
+            n.start_soon(probe)
+            await trio.sleep(0.5)  # several major timeouts: 0.05 + 0.1, then again
+            assert not done.is_set() and c.stats["major_timeouts"] >= 2
+            server = NfsServer(ServerConfig(export=export_dir, port=port, mount_port=0, state_dir=tmp_path / "s"))
+            await n.start(server.serve)
+            with trio.fail_after(5):
+                await done.wait()
+        n.cancel_scope.cancel()
