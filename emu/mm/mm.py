@@ -13,6 +13,7 @@ import trio
 
 from emu.mm.gfp import GFP_HIGHUSER
 from emu.mm.page_alloc import Page, Zone
+from emu.mm.sizes import K
 from emu.mm.sched import TaskFlags, current, task
 from emu.mm.slab import Slabs
 from emu.mm.swap import (
@@ -419,19 +420,19 @@ class Mm:
     # ---- views -----------------------------------------------------------------------------------
 
     def meminfo(self) -> str:
-        kb = self.zone.page_size // 1024
+        ps = self.zone.page_size
         total = sum(a.nr_slots - 1 for a in self.swap_areas)
         free = self.nr_swap_free
-        extra = {"SwapTotal": total * kb, "SwapFree": free * kb}
+        extra = {"SwapTotal": K(total, ps), "SwapFree": K(free, ps)}
         return self.vmstat.meminfo(self.zone, extra)
 
     def swaps(self) -> str:
         """/proc/swaps."""
-        kb = self.zone.page_size // 1024
+        ps = self.zone.page_size
         lines = ["Filename\t\t\t\tType\t\tSize\tUsed\tPriority"]
         for a in self.swap_areas:
             name = getattr(a.storage, "path", None) or repr(a.storage)
-            lines.append(f"{name:<40}file\t\t{(a.nr_slots - 1) * kb}\t{a.inuse_pages * kb}\t{a.prio}")
+            lines.append(f"{name:<40}file\t\t{K(a.nr_slots - 1, ps)}\t{K(a.inuse_pages, ps)}\t{a.prio}")
         return "\n".join(lines) + "\n"
 
 

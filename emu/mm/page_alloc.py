@@ -38,7 +38,10 @@ class AllocFlags(enum.IntFlag):
     CPUSET = 0x40
 
 
-_ALLOC_RESERVE_GFP = int(Gfp.MEMALLOC | Gfp.EMERGENCY)
+# The gfp bits that grant the reserve: v12's __GFP_EMERGENCY (renamed __GFP_MEMALLOC later in the
+# series, so both count there); 3.6 has only __GFP_MEMALLOC.
+_V12_RESERVE_GFP = int(Gfp.MEMALLOC | Gfp.EMERGENCY)
+_PFMEMALLOC_RESERVE_GFP = int(Gfp.MEMALLOC)
 _GFP_HIGH = int(Gfp.HIGH)
 _GFP_WAIT = int(Gfp.WAIT)
 _GFP_NOMEMALLOC = int(Gfp.NOMEMALLOC)
@@ -83,7 +86,8 @@ def _gfp_to_alloc_flags(gfp: int, tflags: int, memdie: bool, in_softirq: bool, p
         if (pf_memalloc or memdie) and not in_softirq:
             flags |= AllocFlags.NO_WATERMARKS
     else:
-        if gfp & _ALLOC_RESERVE_GFP or pf_memalloc or (memdie and not in_softirq):
+        reserve_gfp = _V12_RESERVE_GFP if policy is Policy.V12 else _PFMEMALLOC_RESERVE_GFP
+        if gfp & reserve_gfp or pf_memalloc or (memdie and not in_softirq):
             flags |= AllocFlags.NO_WATERMARKS
     return flags
 

@@ -13,6 +13,7 @@ import zlib
 from typing import TYPE_CHECKING
 
 from emu.mm.page_alloc import Page
+from emu.mm.sizes import K
 from emu.mm.sched import waiting
 
 if TYPE_CHECKING:
@@ -205,12 +206,12 @@ class Process:
 
     def status(self) -> dict[str, int | str]:
         """/proc/<pid>/status-style figures."""
-        kb = self.page_size // 1024
+        ps = self.page_size
         return {
             "Name": self.name,
             "Pid": self.pid,
-            "VmRSS": self.rss * kb,
-            "VmSwap": self.nr_swapents * kb,
+            "VmRSS": K(self.rss, ps),
+            "VmSwap": K(self.nr_swapents, ps),
             "min_flt": self.min_flt,
             "maj_flt": self.maj_flt,
         }

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from emu.mm.sizes import DST_ENTRY, RPC_MAX_SLOT_TABLE, RPC_RQST
+from emu.mm.sizes import DST_ENTRY, RPC_MAX_SLOT_TABLE, RPC_RQST, K
 from emu.mm.slab import (
     ilog2,
     kmalloc_estimate,
@@ -462,9 +462,8 @@ class ReserveTree:
 
     def reserve_info(self) -> str:
         """/proc/reserve_info: `id:parent "name" <pages in K>K usage/limit` per node."""
-        kb = self.page_size // 1024
         return "".join(
-            f'{i}:{p} "{n.name}" {n.pages * kb}K {n.usage}/{n.limit}\n' for i, p, n in self.nodes()
+            f'{i}:{p} "{n.name}" {K(n.pages, self.page_size)}K {n.usage}/{n.limit}\n' for i, p, n in self.nodes()
         )
 
     def __repr__(self) -> str:

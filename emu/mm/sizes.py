@@ -35,3 +35,8 @@ ISCSI_HDR = 48  # basic header segment
 # (no size-96 with 64-byte cache lines, as in 2.6.2x kmalloc_sizes.h)
 KMALLOC_SIZES = (32, 64, 128, 192, 256, 512, 1024, 2048, 4096, 8192)
 KMALLOC_MAX_CACHE_SIZE = KMALLOC_SIZES[-1]
+
+
+def K(pages: int, page_size: int) -> int:
+    """The kernel's K(x): pages to KiB, exact for every page size (512-byte pages included)."""
+    return pages * page_size // 1024

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from emu.mm.sizes import K
+
 if TYPE_CHECKING:
     from emu.mm.page_alloc import Zone
 
@@ -62,18 +64,18 @@ class VmStat:
 
     def meminfo(self, zone: Zone, extra_kb: dict[str, int] | None = None) -> str:
         """/proc/meminfo for one zone (`extra_kb` adds lines such as Slab: or SwapTotal:)."""
-        kb = zone.page_size // 1024
+        ps = zone.page_size
         st = zone.page_state()
         rows: list[tuple[str, int]] = [
-            ("MemTotal", zone.nr_pages * kb),
-            ("MemFree", zone.nr_free * kb),
-            ("AnonPages", st.get("nr_anon_pages", 0) * kb),
-            ("SwapCached", st.get("nr_swapcache", 0) * kb),
-            ("Dirty", st.get("nr_dirty", 0) * kb),
-            ("Writeback", st.get("nr_writeback", 0) * kb),
-            ("Slab", st.get("nr_slab", 0) * kb),
+            ("MemTotal", K(zone.nr_pages, ps)),
+            ("MemFree", K(zone.nr_free, ps)),
+            ("AnonPages", K(st.get("nr_anon_pages", 0), ps)),
+            ("SwapCached", K(st.get("nr_swapcache", 0), ps)),
+            ("Dirty", K(st.get("nr_dirty", 0), ps)),
+            ("Writeback", K(st.get("nr_writeback", 0), ps)),
+            ("Slab", K(st.get("nr_slab", 0), ps)),
         ]
         rows.extend((extra_kb or {}).items())
         rows.append(("MinFreeKbytes", zone.min_free_kbytes))
-        rows.append(("EmergPages", zone.pages_emerg * kb))
+        rows.append(("EmergPages", K(zone.pages_emerg, ps)))
         return "".join(f"{(name + ':'):<16}{value:>8} kB\n" for name, value in rows)

@@ -66,8 +66,10 @@ ENTITLED_PLAIN = {
 def expected_entitled(policy: Policy, ctx: str, mod: Gfp) -> bool:
     if mod & Gfp.NOMEMALLOC:
         return False  # overrides everything, in every policy
-    if mod & (Gfp.MEMALLOC | Gfp.EMERGENCY) and policy is not Policy.NONE:
-        return True  # __GFP_MEMALLOC (3.6) / __GFP_EMERGENCY (v12): any context
+    if mod & Gfp.MEMALLOC and policy is not Policy.NONE:
+        return True  # __GFP_MEMALLOC (3.6; v12's later name for __GFP_EMERGENCY): any context
+    if mod & Gfp.EMERGENCY and policy is Policy.V12:
+        return True  # __GFP_EMERGENCY exists only in the v12 series
     return ctx in ENTITLED_PLAIN[policy]
 
 
@@ -159,3 +161,16 @@ def test_current_defaults_to_swapper_and_task_nests() -> None:
             assert current() is b and b.flags & PF
         assert current() is a
     assert current().comm == "swapper"
+
+
+def test_reserve_sizes_in_kib_are_exact_with_small_pages() -> None:
+    from emu.mm.reserve import ReserveTree
+    from emu.mm.sizes import K
+
+    assert K(3, 512) == 1 and K(2, 512) == 1 and K(1, 4096) == 4
+    tree = ReserveTree(ram_bytes=128 << 20, page_size=512)
+    tree.add_nfs_swapper()
+    tree.connect_network()
+    first = tree.reserve_info().splitlines()[0]
+    kib = int(first.split('"')[2].split()[0].rstrip("K"))
+    assert kib == K(tree.root.pages, 512) > 0
