@@ -102,6 +102,13 @@ def bench_swap_local(pages: int, ram: str, page_size: int, directory: str | None
         raise click.BadParameter(f"{page_size}: must be a power of two >= 512", param_hint="--page-size")
     if ram_bytes // page_size < 64:
         raise click.BadParameter(f"{ram!r}: at least 64 pages", param_hint="--ram")
+    if pages <= 2 * (ram_bytes // page_size):
+        # Fewer pages than twice RAM would mostly stay resident: the figure would not be swap.
+        raise click.BadParameter(
+            f"{pages} pages fit in --ram {ram} ({ram_bytes // page_size} pages): use more than "
+            f"{2 * (ram_bytes // page_size)} so that most of them swap",
+            param_hint="--pages",
+        )
     with tempfile.TemporaryDirectory(dir=directory, prefix="netswap-bench-") as d:
         # The baseline runs on the very file the emulated host then swaps to.
         base = plain_file_io(os.path.join(d, "swap"), pages, page_size)

@@ -91,3 +91,6 @@ def test_bench_swap_local_json(tmp_path) -> None:  # type: ignore[no-untyped-def
     assert d["extra"]["verify_errors"] == 0 and d["extra"]["pswpout"] >= 600 - 128
     r = CliRunner().invoke(cli, ["bench", "swap-local", "--ram", "0"])
     assert r.exit_code == 2 and "--ram" in r.output
+    # Pages that would stay resident measure no swap: refused, naming the flag.
+    r = CliRunner().invoke(cli, ["bench", "swap-local", "--pages", "100", "--ram", "8M"])
+    assert r.exit_code == 2 and "--pages" in r.output
