@@ -10,6 +10,7 @@ length for IPPROTO_RAW sends (raw(7)).
 from __future__ import annotations
 
 import enum
+import random
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -98,25 +99,36 @@ def udp_pool(targets: Sequence[Target], sources: Sequence[str], size: int, disti
 
 
 def frag_pool(
-    targets: Sequence[Target], sources: Sequence[str], size: int, distinct: int, fragsize: int, incomplete: bool
+    targets: Sequence[Target],
+    sources: Sequence[str],
+    size: int,
+    distinct: int,
+    fragsize: int,
+    incomplete: bool,
+    id_base: int | None = None,
 ) -> list[Datagram]:
     """Up to `distinct` datagrams of `size` payload bytes, each cut by scapy's fragment() into IP
     fragments of `fragsize` payload bytes; with `incomplete`, the last fragment of each is left out
     so the kernel holds the rest in its reassembly queue until ipfrag_time expires.
 
     Each datagram gets its own (source, IP ID): the kernel's fragment queues are keyed by
-    (saddr, daddr, id, protocol), so no two datagrams of one pool ever share a queue.
+    (saddr, daddr, id, protocol), so no two datagrams of one pool ever share a queue. The IDs
+    start at a random offset per pool (`id_base`, 0..65534; fixed only by tests): queues left by
+    an earlier run (an --incomplete one above all) live for ipfrag_time, and a run that reused
+    their IDs over the same sources would have its fragments joined to those leftovers.
     """
     from scapy.layers.inet import IP, fragment
 
     wire = size + UDP_HLEN + IP_HLEN * -(-(size + UDP_HLEN) // fragsize)  # bytes on the wire per datagram
-    n = max(len(targets), min(distinct, len(targets) * len(sources) * 65535, POOL_BYTES // wire))
+    # (source, ID) pairs are the limit, not (target, source, ID): the queue key has no port.
+    n = max(len(targets), min(distinct, len(sources) * 65535, POOL_BYTES // wire))
     srcs = _src_bytes(sources)
+    base = random.randrange(65535) if id_base is None else id_base % 65535
     frags = {t: [bytes(f) for f in fragment(IP(_template(sources[0], t, size, 1)), fragsize=fragsize)] for t in targets}
     pool = []
     for i in range(n):
         t, src = targets[i % len(targets)], srcs[i % len(srcs)]
-        ip_id = 1 + (i // len(srcs)) % 65535  # never 0: the kernel would pick a new ID per fragment
+        ip_id = 1 + (base + i // len(srcs)) % 65535  # never 0: the kernel would pick a new ID per fragment
         pieces = frags[t][:-1] if incomplete else frags[t]
         packets = tuple(_patch(f, src, ip_id, udp=(k == 0)) for k, f in enumerate(pieces))
         pool.append(Datagram(packets, (t.host, 0)))

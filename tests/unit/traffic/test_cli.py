@@ -19,7 +19,7 @@ def test_inject_json_reports_the_run(udp_receiver) -> None:  # type: ignore[no-u
 
 def test_inject_table_prints_the_achieved_rate(udp_receiver) -> None:  # type: ignore[no-untyped-def]
     require_root()
-    result = CliRunner().invoke(cli, ["inject", "--to", f"127.0.0.1:{udp_receiver.port}", "--profile", "frag", "--count", "20", "--rate", "max"])
+    result = CliRunner().invoke(cli, ["inject", "--to", f"127.0.0.1:{udp_receiver.port}", "--profile", "frag", "--count", "20", "--rate", "max", "--spoof", "127.25.0.0/16"])
     assert result.exit_code == 0, result.output
     for row in ("datagrams sent", "IP packets sent", "achieved rate", "achieved packet rate", "stopped by"):
         assert row in result.stdout

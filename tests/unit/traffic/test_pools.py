@@ -42,9 +42,32 @@ def test_first_fragment_carries_a_checksum_valid_for_the_whole_datagram() -> Non
 
 
 def test_incomplete_leaves_out_exactly_the_last_fragment() -> None:
-    full = frag_pool(T, ["127.1.1.1"], 6000, 4, 1480, incomplete=False)
-    cut = frag_pool(T, ["127.1.1.1"], 6000, 4, 1480, incomplete=True)
+    full = frag_pool(T, ["127.1.1.1"], 6000, 4, 1480, incomplete=False, id_base=77)
+    cut = frag_pool(T, ["127.1.1.1"], 6000, 4, 1480, incomplete=True, id_base=77)
     assert [d.packets for d in cut] == [d.packets[:-1] for d in full]
+
+
+def _ids(pool: list) -> list[int]:  # type: ignore[type-arg]
+    return [struct.unpack_from("!H", d.packets[0], 4)[0] for d in pool]
+
+
+def test_each_frag_pool_starts_its_ip_ids_somewhere_new() -> None:
+    # Runs over the same sources must not reuse IDs, or they meet an earlier run's leftover
+    # reassembly queues. Five pools all starting at one ID by chance: 1 in 65535**4.
+    starts = {_ids(frag_pool(T[:1], ["127.1.1.1"], 3000, 2, 1480, incomplete=True))[0] for _ in range(5)}
+    assert len(starts) > 1
+
+
+def test_ip_ids_wrap_past_65535_without_ever_being_zero() -> None:
+    ids = _ids(frag_pool(T[:1], ["127.1.1.1"], 3000, 4, 1480, incomplete=False, id_base=65533))
+    assert ids == [65534, 65535, 1, 2]
+
+
+def test_one_source_never_repeats_an_ip_id_even_over_several_ports() -> None:
+    # The queue key is (saddr, daddr, id, protocol): no port. So one source gives at most 65535
+    # distinct datagrams, however many ports there are.
+    pool = frag_pool(T, ["127.1.1.1"], 100, 65536, 64, incomplete=True)
+    assert len(pool) == 65535 and len(set(_ids(pool))) == 65535
 
 
 def test_udp_pool_cycles_sources_and_ports() -> None:
