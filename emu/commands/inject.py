@@ -22,12 +22,17 @@ FLAG = {"to": "--to", "host": "--to", "ports": "--to", "method": "--no-spoof"}
 
 
 def _rate(value: str) -> float | None:
-    if value.strip().lower() in ("max", "0", "unlimited"):
+    """Messages/s, or None (unpaced) for 'max'. 0 is refused, not taken to mean unlimited:
+    unpaced must be asked for by name."""
+    if value.strip().lower() in ("max", "unlimited"):
         return None
     try:
-        return float(value)
+        rate = float(value)
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a number of messages/s (or 'max')", param_hint="--rate") from None
+    if not rate > 0:  # also NaN
+        raise click.BadParameter(f"{value} is not > 0 messages/s; for unpaced sending say --rate max", param_hint="--rate")
+    return rate
 
 
 def _usage(exc: TargetError | SpecError) -> click.BadParameter:
@@ -59,7 +64,7 @@ def stats_table(stats: InjectStats) -> Table:
 @click.option("--to", "to", required=True, metavar="HOST:PORT[,PORT...]", help="Destination(s); HOST must be in 127.0.0.0/8.")
 @click.option("--profile", type=click.Choice([p.value for p in Profile]), default=Profile.UDP_FLOOD.value, show_default=True,
               help="udp-flood: datagrams from spoofed sources; frag: IP fragments; tcp-stream: TCP connections streaming; mixed: a blend.")
-@click.option("--rate", default=str(int(DEFAULT_RATE)), show_default=True, metavar="N|max", help="Messages per second (datagrams, or TCP writes); 'max' for unpaced.")
+@click.option("--rate", default=str(int(DEFAULT_RATE)), show_default=True, metavar="N|max", help="Messages per second (datagrams, or TCP writes), > 0; 'max' for unpaced (as fast as the socket takes them).")
 @click.option("--duration", type=float, default=DEFAULT_DURATION, show_default=True, metavar="S", help="Stop after S seconds (always bounded; at most 3600).")
 @click.option("--count", type=int, default=None, metavar="N", help="Stop after N messages (whichever of count and duration comes first).")
 @click.option("--spoof", default=DEFAULT_SPOOF, show_default=True, metavar="CIDR", help="Source range for spoofed sources (inside 127.0.0.0/8). Needs root.")

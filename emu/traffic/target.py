@@ -82,12 +82,19 @@ def parse_targets(text: str) -> tuple[Target, ...]:
         if ":" in item:
             h, _, p = item.rpartition(":")
             host = check_loopback(h, "to")
+        elif _looks_like_host(item):
+            raise TargetError(f"{item!r} has no port; expected HOST:PORT[,PORT...] e.g. {item}:9000", "to")
         elif host is None:
-            raise TargetError(f"{item!r} has no host; expected HOST:PORT[,PORT...] e.g. 127.0.0.1:9000", "to")
+            raise TargetError(f"{item!r} has no host; expected HOST:PORT[,PORT...] e.g. 127.0.0.1:{item}", "to")
         else:
             p = item
         targets.append(Target(host, check_port(p, "to")))
     return tuple(dict.fromkeys(targets))  # de-duplicated, order kept
+
+
+def _looks_like_host(item: str) -> bool:
+    """An entry that names a host rather than a port: a dotted address or any name."""
+    return not item.isdigit() and ("." in item or item.isidentifier() or item.lower() == "localhost")
 
 
 def parse_spoof(cidr: str) -> ipaddress.IPv4Network:

@@ -28,11 +28,22 @@ def test_inject_table_prints_the_achieved_rate(udp_receiver) -> None:  # type: i
 
 def test_usage_errors_name_the_flag() -> None:
     runner = CliRunner()
-    for args, flag in ((["--rate", "fast"], "--rate"), (["--duration", "0"], "--duration"), (["--count", "0"], "--count"),
+    for args, flag in ((["--rate", "fast"], "--rate"), (["--rate", "0"], "--rate"), (["--rate", "-5"], "--rate"), (["--rate", "nan"], "--rate"),
+                       (["--to", "127.0.0.1"], "has no port"), (["--duration", "0"], "--duration"), (["--count", "0"], "--count"),
                        (["--fragsize", "1001"], "--fragsize"), (["--profile", "udp-flood", "--incomplete"], "--incomplete"), ([], "--to")):
-        result = runner.invoke(cli, ["inject", *(["--to", "127.0.0.1:9"] if args else []), *args])
+        result = runner.invoke(cli, ["inject", *(["--to", "127.0.0.1:9"] if args and "--to" not in args else []), *args])
         assert result.exit_code == 2, (args, result.output)
         assert flag in result.output, (args, result.output)
+        if args[:1] == ["--rate"] and args[1] != "fast":  # 0 does not mean unlimited: say how to ask for that
+            assert "Invalid value for --rate" in result.output and "--rate max" in result.output, result.output
+
+
+def test_rate_max_is_how_to_ask_for_unpaced(udp_receiver) -> None:  # type: ignore[no-untyped-def]
+    help_text = CliRunner().invoke(cli, ["inject", "--help"]).output
+    assert "'max' for unpaced" in help_text and "> 0" in help_text
+    result = CliRunner().invoke(cli, ["inject", "--to", f"127.0.0.1:{udp_receiver.port}", "--no-spoof", "--rate", "max", "--count", "100", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["sent"] == 100 and udp_receiver.settle() == 100
 
 
 def test_bench_inject_json_has_figures_and_ratios() -> None:
