@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 from peers import require_root
 
@@ -47,10 +48,39 @@ def test_rate_max_is_how_to_ask_for_unpaced(udp_receiver) -> None:  # type: igno
 
 
 def test_bench_inject_json_has_figures_and_ratios() -> None:
-    result = CliRunner().invoke(cli, ["bench", "inject", "--count", "3000", "--repeat", "1", "--json"])
+    from emu.traffic.rawsend import have_cap_net_raw
+
+    result = CliRunner().invoke(cli, ["bench", "inject", "--count", "3000", "--size", "100", "--repeat", "1", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    rows = out if isinstance(out, list) else [out]
-    assert {r["baseline_name"] for r in rows} == {"plain sendto loop"}
-    for r in rows:
+    rows = {r["name"]: r for r in (out if isinstance(out, list) else [out])}
+    for r in rows.values():
         assert r["figure"] > 0 and r["baseline"] > 0 and abs(r["ratio"] - r["figure"] / r["baseline"]) < 1e-9
+    udp = [r for name, r in rows.items() if "udp-flood" in name]
+    assert udp and {r["baseline_name"] for r in udp} == {"plain sendto loop, 100 B datagrams"}
+    frag = [r for name, r in rows.items() if "frag" in name]
+    if not have_cap_net_raw():
+        assert not frag
+        return
+    # frag is compared with sendto() of datagrams of its own size, not with the udp-flood loop;
+    # as datagrams/s, and as IP packets/s (ours: fragments; the baseline's: the kernel's).
+    dgrams, packets = sorted(frag, key=lambda r: r["unit"])
+    assert (dgrams["unit"], packets["unit"]) == ("datagrams/s", "packets/s")
+    assert dgrams["baseline"] != udp[0]["baseline"] and dgrams["extra"]["size"] == 4000
+    assert all("sendto of 4000 B datagrams" in r["baseline_name"] for r in frag)
+    assert abs(packets["figure"] / dgrams["figure"] - 3) < 1e-6  # 4008 UDP bytes in 1480-byte pieces
+    if dgrams["extra"]["netns"]:  # the kernel really fragmented the baseline: its own counter says so
+        assert dgrams["extra"]["baseline_fragments_per_datagram"] == 3 and "kernel-fragmented into 3" in dgrams["baseline_name"]
+        assert abs(packets["baseline"] - 3 * dgrams["baseline"]) < 1e-6
+    else:
+        assert "NOT fragmented" in dgrams["baseline_name"]
+
+
+@pytest.mark.parametrize("args, flag", [(["--size", "0"], "'--size'"), (["--size", "70000"], "'--size'"), (["--size", "x"], "'--size'"),
+                                        (["--count", "0"], "'--count'"), (["--repeat", "0"], "'--repeat'"), (["--repeat", "-1"], "'--repeat'")])
+def test_bench_inject_usage_errors_name_the_flag(args: list[str], flag: str) -> None:
+    result = CliRunner().invoke(cli, ["bench", "inject", *args])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for {flag}" in result.output and "Traceback" not in result.output
+    other = {"'--count'", "'--repeat'", "'--size'"} - {flag}
+    assert not any(o in result.output for o in other)  # it names the wrong flag, and only that one
