@@ -159,6 +159,8 @@ class Host:
         self.traffic_info: dict[str, Any] = {}
         self.t0 = 0.0
         self.final_verified = 0
+        self.app_ports: list[int] = []
+        self.listening_at: float | None = None
         self.phase = "starting"
         self.final_mismatches = 0
         self.mismatch_details: list[dict[str, Any]] = []
@@ -328,25 +330,16 @@ class Host:
         from emu.mm.sched import task
 
         from emu.mm.page_alloc import Page
-        from emu.mm.sched import waiting
 
         with task(f"workload{i}"):
             proc = Process(self.mm, f"workload{i}", nr_pages)
             self.procs.append(proc)
             checkpoint = trio.lowlevel.checkpoint
-            mm = self.mm
             for page, write in pattern:
                 if write:
-                    # Work around a lost update in emu/mm: Process.touch(write=True) on a page
-                    # under writeback sleeps, and if reclaim unmaps and frees the page meanwhile
-                    # the write lands in the freed frame. Wait out writeback first: then touch()
-                    # writes without sleeping (or faults the page back in if it was unmapped).
-                    pte = proc.pte[page]
-                    while pte.__class__ is Page and pte.PG_writeback:
-                        with waiting("D writeback", "wait_on_page_writeback"):
-                            await mm.wait_writeback_progress()
-                        pte = proc.pte[page]
-                await proc.touch(page, write=write)
+                    await write_page(proc, page)
+                else:
+                    await proc.touch(page, write=False)
                 self.done += 1
                 await checkpoint()  # a resident access never sleeps: let the others run (the tick)
             # Finally read every page back once and check its bytes, resident or swapped.
@@ -378,17 +371,26 @@ class Host:
                 nursery.start_soon(self._sampler, progress)
                 await self.start_apps(nursery)
                 deadline = self.t0 + sc.watchdog.timeout
-                if self.app_socks:
-                    # The host is in service: background traffic reaches its applications first.
+                if self.app_ports:
+                    # The background traffic runs from the start (its generator needs a moment
+                    # to build its packets). A plain socket outside the emulated host, also a
+                    # target, tells us when it flows.
+                    self._probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    self._probe.bind(("127.0.0.1", 0))
+                    self._probe.setblocking(False)
                     nursery.start_soon(self.traffic, min(sc.traffic.duration, sc.watchdog.timeout))
                 self.phase = "swapon"
                 await self.swapon(nursery)
-                if self.app_socks:
+                if self.app_ports:
                     self.phase = "traffic"
                     with trio.move_on_after(20):
-                        while self.net.stat.app_read_bytes == 0 and "error" not in self.traffic_info:
-                            await trio.sleep(0.02)
-                    await trio.sleep(sc.traffic.start_after)
+                        while "error" not in self.traffic_info:
+                            try:
+                                self._probe.recv(65536)
+                                break
+                            except BlockingIOError:
+                                await trio.sleep(0.02)
+                    self._probe.close()
                 nr = sc.workload.working_set // sc.host.page_size
                 sizes = split_pages(nr, sc.workload.processes)
                 patterns = [Pattern(sc.workload.kind, n, sc.workload.passes, sc.workload.seed + i,
@@ -406,8 +408,16 @@ class Host:
 
                 nursery.start_soon(workload)
                 self.phase = "running"
+                # the low watermark as the allocator sees it (v12 adds pages_emerg to every mark)
+                low = self.zone.watermark_low + (self.zone.pages_emerg if sc.policy == "v12" else 0)
+                listen_below = low if sc.traffic.start_after <= 0 else None
+                listen_at = trio.current_time() + sc.traffic.start_after
                 while True:
                     now = trio.current_time()
+                    if self.app_ports and not self.app_socks and (
+                            (listen_below is not None and self.zone.nr_free <= listen_below)
+                            or (listen_below is None and now >= listen_at)):
+                        await self.listen_apps()
                     if finished.is_set():
                         outcome = "completed"
                         break
@@ -494,22 +504,40 @@ class Host:
             self._swap_ports.add(sk.lport)
 
     async def start_apps(self, nursery: trio.Nursery) -> None:
+        """The application daemons: their processes (heaps written once) and the UDP ports they
+        will listen on. They start listening when the host comes under memory pressure
+        (`listen_apps`); until then the traffic aimed at those ports finds no socket on this
+        machine and the real kernel discards it."""
         from emu.mm.process import Process
         from emu.mm.sched import task
+        from emu.servers import free_port
 
         tr = self.sc.traffic
-        if tr.profile == "none":
+        if tr.profile == "none" or tr.apps == 0:
             return
         for i in range(tr.apps):
             proc = Process(self.mm, f"app{i}", tr.app_pages)
-            sk = await self.net.open_app_udp(0, proc)
+            with task(f"app{i}"):
+                for page in range(tr.app_pages):
+                    await write_page(proc, page)
             self.apps.append(proc)
+            port = free_port(udp_too=True)
+            while port in self.app_ports:
+                port = free_port(udp_too=True)
+            self.app_ports.append(port)
+        self._app_nursery = nursery
+
+    async def listen_apps(self) -> None:
+        for i, (proc, port) in enumerate(zip(self.apps, self.app_ports)):
+            sk = await self.net.open_app_udp(port, proc)
             self.app_socks.append(sk)
-            nursery.start_soon(self._app_loop, i, proc, sk)
+            self._app_nursery.start_soon(self._app_loop, i, proc, sk)
+        self.listening_at = trio.current_time() - self.t0
 
     async def _app_loop(self, i: int, proc: Any, sk: Any) -> None:
-        """An application: writes its pages once, then reads its socket whenever data is queued,
-        touching its working set first (so it waits, swapped out, while memory is short)."""
+        """An application: whenever data is queued (at most every `app_period` s) it looks at
+        the next `app_touch` pages of its heap (round robin) and reads everything queued. A page
+        it has not used for a while has been swapped out: it waits in the fault, its queue fills."""
         from emu.mm.sched import task
         from emu.net.sock import app_reader
 
@@ -517,23 +545,18 @@ class Host:
         state = {"next": 0}
 
         async def resident() -> None:
-            # Before each read the application touches the next `app_touch` pages of its heap
-            # (round robin): a page it has not used for a while may have been swapped out, and
-            # then it waits in the fault while its socket's queue fills.
             for _ in range(tr.app_touch):
                 await proc.touch(state["next"], write=False)
                 state["next"] = (state["next"] + 1) % tr.app_pages
 
         with task(f"app{i}"):
-            for page in range(tr.app_pages):
-                await proc.touch(page, write=True)
             await app_reader(sk, resident, tr.app_period)
 
     async def traffic(self, duration: float) -> None:
         """The background traffic, from a separate process (bounded by `duration`); stopped
         (SIGTERM) when the run ends."""
         tr = self.sc.traffic
-        ports = [sk.lport for sk in self.app_socks]
+        ports = list(self.app_ports) + [self._probe.getsockname()[1]]
         size = tr.frag_size if tr.profile == "frag" else tr.size
         self.traffic_info = {"profile": tr.profile, "rate": tr.rate, "size": size, "ports": ports,
                              "duration": round(duration, 1)}
@@ -563,6 +586,22 @@ class Host:
                 await self.storage.close()
         with contextlib.suppress(Exception):
             self.net.close_all()
+
+
+async def write_page(proc: Any, page: int) -> None:
+    """proc.touch(page, write=True), working around a lost update in emu/mm: touch() on a page
+    under writeback sleeps, and if reclaim unmaps and frees the page meanwhile the write lands in
+    the freed frame (the next swap-in then finds the previous version). Waiting out writeback
+    first makes touch() write without sleeping (or fault the page back in if it was unmapped)."""
+    from emu.mm.page_alloc import Page
+    from emu.mm.sched import waiting
+
+    pte = proc.pte[page]
+    while pte.__class__ is Page and pte.PG_writeback:
+        with waiting("D writeback", "wait_on_page_writeback"):
+            await proc.mm.wait_writeback_progress()
+        pte = proc.pte[page]
+    await proc.touch(page, write=True)
 
 
 def stop_process(p: subprocess.Popen[bytes]) -> None:

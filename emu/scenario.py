@@ -105,14 +105,14 @@ class TrafficSection:
     profile: str = _f("mixed", "choice", "background traffic profile", choices=TRAFFIC_PROFILES)
     apps: int = _f(4, "int", "application processes owning the sockets that receive it", min=0, max=256)
     app_pages: int = _f(8, "int", "anonymous pages of each application process", min=1, max=4096)
-    app_touch: int = _f(4, "int", "pages of its heap an application touches (round robin) before each read", min=1, max=4096)
+    app_touch: int = _f(4, "int", "pages of its heap an application looks at (round robin) before each read", min=1, max=4096)
     app_period: float = _f(0.05, "float", "seconds between an application's reads of its socket", min=0.001, max=60.0)
     rate: int = _f(6000, "int", "packets per second", min=1, max=1_000_000)
     size: int = _f(1024, "int", "UDP payload bytes (udp-flood)", min=1, max=65507)
     frag_size: int = _f(4000, "int", "UDP payload bytes of fragmented datagrams (frag)", min=1, max=65507)
     spoof: str = _f("127.64.0.0/16", "net", "spoofed source range inside 127.0.0.0/8 (root only)")
     distinct: int = _f(4096, "int", "distinct spoofed sources (each one a route cache entry)", min=1, max=65536)
-    start_after: float = _f(0.5, "float", "seconds of background traffic before the workload starts", min=0.0, max=3600.0)
+    start_after: float = _f(0.0, "float", "seconds after the workload starts that the applications start listening (0: when free memory first reaches the low watermark)", min=0.0, max=3600.0)
     duration: float = _f(60.0, "float", "seconds the traffic lasts at most", min=0.1, max=3600.0)
 
 

@@ -30,7 +30,7 @@ class IscsiSwapLun:
 
     def __init__(self, net: Any, server: IscsiServer, *, reserve: Any = None, policy: str = "none",
                  durability: Literal["fua", "sync_cache"] = "fua", via_host: bool = True,
-                 command_timeout: float | None = None) -> None:
+                 command_timeout: float | None = None, queue_depth: int = 32) -> None:
         self.net = net
         self.server = server
         self.reserve = reserve
@@ -39,6 +39,9 @@ class IscsiSwapLun:
         self.via_host = via_host
         self.command_timeout = command_timeout
         self.inflight = Inflight()
+        # The SCSI device's queue depth (open-iscsi's node.session.queue_depth defaults to 32):
+        # commands beyond it wait in the block layer, not on the wire.
+        self.queue = trio.Semaphore(queue_depth)
         self.buffers = HostBuffers(net.slabs, GFP_NOIO, ISCSI_TASK) if via_host else None
         self.ini: Any = None
         self.page_size = 4096
@@ -111,6 +114,12 @@ class IscsiSwapLun:
         per = self.page_size // self.block_size
         lba = slot * per
         nblocks = len(bufs) * per
+        async with self.queue:
+            await self._rw(op, slot, bufs, lba, nblocks)
+
+    async def _rw(self, op: str, slot: int, bufs: list[memoryview], lba: int, nblocks: int) -> None:
+        from iscsi.initiator import ISCSIError, ScsiError
+
         try:
             if op == "write":
                 data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
