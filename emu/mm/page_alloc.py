@@ -199,6 +199,10 @@ class Zone:
         self.reclaimer: Reclaimer | None = None
         self.kswapd: Any = None  # the Kswapd object (vmscan), if running
         self.kswapd_wait: trio.Event | None = None  # set by kswapd while it sleeps
+        # Empty slabs the slab caches keep for reuse (slab.py): not free, but released at the
+        # first allocation that misses the fast path, so watermark decisions are unchanged.
+        self.nr_slab_free = 0  # pages in them
+        self.slab_free_caches: list[Any] = []  # the caches holding some
 
     # ---- watermarks -------------------------------------------------------------------------
 
@@ -231,6 +235,7 @@ class Zone:
     def _update_fast_mark(self) -> None:
         self._emerg = self._pages_emerg if self.policy is Policy.V12 else 0
         self._fast_mark = self.watermark_low + self._emerg
+        self._plenty_mark = self.watermark_high + self._emerg
 
     @property
     def nr_free(self) -> int:
@@ -253,6 +258,16 @@ class Zone:
     def pfmemalloc_watermark_ok(self) -> bool:
         """3.6: free pages above half the sum of the min watermarks (the throttle's test)."""
         return len(self._free) > self.watermark_min // 2
+
+    def free_slab_keep_ok(self) -> bool:
+        """May a slab cache keep an empty slab?  Only while memory is plentiful (above high)."""
+        return len(self._free) > self._plenty_mark
+
+    def drain_free_slabs(self) -> int:
+        """Release every empty slab the caches keep (a shrink of all caches); returns pages."""
+        caches = self.slab_free_caches
+        self.slab_free_caches = []
+        return sum(c.shrink() for c in caches)
 
     def entitled(self, gfp: Gfp | int, task: Task | None = None) -> bool:
         """Would this context get ALLOC_NO_WATERMARKS (the reserve) for `gfp`?"""
@@ -294,6 +309,11 @@ class Zone:
     def _alloc_slow(self, gfp: Gfp | int, order: int, nr: int) -> list[Page] | None:
         if order < 0 or order > 10:
             raise ValueError(f"order {order} out of range")
+        if self.nr_slab_free:
+            # kept empty slabs count as free for every decision: release them first
+            self.drain_free_slabs()
+            if len(self._free) - nr + 1 > self._fast_mark:
+                return self._take(nr, False)
         self.wakeup_kswapd(order)
         flags = int(gfp_to_alloc_flags(gfp, current(), self.policy))
         if self.zone_watermark_ok(order, self.watermark_min, flags):

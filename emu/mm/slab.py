@@ -4,6 +4,14 @@ The invariant (DESIGN §3): an object carved from a pfmemalloc (reserve) slab is
 caller that is not entitled to the reserve.  Such a caller is served from a normal slab, from a new
 slab grown from a normal page, or fails.  Slabs are kept on two partial lists (SLUB-style), so the
 check costs nothing on the normal path.
+
+Empty normal slabs are kept for reuse up to the cache's `free_limit` (SLAB's free_limit:
+`(1 + nr_cpus) * batchcount + objects per slab`), so a cache that empties and refills, as the
+receive stage's skb caches do on every poll, does not go back to the page allocator each time.
+They are kept only while the zone has plenty (above its high watermark) and the zone drains them
+at the first allocation that misses its fast path (`Zone.drain_free_slabs`), so every watermark
+decision sees the same free pages as without the cache; `kmem_cache_shrink` (`shrink`) drains one
+cache.  Reserve (pfmemalloc) slabs are never kept.
 """
 
 from __future__ import annotations
@@ -71,6 +79,22 @@ def calculate_slab_order(buffer_size: int, page_size: int, break_order: int = 1)
     if best is None:
         raise ValueError(f"object of {buffer_size} bytes does not fit a slab")
     return best[0], best[1], off_slab
+
+
+def cache_free_limit(buffer_size: int, num: int, page_size: int = 4096, nr_cpus: int = 1) -> int:
+    """SLAB's free_limit in objects: (1 + nr_cpus) * batchcount + num, with enable_cpucache()'s
+    per-cpu limit by object size (batchcount is half of it, rounded up)."""
+    if buffer_size > 131072:
+        limit = 1
+    elif buffer_size > page_size:
+        limit = 8
+    elif buffer_size > 1024:
+        limit = 24
+    elif buffer_size > 256:
+        limit = 54
+    else:
+        limit = 120
+    return (1 + nr_cpus) * ((limit + 1) // 2) + num
 
 
 def kmem_estimate(objects: int, size: int, page_size: int = 4096, align: bool = True) -> int:
@@ -167,6 +191,9 @@ class KmemCache:
         self.order, self.num, self.off_slab = calculate_slab_order(self.buffer_size, zone.page_size, break_order)
         self._partial: list[Slab] = []  # normal slabs with a free object
         self._partial_pf: list[Slab] = []  # pfmemalloc slabs with a free object
+        self._free: list[Slab] = []  # empty normal slabs kept for reuse (slabs_free)
+        # kept empty slabs are bounded in objects, as SLAB bounds its free objects
+        self.free_limit = cache_free_limit(self.buffer_size, self.num, zone.page_size)
         self.nr_slabs = 0
         self.nr_pfmemalloc_slabs = 0
         self.active_objs = 0
@@ -200,8 +227,11 @@ class KmemCache:
 
     def alloc(self, gfp: Gfp | int) -> SlabObj | None:
         """kmem_cache_alloc(): never sleeps; None on failure."""
-        if self._partial:
-            return self._take(self._partial[-1], self._partial)
+        partial = self._partial
+        if partial:
+            return self._take(partial[-1], partial)
+        if self._free:
+            return self._take(self._reuse(), partial)  # a normal slab: fine for any caller
         zone = self.zone
         if not zone.entitled(gfp):
             pages = zone.alloc_pages(gfp, self.order)
@@ -222,6 +252,13 @@ class KmemCache:
         slab = self._grow(pages)
         return self._take(slab, self._partial_pf if slab.pfmemalloc else self._partial)
 
+    def _reuse(self) -> Slab:
+        """Move a kept empty slab back to the partial list."""
+        slab = self._free.pop()
+        self._partial.append(slab)
+        self.zone.nr_slab_free -= len(slab.pages)
+        return slab
+
     async def alloc_wait(self, gfp: Gfp | int) -> SlabObj:
         """kmem_cache_alloc() for callers that may sleep (reclaims; OutOfMemory if impossible)."""
         obj = self.alloc(gfp)
@@ -232,29 +269,61 @@ class KmemCache:
         return self._take(slab, self._partial_pf if slab.pfmemalloc else self._partial)
 
     def free(self, obj: SlabObj) -> None:
-        """kmem_cache_free(); an empty slab goes straight back to the page allocator."""
+        """kmem_cache_free(); an empty slab is kept (see the module doc) or goes back to the page
+        allocator."""
         slab = obj.slab
         if slab is None or slab.cache is not self:
             raise RuntimeError(f"bad free of {obj!r} to {self.name}")
         obj.slab = None
         self.active_objs -= 1
+        inuse = slab.inuse
+        if inuse == 1:
+            self._free_empty(slab)
+        elif inuse == self.num:
+            (self._partial_pf if slab.pfmemalloc else self._partial).append(slab)
+        slab.inuse = inuse - 1
+
+    def _free_empty(self, slab: Slab) -> None:
+        """The last object of `slab` is being freed: keep the slab or release its pages."""
         partial = self._partial_pf if slab.pfmemalloc else self._partial
-        if slab.inuse == self.num:
-            partial.append(slab)
-        slab.inuse -= 1
-        if slab.inuse == 0:
-            partial.remove(slab)
-            self.nr_slabs -= 1
-            if slab.pfmemalloc:
-                self.nr_pfmemalloc_slabs -= 1
-            self.zone.state["nr_slab"] -= len(slab.pages)
-            self.zone.free_pages(slab.pages)
+        if self.num > 1:
+            partial.remove(slab)  # (a one-object slab was full, so on no list)
+        zone = self.zone
+        if (not slab.pfmemalloc and (len(self._free) + 1) * self.num <= self.free_limit
+                and zone.free_slab_keep_ok()):
+            if not self._free:
+                zone.slab_free_caches.append(self)
+            self._free.append(slab)
+            zone.nr_slab_free += len(slab.pages)
+            return
+        self._destroy(slab)
+
+    def _destroy(self, slab: Slab) -> None:
+        self.nr_slabs -= 1
+        if slab.pfmemalloc:
+            self.nr_pfmemalloc_slabs -= 1
+        self.zone.state["nr_slab"] -= len(slab.pages)
+        self.zone.free_pages(slab.pages)
+
+    def shrink(self) -> int:
+        """kmem_cache_shrink(): release the kept empty slabs; returns the pages freed."""
+        kept = self._free
+        if not kept:
+            return 0
+        self._free = []
+        pages = 0
+        for slab in kept:
+            pages += len(slab.pages)
+            self._destroy(slab)
+        self.zone.nr_slab_free -= pages
+        return pages
 
     def slabinfo_line(self) -> str:
         num_objs = self.nr_slabs * self.num
+        active_slabs = self.nr_slabs - len(self._free)
         return (
             f"{self.name:<20} {self.active_objs:>6} {num_objs:>6} {self.buffer_size:>6} {self.num:>4} "
-            f"{1 << self.order:>4} : tunables    0    0    0 : slabdata {self.nr_slabs:>6} {self.nr_slabs:>6}      0"
+            f"{1 << self.order:>4} : tunables    0    0    0 : slabdata {active_slabs:>6} {self.nr_slabs:>6}      0"
             f" : pfmemalloc {self.nr_pfmemalloc_slabs}"
         )
 
@@ -327,6 +396,10 @@ class Slabs:
         obj.pages = None
         self.large_pages -= len(pages)
         self.zone.free_pages(pages)
+
+    def shrink(self) -> int:
+        """kmem_cache_shrink() on every cache; returns the pages freed."""
+        return sum(c.shrink() for c in self.caches.values())
 
     def nr_slab_pages(self) -> int:
         return self.zone.state["nr_slab"]

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 import pytest
+import trio
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -85,7 +86,10 @@ def test_reserve_slab_objects_never_go_to_unentitled_callers() -> None:
     assert obj is not None and not obj.pfmemalloc and obj.slab is not reserve_obj.slab
     for o in (reserve_obj, other, obj):
         cache.free(o)
-    assert cache.nr_slabs == 0 and zone.state["nr_slab"] == 0
+    # The reserve slab went straight back; the normal one is kept for reuse (memory is plentiful).
+    assert cache.nr_pfmemalloc_slabs == 0 and cache.nr_slabs == 1 and zone.nr_slab_free == 1
+    assert cache.shrink() == 1
+    assert cache.nr_slabs == 0 and zone.state["nr_slab"] == 0 and zone.nr_slab_free == 0
     zone.free_pages(held[60:])
     assert zone.nr_free == zone.nr_pages
 
@@ -161,8 +165,15 @@ def test_slab_invariant_under_random_pressure(policy: Policy, ops: list[tuple[st
         assert zone.state["nr_slab"] == slab_pages
         assert zone.nr_free + slab_pages + len(squeezed) == zone.nr_pages
         assert sum(c.active_objs for c in caches) == len(live)
+        # kept empty slabs: normal, empty, bounded, and counted by the zone
+        kept = [s for c in caches for s in c._free]
+        assert all(not s.pfmemalloc and s.inuse == 0 for s in kept)
+        assert all(len(c._free) * c.num <= c.free_limit for c in caches)
+        assert zone.nr_slab_free == sum(len(s.pages) for s in kept)
     for obj in live:
         kfree(obj)
+    slabs.shrink()
+    assert zone.nr_slab_free == 0
     zone.free_pages(squeezed)
     assert zone.nr_free == zone.nr_pages
     assert all(c.nr_slabs == 0 for c in slabs.caches.values())
@@ -186,6 +197,8 @@ def test_kmalloc_size_classes_and_large_objects() -> None:
     slabs.kfree(rqst)
     with pytest.raises(RuntimeError):
         slabs.kfree(rqst)
+    assert zone.nr_free == zone.nr_pages - 2  # size-128 and size-512 keep their empty slab
+    assert slabs.shrink() == 2
     assert zone.nr_free == zone.nr_pages
     with pytest.raises(ValueError):
         kmalloc(0, GFP_KERNEL)
@@ -214,3 +227,63 @@ async def test_alloc_wait_reclaims_or_raises() -> None:
     _exhaust(zone)
     with task("p"), pytest.raises(OutOfMemory):
         await c.alloc_wait(GFP_KERNEL)
+
+
+def test_empty_slabs_are_kept_up_to_free_limit_and_reused() -> None:
+    zone = Zone(4 << 20)  # 1024 pages, high watermark 96: plenty
+    c = KmemCache("skbuff_head_cache", 232, zone=zone)  # 15 objects a page, free_limit 2*60+15
+    assert c.free_limit == 135
+    objs = [c.alloc(GFP_ATOMIC) for _ in range(15 * 12)]  # 12 full slabs
+    pgalloc = zone.vmstat["pgalloc"]
+    free_before = zone.nr_free
+    for o in objs:
+        c.free(o)  # type: ignore[arg-type]
+    # 9 empty slabs (135 objects) are kept, the other 3 go back to the page allocator
+    assert len(c._free) == 9 and zone.nr_slab_free == 9 and c.nr_slabs == 9
+    assert zone.nr_free == free_before + 3 and zone.state["nr_slab"] == 9
+    assert c.active_objs == 0
+    line = next(x for x in [c.slabinfo_line()])
+    assert line.split()[13:15] == ["0", "9"]  # slabdata: 0 active of 9 slabs
+    # Refilling takes the kept slabs first: no page allocation for 135 objects.
+    again = [c.alloc(GFP_ATOMIC) for _ in range(135)]
+    assert zone.vmstat["pgalloc"] == pgalloc and zone.nr_slab_free == 0 and not c._free
+    for o in again:
+        c.free(o)  # type: ignore[arg-type]
+    assert c.shrink() == 9 and c.nr_slabs == 0 and zone.nr_free == zone.nr_pages
+
+
+def test_empty_slabs_are_not_kept_below_the_high_watermark() -> None:
+    zone = Zone(4 << 20)
+    c = KmemCache("ip_dst_cache", 320, zone=zone)
+    obj = c.alloc(GFP_ATOMIC)
+    held = _exhaust(zone, leave=zone.watermark_high)  # exactly at high: not "plenty"
+    c.free(obj)  # type: ignore[arg-type]
+    assert c.nr_slabs == 0 and zone.nr_slab_free == 0 and zone.nr_free == zone.watermark_high + 1
+    zone.free_pages(held)
+
+
+def test_kept_slabs_are_released_before_the_fast_path_would_fail() -> None:
+    """Kept empty slabs count as free for every watermark decision: an allocation that would
+    miss the fast path releases them first, so kswapd wakes exactly when it would without them."""
+    zone = Zone(4 << 20)
+    zone.kswapd_wait = trio.Event()  # kswapd asleep: a wakeup would set this
+    slabs = Slabs(zone)
+    c1, c2 = slabs.cache("skbuff_head_cache", 232), slabs.kmalloc_cache(1024)
+    objs = [c1.alloc(GFP_ATOMIC) for _ in range(30)] + [c2.alloc(GFP_ATOMIC) for _ in range(8)]
+    for o in objs:
+        kfree(o)  # type: ignore[arg-type]
+    kept = zone.nr_slab_free
+    assert kept == 4 and zone.slab_free_caches == [c1, c2]
+    # Take pages down to the low watermark on the fast path; the kept slabs stay kept.
+    held: list[Page] = []
+    while zone.nr_free > zone.watermark_low:
+        held.extend(zone.alloc_pages(GFP_KERNEL) or [])
+    assert zone.nr_slab_free == kept and zone.nr_free == zone.watermark_low
+    page = zone.alloc_pages(GFP_KERNEL)  # misses the fast path, but not with the kept pages
+    assert page is not None and not page[0].pfmemalloc
+    assert zone.nr_slab_free == 0 and c1.nr_slabs == c2.nr_slabs == 0 and not zone.slab_free_caches
+    assert not zone.kswapd_wait.is_set() and zone.vmstat["kswapd_wakeup"] == 0
+    assert zone.vmstat["pgalloc_fail"] == 0
+    assert zone.nr_free == zone.watermark_low + kept - 1  # as if the slabs had been freed at once
+    zone.free_pages(held + page)
+    assert zone.nr_free == zone.nr_pages
