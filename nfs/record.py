@@ -6,7 +6,10 @@ into the decoder's own buffer: `buf = dec.get_buffer()`, `n = sock.recv_into(buf
 `dec.commit(n)` — so a 1 MiB WRITE is received without an extra copy. Records come out of
 `next_record()` as memoryviews; `recycle()` hands a buffer back for reuse. A record (all
 fragments together) larger than `max_record` raises `RecordTooLarge` before any of its payload
-is buffered, so buffering is always bounded.
+is buffered. A mark only *announces* bytes: the record's buffer grows as they actually arrive
+(a recycled buffer is used when one is big enough), so a peer that announces 4 MiB and sends 10
+bytes costs 10 bytes, not 4 MiB. `reserved` tells the driver how many bytes the marks seen so far
+have announced, so it can charge them to a byte budget before it reads them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import struct
 
 LAST_FRAG = 0x8000_0000
+_MIN_GROW = 16 * 1024
 _MARK = struct.Struct(">I")
 
 DEFAULT_MAX_RECORD = 4 * 1024 * 1024 + 64 * 1024
@@ -83,21 +87,25 @@ class RecordDecoder:
         total = self._rec_len + length
         if total > self.max_record:
             raise RecordTooLarge(f"record of at least {total} bytes exceeds the limit {self.max_record}")
-        # Size the buffer to hold this fragment so recv_into can write straight into it: a
-        # recycled buffer if it is big enough, else a new one (never a zero-filled temporary).
+        # A recycled buffer that already fits the fragment is used as is (no allocation); a new
+        # one is only grown as the payload arrives (_ensure), never sized from the mark alone.
         if self._rec_len == 0 and len(self._rec) < total and (spare := self.pool.get(total)) is not None:
             self._rec = spare
-        elif len(self._rec) < total:
-            if self._rec_len == 0:
-                self._rec = bytearray(total)
-            else:
-                grown = bytearray(total)
-                grown[: self._rec_len] = memoryview(self._rec)[: self._rec_len]
-                self._rec = grown
         self._frag_left = length
         self._in_frag = True
         if length == 0:
             self._end_fragment()
+
+    def _ensure(self, want: int) -> None:
+        """Room for `want` more payload bytes of the current fragment (at least min(want, a
+        growth step)), doubling the buffer so a big fragment costs few reallocations."""
+        need = self._rec_len + min(want, self._frag_left)
+        cap = len(self._rec)
+        if cap >= need:
+            return
+        end = self._rec_len + self._frag_left  # the fragment never needs more than this
+        new_cap = min(end, max(need, 2 * cap, _MIN_GROW))
+        self._rec += bytes(new_cap - cap)  # (realloc: large buffers grow in place with mremap)
 
     def _end_fragment(self) -> None:
         self._in_frag = False
@@ -114,8 +122,12 @@ class RecordDecoder:
         if isinstance(buf, bytearray) and len(buf) <= self.max_record:
             self.pool.put(buf)
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
+    def feed(self, data: bytes | bytearray | memoryview, stop_after_mark: bool = False) -> int:
+        """Take bytes from the stream; returns how many were taken. With `stop_after_mark` it
+        stops right after a record mark (before that fragment's payload), so the driver can
+        charge the bytes the mark announced before any of them is buffered."""
         mv = memoryview(data)
+        total = len(mv)
         while len(mv):
             if not self._in_frag:
                 need = 4 - len(self._mark)
@@ -125,24 +137,30 @@ class RecordDecoder:
                     mark = _MARK.unpack(self._mark)[0]
                     self._mark.clear()
                     self._start_fragment(mark)
+                    if stop_after_mark and self._in_frag:
+                        break
                 continue
             take = min(self._frag_left, len(mv))
+            self._ensure(take)
             self._rec[self._rec_len : self._rec_len + take] = mv[:take]
             self._rec_len += take
             self._frag_left -= take
             mv = mv[take:]
             if self._frag_left == 0:
                 self._end_fragment()
+        return total - len(mv)
 
     # -- zero-copy receive ------------------------------------------------------------------
 
-    def get_buffer(self) -> memoryview | None:
-        """A buffer to recv_into for the current fragment's payload, or None when the decoder
-        needs mark bytes (then use feed() with a small read)."""
+    def get_buffer(self, hint: int = 256 * 1024) -> memoryview | None:
+        """A buffer to recv_into for the current fragment's payload (at most `hint` bytes more
+        than already arrived are allocated for it), or None when the decoder needs mark bytes
+        (then use feed() with a small read). Release the view before calling commit()."""
         if not self._in_frag or self._frag_left == 0:
             return None
+        self._ensure(hint)
         start = self._rec_len
-        return memoryview(self._rec)[start : start + self._frag_left]
+        return memoryview(self._rec)[start : start + min(self._frag_left, len(self._rec) - start)]
 
     def commit(self, n: int) -> None:
         """Account for n payload bytes written into the buffer from get_buffer()."""
@@ -164,4 +182,17 @@ class RecordDecoder:
 
     @property
     def buffered(self) -> int:
+        """Payload bytes held: received but not yet handed out, plus records handed out by
+        next_record() that were not recycled are the caller's."""
         return self._rec_len + len(self._mark) + sum(len(r) for r in self._ready)
+
+    @property
+    def reserved(self) -> int:
+        """Bytes the marks seen so far announced for the record being assembled and the records
+        ready to hand out: what a byte budget must cover before they are read."""
+        return self._rec_len + (self._frag_left if self._in_frag else 0) + sum(len(r) for r in self._ready)
+
+    @property
+    def allocated(self) -> int:
+        """Bytes of memory the decoder's record buffer holds now (grown as payload arrives)."""
+        return len(self._rec)

@@ -3,10 +3,18 @@
 Every service port (NFS, MOUNT, optional portmap) is served on both UDP and TCP, and every port
 answers every program (as knfsd's and ganesha's ports do for NULL probes). One task per TCP
 connection reads records (each capped by `max_record`; a bigger one closes that connection only)
-and runs each call in its own task, at most `max_inflight` calls and `inflight_bytes` of
-arguments at once; past that it stops reading, so TCP flow control holds the client back.
-Replies go out with `sendmsg` scatter-gather, READ data with sendfile(2), so it is never copied
-into a bigger message.
+and runs each call in its own task. Memory is bounded server-wide: every connection and UDP
+socket draws from one `ByteBudget` (nfs/budget.py) of `max_buffered` bytes — a record is charged
+when its mark announces it, before its payload is read, and freed when its reply has gone — and
+a record's buffer grows only as its bytes arrive. Past the budget a reader stops reading, so TCP
+flow control holds the client back; each connection keeps a small guaranteed part, so small
+calls get through however much big records hold.
+
+Connections are closed when idle for `idle_timeout` (knfsd: 6 minutes) or when they send no RPC
+call within `first_call_timeout` of connecting; at `max_connections` the connection idle the
+longest is closed to make room for the new one (knfsd's svc_check_conn_limits), so idle peers
+cannot lock clients out. Replies go out with `sendmsg` scatter-gather, READ data with
+sendfile(2), so it is never copied into a bigger message.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import math
 import os
 import socket as pysocket
 from collections.abc import Sequence
@@ -22,6 +31,7 @@ from pathlib import Path
 
 import trio
 
+from nfs.budget import ByteBudget, Share
 from nfs.drc import DuplicateRequestCache
 from nfs.mount import MOUNT_PROGRAM, MOUNT_V3, MountProgram
 from nfs.nfs3 import NFS_PROGRAM, NFS_V3
@@ -34,7 +44,7 @@ from nfs.svc import Buffer, CallContext, FileSegment, RpcService, close_segments
 log = logging.getLogger("netswap.nfs.server")
 
 UDP_MAX_PAYLOAD = 65507
-_BIG_RECV = 64 * 1024
+_SCRATCH = 16 * 1024  # small reads: record marks and small calls
 _MAX_LOWAT = 256 * 1024
 
 
@@ -53,13 +63,22 @@ class ServerConfig:
     max_connections: int = 256
     max_io: int = 1024 * 1024
     max_inflight: int = 16  # calls executed at once per TCP connection (x4 per UDP socket)
-    inflight_bytes: int = 8 * 1024 * 1024  # and the bytes of their arguments
+    inflight_bytes: int = 8 * 1024 * 1024  # and the bytes one connection holds (records + calls)
+    # One cap on the bytes of calls held over all connections (announced records and calls
+    # running); each connection is guaranteed `conn_reserve` of it for small calls.
+    max_buffered: int = 64 * 1024 * 1024
+    conn_reserve: int = 64 * 1024 + 512
+    idle_timeout: float = 360.0  # close a connection idle this long (knfsd: 6 minutes)
+    first_call_timeout: float = 5.0  # ... or one that sent no RPC call this long after connecting
 
 
 @dataclass
 class ServerStats:
     tcp_connections: int = 0
     tcp_refused: int = 0
+    tcp_evicted: int = 0  # idle connections closed to make room at the connection limit
+    tcp_idle_closed: int = 0
+    tcp_no_call_closed: int = 0
     oversized_records: int = 0
     udp_datagrams: int = 0
     udp_send_errors: int = 0
@@ -133,7 +152,13 @@ class NfsServer:
         self.svc = RpcService(programs, DuplicateRequestCache())
         self.stats = ServerStats()
         self.ports: dict[str, int] = {}
-        self._conns = 0
+        self._conns: dict[int, _Conn] = {}
+        # (+4: the UDP sockets, and a connection being closed while its successor starts.)
+        if config.max_buffered - config.conn_reserve * (config.max_connections + 4) < config.max_record:
+            raise ValueError(f"max_buffered {config.max_buffered} leaves less than one record of max_record "
+                             f"{config.max_record} after {config.max_connections + 4} connection reserves of "
+                             f"{config.conn_reserve}")
+        self.budget = ByteBudget(config.max_buffered, config.conn_reserve, config.max_connections + 4)
 
     @property
     def verifier(self) -> bytes:
@@ -195,74 +220,119 @@ class NfsServer:
                 log.warning("accept: %s", e)
                 await trio.sleep(0.05)
                 continue
-            if self._conns >= self.config.max_connections:
+            if len(self._conns) >= self.config.max_connections and not self._evict_idle():
                 self.stats.tcp_refused += 1
                 sock.close()
                 continue
-            self._conns += 1
             self.stats.tcp_connections += 1
             nursery.start_soon(self._tcp_conn, sock, peer)
+
+    def _evict_idle(self) -> bool:
+        """At the connection limit: close the connection idle the longest (no call running), as
+        knfsd's svc_check_conn_limits does, so idle peers cannot lock new clients out."""
+        idle = [c for c in self._conns.values() if c.share.calls == 0 and not c.scope.cancel_called]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c.last_active)
+        log.info("%s:%d: closed at the connection limit (idle the longest)", *victim.peer)
+        self.stats.tcp_evicted += 1
+        victim.scope.cancel()
+        del self._conns[id(victim)]  # (its task ends soon; the new connection takes its place)
+        return True
 
     async def _tcp_conn(self, sock: trio.socket.SocketType, peer: tuple) -> None:
         sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
         dec = RecordDecoder(self.config.max_record, self.pool)
-        scratch = bytearray(_BIG_RECV)
+        scratch = bytearray(_SCRATCH)
         scratch_mv = memoryview(scratch)
         host, port = str(peer[0]), int(peer[1])
-        budget = InflightBudget(self.config.max_inflight, self.config.inflight_bytes)
+        conn = _Conn((host, port), self.budget.share(self.config.inflight_bytes, self.config.max_inflight), dec,
+                     trio.current_time(), self.config)
+        self._conns[id(conn)] = conn
         send_lock = trio.StrictFIFOLock()
         lowat = 1
+        charged = 0  # bytes of dec.reserved already charged to the budget
+        pending = scratch_mv[:0]  # bytes read into the scratch buffer, not yet fed to the decoder
         try:
-            async with trio.open_nursery() as calls:
-                try:
-                    while True:
-                        rec = dec.next_record()
-                        if rec is not None:
-                            # Calls of one connection run concurrently (a FILE_SYNC write's fsync
-                            # does not hold up the next READ), within the connection's budget.
-                            await budget.acquire(len(rec))
-                            calls.start_soon(self._tcp_call, sock, send_lock, dec, rec, host, port, budget)
-                            continue
-                        buf = dec.get_buffer()
-                        if buf is not None and len(buf) >= _BIG_RECV:
-                            # Inside a big fragment: receive straight into the record, and let the
-                            # kernel wake us only once a good part of it is there (SO_RCVLOWAT).
-                            want = min(len(buf), _MAX_LOWAT)
-                            if want != lowat:
-                                sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, want)
-                                lowat = want
-                            n = await sock.recv_into(buf)
-                            buf.release()
-                            if n == 0:
-                                return
-                            dec.commit(n)
-                        else:
-                            if buf is not None:
+            with conn.scope:
+                conn.arm()
+                async with trio.open_nursery() as calls:
+                    try:
+                        while True:
+                            # The marks announced these bytes: charge them before reading them.
+                            owed = dec.reserved - charged
+                            if owed > 0:
+                                await conn.share.acquire(owed)
+                                charged += owed
+                            rec = dec.next_record()
+                            if rec is not None:
+                                # Calls of one connection run concurrently (a FILE_SYNC write's
+                                # fsync does not hold up the next READ), within its share; the
+                                # record's bytes stay charged until its reply has gone.
+                                charged -= len(rec)
+                                await conn.share.start_call()
+                                conn.arm()
+                                calls.start_soon(self._tcp_call, sock, send_lock, dec, rec, conn)
+                                continue
+                            buf = dec.get_buffer() if not pending else None
+                            if buf is not None and len(buf) >= _SCRATCH:
+                                # Inside a big fragment: receive straight into the record, and let
+                                # the kernel wake us only once a good part of it is there.
+                                want = min(len(buf), _MAX_LOWAT)
+                                if want != lowat:
+                                    sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, want)
+                                    lowat = want
+                                n = await sock.recv_into(buf)
                                 buf.release()
-                            if lowat != 1:
-                                sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, 1)
-                                lowat = 1
-                            n = await sock.recv_into(scratch)
-                            if n == 0:
-                                return  # the calls in flight still get their replies
-                            dec.feed(scratch_mv[:n])
-                except RecordTooLarge as e:
-                    self.stats.oversized_records += 1
-                    log.warning("%s:%d: %s; closing the connection", host, port, e)
-                    calls.cancel_scope.cancel()
-                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                    log.debug("%s:%d: connection ended: %s", host, port, e)
+                                if n == 0:
+                                    return
+                                dec.commit(n)
+                            else:
+                                if buf is not None:
+                                    buf.release()
+                                if not pending:
+                                    if lowat != 1:
+                                        sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, 1)
+                                        lowat = 1
+                                    # A small read: marks and small calls, which stay in the
+                                    # scratch buffer until the marks' bytes have been charged.
+                                    n = await sock.recv_into(scratch)
+                                    if n == 0:
+                                        return  # the calls in flight still get their replies
+                                    pending = scratch_mv[:n]
+                                    conn.touch()
+                                pending = pending[dec.feed(pending, stop_after_mark=True):]
+                                continue
+                            conn.touch()
+                    except RecordTooLarge as e:
+                        self.stats.oversized_records += 1
+                        log.warning("%s:%d: %s; closing the connection", host, port, e)
+                        calls.cancel_scope.cancel()
+                    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                        log.debug("%s:%d: connection ended: %s", host, port, e)
+            if conn.scope.cancelled_caught and not conn.evicted_by(self._conns):
+                if conn.got_call:
+                    self.stats.tcp_idle_closed += 1
+                    log.info("%s:%d: idle for %.0fs, closing", host, port, self.config.idle_timeout)
+                else:
+                    self.stats.tcp_no_call_closed += 1
+                    log.info("%s:%d: no call within %.1fs of connecting, closing", host, port,
+                             self.config.first_call_timeout)
         except Exception:  # a bug must cost this connection, never the server
             log.exception("%s:%d: connection failed", host, port)
         finally:
-            self._conns -= 1
+            self._conns.pop(id(conn), None)
+            conn.share.close()
             sock.close()
 
     async def _tcp_call(self, sock: trio.socket.SocketType, send_lock: trio.StrictFIFOLock, dec: RecordDecoder,
-                        rec: memoryview, host: str, port: int, budget: InflightBudget) -> None:
+                        rec: memoryview, conn: _Conn) -> None:
         n = len(rec)
         reply: list[Buffer] | None = None
+        host, port = conn.peer
         try:
+            if not conn.got_call and looks_like_call(rec):
+                conn.got_call = True
             reply = await self.svc.dispatch(rec, CallContext(host, port, "tcp"))
             dec.recycle(rec)  # nothing refers to the call any more: reuse its buffer
             if reply is not None:
@@ -274,22 +344,27 @@ class NfsServer:
         finally:
             if reply is not None:
                 close_segments(reply)  # (already closed if it was sent)
-            budget.release(n)
+            conn.share.end_call(n)
+            conn.touch()
 
     async def _udp_loop(self, sock: trio.socket.SocketType) -> None:
-        budget = InflightBudget(self.config.max_inflight * 4, self.config.inflight_bytes)
-        async with trio.open_nursery() as calls:
-            while True:
-                try:
-                    data, addr = await sock.recvfrom(UDP_MAX_PAYLOAD + 1)
-                except OSError as e:  # e.g. ECONNREFUSED from an earlier ICMP error
-                    log.debug("udp recvfrom: %s", e)
-                    continue
-                self.stats.udp_datagrams += 1
-                await budget.acquire(len(data))
-                calls.start_soon(self._udp_call, sock, data, addr, budget)
+        share = self.budget.share(self.config.inflight_bytes, self.config.max_inflight * 4)
+        try:
+            async with trio.open_nursery() as calls:
+                while True:
+                    try:
+                        data, addr = await sock.recvfrom(UDP_MAX_PAYLOAD + 1)
+                    except OSError as e:  # e.g. ECONNREFUSED from an earlier ICMP error
+                        log.debug("udp recvfrom: %s", e)
+                        continue
+                    self.stats.udp_datagrams += 1
+                    await share.acquire(len(data))
+                    await share.start_call()
+                    calls.start_soon(self._udp_call, sock, data, addr, share)
+        finally:
+            share.close()
 
-    async def _udp_call(self, sock: trio.socket.SocketType, data: bytes, addr: tuple, budget: InflightBudget) -> None:
+    async def _udp_call(self, sock: trio.socket.SocketType, data: bytes, addr: tuple, share: Share) -> None:
         try:
             ctx = CallContext(str(addr[0]), int(addr[1]), "udp", max_reply=UDP_MAX_PAYLOAD)
             reply = await self.svc.dispatch(data, ctx)
@@ -302,32 +377,52 @@ class NfsServer:
         except Exception:  # a bug must cost this call, never the server
             log.exception("udp call from %s failed", addr)
         finally:
-            budget.release(len(data))
+            share.end_call(len(data))
+
+    def buffer_stats(self) -> dict[str, int]:
+        """What the server holds of its clients' calls now: `buffered` (charged to the budget),
+        its `high_water`, the `limit`, and the memory the connections' decoders hold."""
+        return {"buffered": self.budget.used, "high_water": self.budget.high_water, "limit": self.budget.limit,
+                "decoder_bytes": sum(c.dec.allocated for c in self._conns.values()),
+                "budget_waits": self.budget.waits, "connections": len(self._conns)}
 
 
-class InflightBudget:
-    """Bounds the calls being executed (and the bytes of their arguments) for one connection or
-    UDP socket; the reader waits here, so TCP backpressure reaches the client."""
+class _Conn:
+    """A TCP connection's state for the idle rules: closed when no valid call came within
+    `first_call_timeout` of connecting, or when nothing happened for `idle_timeout` while no call
+    was running (knfsd closes idle temporary sockets after 6 minutes)."""
 
-    def __init__(self, max_calls: int, max_bytes: int) -> None:
-        self.max_calls = max_calls
-        self.max_bytes = max_bytes
-        self.calls = 0
-        self.bytes = 0
-        self._changed = trio.Event()
+    def __init__(self, peer: tuple[str, int], share: Share, dec: RecordDecoder, now: float,
+                 config: ServerConfig) -> None:
+        self.peer = peer
+        self.share = share
+        self.dec = dec
+        self.opened = now
+        self.last_active = now
+        self.got_call = False
+        self.scope = trio.CancelScope()
+        self.first_call_timeout = config.first_call_timeout
+        self.idle_timeout = config.idle_timeout
 
-    async def acquire(self, n: int) -> None:
-        # One call always fits (its size is already capped by max_record).
-        while self.calls >= self.max_calls or (self.calls and self.bytes + n > self.max_bytes):
-            await self._changed.wait()
-        self.calls += 1
-        self.bytes += n
+    def arm(self) -> None:
+        if not self.got_call and self.share.calls == 0:
+            self.scope.deadline = self.opened + self.first_call_timeout
+        elif self.share.calls:
+            self.scope.deadline = math.inf
+        else:
+            self.scope.deadline = self.last_active + self.idle_timeout
 
-    def release(self, n: int) -> None:
-        self.calls -= 1
-        self.bytes -= n
-        self._changed.set()
-        self._changed = trio.Event()
+    def touch(self) -> None:
+        self.last_active = trio.current_time()
+        self.arm()
+
+    def evicted_by(self, conns: dict[int, _Conn]) -> bool:
+        return id(self) not in conns
+
+
+def looks_like_call(msg: memoryview | bytes) -> bool:
+    """An RPC call header (msg_type CALL, rpcvers 2): enough to say the peer speaks RPC."""
+    return len(msg) >= 24 and msg[4:8] == b"\0\0\0\0" and msg[8:12] == b"\0\0\0\2"
 
 
 def parse_allow(values: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

@@ -1,0 +1,131 @@
+"""The server's byte budget: one cap on the bytes of RPC calls it holds, over all connections.
+
+Every TCP connection and UDP socket draws from the one `ByteBudget` through its own `Share`: a
+TCP connection charges a record when its marks announce it (before its payload is read) and
+gives the bytes back when the call's reply has gone; a UDP socket charges each datagram until its
+reply has gone. Past the cap the reader waits, so TCP flow control holds the client back (and a
+UDP socket's queue overflows: the client retransmits).
+
+Each share has a small guaranteed part (`reserve`, e.g. one small call): its first `reserve`
+bytes come from a pool set aside for that (`reserve * max_shares`), the rest from the shared
+pool. So however much of the shared pool big records hold, every connection can still get a
+small call through: a NULL, a GETATTR, a 4 KiB WRITE. The total (both pools) never exceeds
+`limit` — Linux's tcp_mem with its per-socket minimum tcp_rmem[0], in spirit.
+
+A share also caps what one connection holds (`cap`) and the calls it runs at once (`max_calls`).
+"""
+
+from __future__ import annotations
+
+import trio
+
+
+class ByteBudget:
+    def __init__(self, limit: int, reserve: int, max_shares: int) -> None:
+        self.limit = limit
+        self.reserve = reserve
+        self.reserve_limit = reserve * max_shares
+        self.shared_limit = limit - self.reserve_limit
+        if self.shared_limit < 0:
+            raise ValueError(f"a byte budget of {limit} cannot reserve {reserve} bytes for {max_shares} connections")
+        self.reserve_used = 0
+        self.shared_used = 0
+        self.high_water = 0
+        self.waits = 0  # times a reader had to wait for bytes
+        self._changed = trio.Event()
+
+    @property
+    def used(self) -> int:
+        return self.reserve_used + self.shared_used
+
+    def share(self, cap: int, max_calls: int) -> Share:
+        return Share(self, cap, max_calls)
+
+    def _split(self, held: int) -> tuple[int, int]:
+        """(reserve part, shared part) of a share holding `held` bytes."""
+        r = min(held, self.reserve)
+        return r, held - r
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+
+class Share:
+    """One connection's (or UDP socket's) part of the budget."""
+
+    def __init__(self, budget: ByteBudget, cap: int, max_calls: int) -> None:
+        self.budget = budget
+        self.cap = cap
+        self.max_calls = max_calls
+        self.held = 0
+        self.calls = 0
+        self.closed = False
+
+    def _fits(self, n: int) -> bool:
+        b = self.budget
+        if self.held and self.held + n > self.cap:  # (one record always fits an idle share)
+            return False
+        r0, s0 = b._split(self.held)
+        r1, s1 = b._split(self.held + n)
+        return (b.reserve_used + r1 - r0 <= b.reserve_limit
+                and b.shared_used + s1 - s0 <= b.shared_limit
+                and b.used + n <= b.limit)
+
+    def try_acquire(self, n: int) -> bool:
+        if n <= 0:
+            return True
+        if not self._fits(n):
+            return False
+        b = self.budget
+        r0, s0 = b._split(self.held)
+        self.held += n
+        r1, s1 = b._split(self.held)
+        b.reserve_used += r1 - r0
+        b.shared_used += s1 - s0
+        b.high_water = max(b.high_water, b.used)
+        return True
+
+    async def acquire(self, n: int) -> None:
+        """Charge n bytes, waiting until the budget (and this share's cap) has room."""
+        waited = False
+        while not self.try_acquire(n):
+            if self.closed:
+                raise trio.ClosedResourceError("share closed")
+            if not waited:
+                self.budget.waits += 1
+                waited = True
+            await self.budget._changed.wait()
+        await trio.lowlevel.checkpoint_if_cancelled()
+
+    def release(self, n: int) -> None:
+        if n <= 0:
+            return
+        n = min(n, self.held)
+        b = self.budget
+        r0, s0 = b._split(self.held)
+        self.held -= n
+        r1, s1 = b._split(self.held)
+        b.reserve_used -= r0 - r1
+        b.shared_used -= s0 - s1
+        b._wake()
+
+    async def start_call(self) -> None:
+        while self.calls >= self.max_calls:
+            await self.budget._changed.wait()
+        self.calls += 1
+
+    def end_call(self, nbytes: int) -> None:
+        self.calls -= 1
+        self.release(nbytes)
+        if nbytes <= 0:
+            self.budget._wake()
+
+    def close(self) -> None:
+        """The connection is gone: whatever it still held goes back."""
+        self.closed = True
+        self.release(self.held)
+        self.budget._wake()
+
+
+__all__ = ["ByteBudget", "Share"]
