@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 import trio
 
+from nfs.auth import Squash
 from nfs.server import NfsServer, ServerConfig, parse_allow
 
 
@@ -19,6 +20,16 @@ def _cidr(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) ->
         return parse_allow(value)
     except ValueError as e:
         raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    value = int(float(num) * units[unit])
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
 
 
 def _port(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
@@ -44,10 +55,23 @@ def _port(ctx: click.Context, param: click.Parameter, value: int | None) -> int 
               help="Where the file-handle key is kept [default: ~/.local/state/netswap/nfs].")
 @click.option("--max-record", default=4 * 1024 * 1024 + 65536, show_default=True, type=click.IntRange(8192),
               help="Largest TCP record accepted; a bigger one closes that connection.")
+@click.option("--root-squash/--no-root-squash", default=False, show_default=True,
+              help="Map uid 0 (and gid 0) of AUTH_SYS callers to --anonuid/--anongid (knfsd's root_squash).")
+@click.option("--anonuid", default=65534, show_default=True, type=click.IntRange(0, 0xFFFF_FFFF),
+              help="uid of AUTH_NONE callers and of squashed root.")
+@click.option("--anongid", default=65534, show_default=True, type=click.IntRange(0, 0xFFFF_FFFF),
+              help="gid of AUTH_NONE callers and of squashed root.")
+@click.option("--max-buffered", default="64M", show_default=True,
+              help="Cap on the bytes of calls held over all connections (suffix K/M/G).")
+@click.option("--idle-timeout", default=360.0, show_default=True, type=click.FloatRange(0.1),
+              help="Close a TCP connection idle this many seconds (knfsd: 6 minutes).")
+@click.option("--max-connections", default=256, show_default=True, type=click.IntRange(1),
+              help="TCP connections at once; past it the one idle the longest is closed.")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 def serve_nfs(export: Path, bind: str, port: int, mount_port: int, portmap_port: int | None,
               allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network], names: tuple[str, ...],
-              state_dir: Path | None, max_record: int, verbose: int) -> None:
+              state_dir: Path | None, max_record: int, root_squash: bool, anonuid: int, anongid: int,
+              max_buffered: str, idle_timeout: float, max_connections: int, verbose: int) -> None:
     """Serve a directory (--export) over MOUNT v3 and NFSv3, on UDP and TCP.
 
     Prints one ready line naming its ports, then serves until SIGINT or SIGTERM. File handles
@@ -63,12 +87,20 @@ def serve_nfs(export: Path, bind: str, port: int, mount_port: int, portmap_port:
     for n in names:
         if not n.startswith("/"):
             raise click.BadParameter("must be an absolute path like /export", param_hint="--name")
+    try:
+        budget = _size(max_buffered)
+    except ValueError as e:
+        raise click.BadParameter(f"{max_buffered!r}: {e}", param_hint="--max-buffered") from None
     config = ServerConfig(export=export, bind=bind, port=port, mount_port=mount_port, portmap_port=portmap_port,
-                          allow=allow, state_dir=state_dir, names=names, max_record=max_record)
+                          allow=allow, state_dir=state_dir, names=names, max_record=max_record,
+                          squash=Squash(root_squash, anonuid, anongid), max_buffered=budget,
+                          idle_timeout=idle_timeout, max_connections=max_connections)
     try:
         server = NfsServer(config)
     except OSError as e:
         raise click.ClickException(f"cannot export {export}: {e}") from None
+    except ValueError as e:  # the budget cannot hold the connections' reserves and one record
+        raise click.BadParameter(str(e), param_hint="--max-buffered") from None
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

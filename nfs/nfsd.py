@@ -17,6 +17,9 @@ from collections.abc import Callable, Sequence
 
 import trio
 
+from nfs.auth import (
+    MAY_EXEC, MAY_READ, MAY_WRITE, Cred, Squash, check, check_delete, check_setattr, effective_cred, mode_bits,
+)
 from nfs.nfs3 import (
     ACCESS3_DELETE, ACCESS3_EXECUTE, ACCESS3_EXTEND, ACCESS3_LOOKUP, ACCESS3_MODIFY, ACCESS3_READ,
     FSF3_CANSETTIME, FSF3_HOMOGENEOUS, FSF3_LINK, FSF3_SYMLINK, NFS3_COOKIEVERFSIZE, NFS3_CREATEVERFSIZE,
@@ -71,8 +74,10 @@ class NfsProgram:
     name = "NFS3"
 
     def __init__(self, export: Export, allow: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
-                 max_io: int = 1024 * 1024, udp_max_io: int = 32 * 1024) -> None:
+                 max_io: int = 1024 * 1024, udp_max_io: int = 32 * 1024, squash: Squash | None = None) -> None:
         self.export = export
+        self.squash = squash or Squash()
+        self._as_root = os.geteuid() == 0  # new files are given to their creator (needs root)
         self.allow = list(allow)
         self._allowed: dict[str, bool] = {}  # host -> in --allow (parsing addresses per call is slow)
         self.max_io = max_io
@@ -130,6 +135,15 @@ class NfsProgram:
         WccAttr.from_stat(st).pack(p)
         return bytes(p.buf)
 
+    def _who(self, ctx: CallContext) -> Cred:
+        return effective_cred(ctx.cred, self.squash)
+
+    def _give(self, path: str, dst: os.stat_result, who: Cred) -> None:
+        """A file just created belongs to its creator (the group of a setgid directory)."""
+        if self._as_root and (who.uid, who.gid) != (0, 0):
+            gid = dst.st_gid if dst.st_mode & pystat.S_ISGID else who.gid
+            os.lchown(path, who.uid, gid)
+
     def _handle_of(self, path: str, st: os.stat_result) -> bytes:
         return self.export.fh_for(path, st, self.export.parent_ino(path))
 
@@ -149,10 +163,20 @@ class NfsProgram:
         if guard is not None and NfsTime.from_ns(st.st_ctime_ns) != guard:
             return [_U32.pack(Stat.NFS3ERR_NOT_SYNC), pre, self._attr(st)]
         try:
+            self._check_setattr(st, attrs, self._who(ctx))
+        except Nfs3Error as e:
+            return [_U32.pack(e.status), pre, self._attr(st)]
+        try:
             self._apply(path, st, attrs)
         except OSError as e:
             return [_U32.pack(errno_to_stat(e)), pre, self._post_op(path)]
         return [_OK, pre, self._post_op(path)]
+
+    @staticmethod
+    def _check_setattr(st: os.stat_result, a: Sattr3, who: Cred) -> None:
+        check_setattr(st, who, size=a.size is not None and a.size != st.st_size, mode=a.mode is not None,
+                      uid=a.uid, gid=a.gid, times=a.atime is not None or a.mtime is not None,
+                      client_times=isinstance(a.atime, NfsTime) or isinstance(a.mtime, NfsTime))
 
     def _apply(self, path: str, st: os.stat_result, a: Sattr3) -> None:
         islnk = pystat.S_ISLNK(st.st_mode)
@@ -185,6 +209,10 @@ class NfsProgram:
         dpath, dst = self.export.resolve(dir_fh)
         path = self.export.child_path(dpath, dst, name)
         try:
+            check(dst, self._who(ctx), MAY_EXEC)
+        except Nfs3Error as e:
+            return [_U32.pack(e.status), self._attr(dst)]
+        try:
             st = os.lstat(path)
         except OSError as e:
             return [_U32.pack(errno_to_stat(e)), self._attr(dst)]
@@ -201,18 +229,10 @@ class NfsProgram:
         _, st = self.export.resolve(fh)
         return [_OK, self._attr(st), _U32.pack(want & self._access_bits(st, ctx))]
 
-    @staticmethod
-    def _access_bits(st: os.stat_result, ctx: CallContext) -> int:
+    def _access_bits(self, st: os.stat_result, ctx: CallContext) -> int:
         mode = st.st_mode
-        uid = ctx.cred.uid if ctx.cred else 65534
-        gids = {ctx.cred.gid, *ctx.cred.gids} if ctx.cred else set()
-        if uid == 0:
-            r = w = True
-            x = bool(mode & 0o111) or pystat.S_ISDIR(mode)
-        else:
-            shift = 6 if uid == st.st_uid else 3 if st.st_gid in gids else 0
-            bits = (mode >> shift) & 7
-            r, w, x = bool(bits & 4), bool(bits & 2), bool(bits & 1)
+        bits = mode_bits(st, self._who(ctx))
+        r, w, x = bool(bits & MAY_READ), bool(bits & MAY_WRITE), bool(bits & MAY_EXEC)
         out = 0
         if r:
             out |= ACCESS3_READ
@@ -229,6 +249,7 @@ class NfsProgram:
         path, st = self.export.resolve(fh)
         if not pystat.S_ISREG(st.st_mode):
             raise Nfs3Error(Stat.NFS3ERR_ISDIR if pystat.S_ISDIR(st.st_mode) else Stat.NFS3ERR_INVAL)
+        check(st, self._who(ctx), MAY_READ, owner_override=True)
         limit = self.udp_max_io if ctx.transport == "udp" else self.max_io
         count = min(count, limit, max(0, ctx.max_reply - 256))
         fd = self.export.fd(path, st)
@@ -250,6 +271,8 @@ class NfsProgram:
             raise XdrError(f"WRITE count {count} exceeds its {len(data)} data bytes")
         path, st = self.export.resolve(fh)
         pre = self._pre_op(st)
+        if pystat.S_ISREG(st.st_mode):
+            check(st, self._who(ctx), MAY_WRITE, owner_override=True)
         fd = self.export.fd(path, st)
         if offset + count > 0x7FFF_FFFF_FFFF_FFFF:
             raise Nfs3Error(Stat.NFS3ERR_FBIG)
@@ -279,6 +302,11 @@ class NfsProgram:
         path = self.export.child_path(dpath, dst, name)
         if name in (".", ".."):
             return [_U32.pack(Stat.NFS3ERR_EXIST), pre, self._attr(dst)]
+        who = self._who(ctx)
+        try:
+            check(dst, who, MAY_WRITE | MAY_EXEC)
+        except Nfs3Error as e:
+            return [_U32.pack(e.status), pre, self._attr(dst)]
         perm = 0o644 if attrs.mode is None else attrs.mode & 0o7777
         try:
             if mode == CreateMode.EXCLUSIVE:
@@ -286,6 +314,7 @@ class NfsProgram:
                 try:
                     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
                     os.close(fd)
+                    self._give(path, dst, who)
                     os.utime(path, ns=(atime_s * 1_000_000_000, mtime_s * 1_000_000_000))
                 except FileExistsError:
                     st = os.lstat(path)
@@ -296,15 +325,28 @@ class NfsProgram:
                 flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
                 if mode == CreateMode.GUARDED:
                     flags |= os.O_EXCL
-                fd = os.open(path, flags, perm)
+                try:
+                    fd = os.open(path, flags | os.O_EXCL, perm)
+                    created = True
+                except FileExistsError:
+                    if mode == CreateMode.GUARDED:
+                        raise
+                    fd = os.open(path, flags, perm)  # UNCHECKED: an existing file is fine
+                    created = False
                 os.close(fd)
+                if created:
+                    self._give(path, dst, who)
                 st = os.lstat(path)
                 if not pystat.S_ISREG(st.st_mode):
                     raise Nfs3Error(Stat.NFS3ERR_EXIST)
+                if not created:  # setting attributes of someone's existing file: SETATTR's rules
+                    self._check_setattr(st, attrs, who)
                 # The requested mode exactly (not filtered by our umask, as knfsd), and the rest.
                 self._apply(path, st, attrs)
         except OSError as e:
             return [_U32.pack(errno_to_stat(e)), pre, self._post_op(dpath)]
+        except Nfs3Error as e:
+            return [_U32.pack(e.status), pre, self._post_op(dpath)]
         st = os.lstat(path)
         fh = self.export.fh_for(path, st, dst.st_ino)
         p = Packer()
@@ -324,6 +366,7 @@ class NfsProgram:
             st = os.lstat(path)
             if pystat.S_ISDIR(st.st_mode):
                 raise Nfs3Error(Stat.NFS3ERR_ISDIR)
+            check_delete(dst, st, self._who(ctx))
             os.unlink(path)
         except OSError as e:
             return [_U32.pack(errno_to_stat(e)), pre, self._post_op(dpath)]
@@ -361,6 +404,7 @@ class NfsProgram:
         dpath, dst = self.export.resolve(fh)
         if not pystat.S_ISDIR(dst.st_mode):
             raise Nfs3Error(Stat.NFS3ERR_NOTDIR)
+        check(dst, self._who(ctx), MAY_READ)
         entries = self._listing(dpath, dst)
         if cookie > len(entries):
             raise Nfs3Error(Stat.NFS3ERR_BAD_COOKIE)

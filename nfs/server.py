@@ -31,6 +31,7 @@ from pathlib import Path
 
 import trio
 
+from nfs.auth import Squash
 from nfs.budget import ByteBudget, Share
 from nfs.drc import DuplicateRequestCache
 from nfs.mount import MOUNT_PROGRAM, MOUNT_V3, MountProgram
@@ -68,6 +69,7 @@ class ServerConfig:
     # running); each connection is guaranteed `conn_reserve` of it for small calls.
     max_buffered: int = 64 * 1024 * 1024
     conn_reserve: int = 64 * 1024 + 512
+    squash: Squash = field(default_factory=Squash)  # root_squash, anonuid, anongid
     idle_timeout: float = 360.0  # close a connection idle this long (knfsd: 6 minutes)
     first_call_timeout: float = 5.0  # ... or one that sent no RPC call this long after connecting
 
@@ -143,7 +145,7 @@ class NfsServer:
         self.export = Export(config.export, key)
         names = [self.export.root, *config.names]
         self.pool = BufferPool(8)  # record buffers, shared by the connections
-        self.nfs = NfsProgram(self.export, config.allow, max_io=config.max_io)
+        self.nfs = NfsProgram(self.export, config.allow, max_io=config.max_io, squash=config.squash)
         self.mount = MountProgram(self.export, names, config.allow)
         self.portmap = PortmapProgram() if config.portmap_port is not None else None
         programs: list = [self.nfs, self.mount]

@@ -18,7 +18,7 @@ import trio
 from nfs.client import NfsClient
 from nfs.nfs3 import FILE_SYNC, NFS_PROGRAM, UNSTABLE, CreateMode, Proc
 from nfs.record import LAST_FRAG
-from nfs.rpc import encode_call
+from nfs.rpc import AuthSys, encode_call
 from nfs.server import NfsServer, ServerConfig
 from nfs.xprt import RpcTimeout
 
@@ -284,7 +284,8 @@ async def test_a_duplicate_on_a_new_tcp_connection_gets_the_original_reply(nfs_s
     fh = nfs_server.server.export.fh_for(str(nfs_server.export / "w"), os.lstat(nfs_server.export / "w"),
                                          nfs_server.server.export.root_ino)
     data = os.urandom(512 * 1024)
-    call = encode_call(4242, NFS_PROGRAM, 3, Proc.WRITE, encode_write_args_head(fh, 0, len(data), FS) + data)
+    call = encode_call(4242, NFS_PROGRAM, 3, Proc.WRITE, encode_write_args_head(fh, 0, len(data), FS) + data,
+                       AuthSys().to_auth())  # root (AUTH_NONE is the anonymous user: no write to root's file)
     rec = struct.pack(">I", LAST_FRAG | len(call)) + call
     a = await trio.open_tcp_stream(H, nfs_server.nfs_port)
     b = await trio.open_tcp_stream(H, nfs_server.nfs_port)
