@@ -58,6 +58,19 @@ async def _sync(fd: int, how: Callable[[int], None]) -> None:
         os.close(own)
 
 
+MAX_FILE_SIZE = 0x7FFF_FFFF_FFFF_FFFF  # off_t: FSINFO's maxfilesize
+
+
+def valid_sattr(a: Sattr3) -> None:
+    """Values no file can take: a size past off_t (NFS3ERR_FBIG, as knfsd), a time with 10^9
+    nanoseconds or more (NFS3ERR_INVAL)."""
+    if a.size is not None and a.size > MAX_FILE_SIZE:
+        raise Nfs3Error(Stat.NFS3ERR_FBIG, f"size {a.size} is past the largest file")
+    for t in (a.atime, a.mtime):
+        if isinstance(t, NfsTime) and t.nseconds >= 1_000_000_000:
+            raise Nfs3Error(Stat.NFS3ERR_INVAL, f"time with {t.nseconds} nanoseconds")
+
+
 def allowed(host: str, nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
     try:
         addr = ipaddress.ip_address(host)
@@ -174,11 +187,13 @@ class NfsProgram:
 
     @staticmethod
     def _check_setattr(st: os.stat_result, a: Sattr3, who: Cred) -> None:
+        valid_sattr(a)
         check_setattr(st, who, size=a.size is not None and a.size != st.st_size, mode=a.mode is not None,
                       uid=a.uid, gid=a.gid, times=a.atime is not None or a.mtime is not None,
                       client_times=isinstance(a.atime, NfsTime) or isinstance(a.mtime, NfsTime))
 
     def _apply(self, path: str, st: os.stat_result, a: Sattr3) -> None:
+        valid_sattr(a)
         islnk = pystat.S_ISLNK(st.st_mode)
         if a.size is not None:
             if pystat.S_ISDIR(st.st_mode):
@@ -274,7 +289,7 @@ class NfsProgram:
         if pystat.S_ISREG(st.st_mode):
             check(st, self._who(ctx), MAY_WRITE, owner_override=True)
         fd = self.export.fd(path, st)
-        if offset + count > 0x7FFF_FFFF_FFFF_FFFF:
+        if offset + count > MAX_FILE_SIZE:
             raise Nfs3Error(Stat.NFS3ERR_FBIG)
         mv = data[:count] if count != len(data) else data
         done = 0
@@ -305,6 +320,7 @@ class NfsProgram:
         who = self._who(ctx)
         try:
             check(dst, who, MAY_WRITE | MAY_EXEC)
+            valid_sattr(attrs)  # (before anything is created)
         except Nfs3Error as e:
             return [_U32.pack(e.status), pre, self._attr(dst)]
         perm = 0o644 if attrs.mode is None else attrs.mode & 0o7777
@@ -460,7 +476,7 @@ class NfsProgram:
         fh = unpack_fh(u)
         _, st = self.export.resolve(fh)
         io = self.udp_max_io if ctx.transport == "udp" else self.max_io
-        res = FsInfo(None, io, io, 4096, io, io, 4096, min(io, 64 * 1024), 0x7FFF_FFFF_FFFF_FFFF,
+        res = FsInfo(None, io, io, 4096, io, io, 4096, min(io, 64 * 1024), MAX_FILE_SIZE,
                      NfsTime(0, 1), FSF3_LINK | FSF3_SYMLINK | FSF3_HOMOGENEOUS | FSF3_CANSETTIME)
         p = Packer()
         res.pack(p)

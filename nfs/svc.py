@@ -14,7 +14,9 @@ crashing the server.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -108,6 +110,29 @@ class SvcStats:
     by_proc: dict[str, int] = field(default_factory=dict)
 
 
+class RateLimit:
+    """Linux's ___ratelimit: at most `burst` events per `interval` seconds."""
+
+    def __init__(self, burst: int, interval: float) -> None:
+        self.burst, self.interval = burst, interval
+        self._begin = -math.inf
+        self._printed = 0
+        self.missed = 0
+
+    def allow(self, now: float | None = None) -> int | None:
+        """None: suppress this one. Otherwise go ahead; the value is how many were suppressed
+        since the last one allowed."""
+        now = time.monotonic() if now is None else now
+        if now - self._begin >= self.interval:
+            self._begin, self._printed = now, 0
+        if self._printed >= self.burst:
+            self.missed += 1
+            return None
+        self._printed += 1
+        missed, self.missed = self.missed, 0
+        return missed
+
+
 class RpcService:
     def __init__(self, programs: Sequence[RpcProgram], drc: DuplicateRequestCache | None = None) -> None:
         self.programs = {p.prog: p for p in programs}
@@ -115,6 +140,7 @@ class RpcService:
         self._in_progress: dict[DrcKey, trio.Event] = {}
         self.drc_wait = 30.0  # how long a TCP duplicate waits for its original
         self.stats = SvcStats()
+        self.log_limit = RateLimit(burst=10, interval=5.0)
 
     def _wake(self, key: DrcKey) -> None:
         ev = self._in_progress.pop(key, None)
@@ -184,7 +210,11 @@ class RpcService:
             reply = [encode_reply_accepted(xid, AcceptStat.GARBAGE_ARGS)]
         except Exception:
             self.stats.system_err += 1
-            log.exception("xid %#x: %s proc %d failed", xid, prog.name, hdr.proc)
+            # A bug a client can trigger at will must not flood the log: tracebacks are rate
+            # limited (printk_ratelimit), the rest counted and summarised.
+            if (missed := self.log_limit.allow()) is not None:
+                log.exception("xid %#x: %s proc %d failed%s", xid, prog.name, hdr.proc,
+                              f" ({missed} more such failures not logged)" if missed else "")
             reply = [encode_reply_accepted(xid, AcceptStat.SYSTEM_ERR)]
         except BaseException:
             if key is not None:

@@ -101,3 +101,51 @@ async def test_root_squash_and_auth_none_are_anonymous(tmp_path: Path, export_di
             root = await c.mount(str(export_dir))
             fh, _ = await c.lookup(root, "secret")
             await expect(Stat.NFS3ERR_ACCES, c.read(fh, 0, 10))
+
+
+async def test_setattr_out_of_range_values_are_refused_not_faults(tmp_path: Path, export_dir: Path) -> None:
+    from nfs.nfs3 import NfsTime
+
+    async with trio.open_nursery() as n:
+        server = NfsServer(ServerConfig(export=export_dir, port=0, mount_port=0, state_dir=tmp_path / "s"))
+        ports = await n.start(server.serve)
+        async with as_user(ports, OWNER) as c:
+            root = await c.mount(str(export_dir))
+            fh, _ = await c.create(root, "f")
+            await expect(Stat.NFS3ERR_FBIG, c.setattr(fh, size=2**64 - 1))
+            await expect(Stat.NFS3ERR_FBIG, c.setattr(fh, size=2**63))
+            await expect(Stat.NFS3ERR_INVAL, c.setattr(fh, mtime=NfsTime(5, 2_000_000_000)))
+            await expect(Stat.NFS3ERR_FBIG, c.create(root, "g", size=2**64 - 1))
+            assert not (export_dir / "g").exists()
+            await c.setattr(fh, size=4096, mtime=NfsTime(1_000_000, 999_999_999))  # the edges are fine
+            assert (export_dir / "f").stat().st_size == 4096
+        assert server.svc.stats.system_err == 0
+        n.cancel_scope.cancel()
+
+
+async def test_tracebacks_of_unexpected_failures_are_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    from nfs.rpc import AcceptStat, decode_reply, encode_call
+    from nfs.svc import CallContext, RpcService
+
+    class Buggy:  # a program with a bug any client can trigger
+        prog, versions, name = 400_000, (1,), "BUGGY"
+
+        def has_proc(self, vers: int, proc: int) -> bool:
+            return True
+
+        def non_idempotent(self, vers: int, proc: int) -> bool:
+            return False
+
+        async def call(self, vers: int, proc: int, args: object, ctx: object) -> list[bytes]:
+            raise RuntimeError("bug")
+
+    svc = RpcService([Buggy()])
+    with caplog.at_level("ERROR", logger="netswap.nfs.svc"):
+        for xid in range(200):
+            reply = await svc.dispatch(encode_call(xid, 400_000, 1, 0), CallContext(H, 1, "udp"))
+            assert reply is not None
+            with pytest.raises(Exception) as ei:
+                decode_reply(b"".join(bytes(b) for b in reply))  # type: ignore[arg-type]
+            assert getattr(ei.value, "accept_stat", None) == AcceptStat.SYSTEM_ERR
+    assert svc.stats.system_err == 200
+    assert 1 <= len([r for r in caplog.records if r.exc_info]) <= 10
