@@ -58,6 +58,21 @@ async def _sync(fd: int, how: Callable[[int], None]) -> None:
         os.close(own)
 
 
+INLINE_WRITE = 64 * 1024  # WRITEs up to this size (UNSTABLE) are done on the event loop
+
+
+def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(mv):
+        done += os.pwrite(fd, mv[done:], offset + done)
+
+
+def _write_sync(fd: int, mv: memoryview, offset: int, sync: Callable[[int], None] | None) -> None:
+    _pwrite_all(fd, mv, offset)
+    if sync is not None:
+        sync(fd)
+
+
 MAX_FILE_SIZE = 0x7FFF_FFFF_FFFF_FFFF  # off_t: FSINFO's maxfilesize
 
 
@@ -90,6 +105,7 @@ class NfsProgram:
                  max_io: int = 1024 * 1024, udp_max_io: int = 32 * 1024, squash: Squash | None = None) -> None:
         self.export = export
         self.squash = squash or Squash()
+        self._walkers = trio.CapacityLimiter(2)
         self._as_root = os.geteuid() == 0  # new files are given to their creator (needs root)
         self.allow = list(allow)
         self._allowed: dict[str, bool] = {}  # host -> in --allow (parsing addresses per call is slow)
@@ -148,6 +164,15 @@ class NfsProgram:
         WccAttr.from_stat(st).pack(p)
         return bytes(p.buf)
 
+    async def _resolve(self, fh: bytes) -> tuple[str, os.stat_result]:
+        """Export.resolve, with the walk of the export a cache miss needs done in a worker
+        thread (at most two at once), so other clients are served meanwhile."""
+        ino, parent, hit = self.export.resolve_cached(fh)
+        if hit is not None:
+            return hit
+        path = await trio.to_thread.run_sync(self.export.find, ino, parent, limiter=self._walkers)
+        return self.export.resolved(ino, path)
+
     def _who(self, ctx: CallContext) -> Cred:
         return effective_cred(ctx.cred, self.squash)
 
@@ -164,14 +189,14 @@ class NfsProgram:
 
     async def getattr(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
         fh = unpack_fh(u)
-        _, st = self.export.resolve(fh)
+        _, st = await self._resolve(fh)
         return [_OK, self._attr(st)[4:]]
 
     async def setattr(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
         fh = unpack_fh(u)
         attrs = Sattr3.unpack(u)
         guard = unpack_time(u) if u.bool() else None
-        path, st = self.export.resolve(fh)
+        path, st = await self._resolve(fh)
         pre = self._pre_op(st)
         if guard is not None and NfsTime.from_ns(st.st_ctime_ns) != guard:
             return [_U32.pack(Stat.NFS3ERR_NOT_SYNC), pre, self._attr(st)]
@@ -221,7 +246,7 @@ class NfsProgram:
     async def lookup(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
         dir_fh = unpack_fh(u)
         name = unpack_name(u)
-        dpath, dst = self.export.resolve(dir_fh)
+        dpath, dst = await self._resolve(dir_fh)
         path = self.export.child_path(dpath, dst, name)
         try:
             check(dst, self._who(ctx), MAY_EXEC)
@@ -241,7 +266,7 @@ class NfsProgram:
     async def access(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
         fh = unpack_fh(u)
         want = u.u32()
-        _, st = self.export.resolve(fh)
+        _, st = await self._resolve(fh)
         return [_OK, self._attr(st), _U32.pack(want & self._access_bits(st, ctx))]
 
     def _access_bits(self, st: os.stat_result, ctx: CallContext) -> int:
@@ -261,7 +286,7 @@ class NfsProgram:
 
     async def read(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
         fh, offset, count = decode_read_args(u)
-        path, st = self.export.resolve(fh)
+        path, st = await self._resolve(fh)
         if not pystat.S_ISREG(st.st_mode):
             raise Nfs3Error(Stat.NFS3ERR_ISDIR if pystat.S_ISDIR(st.st_mode) else Stat.NFS3ERR_INVAL)
         check(st, self._who(ctx), MAY_READ, owner_override=True)
@@ -284,7 +309,7 @@ class NfsProgram:
         fh, offset, count, stable, data = decode_write_args(u)
         if count > len(data):
             raise XdrError(f"WRITE count {count} exceeds its {len(data)} data bytes")
-        path, st = self.export.resolve(fh)
+        path, st = await self._resolve(fh)
         pre = self._pre_op(st)
         if pystat.S_ISREG(st.st_mode):
             check(st, self._who(ctx), MAY_WRITE, owner_override=True)
@@ -292,12 +317,19 @@ class NfsProgram:
         if offset + count > MAX_FILE_SIZE:
             raise Nfs3Error(Stat.NFS3ERR_FBIG)
         mv = data[:count] if count != len(data) else data
-        done = 0
-        while done < count:
-            done += os.pwrite(fd, mv[done:], offset + done)
-        if stable != StableHow.UNSTABLE:
-            await _sync(fd, os.fsync if stable == StableHow.FILE_SYNC else os.fdatasync)
-        st = os.fstat(fd)
+        sync = None if stable == StableHow.UNSTABLE else os.fsync if stable == StableHow.FILE_SYNC else os.fdatasync
+        if count <= INLINE_WRITE and sync is None:
+            _pwrite_all(fd, mv, offset)  # a page or so: cheaper here than a thread hop
+            st = os.fstat(fd)
+        else:
+            # Big writes (and any sync) in a worker thread, on our own dup of the fd (the
+            # export's fd cache may close its copy meanwhile): the event loop keeps serving.
+            own = os.dup(fd)
+            try:
+                await trio.to_thread.run_sync(_write_sync, own, mv, offset, sync)
+                st = os.fstat(own)
+            finally:
+                os.close(own)
         return [_OK, pre, self._attr(st), _WRITE_OK.pack(count, stable), self.verifier]
 
     async def create(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
@@ -312,7 +344,7 @@ class NfsProgram:
             verf = u.fopaque(NFS3_CREATEVERFSIZE)
         else:
             attrs = Sattr3.unpack(u)
-        dpath, dst = self.export.resolve(dir_fh)
+        dpath, dst = await self._resolve(dir_fh)
         pre = self._pre_op(dst)
         path = self.export.child_path(dpath, dst, name)
         if name in (".", ".."):
@@ -373,7 +405,7 @@ class NfsProgram:
     async def remove(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
         dir_fh = unpack_fh(u)
         name = unpack_name(u)
-        dpath, dst = self.export.resolve(dir_fh)
+        dpath, dst = await self._resolve(dir_fh)
         pre = self._pre_op(dst)
         path = self.export.child_path(dpath, dst, name)
         if name in (".", ".."):
@@ -417,7 +449,7 @@ class NfsProgram:
         u.fopaque(NFS3_COOKIEVERFSIZE)
         dircount = u.u32() if plus else 0
         maxcount = u.u32()
-        dpath, dst = self.export.resolve(fh)
+        dpath, dst = await self._resolve(fh)
         if not pystat.S_ISDIR(dst.st_mode):
             raise Nfs3Error(Stat.NFS3ERR_NOTDIR)
         check(dst, self._who(ctx), MAY_READ)
@@ -464,7 +496,7 @@ class NfsProgram:
 
     async def fsstat(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
         fh = unpack_fh(u)
-        path, st = self.export.resolve(fh)
+        path, st = await self._resolve(fh)
         v = os.statvfs(path)
         res = FsStat(None, v.f_blocks * v.f_frsize, v.f_bfree * v.f_frsize, v.f_bavail * v.f_frsize,
                      v.f_files, v.f_ffree, v.f_favail, 0)
@@ -474,7 +506,7 @@ class NfsProgram:
 
     async def fsinfo(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
         fh = unpack_fh(u)
-        _, st = self.export.resolve(fh)
+        _, st = await self._resolve(fh)
         io = self.udp_max_io if ctx.transport == "udp" else self.max_io
         res = FsInfo(None, io, io, 4096, io, io, 4096, min(io, 64 * 1024), MAX_FILE_SIZE,
                      NfsTime(0, 1), FSF3_LINK | FSF3_SYMLINK | FSF3_HOMOGENEOUS | FSF3_CANSETTIME)
@@ -484,7 +516,7 @@ class NfsProgram:
 
     async def pathconf(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
         fh = unpack_fh(u)
-        _, st = self.export.resolve(fh)
+        _, st = await self._resolve(fh)
         p = Packer()
         p.u32(32000)  # linkmax
         p.u32(NAME_MAX)
@@ -498,7 +530,7 @@ class NfsProgram:
         fh = unpack_fh(u)
         u.u64()  # offset
         u.u32()  # count: we always commit the whole file
-        path, st = self.export.resolve(fh)
+        path, st = await self._resolve(fh)
         if not pystat.S_ISREG(st.st_mode):
             raise Nfs3Error(Stat.NFS3ERR_ISDIR if pystat.S_ISDIR(st.st_mode) else Stat.NFS3ERR_INVAL)
         pre = self._pre_op(st)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import stat as pystat
 import struct
@@ -23,6 +24,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 from nfs.nfs3 import NAME_MAX, Nfs3Error, Stat
+
+log = logging.getLogger("netswap.nfs.store")
 
 FH_MAGIC = b"NSW1"
 _FH_BODY = struct.Struct(">4sQQQ")
@@ -70,7 +73,8 @@ def errno_to_stat(e: OSError) -> int:
 class Export:
     """One exported directory: handle minting and resolution, and a cache of open files."""
 
-    def __init__(self, root: str | os.PathLike[str], key: bytes, max_open: int = 64) -> None:
+    def __init__(self, root: str | os.PathLike[str], key: bytes, max_open: int = 64,
+                 max_walk: int = 200_000) -> None:
         self.root = os.path.realpath(root)
         st = os.stat(self.root)
         if not pystat.S_ISDIR(st.st_mode):
@@ -89,6 +93,7 @@ class Export:
         # at once instead of walking the whole export again (until the inode is seen again).
         self._gone: OrderedDict[int, None] = OrderedDict()
         self.max_open = max_open
+        self.max_walk = max_walk
         self.root_fh = self.make_fh(st.st_ino, st.st_ino)
 
     # -- handles ---------------------------------------------------------------------------
@@ -119,16 +124,27 @@ class Export:
         return ino, parent
 
     def resolve(self, fh: bytes) -> tuple[str, os.stat_result]:
-        """Path and lstat of the object a handle names; BADHANDLE or STALE on failure."""
+        """Path and lstat of the object a handle names; BADHANDLE or STALE on failure. May walk
+        the export (blocking): the server uses resolve_cached/find/resolved to walk in a thread."""
+        ino, parent, hit = self.resolve_cached(fh)
+        if hit is not None:
+            return hit
+        return self.resolved(ino, self.find(ino, parent))
+
+    def resolve_cached(self, fh: bytes) -> tuple[int, int, tuple[str, os.stat_result] | None]:
+        """(ino, parent ino, (path, lstat) if known without walking the export)."""
         ino, parent = self.decode_fh(fh)
         path = self._paths.get(ino)
         if path is not None:
             st = self._lstat_ino(path, ino)
             if st is not None:
-                return path, st
+                return ino, parent, (path, st)
         if ino in self._gone:
             raise Nfs3Error(Stat.NFS3ERR_STALE, f"inode {ino} is gone")
-        path = self._find(ino, parent)
+        return ino, parent, None
+
+    def resolved(self, ino: int, path: str | None) -> tuple[str, os.stat_result]:
+        """Record what find() found (on the caller's thread: the caches are not locked)."""
         if path is None:
             self._forget(ino)
             raise Nfs3Error(Stat.NFS3ERR_STALE, f"inode {ino} is gone")
@@ -149,8 +165,10 @@ class Export:
         overlayfs may report other device numbers for plain files of the same export."""
         return st.st_dev == self.dev or not pystat.S_ISDIR(st.st_mode)
 
-    def _find(self, ino: int, parent: int) -> str | None:
-        """Find an inode inside the export: first in its parent's directory, then everywhere."""
+    def find(self, ino: int, parent: int) -> str | None:
+        """Find an inode inside the export: first in its parent's directory, then by walking the
+        export, visiting at most `max_walk` entries (a handle whose inode is not found within
+        them is treated as stale). Touches no cache, so it may run in a worker thread."""
         if ino == self.root_ino:
             return self.root
         ppath = self._paths.get(parent)
@@ -158,16 +176,25 @@ class Export:
             hit = self._scan_dir(ppath, ino)
             if hit:
                 return hit
+        budget = [self.max_walk]
         for dirpath, _dirs, _files in os.walk(self.root, followlinks=False):
-            hit = self._scan_dir(dirpath, ino)
+            hit = self._scan_dir(dirpath, ino, budget)
             if hit:
                 return hit
+            if budget[0] <= 0:
+                log.warning("inode %d not found within %d entries of the export: treated as stale", ino,
+                            self.max_walk)
+                return None
         return None
 
-    def _scan_dir(self, dirpath: str, ino: int) -> str | None:
+    def _scan_dir(self, dirpath: str, ino: int, budget: list[int] | None = None) -> str | None:
         try:
             with os.scandir(dirpath) as it:
                 for ent in it:
+                    if budget is not None:
+                        budget[0] -= 1
+                        if budget[0] < 0:
+                            return None
                     # st_ino, not the dirent's d_ino: overlayfs may report different ones.
                     try:
                         st = ent.stat(follow_symlinks=False)
