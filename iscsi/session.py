@@ -108,7 +108,9 @@ class TargetSession:
         self.out: list[bytes] = []
         self.sync_luns: set[DiskLun] = set()
         self.closing = False
-        self.pending: dict[int, Pdu] = {}  # CmdSN -> command waiting for an earlier CmdSN
+        # CmdSN -> command waiting for an earlier CmdSN; None marks an aborted one, a slot the
+        # sequence still steps past (deleting it would stall ExpCmdSN for good).
+        self.pending: dict[int, Pdu | None] = {}
         self.writes: dict[int, WriteTask] = {}  # ITT -> write waiting for Data-Out
         self.by_ttt: dict[int, WriteTask] = {}
         self.write_buffered = 0
@@ -197,7 +199,9 @@ class TargetSession:
             if self.pending:
                 self._drain_pending()
         elif d < self.window:
-            if len(self.pending) < self.window:
+            if cmd_sn in self.pending:
+                self.stats["ignored"] += 1  # a duplicate, or a CmdSN whose command was aborted
+            elif len(self.pending) < self.window:
                 self.pending[cmd_sn] = pdu
         else:
             self.stats["ignored"] += 1  # outside [ExpCmdSN, MaxCmdSN]: silently ignored
@@ -236,12 +240,16 @@ class TargetSession:
         return True
 
     def _drain_pending(self) -> None:
-        while True:
-            pdu = self.pending.pop(self.exp_cmd_sn, None)
-            if pdu is None:
-                return
+        pending = self.pending
+        while self.exp_cmd_sn in pending:
+            pdu = pending.pop(self.exp_cmd_sn)
             self.exp_cmd_sn = (self.exp_cmd_sn + 1) & MASK
-            self.dispatch[pdu.bhs[0] & 0x3F](pdu)
+            if pdu is not None:  # None: aborted while queued, its CmdSN counts as received
+                self.dispatch[pdu.bhs[0] & 0x3F](pdu)
+
+    def _unqueue(self, cmd_sn: int) -> None:
+        """Abort a queued command: its slot stays, as a placeholder the sequence steps past."""
+        self.pending[cmd_sn] = None
 
     def data_digest_error(self, pdu: Pdu) -> None:
         """RFC 7143 §7.8: reject the PDU; a command it carried is not executed."""
@@ -478,9 +486,9 @@ class TargetSession:
             if task is not None:
                 self._drop_write(task)
             else:
-                queued = [sn for sn, p in self.pending.items() if p.itt == rtt]
+                queued = [sn for sn, p in self.pending.items() if p is not None and p.itt == rtt]
                 for sn in queued:
-                    del self.pending[sn]
+                    self._unqueue(sn)
                 if not queued and sn_lt(ref_cmd_sn, self.exp_cmd_sn):
                     # Already received and answered (RFC 7143 §11.5.1).
                     response = TmfResponse.TASK_DOES_NOT_EXIST
@@ -515,8 +523,8 @@ class TargetSession:
             if lun is None or task.lun == lun:
                 self._drop_write(task)
         for sn, p in list(self.pending.items()):
-            if p.opcode == Op.SCSI_CMD and (lun is None or decode_lun(p.bhs[8:16]) == lun):
-                del self.pending[sn]
+            if p is not None and p.opcode == Op.SCSI_CMD and (lun is None or decode_lun(p.bhs[8:16]) == lun):
+                self._unqueue(sn)
 
     def _text(self, pdu: Pdu) -> None:
         bhs = pdu.bhs

@@ -313,3 +313,37 @@ def test_read_fast_path_is_byte_identical_to_the_general_path(tmp_path: Path, di
         outputs.append([bytes(x.bhs) + x.data for x in p.seen])
         assert p.ts.stats["commands"] == 3
     assert outputs[0] == outputs[1]
+
+
+def _tmf(p: Pair, function: int, rtt: int = RESERVED_TAG, ref_cmd_sn: int = 0) -> int:
+    t = Task("tmf")
+    t.immediate = True
+    t.response = (function, rtt, ref_cmd_sn)
+    p.run(t)
+    return t.response  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("function", [TmfFunction.ABORT_TASK, TmfFunction.ABORT_TASK_SET, TmfFunction.LOGICAL_UNIT_RESET, TmfFunction.TARGET_WARM_RESET])
+def test_aborting_a_queued_command_keeps_the_cmdsn_sequence(pair: Pair, function: int) -> None:
+    lost = scsi_task(scsi.cdb_test_unit_ready())
+    late = pair.ic.submit(lost)  # CmdSN 1: held back, as if delayed on the wire
+    queued = scsi_task(scsi.cdb_test_unit_ready())
+    pair.send(pair.ic.submit(queued))  # CmdSN 2 waits for 1
+    assert list(pair.ts.pending) == [queued.cmd_sn]
+    assert _tmf(pair, function, queued.itt, queued.cmd_sn) == TmfResponse.FUNCTION_COMPLETE
+    assert queued.result is None  # aborted: never answered
+    pair.send(late)
+    assert lost.result.status == Status.GOOD and pair.ts.exp_cmd_sn == queued.cmd_sn + 1
+    after = pair.run(scsi_task(scsi.cdb_test_unit_ready()))  # CmdSN 3 is served
+    assert after.result is not None and after.result.status == Status.GOOD
+    assert not pair.ts.pending and queued.result is None
+
+
+def test_logout_with_a_queued_command_leaves_no_hole(pair: Pair) -> None:
+    late = pair.ic.submit(scsi_task(scsi.cdb_test_unit_ready()))
+    queued = scsi_task(scsi.cdb_test_unit_ready())
+    pair.send(pair.ic.submit(queued))
+    pair.ts.abort_tasks(None)  # what Logout and I_T nexus loss do
+    assert pair.ts.pending == {queued.cmd_sn: None}
+    pair.send(late)
+    assert pair.ts.exp_cmd_sn == queued.cmd_sn + 1 and not pair.ts.pending and queued.result is None
