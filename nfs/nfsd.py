@@ -8,6 +8,7 @@ worker thread so other clients keep being served) before the reply is built.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import stat as pystat
@@ -84,6 +85,29 @@ def valid_sattr(a: Sattr3) -> None:
     for t in (a.atime, a.mtime):
         if isinstance(t, NfsTime) and t.nseconds >= 1_000_000_000:
             raise Nfs3Error(Stat.NFS3ERR_INVAL, f"time with {t.nseconds} nanoseconds")
+
+
+def _fsync_path(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # a symlink:
+    try:  # its inode cannot be opened, its directory entry is what holds it
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def _commit_metadata(*paths: str) -> None:
+    """knfsd's commit_metadata: a CREATE, REMOVE or SETATTR is on disk before its reply (the
+    object's inode and/or its directory fsync'ed), in a worker thread."""
+    def run() -> None:
+        for p in paths:
+            _fsync_path(p)
+
+    await trio.to_thread.run_sync(run)
 
 
 def allowed(host: str, nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
@@ -206,6 +230,7 @@ class NfsProgram:
             return [_U32.pack(e.status), pre, self._attr(st)]
         try:
             self._apply(path, st, attrs)
+            await _commit_metadata(path)  # the new attributes are on disk before the reply
         except OSError as e:
             return [_U32.pack(errno_to_stat(e)), pre, self._post_op(path)]
         return [_OK, pre, self._post_op(path)]
@@ -395,6 +420,10 @@ class NfsProgram:
             return [_U32.pack(errno_to_stat(e)), pre, self._post_op(dpath)]
         except Nfs3Error as e:
             return [_U32.pack(e.status), pre, self._post_op(dpath)]
+        try:
+            await _commit_metadata(path, dpath)  # the new file and its name are on disk
+        except OSError as e:
+            return [_U32.pack(errno_to_stat(e)), pre, self._post_op(dpath)]
         st = os.lstat(path)
         fh = self.export.fh_for(path, st, dst.st_ino)
         p = Packer()
@@ -422,6 +451,10 @@ class NfsProgram:
             return [_U32.pack(e.status), pre, self._post_op(dpath)]
         if st.st_nlink <= 1:
             self.export.close_ino(st.st_ino)
+        try:
+            await _commit_metadata(dpath)  # the name is gone on disk too
+        except OSError as e:
+            return [_U32.pack(errno_to_stat(e)), pre, self._post_op(dpath)]
         return [_OK, pre, self._post_op(dpath)]
 
     def _listing(self, dpath: str, dst: os.stat_result) -> list[tuple[str, int]]:
