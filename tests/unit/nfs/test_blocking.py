@@ -82,3 +82,47 @@ async def test_big_writes_and_walks_run_in_worker_threads(tmp_path: Path, export
             assert (await c.getattr(deep_fh)).size == 1
         assert walks == [False]
         n.cancel_scope.cancel()
+
+
+async def test_syncs_happen_before_the_reply_and_only_when_asked(tmp_path: Path, export_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[tuple[str, int]] = []  # (which sync, inode), in the order they completed
+    real = {"fsync": os.fsync, "fdatasync": os.fdatasync}
+
+    def counting(name: str):  # type: ignore[no-untyped-def]
+        def sync(fd: int) -> None:
+            real[name](fd)
+            synced.append((name, os.fstat(fd).st_ino))
+        return sync
+
+    monkeypatch.setattr(os, "fsync", counting("fsync"))
+    monkeypatch.setattr(os, "fdatasync", counting("fdatasync"))
+    dir_ino = os.lstat(export_dir).st_ino
+    async with trio.open_nursery() as n:
+        server = NfsServer(ServerConfig(export=export_dir, port=0, mount_port=0, state_dir=tmp_path / "s"))
+        ports = await n.start(server.serve)
+        async with NfsClient.tcp(H, ports["nfs"], ports["mount"], hard=False, timeo=3.0) as c:
+            root = await c.mount(str(export_dir))
+            synced.clear()
+            fh, attr = await c.create(root, "f")  # the new inode and its directory
+            assert attr is not None
+            ino = attr.fileid
+            assert {("fsync", ino), ("fsync", dir_ino)} <= set(synced)
+            for stable, want in ((UNSTABLE, []), (DATA_SYNC, [("fdatasync", ino)]), (FILE_SYNC, [("fsync", ino)])):
+                synced.clear()
+                await c.write(fh, 0, b"p" * 4096, stable)  # each reply comes after its sync
+                assert synced == want, stable
+                synced.clear()
+                await c.write(fh, 0, b"q" * 300_000, stable)  # (the big-write path too)
+                assert synced == want, stable
+            synced.clear()
+            await c.write(fh, 0, b"u" * 4096, UNSTABLE)
+            await c.commit(fh)
+            assert synced == [("fsync", ino)]
+            synced.clear()
+            await c.setattr(fh, mode=0o640)
+            assert synced == [("fsync", ino)]
+            synced.clear()
+            await c.remove(root, "f")
+            assert synced == [("fsync", dir_ino)]
+        n.cancel_scope.cancel()
