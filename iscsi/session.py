@@ -475,7 +475,7 @@ class TargetSession:
     def _tmf(self, pdu: Pdu) -> None:
         bhs = pdu.bhs
         function = bhs[1] & 0x7F
-        itt, rtt, _cmd_sn, _exp, ref_cmd_sn = struct.unpack_from(">IIIII", bhs, 16)
+        itt, rtt, cmd_sn, _exp, ref_cmd_sn = struct.unpack_from(">IIIII", bhs, 16)
         lun_no = decode_lun(bhs[8:16])
         response = TmfResponse.FUNCTION_COMPLETE
         if self.discovery:
@@ -489,11 +489,16 @@ class TargetSession:
                 queued = [sn for sn, p in self.pending.items() if p is not None and p.itt == rtt]
                 for sn in queued:
                     self._unqueue(sn)
-                if not queued and sn_lt(ref_cmd_sn, self.exp_cmd_sn):
-                    # Already received and answered (RFC 7143 §11.5.1).
-                    response = TmfResponse.TASK_DOES_NOT_EXIST
-                elif not queued:
-                    response = TmfResponse.TASK_DOES_NOT_EXIST
+                if not queued:
+                    ahead = (ref_cmd_sn - self.exp_cmd_sn) & MASK
+                    if ahead < self.window and sn_lt(ref_cmd_sn, cmd_sn) and ref_cmd_sn not in self.pending:
+                        # RFC 7143 §11.5.1 b): never received, but issued before this TMF: its
+                        # CmdSN counts as received (a late arrival is a duplicate), and done.
+                        self._unqueue(ref_cmd_sn)
+                        self._drain_pending()
+                    else:
+                        # Already answered (a), or not a command this session was sent.
+                        response = TmfResponse.TASK_DOES_NOT_EXIST
         elif function in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET):
             if lun_no not in self.core.luns:
                 response = TmfResponse.LUN_DOES_NOT_EXIST

@@ -347,3 +347,37 @@ def test_logout_with_a_queued_command_leaves_no_hole(pair: Pair) -> None:
     assert pair.ts.pending == {queued.cmd_sn: None}
     pair.send(late)
     assert pair.ts.exp_cmd_sn == queued.cmd_sn + 1 and not pair.ts.pending and queued.result is None
+
+
+def test_abort_task_of_a_never_received_command_counts_its_cmdsn(pair: Pair) -> None:
+    lost = scsi_task(scsi.cdb_test_unit_ready())
+    late = pair.ic.submit(lost)  # CmdSN 1, lost on the way (RFC 7143 §11.5.1 case b)
+    assert _tmf(pair, TmfFunction.ABORT_TASK, lost.itt, lost.cmd_sn) == TmfResponse.FUNCTION_COMPLETE
+    assert pair.ts.exp_cmd_sn == lost.cmd_sn + 1 and not pair.ts.pending
+    nxt = pair.run(scsi_task(scsi.cdb_test_unit_ready()))
+    assert nxt.result is not None and nxt.result.status == Status.GOOD
+    n = len(pair.seen)
+    pair.send(late)  # arrives after all: below ExpCmdSN, ignored
+    assert len(pair.seen) == n and lost.result is None
+
+
+def test_abort_task_of_a_lost_command_behind_another_gap(pair: Pair) -> None:
+    first = pair.ic.submit(scsi_task(scsi.cdb_test_unit_ready()))  # CmdSN 1, delayed
+    lost = scsi_task(scsi.cdb_test_unit_ready())
+    pair.ic.submit(lost)  # CmdSN 2, lost
+    third = scsi_task(scsi.cdb_test_unit_ready())
+    pair.send(pair.ic.submit(third))  # CmdSN 3, queued
+    assert _tmf(pair, TmfFunction.ABORT_TASK, lost.itt, lost.cmd_sn) == TmfResponse.FUNCTION_COMPLETE
+    assert pair.ts.pending.get(lost.cmd_sn, 0) is None and third.result is None
+    pair.send(first)  # the gap fills: 1 runs, 2 is stepped past, 3 runs
+    assert third.result is not None and third.result.status == Status.GOOD and pair.ts.exp_cmd_sn == 4
+
+
+def test_abort_task_answers_task_does_not_exist_outside_the_range(pair: Pair) -> None:
+    done = pair.run(scsi_task(scsi.cdb_test_unit_ready()))
+    assert done.result is not None
+    # (a) received and answered already
+    assert _tmf(pair, TmfFunction.ABORT_TASK, done.itt, done.cmd_sn) == TmfResponse.TASK_DOES_NOT_EXIST
+    # a RefCmdSN at or beyond the TMF's own CmdSN was never issued before it
+    assert _tmf(pair, TmfFunction.ABORT_TASK, 0x1234, pair.ic.cmd_sn) == TmfResponse.TASK_DOES_NOT_EXIST
+    assert pair.ts.exp_cmd_sn == pair.ic.cmd_sn and not pair.ts.pending
