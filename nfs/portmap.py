@@ -1,12 +1,19 @@
 """Portmap version 2 (RFC 1833 §3): the server program and the client's GETPORT codec.
 
 Needed only by clients that do not take explicit ports; `netswap serve nfs --portmap-port N`
-serves it and registers MOUNT and NFS on it.
+serves it and registers MOUNT and NFS on it (in-process, not through RPC).
+
+Who may change the table (rpcbind's rule, security.c check_access, plus portmap's CHECK_PORT):
+SET and UNSET are answered FALSE unless they come from a loopback address *and* a privileged
+source port (< 1024, i.e. from root on this host, as libtirpc's registration does). Every local
+user can reach loopback, so the address alone would let anyone redirect clients to their own
+port. GETPORT, DUMP and NULL are open to all.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -51,6 +58,7 @@ class PortmapProgram:
     def __init__(self, max_mappings: int = 256) -> None:
         self.mappings: OrderedDict[tuple[int, int, int], int] = OrderedDict()
         self.max_mappings = max_mappings
+        self.refused = 0  # SET/UNSET calls refused by may_change
 
     def set(self, m: Mapping) -> bool:
         key = (m.prog, m.vers, m.prot)
@@ -85,13 +93,30 @@ class PortmapProgram:
             p.bool(False)
             return [p.buf]
         m = Mapping.unpack(args)
-        if proc == PmapProc.SET:
+        if proc in (PmapProc.SET, PmapProc.UNSET) and not may_change(ctx.host, ctx.port):
+            self.refused += 1
+            p.bool(False)
+        elif proc == PmapProc.SET:
             p.bool(self.set(m))
         elif proc == PmapProc.UNSET:
             p.bool(self.unset(m.prog, m.vers))
         else:
             p.u32(self.getport(m.prog, m.vers, m.prot))
         return [p.buf]
+
+
+IPPORT_RESERVED = 1024
+
+
+def may_change(host: str, port: int) -> bool:
+    """SET/UNSET only from loopback and a privileged port (see the module's docstring)."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback and 0 < port < IPPORT_RESERVED
 
 
 def encode_getport_args(prog: int, vers: int, prot: int) -> bytes:
