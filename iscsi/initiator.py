@@ -38,6 +38,7 @@ from .pdu import (
     Pdu,
     PduError,
     PduReader,
+    RejectReason,
     encode_lun,
     encode_text,
     parse_text,
@@ -332,6 +333,8 @@ class InitiatorCore:
             rejected = pdu.data[:48]
             ritt = struct.unpack_from(">I", rejected, 16)[0] if len(rejected) >= 20 else RESERVED_TAG
             task = self.tasks.get(ritt)
+            if len(rejected) >= 1 and rejected[0] & 0x3F == Op.DATA_OUT and b2 == RejectReason.DATA_DIGEST_ERROR:
+                task = None  # the command itself still ends with a SCSI Response (RFC 7143 §11.17.1)
             if task is not None:
                 task.error = ISCSIError(f"target rejected the PDU (reason 0x{b2:02x})")
                 self._done(task)

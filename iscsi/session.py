@@ -91,6 +91,7 @@ class WriteTask:
     exp_data_sn: int = 0
     r2t_sn: int = 0
     error: bool = False
+    error_asc: tuple[int, int] = S.DATA_PHASE_ERROR  # the sense the failed write is answered with
 
 
 class TargetSession:
@@ -252,8 +253,22 @@ class TargetSession:
         self.pending[cmd_sn] = None
 
     def data_digest_error(self, pdu: Pdu) -> None:
-        """RFC 7143 §7.8: reject the PDU; a command it carried is not executed."""
+        """RFC 7143 §7.8: reject the PDU; a command it carried is not executed.
+
+        A Data-Out's data is lost, so its write fails: answered at once if the PDU was the last of
+        its sequence, else when that last one arrives (ABORTED COMMAND, PROTOCOL SERVICE CRC
+        ERROR, §11.17.1) — never left waiting for data that will not come."""
         self.reject(pdu.bhs, RejectReason.DATA_DIGEST_ERROR)
+        if pdu.opcode != Op.DATA_OUT:
+            return
+        task = self.writes.get(pdu.itt)
+        if task is None:
+            return
+        task.error = True
+        task.error_asc = S.PROTOCOL_SERVICE_CRC_ERROR
+        task.exp_data_sn += 1  # the PDU itself arrived: later DataSNs stay in step
+        if pdu.final:
+            self._advance_write(task)
 
     # --- SCSI commands ----------------------------------------------------------------------------
 
@@ -338,7 +353,7 @@ class TargetSession:
         """Solicit the next burst with an R2T, or execute the write once all data is in."""
         if task.error:
             self._drop_write(task)
-            self.scsi_response(task.itt, Status.CHECK_CONDITION, S.Sense(S.SenseKey.ABORTED_COMMAND, *S.DATA_PHASE_ERROR))
+            self.scsi_response(task.itt, Status.CHECK_CONDITION, S.Sense(S.SenseKey.ABORTED_COMMAND, *task.error_asc))
             return
         if task.received >= task.edtl:
             self._drop_write(task)

@@ -381,3 +381,51 @@ def test_abort_task_answers_task_does_not_exist_outside_the_range(pair: Pair) ->
     # a RefCmdSN at or beyond the TMF's own CmdSN was never issued before it
     assert _tmf(pair, TmfFunction.ABORT_TASK, 0x1234, pair.ic.cmd_sn) == TmfResponse.TASK_DOES_NOT_EXIST
     assert pair.ts.exp_cmd_sn == pair.ic.cmd_sn and not pair.ts.pending
+
+
+def _feed_target(p: Pair, blob: bytes) -> list[Pdu]:
+    """Bytes into the target as the trio driver does (digest errors included); PDUs it sent back."""
+    from iscsi.pdu import DataDigestError
+
+    p.to_target.feed(blob)
+    while True:
+        try:
+            x = p.to_target.next()
+        except DataDigestError as e:
+            p.ts.data_digest_error(e.pdu)
+            continue
+        if x is None:
+            break
+        p.ts.receive(x)
+    out = b"".join(p.ts.out)
+    p.ts.out.clear()
+    p.to_initiator.feed(out)
+    got = []
+    while (x := p.to_initiator.next()) is not None:
+        got.append(x)
+        p.ic.receive(x)
+    return got
+
+
+def _data_out_dd(itt: int, ttt: int, data_sn: int, offset: int, data: bytes, final: bool, corrupt: bool) -> bytes:
+    pdu = Pdu.new(Op.DATA_OUT, 0x80 if final else 0, itt=itt, data=data)
+    pdu.set_u32(20, ttt).set_u32(36, data_sn).set_u32(40, offset)
+    raw = bytearray(pdu.encode(data_digest=True))
+    if corrupt:
+        raw[-1] ^= 0xFF
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("bad", [0, 1])  # which Data-Out of two has the digest error: 1 is the final one
+def test_data_digest_error_on_data_out_fails_the_write(tmp_path: Path, bad: int) -> None:
+    p = Pair(tmp_path, initial_r2t=True, immediate_data=False, data_digest=True)
+    w = scsi_task(scsi.cdb_write(0, 2), data=os.urandom(1024))
+    (r2t,) = _feed_target(p, b"".join(p.ic.submit(w)))
+    assert r2t.opcode == Op.R2T
+    ttt = r2t.u32(20)
+    got = _feed_target(p, b"".join(_data_out_dd(w.itt, ttt, i, 512 * i, w.data_out[512 * i : 512 * (i + 1)], i == 1, i == bad) for i in range(2)))
+    assert [x.opcode for x in got] == [Op.REJECT, Op.SCSI_RSP] and got[0].bhs[2] == 0x02  # DATA DIGEST ERROR
+    assert w.result is not None and w.result.status == Status.CHECK_CONDITION
+    assert (w.result.sense.key, w.result.sense.asc, w.result.sense.ascq) == (SenseKey.ABORTED_COMMAND, 0x47, 0x05)
+    assert not p.ts.writes and p.ts.write_buffered == 0 and p.core.write_buffered == 0
+    assert p.lun.execute(scsi.cdb_read(0, 2)).data == bytes(1024)  # nothing written
