@@ -83,7 +83,6 @@ class RpcClient:
         self._policy_fixed = fixed is not None
         self.core = XprtCore(fixed or RetransmitPolicy.tcp(), cred or AuthSys().to_auth())
         self.slots = SlotTable(slots)
-        self._slot_sem = trio.Semaphore(slots)
         self.buffers = buffers or NullBuffers()
         self.max_record = max_record
         self._events: dict[int, trio.Event] = {}
@@ -231,12 +230,28 @@ class RpcClient:
         value while the request's buffers are still held. Raises RpcError (the server refused),
         RpcTimeout (soft, no reply), Nfs3Error/MountError (from `decode`), OSError (soft, cannot
         connect)."""
-        async with self._slot_sem:
-            self.slots.try_get()
-            try:
-                return await self._call(prog, vers, proc, args, decode)
-            finally:
-                self.slots.put()
+        await self._get_slot()
+        try:
+            return await self._call(prog, vers, proc, args, decode)
+        finally:
+            self._put_slot()
+
+    async def _get_slot(self) -> None:
+        """A slot of the table, waiting in its backlog (FIFO) when all are in use."""
+        ev = trio.Event()
+        if self.slots.reserve(ev):
+            return
+        try:
+            await ev.wait()
+        except BaseException:
+            if self.slots.cancel(ev):  # handed a slot while being cancelled: pass it on
+                self._put_slot()
+            raise
+
+    def _put_slot(self) -> None:
+        nxt = self.slots.put()
+        if nxt is not None:
+            nxt.set()  # type: ignore[attr-defined]
 
     async def _call(self, prog: int, vers: int, proc: int, args: bytes | bytearray | memoryview,
                     decode: Callable[[Unpacker], T] | None) -> T:

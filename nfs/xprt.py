@@ -5,7 +5,9 @@
 - Retransmission: `RetransmitPolicy` is Linux's timeo/retrans: the first timeout is `timeo`,
   each retransmission doubles it up to `timeo_max`; after `retrans` retransmissions a *major
   timeout* happens: a soft client gives up (RpcTimeout), a hard one starts over.
-- Slot table: `SlotTable` bounds the requests in flight; it is a plain counter, the driver waits.
+- Slot table: `SlotTable` bounds the requests in flight and owns the queue of requests waiting
+  for a slot (Linux's xprt backlog): a freed slot goes straight to the oldest waiter, so no
+  request is overtaken. The waiters are opaque tokens (the driver's wake-up events).
 
 No I/O and no clock here: the driver passes messages in and asks what to do.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections import deque
 from dataclasses import dataclass, field
 
 from nfs.rpc import AUTH_NONE, OpaqueAuth, RpcError, decode_reply, encode_call, reply_xid
@@ -144,7 +147,12 @@ class XprtCore:
 
 
 class SlotTable:
-    """Bounds the requests in flight (Linux: the xprt slot table, `tcp_slot_table_entries`)."""
+    """Bounds the requests in flight (Linux: the xprt slot table, `tcp_slot_table_entries`).
+
+    `reserve(waiter)` takes a slot (True) or queues the waiter (False); the driver then sleeps
+    until `put()`, which frees a slot by handing it to the oldest waiter and returns that waiter
+    for the driver to wake. `cancel(waiter)` withdraws a waiter that gave up: True if it had
+    already been handed a slot (which the driver must then `put()`)."""
 
     def __init__(self, slots: int) -> None:
         if slots < 1:
@@ -152,14 +160,41 @@ class SlotTable:
         self.slots = slots
         self.in_use = 0
         self.high_water = 0
+        self.waits = 0
+        self._backlog: deque[object] = deque()
 
     def try_get(self) -> bool:
-        if self.in_use >= self.slots:
+        if self.in_use >= self.slots or self._backlog:
             return False
-        self.in_use += 1
-        self.high_water = max(self.high_water, self.in_use)
+        self._take()
         return True
 
-    def put(self) -> None:
+    def _take(self) -> None:
+        self.in_use += 1
+        self.high_water = max(self.high_water, self.in_use)
+
+    def reserve(self, waiter: object) -> bool:
+        if self.try_get():
+            return True
+        self.waits += 1
+        self._backlog.append(waiter)
+        return False
+
+    def put(self) -> object | None:
         assert self.in_use > 0
         self.in_use -= 1
+        if self._backlog:
+            self._take()  # the slot passes straight to the oldest waiter
+            return self._backlog.popleft()
+        return None
+
+    def cancel(self, waiter: object) -> bool:
+        try:
+            self._backlog.remove(waiter)
+        except ValueError:
+            return True  # it was handed a slot already
+        return False
+
+    @property
+    def waiting(self) -> int:
+        return len(self._backlog)
