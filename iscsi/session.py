@@ -203,6 +203,15 @@ class TargetSession:
             if cmd_sn in self.pending:
                 self.stats["ignored"] += 1  # a duplicate, or a CmdSN whose command was aborted
             elif len(self.pending) < self.window:
+                n = len(pdu.data)
+                if n and op == Op.SCSI_CMD:
+                    # Its immediate data is held until the gap fills: count it like Data-Out.
+                    if self.write_buffered + n > MAX_WRITE_BUFFERED or self.core.write_buffered + n > MAX_TARGET_WRITE_BUFFERED:
+                        self.pending[cmd_sn] = None  # answered now; the sequence steps past it
+                        self.scsi_response(pdu.itt, Status.TASK_SET_FULL)
+                        return
+                    self.write_buffered += n
+                    self.core.write_buffered += n
                 self.pending[cmd_sn] = pdu
         else:
             self.stats["ignored"] += 1  # outside [ExpCmdSN, MaxCmdSN]: silently ignored
@@ -246,10 +255,19 @@ class TargetSession:
             pdu = pending.pop(self.exp_cmd_sn)
             self.exp_cmd_sn = (self.exp_cmd_sn + 1) & MASK
             if pdu is not None:  # None: aborted while queued, its CmdSN counts as received
+                self._release_queued(pdu)
                 self.dispatch[pdu.bhs[0] & 0x3F](pdu)
+
+    def _release_queued(self, pdu: Pdu) -> None:
+        if pdu.opcode == Op.SCSI_CMD and pdu.data:
+            self.write_buffered -= len(pdu.data)
+            self.core.write_buffered -= len(pdu.data)
 
     def _unqueue(self, cmd_sn: int) -> None:
         """Abort a queued command: its slot stays, as a placeholder the sequence steps past."""
+        pdu = self.pending.get(cmd_sn)
+        if pdu is not None:
+            self._release_queued(pdu)
         self.pending[cmd_sn] = None
 
     def data_digest_error(self, pdu: Pdu) -> None:

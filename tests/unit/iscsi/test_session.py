@@ -429,3 +429,33 @@ def test_data_digest_error_on_data_out_fails_the_write(tmp_path: Path, bad: int)
     assert (w.result.sense.key, w.result.sense.asc, w.result.sense.ascq) == (SenseKey.ABORTED_COMMAND, 0x47, 0x05)
     assert not p.ts.writes and p.ts.write_buffered == 0 and p.core.write_buffered == 0
     assert p.lun.execute(scsi.cdb_read(0, 2)).data == bytes(1024)  # nothing written
+
+
+def test_queued_immediate_data_counts_against_the_write_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import iscsi.session as sess
+
+    monkeypatch.setattr(sess, "MAX_WRITE_BUFFERED", 4096)
+    p = Pair(tmp_path)  # ImmediateData=Yes: each write below carries its 2048 bytes with it
+    late = p.ic.submit(scsi_task(scsi.cdb_test_unit_ready()))  # CmdSN 1 held back: the rest queue
+    writes = [scsi_task(scsi.cdb_write(4 * i, 4), data=bytes([i + 1]) * 2048) for i in range(3)]
+    for w in writes:
+        p.send(p.ic.submit(w))
+    assert len(p.ts.pending) == 3
+    assert p.ts.write_buffered == p.core.write_buffered == 4096
+    assert writes[2].result is not None and writes[2].result.status == Status.TASK_SET_FULL
+    assert writes[0].result is None and writes[1].result is None
+    assert _tmf(p, TmfFunction.ABORT_TASK, writes[1].itt, writes[1].cmd_sn) == TmfResponse.FUNCTION_COMPLETE
+    assert p.ts.write_buffered == p.core.write_buffered == 2048  # released on abort
+    p.send(late)
+    assert writes[0].result is not None and writes[0].result.status == Status.GOOD and writes[1].result is None
+    assert p.ts.write_buffered == p.core.write_buffered == 0 and not p.ts.pending  # released on drain
+    assert p.lun.execute(scsi.cdb_read(0, 12)).data == b"\x01" * 2048 + bytes(4096)
+
+
+def test_queued_immediate_data_is_released_when_the_session_closes(tmp_path: Path) -> None:
+    p = Pair(tmp_path)
+    p.ic.submit(scsi_task(scsi.cdb_test_unit_ready()))  # never delivered
+    p.send(p.ic.submit(scsi_task(scsi.cdb_write(0, 8), data=bytes(4096))))
+    assert p.core.write_buffered == 4096
+    p.ts.close()
+    assert p.ts.write_buffered == p.core.write_buffered == 0
