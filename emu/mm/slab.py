@@ -5,9 +5,11 @@ caller that is not entitled to the reserve.  Such a caller is served from a norm
 slab grown from a normal page, or fails.  Slabs are kept on two partial lists (SLUB-style), so the
 check costs nothing on the normal path.
 
-Empty normal slabs are kept for reuse up to the cache's `free_limit` (SLAB's free_limit:
-`(1 + nr_cpus) * batchcount + objects per slab`), so a cache that empties and refills, as the
-receive stage's skb caches do on every poll, does not go back to the page allocator each time.
+Empty normal slabs are kept for reuse up to the cache's `free_limit` objects: what SLAB keeps
+for reuse, its per-cpu array cache (`limit` objects; not modelled otherwise: objects go straight
+back to their slab, which keeps the accounting exact) plus its free list (`free_limit`, `(1 +
+nr_cpus) * batchcount + objects per slab`).  So a cache that empties and refills, as the receive
+stage's skb caches do on every poll, does not go back to the page allocator each time.
 They are kept only while the zone has plenty (above its high watermark) and the zone drains them
 at the first allocation that misses its fast path (`Zone.drain_free_slabs`), so every watermark
 decision sees the same free pages as without the cache; `kmem_cache_shrink` (`shrink`) drains one
@@ -82,8 +84,8 @@ def calculate_slab_order(buffer_size: int, page_size: int, break_order: int = 1)
 
 
 def cache_free_limit(buffer_size: int, num: int, page_size: int = 4096, nr_cpus: int = 1) -> int:
-    """SLAB's free_limit in objects: (1 + nr_cpus) * batchcount + num, with enable_cpucache()'s
-    per-cpu limit by object size (batchcount is half of it, rounded up)."""
+    """Objects SLAB keeps for reuse: the per-cpu array's limit plus free_limit, (1 + nr_cpus) *
+    batchcount + num, with enable_cpucache()'s limit by object size (batchcount: half of it)."""
     if buffer_size > 131072:
         limit = 1
     elif buffer_size > page_size:
@@ -94,7 +96,7 @@ def cache_free_limit(buffer_size: int, num: int, page_size: int = 4096, nr_cpus:
         limit = 54
     else:
         limit = 120
-    return (1 + nr_cpus) * ((limit + 1) // 2) + num
+    return nr_cpus * limit + (1 + nr_cpus) * ((limit + 1) // 2) + num
 
 
 def kmem_estimate(objects: int, size: int, page_size: int = 4096, align: bool = True) -> int:
@@ -143,6 +145,9 @@ class Slab:
         self.pages = pages
         self.pfmemalloc = pages[0].pfmemalloc
         self.inuse = 0
+
+    def __repr__(self) -> str:
+        return f"<Slab {self.cache.name} pfn={self.pages[0].pfn} inuse={self.inuse}{' pfmemalloc' if self.pfmemalloc else ''}>"
 
 
 class SlabObj:
@@ -218,18 +223,31 @@ class KmemCache:
         self.zone.state["nr_slab"] += len(pages)
         return slab
 
-    def _take(self, slab: Slab, partial: list[Slab]) -> SlabObj:
+    def _take(self, slab: Slab, partial: list[Slab]) -> Slab:
         slab.inuse += 1
         if slab.inuse == self.num:
             partial.pop()  # it was the last one on the list
         self.active_objs += 1
-        return SlabObj(self, self.object_size, slab, None)
+        return slab
 
     def alloc(self, gfp: Gfp | int) -> SlabObj | None:
         """kmem_cache_alloc(): never sleeps; None on failure."""
+        slab = self.alloc_obj(gfp)
+        return None if slab is None else SlabObj(self, self.object_size, slab, None)
+
+    def alloc_obj(self, gfp: Gfp | int) -> Slab | None:
+        """kmem_cache_alloc() for callers whose own object stands for the allocation (an skb is its
+        skbuff_head_cache object): takes one object and returns the slab it lives in, without a
+        SlabObj handle; give it back with `free_obj(slab)`.  None on failure."""
         partial = self._partial
-        if partial:
-            return self._take(partial[-1], partial)
+        if partial:  # the common case, inlined: an object on a normal partial slab
+            slab = partial[-1]
+            inuse = slab.inuse + 1
+            slab.inuse = inuse
+            if inuse == self.num:
+                partial.pop()
+            self.active_objs += 1
+            return slab
         if self._free:
             return self._take(self._reuse(), partial)  # a normal slab: fine for any caller
         zone = self.zone
@@ -261,9 +279,13 @@ class KmemCache:
 
     async def alloc_wait(self, gfp: Gfp | int) -> SlabObj:
         """kmem_cache_alloc() for callers that may sleep (reclaims; OutOfMemory if impossible)."""
-        obj = self.alloc(gfp)
-        if obj is not None:
-            return obj
+        return SlabObj(self, self.object_size, await self.alloc_obj_wait(gfp), None)
+
+    async def alloc_obj_wait(self, gfp: Gfp | int) -> Slab:
+        """`alloc_obj` for callers that may sleep."""
+        slab = self.alloc_obj(gfp)
+        if slab is not None:
+            return slab
         pages = await self.zone.alloc_pages_wait(gfp, self.order)
         slab = self._grow(pages)
         return self._take(slab, self._partial_pf if slab.pfmemalloc else self._partial)
@@ -275,8 +297,14 @@ class KmemCache:
         if slab is None or slab.cache is not self:
             raise RuntimeError(f"bad free of {obj!r} to {self.name}")
         obj.slab = None
-        self.active_objs -= 1
+        self.free_obj(slab)
+
+    def free_obj(self, slab: Slab) -> None:
+        """Give back one object of `slab` (taken with `alloc_obj`)."""
         inuse = slab.inuse
+        if inuse < 1 or slab.cache is not self:
+            raise RuntimeError(f"bad free of an object of {slab!r} to {self.name}")
+        self.active_objs -= 1
         if inuse == 1:
             self._free_empty(slab)
         elif inuse == self.num:

@@ -231,25 +231,24 @@ async def test_alloc_wait_reclaims_or_raises() -> None:
 
 def test_empty_slabs_are_kept_up_to_free_limit_and_reused() -> None:
     zone = Zone(4 << 20)  # 1024 pages, high watermark 96: plenty
-    c = KmemCache("skbuff_head_cache", 232, zone=zone)  # 15 objects a page, free_limit 2*60+15
-    assert c.free_limit == 135
-    objs = [c.alloc(GFP_ATOMIC) for _ in range(15 * 12)]  # 12 full slabs
+    c = KmemCache("skbuff_head_cache", 232, zone=zone)  # 15 objects a page
+    assert c.free_limit == 120 + 2 * 60 + 15  # per-cpu array limit + SLAB's free_limit
+    objs = [c.alloc(GFP_ATOMIC) for _ in range(15 * 20)]  # 20 full slabs
     pgalloc = zone.vmstat["pgalloc"]
     free_before = zone.nr_free
     for o in objs:
         c.free(o)  # type: ignore[arg-type]
-    # 9 empty slabs (135 objects) are kept, the other 3 go back to the page allocator
-    assert len(c._free) == 9 and zone.nr_slab_free == 9 and c.nr_slabs == 9
-    assert zone.nr_free == free_before + 3 and zone.state["nr_slab"] == 9
+    # 17 empty slabs (255 objects) are kept, the other 3 go back to the page allocator
+    assert len(c._free) == 17 and zone.nr_slab_free == 17 and c.nr_slabs == 17
+    assert zone.nr_free == free_before + 3 and zone.state["nr_slab"] == 17
     assert c.active_objs == 0
-    line = next(x for x in [c.slabinfo_line()])
-    assert line.split()[13:15] == ["0", "9"]  # slabdata: 0 active of 9 slabs
-    # Refilling takes the kept slabs first: no page allocation for 135 objects.
-    again = [c.alloc(GFP_ATOMIC) for _ in range(135)]
+    assert c.slabinfo_line().split()[13:15] == ["0", "17"]  # slabdata: 0 active of 17 slabs
+    # Refilling takes the kept slabs first: no page allocation for 255 objects.
+    again = [c.alloc(GFP_ATOMIC) for _ in range(255)]
     assert zone.vmstat["pgalloc"] == pgalloc and zone.nr_slab_free == 0 and not c._free
     for o in again:
         c.free(o)  # type: ignore[arg-type]
-    assert c.shrink() == 9 and c.nr_slabs == 0 and zone.nr_free == zone.nr_pages
+    assert c.shrink() == 17 and c.nr_slabs == 0 and zone.nr_free == zone.nr_pages
 
 
 def test_empty_slabs_are_not_kept_below_the_high_watermark() -> None:
@@ -286,4 +285,28 @@ def test_kept_slabs_are_released_before_the_fast_path_would_fail() -> None:
     assert zone.vmstat["pgalloc_fail"] == 0
     assert zone.nr_free == zone.watermark_low + kept - 1  # as if the slabs had been freed at once
     zone.free_pages(held + page)
+    assert zone.nr_free == zone.nr_pages
+
+
+def test_alloc_obj_and_free_obj_keep_the_same_accounting_without_handles() -> None:
+    zone = Zone(1 << 20)
+    c = KmemCache("skbuff_head_cache", 232, zone=zone)
+    slabs = [c.alloc_obj(GFP_ATOMIC) for _ in range(16)]  # one full slab and one more
+    assert c.active_objs == 16 and c.nr_slabs == 2 and slabs[0] is slabs[14] is not slabs[15]
+    assert slabs[0].inuse == 15 and not c._partial[0] is slabs[0]
+    obj = c.alloc(GFP_ATOMIC)  # the handle API shares the slabs
+    assert obj is not None and obj.slab is slabs[15] and slabs[15].inuse == 2
+    c.free(obj)
+    for s in slabs:
+        c.free_obj(s)  # type: ignore[arg-type]
+    assert c.active_objs == 0 and all(s.inuse == 0 for s in slabs)
+    with pytest.raises(RuntimeError):
+        c.free_obj(slabs[0])  # nothing is allocated in it any more
+    other = KmemCache("ip_dst_cache", 320, zone=zone)
+    foreign = other.alloc_obj(GFP_ATOMIC)
+    with pytest.raises(RuntimeError):
+        c.free_obj(foreign)  # type: ignore[arg-type]
+    other.free_obj(foreign)  # type: ignore[arg-type]
+    c.shrink()
+    other.shrink()
     assert zone.nr_free == zone.nr_pages
