@@ -222,7 +222,7 @@ class TargetSession:
         Does exactly what the general path would (same checks, same PDU), minus its generality;
         returns False, having changed nothing, for anything it does not cover."""
         itt, edtl, cmd_sn = _ITT_EDTL_CMDSN.unpack_from(bhs, 16)
-        if cmd_sn != self.exp_cmd_sn or bhs[8:16] != _LUN0 or bhs[33] & 0xE0 or self.discovery:
+        if cmd_sn != self.exp_cmd_sn or bhs[8:16] != _LUN0 or bhs[33] & 0xE0 or bhs[5] | bhs[6] | bhs[7] or self.discovery:
             return False
         lun = self.core.luns.get(0)
         if lun is None or (lun.reserved_by is not None and lun.reserved_by != self.nexus):
@@ -295,6 +295,12 @@ class TargetSession:
             self.reject(pdu.bhs, RejectReason.PROTOCOL_ERROR)
             return
         bhs = pdu.bhs
+        imm = pdu.data
+        if imm and (not self.params.immediate_data or len(imm) > self.params.first_burst_length):
+            # Data with the command that ImmediateData=No forbids, or more unsolicited data than
+            # FirstBurstLength allows: a protocol error, never silently cut (RFC 7143 §13.11, §13.14).
+            self.reject(bhs, RejectReason.PROTOCOL_ERROR)
+            return
         self.stats["commands"] += 1
         itt, edtl = struct.unpack_from(">II", bhs, 16)
         cdb = bytes(bhs[32:48])
@@ -350,21 +356,22 @@ class TargetSession:
             self.scsi_response(itt, Status.TASK_SET_FULL)
             return
         p = self.params
-        imm = pdu.data
         task = WriteTask(itt, struct.unpack_from(">I", bhs, 24)[0], lun_no, cdb, edtl, spdtl, bytearray(edtl))
         if imm:
-            n = min(len(imm), edtl, p.first_burst_length)
+            n = min(len(imm), edtl)  # beyond the EDTL: not part of the transfer (residuals)
             task.buf[:n] = imm[:n]
             task.received = n
         self.writes[itt] = task
         self.write_buffered += edtl
         self.core.write_buffered += edtl
         if not bhs[1] & F_FINAL and not p.initial_r2t:
-            # Unsolicited Data-Out follows, up to FirstBurstLength.
-            task.in_unsolicited = True
+            # Unsolicited Data-Out follows, up to FirstBurstLength, unless the immediate data
+            # already filled that burst: then none can come, and waiting would wait forever.
             task.seq_end = min(edtl, p.first_burst_length)
-            task.exp_data_sn = 0
-            return
+            if task.received < task.seq_end:
+                task.in_unsolicited = True
+                task.exp_data_sn = 0
+                return
         self._advance_write(task)
 
     def _advance_write(self, task: WriteTask) -> None:

@@ -459,3 +459,38 @@ def test_queued_immediate_data_is_released_when_the_session_closes(tmp_path: Pat
     assert p.core.write_buffered == 4096
     p.ts.close()
     assert p.ts.write_buffered == p.core.write_buffered == 0
+
+
+def test_immediate_data_when_immediatedata_no_is_rejected(tmp_path: Path) -> None:
+    p = Pair(tmp_path, immediate_data=False)
+    p.ic.params.immediate_data = True  # an initiator that ignores the negotiated ImmediateData=No
+    w = p.run(scsi_task(scsi.cdb_write(0, 1), data=b"\xAA" * 512))
+    assert p.seen[-1].opcode == Op.REJECT and p.seen[-1].bhs[2] == 0x04  # PROTOCOL ERROR
+    assert isinstance(w.error, Exception) and w.result is None
+    assert p.lun.execute(scsi.cdb_read(0, 1)).data == bytes(512)  # not executed
+    r = p.run(scsi_task(scsi.cdb_read(0, 1), read_len=512))  # no CmdSN hole left behind
+    assert r.result is not None and r.result.status == Status.GOOD
+
+
+def test_immediate_data_beyond_first_burst_length_is_rejected_not_cut(tmp_path: Path) -> None:
+    p = Pair(tmp_path, first_burst_length=4096, max_recv_data_segment_length=8192)
+    p.ic.params.first_burst_length = 8192  # sends 8192 bytes with the command
+    w = p.run(scsi_task(scsi.cdb_write(0, 16), data=b"\xBB" * 8192))
+    assert p.seen[-1].opcode == Op.REJECT and w.result is None
+    assert not [x for x in p.seen if x.opcode == Op.R2T] and not p.ts.writes
+    assert p.lun.execute(scsi.cdb_read(0, 16)).data == bytes(8192)
+
+
+def test_f_clear_with_the_first_burst_already_in_immediate_data_advances(tmp_path: Path) -> None:
+    p = Pair(tmp_path, initial_r2t=False, first_burst_length=2048, max_recv_data_segment_length=8192)
+    data = os.urandom(4096)
+    w = scsi_task(scsi.cdb_write(0, 8), data=data)
+    out = p.ic.submit(w)  # BHS, then 2048 bytes of immediate data (all of FirstBurstLength)
+    bhs = bytearray(out[0])
+    assert len(out[1]) == 2048 and bhs[1] & 0x80
+    bhs[1] &= 0x7F  # F clear: "unsolicited Data-Out follows", though none may
+    p.send([bytes(bhs), *out[1:]])
+    r2ts = [x for x in p.seen if x.opcode == Op.R2T]
+    assert [x.u32(40) for x in r2ts] == [2048]  # the rest is solicited at once
+    assert w.result is not None and w.result.status == Status.GOOD
+    assert p.lun.execute(scsi.cdb_read(0, 8)).data == data
