@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from emu.mm.gfp import GFP_ATOMIC, Gfp, Policy
 from emu.mm.sizes import DST_ENTRY, IPQ, KMALLOC_MAX_CACHE_SIZE, SKB_HEAD, SKB_SHARED_INFO
-from emu.mm.slab import KmemCache, Slabs, SlabObj, roundup_pow_of_two
+from emu.mm.slab import KmemCache, Slab, Slabs, SlabObj, roundup_pow_of_two
 from emu.net.skbuff import SkBuff
 
 if TYPE_CHECKING:
@@ -69,15 +69,15 @@ class NetMem:
 
     def skb_try(self, size: int, gfp: Gfp, rx: bool) -> SkBuff | None:
         """Both allocations of one skb with `gfp`, or None (nothing left allocated)."""
-        head = self.head_cache.alloc(gfp)
+        head = self.head_cache.alloc_obj(gfp)
         if head is None:
             return None
         cache = self._data_cache.get(size, False)
         if cache is False:
             cache = self.data_cache(size)
-        buf = cache.alloc(gfp) if cache is not None else self.slabs.kmalloc(size + SKB_SHARED_INFO, gfp)
+        buf = cache.alloc_obj(gfp) if cache is not None else self.slabs.kmalloc(size + SKB_SHARED_INFO, gfp)
         if buf is None:
-            self.head_cache.free(head)
+            self.head_cache.free_obj(head)
             return None
         skb = SkBuff(self, size, head, buf, rx)
         self.skbs_live += 1
@@ -89,15 +89,15 @@ class NetMem:
         stat = self.stat
         if not self.memalloc_socks or self.policy is Policy.NONE:
             # skb_try(size, GFP_ATOMIC, True), inlined: this is every frame's first step
-            head = self.head_cache.alloc(GFP_ATOMIC)
+            head = self.head_cache.alloc_obj(GFP_ATOMIC)
             if head is None:
                 return None
             cache = self._data_cache.get(size, False)
             if cache is False:
                 cache = self.data_cache(size)
-            buf = cache.alloc(GFP_ATOMIC) if cache is not None else self.slabs.kmalloc(size + SKB_SHARED_INFO, GFP_ATOMIC)
+            buf = cache.alloc_obj(GFP_ATOMIC) if cache is not None else self.slabs.kmalloc(size + SKB_SHARED_INFO, GFP_ATOMIC)
             if buf is None:
-                self.head_cache.free(head)
+                self.head_cache.free_obj(head)
                 return None
             skb = SkBuff(self, size, head, buf, True)
             self.skbs_live += 1
@@ -146,12 +146,12 @@ class NetMem:
             for s in skb.frag_list:
                 self.skb_free(s)
             skb.frag_list = None
-        self.head_cache.free(skb.head)
+        self.head_cache.free_obj(skb.head)
         buf = skb.buf
-        if buf.cache is not None:
-            buf.cache.free(buf)
+        if buf.__class__ is Slab:
+            buf.cache.free_obj(buf)
         else:
-            self.slabs.kfree(buf)
+            self.slabs.kfree(buf)  # a page-backed buffer (above the largest kmalloc cache)
         self.skbs_live -= 1
         self.skb_truesize_live -= skb.own_truesize
         if not skb.memalloc and self.rx_failed:
@@ -159,6 +159,33 @@ class NetMem:
         if skb.charged:
             self.reserve.skb_data.uncharge(skb.charged)  # memory freed first, then uncharged
             skb.charged = 0
+
+    def skb_free_queue(self, q: Any) -> int:
+        """kfree_skb() of every skb on a socket's receive queue (a reader consuming it all);
+        returns their truesize.  Ordinary skbs are freed inline with the counters summed."""
+        truesize = own = n = 0
+        ordinary = False
+        head_free = self.head_cache.free_obj
+        popleft = q.popleft
+        while q:
+            skb = popleft()
+            truesize += skb.truesize
+            buf = skb.buf
+            if skb.freed or skb.frag_list or skb.charged or buf.__class__ is not Slab:
+                self.skb_free(skb)  # the general case (and its double-free check)
+                continue
+            skb.freed = True
+            head_free(skb.head)
+            buf.cache.free_obj(buf)
+            n += 1
+            own += skb.own_truesize
+            if not skb.memalloc:
+                ordinary = True
+        self.skbs_live -= n
+        self.skb_truesize_live -= own
+        if ordinary and self.rx_failed:
+            self.rx_failed.clear()  # as skb_free: an ordinary object went back to a slab
+        return truesize
 
     async def tx_skbs(self, sizes: list[int], sk: Sock) -> list[SkBuff]:
         """TX skbs for one send with the socket's sk_allocation; may sleep in reclaim."""
@@ -169,12 +196,14 @@ class NetMem:
             for size in sizes:
                 skb = self.skb_try(size, gfp, False)
                 if skb is None:
-                    head = await self.head_cache.alloc_wait(gfp)
+                    head = await self.head_cache.alloc_obj_wait(gfp)
                     try:
-                        buf = await self.slabs.kmalloc_wait(size + SKB_SHARED_INFO, gfp)
+                        obj = await self.slabs.kmalloc_wait(size + SKB_SHARED_INFO, gfp)
                     except BaseException:
-                        self.head_cache.free(head)
+                        self.head_cache.free_obj(head)
                         raise
+                    # a slab object is held by its slab, as skb_try's are; a page-backed one as is
+                    buf = obj.slab if obj.slab is not None else obj
                     skb = SkBuff(self, size, head, buf, False)
                     self.skbs_live += 1
                     self.skb_truesize_live += skb.truesize

@@ -25,16 +25,19 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from emu.mm.gfp import GFP_ATOMIC
 from emu.mm.sched import TaskFlags, memalloc_noreclaim, softirq, task
 from emu.net.netstat import NetStat, ss  # re-exported: CONTRACT.md names them here
+from emu.net.skbuff import SKB_OVERHEAD, SkBuff
+from emu.mm.gfp import Policy
 from emu.net.wire import IP_HDR, MSS_DEFAULT, MTU_DEFAULT, TCP_HDR, UDP_HDR, TCP_RTO_MAX, TCP_RTO_MIN, ip_fragments
 
 if TYPE_CHECKING:
     from emu.net.ip import RouteCache
     from emu.net.ipfrag import FragQueues
     from emu.net.netmem import NetMem
-    from emu.net.skbuff import SkBuff
     from emu.net.sock import Sock
+    from emu.net.wire import UdpWire
 
 IPPROTO_UDP = 17
 
@@ -112,6 +115,130 @@ class Nic:
                     next_rt = now + self.rt_gc_interval
 
     # ---- UDP ----------------------------------------------------------------------------------
+
+    def udp_poll(self, wire: UdpWire, now: float) -> bool:
+        """One NAPI poll of a UDP wire: up to `batch` datagrams drained and received, in softirq.
+
+        Returns False if the real socket was closed under us.  The common frame (one fragment, an
+        ordinary skb, a cached route, a socket) takes the fast path below, with the counters kept
+        in locals and added once per poll (nothing reads them while a poll runs: nothing in it
+        sleeps); every other frame goes through `udp_input`, which does the same steps in full.
+        """
+        self.new_poll()
+        raw = wire.raw
+        buf = wire.buf
+        recvfrom_into = raw.recvfrom_into
+        laddr, lport = wire.laddr, wire.lport
+        udp_input = self.udp_input
+        stat = self.stat
+        mem = self.mem
+        # Step 5 once a poll: the socket table cannot change while nothing sleeps.
+        sk = self.udp_table.get(lport)
+        # Without memalloc sockets (or under none) an RX skb is plain GFP_ATOMIC and never a
+        # reserve skb (NetMem.rx_skb), so steps 2 and 6 cannot apply.
+        fast = sk is not None and (not mem.memalloc_socks or mem.policy is Policy.NONE)
+        if fast:
+            rtable = self.rtable
+            head_cache = mem.head_cache
+            head_alloc = head_cache.alloc_obj
+            head_free = head_cache.free_obj
+            data_caches = mem._data_cache
+            max_payload = self.mtu - IP_HDR - UDP_HDR
+            queue = sk.receive_queue
+        frames = nbytes = skbs = hits = delivered = dropped = qbytes = live_truesize = 0
+        try:
+            for _ in range(self.batch):
+                try:
+                    n, addr = recvfrom_into(buf)
+                except BlockingIOError:
+                    break
+                except OSError:  # e.g. ECONNREFUSED queued by ICMP on a connected socket
+                    if raw.fileno() == -1:  # closed under us: the socket is going away
+                        return False
+                    stat.wire_errors += 1
+                    continue
+                if not fast or n > max_payload or not self.ring_ok:
+                    udp_input(addr[0], addr[1], laddr, lport, buf[:n], now)
+                    continue
+                size = n + IP_HDR + UDP_HDR
+                truesize = size + SKB_OVERHEAD
+                # step 1: both allocations (kmalloc of size + shared info: a cache, as size <= MTU)
+                cache = data_caches.get(size)
+                if cache is None:
+                    cache = mem.data_cache(size)
+                head = head_alloc(GFP_ATOMIC)
+                data_slab = cache.alloc_obj(GFP_ATOMIC) if head is not None else None
+                frames += 1
+                nbytes += size
+                if data_slab is None:
+                    if head is not None:
+                        head_free(head)
+                    self._udp_nomem(lport)  # the refill failed: rx_nomem, the rest is rx_missed
+                    continue
+                skbs += 1
+                # step 3, the route cache hit
+                saddr = addr[0]
+                rt = rtable.get((saddr, laddr))
+                if rt is None:
+                    skb = SkBuff(mem, size, head, data_slab, True)
+                    mem.skbs_live += 1
+                    mem.skb_truesize_live += truesize
+                    skb.data = buf[:n]
+                    skb.len = n
+                    skb.saddr = saddr
+                    skb.sport = addr[1]
+                    self._udp_rcv(skb, saddr, laddr, lport, now)  # a miss: allocate an entry
+                    continue
+                hits += 1
+                rt.lastuse = now
+                # step 7 (2.6.22 sock_queue_rcv_skb): ordinary skbs never bypass it
+                if sk.sk_rmem_alloc + truesize >= sk.sk_rcvbuf:
+                    # dropped: the skb never leaves this function, so no SkBuff is made for it
+                    head_free(head)
+                    cache.free_obj(data_slab)
+                    dropped += 1
+                    continue
+                # step 8
+                skb = SkBuff(mem, size, head, data_slab, True)
+                skb.data = buf[:n]
+                skb.len = n
+                skb.saddr = saddr
+                skb.sport = addr[1]
+                skb.sk = sk
+                queue.append(skb)
+                sk.sk_rmem_alloc += truesize
+                qbytes += n
+                live_truesize += truesize
+                delivered += 1
+        finally:
+            if frames:
+                stat.frames += frames
+                stat.bytes += nbytes
+                stat.skbs += skbs
+                stat.route_lookups += hits
+                stat.route_hits += hits
+                if delivered:
+                    stat.delivered += delivered
+                    mem.skbs_live += delivered
+                    mem.skb_truesize_live += live_truesize
+                    sk.rx_queued_bytes += qbytes
+                    if sk._readers_waiting:
+                        sk._readers_waiting = False
+                        sk._readers.unpark_all()
+                if dropped:
+                    stat.rcvbuf_full += dropped
+                    sk.sk_drops += dropped
+                    d = sk.rx_drops
+                    d["rcvbuf_full"] = d.get("rcvbuf_full", 0) + dropped
+                    if mem.rx_failed:
+                        mem.rx_failed.clear()  # ordinary objects went back to their slabs
+        return True
+
+    def _udp_nomem(self, dport: int) -> None:
+        """Step 1 failed on the fast path (its frame is counted there)."""
+        self.stat.rx_nomem += 1
+        self.ring_ok = False
+        self._udp_sk_drop(dport, "rx_nomem")
 
     def udp_input(self, saddr: str, sport: int, daddr: str, dport: int, data: bytes | bytearray,
                   now: float) -> None:

@@ -2,7 +2,9 @@
 
 An skb is two allocations, as `__alloc_skb` makes them: the head (`struct sk_buff`) from the
 `skbuff_head_cache` slab and the data buffer (`size` bytes plus `struct skb_shared_info`) from
-kmalloc.  `truesize = size + SKB_HEAD + SKB_SHARED_INFO` is what socket receive buffers are charged.
+kmalloc.  The SkBuff itself stands for its head object, so `head` is the slab that object lives
+in and `buf` the data buffer's slab (a page-backed `SlabObj` above the largest kmalloc cache):
+no handle objects per frame.  Both have `.pfmemalloc` and `.cache`.  `truesize = size + SKB_HEAD + SKB_SHARED_INFO` is what socket receive buffers are charged.
 
 How an RX skb may reach the reserve is the policy's RX rule (DESIGN §2), implemented in
 `NetMem.rx_skb`; the skb is then marked `emergency` (v12) or `pfmemalloc` (3.6), and `memalloc`

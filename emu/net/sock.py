@@ -209,18 +209,11 @@ class Sock:
 
     def read_all_nowait(self) -> int:
         """Consume everything queued (an application reading its socket); returns bytes read."""
-        n = 0
-        truesize = 0
         q = self.receive_queue
         if not q:
             return 0
         n = self.rx_queued_bytes
-        skb_free = self.net.mem.skb_free
-        popleft = q.popleft
-        while q:
-            skb = popleft()
-            truesize += skb.truesize
-            skb_free(skb)
+        truesize = self.net.mem.skb_free_queue(q)
         self.sk_rmem_alloc -= truesize
         self.rx_queued_bytes = 0
         self.head_off = 0

@@ -96,12 +96,7 @@ class UdpWire:
 
     async def run(self) -> None:
         raw = self.raw
-        buf = self.buf
-        recvfrom_into = raw.recvfrom_into
-        nic = self.nic
-        udp_input = nic.udp_input
-        stat = nic.stat
-        laddr, lport = self.laddr, self.lport
+        udp_poll = self.nic.udp_poll
         wait_readable = trio.lowlevel.wait_readable
         current_time = trio.current_time
         task = current()  # ksoftirqd/0: the Nic starts its wires in that context
@@ -111,19 +106,8 @@ class UdpWire:
                 # softirq(), spelled out: this runs once per wakeup, often for a few frames only
                 task.in_softirq = True
                 try:
-                    now = current_time()
-                    nic.new_poll()
-                    for _ in range(nic.batch):
-                        try:
-                            n, addr = recvfrom_into(buf)
-                        except BlockingIOError:
-                            break
-                        except OSError:  # e.g. ECONNREFUSED queued by ICMP on a connected socket
-                            if raw.fileno() == -1:  # closed under us: the socket is going away
-                                return
-                            stat.wire_errors += 1
-                            continue
-                        udp_input(addr[0], addr[1], laddr, lport, buf[:n], now)
+                    if not udp_poll(self, current_time()):
+                        return  # the socket was closed under us: it is going away
                 finally:
                     task.in_softirq = False
 
