@@ -345,3 +345,43 @@ async def test_recovery_across_a_target_restart(tmp_path: Path) -> None:
             assert ini.reconnects >= 1 and second.stats["logins"] >= 1
         outer.cancel_scope.cancel()
     lun.close()
+
+
+class SlowSyncLun(DiskLun):
+    """A LUN whose fsync takes a while and records when it finished."""
+
+    def __init__(self, *a: object, **kw: object) -> None:
+        super().__init__(*a, **kw)  # type: ignore[arg-type]
+        self.synced: list[float] = []
+
+    def fsync(self) -> None:
+        import time
+
+        time.sleep(0.2)  # runs in a worker thread: the event loop keeps going meanwhile
+        super().fsync()
+        self.synced.append(time.monotonic())
+
+
+async def test_fua_write_and_synchronize_cache_answer_only_after_fsync(tmp_path: Path) -> None:
+    import time
+
+    lun = SlowSyncLun(tmp_path / "slow.img", size=1 << 20)
+    target = Target(IQN, {0: lun})
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(target.serve, "127.0.0.1", 0)
+        port = listeners[0].socket.getsockname()[1]
+
+        async def connect() -> trio.SocketStream:
+            return await trio.open_tcp_stream("127.0.0.1", port)
+
+        async with Initiator(connect, IQN) as ini:
+            await ini.write(0, b"w" * 4096)
+            assert lun.synced == []  # a plain write waits for no fsync
+            await ini.write(8, b"f" * 4096, fua=True)
+            answered = time.monotonic()
+            assert len(lun.synced) == 1 and lun.synced[0] <= answered
+            await ini.synchronize_cache()
+            answered = time.monotonic()
+            assert len(lun.synced) == 2 and lun.synced[1] <= answered
+        nursery.cancel_scope.cancel()
+    lun.close()
