@@ -183,7 +183,7 @@ class TargetLogin:
         if cont:
             # More text follows: acknowledge with an empty response (RFC 7143 §6.2).
             return self._response(req, csg << 2, []), False
-        pairs = parse_text(bytes(self.pending_text))
+        pairs = parse_text(bytes(self.pending_text), strict=True)  # not UTF-8: INITIATOR ERROR
         self.pending_text.clear()
         answer: list[tuple[str, str]] = []
         for key, value in pairs:

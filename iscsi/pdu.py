@@ -297,7 +297,10 @@ class PduReader:
 # --- text segments (RFC 7143 §6): key=value pairs, each NUL-terminated -------------------------------
 
 
-def parse_text(data: bytes) -> list[tuple[str, str]]:
+def parse_text(data: bytes, *, strict: bool = False) -> list[tuple[str, str]]:
+    """Split key=value text; `strict` refuses bytes that are not UTF-8 (RFC 7143 §6.1) with a
+    ValueError instead of replacing them, as a target must for names it will match and log."""
+    errors = "strict" if strict else "replace"
     pairs: list[tuple[str, str]] = []
     for item in bytes(data).split(b"\0"):
         if not item:
@@ -305,7 +308,7 @@ def parse_text(data: bytes) -> list[tuple[str, str]]:
         key, sep, value = item.partition(b"=")
         if not sep:
             raise ValueError(f"text item without '=': {item[:64]!r}")
-        pairs.append((key.decode("utf-8", "replace"), value.decode("utf-8", "replace")))
+        pairs.append((key.decode("utf-8", errors), value.decode("utf-8", errors)))
     return pairs
 
 

@@ -583,7 +583,7 @@ class TargetSession:
             self._emit(self._pdu(Op.TEXT_RSP, 0, 0, 0, 0, bytes(8), itt, 0x7FFFFFFF))
             return
         try:
-            pairs = parse_text(bytes(self.text_buf))
+            pairs = parse_text(bytes(self.text_buf), strict=True)
         except ValueError:
             self.text_buf.clear()
             self.reject(bhs, RejectReason.PROTOCOL_ERROR)

@@ -135,3 +135,13 @@ def test_target_prefs_bound_burst_lengths() -> None:
     ini, target, _ = run_login(LoginConfig(IQN, prefs=prefs), InitiatorConfig(target_name=IQN))
     assert ini.params.max_burst_length == target.result.params.max_burst_length == 65536
     assert ini.params.first_burst_length <= ini.params.max_burst_length
+
+
+@pytest.mark.parametrize("name", [b"iqn.2024-01.test:\xff\xfe", b"iqn.2024-01.test:\xc3"])  # invalid, truncated
+def test_initiator_name_that_is_not_utf8_is_an_initiator_error(name: bytes) -> None:
+    target = TargetLogin(LoginConfig(IQN), lambda: 1)
+    req = _req({})
+    req.data = b"InitiatorName=" + name + b"\0" + encode_text({"TargetName": IQN, "HeaderDigest": "None"})
+    rsp, close = target.receive(req)
+    assert close and (rsp.bhs[36], rsp.bhs[37]) == (0x02, 0x00)  # INITIATOR ERROR
+    assert target.result is None

@@ -494,3 +494,10 @@ def test_f_clear_with_the_first_burst_already_in_immediate_data_advances(tmp_pat
     assert [x.u32(40) for x in r2ts] == [2048]  # the rest is solicited at once
     assert w.result is not None and w.result.status == Status.GOOD
     assert p.lun.execute(scsi.cdb_read(0, 8)).data == data
+
+
+def test_text_request_that_is_not_utf8_is_rejected(pair: Pair) -> None:
+    t = Task("text")
+    t.payload = b"SendTargets=\xff\0"
+    pair.run(t)
+    assert pair.seen[-1].opcode == Op.REJECT and pair.seen[-1].bhs[2] == 0x04
