@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 # key -> (kind, RFC default). kinds: "list" (first acceptable of the offer), "min", "max", "and",
-# "or", "decl" (declarative), "number".
+# "or", "decl" (declarative).
 KEY_RULES: dict[str, tuple[str, str]] = {
     "HeaderDigest": ("list", "None"),
     "DataDigest": ("list", "None"),
@@ -101,7 +101,8 @@ def _bool(key: str, value: str) -> bool:
     raise NegotiationError(f"{key}={value}: expected Yes or No")
 
 
-def _num(key: str, value: str) -> int:
+def number(key: str, value: str) -> int:
+    """A numerical key's value, checked against the RFC's range for it."""
     try:
         n = int(value, 0)
     except ValueError:
@@ -126,7 +127,7 @@ def negotiate(key: str, offer: str, ours: str) -> str:
         a, b = _bool(key, offer), _bool(key, ours)
         r = (a and b) if kind == "and" else (a or b)
         return "Yes" if r else "No"
-    a, b = _num(key, offer), _num(key, ours)
+    a, b = number(key, offer), number(key, ours)
     if kind == "min":
         return str(min(a, b))
     if kind == "max":
@@ -147,7 +148,7 @@ def apply(params: SessionParams, key: str, value: str) -> None:
     elif kind in ("and", "or"):
         setattr(params, attr, _bool(key, value))
     else:
-        setattr(params, attr, _num(key, value))
+        setattr(params, attr, number(key, value))
 
 
 @dataclass

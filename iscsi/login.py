@@ -22,6 +22,7 @@ from .keys import (
     TargetPrefs,
     apply,
     negotiate,
+    number,
 )
 from .pdu import F_CONTINUE, F_TRANSIT, Op, Pdu, encode_text, parse_text
 
@@ -259,7 +260,7 @@ class TargetLogin:
             self.answered.add(key)
             prefs = self.config.prefs
             if key == "MaxRecvDataSegmentLength":
-                self.params.peer_max_recv_data_segment_length = int(negotiate_int(key, value))
+                self.params.peer_max_recv_data_segment_length = number(key, value)
                 return [(key, str(prefs.max_recv_data_segment_length))]
             result = negotiate(key, value, prefs.ours(key))
             if result == "Reject":
@@ -296,12 +297,6 @@ class TargetLogin:
             return []
         # Mutual CHAP (CHAP_I/CHAP_C from the initiator) would need a target secret: not offered.
         raise LoginError(f"{key} not supported", LoginStatus.AUTHENTICATION_FAILURE)
-
-
-def negotiate_int(key: str, value: str) -> int:
-    from .keys import _num
-
-    return _num(key, value)
 
 
 # --- initiator side -------------------------------------------------------------------------------
@@ -427,7 +422,7 @@ class InitiatorLogin:
         for key, value in pairs:
             if key in KEY_RULES:
                 if key == "MaxRecvDataSegmentLength":
-                    self.params.peer_max_recv_data_segment_length = negotiate_int(key, value)
+                    self.params.peer_max_recv_data_segment_length = number(key, value)
                 elif value in ("Reject", "Irrelevant", "NotUnderstood"):
                     continue
                 elif key in self.offered:

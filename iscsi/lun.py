@@ -70,7 +70,6 @@ class DiskLun:
         ident = hashlib.sha1(str(self.path.resolve()).encode()).digest()
         self.serial = ident[:8].hex().encode()
         self.naa = bytes([0x60 | (ident[8] & 0x0F)]) + ident[9:24]  # NAA 6, 16 bytes
-        self.writes_since_sync = 0
         self.reserved_by: object = None  # the I_T nexus holding a RESERVE(6), if any
 
     def close(self) -> None:
@@ -80,7 +79,6 @@ class DiskLun:
 
     def fsync(self) -> None:
         os.fsync(self.fd)
-        self.writes_since_sync = 0
 
     # --- the data-out phase, decided before any data is solicited -------------------------------
 
@@ -206,7 +204,6 @@ class DiskLun:
                 return GOOD
             bs = self.block_size
             os.pwrite(self.fd, data_out[: n * bs], lba * bs)
-            self.writes_since_sync += 1
             return ScsiResult(sync=_dpo_fua(cdb) or op in WRITE_VERIFIES)
         if op in VERIFIES:
             early = self.data_out_length(cdb)[1]
@@ -227,7 +224,7 @@ class DiskLun:
             return GOOD  # the page cache does the prefetching
         if op in SYNCS:
             lba, n = decode_lba(cdb)
-            if lba > self.nblocks or lba + n > self.nblocks:
+            if lba + n > self.nblocks:
                 return check(illegal_request(S.LBA_OUT_OF_RANGE))
             return ScsiResult(sync=True)
         handler = _HANDLERS.get(op)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
 
 import trio
 
 from .keys import TargetPrefs
 from .login import LoginConfig, LoginResult, TargetLogin
 from .lun import DiskLun
-from .pdu import DataDigestError, PduError, PduReader, RejectReason
+from .pdu import DataDigestError, PduError, PduReader
 from .session import CMD_WINDOW, TargetCore, TargetSession
 
 log = logging.getLogger("netswap.iscsi.target")
@@ -77,9 +78,7 @@ class Target:
         self.connections += 1
         self.stats["connections"] += 1
         try:
-            import socket as _s
-
-            stream.setsockopt(_s.IPPROTO_TCP, _s.TCP_NODELAY, 1)
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await self._connection(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the peer went away (reset, closed): that connection ends, nothing else
@@ -198,7 +197,7 @@ class Target:
                         # Header digest error or oversized segment: the stream is out of step.
                         self.stats["protocol_errors"] += 1
                         if e.bhs:
-                            session.reject(e.bhs, e.reason if e.reason else RejectReason.PROTOCOL_ERROR)
+                            session.reject(e.bhs, e.reason)
                         fatal = True
                         break
                     if pdu is None:

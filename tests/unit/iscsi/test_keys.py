@@ -42,3 +42,13 @@ def test_apply() -> None:
     apply(p, "InitialR2T", "No")
     apply(p, "MaxBurstLength", "65536")
     assert p.header_digest and not p.initial_r2t and p.max_burst_length == 65536
+
+
+def test_number_checks_the_rfc_range() -> None:
+    from iscsi.keys import number
+
+    assert number("MaxRecvDataSegmentLength", "8192") == 8192
+    assert number("ErrorRecoveryLevel", "0") == 0
+    for bad in ("511", "16777216", "8k", ""):
+        with pytest.raises(NegotiationError):
+            number("MaxRecvDataSegmentLength", bad)
