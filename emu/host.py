@@ -34,7 +34,7 @@ from emu import scenario as scen
 from emu.report import InflightIO, ReportData, render_deadlock_report
 from emu.servers import Server, local_server, parse_server_url
 from emu.timeline import Recorder, Sample, plot
-from emu.watchdog import Verdict, Watchdog, is_blocked, progress_of
+from emu.watchdog import Verdict, Watchdog, is_blocked
 from emu.workload import Pattern, split_pages
 
 
@@ -255,6 +255,12 @@ class Host:
     def drops(self) -> dict[str, int]:
         return dict(self.net.stat.drops())
 
+    def progress(self) -> int:
+        """What the watchdog calls progress: pages freed by reclaim (pgsteal) and swap I/Os
+        *completed* (pswpout/pswpin count I/O started, which continues into a deadlock)."""
+        done = self.storage.inflight.completed if self.storage is not None else 0
+        return int(self.vmstat["pgsteal"]) + done
+
     def blocked(self) -> list[tuple[str, str, str]]:
         from emu.mm.sched import all_tasks
 
@@ -421,7 +427,7 @@ class Host:
                     if finished.is_set():
                         outcome = "completed"
                         break
-                    v = self.dog.observe(now, progress_of(self.vmstat.counters), self.blocked())
+                    v = self.dog.observe(now, self.progress(), self.blocked())
                     if v is not None:
                         verdict_box.append(v)
                         outcome = "deadlock"
@@ -433,6 +439,8 @@ class Host:
                 self.phase = outcome
                 now = trio.current_time()
                 self.sample(now)
+                if outcome == "timeout" and os.environ.get("NETSWAP_DEBUG_TIMEOUT"):
+                    self.report_text = render_deadlock_report(self.report_data(now, self.dog.stalled_for(now)))
                 if outcome == "deadlock":
                     self.verdict = verdict_box[0]
                     self.report_text = render_deadlock_report(self.report_data(now, self.verdict.stalled_for))

@@ -2,7 +2,8 @@
 
 A deadlock is declared when, for `stall` seconds without a break, (a) some task is blocked in
 reclaim or in a page fault (its state starts with "D") and (b) nothing moved: reclaim freed no
-page (`pgsteal`) and no swap I/O completed (`pswpout`, `pswpin`). Pages freed by other churn
+page (`pgsteal`) and no swap I/O completed (the host counts completions at the swap storage;
+`pswpout`/`pswpin` count I/O *started*, which goes on for a while into a deadlock). Pages freed by other churn
 (a dropped skb, an evicted fragment queue) are not progress: they are eaten again by the next
 frame and never get a blocked task going.
 

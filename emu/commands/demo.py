@@ -34,7 +34,8 @@ def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ..
 
     Exit status: 0 when every run had its expected outcome, 1 otherwise.
     """
-    console = Console(stderr=as_json)
+    stream_tty = (sys.stderr if as_json else sys.stdout).isatty()
+    console = Console(stderr=as_json, width=None if stream_tty else 140)
     try:
         base = scen.load(scenario_file) if scenario_file else scen.default()
     except scen.ScenarioError as e:

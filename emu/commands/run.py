@@ -76,7 +76,7 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
 
     Exit status: 0 completed, 3 deadlock (the report is printed), 2 usage error, 1 other error.
     """
-    console = Console(stderr=True)
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
     if list_scenarios:
         for name in scen.shipped():
             click.echo(f"{name}: {scen.load(name).description}")

@@ -30,7 +30,7 @@ class IscsiSwapLun:
 
     def __init__(self, net: Any, server: IscsiServer, *, reserve: Any = None, policy: str = "none",
                  durability: Literal["fua", "sync_cache"] = "fua", via_host: bool = True,
-                 command_timeout: float | None = None, queue_depth: int = 32) -> None:
+                 command_timeout: float | None = None, queue_depth: int = 16) -> None:
         self.net = net
         self.server = server
         self.reserve = reserve
@@ -39,7 +39,7 @@ class IscsiSwapLun:
         self.via_host = via_host
         self.command_timeout = command_timeout
         self.inflight = Inflight()
-        # The SCSI device's queue depth (open-iscsi's node.session.queue_depth defaults to 32):
+        # The SCSI device queue depth, 16 like the NFS transport's RPC slot table (open-iscsi: 32):
         # commands beyond it wait in the block layer, not on the wire.
         self.queue = trio.Semaphore(queue_depth)
         self.buffers = HostBuffers(net.slabs, GFP_NOIO, ISCSI_TASK) if via_host else None
