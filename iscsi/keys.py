@@ -42,6 +42,12 @@ NUMERIC_RANGES: dict[str, tuple[int, int]] = {
 INITIATOR_DECLARATIVE = {"InitiatorName", "InitiatorAlias", "SessionType", "TargetName"}
 # Keys from RFC 3720 / iSER that are known but irrelevant here.
 IRRELEVANT = {"IFMarkInt", "OFMarkInt", "RDMAExtensions", "InitiatorRecvDataSegmentLength", "TargetRecvDataSegmentLength", "TaskReporting", "iSCSIProtocolLevel"}
+# Login keys that may NOT be renegotiated in the full feature phase (RFC 7143 §13: "IO", "LO", or
+# sent by the target only); a Text Request offering one is answered Irrelevant. Of the "ALL" keys,
+# MaxRecvDataSegmentLength is re-declared there and InitiatorAlias noted without an answer.
+LOGIN_ONLY = (set(KEY_RULES) - {"MaxRecvDataSegmentLength"}) | IRRELEVANT | {
+    "InitiatorName", "TargetName", "SessionType", "AuthMethod", "TargetAlias", "TargetAddress", "TargetPortalGroupTag",
+}
 
 
 class NegotiationError(ValueError):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from . import sense as S
 from .digest import digest
-from .keys import SessionParams
+from .keys import LOGIN_ONLY, NegotiationError, SessionParams, number
 from .login import LoginResult
 from .lun import MAX_TRANSFER_BYTES, DiskLun, ScsiResult, no_such_lun, report_luns
 from .pdu import (
@@ -595,6 +595,19 @@ class TargetSession:
                 if value == "All" or value == self.core.target_name or (value == "" and not self.discovery):
                     answer.append(("TargetName", self.core.target_name))
                     answer.append(("TargetAddress", f"{self.portal or self.core.portal},{self.core.portal_group_tag}"))
+            elif key == "MaxRecvDataSegmentLength":
+                # Declarative, and may change in the full feature phase: it bounds our Data-In
+                # segments from now on; we declare ours back, unchanged.
+                try:
+                    self.mrdsl = self.params.peer_max_recv_data_segment_length = number(key, value)
+                except NegotiationError:
+                    answer.append((key, "Reject"))
+                    continue
+                answer.append((key, str(self.params.max_recv_data_segment_length)))
+            elif key == "InitiatorAlias":
+                pass  # declarative, any phase: nothing to answer
+            elif key in LOGIN_ONLY or key.startswith("CHAP_"):
+                answer.append((key, "Irrelevant"))  # settled at login, not renegotiable now
             else:
                 answer.append((key, "NotUnderstood"))
         data = encode_text(answer)

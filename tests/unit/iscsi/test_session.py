@@ -501,3 +501,27 @@ def test_text_request_that_is_not_utf8_is_rejected(pair: Pair) -> None:
     t.payload = b"SendTargets=\xff\0"
     pair.run(t)
     assert pair.seen[-1].opcode == Op.REJECT and pair.seen[-1].bhs[2] == 0x04
+
+
+def _text(p: Pair, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    t = Task("text")
+    t.payload = encode_text(pairs)
+    p.run(t)
+    assert p.seen[-1].opcode == Op.TEXT_RSP and p.seen[-1].flags == 0x80
+    return parse_text(t.response)  # type: ignore[arg-type]
+
+
+def test_text_in_full_feature_phase_redeclares_mrdsl_and_refuses_login_keys(pair: Pair) -> None:
+    answers = _text(pair, [("MaxRecvDataSegmentLength", "1024"), ("HeaderDigest", "CRC32C"), ("MaxBurstLength", "4096"),
+                           ("InitiatorAlias", "box"), ("CHAP_A", "5"), ("X-Vendor", "1")])
+    assert answers == [("MaxRecvDataSegmentLength", "8192"), ("HeaderDigest", "Irrelevant"), ("MaxBurstLength", "Irrelevant"),
+                       ("CHAP_A", "Irrelevant"), ("X-Vendor", "NotUnderstood")]
+    assert not pair.ts.params.header_digest and pair.ts.params.max_burst_length == 262144  # unchanged
+    data = os.urandom(4096)
+    pair.lun.execute(scsi.cdb_write(0, 8), data)
+    pair.seen.clear()
+    r = pair.run(scsi_task(scsi.cdb_read(0, 8), read_len=4096))
+    assert r.result.data == data
+    assert [len(x.data) for x in pair.seen if x.opcode == Op.DATA_IN] == [1024] * 4  # the new limit
+    assert _text(pair, [("MaxRecvDataSegmentLength", "100")]) == [("MaxRecvDataSegmentLength", "Reject")]
+    assert pair.ts.mrdsl == 1024  # a bad declaration changes nothing
