@@ -37,7 +37,7 @@ from nfs.nfs3 import (
 from nfs.record import DEFAULT_MAX_RECORD, RecordDecoder, RecordTooLarge, record_mark
 from nfs.rpc import AuthSys, OpaqueAuth
 from nfs.transport import ConnectFactory, NullBuffers, RequestBuffers, is_stream, tcp_connect, udp_connect
-from nfs.write import CommitList
+from nfs.write import DEFAULT_MAX_UNCOMMITTED, CommitList
 from nfs.xprt import RetransmitPolicy, RpcTimeout, Rqst, SlotTable, XprtCore
 from nfs.xdr import Packer, Unpacker
 
@@ -328,7 +328,8 @@ class NfsClient:
                  proto: str | None = None, timeo: float | None = None, retrans: int | None = None,
                  timeo_max: float = 60.0, hard: bool = True, slots: int = 16,
                  buffers: RequestBuffers | None = None, cred: AuthSys | None = None,
-                 rsize: int | None = None, wsize: int | None = None) -> None:
+                 rsize: int | None = None, wsize: int | None = None,
+                 max_uncommitted: int = DEFAULT_MAX_UNCOMMITTED) -> None:
         self._connect = connect
         self._mount_connect = mount_connect or connect
         self.proto = proto
@@ -336,7 +337,10 @@ class NfsClient:
         self._timeo, self._retrans, self._timeo_max, self._hard = timeo, retrans, timeo_max, hard
         self.rpc = RpcClient(connect, policy=self._policy, proto=proto, slots=slots, buffers=buffers,
                              cred=self.cred.to_auth())
-        self.commits = CommitList()
+        self.commits = CommitList(max_bytes=max_uncommitted)
+        self._unstable_inflight = 0  # bytes of UNSTABLE writes sent, not yet answered
+        self.forced_commits = 0  # COMMITs sent to make room under max_uncommitted
+        self.forced_sync_writes = 0  # UNSTABLE writes sent FILE_SYNC because they would not fit
         self.root: bytes | None = None
         self.export: str | None = None
         self.fsinfo_res: FsInfo | None = None
@@ -373,7 +377,9 @@ class NfsClient:
         s = self.rpc.core.stats
         return {"calls": s.calls, "transmissions": s.transmissions, "retransmissions": s.retransmissions,
                 "major_timeouts": s.major_timeouts, "bad_xids": s.bad_xids, "reconnects": s.reconnects,
-                "slots_high_water": self.rpc.slots.high_water, "commit_resends": self.commits.resends}
+                "slots_high_water": self.rpc.slots.high_water, "commit_resends": self.commits.resends,
+                "uncommitted_bytes": self.commits.held, "forced_commits": self.forced_commits,
+                "forced_sync_writes": self.forced_sync_writes}
 
     async def _nfs(self, proc: int, args: bytes | bytearray | memoryview, decode: Callable[[Unpacker], T]) -> T:
         return await self.rpc.call(NFS_PROGRAM, NFS_V3, proc, args, decode)
@@ -524,18 +530,45 @@ class NfsClient:
 
     async def write_once(self, fh: bytes, offset: int, data: bytes | bytearray | memoryview,
                          stable: int = StableHow.FILE_SYNC) -> WriteResult:
-        """One WRITE RPC; records unstable data for COMMIT."""
+        """One WRITE RPC; records unstable data for COMMIT. The unstable data kept is bounded
+        (max_uncommitted, like Linux's dirty limits): past it, what is kept is committed first,
+        and data that would not fit even then is written FILE_SYNC."""
         n = len(data)
-        args = bytearray(encode_write_args_head(fh, offset, n, stable))
-        args += data
-        args += b"\0" * ((4 - n % 4) % 4)
-        res = await self._nfs(Proc.WRITE, args, decode_write_res)
+        if stable == StableHow.UNSTABLE:
+            stable = await self._make_room(n)
+        if stable == StableHow.UNSTABLE:
+            self._unstable_inflight += n
+        try:
+            args = bytearray(encode_write_args_head(fh, offset, n, stable))
+            args += data
+            args += b"\0" * ((4 - n % 4) % 4)
+            res = await self._nfs(Proc.WRITE, args, decode_write_res)
+        finally:
+            if stable == StableHow.UNSTABLE:
+                self._unstable_inflight -= n
         if res.count > n:
             raise Nfs3Error(Stat.NFS3ERR_IO, f"WRITE reply claims {res.count} of {n} bytes")
         if res.committed < stable:
             raise Nfs3Error(Stat.NFS3ERR_IO, f"WRITE asked {StableHow(stable).name}, got committed={res.committed}")
         self.commits.record(fh, offset, memoryview(data)[: res.count], res.committed, res.verf)
         return WriteResult(res.count, res.committed, res.verf)
+
+    async def _make_room(self, n: int) -> int:
+        """The stable_how an UNSTABLE write of n bytes goes out with: UNSTABLE if the kept data
+        (with the writes still in flight) stays under the cap, after COMMITting kept data if
+        need be; FILE_SYNC if it cannot fit."""
+        if n > self.commits.max_bytes:
+            self.forced_sync_writes += 1
+            return StableHow.FILE_SYNC
+        for fh in self.commits.files():
+            if self.commits.room(n + self._unstable_inflight):
+                break
+            self.forced_commits += 1
+            await self.commit(fh)
+        if not self.commits.room(n + self._unstable_inflight):
+            self.forced_sync_writes += 1  # (other tasks' unstable writes still in flight)
+            return StableHow.FILE_SYNC
+        return StableHow.UNSTABLE
 
     async def write(self, fh: bytes, offset: int, data: bytes | bytearray | memoryview,
                     stable: int = StableHow.FILE_SYNC) -> WriteResult:
@@ -559,10 +592,11 @@ class NfsClient:
         return WriteResult(done, committed, verf)
 
     async def commit(self, fh: bytes, offset: int = 0, count: int = 0) -> bytes:
-        """COMMIT; if the server's verifier changed since an unstable write (it restarted), write
-        that data again (FILE_SYNC). Returns the verifier."""
+        """COMMIT [offset, offset+count) (count 0: to the end of the file); the unstable writes
+        wholly inside that range are settled by it. If the server's verifier changed since one of
+        them (it restarted), that data is written again (FILE_SYNC). Returns the verifier."""
         for _ in range(8):
-            covered = self.commits.take(fh)
+            covered = self.commits.take(fh, offset, count)
             p = Packer()
             pack_fh(p, fh)
             p.u64(offset)

@@ -81,3 +81,48 @@ def test_slot_table_hands_a_freed_slot_to_the_oldest_waiter() -> None:
     assert t.put() is None and t.in_use == 0
     with pytest.raises(ValueError):
         SlotTable(0)
+
+
+async def test_unstable_data_kept_is_capped(nfs_server) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from nfs.client import NfsClient
+    from nfs.nfs3 import FILE_SYNC, UNSTABLE
+
+    cap = 64 * 1024
+    async with NfsClient.tcp(H, nfs_server.nfs_port, nfs_server.mount_port, hard=False, timeo=3.0,
+                             max_uncommitted=cap) as c:
+        root = await c.mount(str(nfs_server.export))
+        fh, _ = await c.create(root, "f")
+        data = os.urandom(10 * 16 * 1024)
+        for i in range(10):
+            res = await c.write(fh, i * 16384, data[i * 16384:(i + 1) * 16384], UNSTABLE)
+            assert res.committed == UNSTABLE
+            assert c.commits.held <= cap  # never more than the cap kept for resending
+        assert c.stats["forced_commits"] >= 2 and c.stats["uncommitted_bytes"] == c.commits.held
+        big = os.urandom(cap + 1)  # could never fit: written FILE_SYNC, nothing kept
+        held = c.commits.held
+        assert (await c.write(fh, len(data), big, UNSTABLE)).committed == FILE_SYNC
+        assert c.commits.held == held and c.stats["forced_sync_writes"] == 1
+        await c.commit(fh)
+        assert c.commits.held == 0
+        assert (nfs_server.export / "f").read_bytes() == data + big
+
+
+async def test_commit_settles_only_the_writes_in_its_range(nfs_server) -> None:  # type: ignore[no-untyped-def]
+    from nfs.client import NfsClient
+    from nfs.nfs3 import UNSTABLE
+
+    async with NfsClient.tcp(H, nfs_server.nfs_port, nfs_server.mount_port, hard=False, timeo=3.0) as c:
+        root = await c.mount(str(nfs_server.export))
+        fh, _ = await c.create(root, "f")
+        for off in (0, 8192, 16384):
+            await c.write(fh, off, b"a" * 4096, UNSTABLE)
+        await c.commit(fh, 8192, 4096)
+        assert sorted(w.offset for w in c.commits.writes[fh]) == [0, 16384]
+        await c.commit(fh, 2048, 16384)  # [2048, 18432): holds none of the others wholly
+        assert sorted(w.offset for w in c.commits.writes[fh]) == [0, 16384]
+        await c.commit(fh, 16384, 0)  # to the end of the file
+        assert [w.offset for w in c.commits.writes[fh]] == [0]
+        await c.commit(fh)
+        assert c.commits.held == 0 and fh not in c.commits.writes
