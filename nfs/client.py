@@ -22,9 +22,10 @@ from __future__ import annotations
 import functools
 import logging
 import socket as pysocket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import NamedTuple, TypeVar
+from dataclasses import dataclass
+from typing import TypeVar
 
 import trio
 
@@ -308,10 +309,24 @@ class RpcClient:
 # -- NFSv3 ---------------------------------------------------------------------------------------
 
 
-class WriteResult(NamedTuple):
+@dataclass(frozen=True)
+class WriteResult:
+    """What a WRITE did: `count` bytes, `committed` (StableHow), the server's `verifier`. Also
+    unpacks as the tuple (count, committed, verifier). (Not a NamedTuple: its field `count`
+    would shadow tuple.count.)"""
+
     count: int
     committed: int  # StableHow
     verifier: bytes
+
+    def __iter__(self) -> Iterator[int | bytes]:
+        return iter((self.count, self.committed, self.verifier))
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, i: int) -> int | bytes:
+        return (self.count, self.committed, self.verifier)[i]
 
 
 def _status(u: Unpacker, what: str) -> None:

@@ -447,8 +447,8 @@ class FsInfo:
     @classmethod
     def unpack(cls, u: Unpacker) -> FsInfo:
         attr = unpack_post_op_attr(u)
-        vals = [u.u32() for _ in range(7)]
-        return cls(attr, *vals, u.u64(), unpack_time(u), u.u32())
+        rtmax, rtpref, rtmult, wtmax, wtpref, wtmult, dtpref = (u.u32() for _ in range(7))
+        return cls(attr, rtmax, rtpref, rtmult, wtmax, wtpref, wtmult, dtpref, u.u64(), unpack_time(u), u.u32())
 
 
 @dataclass(frozen=True)
@@ -471,5 +471,5 @@ class FsStat:
     @classmethod
     def unpack(cls, u: Unpacker) -> FsStat:
         attr = unpack_post_op_attr(u)
-        vals = [u.u64() for _ in range(6)]
-        return cls(attr, *vals, u.u32())
+        tbytes, fbytes, abytes, tfiles, ffiles, afiles = (u.u64() for _ in range(6))
+        return cls(attr, tbytes, fbytes, abytes, tfiles, ffiles, afiles, u.u32())

@@ -14,7 +14,7 @@ import os
 import stat as pystat
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -138,7 +138,7 @@ class NfsProgram:
         # The write verifier: new at every start, so clients know to resend uncommitted data.
         self.verifier = os.urandom(8)
         self.fsid = export.fsid
-        self._handlers = {
+        self._handlers: dict[int, Callable[[Unpacker, CallContext], Awaitable[list[Buffer]]]] = {
             Proc.GETATTR: self.getattr, Proc.SETATTR: self.setattr, Proc.LOOKUP: self.lookup,
             Proc.ACCESS: self.access, Proc.READ: self.read, Proc.WRITE: self.write, Proc.CREATE: self.create,
             Proc.REMOVE: self.remove, Proc.READDIR: self.readdir, Proc.READDIRPLUS: self.readdirplus,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import hmac
 import logging
 import os
 import stat as pystat
@@ -116,7 +117,7 @@ class Export:
         if len(fh) != FH_SIZE or fh[:4] != FH_MAGIC:
             raise Nfs3Error(Stat.NFS3ERR_BADHANDLE, "not one of our handles")
         body = fh[: _FH_BODY.size]
-        if self._tag(body) != fh[_FH_BODY.size :]:
+        if not hmac.compare_digest(self._tag(body), fh[_FH_BODY.size :]):  # (constant time)
             raise Nfs3Error(Stat.NFS3ERR_BADHANDLE, "handle does not verify")
         _, fsid, ino, parent = _FH_BODY.unpack(body)
         if fsid != self.fsid:

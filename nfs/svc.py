@@ -147,7 +147,7 @@ class RpcService:
         if ev is not None:
             ev.set()
 
-    async def dispatch(self, msg: Buffer, ctx: CallContext) -> list[Buffer] | None:
+    async def dispatch(self, msg: bytes | bytearray | memoryview, ctx: CallContext) -> list[Buffer] | None:
         try:
             hdr, args = decode_call(msg)
         except RpcVersionMismatch as e:

@@ -111,7 +111,8 @@ def rpcbind() -> Iterator[subprocess.Popen | None]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 if port_open(111):
                     break  # another rpcbind won the race for port 111: use that one
-                raise TestbedError(f"rpcbind did not start: {proc.stderr.read() if proc.stderr else ''}")
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                raise TestbedError(f"rpcbind did not start: {err}")
             time.sleep(0.05)
         yield proc if proc.poll() is None else None
     finally:

@@ -336,3 +336,16 @@ async def test_every_procedure_replies_in_its_rfc_1813_shape(nfs_server) -> None
             return wcc_status(u)
 
         assert await call(Proc.COMMIT, lambda p: (pack_fh(p, d), p.u64(0), p.u32(0)), commit_dir) == Stat.NFS3ERR_ISDIR
+
+
+async def test_mount_dump_lists_who_mounted_what(nfs_server) -> None:  # type: ignore[no-untyped-def]
+    from nfs.mount import MOUNT_V3, MountProc, decode_mountlist
+
+    async with client("tcp", nfs_server) as c:
+        await c.mount(str(nfs_server.export))
+        async with RpcClient(lambda: udp_connect(H, nfs_server.mount_port), proto="udp") as m:
+            dump = await m.call(MOUNT_PROGRAM, MOUNT_V3, MountProc.DUMP, b"", decode_mountlist)
+            assert (H, str(nfs_server.export)) in dump
+            await c.umount()
+            dump = await m.call(MOUNT_PROGRAM, MOUNT_V3, MountProc.DUMP, b"", decode_mountlist)
+            assert (H, str(nfs_server.export)) not in dump
