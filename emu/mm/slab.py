@@ -311,6 +311,19 @@ class KmemCache:
             (self._partial_pf if slab.pfmemalloc else self._partial).append(slab)
         slab.inuse = inuse - 1
 
+    def free_bulk(self, slabs: list[Slab]) -> None:
+        """kmem_cache_free_bulk(): `free_obj` for each, in order (the objects of a reader's batch)."""
+        num = self.num
+        n = 0
+        for slab in slabs:
+            inuse = slab.inuse
+            if 1 < inuse < num and slab.cache is self:
+                slab.inuse = inuse - 1  # the common case: the slab stays on its partial list
+                n += 1
+            else:
+                self.free_obj(slab)
+        self.active_objs -= n
+
     def _free_empty(self, slab: Slab) -> None:
         """The last object of `slab` is being freed: keep the slab or release its pages."""
         partial = self._partial_pf if slab.pfmemalloc else self._partial

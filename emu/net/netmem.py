@@ -162,10 +162,13 @@ class NetMem:
 
     def skb_free_queue(self, q: Any) -> int:
         """kfree_skb() of every skb on a socket's receive queue (a reader consuming it all);
-        returns their truesize.  Ordinary skbs are freed inline with the counters summed."""
-        truesize = own = n = 0
+        returns their truesize.  Ordinary skbs are freed in bulk (kmem_cache_free_bulk), with the
+        counters summed; the rest one by one."""
+        truesize = own = 0
         ordinary = False
-        head_free = self.head_cache.free_obj
+        heads: list[Slab] = []
+        bufs: list[Slab] = []
+        data_cache = None  # the data buffers' cache: a flood's frames share one
         popleft = q.popleft
         while q:
             skb = popleft()
@@ -175,16 +178,23 @@ class NetMem:
                 self.skb_free(skb)  # the general case (and its double-free check)
                 continue
             skb.freed = True
-            head_free(skb.head)
-            buf.cache.free_obj(buf)
-            n += 1
+            heads.append(skb.head)
+            if buf.cache is not data_cache:
+                if data_cache is not None:
+                    data_cache.free_bulk(bufs)
+                    bufs = []
+                data_cache = buf.cache
+            bufs.append(buf)
             own += skb.own_truesize
             if not skb.memalloc:
                 ordinary = True
-        self.skbs_live -= n
-        self.skb_truesize_live -= own
-        if ordinary and self.rx_failed:
-            self.rx_failed.clear()  # as skb_free: an ordinary object went back to a slab
+        if heads:
+            self.head_cache.free_bulk(heads)
+            data_cache.free_bulk(bufs)  # type: ignore[union-attr]
+            self.skbs_live -= len(heads)
+            self.skb_truesize_live -= own
+            if ordinary and self.rx_failed:
+                self.rx_failed.clear()  # as skb_free: an ordinary object went back to a slab
         return truesize
 
     async def tx_skbs(self, sizes: list[int], sk: Sock) -> list[SkBuff]:

@@ -145,6 +145,7 @@ class Nic:
             data_caches = mem._data_cache
             max_payload = self.mtu - IP_HDR - UDP_HDR
             queue = sk.receive_queue
+            rt_saddr = rt = None  # the last route hit, valid until the general path runs
         frames = nbytes = skbs = hits = delivered = dropped = qbytes = live_truesize = 0
         try:
             for _ in range(self.batch):
@@ -159,6 +160,7 @@ class Nic:
                     continue
                 if not fast or n > max_payload or not self.ring_ok:
                     udp_input(addr[0], addr[1], laddr, lport, buf[:n], now)
+                    rt_saddr = None  # the general path may have changed the route cache
                     continue
                 size = n + IP_HDR + UDP_HDR
                 truesize = size + SKB_OVERHEAD
@@ -178,7 +180,13 @@ class Nic:
                 skbs += 1
                 # step 3, the route cache hit
                 saddr = addr[0]
-                rt = rtable.get((saddr, laddr))
+                if saddr != rt_saddr:  # a flood comes from few sources: look up once per run
+                    rt = rtable.get((saddr, laddr))
+                    if rt is not None:
+                        rt_saddr = saddr
+                        rt.lastuse = now  # (the same `now` for the whole poll)
+                    else:
+                        rt_saddr = None
                 if rt is None:
                     skb = SkBuff(mem, size, head, data_slab, True)
                     mem.skbs_live += 1
@@ -190,7 +198,6 @@ class Nic:
                     self._udp_rcv(skb, saddr, laddr, lport, now)  # a miss: allocate an entry
                     continue
                 hits += 1
-                rt.lastuse = now
                 # step 7 (2.6.22 sock_queue_rcv_skb): ordinary skbs never bypass it
                 if sk.sk_rmem_alloc + truesize >= sk.sk_rcvbuf:
                     # dropped: the skb never leaves this function, so no SkBuff is made for it

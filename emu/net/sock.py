@@ -329,5 +329,6 @@ async def app_reader(sock: Sock, resident: Callable[[], Awaitable[None]] | None 
         sock.read_all_nowait()
         if interval:
             await trio.sleep(interval)
-        else:
+        elif sock.receive_queue or sock.eof or sock.error is not None or sock.closed:
             await trio.lowlevel.checkpoint()
+        # else the queue is empty and wait_readable parks: that is the schedule point

@@ -310,3 +310,22 @@ def test_alloc_obj_and_free_obj_keep_the_same_accounting_without_handles() -> No
     c.shrink()
     other.shrink()
     assert zone.nr_free == zone.nr_pages
+
+
+def test_free_bulk_leaves_what_freeing_one_by_one_leaves() -> None:
+    def run(bulk: bool) -> tuple[object, ...]:
+        zone = Zone(1 << 20)
+        c = KmemCache("size-1024", 1024, zone=zone)  # 4 objects a slab: every path of free_obj
+        slabs = [c.alloc_obj(GFP_ATOMIC) for _ in range(37)]
+        keep = slabs[5:9] + slabs[20:21]
+        gone = [s for i, s in enumerate(slabs) if not (5 <= i < 9 or i == 20)]
+        if bulk:
+            c.free_bulk(gone)  # type: ignore[arg-type]
+        else:
+            for s in gone:
+                c.free_obj(s)  # type: ignore[arg-type]
+        return (c.active_objs, c.nr_slabs, len(c._partial), len(c._free), zone.nr_free,
+                [s.inuse for s in keep], zone.nr_slab_free)
+
+    assert run(True) == run(False)
+    assert run(True)[0] == 5
