@@ -61,6 +61,20 @@ def check(res: RunResult, policy: str) -> None:
 @pytest.mark.parametrize("policy", ["none", "v12", "pfmemalloc"])
 async def test_backend_policy(server: tuple[str, ServerProcess], policy: str) -> None:
     backend, sp = server
-    res = await run_host(scenario(backend, policy), sp.server)
+    sc = scenario(backend, policy)
+    if backend == "nfs-tcp" and policy == "none":
+        # Over TCP a held reply chunk is re-offered after each RTO and now and then finds a
+        # recycled skb-data slab object at the floor: the host is stuck but can creep, so the
+        # watchdog's "no progress at all for 2.5 s" may not hold. Either way it must be stuck.
+        sc.watchdog.timeout = 20.0
+        res = await run_host(sc, sp.server)
+        assert res.outcome in ("deadlock", "timeout"), res.outcome
+        assert res.accesses_done < res.accesses_total // 4, (res.accesses_done, res.accesses_total)
+        assert res.drops["rx_nomem"] > 0 and res.min_free <= res.atomic_floor
+        assert res.integrity["mismatches"] == 0
+        if res.outcome == "deadlock":
+            check(res, policy)
+        return
+    res = await run_host(sc, sp.server)
     assert res.backend == backend and res.policy == policy
     check(res, policy)
