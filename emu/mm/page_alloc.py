@@ -267,7 +267,11 @@ class Zone:
         """Release every empty slab the caches keep (a shrink of all caches); returns pages."""
         caches = self.slab_free_caches
         self.slab_free_caches = []
-        return sum(c.shrink() for c in caches)
+        pages = 0
+        for c in caches:
+            c._drain_listed = False
+            pages += c.shrink()
+        return pages
 
     def entitled(self, gfp: Gfp | int, task: Task | None = None) -> bool:
         """Would this context get ALLOC_NO_WATERMARKS (the reserve) for `gfp`?"""

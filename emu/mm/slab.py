@@ -196,7 +196,10 @@ class KmemCache:
         self.order, self.num, self.off_slab = calculate_slab_order(self.buffer_size, zone.page_size, break_order)
         self._partial: list[Slab] = []  # normal slabs with a free object
         self._partial_pf: list[Slab] = []  # pfmemalloc slabs with a free object
-        self._free: list[Slab] = []  # empty normal slabs kept for reuse (slabs_free)
+        # Empty normal slabs are kept for reuse on the partial list itself, as SLUB keeps empty
+        # slabs there up to min_partial: going empty and back into use moves nothing.
+        self.nr_empty = 0
+        self._drain_listed = False  # on the zone's list of caches to drain
         # kept empty slabs are bounded in objects, as SLAB bounds its free objects
         self.free_limit = cache_free_limit(self.buffer_size, self.num, zone.page_size)
         self.nr_slabs = 0
@@ -242,14 +245,16 @@ class KmemCache:
         partial = self._partial
         if partial:  # the common case, inlined: an object on a normal partial slab
             slab = partial[-1]
-            inuse = slab.inuse + 1
+            inuse = slab.inuse
+            if not inuse:  # a kept empty slab goes back into use
+                self.nr_empty -= 1
+                self.zone.nr_slab_free -= len(slab.pages)
+            inuse += 1
             slab.inuse = inuse
             if inuse == self.num:
                 partial.pop()
             self.active_objs += 1
             return slab
-        if self._free:
-            return self._take(self._reuse(), partial)  # a normal slab: fine for any caller
         zone = self.zone
         if not zone.entitled(gfp):
             pages = zone.alloc_pages(gfp, self.order)
@@ -269,13 +274,6 @@ class KmemCache:
                 return None
         slab = self._grow(pages)
         return self._take(slab, self._partial_pf if slab.pfmemalloc else self._partial)
-
-    def _reuse(self) -> Slab:
-        """Move a kept empty slab back to the partial list."""
-        slab = self._free.pop()
-        self._partial.append(slab)
-        self.zone.nr_slab_free -= len(slab.pages)
-        return slab
 
     async def alloc_wait(self, gfp: Gfp | int) -> SlabObj:
         """kmem_cache_alloc() for callers that may sleep (reclaims; OutOfMemory if impossible)."""
@@ -325,18 +323,21 @@ class KmemCache:
         self.active_objs -= n
 
     def _free_empty(self, slab: Slab) -> None:
-        """The last object of `slab` is being freed: keep the slab or release its pages."""
-        partial = self._partial_pf if slab.pfmemalloc else self._partial
-        if self.num > 1:
-            partial.remove(slab)  # (a one-object slab was full, so on no list)
+        """The last object of `slab` is being freed: keep the slab (on the partial list) or
+        release its pages."""
         zone = self.zone
-        if (not slab.pfmemalloc and (len(self._free) + 1) * self.num <= self.free_limit
+        if (not slab.pfmemalloc and (self.nr_empty + 1) * self.num <= self.free_limit
                 and zone.free_slab_keep_ok()):
-            if not self._free:
-                zone.slab_free_caches.append(self)
-            self._free.append(slab)
+            if self.num == 1:
+                self._partial.append(slab)  # a one-object slab was full, so on no list
+            self.nr_empty += 1
             zone.nr_slab_free += len(slab.pages)
+            if not self._drain_listed:
+                self._drain_listed = True
+                zone.slab_free_caches.append(self)
             return
+        if self.num > 1:
+            (self._partial_pf if slab.pfmemalloc else self._partial).remove(slab)
         self._destroy(slab)
 
     def _destroy(self, slab: Slab) -> None:
@@ -348,20 +349,25 @@ class KmemCache:
 
     def shrink(self) -> int:
         """kmem_cache_shrink(): release the kept empty slabs; returns the pages freed."""
-        kept = self._free
-        if not kept:
+        if not self.nr_empty:
             return 0
-        self._free = []
         pages = 0
-        for slab in kept:
+        partial = self._partial
+        for slab in [s for s in partial if not s.inuse]:
+            partial.remove(slab)
             pages += len(slab.pages)
             self._destroy(slab)
+        self.nr_empty = 0
         self.zone.nr_slab_free -= pages
         return pages
 
+    def kept_slabs(self) -> list[Slab]:
+        """The empty slabs kept for reuse."""
+        return [s for s in self._partial if not s.inuse]
+
     def slabinfo_line(self) -> str:
         num_objs = self.nr_slabs * self.num
-        active_slabs = self.nr_slabs - len(self._free)
+        active_slabs = self.nr_slabs - self.nr_empty
         return (
             f"{self.name:<20} {self.active_objs:>6} {num_objs:>6} {self.buffer_size:>6} {self.num:>4} "
             f"{1 << self.order:>4} : tunables    0    0    0 : slabdata {active_slabs:>6} {self.nr_slabs:>6}      0"

@@ -146,6 +146,7 @@ class Nic:
             max_payload = self.mtu - IP_HDR - UDP_HDR
             queue = sk.receive_queue
             rt_saddr = rt = None  # the last route hit, valid until the general path runs
+            cache_size = -1
         frames = nbytes = skbs = hits = delivered = dropped = qbytes = live_truesize = 0
         try:
             for _ in range(self.batch):
@@ -165,9 +166,9 @@ class Nic:
                 size = n + IP_HDR + UDP_HDR
                 truesize = size + SKB_OVERHEAD
                 # step 1: both allocations (kmalloc of size + shared info: a cache, as size <= MTU)
-                cache = data_caches.get(size)
-                if cache is None:
-                    cache = mem.data_cache(size)
+                if size != cache_size:  # a flood repeats one size
+                    cache = data_caches.get(size) or mem.data_cache(size)
+                    cache_size = size
                 head = head_alloc(GFP_ATOMIC)
                 data_slab = cache.alloc_obj(GFP_ATOMIC) if head is not None else None
                 frames += 1

@@ -166,9 +166,9 @@ def test_slab_invariant_under_random_pressure(policy: Policy, ops: list[tuple[st
         assert zone.nr_free + slab_pages + len(squeezed) == zone.nr_pages
         assert sum(c.active_objs for c in caches) == len(live)
         # kept empty slabs: normal, empty, bounded, and counted by the zone
-        kept = [s for c in caches for s in c._free]
+        kept = [s for c in caches for s in c.kept_slabs()]
         assert all(not s.pfmemalloc and s.inuse == 0 for s in kept)
-        assert all(len(c._free) * c.num <= c.free_limit for c in caches)
+        assert all(len(c.kept_slabs()) == c.nr_empty and c.nr_empty * c.num <= c.free_limit for c in caches)
         assert zone.nr_slab_free == sum(len(s.pages) for s in kept)
     for obj in live:
         kfree(obj)
@@ -239,13 +239,13 @@ def test_empty_slabs_are_kept_up_to_free_limit_and_reused() -> None:
     for o in objs:
         c.free(o)  # type: ignore[arg-type]
     # 17 empty slabs (255 objects) are kept, the other 3 go back to the page allocator
-    assert len(c._free) == 17 and zone.nr_slab_free == 17 and c.nr_slabs == 17
+    assert c.nr_empty == 17 and zone.nr_slab_free == 17 and c.nr_slabs == 17
     assert zone.nr_free == free_before + 3 and zone.state["nr_slab"] == 17
     assert c.active_objs == 0
     assert c.slabinfo_line().split()[13:15] == ["0", "17"]  # slabdata: 0 active of 17 slabs
     # Refilling takes the kept slabs first: no page allocation for 255 objects.
     again = [c.alloc(GFP_ATOMIC) for _ in range(255)]
-    assert zone.vmstat["pgalloc"] == pgalloc and zone.nr_slab_free == 0 and not c._free
+    assert zone.vmstat["pgalloc"] == pgalloc and zone.nr_slab_free == 0 and not c.kept_slabs()
     for o in again:
         c.free(o)  # type: ignore[arg-type]
     assert c.shrink() == 17 and c.nr_slabs == 0 and zone.nr_free == zone.nr_pages
@@ -324,7 +324,7 @@ def test_free_bulk_leaves_what_freeing_one_by_one_leaves() -> None:
         else:
             for s in gone:
                 c.free_obj(s)  # type: ignore[arg-type]
-        return (c.active_objs, c.nr_slabs, len(c._partial), len(c._free), zone.nr_free,
+        return (c.active_objs, c.nr_slabs, len(c._partial), c.nr_empty, zone.nr_free,
                 [s.inuse for s in keep], zone.nr_slab_free)
 
     assert run(True) == run(False)
