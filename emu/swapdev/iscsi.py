@@ -42,8 +42,7 @@ class IscsiSwapLun:
         # The SCSI device queue depth, 16 like the NFS transport's RPC slot table (open-iscsi: 32):
         # commands beyond it wait in the block layer, not on the wire.
         self.queue = trio.Semaphore(queue_depth)
-        self.buffers = (HostBuffers(net.slabs, GFP_NOIO, ("iscsi_task", ISCSI_TASK), ("iscsi_pdu_hdr", 512))
-                        if via_host else None)
+        self.buffers = HostBuffers(net.slabs, GFP_NOIO, ISCSI_TASK) if via_host else None
         self.ini: Any = None
         self.page_size = 4096
         self.nr_pages = 0

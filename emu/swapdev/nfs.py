@@ -20,10 +20,10 @@ import trio
 
 from emu.mm.gfp import GFP_NOFS
 from emu.mm.sched import TaskFlags, memalloc_noreclaim, task
-from emu.mm.sizes import RPC_RQST, RPC_TASK
+from emu.mm.sizes import RPC_RQST
 from emu.mm.swap import SwapIOError
 from emu.servers import NfsServer
-from emu.swapdev.buffers import HEAD_MAX, HostBuffers
+from emu.swapdev.buffers import HostBuffers
 from emu.swapdev.inflight import Inflight
 
 PREALLOC_CHUNK = 32 * 1024
@@ -45,8 +45,7 @@ class NfsSwapFile:
         self.timeo = timeo
         self.via_host = via_host
         self.inflight = Inflight()
-        self.buffers = (HostBuffers(net.slabs, GFP_NOFS, ("rpc_tasks", RPC_TASK + RPC_RQST), ("rpc_buffers", HEAD_MAX))
-                        if via_host else None)
+        self.buffers = HostBuffers(net.slabs, GFP_NOFS, RPC_RQST) if via_host else None
         self.client: Any = None
         self.fh: bytes = b""
         self.page_size = 4096
