@@ -312,14 +312,17 @@ class KmemCache:
     def free_bulk(self, slabs: list[Slab]) -> None:
         """kmem_cache_free_bulk(): `free_obj` for each, in order (the objects of a reader's batch)."""
         num = self.num
+        partial = self._partial
         n = 0
         for slab in slabs:
             inuse = slab.inuse
-            if 1 < inuse < num and slab.cache is self:
-                slab.inuse = inuse - 1  # the common case: the slab stays on its partial list
-                n += 1
-            else:
-                self.free_obj(slab)
+            if inuse < 2 or slab.cache is not self:
+                self.free_obj(slab)  # its last object (keep or release the slab), or a bad free
+                continue
+            if inuse == num:  # it was full: back on its partial list
+                (self._partial_pf if slab.pfmemalloc else partial).append(slab)
+            slab.inuse = inuse - 1
+            n += 1
         self.active_objs -= n
 
     def _free_empty(self, slab: Slab) -> None:

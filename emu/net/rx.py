@@ -168,9 +168,10 @@ class Nic:
                 # step 1: both allocations (kmalloc of size + shared info: a cache, as size <= MTU)
                 if size != cache_size:  # a flood repeats one size
                     cache = data_caches.get(size) or mem.data_cache(size)
+                    data_alloc = cache.alloc_obj
                     cache_size = size
                 head = head_alloc(GFP_ATOMIC)
-                data_slab = cache.alloc_obj(GFP_ATOMIC) if head is not None else None
+                data_slab = data_alloc(GFP_ATOMIC) if head is not None else None
                 frames += 1
                 nbytes += size
                 if data_slab is None:
