@@ -198,6 +198,10 @@ class NfsSwapFile:
                 raise ValueError(f"bad swap op {op!r}")
         except Nfs3Error as e:
             raise SwapIOError(f"NFS {op} at slot {slot}: {e}") from e
+        except trio.ClosedResourceError as e:
+            # The transport was shut down under the I/O (swapoff, or the end of a stuck run): an
+            # I/O error for this page, as for a dead server, not a crash of the host.
+            raise SwapIOError(f"NFS {op} at slot {slot}: client closed") from e
 
     async def swap_deactivate(self) -> None:
         await self.close()
