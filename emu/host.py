@@ -342,10 +342,7 @@ class Host:
             self.procs.append(proc)
             checkpoint = trio.lowlevel.checkpoint
             for page, write in pattern:
-                if write:
-                    await write_page(proc, page)
-                else:
-                    await proc.touch(page, write=False)
+                await proc.touch(page, write=write)
                 self.done += 1
                 await checkpoint()  # a resident access never sleeps: let the others run (the tick)
             # Finally read every page back once and check its bytes, resident or swapped.
@@ -527,7 +524,7 @@ class Host:
             proc = Process(self.mm, f"app{i}", tr.app_pages)
             with task(f"app{i}"):
                 for page in range(tr.app_pages):
-                    await write_page(proc, page)
+                    await proc.touch(page, write=True)
             self.apps.append(proc)
             port = free_port(udp_too=True)
             while port in self.app_ports:
@@ -594,22 +591,6 @@ class Host:
                 await self.storage.close()
         with contextlib.suppress(Exception):
             self.net.close_all()
-
-
-async def write_page(proc: Any, page: int) -> None:
-    """proc.touch(page, write=True), working around a lost update in emu/mm: touch() on a page
-    under writeback sleeps, and if reclaim unmaps and frees the page meanwhile the write lands in
-    the freed frame (the next swap-in then finds the previous version). Waiting out writeback
-    first makes touch() write without sleeping (or fault the page back in if it was unmapped)."""
-    from emu.mm.page_alloc import Page
-    from emu.mm.sched import waiting
-
-    pte = proc.pte[page]
-    while pte.__class__ is Page and pte.PG_writeback:
-        with waiting("D writeback", "wait_on_page_writeback"):
-            await proc.mm.wait_writeback_progress()
-        pte = proc.pte[page]
-    await proc.touch(page, write=True)
 
 
 def stop_process(p: subprocess.Popen[bytes]) -> None:

@@ -71,8 +71,9 @@ class Process:
         if pte.__class__ is Page:
             pte.PG_referenced = True  # the hardware accessed bit
             if write:
-                if pte.PG_writeback or pte.PG_swapcache:
-                    await self._prepare_write(page_no, pte)
+                if (pte.PG_writeback or pte.PG_swapcache) and not await self._prepare_write(page_no, pte):
+                    await self._fault(page_no, True, None)  # the pte changed while we slept
+                    return
                 self._write(page_no, pte, None)
             return
         await self._fault(page_no, write, None)
@@ -86,8 +87,9 @@ class Process:
         pte = self.pte[page_no]
         if pte.__class__ is Page:
             pte.PG_referenced = True
-            if pte.PG_writeback or pte.PG_swapcache:
-                await self._prepare_write(page_no, pte)
+            if (pte.PG_writeback or pte.PG_swapcache) and not await self._prepare_write(page_no, pte):
+                await self._fault(page_no, True, content)  # the pte changed while we slept
+                return
             self._write(page_no, pte, content)
             return
         await self._fault(page_no, True, content)
@@ -118,14 +120,25 @@ class Process:
             page.data[:] = content
         page.PG_dirty = True
 
-    async def _prepare_write(self, page_no: int, page: Page) -> None:
-        """A write to a page in the swap cache: wait out its writeback, drop its slot."""
+    async def _prepare_write(self, page_no: int, page: Page) -> bool:
+        """A write to a page in the swap cache: wait out its writeback, drop its slot.
+
+        Returns False when, after a sleep, the pte no longer maps `page` (reclaim swapped it out
+        again, freed it, or another fault replaced it): the caller must retry the fault rather
+        than write into a frame that may be free or reused — the pte_same() recheck of
+        do_swap_page()/do_wp_page() after lock_page().
+        """
         mm = self.mm
         while page.PG_writeback:
             with waiting("D writeback", "wait_on_page_writeback"):
                 await mm.wait_writeback_progress()
-        if page.PG_swapcache and self.pte[page_no] is page:
+            if self.exited or self.pte[page_no] is not page:
+                return False
+        if self.pte[page_no] is not page:
+            return False
+        if page.PG_swapcache:
             mm.delete_from_swap_cache(page, free_slot=True)
+        return True
 
     async def _fault(self, page_no: int, write: bool, content: bytes | None) -> None:
         mm = self.mm
@@ -158,8 +171,8 @@ class Process:
                 self._map(page_no, page)
             page.PG_referenced = True
             if write:
-                if page.PG_writeback or page.PG_swapcache:
-                    await self._prepare_write(page_no, page)
+                if (page.PG_writeback or page.PG_swapcache) and not await self._prepare_write(page_no, page):
+                    continue  # swapped out, freed or replaced while we slept: fault again
                 self._write(page_no, page, content)
             return
 
