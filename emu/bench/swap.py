@@ -26,6 +26,7 @@ from emu import scenario as scen
 from emu.bench.result import BenchResult, emit
 
 RSS_SLACK = 64 << 20
+QUEUE_DEPTH = 16  # the NFS transport's RPC slot table, the iSCSI LUN's queue depth
 
 
 def _vm_hwm() -> int:
@@ -36,27 +37,30 @@ def _vm_hwm() -> int:
     return 0
 
 
-def _scenario(backend: str, ram: int, pages: int) -> scen.Scenario:
+def _scenario(backend: str, ram: int, pages: int, swap_cluster: int = 1) -> scen.Scenario:
     sc = scen.default().replace(backend=backend, policy="pfmemalloc")
     sc.host.ram = ram
     sc.host.min_free_kbytes = 0
+    sc.host.swap_cluster = swap_cluster
     sc.host.swap = max(sc.host.swap, (pages + 64) * sc.host.page_size)
     sc.traffic.profile = "none"
     sc.traffic.apps = 0
     return sc
 
 
-async def emulated(sc: scen.Scenario, server: Any, pages: int) -> dict[str, float]:
+async def emulated(sc: scen.Scenario, server: Any, pages: int) -> dict[str, Any]:
     from emu.host import Host
     from emu.mm.process import Process
     from emu.mm.sched import task
 
     host = Host(sc, server)
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
     async with trio.open_nursery() as n:
         await host.start_kernel(n)
         await host.swapon(n)
         vm = host.vmstat.counters
+        trace: list[tuple[str, int, int]] = []
+        host.storage.inflight.trace = trace  # every request, replayed by the baseline
         with task("bench"):
             proc = Process(host.mm, "bench", pages)
             t0, o0 = time.perf_counter(), vm["pswpout"]
@@ -67,19 +71,74 @@ async def emulated(sc: scen.Scenario, server: Any, pages: int) -> dict[str, floa
                 await host.mm.wait_writeback_progress()
             t1 = time.perf_counter()
             out["out_pages"], out["out_s"] = vm["pswpout"] - o0, t1 - t0
-            i0 = vm["pswpin"]
+            out["out_trace"] = trace[:]
+            del trace[:]
+            i0, o1 = vm["pswpin"], vm["pswpout"]
             for p in range(pages):
                 await proc.touch(p, write=False)
                 await trio.lowlevel.checkpoint()
+            while host.mm.nr_writeback:  # the phase's own swap-outs (the pages it displaced)
+                await host.mm.wait_writeback_progress()
             out["in_pages"], out["in_s"] = vm["pswpin"] - i0, time.perf_counter() - t1
+            out["in_phase_out_pages"] = vm["pswpout"] - o1
+            out["in_trace"] = trace[:]
+            host.storage.inflight.trace = None
         out["mismatches"] = host.mm.nr_verify_errors
         out["hwm"] = _vm_hwm()
         n.cancel_scope.cancel()  # unwinds the client (and its session) with everything else
     return out
 
 
-async def baseline(backend: str, server: Any, out_pages: int, in_pages: int, nr_slots: int) -> dict[str, float]:
-    """The same storage class over plain sockets: same requests, same concurrency."""
+async def replay(st: Any, trace: list[tuple[str, int, int]], page_size: int = 4096,
+                 max_writes: int = QUEUE_DEPTH) -> None:
+    """Make the requests of `trace` in its order: reads one at a time (a fault waits for its
+    page), writes up to `max_writes` in flight at once alongside them (reclaim does not wait for
+    them; the transport's slot table / the device queue bounds them at 16). A read of a slot
+    written earlier in the same trace waits for that write, as a fault on a page under writeback
+    finds it in the swap cache rather than on the storage. Every page read is checked against
+    the slot stamp it was written with."""
+    reads = [(slot, n) for op, slot, n in trace if op == "read"]
+    writes = [(slot, n) for op, slot, n in trace if op == "write"]
+    pending: dict[int, trio.Event] = {}
+    for slot, n in writes:
+        for s in range(slot, slot + n):
+            pending[s] = trio.Event()
+    witer = iter(writes)
+
+    async def writer() -> None:
+        buf = bytearray(page_size * 64)
+        for slot, n in witer:
+            views = [memoryview(buf)[i * page_size:(i + 1) * page_size] for i in range(n)]
+            for i in range(n):  # each page stamped with its slot, checked when read back
+                buf[i * page_size:i * page_size + 8] = (slot + i).to_bytes(8, "little")
+            await st.swap_rw("write", slot, views)
+            for s in range(slot, slot + n):
+                pending[s].set()
+
+    async def reader() -> None:
+        buf = bytearray(page_size * 64)
+        for slot, n in reads:
+            for s in range(slot, slot + n):
+                ev = pending.get(s)
+                if ev is not None:
+                    await ev.wait()
+            views = [memoryview(buf)[i * page_size:(i + 1) * page_size] for i in range(n)]
+            await st.swap_rw("read", slot, views)
+            for i in range(n):
+                got = int.from_bytes(buf[i * page_size:i * page_size + 8], "little")
+                if got != slot + i:
+                    raise RuntimeError(f"baseline read back the wrong data at slot {slot + i}: stamp {got}")
+
+    async with trio.open_nursery() as w:
+        for _ in range(min(max_writes, len(writes))):
+            w.start_soon(writer)
+        if reads:
+            w.start_soon(reader)
+
+
+async def baseline(backend: str, server: Any, out_trace: list[tuple[str, int, int]],
+                   in_trace: list[tuple[str, int, int]], nr_slots: int) -> dict[str, float]:
+    """The same storage class over plain sockets: the same requests, the same concurrency."""
     if backend == "iscsi":
         from emu.swapdev.iscsi import IscsiSwapLun
 
@@ -88,42 +147,39 @@ async def baseline(backend: str, server: Any, out_pages: int, in_pages: int, nr_
         from emu.swapdev.nfs import NfsSwapFile
 
         st = NfsSwapFile(None, server, "udp" if backend == "nfs-udp" else "tcp", via_host=False)
-    page = bytearray(4096)
     res: dict[str, float] = {}
     async with trio.open_nursery() as n:
         await n.start(st.run)
         await st.swap_activate(nr_slots, 4096)
-        slots = list(range(1, 1 + out_pages))
         t0 = time.perf_counter()
-
-        async def writer(i: int) -> None:
-            buf = bytearray(page)
-            for s in slots[i::16]:
-                buf[:8] = s.to_bytes(8, "little")
-                await st.swap_rw("write", s, [memoryview(buf)])
-
-        async with trio.open_nursery() as w:
-            for i in range(16):
-                w.start_soon(writer, i)
+        await replay(st, out_trace)
         t1 = time.perf_counter()
-        buf = bytearray(4096)
-        for s in slots[:in_pages] if in_pages <= len(slots) else slots:
-            await st.swap_rw("read", s, [memoryview(buf)])
-            if int.from_bytes(buf[:8], "little") != s:
-                raise RuntimeError(f"baseline read back the wrong data at slot {s}")
+        await replay(st, in_trace)
         t2 = time.perf_counter()
         res.update(out_s=t1 - t0, in_s=t2 - t1)
         n.cancel_scope.cancel()
     return res
 
 
+def _ops(trace: list[tuple[str, int, int]]) -> dict[str, int]:
+    """Requests and pages per op of a phase (both sides made exactly these)."""
+    c: dict[str, int] = {}
+    for op, _slot, n in trace:
+        c[op] = c.get(op, 0) + 1
+        c[f"{op}_pages"] = c.get(f"{op}_pages", 0) + n
+    return c
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--backend", type=click.Choice(scen.BACKENDS), default="nfs-udp", show_default=True, help="Swap storage to measure.")
 @click.option("--ram", default="12M", show_default=True, metavar="SIZE", help="Emulated RAM.")
 @click.option("--pages", type=click.IntRange(min=256), default=8192, show_default=True, help="Pages the process writes and reads back (more than RAM).")
+@click.option("--swap-cluster", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Pages per swap I/O: contiguous slots written together, and the swap-in readahead "
+                   "window (2^page_cluster = 8 at most); 1 = one page per request, as the demo.")
 @click.option("--server", metavar="URL", help="Measure against this server instead of starting ours.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def bench_swap(backend: str, ram: str, pages: int, server: str | None, as_json: bool) -> None:
+def bench_swap(backend: str, ram: str, pages: int, swap_cluster: int, server: str | None, as_json: bool) -> None:
     """Emulated host swap throughput vs the same client unemulated.
 
     Prints swap-out and swap-in pages/s of the emulated host, of the same client writing and
@@ -141,14 +197,14 @@ def bench_swap(backend: str, ram: str, pages: int, server: str | None, as_json: 
         raise click.BadParameter(str(e), param_hint="--ram") from None
     if pages * 4096 <= ram_b:
         raise click.BadParameter(f"{pages} pages fit in RAM ({ram}): nothing would swap", param_hint="--pages")
-    sc = _scenario(backend, ram_b, pages)
+    sc = _scenario(backend, ram_b, pages, swap_cluster)
     nr_slots = sc.host.swap // 4096
 
     def measure(srv: Any) -> tuple[dict[str, float], dict[str, float]]:
         console.print(f"[bold]bench swap[/]: {backend}, {pages} pages through a {ram} emulated host ...")
         emu_r = trio.run(emulated, sc, srv, pages)
         console.print("baseline: the same client over plain sockets ...")
-        base_r = trio.run(baseline, backend, srv, int(emu_r["out_pages"]), int(emu_r["in_pages"]), nr_slots)
+        base_r = trio.run(baseline, backend, srv, emu_r["out_trace"], emu_r["in_trace"], nr_slots)
         return emu_r, base_r
 
     if server:
@@ -163,13 +219,16 @@ def bench_swap(backend: str, ram: str, pages: int, server: str | None, as_json: 
             emu_r, base_r = measure(sp.server)
 
     limit = ram_b + RSS_SLACK
-    extra = {"backend": backend, "ram": ram_b, "pages": pages, "vm_hwm": int(emu_r["hwm"]),
+    extra = {"backend": backend, "ram": ram_b, "pages": pages, "swap_cluster": swap_cluster, "vm_hwm": int(emu_r["hwm"]),
              "rss_limit": limit, "rss_ok": emu_r["hwm"] <= limit, "mismatches": int(emu_r["mismatches"])}
     results = [
         BenchResult("swap-out", "pages/s", emu_r["out_pages"] / emu_r["out_s"], emu_r["out_pages"] / base_r["out_s"],
-                    "same client, plain sockets", extra={**extra, "pages_out": int(emu_r["out_pages"])}),
+                    "same client, plain sockets", extra={**extra, "pages_out": int(emu_r["out_pages"]),
+                                                                "requests": _ops(emu_r["out_trace"])}),
         BenchResult("swap-in", "pages/s", emu_r["in_pages"] / emu_r["in_s"], emu_r["in_pages"] / base_r["in_s"],
-                    "same client, plain sockets", extra={**extra, "pages_in": int(emu_r["in_pages"])}),
+                    "same client, plain sockets", extra={**extra, "pages_in": int(emu_r["in_pages"]),
+                                                                "pages_out_meanwhile": int(emu_r["in_phase_out_pages"]),
+                                                                "requests": _ops(emu_r["in_trace"])}),
     ]
     emit(results, as_json, console=Console())
     if not as_json:

@@ -38,6 +38,9 @@ class Inflight:
     written: dict[int, int] = field(default_factory=dict)
     audit_mismatches: list[dict[str, object]] = field(default_factory=list)
     audit_checked: int = 0
+    # When a list: every I/O as it starts, (op, slot, nr_pages) — `netswap bench swap` replays it
+    # over plain sockets so that its baseline makes exactly the emulated host's requests.
+    trace: list[tuple[str, int, int]] | None = None
 
     def wrote(self, slot: int, data: bytes | bytearray | memoryview, page_size: int) -> None:
         mv = memoryview(data).cast("B")
@@ -58,6 +61,8 @@ class Inflight:
     @contextmanager
     def track(self, op: str, slot: int, nr_pages: int, what: str = "") -> Iterator[SwapIO]:
         io = SwapIO(next(self._ids), op, slot, nr_pages, trio.current_time(), what=what)
+        if self.trace is not None:
+            self.trace.append((op, slot, nr_pages))
         self.ios[io.id] = io
         ok = False
         try:
