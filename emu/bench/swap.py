@@ -1,14 +1,17 @@
 """`netswap bench swap`: the emulated host's swap throughput against the same client unemulated.
 
 Figure: an emulated host (policy pfmemalloc, no background traffic) with a process that writes
-N pages (more than its RAM: reclaim swaps pages out, one WRITE per page) and then reads them all
-back (faults swap them in, each verified). Swap-out and swap-in pages/s come from pswpout and
+N pages (more than its RAM: reclaim swaps pages out, one WRITE per page as in the demo, or with
+`--swap-cluster N` contiguous slots together and swap-in readahead of up to 2^page_cluster = 8
+pages) and then reads them all back (faults swap them in, each verified). Swap-out and swap-in pages/s come from pswpout and
 pswpin over each phase.
 
 Baseline, in the same run, to the same server: the same swap storage class (same NFS client or
-iSCSI initiator, same per-page requests) over plain loopback sockets, writing as many pages with
-as many requests in flight as the RPC slot table allows (16) and reading them back one at a time
-(a fault waits for its page), as the emulated host does.
+iSCSI initiator, same RPC slot table / device queue of 16) over plain loopback sockets, replaying
+the exact requests the emulated host made in each phase (recorded by `Inflight.trace`: same slots,
+same pages per request, in the same order): reads one at a time (a fault waits for its page), writes
+up to 16 in flight alongside them. The swap-in phase's requests include the swap-outs of the dirty
+pages its faults displace, so the baseline does that I/O too.
 
 Also checked: the process's peak resident memory (VmHWM) against emulated RAM + 64 MiB.
 """
