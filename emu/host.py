@@ -131,12 +131,15 @@ def traffic_argv(tr: scen.TrafficSection, ports: list[int], duration: float) -> 
 class Host:
     """Assembles one emulated host for a scenario and a server (see the module docstring)."""
 
-    def __init__(self, sc: scen.Scenario, server: Server) -> None:
+    def __init__(self, sc: scen.Scenario, server: Server, *, raw_traffic: bool = True) -> None:
+        """`raw_traffic=False` sends the background traffic as an unprivileged user would even
+        when we are root: plain UDP over an ordinary socket, no spoofed sources, no fragments."""
         from emu.mm.gfp import Policy
         from emu.mm.page_alloc import Zone
         from emu.mm.vmstat import VmStat
 
         self.sc = sc
+        self.raw_traffic = raw_traffic
         self.server = server
         self.policy = Policy(sc.policy)
         h = sc.host
@@ -189,47 +192,18 @@ class Host:
         self.net = NetStack(self.mm, self.policy, mtu=h.mtu, rmem_default=h.rmem_default,
                             ipfrag_high_thresh=h.ipfrag_high_thresh, ipfrag_low_thresh=h.ipfrag_low_thresh,
                             ipfrag_time=h.ipfrag_time)
-        self.swap_reply_drops: dict[str, int] = {}
-        self._instrument_swap_replies()
 
-    # The receive stage counts drops per reason host-wide and per socket only in total; the
-    # report wants to know why the *swap transport's* replies were dropped. Wrap the NIC's input
-    # functions (before any wire starts) and attribute the counter deltas of frames arriving on
-    # the swap transport's sockets to it.
-    _DROP_REASONS = ("rx_nomem", "route_nomem", "frag_nomem", "no_socket", "pfmemalloc_drop", "rcvbuf_full")
-
-    def _instrument_swap_replies(self) -> None:
-        nic = self.net.nic
-        stat = self.net.stat
-        reasons = self._DROP_REASONS
-        drops = self.swap_reply_drops
-        swap_ports: set[int] = set()
-        self._swap_ports = swap_ports
-        orig_udp, orig_tcp = nic.udp_input, nic.tcp_input
-
-        def account(before: tuple[int, ...]) -> None:
-            for name, b in zip(reasons, before):
-                d = getattr(stat, name) - b
-                if d:
-                    drops[name] = drops.get(name, 0) + d
-
-        def udp_input(saddr: str, sport: int, daddr: str, dport: int, data: Any, now: float) -> None:
-            if dport not in swap_ports:
-                return orig_udp(saddr, sport, daddr, dport, data, now)
-            before = tuple(getattr(stat, n) for n in reasons)
-            orig_udp(saddr, sport, daddr, dport, data, now)
-            account(before)
-
-        def tcp_input(sk: Any, chunk: bytes, now: float) -> bool:
-            if sk.lport not in swap_ports:
-                return orig_tcp(sk, chunk, now)
-            before = tuple(getattr(stat, n) for n in reasons)
-            ok = orig_tcp(sk, chunk, now)
-            account(before)
-            return ok
-
-        nic.udp_input = udp_input
-        nic.tcp_input = tcp_input
+    @property
+    def swap_reply_drops(self) -> dict[str, int]:
+        """Why the swap transport's replies were dropped, by reason: the per-socket drop reasons
+        (Sock.rx_drops, attributed before demux too: rx_nomem, route_nomem, frag_nomem) summed
+        over every socket the transport has had (the storage keeps them across reconnects)."""
+        drops: dict[str, int] = {}
+        for sk in getattr(self.storage, "sockets", None) or ():
+            for reason, n in sk.rx_drops.items():
+                if n:
+                    drops[reason] = drops.get(reason, 0) + n
+        return drops
 
     # ---- views -------------------------------------------------------------------------------
 
@@ -373,6 +347,24 @@ class Host:
                 await self.start_kernel(nursery)
                 nursery.start_soon(self._sampler, progress)
                 await self.start_apps(nursery)
+                # User space (workload and application processes) in its own nursery, stopped
+                # before the kernel (mm, net, swap transport) at the end of the run: a process
+                # woken by an I/O completion just as the kernel stops would otherwise start
+                # swap-out on an mm that no longer runs.
+                user_scope = trio.CancelScope()
+                user_done = trio.Event()
+
+                async def user_space(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                    try:
+                        with user_scope:
+                            async with trio.open_nursery() as un:
+                                task_status.started(un)
+                                await trio.sleep_forever()
+                    finally:
+                        user_done.set()
+
+                user = await nursery.start(user_space)
+                self._app_nursery = user
                 deadline = self.t0 + sc.watchdog.timeout
                 if self.app_ports:
                     # The background traffic runs from the start (its generator needs a moment
@@ -409,7 +401,7 @@ class Host:
                             wn.start_soon(self._workload_proc, i, n, p)
                     finished.set()
 
-                nursery.start_soon(workload)
+                user.start_soon(workload)
                 self.phase = "running"
                 # the low watermark as the allocator sees it (v12 adds pages_emerg to every mark)
                 low = self.zone.watermark_low + (self.zone.pages_emerg if sc.policy == "v12" else 0)
@@ -448,6 +440,9 @@ class Host:
                 self._fill_result(res, outcome, time.monotonic() - wall0)
                 if progress:
                     progress(self.status(outcome, self.recorder.samples[-1] if self.recorder.samples else None, now))
+                user_scope.cancel()
+                with trio.move_on_after(2):
+                    await user_done.wait()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.move_on_after(3, shield=True):
@@ -505,8 +500,6 @@ class Host:
         await nursery.start(self.storage.run)
         nr_slots = self.sc.host.swap // self.sc.host.page_size
         await self.mm.swapon(self.storage, nr_slots)
-        for sk in getattr(self.storage, "sockets", []):
-            self._swap_ports.add(sk.lport)
 
     async def start_apps(self, nursery: trio.Nursery) -> None:
         """The application daemons: their processes (heaps written once) and the UDP ports they
@@ -572,9 +565,15 @@ class Host:
             self.traffic_info["generator"] = how
             await trio.run_process(argv, check=False)
             return
-        spoof = tr.spoof if os.geteuid() == 0 else None
+        privileged = os.geteuid() == 0 and self.raw_traffic
+        spoof = tr.spoof if privileged else None
         spec = make_spec(tr.profile, ports, rate=float(tr.rate), duration=duration, size=size, spoof=spoof,
                          distinct=tr.distinct)
+        if not privileged and spec.needs_raw:
+            spec = spec.without_raw()  # what resolve(fallback=True) does without CAP_NET_RAW
+            self.traffic_info["profile"] = str(spec.profile)
+            self.traffic_info["size"] = spec.size
+            self.traffic_info["fallback"] = f"no CAP_NET_RAW: {tr.profile} sent as {spec.profile}, no spoofing"
         self.traffic_info["generator"] = "emu.traffic (scapy, raw socket)" if spoof else "emu.traffic (ordinary socket)"
         self.traffic_info["spoof"] = spoof
         try:
@@ -625,8 +624,8 @@ def write_outputs(res: RunResult, host: Host | None, out_dir: Path, stem: str) -
 
 
 async def run_host(sc: scen.Scenario, server: Server, progress: Callable[[RunStatus], None] | None = None,
-                   out_dir: Path | None = None) -> RunResult:
-    host = Host(sc, server)
+                   out_dir: Path | None = None, *, raw_traffic: bool = True) -> RunResult:
+    host = Host(sc, server, raw_traffic=raw_traffic)
     res = await host.run(progress)
     if out_dir is not None:
         write_outputs(res, host, out_dir, f"{sc.backend}-{sc.policy}")
