@@ -11,47 +11,36 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Literal
 
 import trio
 
 from emu.mm.gfp import GFP_NOIO
-from emu.mm.sched import TaskFlags, memalloc_noreclaim, task
+from emu.mm.sched import memalloc_noreclaim
 from emu.mm.sizes import ISCSI_TASK
 from emu.mm.swap import SwapIOError
 from emu.servers import IscsiServer
 from emu.swapdev.buffers import HostBuffers
-from emu.swapdev.inflight import Inflight
+from emu.swapdev.netdev import NetSwapDevice
 
 
-class IscsiSwapLun:
+class IscsiSwapLun(NetSwapDevice):
+    KTHREAD = "iscsi_q"
     fs_backed = False  # a block device: GFP_NOFS reclaim may write to it (GFP_NOIO may not)
 
     def __init__(self, net: Any, server: IscsiServer, *, reserve: Any = None, policy: str = "none",
                  durability: Literal["fua", "sync_cache"] = "fua", via_host: bool = True,
                  command_timeout: float | None = None, queue_depth: int = 16) -> None:
-        self.net = net
+        super().__init__(net, reserve=reserve, policy=policy, via_host=via_host)
         self.server = server
-        self.reserve = reserve
-        self.policy = policy
         self.durability = durability
-        self.via_host = via_host
         self.command_timeout = command_timeout
-        self.inflight = Inflight()
         # The SCSI device queue depth, 16 like the NFS transport's RPC slot table (open-iscsi: 32):
         # commands beyond it wait in the block layer, not on the wire.
         self.queue = trio.Semaphore(queue_depth)
         self.buffers = HostBuffers(net.slabs, GFP_NOIO, ISCSI_TASK) if via_host else None
         self.ini: Any = None
-        self.page_size = 4096
-        self.nr_pages = 0
         self.block_size = 512
-        self.sockets: list[Any] = []
-        self.connects = 0
-        self._nursery: trio.Nursery | None = None
-        self._done = trio.Event()
-        self._reserve_added = False
         self._last_reissued = 0
 
     async def _connect(self) -> Any:
@@ -62,27 +51,6 @@ class IscsiSwapLun:
         st = await self.net.connect_tcp(self.server.host, self.server.port, memalloc=True)
         self.sockets.append(st.sock)
         return st
-
-    @property
-    def sock(self) -> Any:
-        live = [s for s in self.sockets if not s.closed]
-        return live[-1] if live else (self.sockets[-1] if self.sockets else None)
-
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the client's lifetime (its receive tasks) in the host's nursery until cancelled."""
-        async with trio.open_nursery() as n:
-            self._nursery = n
-            task_status.started()
-            await trio.sleep_forever()
-
-    async def _hold(self, client: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        # The transport's own workers (receive task, session recovery, NOP answers) are kernel
-        # threads serving the VM: they run PF_MEMALLOC and never recurse into reclaim (as
-        # iscsi_q does for a swap transport). Tasks they start inherit this context.
-        with task("iscsi_q", TaskFlags.PF_MEMALLOC | TaskFlags.PF_KTHREAD):
-            async with client:
-                task_status.started()
-                await self._done.wait()
 
     async def swap_activate(self, nr_pages: int, page_size: int) -> None:
         from iscsi.initiator import Initiator
@@ -105,7 +73,6 @@ class IscsiSwapLun:
             self._reserve_added = True
 
     async def swap_rw(self, op: Literal["read", "write"], slot: int, bufs: list[memoryview]) -> None:
-        from iscsi.initiator import ISCSIError, ScsiError
 
         if self.ini is None:
             raise SwapIOError("iSCSI LUN not active")
@@ -146,15 +113,10 @@ class IscsiSwapLun:
         except (ISCSIError, ScsiError) as e:
             raise SwapIOError(f"iSCSI {op} at slot {slot}: {e}") from e
 
-    async def swap_deactivate(self) -> None:
-        await self.close()
+    def _remove_reserve_term(self) -> None:
+        self.reserve.remove_iscsi_session()
 
-    async def close(self) -> None:
-        if self._reserve_added:
-            with contextlib.suppress(Exception):
-                self.reserve.remove_iscsi_session()
-            self._reserve_added = False
-        self._done.set()
+    def _drop_client(self) -> None:
         self.ini = None
 
     def retransmits(self) -> int:
@@ -165,7 +127,4 @@ class IscsiSwapLun:
         return self._last_reissued + int(getattr(wire, "reoffers", 0))
 
     def sock_name(self) -> str:
-        sk = self.sock
-        if sk is None:
-            return "iscsi (plain socket)"
-        return f"{sk.proto} {sk.local_str()} -> {sk.peer_str()}{' SOCK_MEMALLOC' if sk.memalloc else ''}"
+        return self._sock_desc("iscsi (plain socket)")

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Literal
 
 import trio
@@ -24,37 +23,27 @@ from emu.mm.sizes import RPC_RQST
 from emu.mm.swap import SwapIOError
 from emu.servers import NfsServer
 from emu.swapdev.buffers import HostBuffers
-from emu.swapdev.inflight import Inflight
+from emu.swapdev.netdev import NetSwapDevice
 
 PREALLOC_CHUNK = 32 * 1024
 PREALLOC_PARALLEL = 4
 
 
-class NfsSwapFile:
+class NfsSwapFile(NetSwapDevice):
+    KTHREAD = "rpciod"
     fs_backed = True  # writing enters a filesystem: GFP_NOFS reclaim may not start it
 
     def __init__(self, net: Any, server: NfsServer, proto: Literal["udp", "tcp"], *, reserve: Any = None,
                  policy: str = "none", stable: Literal["FILE_SYNC", "UNSTABLE"] = "FILE_SYNC",
                  timeo: float | None = None, via_host: bool = True) -> None:
-        self.net = net
+        super().__init__(net, reserve=reserve, policy=policy, via_host=via_host)
         self.server = server
         self.proto = proto
-        self.reserve = reserve
-        self.policy = policy
         self.stable = stable
         self.timeo = timeo
-        self.via_host = via_host
-        self.inflight = Inflight()
         self.buffers = HostBuffers(net.slabs, GFP_NOFS, RPC_RQST) if via_host else None
         self.client: Any = None
         self.fh: bytes = b""
-        self.page_size = 4096
-        self.nr_pages = 0
-        self.sockets: list[Any] = []  # every transport socket this file has used (reconnects)
-        self.connects = 0
-        self._nursery: trio.Nursery | None = None
-        self._done = trio.Event()
-        self._reserve_added = False
 
     # ---- transports --------------------------------------------------------------------------
 
@@ -83,32 +72,8 @@ class NfsSwapFile:
             return await self.net.open_udp(host, port)
         return await self.net.connect_tcp(host, port)
 
-    @property
-    def sock(self) -> Any:
-        live = [s for s in self.sockets if not s.closed]
-        return live[-1] if live else (self.sockets[-1] if self.sockets else None)
-
-    # ---- SwapStorage ---------------------------------------------------------------------------
-
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the client's lifetime (its receive tasks) in the host's nursery until cancelled."""
-        async with trio.open_nursery() as n:
-            self._nursery = n
-            task_status.started()
-            await trio.sleep_forever()
-
-    async def _hold(self, client: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        # The transport's own workers (receive task, session recovery, NOP answers) are kernel
-        # threads serving the VM: they run PF_MEMALLOC and never recurse into reclaim (as
-        # rpciod does for a swap transport). Tasks they start inherit this context.
-        with task("rpciod", TaskFlags.PF_MEMALLOC | TaskFlags.PF_KTHREAD):
-            async with client:
-                task_status.started()
-                await self._done.wait()
-
     async def swap_activate(self, nr_pages: int, page_size: int) -> None:
         from nfs.client import NfsClient
-        from nfs.nfs3 import CreateMode, Nfs3Error, Stat
 
         self.page_size, self.nr_pages = page_size, nr_pages
         kw: dict[str, Any] = {"proto": self.proto, "slots": 16}
@@ -203,15 +168,10 @@ class NfsSwapFile:
             # I/O error for this page, as for a dead server, not a crash of the host.
             raise SwapIOError(f"NFS {op} at slot {slot}: client closed") from e
 
-    async def swap_deactivate(self) -> None:
-        await self.close()
+    def _remove_reserve_term(self) -> None:
+        self.reserve.remove_nfs_swapper()
 
-    async def close(self) -> None:
-        if self._reserve_added:
-            with contextlib.suppress(Exception):
-                self.reserve.remove_nfs_swapper()
-            self._reserve_added = False
-        self._done.set()
+    def _drop_client(self) -> None:
         self.client = None
 
     # ---- for the report ------------------------------------------------------------------------
@@ -225,7 +185,4 @@ class NfsSwapFile:
     _last_retrans = 0
 
     def sock_name(self) -> str:
-        sk = self.sock
-        if sk is None:
-            return f"nfs-{self.proto} (plain socket)"
-        return f"{sk.proto} {sk.local_str()} -> {sk.peer_str()}{' SOCK_MEMALLOC' if sk.memalloc else ''}"
+        return self._sock_desc(f"nfs-{self.proto} (plain socket)")

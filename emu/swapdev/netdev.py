@@ -1,0 +1,81 @@
+"""What the NFS swap file and the iSCSI swap LUN share: a swap device behind a network transport.
+
+It owns the transport's lifetime in the host's nursery, runs the transport's own workers as a
+PF_MEMALLOC kernel thread (rpciod, iscsi_q), remembers every socket it used (reconnects) for the
+report, and takes its TX term out of the v12 reserve tree when it goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import trio
+
+from emu.mm.sched import TaskFlags, task
+from emu.swapdev.inflight import Inflight
+
+
+class NetSwapDevice:
+    KTHREAD = "kswapdev"  # the name of the transport's worker thread, as ps shows it
+    fs_backed = False
+
+    def __init__(self, net: Any, *, reserve: Any, policy: str, via_host: bool) -> None:
+        self.net = net
+        self.reserve = reserve
+        self.policy = policy
+        self.via_host = via_host
+        self.inflight = Inflight()
+        self.page_size = 4096
+        self.nr_pages = 0
+        self.sockets: list[Any] = []  # every transport socket this device has used (reconnects)
+        self.connects = 0
+        self._nursery: trio.Nursery | None = None
+        self._done = trio.Event()
+        self._reserve_added = False
+
+    @property
+    def sock(self) -> Any:
+        live = [s for s in self.sockets if not s.closed]
+        return live[-1] if live else (self.sockets[-1] if self.sockets else None)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the client's lifetime (its receive tasks) in the host's nursery until cancelled."""
+        async with trio.open_nursery() as n:
+            self._nursery = n
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _hold(self, client: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        # The transport's own workers (receive task, recovery, NOP answers) are kernel threads
+        # serving the VM: they run PF_MEMALLOC and never recurse into reclaim, as rpciod and
+        # iscsi_q do for a swap transport. Tasks they start inherit this context.
+        with task(self.KTHREAD, TaskFlags.PF_MEMALLOC | TaskFlags.PF_KTHREAD):
+            async with client:
+                task_status.started()
+                await self._done.wait()
+
+    async def swap_deactivate(self) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._reserve_added:
+            with contextlib.suppress(Exception):
+                self._remove_reserve_term()
+            self._reserve_added = False
+        self._done.set()
+        self._drop_client()
+
+    def _remove_reserve_term(self) -> None:
+        raise NotImplementedError
+
+    def _drop_client(self) -> None:
+        raise NotImplementedError
+
+    def _sock_desc(self, plain: str) -> str:
+        sk = self.sock
+        if sk is None:
+            return plain
+        return f"{sk.proto} {sk.local_str()} -> {sk.peer_str()}{' SOCK_MEMALLOC' if sk.memalloc else ''}"
+
+
