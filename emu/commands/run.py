@@ -49,7 +49,8 @@ def apply_overrides(sc: scen.Scenario, *, backend: str | None, policy: str | Non
     return scen.loads(scen.dumps(d), source=f"{sc.source} with command-line overrides")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+               epilog="Shipped scenarios: " + ", ".join(scen.shipped()) + " (netswap run NAME).")
 @click.argument("scenario_file", required=False, metavar="[SCENARIO.toml]")
 @click.option("--backend", type=click.Choice(scen.BACKENDS), help="Swap storage: a swap file over NFS/UDP or NFS/TCP, or an iSCSI LUN.")
 @click.option("--policy", type=click.Choice(scen.POLICIES), help="none (vanilla 2.6.22), v12 (the seed's reserve), pfmemalloc (Linux 3.6).")

@@ -41,6 +41,9 @@ def test_list_scenarios_names_every_example() -> None:
                          text=True, timeout=60, check=True).stdout
     for name in EXAMPLES:
         assert f"{name}: " in out
+    helptext = subprocess.run([sys.executable, "-m", "emu", "run", "--help"], capture_output=True,
+                              text=True, timeout=60, check=True).stdout
+    assert all(name in helptext for name in EXAMPLES)
 
 
 def test_examples_mean_what_they_say() -> None:
