@@ -100,14 +100,7 @@ class IscsiSwapLun(NetSwapDevice):
             elif op == "read":
                 with self.inflight.track("read", slot, len(bufs), f"READ lba {lba}+{nblocks}"):
                     data = await self.ini.read(lba, nblocks)
-                want = len(bufs) * self.page_size
-                if len(data) != want:
-                    raise SwapIOError(f"short iSCSI read at slot {slot}: {len(data)} of {want}")
-                self.inflight.read_back(slot, data, self.page_size)
-                pos = 0
-                for b in bufs:
-                    b[:] = data[pos:pos + len(b)]
-                    pos += len(b)
+                self._complete_read("iSCSI", slot, data, bufs)
             else:
                 raise ValueError(f"bad swap op {op!r}")
         except (ISCSIError, ScsiError) as e:

@@ -13,6 +13,7 @@ from typing import Any
 import trio
 
 from emu.mm.sched import TaskFlags, task
+from emu.mm.swap import SwapIOError
 from emu.swapdev.inflight import Inflight
 
 
@@ -54,6 +55,17 @@ class NetSwapDevice:
             async with client:
                 task_status.started()
                 await self._done.wait()
+
+    def _complete_read(self, what: str, slot: int, data: bytes, bufs: list[memoryview]) -> None:
+        """Check a swap read's length, let the audit see it, and scatter it into the pages."""
+        want = len(bufs) * self.page_size
+        if len(data) != want:
+            raise SwapIOError(f"short {what} read at slot {slot}: {len(data)} of {want}")
+        self.inflight.read_back(slot, data, self.page_size)
+        pos = 0
+        for b in bufs:
+            b[:] = data[pos:pos + len(b)]
+            pos += len(b)
 
     async def swap_deactivate(self) -> None:
         await self.close()

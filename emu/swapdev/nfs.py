@@ -152,13 +152,7 @@ class NfsSwapFile(NetSwapDevice):
             elif op == "read":
                 with self.inflight.track("read", slot, len(bufs), f"NFS READ {want} bytes at {off}"):
                     data = await self.client.read(self.fh, off, want)
-                if len(data) != want:
-                    raise SwapIOError(f"short NFS read at slot {slot}: {len(data)} of {want}")
-                self.inflight.read_back(slot, data, self.page_size)
-                pos = 0
-                for b in bufs:
-                    b[:] = data[pos:pos + len(b)]
-                    pos += len(b)
+                self._complete_read("NFS", slot, data, bufs)
             else:
                 raise ValueError(f"bad swap op {op!r}")
         except Nfs3Error as e:
