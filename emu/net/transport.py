@@ -16,7 +16,23 @@ if TYPE_CHECKING:
     from emu.net.sock import Sock
 
 
-class EmuStream(trio.abc.Stream):
+class _OwnsSock:
+    """What both transports do with the emulated socket they wrap."""
+
+    sock: Sock
+
+    async def aclose(self) -> None:
+        self.sock.close()
+        await trio.lowlevel.checkpoint()
+
+    def sk_set_memalloc(self) -> None:
+        self.sock.sk_set_memalloc()
+
+    def sk_clear_memalloc(self) -> None:
+        self.sock.sk_clear_memalloc()
+
+
+class EmuStream(_OwnsSock, trio.abc.Stream):
     """A TCP connection of the emulated host."""
 
     def __init__(self, sock: Sock) -> None:
@@ -61,18 +77,9 @@ class EmuStream(trio.abc.Stream):
         finally:
             self._receiving = False
 
-    async def aclose(self) -> None:
-        self.sock.close()
-        await trio.lowlevel.checkpoint()
-
-    def sk_set_memalloc(self) -> None:
-        self.sock.sk_set_memalloc()
-
-    def sk_clear_memalloc(self) -> None:
-        self.sock.sk_clear_memalloc()
 
 
-class EmuDatagram:
+class EmuDatagram(_OwnsSock):
     """A connected UDP socket of the emulated host (nfs.transport.DatagramTransport)."""
 
     def __init__(self, sock: Sock) -> None:
@@ -89,15 +96,6 @@ class EmuDatagram:
         data, _ = await self.sock.recvfrom()
         return data
 
-    async def aclose(self) -> None:
-        self.sock.close()
-        await trio.lowlevel.checkpoint()
-
-    def sk_set_memalloc(self) -> None:
-        self.sock.sk_set_memalloc()
-
-    def sk_clear_memalloc(self) -> None:
-        self.sock.sk_clear_memalloc()
 
 
 class SlabBuffers:
