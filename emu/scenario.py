@@ -6,6 +6,9 @@ file, the line, the key and the value, and what was expected. `dumps()` writes a
 as TOML that `loads()` reads to the same object (the round trip the tests check).
 
 Sizes are written like the kernel's command line: `16M`, `512K`, `1G`, or a plain byte count.
+Every duration and rate is in *emulated* seconds (emu.kernel.clock): `rate = 10000` is 10,000
+messages per emulated second on any machine.  `[costs]` overrides the cost table of the model
+(emu.kernel.cpu.Costs): how long the host's work takes, and the network's rate and latency.
 """
 
 from __future__ import annotations
@@ -19,15 +22,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from emu.kernel.cpu import Costs
+from emu.util.units import format_size, parse_size
+
 BACKENDS = ("nfs-udp", "nfs-tcp", "iscsi")
 POLICIES = ("none", "v12", "pfmemalloc")
 WORKLOADS = ("sequential", "random", "hotcold")
 TRAFFIC_PROFILES = ("none", "udp-flood", "frag", "mixed")
 DEFAULT_SCENARIO = "demo"
-
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)(i?[bB])?\s*$")
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
 
 class ScenarioError(ValueError):
     """A bad scenario: names the file, the line, the key and the value."""
@@ -39,29 +41,6 @@ class ScenarioError(ValueError):
             super().__init__(f"{where}: {expected}")
         else:
             super().__init__(f"{where}: {key} = {value!r}: {expected}")
-
-
-def parse_size(text: str | int) -> int:
-    """`16M` -> 16777216. Raises ValueError on anything else (negative, unit typo, float)."""
-    if isinstance(text, bool):
-        raise ValueError("a size, not a boolean")
-    if isinstance(text, int):
-        if text < 0:
-            raise ValueError("a size cannot be negative")
-        return text
-    if not isinstance(text, str):
-        raise ValueError("a size like 16M, 512K or a byte count")
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise ValueError("a size like 16M, 512K, 1G or a byte count")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
-
-
-def format_size(n: int) -> str:
-    for unit, mult in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= mult and n % mult == 0:
-            return f"{n // mult}{unit}"
-    return str(n)
 
 
 # --- the schema -------------------------------------------------------------------------------
@@ -107,7 +86,7 @@ class TrafficSection:
     app_pages: int = _f(8, "int", "anonymous pages of each application process", min=1, max=4096)
     app_touch: int = _f(4, "int", "pages of its heap an application looks at (round robin) before each read", min=1, max=4096)
     app_period: float = _f(0.05, "float", "seconds between an application's reads of its socket", min=0.001, max=60.0)
-    rate: int = _f(6000, "int", "packets per second", min=1, max=1_000_000)
+    rate: int = _f(6000, "int", "messages (datagrams) per second", min=1, max=1_000_000)
     size: int = _f(1024, "int", "UDP payload bytes (udp-flood)", min=1, max=65507)
     frag_size: int = _f(4000, "int", "UDP payload bytes of fragmented datagrams (frag)", min=1, max=65507)
     spoof: str = _f("127.64.0.0/16", "net", "spoofed source range inside 127.0.0.0/8 (root only)")
@@ -118,9 +97,11 @@ class TrafficSection:
 
 @dataclass
 class WatchdogSection:
-    stall: float = _f(4.0, "float", "seconds with tasks blocked and no progress before a deadlock is declared", min=0.2, max=600.0)
-    timeout: float = _f(90.0, "float", "seconds a run may last at most", min=1.0, max=86400.0)
-    sample: float = _f(0.05, "float", "seconds between timeline samples", min=0.005, max=10.0)
+    stall: float = _f(4.0, "float", "seconds with swap I/O in flight, tasks blocked and no progress before a deadlock is declared", min=0.01, max=600.0)
+    livelock_window: float = _f(20.0, "float", "seconds over which progress is measured for a livelock", min=0.01, max=3600.0)
+    livelock_fraction: float = _f(0.05, "float", "a livelock is progress below this fraction of the reserve policy's rate, with swap replies dropped", min=0.0001, max=1.0)
+    timeout: float = _f(90.0, "float", "seconds a run may last at most (then: timeout, an error)", min=0.01, max=86400.0)
+    sample: float = _f(0.05, "float", "seconds between timeline samples and watchdog checks", min=0.001, max=10.0)
 
 
 @dataclass
@@ -134,6 +115,7 @@ class Scenario:
     workload: WorkloadSection = field(default_factory=WorkloadSection)
     traffic: TrafficSection = field(default_factory=TrafficSection)
     watchdog: WatchdogSection = field(default_factory=WatchdogSection)
+    costs: Costs = field(default_factory=Costs)
     source: str = "<defaults>"
 
     SECTIONS = ("host", "workload", "traffic", "watchdog")
@@ -143,6 +125,7 @@ class Scenario:
                              "policy": self.policy, "server": self.server}
         for s in self.SECTIONS:
             d[s] = dataclasses.asdict(getattr(self, s))
+        d["costs"] = self.costs.to_json()
         return d
 
     def replace(self, **changes: Any) -> "Scenario":
@@ -175,7 +158,10 @@ def _section_line(text: str, section: str) -> int | None:
 def _convert(value: Any, meta: dict[str, Any]) -> Any:
     kind = meta["kind"]
     if kind == "size":
-        v = parse_size(value)
+        try:
+            v = parse_size(value)
+        except ValueError as e:
+            raise ValueError(str(e).removeprefix("expected ")) from None
     elif kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError("an integer")
@@ -221,7 +207,9 @@ def loads(text: str, source: str = "<string>") -> Scenario:
     top = {"name": ("str", None), "description": ("str", None), "backend": ("choice", BACKENDS),
            "policy": ("choice", POLICIES), "server": ("str", None)}
     for key, value in data.items():
-        if key in Scenario.SECTIONS:
+        if key == "costs":
+            sc.costs = _costs(value, text, source)
+        elif key in Scenario.SECTIONS:
             if not isinstance(value, dict):
                 raise ScenarioError(source, _line_of(text, None, key), key, value, "a table [" + key + "]")
             cls = type(getattr(sc, key))
@@ -246,9 +234,27 @@ def loads(text: str, source: str = "<string>") -> Scenario:
             setattr(sc, key, value)
         else:
             raise ScenarioError(source, _line_of(text, None, key), key, value,
-                                "unknown key; known: " + ", ".join([*top, *Scenario.SECTIONS]))
+                                "unknown key; known: " + ", ".join([*top, *Scenario.SECTIONS, "costs"]))
     _cross_check(sc, text)
     return sc
+
+
+def _costs(table: Any, text: str, source: str) -> Costs:
+    """The [costs] table: each key a Costs entry, each value a positive finite number."""
+    if not isinstance(table, dict):
+        raise ScenarioError(source, _line_of(text, None, "costs"), "costs", table, "a table [costs]")
+    known = Costs.names()
+    units = {name: unit for name, _, unit, _, _ in Costs.describe()}
+    changes: dict[str, float] = {}
+    for k, v in table.items():
+        dotted = f"costs.{k}"
+        line = _line_of(text, "costs", k) or _section_line(text, "costs")
+        if k not in known:
+            raise ScenarioError(source, line, dotted, v, "unknown key; known keys: " + ", ".join(known))
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
+            raise ScenarioError(source, line, dotted, v, f"expected a positive number of {units[k]}")
+        changes[k] = float(v)
+    return Costs().replace(**changes)
 
 
 def _cross_check(sc: Scenario, text: str) -> None:
@@ -315,4 +321,7 @@ def dumps(sc: Scenario) -> str:
         obj = getattr(sc, s)
         for f in fields(obj):
             out.append(f"{f.name} = {_toml_value(getattr(obj, f.name), f.metadata['kind'])}  # {f.metadata['help']}")
+    out.append("\n[costs]  # the model's cost table (emulated seconds; the link in bits/s)")
+    for name, _, unit, help, _ in Costs.describe():
+        out.append(f"{name} = {getattr(sc.costs, name)!r}  # {unit}: {help}")
     return "\n".join(out) + "\n"

@@ -55,7 +55,7 @@ def _scenario(backend: str, ram: int, pages: int, swap_cluster: int = 1) -> scen
 async def emulated(sc: scen.Scenario, server: Any, pages: int) -> dict[str, Any]:
     from emu.host import Host
     from emu.mm.process import Process
-    from emu.mm.sched import task
+    from emu.kernel.sched import task
 
     host = Host(sc, server)
     out: dict[str, Any] = {}

@@ -21,7 +21,7 @@ from emu.commands.reserve import parse_size
 from emu.mm.mm import Mm
 from emu.mm.page_alloc import Zone
 from emu.mm.process import Process, page_content
-from emu.mm.sched import task
+from emu.kernel.sched import task
 from emu.mm.swap import LocalFileSwap
 
 

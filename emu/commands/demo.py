@@ -12,25 +12,26 @@ from rich.console import Console
 
 from emu import scenario as scen
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DEADLOCK = 0, 1, 2, 3
-DEMO_BACKENDS = ("nfs-udp", "iscsi")
-EXPECTED = {"none": "deadlock", "v12": "completed", "pfmemalloc": "completed"}
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+DEMO_BACKENDS = scen.BACKENDS
+EXPECTED = {"none": ("deadlock", "livelock"), "v12": ("completed",), "pfmemalloc": ("completed",)}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Folder for the PNG timelines, reports and summary.json (default: a new netswap-demo-<time> folder here).")
-@click.option("--backend", "backends", multiple=True, type=click.Choice(scen.BACKENDS), help="Backends to show (repeatable; default nfs-udp and iscsi).")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(scen.BACKENDS), help="Backends to show (repeatable; default all three).")
 @click.option("--policy", "policies", multiple=True, type=click.Choice(scen.POLICIES), help="Policies to show (repeatable; default all three).")
 @click.option("--scenario", "scenario_file", metavar="SCENARIO", help="Scenario file or shipped name (default: demo).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ...], scenario_file: str | None,
          as_json: bool) -> None:
-    """Run the whole story: each policy over NFS/UDP and iSCSI, side by side.
+    """Run the whole story: each policy over NFS/UDP, NFS/TCP and iSCSI, side by side.
 
     The same emulated host, the same workload and the same background traffic run under `none`
-    (a vanilla kernel: the swap write's reply cannot be received and the host deadlocks), `v12`
+    (a vanilla kernel: the swap write's reply cannot be received and the host gets stuck), `v12`
     (the seed's memory reserve) and `pfmemalloc` (Linux 3.6), which complete with every page
-    verified. Writes a PNG timeline and a report per run and summary.json into --out.
+    verified. The host runs in emulated time, so the verdicts are the model's on any machine.
+    Writes a PNG timeline and a report per run and summary.json into --out.
 
     Exit status: 0 when every run had its expected outcome, 1 otherwise.
     """
@@ -47,7 +48,7 @@ def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ..
     policies = policies or scen.POLICIES
 
     from emu.host import run_matrix
-    from emu.report import LiveProgress, results_table
+    from emu.host.report import LiveProgress, results_table
 
     started = time.monotonic()
     with LiveProgress(console) as live:
@@ -64,7 +65,7 @@ def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ..
             sys.exit(EXIT_ERROR)
     elapsed = time.monotonic() - started
     results_table(console, results, title=f"netswap demo — scenario {base.name}, {elapsed:.0f} s")
-    ok = all(r.outcome == EXPECTED[r.policy] and r.integrity["mismatches"] == 0 for r in results)
+    ok = all(r.outcome in EXPECTED[r.policy] and r.integrity["mismatches"] == 0 for r in results)
     summary = {
         "scenario": base.name,
         "elapsed_s": round(elapsed, 2),
@@ -73,11 +74,11 @@ def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ..
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for r in results:
-        stall = f", free pages {r.stall['nr_free']} at the stall" if r.stall else ""
+        stall = f" at t={r.stall['t']:.2f} s, free pages {r.stall['nr_free']}" if r.stall else ""
         console.print(f"{r.backend}/{r.policy}: {r.outcome}{stall} — timeline {r.files.get('timeline', '-')}")
     console.print(f"summary: {out / 'summary.json'}")
     if ok:
-        console.print("[green]as expected:[/] `none` deadlocked; `v12` and `pfmemalloc` completed with every page verified.")
+        console.print("[green]as expected:[/] `none` got stuck; `v12` and `pfmemalloc` completed with every page verified.")
     else:
         console.print("[red]NOT as expected[/]: see the table and the reports above.")
     if as_json:

@@ -10,16 +10,17 @@ import click
 from rich.console import Console
 
 from emu import scenario as scen
-from emu.servers import ServerURLError, check_backend_matches, parse_server_url
+from emu.swapdev.endpoint import ServerURLError, check_backend_matches, parse_server_url
+from emu.util.units import parse_size
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DEADLOCK = 0, 1, 2, 3
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STUCK = 0, 1, 2, 3
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     if value is None:
         return None
     try:
-        return scen.parse_size(value)
+        return parse_size(value)
     except ValueError as e:
         raise click.BadParameter(f"{value!r}: {e}", ctx, param) from None
 
@@ -58,7 +59,9 @@ def apply_overrides(sc: scen.Scenario, *, backend: str | None, policy: str | Non
 @click.option("--swap", callback=_size, metavar="SIZE", help="Swap size, e.g. 64M.")
 @click.option("--workload", type=click.Choice(scen.WORKLOADS), help="Access pattern of the workload processes.")
 @click.option("--traffic", type=click.Choice(scen.TRAFFIC_PROFILES), help="Background traffic profile.")
-@click.option("--duration", type=click.FloatRange(min=1.0), metavar="S", help="Stop the run after S seconds at most.")
+@click.option("--duration", type=click.FloatRange(min=0.01), metavar="S", help="Stop the run after S emulated seconds at most (watchdog.timeout).")
+@click.option("--wall-timeout", type=click.FloatRange(min=1.0), default=600.0, show_default=True, metavar="S",
+              help="Safety net: give up after S seconds of wall-clock time (outcome timeout, exit 1).")
 @click.option("--server", metavar="URL", help="Swap to an external server: nfs://127.0.0.1/EXPORT?nfsport=P&mountport=Q or iscsi://127.0.0.1:PORT/IQN/LUN. Default: start ours.")
 @click.option("--json", "json_out", metavar="OUT", help="Write the result as JSON to OUT ('-' for stdout).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Write the timeline PNG, JSON and report into DIR.")
@@ -66,7 +69,7 @@ def apply_overrides(sc: scen.Scenario, *, backend: str | None, policy: str | Non
 @click.option("--print-scenario", is_flag=True, help="Print the effective scenario as TOML and exit.")
 @click.option("-q", "--quiet", is_flag=True, help="No live progress.")
 def run(scenario_file: str | None, backend: str | None, policy: str | None, ram: int | None, swap: int | None,
-        workload: str | None, traffic: str | None, duration: float | None, server: str | None,
+        workload: str | None, traffic: str | None, duration: float | None, wall_timeout: float, server: str | None,
         json_out: str | None, out_dir: str | None, list_scenarios: bool, print_scenario: bool, quiet: bool) -> None:
     """Run one emulated host swapping to a real server under one policy.
 
@@ -75,7 +78,11 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
     can be named without `.toml` (see --list-scenarios). Without --server our own server is
     started as a separate process on free loopback ports and stopped afterwards.
 
-    Exit status: 0 completed, 3 deadlock (the report is printed), 2 usage error, 1 other error.
+    The host runs in emulated time: every rate and duration is the model's, the same on any
+    machine, and the same scenario gives the same verdict every time.
+
+    Exit status: 0 completed, 3 stuck (deadlock or livelock; the report is printed), 2 usage
+    error, 1 other error (a timeout included).
     """
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
     if list_scenarios:
@@ -100,13 +107,13 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
         return
 
     from emu.host import run_scenario
-    from emu.report import LiveProgress, print_result
+    from emu.host.report import LiveProgress, print_result
 
     out = Path(out_dir) if out_dir else None
     try:
         with LiveProgress(console, enabled=not quiet and not (json_out == "-" and not console.is_terminal)) as live:
             live.add_run(sc.backend, sc.policy)
-            result = run_scenario(sc, progress=live.update, out_dir=out)
+            result = run_scenario(sc, progress=live.update, out_dir=out, wall_timeout=wall_timeout)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         sys.exit(130)
@@ -120,7 +127,6 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
             click.echo(payload)
         else:
             Path(json_out).write_text(payload + "\n")
-    if result.outcome == "deadlock":
-        sys.exit(EXIT_DEADLOCK)
-    if result.outcome != "completed":
-        sys.exit(EXIT_ERROR)
+    if result.error:
+        console.print(f"[red]error:[/] {result.error}")
+    sys.exit(result.exit_status)

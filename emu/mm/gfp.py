@@ -63,7 +63,7 @@ def gfp_name(gfp: Gfp) -> str:
 
 
 class Policy(str, enum.Enum):
-    """Which kernel's reserve design the emulated host runs (DESIGN §2)."""
+    """Which kernel's reserve design the emulated host runs."""
 
     NONE = "none"  # vanilla ~2.6.22
     V12 = "v12"  # Zijlstra's swap-over-network series, v12 (2007)

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from emu.kernel.cpu import Cpu
 from emu.mm.gfp import GFP_HIGHUSER
 from emu.mm.page_alloc import Page, Zone
 from emu.mm.sizes import K
-from emu.mm.sched import TaskFlags, current, task
+from emu.kernel.sched import TaskFlags, current, task
 from emu.mm.slab import Slabs
 from emu.mm.swap import (
     MAX_SWAPFILES,
@@ -32,7 +33,7 @@ from emu.mm.vmstat import VmStat
 
 if TYPE_CHECKING:
     from emu.mm.process import Process
-    from emu.mm.reserve import ReserveTree
+    from emu.mm.reserve import ReserveRoot
 
 _IO_FLAGS = TaskFlags.PF_MEMALLOC | TaskFlags.PF_KTHREAD
 
@@ -49,19 +50,21 @@ class Mm:
         self,
         zone: Zone,
         slabs: Slabs | None = None,
-        reserve: ReserveTree | None = None,
+        reserve: ReserveRoot | None = None,
         vmstat: VmStat | None = None,
         *,
         max_writeback: int = 256,
         max_io_pages: int = 16,
         page_cluster: int = 3,
         kswapd: bool = True,
+        cpu: Cpu | None = None,
     ) -> None:
         if max_writeback < 1 or max_io_pages < 1:
             raise ValueError("max_writeback and max_io_pages must be >= 1")
         if not 0 <= page_cluster <= 6:
             raise ValueError(f"page_cluster must be 0..6, not {page_cluster}")
         self.zone = zone
+        self.cpu = cpu if cpu is not None else Cpu()
         if vmstat is not None:
             zone.vmstat = vmstat
         self.vmstat = zone.vmstat

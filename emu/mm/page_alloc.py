@@ -1,4 +1,4 @@
-"""Page frames in one zone, watermarks, and the allocator's decision (DESIGN §2-§3).
+"""Page frames in one zone, watermarks, and the allocator's decision.
 
 `alloc_pages` never sleeps: fast path at `low`, wake kswapd, slow path at `min` with the
 __GFP_HIGH / ALLOC_HARDER discounts, then ALLOC_NO_WATERMARKS if the context is entitled under
@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import trio
 
 from emu.mm.gfp import Gfp, Policy, gfp_name
-from emu.mm.sched import Task, TaskFlags, current, waiting
+from emu.kernel.sched import Task, TaskFlags, current, waiting
 from emu.mm.vmstat import VmStat
 
 _PF_MEMALLOC = TaskFlags.PF_MEMALLOC
@@ -54,7 +54,7 @@ _af_cache: dict[tuple[int, int, bool, bool, Policy], AllocFlags] = {}
 
 
 def gfp_to_alloc_flags(gfp: Gfp | int, task: Task, policy: Policy) -> AllocFlags:
-    """The slow path's alloc_flags for `gfp` in `task`'s context under `policy` (DESIGN §2).
+    """The slow path's alloc_flags for `gfp` in `task`'s context under `policy`.
 
     - none (2.6.22): PF_MEMALLOC or TIF_MEMDIE, not in interrupt/softirq, and not __GFP_NOMEMALLOC.
     - v12: as none, plus PF_MEMALLOC in softirq, plus __GFP_EMERGENCY (renamed __GFP_MEMALLOC
@@ -203,6 +203,8 @@ class Zone:
         # first allocation that misses the fast path, so watermark decisions are unchanged.
         self.nr_slab_free = 0  # pages in them
         self.slab_free_caches: list[Any] = []  # the caches holding some
+        # Inside a NAPI poll: the caches whose array cache holds objects the poll freed.
+        self.poll_ac: list[Any] | None = None
 
     # ---- watermarks -------------------------------------------------------------------------
 
@@ -255,6 +257,11 @@ class Zone:
             mark -= mark // 4
         return mark + self._emerg
 
+    def atomic_floor(self) -> int:
+        """The fewest free pages a GFP_ATOMIC allocation can leave: the min watermark less the
+        __GFP_HIGH and ALLOC_HARDER discounts (plus v12's pages_emerg)."""
+        return self.watermark_floor(self.watermark_min, _AF_HIGH | _AF_HARDER)
+
     def pfmemalloc_watermark_ok(self) -> bool:
         """3.6: free pages above half the sum of the min watermarks (the throttle's test)."""
         return len(self._free) > self.watermark_min // 2
@@ -272,6 +279,17 @@ class Zone:
             c._drain_listed = False
             pages += c.shrink()
         return pages
+
+    def begin_poll(self) -> None:
+        """A NAPI poll starts: slab frees go to the per-CPU array caches until `end_poll`."""
+        self.poll_ac = []
+
+    def end_poll(self) -> None:
+        polled = self.poll_ac
+        self.poll_ac = None
+        if polled:
+            for cache in polled:
+                cache.flush_ac()
 
     def entitled(self, gfp: Gfp | int, task: Task | None = None) -> bool:
         """Would this context get ALLOC_NO_WATERMARKS (the reserve) for `gfp`?"""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from emu.mm.page_alloc import Page
 from emu.mm.sizes import K
-from emu.mm.sched import waiting
+from emu.kernel.sched import waiting
 
 if TYPE_CHECKING:
     from emu.mm.mm import Mm
@@ -144,6 +144,8 @@ class Process:
         mm = self.mm
         counters = mm.vmstat.counters
         counters["pgfault"] += 1
+        cpu = mm.cpu
+        cpu.charge(cpu.costs.page_fault)
         while True:
             if self.exited:
                 raise SegmentationFault(f"{self.name}[{self.pid}] exited while faulting on page {page_no}")
@@ -154,6 +156,7 @@ class Process:
                     mm.zone.free_page(page)
                     continue
                 self.min_flt += 1
+                cpu.charge(self.page_size * cpu.costs.copy_byte)  # clear_page of the new page
                 if write:
                     self._write(page_no, page, content)
                 else:

@@ -7,29 +7,21 @@ against it, in the node's unit); both propagate up, so the root's pages are the 
 node and on each ancestor of the same unit; callers that fail drop (RX) or wait (`charge_wait`).
 Memory is freed before it is uncharged.
 
-The published sample (mm/reserve.c, 2008), which `ReserveTree(ram_bytes=128 MiB)` with one NFS
-swapper reproduces to the kilobyte:
-
-    1:0 "total reserve" 6232K 0/278581
-    2:1 "total network reserve" 6232K 0/278581
-    3:2 "network TX reserve" 212K 0/53
-    4:3 "protocol TX pages" 212K 0/53
-    5:2 "network RX reserve" 6020K 0/278528
-    6:5 "IPv4 route cache" 5508K 0/16384
-    7:5 "SKB data reserve" 512K 0/262144
-    8:7 "IPv4 fragment cache" 512K 0/262144
+mm knows only the tree: `ReserveRoot` is "total reserve", and the subsystems that need a reserve
+hang their own nodes under it (emu/net its RX and TX tree, emu/swapdev the swap transports' TX
+pages), as the seed's net/ and sunrpc/ code registers theirs.  The alloc wrappers
+(`kmem_cache_alloc_reserve`, `kmalloc_reserve`, `alloc_pages_reserve`) charge a node for memory
+taken below the watermarks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from emu.mm.sizes import DST_ENTRY, RPC_MAX_SLOT_TABLE, RPC_RQST, K
+from emu.mm.sizes import K
 from emu.mm.slab import (
-    ilog2,
     kmalloc_estimate,
     kmalloc_objs_estimate,
     kmem_estimate,
@@ -41,19 +33,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MemReserve",
-    "ReserveTree",
+    "ReserveRoot",
     "ReserveError",
-    "RouteHash",
-    "route_hash_defaults",
     "kmem_estimate",
     "kmalloc_estimate",
     "kmalloc_objs_estimate",
-    "tx_reserve_pages",
-    "rpc_reserve_pages",
-    "IPFRAG_HIGH_THRESH",
-    "IPFRAG_LOW_THRESH",
-    "IPFRAG_TIME",
-    "RMEM_DEFAULT",
+    "kmem_cache_alloc_reserve",
+    "kmem_cache_free_reserve",
     "alloc_pages_reserve",
     "alloc_pages_reserve_wait",
     "free_pages_reserve",
@@ -61,60 +47,11 @@ __all__ = [
     "kfree_reserve",
 ]
 
-IPFRAG_HIGH_THRESH = 256 * 1024
-IPFRAG_LOW_THRESH = 192 * 1024
-IPFRAG_TIME = 30.0  # seconds
-RMEM_DEFAULT = 212992
-MAX_PACKET = 65536  # "max packet 64k, double it"
-
-
 class ReserveError(MemoryError):
     """The reserve cannot be set to that size (it does not fit in RAM)."""
 
 
 # ---- sizing (pure) -----------------------------------------------------------------------------
-
-
-def tx_reserve_pages(page_size: int = 4096) -> int:
-    """TX_RESERVE_PAGES: DIV_ROUND_UP(2 * 64 KiB, PAGE_SIZE)."""
-    return -(-2 * MAX_PACKET // page_size)
-
-
-def rpc_reserve_pages(page_size: int = 4096, slot_table: int = RPC_MAX_SLOT_TABLE, rqst_size: int = RPC_RQST) -> int:
-    """RPC_RESERVE_PAGES: kmalloc estimate of the slot table's rpc_rqst objects + TX_RESERVE_PAGES."""
-    return kmalloc_objs_estimate(slot_table, rqst_size, page_size) + tx_reserve_pages(page_size)
-
-
-@dataclass(frozen=True)
-class RouteHash:
-    """ip_rt_init()'s defaults for a machine of `ram_bytes`."""
-
-    ram_bytes: int
-    page_size: int
-    mempages: int  # RAM in pages, rounded up to whole MiB
-    scale: int
-    buckets: int
-    gc_thresh: int
-    max_size: int  # ip_rt_max_size
-
-
-def route_hash_defaults(ram: int, page_size: int = 4096) -> RouteHash:
-    """alloc_large_system_hash("IP route cache") as 2.6.2x sizes it, and what follows from it.
-
-    buckets = roundup_pow_of_two(max(mempages >> (scale - PAGE_SHIFT), PAGE_SIZE / 8)), mempages
-    being RAM in pages rounded up to a MiB, scale 15 from 128Ki pages up else 17;
-    gc_thresh = buckets; ip_rt_max_size = buckets * 16.
-    """
-    if ram <= 0:
-        raise ValueError(f"RAM must be positive, not {ram}")
-    page_shift = ilog2(page_size)
-    nr_pages = ram // page_size
-    mb_pages = max(1, (1 << 20) // page_size)
-    mempages = -(-nr_pages // mb_pages) * mb_pages
-    scale = 15 if nr_pages >= 128 * 1024 else 17
-    entries = mempages >> (scale - page_shift) if scale > page_shift else mempages << (page_shift - scale)
-    buckets = roundup_pow_of_two(max(entries, page_size // 8))
-    return RouteHash(ram, page_size, mempages, scale, buckets, buckets, buckets * 16)
 
 
 # ---- the tree ----------------------------------------------------------------------------------
@@ -261,7 +198,7 @@ class MemReserve:
 
     async def charge_wait(self, amount: int) -> None:
         """Charge, sleeping on the node's wait queue until the charge is admitted."""
-        from emu.mm.sched import waiting
+        from emu.kernel.sched import waiting
 
         if amount >= self.limit and amount > 0:
             raise ReserveError(f"charge of {amount} can never fit reserve {self.name!r} (limit {self.limit})")
@@ -290,83 +227,33 @@ class MemReserve:
         return f"<MemReserve {self.name!r} {self.pages}p {self.usage}/{self.limit} {self.unit}>"
 
 
-class ReserveTree:
-    """The standard tree of one host, sized from its inputs (DESIGN §4).
+class ReserveRoot:
+    """mem_reserve_root: the top of one host's reserve tree ("total reserve").
 
-    The network part (`network` and below) hangs under `root` only while at least one memalloc
-    socket exists (`connect_network` / `disconnect_network`, refcounted as sk_memalloc_socks).
-    With a zone, `zone.pages_emerg` follows the root's pages.
+    Subsystems hang their own nodes under `root` (the network stack its RX/TX tree, a swap
+    transport its TX pages); mm knows only the tree.  With a zone, `zone.pages_emerg` follows the
+    root's pages, and a reserve that would not fit in RAM is refused (`ReserveError`).
     """
 
-    def __init__(
-        self,
-        zone: Zone | None = None,
-        *,
-        ram_bytes: int | None = None,
-        page_size: int | None = None,
-        route_max_size: int | None = None,
-        dst_entry_size: int = DST_ENTRY,
-        ipfrag_high_thresh: int = IPFRAG_HIGH_THRESH,
-        rpc_slot_table: int = RPC_MAX_SLOT_TABLE,
-        rpc_rqst_size: int = RPC_RQST,
-    ) -> None:
+    def __init__(self, zone: Zone | None = None, *, ram_bytes: int | None = None, page_size: int | None = None) -> None:
         if zone is not None:
             page_size = zone.page_size
             ram_bytes = zone.nr_pages * zone.page_size
         if page_size is None:
             page_size = 4096
         if ram_bytes is None:
-            raise ValueError("ReserveTree needs a zone or ram_bytes")
-        for name, value in (
-            ("ram_bytes", ram_bytes),
-            ("page_size", page_size),
-            ("dst_entry_size", dst_entry_size),
-        ):
+            raise ValueError("ReserveRoot needs a zone or ram_bytes")
+        for name, value in (("ram_bytes", ram_bytes), ("page_size", page_size)):
             if value <= 0:
                 raise ValueError(f"{name} must be positive, not {value}")
-        for name, value in (("ipfrag_high_thresh", ipfrag_high_thresh), ("rpc_slot_table", rpc_slot_table)):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, not {value}")
         self.zone = zone
         self.page_size = page_size
         self.ram_bytes = ram_bytes
         self.nr_pages = ram_bytes // page_size
-        self.route = route_hash_defaults(ram_bytes, page_size)
-        self.route_max_size = self.route.max_size if route_max_size is None else route_max_size
-        if self.route_max_size < 0:
-            raise ValueError(f"route_max_size must be >= 0, not {self.route_max_size}")
-        self.dst_entry_size = dst_entry_size
-        self.ipfrag_high_thresh = ipfrag_high_thresh
-        self.rpc_slot_table = rpc_slot_table
-        self.rpc_rqst_size = rpc_rqst_size
-        self.sk_memalloc_socks = 0
-        self.nr_nfs_swappers = 0
-        self.nr_iscsi_sessions = 0
-
         self.root = MemReserve("total reserve")
         self.root._on_root_change = self._root_changed
         self.root._check_fits = self._check_fits  # type: ignore[attr-defined]
-        # Built in the kernel's init order so that newest-first listing matches /proc/reserve_info.
-        self.network = MemReserve("total network reserve")
-        self.rx = MemReserve("network RX reserve", self.network)
-        self.skb_data = MemReserve("SKB data reserve", self.rx, unit="bytes")
-        self.tx = MemReserve("network TX reserve", self.network, unit="pages")
-        self.tx_pages = MemReserve("protocol TX pages", self.tx, unit="pages")
-        self.frag_cache = MemReserve("IPv4 fragment cache", self.skb_data, unit="bytes")
-        self.route_cache = MemReserve("IPv4 route cache", self.rx, unit="objects")
 
-        self.frag_cache.set_kmalloc(ipfrag_high_thresh, page_size)
-        self.frag_cache.inputs = {"ipfrag_high_thresh": ipfrag_high_thresh, "page_size": page_size}
-        self.route_cache.set_kmem_cache(self.route_max_size, dst_entry_size, page_size)
-        self.route_cache.inputs = {
-            "route_max_size": self.route_max_size,
-            "route_max_size_default": self.route.max_size,
-            "dst_entry_size": dst_entry_size,
-            "page_size": page_size,
-        }
-        self.tx_pages.inputs = {"nfs_swappers": 0, "iscsi_sessions": 0}
-
-    # -- zone coupling --
     def _check_fits(self, new_root_pages: int) -> None:
         if new_root_pages >= self.nr_pages:
             raise ReserveError(
@@ -388,77 +275,16 @@ class ReserveTree:
             else:
                 self.zone.wakeup_kswapd()
 
-    # -- network and protocol terms --
     @property
-    def connected(self) -> bool:
-        return self.network.parent is not None
+    def pages(self) -> int:
+        return self.root.pages
 
-    def connect_network(self) -> None:
-        """A memalloc socket appeared (sk_set_memalloc): the first one hangs the network reserve."""
-        if self.sk_memalloc_socks == 0:
-            self.root.connect(self.network)
-        self.sk_memalloc_socks += 1
-
-    def disconnect_network(self) -> None:
-        """A memalloc socket went away (sk_clear_memalloc): the last one removes the reserve."""
-        if self.sk_memalloc_socks <= 0:
-            raise ValueError("disconnect_network() without connect_network()")
-        self.sk_memalloc_socks -= 1
-        if self.sk_memalloc_socks == 0:
-            self.network.disconnect()
-
-    def nfs_swapper_pages(self) -> int:
-        return rpc_reserve_pages(self.page_size, self.rpc_slot_table, self.rpc_rqst_size)
-
-    def add_nfs_swapper(self) -> int:
-        """An NFS swap transport: RPC_RESERVE_PAGES (rpc_rqst slots + TX_RESERVE_PAGES)."""
-        pages = self.nfs_swapper_pages()
-        self.tx_pages.add_pages(pages)
-        self.nr_nfs_swappers += 1
-        self.tx_pages.inputs["nfs_swappers"] = self.nr_nfs_swappers
-        return pages
-
-    def remove_nfs_swapper(self) -> None:
-        if self.nr_nfs_swappers <= 0:
-            raise ValueError("no NFS swapper to remove")
-        self.tx_pages.add_pages(-self.nfs_swapper_pages())
-        self.nr_nfs_swappers -= 1
-        self.tx_pages.inputs["nfs_swappers"] = self.nr_nfs_swappers
-
-    def add_iscsi_session(self) -> int:
-        """An iSCSI session used for swap: TX_RESERVE_PAGES."""
-        pages = tx_reserve_pages(self.page_size)
-        self.tx_pages.add_pages(pages)
-        self.nr_iscsi_sessions += 1
-        self.tx_pages.inputs["iscsi_sessions"] = self.nr_iscsi_sessions
-        return pages
-
-    def remove_iscsi_session(self) -> None:
-        if self.nr_iscsi_sessions <= 0:
-            raise ValueError("no iSCSI session to remove")
-        self.tx_pages.add_pages(-tx_reserve_pages(self.page_size))
-        self.nr_iscsi_sessions -= 1
-        self.tx_pages.inputs["iscsi_sessions"] = self.nr_iscsi_sessions
-
-    def set_route_max_size(self, max_size: int) -> None:
-        """sysctl net.ipv4.route.max_size: resizes the route cache reserve."""
-        if max_size < 0:
-            raise ValueError(f"route max_size must be >= 0, not {max_size}")
-        self.route_cache.set_kmem_cache(max_size, self.dst_entry_size, self.page_size)
-        self.route_max_size = max_size
-        self.route_cache.inputs["route_max_size"] = max_size
-
-    def set_ipfrag_high_thresh(self, nbytes: int) -> None:
-        if nbytes < 0:
-            raise ValueError(f"ipfrag_high_thresh must be >= 0, not {nbytes}")
-        self.frag_cache.set_kmalloc(nbytes, self.page_size)
-        self.ipfrag_high_thresh = nbytes
-        self.frag_cache.inputs["ipfrag_high_thresh"] = nbytes
-
-    # -- views --
     def nodes(self) -> list[tuple[int, int, MemReserve]]:
         """(id, parent id, node) in /proc/reserve_info order."""
         return self.root.walk()
+
+    def find(self, name: str) -> MemReserve | None:
+        return next((n for _, _, n in self.nodes() if n.name == name), None)
 
     def reserve_info(self) -> str:
         """/proc/reserve_info: `id:parent "name" <pages in K>K usage/limit` per node."""
@@ -467,7 +293,7 @@ class ReserveTree:
         )
 
     def __repr__(self) -> str:
-        return f"<ReserveTree {self.root.pages} pages, {self.sk_memalloc_socks} memalloc socks>"
+        return f"<ReserveRoot {self.root.pages} pages>"
 
 
 # ---- allocation from a reserve (mm/reserve.c's alloc wrappers) --------------------------------
@@ -540,3 +366,25 @@ def kfree_reserve(slabs: Any, obj: Any, res: MemReserve | None, emerg: bool) -> 
     slabs.kfree(obj)
     if emerg and res is not None:
         res.kmalloc_uncharge(size)
+
+
+def kmem_cache_alloc_reserve(cache: Any, gfp: Any, res: MemReserve | None, amount: int = 1) -> tuple[Any, bool] | None:
+    """kmem_cache_alloc_reserve() without sleeping: an object of `cache` with `gfp`; one carved
+    from the reserve is charged `amount` (objects or bytes) to `res`, and refused if `res` is
+    full.  Returns (object, charged) or None."""
+    obj = cache.alloc(gfp)
+    if obj is None:
+        return None
+    if obj.pfmemalloc and res is not None:
+        if not res.charge(amount):
+            cache.free(obj)
+            return None
+        return obj, True
+    return obj, False
+
+
+def kmem_cache_free_reserve(cache: Any, obj: Any, res: MemReserve | None, charged: bool, amount: int = 1) -> None:
+    """Free first, then uncharge."""
+    cache.free(obj)
+    if charged and res is not None:
+        res.uncharge(amount)

@@ -1,14 +1,16 @@
 """Slab caches, kmalloc, and the SLAB geometry the reserve sizing relies on.
 
-The invariant (DESIGN §3): an object carved from a pfmemalloc (reserve) slab is never handed to a
+The invariant: an object carved from a pfmemalloc (reserve) slab is never handed to a
 caller that is not entitled to the reserve.  Such a caller is served from a normal slab, from a new
 slab grown from a normal page, or fails.  Slabs are kept on two partial lists (SLUB-style), so the
 check costs nothing on the normal path.
 
 Empty normal slabs are kept for reuse up to the cache's `free_limit` objects: what SLAB keeps
-for reuse, its per-cpu array cache (`limit` objects; not modelled otherwise: objects go straight
-back to their slab, which keeps the accounting exact) plus its free list (`free_limit`, `(1 +
-nr_cpus) * batchcount + objects per slab`).  So a cache that empties and refills, as the receive
+for reuse in its free list (`free_limit`, `(1 + nr_cpus) * batchcount + objects per slab`).
+SLAB's per-CPU array cache is modelled for the length of one NAPI poll (`Zone.begin_poll`): an
+object the receive path frees (a dropped frame's skb) is handed to the next allocation of the same
+poll, LIFO, and goes back to its slab when the poll ends; outside polls objects go straight back
+to their slab, which keeps the accounting exact.  So a cache that empties and refills, as the receive
 stage's skb caches do on every poll, does not go back to the page allocator each time.
 They are kept only while the zone has plenty (above its high watermark) and the zone drains them
 at the first allocation that misses its fast path (`Zone.drain_free_slabs`), so every watermark
@@ -206,6 +208,11 @@ class KmemCache:
         self.nr_pfmemalloc_slabs = 0
         self.active_objs = 0
         self.nr_alloc_fail = 0
+        # The per-CPU array cache during a NAPI poll (Zone.begin_poll): objects freed by the poll
+        # are handed to its next allocations, LIFO, as SLAB's array_cache does, and given back to
+        # their slabs when the poll ends.  A pfmemalloc object only goes to an entitled caller
+        # (3.6's __ac_get_obj rule).
+        self._ac: list[Slab] = []
 
     @property
     def size(self) -> int:
@@ -299,6 +306,24 @@ class KmemCache:
 
     def free_obj(self, slab: Slab) -> None:
         """Give back one object of `slab` (taken with `alloc_obj`)."""
+        polled = self.zone.poll_ac
+        if polled is not None:  # inside a NAPI poll: into the array cache
+            if slab.cache is not self or not slab.inuse:
+                raise RuntimeError(f"bad free of an object of {slab!r} to {self.name}")
+            if not self._ac:
+                polled.append(self)
+            self._ac.append(slab)
+            return
+        self._free_obj(slab)
+
+    def flush_ac(self) -> None:
+        """The poll ended: the array cache's objects go back to their slabs."""
+        ac = self._ac
+        self._ac = []
+        for slab in reversed(ac):
+            self._free_obj(slab)
+
+    def _free_obj(self, slab: Slab) -> None:
         inuse = slab.inuse
         if inuse < 1 or slab.cache is not self:
             raise RuntimeError(f"bad free of an object of {slab!r} to {self.name}")

@@ -13,7 +13,7 @@ import trio
 
 from emu.mm.gfp import GFP_KERNEL, Gfp, Policy
 from emu.mm.page_alloc import OutOfMemory, Zone
-from emu.mm.sched import TaskFlags, current, memalloc_noreclaim, task, waiting
+from emu.kernel.sched import TaskFlags, current, memalloc_noreclaim, task, waiting
 
 if TYPE_CHECKING:
     from emu.mm.mm import Mm
@@ -96,6 +96,7 @@ class Vmscan:
         if to_write:
             mm.swap_writepages(to_write)
         c["pgscan_kswapd" if kswapd else "pgscan_direct"] += scanned
+        mm.cpu.charge(scanned * mm.cpu.costs.page_scan)
         return freed, len(to_write), scanned
 
     def reclaimable(self) -> bool:

@@ -15,14 +15,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from emu.mm.gfp import GFP_ATOMIC
+from emu.mm.reserve import kmem_cache_alloc_reserve, kmem_cache_free_reserve
 from emu.mm.sizes import IPQ
+from emu.net.netstat import DUP_FRAG, FRAG_NOMEM
+from emu.net.skbuff import attach_frag_list
 
 if TYPE_CHECKING:
-    from emu.net.netmem import NetMem
+    from emu.mm.reserve import MemReserve
     from emu.net.netstat import NetStat
-    from emu.net.skbuff import SkBuff
+    from emu.net.skbuff import SkbAllocator, SkBuff
 
 FragKey = tuple[str, str, int, int]  # saddr, daddr, id, protocol
+
+# net.ipv4 sysctls of the era
+IPFRAG_HIGH_THRESH = 256 * 1024
+IPFRAG_LOW_THRESH = 192 * 1024
+IPFRAG_TIME = 30.0  # seconds
 
 
 class IpQueue:
@@ -41,11 +50,16 @@ class IpQueue:
 
 
 class FragQueues:
-    def __init__(self, mem: NetMem, stat: NetStat, high_thresh: int = 256 * 1024,
-                 low_thresh: int = 192 * 1024, timeout: float = 30.0) -> None:
+    """ipq_hash with its `struct ipq`s (kmalloc); `reserve` is v12's "IPv4 fragment cache"."""
+
+    def __init__(self, skbs: SkbAllocator, stat: NetStat, high_thresh: int = IPFRAG_HIGH_THRESH,
+                 low_thresh: int = IPFRAG_LOW_THRESH, timeout: float = IPFRAG_TIME,
+                 reserve: MemReserve | None = None) -> None:
         if not 0 <= low_thresh <= high_thresh:
             raise ValueError("need 0 <= ipfrag_low_thresh <= ipfrag_high_thresh")
-        self.mem = mem
+        self.skbs = skbs
+        self.ipq_cache = skbs.slabs.kmalloc_cache(IPQ)
+        self.reserve = reserve
         self.stat = stat
         self.high_thresh = high_thresh
         self.low_thresh = low_thresh
@@ -58,10 +72,11 @@ class FragQueues:
         return len(self.queues)
 
     def queue_fragment(self, skb: SkBuff, key: FragKey, offset: int, length: int, more: bool,
-                       payload: bytes | None, now: float) -> SkBuff | None:
-        """ip_defrag: queue one fragment; return the reassembled skb when the datagram is complete.
+                       payload: bytes | None, now: float) -> SkBuff | int | None:
+        """ip_defrag: queue one fragment; return the reassembled skb when the datagram is complete,
+        None while it waits for more, or a drop reason (FRAG_NOMEM, DUP_FRAG) after freeing it.
 
-        Consumes `skb` either way (queued, or freed when it cannot be).
+        Consumes `skb` either way.
         """
         if self.ip_frag_mem > self.high_thresh:
             self.evict()
@@ -70,11 +85,10 @@ class FragQueues:
             self._expire(q)
             q = None
         if q is None:
-            got = self.mem.ipq_alloc()
+            got = kmem_cache_alloc_reserve(self.ipq_cache, GFP_ATOMIC, self.reserve, IPQ)
             if got is None:
-                self.stat.frag_nomem += 1
-                skb.free()
-                return None
+                self.skbs.free(skb)
+                return FRAG_NOMEM
             q = IpQueue(key, got[0], got[1], now)
             self.queues[key] = q
             self.ip_frag_mem += IPQ
@@ -85,8 +99,8 @@ class FragQueues:
         end = offset + length
         for o, e, _ in q.frags:
             if offset < e and o < end:  # overlap/duplicate: drop the newcomer (RFC 5722 spirit)
-                skb.free()
-                return None
+                self.skbs.free(skb)
+                return DUP_FRAG
         q.frags.append((offset, end, skb))
         q.meat += length
         q.truesize += skb.truesize
@@ -105,15 +119,14 @@ class FragQueues:
         q.frags.sort(key=lambda f: f[0])
         head = q.frags[0][2]
         rest = [f[2] for f in q.frags[1:]]
-        self.mem.ipq_free(q.obj, q.reserve_charged)
+        kmem_cache_free_reserve(self.ipq_cache, q.obj, self.reserve, q.reserve_charged, IPQ)
         if q.payload is None:  # first fragment lost and a duplicate filled its hole: impossible
-            head.free()
+            self.skbs.free(head)
             for s in rest:
-                s.free()
+                self.skbs.free(s)
             return None
-        head.attach_frag_list(rest, q.payload)
         self.stat.frag_reassembled += 1
-        return head
+        return attach_frag_list(head, rest, q.payload)
 
     def evict(self) -> int:
         """ip_evictor: free least recently updated queues down to ipfrag_low_thresh."""
@@ -139,9 +152,9 @@ class FragQueues:
     def _kill(self, q: IpQueue) -> None:
         del self.queues[q.key]
         for _, _, skb in q.frags:
-            skb.free()
+            self.skbs.free(skb)
         self.ip_frag_mem -= q.truesize + IPQ
-        self.mem.ipq_free(q.obj, q.reserve_charged)
+        kmem_cache_free_reserve(self.ipq_cache, q.obj, self.reserve, q.reserve_charged, IPQ)
 
     def flush(self) -> None:
         for q in list(self.queues.values()):

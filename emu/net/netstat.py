@@ -13,14 +13,45 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from emu.net.sock import Sock
 
+# ---- verdicts: what the receive path did with one frame ----------------------------------------
+# Plain ints (the hot path compares them); VERDICTS names each with its counter and the kernel's
+# skb drop reason (include/net/dropreason-core.h), for reports, dropwatch and pcap comments.
+QUEUED = 0  # step 8: on a socket's receive queue
+FRAG_QUEUED = 1  # step 4: a fragment waiting for the rest of its datagram
+NOMEM = 2  # step 1: no memory for the skb
+MISSED = 3  # step 1: the RX ring could not be refilled earlier in this poll
+NOROUTE = 4  # step 3: no memory / room for a route cache entry
+FRAG_NOMEM = 5  # step 4: no memory for a reassembly queue
+DUP_FRAG = 6  # step 4: overlaps a fragment already queued
+NO_SOCKET = 7  # step 5
+PFMEMALLOC = 8  # step 6: a reserve skb for a socket that is not SOCK_MEMALLOC
+RCVBUFF = 9  # step 7: over the socket's receive buffer
+
+# verdict -> (netswap counter, kernel drop reason or "" for frames that were not dropped)
+VERDICTS: tuple[tuple[str, str], ...] = (
+    ("delivered", ""),
+    ("frag_queued", ""),
+    ("rx_nomem", "SKB_DROP_REASON_NOMEM"),
+    ("rx_missed", "SKB_DROP_REASON_NOMEM"),
+    ("route_nomem", "SKB_DROP_REASON_IP_INNOROUTES"),
+    ("frag_nomem", "SKB_DROP_REASON_NOMEM"),
+    ("frag_dup", "SKB_DROP_REASON_DUP_FRAG"),
+    ("no_socket", "SKB_DROP_REASON_NO_SOCKET"),
+    ("pfmemalloc_drop", "SKB_DROP_REASON_PFMEMALLOC"),
+    ("rcvbuf_full", "SKB_DROP_REASON_SOCKET_RCVBUFF"),
+)
+# Drops of frames already queued in reassembly, and their kernel reasons.
+FRAG_DROPS = {"frag_evicted": "SKB_DROP_REASON_FRAG_TOO_FAR", "frag_timeout": "SKB_DROP_REASON_FRAG_REASM_TIMEOUT"}
+DROP_COUNTERS = tuple(name for name, reason in VERDICTS if reason) + tuple(FRAG_DROPS)
+
 # netswap name -> (kernel MIB name or "", what it counts)
 COUNTERS: dict[str, tuple[str, str]] = {
     "frames": ("IpInReceives", "frames seen by the receive stage (UDP fragments and TCP chunks)"),
     "bytes": ("IpExtInOctets", "bytes in those frames (IP packets)"),
     "skbs": ("", "RX skbs allocated"),
     "skbs_emergency": ("", "RX skbs allocated from the reserve (v12 emergency / 3.6 pfmemalloc)"),
-    "rx_nomem": ("", "frames dropped: no memory for the skb (step 1; rx_missed included)"),
-    "rx_missed": ("", "of those, dropped after the RX ring could not be refilled earlier in the same poll"),
+    "rx_nomem": ("", "frames dropped: no memory for the skb (step 1)"),
+    "rx_missed": ("", "frames dropped because the RX ring could not be refilled earlier in the same poll"),
     "route_nomem": ("IpOutNoRoutes", "frames dropped: no memory / room for a route cache entry (step 3)"),
     "route_lookups": ("", "route cache lookups"),
     "route_hits": ("", "route cache hits"),
@@ -28,6 +59,8 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "route_gc_freed": ("", "route cache entries freed by garbage collection"),
     "route_overflow": ("", "'dst cache overflow': cache at ip_rt_max_size after GC"),
     "frags": ("IpReasmReqds", "fragments received"),
+    "frag_queued": ("", "fragments queued for reassembly"),
+    "frag_dup": ("", "fragments dropped: overlapping one already queued"),
     "frag_nomem": ("", "fragments dropped: no memory for a reassembly queue"),
     "frag_reassembled": ("IpReasmOKs", "datagrams reassembled"),
     "frag_evicted": ("IpReasmFails", "reassembly queues evicted above ipfrag_high_thresh"),
@@ -67,9 +100,14 @@ class NetStat:
 
     def drops(self) -> dict[str, int]:
         """Every drop reason, by name (the deadlock report prints these)."""
-        names = ("rx_nomem", "route_nomem", "no_socket", "pfmemalloc_drop", "rcvbuf_full",
-                 "frag_nomem", "frag_evicted", "frag_timeout", "tcp_held")
-        return {n: getattr(self, n) for n in names}
+        return {n: getattr(self, n) for n in (*DROP_COUNTERS, "tcp_held")}
+
+    def count(self, verdicts: list[int]) -> None:
+        """Add one poll's per-verdict counts (indexed by verdict)."""
+        for v, n in enumerate(verdicts):
+            if n:
+                name = VERDICTS[v][0]
+                setattr(self, name, getattr(self, name) + n)
 
     def nstat(self, nonzero: bool = True) -> str:
         """`nstat -a`-style text: name, value, what it counts."""

@@ -1,99 +1,301 @@
-"""Socket buffers (`struct sk_buff`) paid for in the emulated host's memory.
+"""Socket buffers: `struct sk_buff`, and their allocator paid for in the host's memory.
 
 An skb is two allocations, as `__alloc_skb` makes them: the head (`struct sk_buff`) from the
 `skbuff_head_cache` slab and the data buffer (`size` bytes plus `struct skb_shared_info`) from
-kmalloc.  The SkBuff itself stands for its head object, so `head` is the slab that object lives
-in and `buf` the data buffer's slab (a page-backed `SlabObj` above the largest kmalloc cache):
-no handle objects per frame.  Both have `.pfmemalloc` and `.cache`.  `truesize = size + SKB_HEAD + SKB_SHARED_INFO` is what socket receive buffers are charged.
+kmalloc.  An `SkBuff` stands for its head object: `head` is the slab that object lives in and
+`buf` the data buffer's slab (or a page-backed `SlabObj` above the largest kmalloc cache), so no
+handle objects are made per frame.  `truesize = size + SKB_HEAD + SKB_SHARED_INFO` is what
+socket receive buffers are charged.
 
-How an RX skb may reach the reserve is the policy's RX rule (DESIGN §2), implemented in
-`NetMem.rx_skb`; the skb is then marked `emergency` (v12) or `pfmemalloc` (3.6), and `memalloc`
-is true for either.  The frame's real bytes travel in `data`.
+The RX rule per policy (`SkbAllocator.rx`, `__netdev_alloc_skb` in the receive path):
+- none: GFP_ATOMIC only; the receive path never reaches the reserve.
+- v12: GFP_ATOMIC; on failure, if a memalloc (SOCK_VMIO) socket exists and the "SKB data reserve"
+  admits roundup_pow_of_two(size), __GFP_EMERGENCY: the skb is `emergency`, uncharged when freed.
+- pfmemalloc: if a memalloc socket exists, GFP_ATOMIC|__GFP_NOMEMALLOC first, then
+  GFP_ATOMIC|__GFP_MEMALLOC: the skb is `pfmemalloc` if its memory came from the reserve.
+TX skbs use the socket's `sk_allocation` and may sleep in reclaim (`tx`).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from emu.mm.gfp import Gfp
-from emu.mm.sizes import SKB_HEAD, SKB_SHARED_INFO
+from emu.mm.gfp import GFP_ATOMIC, Gfp, Policy
+from emu.mm.sizes import KMALLOC_MAX_CACHE_SIZE, SKB_HEAD, SKB_SHARED_INFO
+from emu.mm.slab import KmemCache, Slab, Slabs, roundup_pow_of_two
 
 if TYPE_CHECKING:
-    from emu.net.netmem import NetMem
-    from emu.net.sock import Sock
+    from emu.mm.reserve import MemReserve
 
 SKB_OVERHEAD = SKB_HEAD + SKB_SHARED_INFO
 
+_ATOMIC_NOMEMALLOC = GFP_ATOMIC | Gfp.NOMEMALLOC
+_ATOMIC_MEMALLOC = GFP_ATOMIC | Gfp.MEMALLOC
+_ATOMIC_EMERGENCY = GFP_ATOMIC | Gfp.EMERGENCY
+
 
 class SkBuff:
-    __slots__ = ("mem", "len", "truesize", "head", "buf", "emergency", "pfmemalloc", "memalloc",
-                 "charged", "own_truesize", "data", "saddr", "sport", "sk", "frag_list", "rx", "freed")
+    """`struct sk_buff` with what the model needs.  `memalloc` is 0, or EMERGENCY (v12) or
+    PFMEMALLOC (3.6): the skb's memory came from the reserve.  `charged` (bytes charged to v12's
+    SKB data reserve) and `frag_list` (a reassembled datagram's other fragments) are class
+    defaults here and only set on `SkBuffX`, so the common skb carries neither."""
 
-    def __init__(self, mem: NetMem, size: int, head: Any, buf: Any, rx: bool) -> None:
-        self.mem = mem
+    __slots__ = ("len", "truesize", "head", "buf", "memalloc", "data", "saddr", "sport")
+
+    EMERGENCY = 1
+    PFMEMALLOC = 2
+    charged = 0
+    frag_list: list[SkBuff] | None = None
+
+    def __init__(self, size: int, head: Slab, buf: Any, memalloc: int = 0) -> None:
         self.len = size
         self.truesize = size + SKB_OVERHEAD
-        self.own_truesize = self.truesize  # without a reassembled datagram's frag_list
         self.head = head
         self.buf = buf
-        self.emergency = False
-        self.pfmemalloc = False
-        self.memalloc = False
-        self.charged = 0  # bytes charged to the v12 "SKB data reserve"
+        self.memalloc = memalloc
         self.data: Any = None
         self.saddr = ""
         self.sport = 0
-        self.sk: Sock | None = None
-        self.frag_list: list[SkBuff] | None = None
-        self.rx = rx
-        self.freed = False
 
-    def free(self) -> None:
-        """kfree_skb(): free the data, the head and any fragments; uncharge the reserve."""
-        self.mem.skb_free(self)
+    @property
+    def emergency(self) -> bool:
+        return self.memalloc == SkBuff.EMERGENCY
 
-    def attach_frag_list(self, rest: list[SkBuff], payload: Any) -> None:
-        """Turn the first fragment into the reassembled datagram (ip_frag_reasm)."""
-        self.frag_list = rest
-        for s in rest:
-            self.truesize += s.truesize
-            if s.memalloc:
-                self.memalloc = True
-                self.emergency |= s.emergency
-                self.pfmemalloc |= s.pfmemalloc
-        self.data = payload
-        self.len = len(payload)
+    @property
+    def pfmemalloc(self) -> bool:
+        return self.memalloc == SkBuff.PFMEMALLOC
+
+    @property
+    def own_truesize(self) -> int:
+        """truesize without a reassembled datagram's other fragments."""
+        fl = self.frag_list
+        return self.truesize - sum(s.truesize for s in fl) if fl else self.truesize
 
     def __repr__(self) -> str:
-        mark = " emergency" if self.emergency else " pfmemalloc" if self.pfmemalloc else ""
+        mark = {0: "", 1: " emergency", 2: " pfmemalloc"}[self.memalloc]
         return f"<SkBuff len={self.len} truesize={self.truesize}{mark}>"
 
 
-def alloc_skb(net: Any, size: int, gfp: Gfp, rx: bool = True) -> SkBuff | None:
-    """alloc_skb for `net` (a NetStack, or anything with `.net`): never sleeps.
+class SkBuffX(SkBuff):
+    """An skb charged to the v12 reserve or carrying a frag_list."""
 
-    RX skbs follow the policy's emergency rule (DESIGN §2); TX skbs use `gfp` as given.
-    """
-    mem = _mem(net)
-    if rx:
-        return mem.rx_skb(size)
-    skb = mem.skb_try(size, gfp, rx=False)
-    if skb is not None:
-        mem.stat.tx_skbs += 1
-        if skb.head.pfmemalloc or skb.buf.pfmemalloc:
-            skb.pfmemalloc = skb.memalloc = True
-            mem.stat.tx_skbs_reserve += 1
+    __slots__ = ("charged", "frag_list")
+
+    def __init__(self, size: int, head: Slab, buf: Any, memalloc: int = 0) -> None:
+        super().__init__(size, head, buf, memalloc)
+        self.charged = 0
+        self.frag_list = None
+
+
+def attach_frag_list(head: SkBuff, rest: list[SkBuff], payload: Any) -> SkBuffX:
+    """ip_frag_reasm: the first fragment becomes the datagram, the others hang off it."""
+    skb = head if isinstance(head, SkBuffX) else _promote(head)
+    skb.frag_list = rest
+    for s in rest:
+        skb.truesize += s.truesize
+        if s.memalloc and not skb.memalloc:
+            skb.memalloc = s.memalloc
+    skb.data = payload
+    skb.len = len(payload)
     return skb
 
 
-def kfree_skb(skb: SkBuff) -> None:
-    skb.free()
+def _promote(skb: SkBuff) -> SkBuffX:
+    x = SkBuffX(skb.len, skb.head, skb.buf, skb.memalloc)
+    x.truesize = skb.truesize
+    x.data, x.saddr, x.sport = skb.data, skb.saddr, skb.sport
+    return x
 
 
-def _mem(net: Any) -> NetMem:
-    mem = getattr(net, "mem", None)
-    if mem is None and hasattr(net, "net"):
-        mem = net.net.mem
-    if mem is None:
-        raise TypeError(f"{net!r} is not a NetStack")
-    return mem
+class SkbAllocator:
+    """`__netdev_alloc_skb`, `alloc_skb` and `kfree_skb` of one host (the module docstring)."""
+
+    def __init__(self, slabs: Slabs, policy: Policy, skb_data_reserve: MemReserve | None = None) -> None:
+        self.slabs = slabs
+        self.zone = slabs.zone
+        self.policy = Policy(policy)
+        self.skb_data = skb_data_reserve if self.policy is Policy.V12 else None
+        self.head_cache: KmemCache = slabs.cache("skbuff_head_cache", SKB_HEAD)
+        self.memalloc_socks = 0  # sk_memalloc_socks()
+        self._data_caches: dict[int, KmemCache | None] = {}
+        # Within one poll: sizes whose ordinary RX attempt failed, with nr_free then.  While
+        # nr_free has not grown and no ordinary skb was freed that attempt fails the same way
+        # (the watermark test is monotonic in nr_free, and only the free of an ordinary object
+        # refills an ordinary slab), so the reserve policies skip it: one failed attempt per poll
+        # and size instead of one per frame.
+        self.rx_failed: dict[int, int] = {}
+        self.live = 0  # skbs allocated now (RX and TX)
+        self.live_truesize = 0
+        self.rx_allocated = 0
+        self.rx_reserve = 0  # RX skbs from the reserve (emergency / pfmemalloc)
+        self.tx_allocated = 0
+        self.tx_reserve = 0
+        self.tx_failed = 0
+
+    def data_cache(self, size: int) -> KmemCache | None:
+        """The kmalloc cache for a data buffer of `size` (None: larger than any cache)."""
+        try:
+            return self._data_caches[size]
+        except KeyError:
+            n = size + SKB_SHARED_INFO
+            c = self._data_caches[size] = self.slabs.kmalloc_cache(n) if n <= KMALLOC_MAX_CACHE_SIZE else None
+            return c
+
+    # ---- allocation ----------------------------------------------------------------------------
+
+    def _try(self, size: int, gfp: Gfp) -> SkBuff | None:
+        """Both allocations of one skb with `gfp`, or None (nothing left allocated)."""
+        head = self.head_cache.alloc_obj(gfp)
+        if head is None:
+            return None
+        cache = self.data_cache(size)
+        buf = cache.alloc_obj(gfp) if cache is not None else self.slabs.kmalloc(size + SKB_SHARED_INFO, gfp)
+        if buf is None:
+            self.head_cache.free_obj(head)
+            return None
+        return SkBuff(size, head, buf)
+
+    def rx(self, size: int) -> SkBuff | None:
+        """An RX skb under the policy's rule; None: no memory (the frame is dropped)."""
+        if not self.memalloc_socks or self.policy is Policy.NONE:
+            skb = self._try(size, GFP_ATOMIC)
+        else:
+            failed = self.rx_failed.get(size)
+            if failed is not None and self.zone.nr_free <= failed:
+                skb = None  # the ordinary attempt would fail again (see rx_failed)
+            else:
+                skb = self._try(size, _ATOMIC_NOMEMALLOC if self.policy is Policy.PFMEMALLOC else GFP_ATOMIC)
+                if skb is None:
+                    self.rx_failed[size] = self.zone.nr_free
+            if skb is None:
+                skb = self._rx_reserve(size)
+        if skb is not None:
+            self.live += 1
+            self.live_truesize += skb.truesize
+            self.rx_allocated += 1
+        return skb
+
+    def _rx_reserve(self, size: int) -> SkBuff | None:
+        if self.policy is Policy.PFMEMALLOC:
+            skb = self._try(size, _ATOMIC_MEMALLOC)
+            if skb is not None and (skb.head.pfmemalloc or _pf(skb.buf)):
+                skb.memalloc = SkBuff.PFMEMALLOC
+                self.rx_reserve += 1
+            return skb
+        node = self.skb_data
+        charge = roundup_pow_of_two(size + SKB_SHARED_INFO)
+        if node is not None and not node.charge(charge):
+            return None
+        got = self._try(size, _ATOMIC_EMERGENCY)
+        if got is None:
+            if node is not None:
+                node.uncharge(charge)
+            return None
+        skb = _promote(got)
+        skb.memalloc = SkBuff.EMERGENCY
+        skb.charged = charge if node is not None else 0
+        self.rx_reserve += 1
+        return skb
+
+    async def tx(self, sizes: list[int], gfp: Gfp) -> list[SkBuff]:
+        """TX skbs for one send with the socket's sk_allocation; may sleep in reclaim."""
+        out: list[SkBuff] = []
+        try:
+            for size in sizes:
+                skb = self._try(size, gfp)
+                if skb is None:
+                    head = await self.head_cache.alloc_obj_wait(gfp)
+                    try:
+                        obj = await self.slabs.kmalloc_wait(size + SKB_SHARED_INFO, gfp)
+                    except BaseException:
+                        self.head_cache.free_obj(head)
+                        raise
+                    # a slab object is held by its slab, as _try's are; a page-backed one as is
+                    skb = SkBuff(size, head, obj.slab if obj.slab is not None else obj)
+                if skb.head.pfmemalloc or _pf(skb.buf):
+                    skb.memalloc = SkBuff.PFMEMALLOC
+                    self.tx_reserve += 1
+                self.live += 1
+                self.live_truesize += skb.truesize
+                self.tx_allocated += 1
+                out.append(skb)
+        except BaseException:
+            self.tx_failed += 1
+            for s in out:
+                self.free(s)
+            raise
+        return out
+
+    # ---- freeing ---------------------------------------------------------------------------------
+
+    def free(self, skb: SkBuff) -> None:
+        """kfree_skb(): the data, the head, any fragments; then uncharge the reserve."""
+        head = skb.head
+        if head is None:
+            raise RuntimeError(f"double free of {skb!r}")
+        skb.head = None  # type: ignore[assignment]
+        fl = skb.frag_list
+        own = skb.truesize
+        if fl:
+            for s in fl:
+                own -= s.truesize
+                self.free(s)
+            skb.frag_list = None
+        self.head_cache.free_obj(head)
+        buf = skb.buf
+        if buf.__class__ is Slab:
+            buf.cache.free_obj(buf)
+        else:
+            self.slabs.kfree(buf)  # a page-backed buffer (above the largest kmalloc cache)
+        self.live -= 1
+        self.live_truesize -= own
+        if not skb.memalloc and self.rx_failed:
+            self.rx_failed.clear()  # an ordinary object went back: try normally again
+        charged = skb.charged
+        if charged:
+            skb.charged = 0
+            self.skb_data.uncharge(charged)  # type: ignore[union-attr]  # freed first, then uncharged
+
+    def free_queue(self, q: deque[SkBuff]) -> int:
+        """kfree_skb() of every skb on a socket's receive queue (its owner read them all);
+        returns their truesize.  Plain skbs are freed in bulk (kmem_cache_free_bulk)."""
+        truesize = 0
+        plain = 0
+        ordinary = False
+        heads: list[Slab] = []
+        bufs: list[Slab] = []
+        data_cache = None  # the data buffers' cache: a flood's frames share one
+        popleft = q.popleft
+        SkB = SkBuff
+        while q:
+            skb = popleft()
+            t = skb.truesize
+            truesize += t
+            buf = skb.buf
+            if skb.__class__ is not SkB or buf.__class__ is not Slab or skb.head is None:
+                self.free(skb)  # the general case (and its double-free check)
+                continue
+            heads.append(skb.head)
+            skb.head = None  # type: ignore[assignment]
+            if buf.cache is not data_cache:
+                if data_cache is not None:
+                    data_cache.free_bulk(bufs)
+                    bufs = []
+                data_cache = buf.cache
+            bufs.append(buf)
+            plain += t
+            if not skb.memalloc:
+                ordinary = True
+        if heads:
+            self.head_cache.free_bulk(heads)
+            data_cache.free_bulk(bufs)  # type: ignore[union-attr]
+            self.live -= len(heads)
+            self.live_truesize -= plain
+            if ordinary and self.rx_failed:
+                self.rx_failed.clear()
+        return truesize
+
+
+def _pf(buf: Any) -> bool:
+    return bool(buf.pfmemalloc)

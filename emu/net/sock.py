@@ -1,13 +1,17 @@
 """Emulated sockets: `struct sock` for UDP and TCP, each backed by one real socket on loopback.
 
-The receive stage queues skbs on `receive_queue` (charging `sk_rmem_alloc` with their truesize,
-against `sk_rcvbuf`); readers take them off and free them, which uncharges.  `sk_set_memalloc`
-marks a socket that serves the VM (v12's SOCK_VMIO, 3.6's SOCK_MEMALLOC): its allocations get
-`__GFP_MEMALLOC` (3.6) / `__GFP_EMERGENCY` (v12), reserve skbs addressed to it are accepted, and
-under v12 the first such socket hangs the network part of the reserve tree under the root.
+`queue_rcv_skb` is the end of the receive path for every frame (steps 6 to 8, Linux's
+`sock_queue_rcv_skb` with 3.6's `sk_filter` pfmemalloc check): a reserve skb for a socket that is
+not SOCK_MEMALLOC is dropped; past the receive buffer an skb is dropped, except a reserve skb for a
+memalloc socket (the "stream deadlock" fix); otherwise it is queued and its truesize stays charged
+to `sk_rmem_alloc` until a reader takes it.
 
-An owner (an emulated process) is recorded for the ss view; application reader tasks
-(`app_reader`) read a socket only while their owner's pages are resident.
+`sk_set_memalloc` marks a socket that serves the VM (v12's SOCK_VMIO, 3.6's SOCK_MEMALLOC): its
+allocations get `__GFP_EMERGENCY` (v12) / `__GFP_MEMALLOC` (3.6), and under v12 the first such
+socket hangs the network part of the reserve tree under the root.
+
+An owner (an emulated process) is recorded for the ss view; `app_reader` reads a socket only
+while its owner's pages are resident.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from emu.mm.gfp import GFP_KERNEL, GFP_NOIO, Gfp, Policy
-from emu.net.wire import IP_HDR, TCP_HDR, UDP_HDR, ip_fragments
+from emu.net.netstat import PFMEMALLOC, QUEUED, RCVBUFF
+from emu.net.skbuff import SkBuff
 
 if TYPE_CHECKING:
-    from emu.net.skbuff import SkBuff
     from emu.net.stack import NetStack
+    from emu.net.wire import Wire
 
 RMEM_DEFAULT = 212992  # net.core.rmem_default
 SOCK_MIN_RCVBUF = 2 * (2048 + 232 + 320)  # room for at least two full-size skbs
@@ -38,13 +43,13 @@ class Sock:
         if proto not in ("udp", "tcp"):
             raise ValueError(f"protocol must be udp or tcp, not {proto!r}")
         self.net = net
+        self.skbs = net.skbs
         self.proto = proto
         self.raw = raw
         self.tsock = trio.socket.from_stdlib_socket(raw)  # the same socket, for awaiting sends
         self.owner = owner
         self.sk_rcvbuf = max(int(rcvbuf), SOCK_MIN_RCVBUF)
         self.sk_rmem_alloc = 0
-        self.sk_wmem_alloc = 0
         self.sk_drops = 0  # drops after demux (the kernel's sk_drops)
         # Every drop of a frame for this socket, by reason, before demux included (diagnostics:
         # the emulator's wire knows whose frame it was even when the kernel would not).
@@ -65,11 +70,7 @@ class Sock:
         except OSError:
             self.raddr, self.rport = "*", 0
         self._readers = trio.lowlevel.ParkingLot()
-        self._space = trio.lowlevel.ParkingLot()
-        # Plain flags (cheaper than asking the ParkingLot on every skb): someone is parked.
-        self._readers_waiting = False
-        self._space_waiting = False
-        self.wire: Any = None
+        self.wire: Wire | None = None
         self.sk_obj: Any = None  # the struct sock's slab object
         self.bytes_read = 0
 
@@ -79,7 +80,7 @@ class Sock:
         """Mark the socket as serving the VM (idempotent)."""
         if self.memalloc:
             return
-        self.net.memalloc_socket_added(self)  # first: may refuse (a v12 reserve that cannot fit)
+        self.net.memalloc_socket_added()  # first: may refuse (a v12 reserve that cannot fit)
         self.memalloc = True
         pol = self.net.policy
         if pol is Policy.PFMEMALLOC:
@@ -94,19 +95,35 @@ class Sock:
             return
         self.memalloc = False
         self.sk_allocation = GFP_KERNEL
-        self.net.memalloc_socket_removed(self)
+        self.net.memalloc_socket_removed()
 
-    # ---- receive side (called by the receive stage, synchronously) -----------------------------
+    # ---- steps 6-8 (the receive path, synchronously) -------------------------------------------
 
-    def queue_rcv_skb(self, skb: SkBuff) -> None:
-        """Step 8: queue; the memory stays charged until the owner reads it."""
-        self.receive_queue.append(skb)
-        self.sk_rmem_alloc += skb.truesize
+    def queue_rcv_skb(self, skb: SkBuff) -> int:
+        """sock_queue_rcv_skb(): returns QUEUED, or the drop verdict (the skb is then freed)."""
+        if skb.memalloc and not self.memalloc:  # step 6: sk_filter's pfmemalloc check
+            self.sk_drops += 1
+            self.skbs.free(skb)
+            return PFMEMALLOC
+        truesize = skb.truesize
+        if self.sk_rmem_alloc + truesize >= self.sk_rcvbuf:  # step 7 (2.6.22: rmem + truesize >= rcvbuf)
+            if not (skb.memalloc and self.memalloc):
+                self.sk_drops += 1
+                self.skbs.free(skb)
+                return RCVBUFF
+            self.net.stat.rcvbuf_bypass += 1
+        self.receive_queue.append(skb)  # step 8
+        self.sk_rmem_alloc += truesize
         self.rx_queued_bytes += skb.len
-        skb.sk = self
-        if self._readers_waiting:
-            self._readers_waiting = False
-            self._readers.unpark_all()
+        return QUEUED
+
+    def data_ready(self) -> None:
+        """sk_data_ready: wake the readers (once per poll, not per skb)."""
+        self._readers.unpark_all()
+
+    def count_drops(self, name: str, n: int = 1) -> None:
+        d = self.rx_drops
+        d[name] = d.get(name, 0) + n
 
     def rx_eof(self) -> None:
         self.eof = True
@@ -118,36 +135,21 @@ class Sock:
         self.state = "CLOSE"
         self._readers.unpark_all()
 
-    def drop(self, reason: str, pre_demux: bool = False) -> None:
-        if not pre_demux:
-            self.sk_drops += 1
-        d = self.rx_drops
-        d[reason] = d.get(reason, 0) + 1
-
     def tcp_window(self) -> int:
         """Payload bytes the emulated receive buffer can still take (the advertised window)."""
         per = self.net.tcp_chunk_truesize
         free = self.sk_rcvbuf - self.sk_rmem_alloc - 1
         return max(0, free // per) * self.net.mss
 
-    def tcp_window_max(self) -> int:
-        return max(1, (self.sk_rcvbuf - 1) // self.net.tcp_chunk_truesize) * self.net.mss
-
-    async def wait_space(self) -> None:
-        """Sleep until a reader frees receive-buffer space (the window update)."""
-        self._space_waiting = True
-        await self._space.park()
-
     def rx_emergency_skbs(self) -> int:
         return sum(1 for s in self.receive_queue if s.memalloc)
 
-    # ---- receive side (readers) -----------------------------------------------------------------
+    # ---- readers --------------------------------------------------------------------------------
 
     async def wait_readable(self) -> None:
         while not self.receive_queue and not self.eof and self.error is None:
             if self.closed:
                 raise trio.ClosedResourceError("socket closed")
-            self._readers_waiting = True
             await self._readers.park()
 
     def _dequeue(self) -> SkBuff:
@@ -155,9 +157,8 @@ class Sock:
         self.sk_rmem_alloc -= skb.truesize
         self.rx_queued_bytes -= skb.len - self.head_off
         self.head_off = 0
-        if self._space_waiting:
-            self._space_waiting = False
-            self._space.unpark_all()
+        if self.wire is not None:
+            self.wire.rcv_space()
         return skb
 
     async def recv_skb(self) -> SkBuff:
@@ -168,14 +169,20 @@ class Sock:
             raise trio.EndOfChannel("end of stream")
         return self._dequeue()
 
+    def _copied(self, n: int) -> None:
+        """copy_to_user of n bytes: the CPU pays for the copy."""
+        self.bytes_read += n
+        net = self.net
+        net.stat.app_read_bytes += n
+        net.cpu.charge(n * net.costs.copy_byte)
+
     async def recvfrom(self) -> tuple[bytes, tuple[str, int]]:
         """One datagram and its source: copies the payload out and frees the skb."""
         skb = await self.recv_skb()
         data = bytes(skb.data)
         addr = (skb.saddr, skb.sport)
-        skb.free()
-        self.bytes_read += len(data)
-        self.net.stat.app_read_bytes += len(data)
+        self.skbs.free(skb)
+        self._copied(len(data))
         return data, addr
 
     async def recv(self, max_bytes: int = 65536) -> bytes:
@@ -199,29 +206,26 @@ class Sock:
             out.append(skb.data[off:off + take])
             n += take
             if off + take >= skb.len:
-                self._dequeue().free()
+                self.skbs.free(self._dequeue())
             else:
                 self.head_off = off + take
                 self.rx_queued_bytes -= take
-        self.bytes_read += n
-        self.net.stat.app_read_bytes += n
+        self._copied(n)
         return b"".join(out)
 
-    def read_all_nowait(self) -> int:
-        """Consume everything queued (an application reading its socket); returns bytes read."""
+    def read_all(self) -> int:
+        """An application reads everything queued (copy to user, free); returns the bytes."""
         q = self.receive_queue
         if not q:
             return 0
         n = self.rx_queued_bytes
-        truesize = self.net.mem.skb_free_queue(q)
+        truesize = self.skbs.free_queue(q)
         self.sk_rmem_alloc -= truesize
         self.rx_queued_bytes = 0
         self.head_off = 0
-        if self._space_waiting:
-            self._space_waiting = False
-            self._space.unpark_all()
-        self.bytes_read += n
-        self.net.stat.app_read_bytes += n
+        if self.wire is not None:
+            self.wire.rcv_space()
+        self._copied(n)
         return n
 
     def _raise_if_error(self) -> None:
@@ -233,42 +237,40 @@ class Sock:
     # ---- transmit -------------------------------------------------------------------------------
 
     async def sendmsg(self, data: bytes | bytearray | memoryview, addr: tuple[str, int] | None = None) -> None:
-        """Send one datagram (UDP) or stream bytes (TCP), paying for TX skbs in emulated memory.
-
-        TX skbs are allocated with `sk_allocation` (may sleep in reclaim), and freed once the real
-        socket took the bytes.
-        """
+        """Send one datagram (UDP) or stream bytes (TCP), paying for TX skbs in emulated memory
+        and for the transmit path in CPU time.  TX skbs are allocated with `sk_allocation` (may
+        sleep in reclaim) and freed once the real socket took the bytes; a TCP send goes out
+        16 segments (one sk_sndbuf's worth) at a time."""
         if self.closed:
             raise trio.ClosedResourceError("socket closed")
         net = self.net
         if self.proto == "udp":
-            sizes = [n + IP_HDR for _, n, _ in ip_fragments(len(data) + UDP_HDR, net.mtu)]
-            skbs = await net.mem.tx_skbs(sizes, self)
-            try:
-                if addr is None:
-                    await self.tsock.send(data)
-                else:
-                    await self.tsock.sendto(data, addr)
-            finally:
-                for s in skbs:
-                    s.free()
-            net.stat.tx_bytes += len(data)
+            await self._xmit(data, addr, net.tx_frame_sizes("udp", len(data)))
             return
         view = memoryview(data)
-        mss = net.mss
-        step = 16 * mss  # one sk_sndbuf-sized burst at a time
+        step = 16 * net.mss
         for start in range(0, len(view), step):
             part = view[start:start + step]
-            sizes = [min(mss, len(part) - o) + IP_HDR + TCP_HDR for o in range(0, len(part), mss)]
-            skbs = await net.mem.tx_skbs(sizes, self)
-            try:
-                while part:
-                    sent = await self.tsock.send(part)
-                    part = part[sent:]
-            finally:
-                for s in skbs:
-                    s.free()
-        net.stat.tx_bytes += len(view)
+            await self._xmit(part, None, net.tx_frame_sizes("tcp", len(part)))
+
+    async def _xmit(self, data: bytes | bytearray | memoryview, addr: tuple[str, int] | None,
+                    sizes: list[int]) -> None:
+        net = self.net
+        skbs = await self.skbs.tx(sizes, self.sk_allocation)
+        try:
+            net.cpu.charge(len(sizes) * net.costs.tx_frame)
+            if self.closed:
+                raise trio.ClosedResourceError("socket closed")
+            await net.xmit(self, data, addr)
+        finally:
+            reserve = 0
+            for s in skbs:
+                reserve += s.memalloc != 0
+                self.skbs.free(s)
+        stat = net.stat
+        stat.tx_skbs += len(sizes)
+        stat.tx_skbs_reserve += reserve
+        stat.tx_bytes += len(data)
 
     # ---- teardown / views -----------------------------------------------------------------------
 
@@ -281,18 +283,12 @@ class Sock:
         self.sk_clear_memalloc()
         self.net.unhash(self)
         while self.receive_queue:
-            self._dequeue().free()
+            self.skbs.free(self._dequeue())
         self._readers.unpark_all()
-        self._space.unpark_all()
 
     def wire_state(self) -> str:
-        st = getattr(self.wire, "state", None)
-        if st is None:
-            return ""
-        try:
-            return st(trio.current_time())
-        except RuntimeError:  # outside trio.run (a report printed afterwards)
-            return ""
+        w = self.wire
+        return "" if w is None else w.state()
 
     def local_str(self) -> str:
         return f"{self.laddr}:{self.lport}"
@@ -316,7 +312,8 @@ async def app_reader(sock: Sock, resident: Callable[[], Awaitable[None]] | None 
                      interval: float = 0.0) -> None:
     """An application's receive loop: whenever data is queued, make sure the process is resident
     (`resident()` faults its working set in; blocks while it is swapped out and memory is short),
-    then read and free everything queued.  Runs until the socket closes or is cancelled."""
+    then read and free everything queued, at most every `interval` seconds.  Runs until the
+    socket closes or is cancelled."""
     while not sock.closed:
         try:
             await sock.wait_readable()
@@ -326,7 +323,7 @@ async def app_reader(sock: Sock, resident: Callable[[], Awaitable[None]] | None 
             return
         if resident is not None:
             await resident()
-        sock.read_all_nowait()
+        sock.read_all()
         if interval:
             await trio.sleep(interval)
         elif sock.receive_queue or sock.eof or sock.error is not None or sock.closed:

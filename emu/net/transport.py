@@ -8,7 +8,7 @@ they receive went through the receive stage as charged RX skbs, freed as it is r
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -78,7 +78,6 @@ class EmuStream(_OwnsSock, trio.abc.Stream):
             self._receiving = False
 
 
-
 class EmuDatagram(_OwnsSock):
     """A connected UDP socket of the emulated host (nfs.transport.DatagramTransport)."""
 
@@ -95,40 +94,3 @@ class EmuDatagram(_OwnsSock):
     async def recv(self) -> bytes:
         data, _ = await self.sock.recvfrom()
         return data
-
-
-
-class SlabBuffers:
-    """The clients' `RequestBuffers` hook, charged to the emulated host's slab.
-
-    Each request buffer (rpc_rqst + send buffer; iSCSI task + PDU + data) is a kmalloc of
-    `nbytes + overhead` with `gfp` (it may sleep in reclaim, as the kernel's would), held until
-    the reply has been processed.  Runs in the caller's task context, so swap I/O under
-    PF_MEMALLOC may take it from the reserve.
-    """
-
-    def __init__(self, slabs: Any, gfp: Any = None, overhead: int = 0) -> None:
-        from emu.mm.gfp import GFP_NOIO
-
-        self.slabs = slabs
-        self.gfp = GFP_NOIO if gfp is None else gfp
-        self.overhead = overhead
-        self.live = 0
-        self.live_bytes = 0
-        self.allocs = 0
-
-    async def alloc(self, nbytes: int) -> object:
-        size = max(1, nbytes + self.overhead)
-        obj = await self.slabs.kmalloc_wait(size, self.gfp)
-        self.live += 1
-        self.live_bytes += size
-        self.allocs += 1
-        return (obj, size)
-
-    def free(self, token: object) -> None:
-        if token is None:
-            return
-        obj, size = token  # type: ignore[misc]
-        self.slabs.kfree(obj)
-        self.live -= 1
-        self.live_bytes -= size

@@ -1,78 +1,58 @@
-"""Wires: draining the real sockets behind the emulated host into frames.
+"""Wires and the NIC: the real sockets behind the emulated host, read into the NIC's RX ring.
 
-Every emulated socket is backed by one real socket on loopback; its wire is the trio task that
-reads it for the NIC.  A wire waits until its socket is readable, then drains it with non-blocking
-reads in batches (DESIGN §11: ~6x a plain `await recvfrom()` loop), and hands each piece to the
-receive stage in arrival order, in softirq context:
+Every emulated socket is backed by one real socket on loopback: its *wire*.  Reading and
+processing are separate, as a NIC's DMA and its driver's poll are:
 
-- UDP: each datagram is one IP datagram; longer than the MTU it becomes the fragments the sender's
-  IP layer would have made (`ip_fragments`), each its own frame.
-- TCP: bytes are cut into MSS-sized chunks, one frame each.  The real kernel has already ACKed
-  them, so a dropped chunk is *held*: re-offered after a retransmission timeout (200 ms, doubling,
-  capped), and nothing more is read from that connection meanwhile.  The wire also honours the
-  emulated receive window: it reads no more than the socket's free receive buffer can hold, so a
-  slow reader closes the real TCP window exactly as it would close the emulated one.
+- `Wire.pull()` reads whatever the real socket holds, without processing it, into the wire's
+  ring, each piece stamped with the emulated time it is *due* at this host's NIC: a datagram the
+  traffic generator sent at t is due at t plus the wire latency; a reply from a real peer is due a
+  round trip after its request left (`link.PeerLink`); anything unexpected is due when it is read.
+  A wire's watcher task pulls when the real socket becomes readable; the clock
+  (emu.kernel.clock) pulls before it lets time pass an input it awaits; the traffic generator
+  pulls right after sending.
+- The NIC's one task, ksoftirqd/0, processes the rings at the NIC's interrupt times: the first
+  multiple of `rx_usecs` (interrupt coalescing) at or after a frame's due time, each wire in NAPI
+  polls of at most `batch` frames, handing every frame to the receive path (`RxPath`).
+
+UDP: one datagram is one IP datagram; longer than the MTU it arrives as the fragments the sender's
+IP layer would have made (RxPath.udp).  TCP: the stream is cut into MSS-sized segments (never
+across a reply boundary); a dropped segment is *held*: offered again after a retransmission
+timeout (200 ms, doubling, capped), and nothing after it meanwhile, as the peer would retransmit
+it.  A TCP wire reads no more than the emulated receive window allows, so a slow reader closes the
+real TCP window as it would close the emulated one.
 """
 
 from __future__ import annotations
 
-import functools
+import collections
+import errno
+import heapq
+import itertools
+import math
 import socket as _socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from emu.mm.sched import current, softirq
+from emu.kernel.sched import TaskFlags, current, task
+from emu.net.netstat import QUEUED
 
 if TYPE_CHECKING:
-    from emu.net.rx import Nic
+    from emu.kernel.clock import Awaited, EmuClock
+    from emu.net.link import Framer, PeerLink, Tag
+    from emu.net.netstat import NetStat
+    from emu.net.rx import RxPath
     from emu.net.sock import Sock
-
-IP_HDR = 20
-UDP_HDR = 8
-TCP_HDR = 32  # with the timestamp option, as Linux sends it on loopback
-MTU_DEFAULT = 1500
-MSS_DEFAULT = MTU_DEFAULT - IP_HDR - TCP_HDR  # 1448
 
 TCP_RTO_MIN = 0.2
 TCP_RTO_MAX = 120.0
-
-BATCH = 64  # frames per wakeup before yielding to other wires
+BATCH = 64  # frames per NAPI poll of one wire (the weight)
+BUDGET = 300  # frames per softirq round before ksoftirqd yields (netdev_budget)
+READ_MAX = 256  # datagrams read per pull at most
 # The real kernel's buffer behind each emulated UDP socket: big, so loopback never drops first.
 REAL_RCVBUF_DEFAULT = 8 << 20
-
-
-@functools.lru_cache(maxsize=4096)  # floods repeat a few sizes; the result is immutable
-def ip_fragments(ip_payload: int, mtu: int = MTU_DEFAULT) -> tuple[tuple[int, int, bool], ...]:
-    """How ip_fragment cuts an IP payload of `ip_payload` bytes: [(offset, length, more_fragments)].
-
-    One piece if it fits (`ip_payload + 20 <= mtu`); otherwise pieces of `(mtu - 20) & ~7` bytes
-    (offsets are in units of 8), the last one shorter.  For a UDP datagram of L payload bytes and
-    MTU 1500 that is ceil((L + 8) / 1480) fragments (DESIGN §6).
-    """
-    if ip_payload < 0:
-        raise ValueError("negative payload")
-    if ip_payload + IP_HDR <= mtu:
-        return ((0, ip_payload, False),)
-    per = (mtu - IP_HDR) & ~7
-    if per <= 0:
-        raise ValueError(f"MTU {mtu} too small to fragment")
-    out = []
-    off = 0
-    while off < ip_payload:
-        n = min(per, ip_payload - off)
-        out.append((off, n, off + n < ip_payload))
-        off += n
-    return tuple(out)
-
-
-def udp_frames(payload: int, mtu: int = MTU_DEFAULT) -> int:
-    """Frames (fragments) a UDP datagram of `payload` bytes arrives as."""
-    return len(ip_fragments(payload + UDP_HDR, mtu))
-
-
-def tcp_chunks(nbytes: int, mss: int = MSS_DEFAULT) -> int:
-    return -(-nbytes // mss)
+GRACE_PEER = 10.0  # wall seconds a real peer may take to answer before the clock stops waiting
+GRACE_TRAFFIC = 1.0  # wall seconds a datagram may take on loopback before it counts as lost
 
 
 def set_big_rcvbuf(sock: _socket.socket, nbytes: int) -> None:
@@ -83,108 +63,521 @@ def set_big_rcvbuf(sock: _socket.socket, nbytes: int) -> None:
         sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, nbytes)
 
 
-class UdpWire:
-    """Drains one real UDP socket; every datagram goes to `nic.udp_input`."""
+class Nic:
+    """The host's NIC: the receive path it hands frames to, its poll discipline (weight, budget,
+    interrupt coalescing), and its one softirq task over every wire."""
 
-    def __init__(self, nic: Nic, sock: Sock | None, raw: _socket.socket) -> None:
-        self.nic = nic
-        self.sock = sock  # None: a port the host receives on but has no socket for
-        self.raw = raw
-        self.laddr, self.lport = raw.getsockname()[:2]
-        self.buf = bytearray(65536)
-        self.cancel_scope = trio.CancelScope()
+    def __init__(self, rx: RxPath, stat: NetStat, clock: EmuClock | None, *, batch: int = BATCH,
+                 rx_usecs: float = 0.0, mss: int = 1448, tcp_rto_min: float = TCP_RTO_MIN,
+                 tcp_rto_max: float = TCP_RTO_MAX) -> None:
+        if batch < 1:
+            raise ValueError("batch must be >= 1")
+        if not 0 < tcp_rto_min <= tcp_rto_max:
+            raise ValueError("need 0 < tcp_rto_min <= tcp_rto_max")
+        self.rx = rx
+        self.stat = stat
+        self.clock = clock
+        self.batch = batch
+        self.rx_usecs = rx_usecs if clock is not None else 0.0
+        self.mss = mss
+        self.tcp_rto_min = tcp_rto_min
+        self.tcp_rto_max = tcp_rto_max
+        self._heap: list[tuple[float, int, Wire]] = []  # (when, seq, wire): wires with work
+        self._seq = itertools.count()
+        self._sleep: trio.CancelScope | None = None
+        self._sleep_until = math.inf
+        self._nursery: trio.Nursery | None = None
+        self._pending: list[Wire] = []
+        self.ksoftirqd = None
 
-    async def run(self) -> None:
-        raw = self.raw
-        udp_poll = self.nic.udp_poll
-        wait_readable = trio.lowlevel.wait_readable
-        current_time = trio.current_time
-        task = current()  # ksoftirqd/0: the Nic starts its wires in that context
-        with self.cancel_scope:
-            while True:
-                await wait_readable(raw)
-                # softirq(), spelled out: this runs once per wakeup, often for a few frames only
-                task.in_softirq = True
+    def irq_time(self, due: float) -> float:
+        """When the NIC raises the interrupt for a frame due at `due` (coalescing)."""
+        q = self.rx_usecs
+        if not q:
+            return due
+        return math.ceil(due / q - 1e-9) * q
+
+    def attach(self, wire: Wire) -> None:
+        """Start the wire's watcher (as soon as `run` is running)."""
+        if self._nursery is not None:
+            self._nursery.start_soon(wire.watch)
+        else:
+            self._pending.append(wire)
+
+    def schedule(self, wire: Wire, when: float) -> None:
+        """The wire has work at `when` (emulated): make sure the NIC's task is there."""
+        if when >= wire.scheduled:
+            return
+        wire.scheduled = when
+        heapq.heappush(self._heap, (when, next(self._seq), wire))
+        if when < self._sleep_until and self._sleep is not None:
+            self._sleep.cancel()
+            self._sleep = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """ksoftirqd/0: the watchers, and the polls, until cancelled."""
+        with task("ksoftirqd/0", TaskFlags.PF_KTHREAD) as t:
+            self.ksoftirqd = t
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for w in self._pending:
+                    nursery.start_soon(w.watch)
+                self._pending.clear()
+                task_status.started()
                 try:
-                    if not udp_poll(self, current_time()):
-                        return  # the socket was closed under us: it is going away
+                    await self._softirq()
                 finally:
-                    task.in_softirq = False
+                    self._nursery = None
+
+    async def _softirq(self) -> None:
+        heap = self._heap
+        current_time = trio.current_time
+        while True:
+            now = current_time()
+            done = 0
+            while heap and heap[0][0] <= now and done < BUDGET:
+                when, _, wire = heapq.heappop(heap)
+                if when != wire.scheduled:
+                    continue  # superseded by an earlier schedule
+                wire.scheduled = math.inf
+                if wire.closed:
+                    continue
+                done += wire.service(now)
+                nxt = wire.next_time()
+                if nxt < math.inf:
+                    self.schedule(wire, nxt)
+                now = current_time()
+            if done:
+                await trio.lowlevel.checkpoint()
+                continue
+            until = heap[0][0] if heap else math.inf
+            self._sleep_until = until
+            with trio.move_on_at(until) as scope:
+                self._sleep = scope
+                await trio.sleep_forever()
+            self._sleep = None
+            self._sleep_until = math.inf
 
 
-class TcpWire:
-    """Drains one real TCP connection in MSS chunks, holding a refused chunk for re-offer."""
+class Wire:
+    """What UDP and TCP wires share: the real socket, the clock, what is awaited from it."""
 
-    def __init__(self, nic: Nic, sock: Sock, raw: _socket.socket) -> None:
+    grace = GRACE_PEER
+
+    def __init__(self, nic: Nic, sock: Sock | None, raw: _socket.socket, *, link: PeerLink | None = None,
+                 framer: Framer | None = None, grace: float | None = None) -> None:
         self.nic = nic
         self.sock = sock
         self.raw = raw
-        self.pending = b""
-        self.pos = 0
-        self.rto = nic.tcp_rto_min
-        self.held_since: float | None = None
-        self.cancel_scope = trio.CancelScope()
+        self.fd = raw.fileno()
+        self.link = link
+        self.framer = framer
+        self.clock = nic.clock
+        if grace is not None:
+            self.grace = grace
+        self.cancel_scope = trio.CancelScope()  # the watcher's
+        self.scheduled = math.inf  # when the NIC will next service this wire
+        # replies awaited from a real peer, by tag (one per tag: a retransmission's reply is
+        # whichever comes first), and datagrams awaited from the traffic generator, in order:
+        # [due times, index of the next, what the clock awaits for them (or None)]
+        self.awaited: dict[Tag, Awaited] = {}
+        self.fifo: collections.deque[list[Any]] = collections.deque()
+        self.lost = 0  # awaited inputs that never came (counted when the clock gave up)
+        self.datagrams = 0  # datagrams (UDP) or reads (TCP) taken from the real socket
+        self.closed = False
 
-    async def run(self) -> None:
+    def fileno(self) -> int:
+        return self.fd
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.sock.local_str() if self.sock else self.fd}>"
+
+    # ---- what is awaited from this wire --------------------------------------------------------
+
+    def sent(self, data: bytes | bytearray | memoryview, now: float) -> None:
+        """The host sent `data` to the peer: await the replies it asks for (`link.PeerLink`)."""
+        link, framer = self.link, self.framer
+        if link is None:
+            return
+        link.requests += 1
+        departed = link.depart(now, len(data))
+        if framer is None or self.clock is None:
+            return
+        due = departed + link.rtt
+        awaited = self.awaited
+        for tag in framer.sent(data):
+            if tag not in awaited:
+                awaited[tag] = self.clock.expect(due, self)
+
+    def expect_datagrams(self, dues: list[float]) -> None:
+        """The traffic generator sent datagrams to this wire's port, due at these times (in order)."""
+        a = self.clock.expect(dues[0], self) if self.clock is not None else None
+        self.fifo.append([dues, 0, a])
+
+    def _due_fifo(self, now: float) -> float:
+        fifo = self.fifo
+        if not fifo:
+            return now
+        group = fifo[0]
+        dues, i, a = group
+        due = dues[i]
+        i += 1
+        if i == len(dues):  # the clock awaited the group as one, from its first due time
+            fifo.popleft()
+            if a is not None:
+                self.clock.arrived(a)  # type: ignore[union-attr]
+        else:
+            group[1] = i
+        return due
+
+    def _due_reply(self, tag: Tag | None, nbytes: int, end: bool, now: float) -> float:
+        if tag is None:
+            return now
+        a = self.awaited.get(tag)
+        if a is None:
+            return now  # unsolicited, or after the clock stopped waiting for it
+        if end:
+            del self.awaited[tag]
+            self.clock.arrived(a)  # type: ignore[union-attr]
+            if self.link is not None:
+                self.link.replies += 1
+        return a.due + (self.link.serialization(nbytes) if self.link is not None else 0.0)
+
+    def late(self, a: Awaited) -> None:
+        """The clock gave up on `a` (emu.kernel.clock): a lost datagram, or a silent peer."""
+        self.lost += 1
+        for tag, w in list(self.awaited.items()):
+            if w is a:
+                del self.awaited[tag]
+        for group in self.fifo:
+            if group[2] is a:  # the rest of that group never came either
+                dues = group[0]
+                self.lost += len(dues) - group[1] - 1
+                group[1] = len(dues)
+                group[2] = None
+        while self.fifo and self.fifo[0][1] >= len(self.fifo[0][0]):
+            self.fifo.popleft()
+        if self.link is not None and self.clock is not None:
+            self.clock.peer_down(self.link.name)
+
+    def _peer_heard(self) -> None:
+        if self.link is not None and self.clock is not None and self.clock.realtime:
+            self.clock.peer_up(self.link.name)
+
+    def _forget_awaited(self) -> None:
+        clock = self.clock
+        if clock is not None:
+            for a in self.awaited.values():
+                clock.arrived(a)
+            for group in self.fifo:
+                if group[2] is not None:
+                    clock.arrived(group[2])
+        self.awaited.clear()
+        self.fifo.clear()
+
+    def _peer_failed(self) -> None:
+        """The real socket failed (refused, reset): nothing more will come on it."""
+        self._forget_awaited()
+        if self.link is not None and self.clock is not None:
+            self.clock.peer_down(self.link.name)
+
+    def stop(self) -> None:
+        """The socket is closing: stop the watcher, stop awaiting anything from it."""
+        self.closed = True
+        self.cancel_scope.cancel()
+        self._forget_awaited()
+
+    def rcv_space(self) -> None:
+        """The socket's reader freed receive-buffer space (only a TCP wire cares)."""
+
+    def _arrived(self) -> None:
+        """New bytes in the ring: tell the NIC when they need it."""
+        self._peer_heard()
+        nxt = self.next_time()
+        if nxt < self.scheduled:
+            self.nic.schedule(self, nxt)
+
+    # ---- subclasses --------------------------------------------------------------------------
+
+    def pull(self) -> bool:
+        raise NotImplementedError
+
+    def service(self, now: float) -> int:
+        """One NAPI poll at `now`; returns the frames handed up."""
+        raise NotImplementedError
+
+    def next_time(self) -> float:
+        raise NotImplementedError
+
+    async def watch(self) -> None:
+        raise NotImplementedError
+
+    def state(self) -> str:
+        return ""
+
+
+class UdpWire(Wire):
+    """Drains one real UDP socket (or a port the host has no socket for: `sock` None)."""
+
+    def __init__(self, nic: Nic, sock: Sock | None, raw: _socket.socket, **kw: Any) -> None:
+        super().__init__(nic, sock, raw, **kw)
+        self.laddr, self.lport = raw.getsockname()[:2]
+        self.buf = bytearray(65536)
+        self.ring: collections.deque[tuple[float, bytes, str, int]] = collections.deque()
+
+    def pull(self) -> bool:
+        """Read everything the real socket holds into the ring; False if it was closed."""
         raw = self.raw
-        sock = self.sock
-        nic = self.nic
-        stat = nic.stat
-        mss = nic.mss
-        tcp_input = nic.tcp_input
-        with self.cancel_scope:
-            while True:
-                if self.pos >= len(self.pending):
-                    want = sock.tcp_window()
-                    if want < min(mss, sock.tcp_window_max()):
-                        stat.tcp_window_closed += 1
-                        while sock.tcp_window() < min(mss, sock.tcp_window_max()):
-                            await sock.wait_space()
-                        continue
-                    await trio.lowlevel.wait_readable(raw)
-                    try:
-                        data = raw.recv(min(want, 65536))
-                    except BlockingIOError:
-                        continue
-                    except OSError as exc:
-                        if raw.fileno() == -1:  # closed under us: the socket is going away
-                            return
-                        stat.wire_errors += 1
-                        sock.rx_error(exc)
-                        return
-                    if not data:
-                        stat.wire_eof += 1
-                        sock.rx_eof()
-                        return
-                    self.pending = data
-                    self.pos = 0
-                pending = self.pending
-                with softirq():
-                    now = trio.current_time()
-                    nic.new_poll()
-                    pos = self.pos
-                    end = len(pending)
-                    while pos < end:
-                        chunk = pending[pos:pos + mss]
-                        if not tcp_input(sock, chunk, now):
-                            break
-                        pos += len(chunk)
-                    self.pos = pos
-                if self.pos < len(pending):
-                    # Dropped: the peer "retransmits" after RTO; read nothing else meanwhile.
-                    stat.tcp_held += 1
-                    if self.held_since is None:
-                        self.held_since = trio.current_time()
-                    await trio.sleep(self.rto)
-                    self.rto = min(self.rto * 2, nic.tcp_rto_max)
-                    stat.tcp_reoffer += 1
-                else:
-                    self.rto = nic.tcp_rto_min
-                    self.held_since = None
+        buf = self.buf
+        ring = self.ring
+        recvfrom_into = raw.recvfrom_into
+        framer = self.framer
+        now = self.clock.now if self.clock is not None else trio.current_time()
+        got = 0
+        for _ in range(READ_MAX):
+            try:
+                n, addr = recvfrom_into(buf)
+            except BlockingIOError:
+                break
+            except OSError as exc:  # e.g. ECONNREFUSED queued by ICMP on a connected socket
+                if raw.fileno() == -1:
+                    return False  # closed under us: the socket is going away
+                self.nic.stat.wire_errors += 1
+                if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    self._peer_failed()
+                continue
+            data = bytes(buf[:n])
+            got += 1
+            if framer is not None:
+                tag = framer.received(data)[0][1] if n else None
+                due = self._due_reply(tag, n, True, now)
+            else:
+                due = self._due_fifo(now)
+            ring.append((due, data, addr[0], addr[1]))
+        if got:
+            self.datagrams += got
+            self._arrived()
+        return True
 
-    def state(self, now: float) -> str:
-        """For ss: how long a chunk has been held on this wire, and the current RTO."""
+    async def watch(self) -> None:
+        raw = self.raw
+        wait_readable = trio.lowlevel.wait_readable
+        with self.cancel_scope:
+            while not self.closed:
+                await wait_readable(raw)
+                if not self.pull():
+                    return
+
+    def next_time(self) -> float:
+        ring = self.ring
+        return self.nic.irq_time(ring[0][0]) if ring else math.inf
+
+    def service(self, now: float) -> int:
+        """One NAPI poll: up to `batch` due datagrams through the receive path, in softirq."""
+        nic = self.nic
+        rx = nic.rx
+        ring = self.ring
+        popleft = ring.popleft
+        udp = rx.udp
+        laddr, lport = self.laddr, self.lport
+        irq = nic.irq_time
+        t = current()
+        t.in_softirq = True
+        rx.begin(now, self.sock)
+        n = 0
+        try:
+            for _ in range(nic.batch):
+                if not ring or irq(ring[0][0]) > now:
+                    break
+                _, data, saddr, sport = popleft()
+                udp(data, saddr, sport, laddr, lport)
+                n += 1
+        finally:
+            rx.end()
+            t.in_softirq = False
+        return n
+
+    def state(self) -> str:
+        return f"ring {len(self.ring)}" if self.ring else ""
+
+
+class TcpWire(Wire):
+    """Drains one real TCP connection in MSS segments, holding a refused one for re-offer."""
+
+    def __init__(self, nic: Nic, sock: Sock, raw: _socket.socket, **kw: Any) -> None:
+        super().__init__(nic, sock, raw, **kw)
+        self.ring: collections.deque[tuple[float, bytes]] = collections.deque()
+        self.ring_bytes = 0
+        self.rto = nic.tcp_rto_min
+        self.reoffer_at: float | None = None  # a segment is held until then
+        self.held_since: float | None = None
+        self.eof = False
+        self.error: OSError | None = None
+        self._suspended: list[tuple[Tag, Awaited]] = []
+        self._ready = trio.lowlevel.ParkingLot()  # the watcher, waiting for the window to open
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def _accepting(self) -> bool:
+        sk = self.sock
+        return self.reoffer_at is None and sk is not None and sk.tcp_window() > self.ring_bytes
+
+    def pull(self) -> bool:
+        """Read what the emulated receive window allows into the ring; False once the stream
+        ended or failed (after which nothing more is read)."""
+        if self.eof or self.error is not None:
+            return False
+        sock = self.sock
+        assert sock is not None
+        allowed = sock.tcp_window() - self.ring_bytes
+        if allowed <= 0 or self.reoffer_at is not None:
+            return True
+        try:
+            data = self.raw.recv(min(allowed, 65536))
+        except BlockingIOError:
+            return True
+        except OSError as exc:
+            if self.raw.fileno() == -1:
+                self.eof = True
+                return False
+            self.nic.stat.wire_errors += 1
+            self.error = exc
+            self._peer_failed()
+            self._end_of_stream()
+            return False
+        if not data:
+            self.nic.stat.wire_eof += 1
+            self.eof = True
+            self._end_of_stream()
+            return False
+        self.datagrams += 1
+        now = self.clock.now if self.clock is not None else trio.current_time()
+        mss = self.nic.mss
+        ring = self.ring
+        framer = self.framer
+        if framer is not None:
+            units = framer.received(data)
+        else:
+            units = [(len(data), None, False)]
+        pos = 0
+        for nbytes, tag, end in units:  # type: ignore[misc]
+            due = self._due_reply(tag, nbytes, end, now)
+            stop = pos + nbytes
+            while pos < stop:
+                piece = data[pos:min(pos + mss, stop)]
+                ring.append((due, piece))
+                pos += len(piece)
+        self.ring_bytes += len(data)
+        self._arrived()
+        return True
+
+    def _end_of_stream(self) -> None:
+        if not self.ring:
+            self._signal_end()
+        else:
+            self._arrived()
+
+    def _signal_end(self) -> None:
+        sock = self.sock
+        assert sock is not None
+        if self.error is not None:
+            sock.rx_error(self.error)
+        else:
+            sock.rx_eof()
+
+    def rcv_space(self) -> None:
+        """The socket's reader freed receive-buffer space (the window update)."""
+        if self._ready:
+            self._ready.unpark_all()
+
+    def _suspend(self) -> None:
+        """Holding a segment or with the window closed, this wire reads nothing: what it awaits
+        stops holding the clock until it reads again."""
+        clock = self.clock
+        if clock is None or self._suspended:
+            return
+        for tag, a in self.awaited.items():
+            if a.live:
+                clock.suspend(a)
+                self._suspended.append((tag, a))
+
+    def _resume(self) -> None:
+        clock = self.clock
+        if clock is None or not self._suspended:
+            return
+        for tag, a in self._suspended:
+            if self.awaited.get(tag) is a:
+                self.awaited[tag] = clock.resume(a)
+        self._suspended.clear()
+
+    async def watch(self) -> None:
+        wait_readable = trio.lowlevel.wait_readable
+        with self.cancel_scope:
+            while not self.closed and not self.eof and self.error is None:
+                if not self._accepting():
+                    self._suspend()
+                    if self.reoffer_at is None:
+                        self.nic.stat.tcp_window_closed += 1
+                    await self._ready.park()
+                    continue
+                self._resume()
+                await wait_readable(self.raw)
+                self.pull()
+
+    # ---- processing ----------------------------------------------------------------------------
+
+    def next_time(self) -> float:
+        if self.reoffer_at is not None:
+            return self.reoffer_at
+        ring = self.ring
+        return self.nic.irq_time(ring[0][0]) if ring else math.inf
+
+    def service(self, now: float) -> int:
+        nic = self.nic
+        rx = nic.rx
+        ring = self.ring
+        sock = self.sock
+        irq = nic.irq_time
+        t = current()
+        t.in_softirq = True
+        if self.reoffer_at is not None:
+            nic.stat.tcp_reoffer += 1  # the held segment, offered again
+            self.reoffer_at = None
+        rx.begin(now, sock)
+        n = 0
+        try:
+            for _ in range(nic.batch):
+                if not ring or irq(ring[0][0]) > now:
+                    break
+                chunk = ring[0][1]
+                n += 1
+                if rx.tcp(sock, chunk) != QUEUED:  # type: ignore[arg-type]
+                    # Dropped: the peer "retransmits" after RTO; nothing after it meanwhile.
+                    nic.stat.tcp_held += 1
+                    if self.held_since is None:
+                        self.held_since = now
+                    self.reoffer_at = now + self.rto
+                    self.rto = min(self.rto * 2, nic.tcp_rto_max)
+                    break
+                ring.popleft()
+                self.ring_bytes -= len(chunk)
+                self.rto = nic.tcp_rto_min
+                self.held_since = None
+        finally:
+            rx.end()
+            t.in_softirq = False
+        if self.reoffer_at is None:
+            if not ring and (self.eof or self.error is not None):
+                self._signal_end()
+            self.rcv_space()  # what it held is gone: the watcher may read again
+        return n
+
+    def state(self) -> str:
+        """For ss: how long a segment has been held, and the current RTO."""
         if self.held_since is None:
             return ""
+        try:
+            now = trio.current_time()
+        except RuntimeError:  # outside trio.run (a report printed afterwards)
+            return f"held rto {self.rto:g}s"
         return f"held {now - self.held_since:.1f}s rto {self.rto:g}s"
-

@@ -10,23 +10,25 @@ writes are waiting for a reply, for how long, and how often they were sent.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+from emu.swapdev.endpoint import Endpoint, IscsiEndpoint, NfsEndpoint
+from emu.swapdev.remote import RemoteSwap
+
+if TYPE_CHECKING:
+    from emu.net.stack import NetStack
 
 
-def make_storage(host: Any, server: Any) -> Any:
-    """The swap storage for a host's backend and server (NFS swap file or iSCSI LUN)."""
-    from emu.servers import IscsiServer, NfsServer
-
-    sc = host.sc
-    if sc.backend in ("nfs-udp", "nfs-tcp"):
+def make_swap(backend: str, endpoint: Endpoint, net: NetStack) -> RemoteSwap:
+    """The swap storage for a backend (nfs-udp, nfs-tcp, iscsi) on a server, over `net`."""
+    if backend in ("nfs-udp", "nfs-tcp"):
         from emu.swapdev.nfs import NfsSwapFile
 
-        if not isinstance(server, NfsServer):
-            raise ValueError(f"backend {sc.backend} needs an NFS server, not {server}")
-        return NfsSwapFile(host.net, server, "udp" if sc.backend == "nfs-udp" else "tcp",
-                           reserve=host.reserve, policy=sc.policy)
+        if not isinstance(endpoint, NfsEndpoint):
+            raise ValueError(f"backend {backend} needs an NFS server, not {endpoint.url()}")
+        return NfsSwapFile(net, endpoint, "udp" if backend == "nfs-udp" else "tcp")
     from emu.swapdev.iscsi import IscsiSwapLun
 
-    if not isinstance(server, IscsiServer):
-        raise ValueError(f"backend iscsi needs an iSCSI server, not {server}")
-    return IscsiSwapLun(host.net, server, reserve=host.reserve, policy=sc.policy)
+    if not isinstance(endpoint, IscsiEndpoint):
+        raise ValueError(f"backend iscsi needs an iSCSI server, not {endpoint.url()}")
+    return IscsiSwapLun(net, endpoint)

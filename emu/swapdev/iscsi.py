@@ -11,27 +11,32 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import trio
 
+from emu.kernel.sched import memalloc_noreclaim
 from emu.mm.gfp import GFP_NOIO
-from emu.mm.sched import memalloc_noreclaim
 from emu.mm.sizes import ISCSI_TASK
 from emu.mm.swap import SwapIOError
-from emu.servers import IscsiServer
+from emu.net.reserve import tx_reserve_pages
 from emu.swapdev.buffers import HostBuffers
-from emu.swapdev.netdev import NetSwapDevice
+from emu.swapdev.endpoint import IscsiEndpoint
+from emu.swapdev.framers import IscsiFramer
+from emu.swapdev.remote import RemoteSwap
+
+if TYPE_CHECKING:
+    from emu.net.stack import NetStack
 
 
-class IscsiSwapLun(NetSwapDevice):
+class IscsiSwapLun(RemoteSwap):
     KTHREAD = "iscsi_q"
+    RESERVE_USER = "iscsi_sessions"
     fs_backed = False  # a block device: GFP_NOFS reclaim may write to it (GFP_NOIO may not)
 
-    def __init__(self, net: Any, server: IscsiServer, *, reserve: Any = None, policy: str = "none",
-                 durability: Literal["fua", "sync_cache"] = "fua", via_host: bool = True,
-                 command_timeout: float | None = None, queue_depth: int = 16) -> None:
-        super().__init__(net, reserve=reserve, policy=policy, via_host=via_host)
+    def __init__(self, net: NetStack, server: IscsiEndpoint, *, durability: Literal["fua", "sync_cache"] = "fua",
+                 via_host: bool = True, command_timeout: float | None = None, queue_depth: int = 16) -> None:
+        super().__init__(net, server.url(), via_host=via_host)
         self.server = server
         self.durability = durability
         self.command_timeout = command_timeout
@@ -48,7 +53,8 @@ class IscsiSwapLun(NetSwapDevice):
         if not self.via_host:
             s = await trio.open_tcp_stream(self.server.host, self.server.port)
             return s
-        st = await self.net.connect_tcp(self.server.host, self.server.port, memalloc=True)
+        st = await self.net.connect_tcp(self.server.host, self.server.port, memalloc=True, link=self.link,
+                                        framer=IscsiFramer())
         self.sockets.append(st.sock)
         return st
 
@@ -68,9 +74,7 @@ class IscsiSwapLun(NetSwapDevice):
         if self.ini.nblocks < need:
             raise SwapIOError(f"LUN {self.server.url()} has {self.ini.nblocks} blocks of {self.block_size}; "
                               f"swap of {nr_pages} pages needs {need}")
-        if self.via_host and self.policy == "v12" and self.reserve is not None:
-            self.reserve.add_iscsi_session()
-            self._reserve_added = True
+        self._add_reserve_term(tx_reserve_pages(page_size))
 
     async def swap_rw(self, op: Literal["read", "write"], slot: int, bufs: list[memoryview]) -> None:
 
@@ -88,6 +92,7 @@ class IscsiSwapLun(NetSwapDevice):
         from iscsi.initiator import ISCSIError, ScsiError
 
         try:
+            self._submit()
             if op == "write":
                 data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
                 what = f"WRITE lba {lba}+{nblocks} {'FUA' if self.durability == 'fua' else '+ SYNCHRONIZE CACHE'}"
@@ -105,9 +110,6 @@ class IscsiSwapLun(NetSwapDevice):
                 raise ValueError(f"bad swap op {op!r}")
         except (ISCSIError, ScsiError) as e:
             raise SwapIOError(f"iSCSI {op} at slot {slot}: {e}") from e
-
-    def _remove_reserve_term(self) -> None:
-        self.reserve.remove_iscsi_session()
 
     def _drop_client(self) -> None:
         self.ini = None

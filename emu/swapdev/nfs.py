@@ -13,30 +13,43 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import trio
 
+from emu.kernel.sched import TaskFlags, memalloc_noreclaim, task
 from emu.mm.gfp import GFP_NOFS
-from emu.mm.sched import TaskFlags, memalloc_noreclaim, task
-from emu.mm.sizes import RPC_RQST
+from emu.mm.reserve import kmalloc_objs_estimate
+from emu.mm.sizes import RPC_MAX_SLOT_TABLE, RPC_RQST
 from emu.mm.swap import SwapIOError
-from emu.servers import NfsServer
+from emu.net.reserve import tx_reserve_pages
 from emu.swapdev.buffers import HostBuffers
-from emu.swapdev.netdev import NetSwapDevice
+from emu.swapdev.endpoint import NfsEndpoint
+from emu.swapdev.framers import RpcDatagramFramer, RpcStreamFramer
+from emu.swapdev.remote import RemoteSwap
+
+if TYPE_CHECKING:
+    from emu.net.stack import NetStack
 
 PREALLOC_CHUNK = 32 * 1024
 PREALLOC_PARALLEL = 4
 
 
-class NfsSwapFile(NetSwapDevice):
+def rpc_reserve_pages(page_size: int = 4096, slot_table: int = RPC_MAX_SLOT_TABLE, rqst_size: int = RPC_RQST) -> int:
+    """RPC_RESERVE_PAGES, the NFS swap transport's term: the kmalloc estimate of the slot table's
+    rpc_rqst objects plus TX_RESERVE_PAGES."""
+    return kmalloc_objs_estimate(slot_table, rqst_size, page_size) + tx_reserve_pages(page_size)
+
+
+class NfsSwapFile(RemoteSwap):
     KTHREAD = "rpciod"
+    RESERVE_USER = "nfs_swappers"
     fs_backed = True  # writing enters a filesystem: GFP_NOFS reclaim may not start it
 
-    def __init__(self, net: Any, server: NfsServer, proto: Literal["udp", "tcp"], *, reserve: Any = None,
-                 policy: str = "none", stable: Literal["FILE_SYNC", "UNSTABLE"] = "FILE_SYNC",
-                 timeo: float | None = None, via_host: bool = True) -> None:
-        super().__init__(net, reserve=reserve, policy=policy, via_host=via_host)
+    def __init__(self, net: NetStack, server: NfsEndpoint, proto: Literal["udp", "tcp"], *,
+                 stable: Literal["FILE_SYNC", "UNSTABLE"] = "FILE_SYNC", timeo: float | None = None,
+                 via_host: bool = True) -> None:
+        super().__init__(net, server.url(), via_host=via_host)
         self.server = server
         self.proto = proto
         self.stable = stable
@@ -56,9 +69,9 @@ class NfsSwapFile(NetSwapDevice):
 
             return await (udp_connect(host, port) if self.proto == "udp" else tcp_connect(host, port))
         if self.proto == "udp":
-            t = await self.net.open_udp(host, port, memalloc=True)
+            t = await self.net.open_udp(host, port, memalloc=True, link=self.link, framer=RpcDatagramFramer())
         else:
-            t = await self.net.connect_tcp(host, port, memalloc=True)
+            t = await self.net.connect_tcp(host, port, memalloc=True, link=self.link, framer=RpcStreamFramer())
         self.sockets.append(t.sock)
         return t
 
@@ -69,8 +82,8 @@ class NfsSwapFile(NetSwapDevice):
 
             return await (udp_connect(host, port) if self.proto == "udp" else tcp_connect(host, port))
         if self.proto == "udp":
-            return await self.net.open_udp(host, port)
-        return await self.net.connect_tcp(host, port)
+            return await self.net.open_udp(host, port, link=self.link, framer=RpcDatagramFramer())
+        return await self.net.connect_tcp(host, port, link=self.link, framer=RpcStreamFramer())
 
     async def swap_activate(self, nr_pages: int, page_size: int) -> None:
         from nfs.client import NfsClient
@@ -106,9 +119,7 @@ class NfsSwapFile(NetSwapDevice):
             await self.client.setattr(fh, size=size)
             await self._preallocate(size)
         # The transport serves the VM from now on (xs_set_memalloc / sk_set_memalloc).
-        if self.via_host and self.policy == "v12" and self.reserve is not None:
-            self.reserve.add_nfs_swapper()
-            self._reserve_added = True
+        self._add_reserve_term(rpc_reserve_pages(page_size))
 
     async def _preallocate(self, size: int) -> None:
         """Write every block once (no holes), as mkswap + dd would. FILE_SYNC: UNSTABLE data would
@@ -137,6 +148,7 @@ class NfsSwapFile(NetSwapDevice):
         off = slot * self.page_size
         want = len(bufs) * self.page_size
         try:
+            self._submit()
             if op == "write":
                 data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
                 stable = StableHow.FILE_SYNC if self.stable == "FILE_SYNC" else StableHow.UNSTABLE
@@ -161,9 +173,6 @@ class NfsSwapFile(NetSwapDevice):
             # The transport was shut down under the I/O (swapoff, or the end of a stuck run): an
             # I/O error for this page, as for a dead server, not a crash of the host.
             raise SwapIOError(f"NFS {op} at slot {slot}: client closed") from e
-
-    def _remove_reserve_term(self) -> None:
-        self.reserve.remove_nfs_swapper()
 
     def _drop_client(self) -> None:
         self.client = None

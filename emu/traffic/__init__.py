@@ -1,4 +1,4 @@
-"""Background traffic built with scapy and sent on loopback (DESIGN §10, issue 5).
+"""Background traffic built with scapy and sent on loopback.
 
 Public API (importing it does not import scapy):
 

@@ -1,6 +1,6 @@
 """The traffic profiles and the packets they are made of.
 
-Packets are built with scapy ONCE into a pool of raw bytes (DESIGN §10: scapy builds ~4,000
+Packets are built with scapy ONCE into a pool of raw bytes (scapy builds ~4,000
 packets/s, a raw socket sends several hundred thousand), then the pool is cycled by the sender.
 Variants with other spoofed sources and IP IDs are derived from scapy's bytes by patching those
 fields (csum.py keeps the UDP checksum right); the kernel fills in the IP header checksum and total
@@ -47,6 +47,7 @@ class Datagram:
 
     packets: tuple[bytes, ...]
     dst: tuple[str, int]  # sendto() address for IPPROTO_RAW: (destination, 0)
+    port: int = 0  # the UDP destination port inside the packets
 
     @property
     def nbytes(self) -> int:
@@ -94,7 +95,7 @@ def udp_pool(targets: Sequence[Target], sources: Sequence[str], size: int, disti
     pool = []
     for i in range(n):
         t, src = targets[i % len(targets)], srcs[i % len(srcs)]
-        pool.append(Datagram((_patch(templates[t], src, None, udp=True),), (t.host, 0)))
+        pool.append(Datagram((_patch(templates[t], src, None, udp=True),), (t.host, 0), t.port))
     return pool
 
 
@@ -131,5 +132,5 @@ def frag_pool(
         ip_id = 1 + (base + i // len(srcs)) % 65535  # never 0: the kernel would pick a new ID per fragment
         pieces = frags[t][:-1] if incomplete else frags[t]
         packets = tuple(_patch(f, src, ip_id, udp=(k == 0)) for k, f in enumerate(pieces))
-        pool.append(Datagram(packets, (t.host, 0)))
+        pool.append(Datagram(packets, (t.host, 0), t.port))
     return pool

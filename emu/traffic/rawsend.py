@@ -1,4 +1,4 @@
-"""Sending prebuilt IP packets on one `socket(AF_INET, SOCK_RAW, IPPROTO_RAW)` (DESIGN §10).
+"""Sending prebuilt IP packets on one `socket(AF_INET, SOCK_RAW, IPPROTO_RAW)`.
 
 IPPROTO_RAW implies IP_HDRINCL: our bytes go out as they are, except that the kernel fills in the
 IP header checksum and total length (raw(7)). Sending on it needs CAP_NET_RAW.

@@ -10,7 +10,7 @@ from emu.mm.gfp import Policy
 from emu.mm.mm import Mm
 from emu.mm.page_alloc import Zone
 from emu.mm.process import Process
-from emu.mm.sched import task
+from emu.kernel.sched import task
 from emu.mm.slab import Slabs
 from emu.mm.swap import LocalFileSwap
 from emu.net.sock import app_reader

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from emu.mm.sched import TaskFlags, task
+from emu.kernel.sched import TaskFlags, task
 from emu.net.transport import SlabBuffers
 from iscsi.initiator import Initiator
 from nfs.client import NfsClient

@@ -7,7 +7,7 @@ import hashlib
 
 import trio
 
-from emu.mm.sched import TaskFlags, task
+from emu.kernel.sched import TaskFlags, task
 from nethelp import hog, wait_for
 
 

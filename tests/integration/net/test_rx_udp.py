@@ -174,7 +174,7 @@ async def test_fragment_queues_evicted_at_thresholds_and_expire(make_net) -> Non
     # fragment path (in softirq context, as the wire does).
     frags = net.frags
     per_queue = 1500 + SKB_HEAD + SKB_SHARED_INFO + 200  # the fragment's truesize + struct ipq
-    from emu.mm.sched import softirq
+    from emu.kernel.sched import softirq
     with softirq():
         for i in range(40):
             skb = net.mem.rx_skb(1500)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from emu.mm.sched import TaskFlags, task
+from emu.kernel.sched import TaskFlags, task
 from emu.net.transport import EmuDatagram, EmuStream, SlabBuffers
 from nfs.client import NfsClient
 from nfs.nfs3 import CreateMode, StableHow

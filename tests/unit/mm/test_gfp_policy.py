@@ -19,7 +19,7 @@ from emu.mm.gfp import (
     gfp_name,
 )
 from emu.mm.page_alloc import AllocFlags, Page, Zone, gfp_to_alloc_flags
-from emu.mm.sched import Task, TaskFlags, current, softirq, task
+from emu.kernel.sched import Task, TaskFlags, current, softirq, task
 
 PF = TaskFlags.PF_MEMALLOC
 KSWAPD = TaskFlags.PF_MEMALLOC | TaskFlags.PF_KSWAPD | TaskFlags.PF_KTHREAD

@@ -8,7 +8,7 @@ import trio.testing
 
 from emu.mm.gfp import GFP_ATOMIC, GFP_HIGHUSER, GFP_KERNEL, GFP_NOWAIT, Gfp, Policy
 from emu.mm.page_alloc import AllocFlags, OutOfMemory, Page, Zone, default_min_free_kbytes
-from emu.mm.sched import TaskFlags, task
+from emu.kernel.sched import TaskFlags, task
 
 
 def drain(zone: Zone, target: int) -> list[Page]:

@@ -17,7 +17,7 @@ from emu.mm.reserve import (
     rpc_reserve_pages,
     tx_reserve_pages,
 )
-from emu.mm.sched import TaskFlags, task
+from emu.kernel.sched import TaskFlags, task
 
 # Published by Peter Zijlstra in the comment of mm/reserve.c ("Simple output of the reserve tree
 # in: /proc/reserve_info"), swap-over-NFS series, 2008.  Reproduced with: 4 KiB pages, a machine

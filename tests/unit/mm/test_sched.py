@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from emu.mm.sched import TaskFlags, all_tasks, current, memalloc_noreclaim, softirq, task, waiting
+from emu.kernel.sched import TaskFlags, all_tasks, current, memalloc_noreclaim, softirq, task, waiting
 
 
 def test_memalloc_noreclaim_restores_previous_value() -> None:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from emu.mm.gfp import GFP_ATOMIC, GFP_KERNEL, GFP_NOWAIT, Gfp, Policy
 from emu.mm.page_alloc import Page, Zone
-from emu.mm.sched import TaskFlags, current, softirq, task
+from emu.kernel.sched import TaskFlags, current, softirq, task
 from emu.mm.slab import (
     KmemCache,
     SlabObj,

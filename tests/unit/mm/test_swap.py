@@ -10,7 +10,7 @@ import trio.testing
 
 from emu.mm.page_alloc import Page
 from emu.mm.process import Process, SegmentationFault, page_content
-from emu.mm.sched import task
+from emu.kernel.sched import task
 from emu.mm.swap import (
     SWAP_MAGIC,
     LocalFileSwap,

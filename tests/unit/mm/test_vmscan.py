@@ -9,7 +9,7 @@ import trio.testing
 from emu.mm.gfp import GFP_KERNEL, GFP_NOFS, GFP_NOIO
 from emu.mm.page_alloc import OutOfMemory, Page
 from emu.mm.process import Process
-from emu.mm.sched import TaskFlags, all_tasks, task
+from emu.kernel.sched import TaskFlags, all_tasks, task
 from emu.mm.vmscan import SWAP_CLUSTER_MAX
 
 

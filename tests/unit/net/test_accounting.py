@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from emu.mm.gfp import GFP_ATOMIC, Policy
 from emu.mm.page_alloc import Zone
 from emu.mm.reserve import ReserveTree
-from emu.mm.sched import softirq
+from emu.kernel.sched import softirq
 from emu.mm.sizes import IPQ
 from emu.mm.slab import Slabs
 from emu.net.sock import Sock

@@ -14,7 +14,7 @@ import pytest
 from emu.mm.gfp import GFP_ATOMIC, Policy
 from emu.mm.page_alloc import Page, Zone
 from emu.mm.reserve import ReserveTree
-from emu.mm.sched import softirq
+from emu.kernel.sched import softirq
 from emu.mm.slab import Slabs
 from emu.net.stack import NetStack
 

@@ -6,7 +6,7 @@ import pytest
 
 from emu.mm.gfp import Policy
 from emu.mm.page_alloc import Zone
-from emu.mm.sched import softirq
+from emu.kernel.sched import softirq
 from emu.mm.sizes import IPQ
 from emu.mm.slab import Slabs
 from emu.net.ip import RouteCache

@@ -7,7 +7,7 @@ import pytest
 from emu.mm.gfp import GFP_ATOMIC, GFP_KERNEL, Policy
 from emu.mm.page_alloc import Zone
 from emu.mm.reserve import ReserveTree
-from emu.mm.sched import TaskFlags, softirq, task
+from emu.kernel.sched import TaskFlags, softirq, task
 from emu.mm.sizes import SKB_HEAD, SKB_SHARED_INFO
 from emu.mm.slab import Slabs
 from emu.net.netmem import NetMem

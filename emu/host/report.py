@@ -1,6 +1,6 @@
 """What a run shows: live progress, the result table, and the deadlock report.
 
-The deadlock report is SysRq-M and SysRq-T together, written for a kernel engineer (DESIGN §7):
+The deadlock report is SysRq-M and SysRq-T together, written for a kernel engineer:
 free pages against each watermark and the reserve; who holds memory (skbs queued per socket,
 fragment queues, route cache, slab caches); the swap I/O in flight and how often its replies were
 dropped and why; the blocked tasks and where they wait. `ReportData` is filled by the host from
@@ -64,6 +64,8 @@ class ReportData:
     drops: dict[str, int] = field(default_factory=dict)
     nstat: str = ""
     tasks: list[tuple[int, str, str, str, str]] = field(default_factory=list)  # (pid, comm, state, wchan, flags)
+    kind: str = "deadlock"  # or "livelock"
+    detail: str = ""  # what the watchdog measured (livelock: the progress rate and its reference)
 
 
 def _kb(pages: int, page_size: int = 4096) -> str:
@@ -74,9 +76,12 @@ def render_deadlock_report(r: ReportData) -> str:
     L: list[str] = []
     bar = "=" * 100
     L.append(bar)
-    L.append(f"netswap: DEADLOCK — policy {r.policy}, backend {r.backend}, server {r.server}")
-    L.append(f"at t={r.t:.2f} s: tasks blocked in reclaim/faults for {r.stalled_for:.1f} s, "
-             f"no page reclaimed and no swap I/O completed")
+    L.append(f"netswap: {r.kind.upper()} — policy {r.policy}, backend {r.backend}, server {r.server}")
+    if r.kind == "deadlock":
+        L.append(f"at t={r.t:.3f} s (emulated): tasks blocked in reclaim/faults for {r.stalled_for:.2f} s, "
+                 f"no page reclaimed and no swap I/O completed")
+    else:
+        L.append(f"at t={r.t:.3f} s (emulated): {r.detail}")
     L.append(bar)
 
     L.append("\nSysRq : Show Memory")
@@ -149,7 +154,8 @@ def render_deadlock_report(r: ReportData) -> str:
 
 
 def _outcome_style(outcome: str) -> str:
-    return {"completed": "[green]completed[/]", "deadlock": "[bold red]deadlock[/]"}.get(outcome, f"[yellow]{outcome}[/]")
+    return {"completed": "[green]completed[/]", "deadlock": "[bold red]deadlock[/]",
+            "livelock": "[bold red]livelock[/]"}.get(outcome, f"[yellow]{outcome}[/]")
 
 
 def print_result(console: Console, result: Any) -> None:
@@ -169,7 +175,8 @@ def results_table(console: Console, results: list[Any], title: str) -> None:
         t.add_column(f"{r.backend}\n{r.policy}", justify="right")
     rows: list[tuple[str, Any]] = [
         ("outcome", lambda r: _outcome_style(r.outcome)),
-        ("duration", lambda r: f"{r.duration_s:.1f} s"),
+        ("verdict at", lambda r: f"{(r.stall or {}).get('t', r.emulated_s):.3f} s"),
+        ("wall time", lambda r: f"{r.wall_s:.1f} s"),
         ("workload done", lambda r: f"{r.accesses_done}/{r.accesses_total}"),
         ("pages swapped out", lambda r: str(r.pages_swapped_out)),
         ("pages swapped in", lambda r: str(r.pages_swapped_in)),
@@ -226,13 +233,13 @@ class LiveProgress:
         self.rows[key] = status
         if self._live is not None:
             self._live.update(self._render())
-        elif self.plain and (time.monotonic() - self._last_plain > 2.0 or status.phase in ("completed", "deadlock")):
+        elif self.plain and (time.monotonic() - self._last_plain > 2.0 or status.phase in ("completed", "deadlock", "livelock")):
             self._last_plain = time.monotonic()
             self.console.print(self._line(status), markup=False, highlight=False)
 
     @staticmethod
     def _line(s: Any) -> str:
-        return (f"{s.backend}/{s.policy} {s.phase} t={s.t:.1f}s work {s.done}/{s.total} free {s.nr_free} "
+        return (f"{s.backend}/{s.policy} {s.phase} t={s.t:.3f}s work {s.done}/{s.total} free {s.nr_free} "
                 f"(min {s.wmark_min}) swpout {s.pswpout} swpin {s.pswpin} drops {s.drops} stall {s.stalled_for:.1f}s")
 
     def _render(self) -> Table:
@@ -248,8 +255,8 @@ class LiveProgress:
             frac = s.done / s.total if s.total else 0.0
             width = 20
             bar = "█" * int(frac * width) + "·" * (width - int(frac * width))
-            phase = _outcome_style(s.phase) if s.phase in ("completed", "deadlock") else s.phase
-            t.add_row(s.backend, s.policy, phase, f"{s.t:.1f}s", f"{bar} {frac:4.0%}",
+            phase = _outcome_style(s.phase) if s.phase in ("completed", "deadlock", "livelock") else s.phase
+            t.add_row(s.backend, s.policy, phase, f"{s.t:.3f}s", f"{bar} {frac:4.0%}",
                       f"{s.nr_free}/{s.wmark_min}", f"{s.reserve_used}", f"{s.pswpout}", f"{s.pswpin}",
-                      f"{s.drops}", f"{s.stalled_for:.1f}s")
+                      f"{s.drops}", f"{s.stalled_for:.2f}s")
         return t

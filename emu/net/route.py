@@ -11,11 +11,50 @@ to `gc_thresh`, at most once per interval.  A spoofed-source flood therefore gro
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from emu.mm.gfp import GFP_ATOMIC
+from emu.mm.reserve import kmem_cache_alloc_reserve, kmem_cache_free_reserve
+from emu.mm.sizes import DST_ENTRY
+from emu.mm.slab import ilog2, roundup_pow_of_two
+
 if TYPE_CHECKING:
-    from emu.net.netmem import NetMem
+    from emu.mm.reserve import MemReserve
+    from emu.mm.slab import Slabs
     from emu.net.netstat import NetStat
+
+
+@dataclass(frozen=True)
+class RouteHash:
+    """ip_rt_init()'s defaults for a machine of `ram_bytes`."""
+
+    ram_bytes: int
+    page_size: int
+    mempages: int  # RAM in pages, rounded up to whole MiB
+    scale: int
+    buckets: int
+    gc_thresh: int
+    max_size: int  # ip_rt_max_size
+
+
+def route_hash_defaults(ram: int, page_size: int = 4096) -> RouteHash:
+    """alloc_large_system_hash("IP route cache") as 2.6.2x sizes it, and what follows from it.
+
+    buckets = roundup_pow_of_two(max(mempages >> (scale - PAGE_SHIFT), PAGE_SIZE / 8)), mempages
+    being RAM in pages rounded up to a MiB, scale 15 from 128Ki pages up else 17;
+    gc_thresh = buckets; ip_rt_max_size = buckets * 16.
+    """
+    if ram <= 0:
+        raise ValueError(f"RAM must be positive, not {ram}")
+    page_shift = ilog2(page_size)
+    nr_pages = ram // page_size
+    mb_pages = max(1, (1 << 20) // page_size)
+    mempages = -(-nr_pages // mb_pages) * mb_pages
+    scale = 15 if nr_pages >= 128 * 1024 else 17
+    entries = mempages >> (scale - page_shift) if scale > page_shift else mempages << (page_shift - scale)
+    buckets = roundup_pow_of_two(max(entries, page_size // 8))
+    return RouteHash(ram, page_size, mempages, scale, buckets, buckets, buckets * 16)
 
 
 class RtEntry:
@@ -32,11 +71,15 @@ class RtEntry:
 
 
 class RouteCache:
-    def __init__(self, mem: NetMem, stat: NetStat, gc_thresh: int, max_size: int,
-                 gc_min_interval: float = 0.5, gc_timeout: float = 300.0) -> None:
+    """rt_hash_table with its `ip_dst_cache` slab; `reserve` is v12's "IPv4 route cache" node."""
+
+    def __init__(self, slabs: Slabs, stat: NetStat, gc_thresh: int, max_size: int,
+                 gc_min_interval: float = 0.5, gc_timeout: float = 300.0,
+                 reserve: MemReserve | None = None) -> None:
         if max_size < 1 or gc_thresh < 0:
             raise ValueError("ip_rt_max_size must be >= 1 and gc_thresh >= 0")
-        self.mem = mem
+        self.dst_cache = slabs.cache("ip_dst_cache", DST_ENTRY)
+        self.reserve = reserve
         self.stat = stat
         self.gc_thresh = gc_thresh
         self.max_size = max_size
@@ -63,7 +106,7 @@ class RouteCache:
         if len(table) >= self.max_size:
             stat.route_overflow += 1  # "dst cache overflow"
             return None
-        got = self.mem.dst_alloc()
+        got = kmem_cache_alloc_reserve(self.dst_cache, GFP_ATOMIC, self.reserve)
         if got is None:
             return None
         obj, charged = got
@@ -102,7 +145,7 @@ class RouteCache:
 
     def _free(self, e: RtEntry) -> None:
         del self.table[(e.saddr, e.daddr)]
-        self.mem.dst_free(e.obj, e.reserve_charged)
+        kmem_cache_free_reserve(self.dst_cache, e.obj, self.reserve, e.reserve_charged)
 
     def reserve_entries(self) -> int:
         return sum(1 for e in self.table.values() if e.reserve_charged)

@@ -1,31 +1,37 @@
-"""What the NFS swap file and the iSCSI swap LUN share: a swap device behind a network transport.
+"""What the NFS swap file and the iSCSI swap LUN share: swap storage on a remote server.
 
 It owns the transport's lifetime in the host's nursery, runs the transport's own workers as a
 PF_MEMALLOC kernel thread (rpciod, iscsi_q), remembers every socket it used (reconnects) for the
-report, and takes its TX term out of the v12 reserve tree when it goes.
+report, models the path to the server (`emu.net.link.PeerLink`: the LAN round trip and the link
+rate, from the cost table), and adds its TX term to the v12 reserve tree while it is active.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from emu.mm.sched import TaskFlags, task
+from emu.kernel.sched import TaskFlags, task
 from emu.mm.swap import SwapIOError
+from emu.net.link import PeerLink
 from emu.swapdev.inflight import Inflight
 
+if TYPE_CHECKING:
+    from emu.net.stack import NetStack
 
-class NetSwapDevice:
+
+class RemoteSwap:
     KTHREAD = "kswapdev"  # the name of the transport's worker thread, as ps shows it
+    RESERVE_USER = "swap"  # its name in the v12 "protocol TX pages" inputs
     fs_backed = False
 
-    def __init__(self, net: Any, *, reserve: Any, policy: str, via_host: bool) -> None:
+    def __init__(self, net: NetStack, name: str, *, via_host: bool = True) -> None:
         self.net = net
-        self.reserve = reserve
-        self.policy = policy
         self.via_host = via_host
+        costs = net.costs
+        self.link = PeerLink(name, costs.peer_rtt, costs.link_rate)
         self.inflight = Inflight()
         self.page_size = 4096
         self.nr_pages = 0
@@ -33,7 +39,7 @@ class NetSwapDevice:
         self.connects = 0
         self._nursery: trio.Nursery | None = None
         self._done = trio.Event()
-        self._reserve_added = False
+        self._reserve_pages = 0  # the TX term this device added to the v12 reserve
 
     @property
     def sock(self) -> Any:
@@ -56,11 +62,23 @@ class NetSwapDevice:
                 task_status.started()
                 await self._done.wait()
 
+    def _submit(self) -> None:
+        """Building and submitting one request costs the CPU (a bio, an rpc_task, a PDU)."""
+        self.net.cpu.charge(self.net.costs.swap_io)
+
+    def _add_reserve_term(self, pages: int) -> None:
+        """Under v12, this transport's TX pages join the reserve tree (once, until close)."""
+        reserve = self.net.reserve
+        if self.via_host and reserve is not None and not self._reserve_pages:
+            reserve.add_tx_pages(self.RESERVE_USER, pages)
+            self._reserve_pages = pages
+
     def _complete_read(self, what: str, slot: int, data: bytes, bufs: list[memoryview]) -> None:
-        """Check a swap read's length, let the audit see it, and scatter it into the pages."""
+        """Check a swap read's length, let the audit see it, and copy it into the pages."""
         want = len(bufs) * self.page_size
         if len(data) != want:
             raise SwapIOError(f"short {what} read at slot {slot}: {len(data)} of {want}")
+        self.net.cpu.charge(want * self.net.costs.copy_byte)
         self.inflight.read_back(slot, data, self.page_size)
         pos = 0
         for b in bufs:
@@ -71,15 +89,13 @@ class NetSwapDevice:
         await self.close()
 
     async def close(self) -> None:
-        if self._reserve_added:
-            with contextlib.suppress(Exception):
-                self._remove_reserve_term()
-            self._reserve_added = False
+        reserve = self.net.reserve
+        if self._reserve_pages and reserve is not None:
+            with contextlib.suppress(ValueError):
+                reserve.remove_tx_pages(self.RESERVE_USER, self._reserve_pages)
+        self._reserve_pages = 0
         self._done.set()
         self._drop_client()
-
-    def _remove_reserve_term(self) -> None:
-        raise NotImplementedError
 
     def _drop_client(self) -> None:
         raise NotImplementedError

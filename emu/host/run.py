@@ -1,0 +1,346 @@
+"""One run of the emulated host, in emulated time, and the verdict it ends with.
+
+`run_host` owns the run's `trio.run`, with the host's `EmuClock` (emu.kernel.clock) and FIFO
+scheduling, so everything the model decides happens on the model's clock; the wall clock only
+bounds the run (`wall_timeout`, a safety net: outcome `timeout`, exit 1) and measures how long a
+person waited (`wall_s`).  The run:
+
+1. starts the kernel (kswapd, swap I/O, the wires) and the application processes;
+2. starts the background traffic (from the start; the applications start listening when free
+   memory first reaches the low watermark, or `traffic.start_after` seconds in);
+3. activates swap on the server (MOUNT and the swap file, or the iSCSI login);
+4. runs the workload while sampling the timeline and feeding the watchdog every `sample` seconds;
+5. ends `completed` (every page verified), `deadlock` or `livelock` (the report is built from the
+   live state at that moment), or `timeout` (watchdog.timeout emulated seconds, or the wall limit).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+import trio
+
+from emu import scenario as scen
+from emu.host.diagnose import blocked_tasks, report_data, swap_reply_drops
+from emu.host.kernel import Kernel
+from emu.host.report import render_deadlock_report
+from emu.host.result import STUCK, RunResult, RunStatus, write_outputs
+from emu.host.servers import local_server
+from emu.host.timeline import Recorder, Sample
+from emu.host.traffic import HostTraffic
+from emu.host.userspace import Apps, Workload
+from emu.host.watchdog import Verdict, Watchdog
+from emu.kernel.clock import EmuClock, deterministic_scheduling
+from emu.mm.gfp import Policy
+from emu.swapdev import make_swap
+from emu.swapdev.endpoint import Endpoint, parse_server_url
+
+Progress = Callable[[RunStatus], None]
+WALL_TIMEOUT_DEFAULT = 600.0
+
+
+class HostRun:
+    """One host, one scenario, one server: assembled here, run by `main` under the host's clock."""
+
+    def __init__(self, sc: scen.Scenario, server: Endpoint, clock: EmuClock, *, raw_traffic: bool = True,
+                 reference_rate: float | None = None) -> None:
+        self.sc = sc
+        self.server = server
+        self.clock = clock
+        self.policy = Policy(sc.policy)
+        self.kernel = Kernel(sc.host, self.policy, sc.costs, clock)
+        k = self.kernel
+        self.swap = make_swap(sc.backend, server, k.net)
+        self.workload = Workload(k.mm, k.cpu, sc.workload, sc.host.page_size)
+        self.apps = Apps(k.mm, k.net, sc.traffic)
+        self.traffic: HostTraffic | None = None
+        self.raw_traffic = raw_traffic
+        wd = sc.watchdog
+        self.dog = Watchdog(stall=wd.stall, window=wd.livelock_window, fraction=wd.livelock_fraction,
+                            reference=reference_rate)
+        self.recorder = Recorder()
+        self.phase = "starting"
+        self.min_free = k.zone.nr_free
+        self.reserve_peak = 0
+        self.verdict: Verdict | None = None
+        self.wall_expired = False
+        self.final: RunResult | None = None  # the result, read from the live kernel at the end
+
+    # ---- views -----------------------------------------------------------------------------------
+
+    def progress(self) -> int:
+        """Pages freed by reclaim plus swap I/Os completed (see emu.host.watchdog)."""
+        return int(self.kernel.vmstat["pgsteal"]) + self.swap.inflight.completed
+
+    def reply_drops(self) -> int:
+        return sum(swap_reply_drops(self.swap).values())
+
+    def sample(self, now: float) -> Sample:
+        k = self.kernel
+        z = k.zone
+        used = k.reserve_used()
+        self.reserve_peak = max(self.reserve_peak, used)
+        self.min_free = min(self.min_free, z.nr_free)
+        vm = k.vmstat.counters
+        s = Sample(t=now, nr_free=z.nr_free, wmark_min=z.watermark_min, wmark_low=z.watermark_low,
+                   wmark_high=z.watermark_high, atomic_floor=z.atomic_floor(), reserve_used=used,
+                   reserve_size=k.reserve_size(), pswpout=vm["pswpout"], pswpin=vm["pswpin"],
+                   drops=k.net.stat.drops())
+        self.recorder.add(s)
+        return s
+
+    def status(self, now: float, s: Sample | None = None) -> RunStatus:
+        k = self.kernel
+        return RunStatus(self.sc.backend, self.sc.policy, self.phase, now, self.workload.done, self.workload.total,
+                         k.zone.nr_free, k.zone.watermark_min, s.reserve_used if s else 0, k.vmstat["pswpout"],
+                         k.vmstat["pswpin"], sum(k.net.stat.drops().values()), self.dog.stalled_for(now))
+
+    # ---- the run ---------------------------------------------------------------------------------
+
+    async def main(self, progress: Progress | None, cancel_scope_box: list[trio.CancelScope]) -> str:
+        sc = self.sc
+        k = self.kernel
+        outcome = "timeout"
+        with trio.CancelScope() as outer:
+            cancel_scope_box.append(outer)
+            async with trio.open_nursery() as nursery:
+                await k.start(nursery)
+                nursery.start_soon(self._sampler, progress)
+                if self.apps.enabled:
+                    await self.apps.start()
+                    self.traffic = HostTraffic(sc.traffic, k.net, self.apps.ports, sc.costs, raw=self.raw_traffic)
+                    self.traffic.build()
+                    nursery.start_soon(self.traffic.run, min(sc.traffic.duration, sc.watchdog.timeout))
+                # User space in its own nursery, stopped before the kernel at the end of the run: a
+                # process woken by an I/O completion as the kernel stops would otherwise start
+                # swap-out on an mm that no longer runs.
+                user = trio.CancelScope()
+                user_nursery: list[trio.Nursery] = []
+                user_done = trio.Event()
+
+                async def user_space(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                    try:
+                        with user:
+                            async with trio.open_nursery() as un:
+                                user_nursery.append(un)
+                                task_status.started()
+                                await trio.sleep_forever()
+                    finally:
+                        user_done.set()
+
+                await nursery.start(user_space)
+                self.phase = "swapon"
+                await nursery.start(self.swap.run)
+                await k.mm.swapon(self.swap, sc.host.swap // sc.host.page_size)
+                un = user_nursery[0]
+                un.start_soon(self.workload.run)
+                self.phase = "running"
+                outcome = await self._watch(un)
+                self.phase = outcome
+                now = trio.current_time()
+                self.sample(now)
+                self.final = self.result(outcome)
+                if progress:
+                    progress(self.status(now, self.recorder.samples[-1]))
+                user.cancel()
+                with trio.move_on_after(2):
+                    await user_done.wait()
+                nursery.cancel_scope.cancel()
+        return "timeout" if self.wall_expired else outcome
+
+    async def _watch(self, user: trio.Nursery) -> str:
+        sc = self.sc
+        k = self.kernel
+        deadline = sc.watchdog.timeout
+        tr = sc.traffic
+        listen_below = k.low_mark() if tr.start_after <= 0 else None
+        while True:
+            now = trio.current_time()
+            if self.apps.enabled and not self.apps.socks and (
+                    (listen_below is not None and k.zone.nr_free <= listen_below)
+                    or (listen_below is None and now >= tr.start_after)):
+                await self.apps.listen(user)
+            if self.workload.finished.is_set():
+                return "completed"
+            v = self.dog.observe(now, self.progress(), blocked_tasks(), len(self.swap.inflight.ios),
+                                 self.reply_drops())
+            if v is not None:
+                self.verdict = v
+                return v.kind
+            if now >= deadline:
+                return "timeout"
+            await trio.sleep(sc.watchdog.sample)
+
+    async def _sampler(self, progress: Progress | None) -> None:
+        """The timeline, from the first moment: one sample per `sample` emulated seconds."""
+        last = -1.0
+        while True:
+            now = trio.current_time()
+            s = self.sample(now)
+            if progress and now - last >= 0.1:
+                last = now
+                progress(self.status(now, s))
+            await trio.sleep(self.sc.watchdog.sample)
+
+    async def shutdown(self) -> None:
+        if self.traffic is not None:
+            self.traffic.close()
+        await self.swap.close()
+        self.kernel.net.close_all()
+
+    # ---- the result ------------------------------------------------------------------------------
+
+    def result(self, outcome: str) -> RunResult:
+        """The result as the live kernel shows it now (wall time and errors are added later)."""
+        sc = self.sc
+        k = self.kernel
+        vm = k.vmstat.counters
+        now = self.clock.now
+        res = RunResult(outcome, sc.policy, sc.backend, self.server.url(), sc.host.ram, sc.host.page_size,
+                        seed=sc.workload.seed)
+        res.pages_swapped_out = int(vm["pswpout"])
+        res.pages_swapped_in = int(vm["pswpin"])
+        w = self.workload
+        res.integrity = {"verified": int(vm["pswpin"]) + w.verified, "mismatches": int(k.mm.nr_verify_errors) + w.mismatches,
+                         "storage_audit": {"checked": self.swap.inflight.audit_checked,
+                                           "mismatches": self.swap.inflight.audit_mismatches}}
+        if w.mismatch_details:
+            res.integrity["details"] = w.mismatch_details
+        if k.mm.verify_errors:
+            res.integrity["first_mismatches"] = [list(e) for e in k.mm.verify_errors[:10]]
+        res.drops = k.net.stat.drops()
+        res.reserve = {"size": k.reserve_size(), "peak": self.reserve_peak}
+        res.emulated_s = round(now, 6)
+        res.accesses_done = w.done
+        res.accesses_total = w.total
+        res.min_free = self.min_free
+        res.wmark_min = k.zone.watermark_min
+        res.atomic_floor = k.zone.atomic_floor()
+        res.progress_rate = round(self.progress() / now, 3) if now > 0 else 0.0
+        res.swap_retransmits = self.swap.retransmits()
+        res.emergency_skbs = int(k.skbs_emergency())
+        res.traffic = self.traffic.report() if self.traffic is not None else {"profile": "none"}
+        res.costs = sc.costs.to_json()
+        res.clock = {"emulated_s": res.emulated_s, "cpu_busy_s": round(k.cpu.busy, 6), **self.clock.stats.to_json()}
+        res.vmstat = {key: int(v) for key, v in vm.items() if v}
+        v = self.verdict
+        if v is not None and outcome in STUCK:
+            detail = ""
+            if v.kind == "livelock":
+                detail = (f"progress {v.rate:.1f}/s over the last {v.stalled_for:.1f} s, below "
+                          f"{self.dog.fraction:.0%} of the reference {v.reference:.1f}/s, with swap replies dropped")
+            res.stall = {"kind": v.kind, "t": round(v.at, 6), "nr_free": k.zone.nr_free,
+                         "stalled_for": round(v.stalled_for, 6), "blocked_tasks": len(v.blocked),
+                         "inflight": len(self.swap.inflight.ios), "rate": round(v.rate, 3),
+                         "reference_rate": round(v.reference, 3)}
+            res.report = render_deadlock_report(report_data(
+                k, self.swap, backend=sc.backend, server=self.server.url(), kind=v.kind, t=v.at,
+                stalled_for=v.stalled_for, reserve_peak=self.reserve_peak, detail=detail))
+        return res
+
+
+def run_host(sc: scen.Scenario, server: Endpoint, progress: Progress | None = None, out_dir: Path | None = None, *,
+             raw_traffic: bool = True, reference_rate: float | None = None,
+             wall_timeout: float = WALL_TIMEOUT_DEFAULT) -> RunResult:
+    """Run one host to its verdict, in a `trio.run` of its own under its emulated clock.
+
+    `raw_traffic=False` sends the background traffic as an unprivileged user would even when we
+    are root.  `reference_rate`: the progress rate of the same scenario under a reserve policy,
+    for the livelock verdict (default: this run's own best).
+    """
+    clock = EmuClock()
+    run = HostRun(sc, server, clock, raw_traffic=raw_traffic, reference_rate=reference_rate)
+    wall0 = perf_counter()
+    scope_box: list[trio.CancelScope] = []
+    error = ""
+    outcome = "error"
+
+    async def main() -> str:
+        token = trio.lowlevel.current_trio_token()
+
+        def expire() -> None:
+            run.wall_expired = True
+            if scope_box:
+                scope_box[0].cancel()
+
+        timer = threading.Timer(wall_timeout, lambda: token.run_sync_soon(expire))
+        timer.daemon = True
+        timer.start()
+        try:
+            return await run.main(progress, scope_box)
+        finally:
+            timer.cancel()
+            with trio.CancelScope(shield=True), trio.move_on_after(3):
+                await run.shutdown()
+
+    try:
+        with deterministic_scheduling():
+            outcome = trio.run(main, clock=clock)
+        if run.wall_expired:
+            error = f"wall-clock limit of {wall_timeout:g} s reached (emulated time {clock.now:.3f} s)"
+        elif outcome == "timeout":
+            error = f"not finished within watchdog.timeout = {sc.watchdog.timeout:g} emulated seconds"
+    except Exception as e:
+        outcome = "error"
+        error = f"{type(e).__name__}: {e}"
+        if isinstance(e, BaseExceptionGroup):
+            leaves = _leaves(e)
+            error = "; ".join(f"{type(x).__name__}: {x}" for x in leaves[:3])
+    res = run.final if run.final is not None else run.result(outcome)
+    res.outcome = outcome
+    res.error = error
+    res.wall_s = res.clock["wall_s"] = round(perf_counter() - wall0, 3)
+    if out_dir is not None:
+        write_outputs(res, out_dir, f"{sc.backend}-{sc.policy}", run.recorder,
+                      run.verdict.at if run.verdict is not None and outcome in STUCK else None)
+    return res
+
+
+def _leaves(eg: BaseException) -> list[BaseException]:
+    if isinstance(eg, BaseExceptionGroup):
+        out: list[BaseException] = []
+        for x in eg.exceptions:
+            out.extend(_leaves(x))
+        return out
+    return [eg]
+
+
+def run_scenario(sc: scen.Scenario, progress: Progress | None = None, out_dir: Path | None = None,
+                 **kw: Any) -> RunResult:
+    """Run one scenario (starting our server unless the scenario names one)."""
+    if sc.server:
+        return run_host(sc, parse_server_url(sc.server), progress, out_dir, **kw)
+    with local_server(sc.backend, sc.host.swap) as sp:
+        return run_host(sc, sp.server, progress, out_dir, **kw)
+
+
+def run_matrix(base: scen.Scenario, backends: tuple[str, ...] | list[str], policies: tuple[str, ...] | list[str],
+               out_dir: Path | None = None, progress: Progress | None = None, **kw: Any) -> list[RunResult]:
+    """Each backend under each policy with the same workload and traffic; one server per backend.
+
+    The reserve policies run first, so that `none` is judged for livelock against the progress
+    rate the same scenario reaches with a reserve.  Results come back in the order asked for."""
+    order = sorted(policies, key=lambda p: p == "none")
+    results: dict[tuple[str, str], RunResult] = {}
+
+    def one(sc: scen.Scenario, server: Endpoint) -> None:
+        ref = None
+        if sc.policy == "none":
+            rates = [r.progress_rate for (b, p), r in results.items() if b == sc.backend and r.outcome == "completed"]
+            ref = max(rates) if rates else None
+        results[(sc.backend, sc.policy)] = run_host(sc, server, progress, out_dir, reference_rate=ref, **kw)
+
+    for b in backends:
+        sc_b = base.replace(backend=b)
+        if base.server:
+            for p in order:
+                one(sc_b.replace(policy=p), parse_server_url(base.server))
+            continue
+        with local_server(b, base.host.swap) as sp:
+            for p in order:
+                one(sc_b.replace(policy=p), sp.server)
+    return [results[(b, p)] for b in backends for p in policies]

@@ -1,0 +1,108 @@
+"""Our own servers for a run, started as separate processes on free loopback ports.
+
+Servers are real processes (not emulated, not sharing the emulated host's memory). Without
+`--server`, `netswap run` starts `netswap serve nfs` or `netswap serve iscsi` in a temporary
+directory (on tmpfs when there is one) and stops them afterwards, whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from emu.swapdev.endpoint import Endpoint, IscsiEndpoint, NfsEndpoint, backend_kind
+from emu.util.ports import free_port, port_open
+from emu.util.procs import stop_process
+
+DEFAULT_IQN = "iqn.2026-01.org.netswap:swap"
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+@dataclass
+class ServerProcess:
+    server: Endpoint
+    proc: subprocess.Popen[bytes]
+    workdir: Path
+    log: Path
+    ports: tuple[int, ...]
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, n: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        return ""
+
+    def stop(self, timeout: float = 5.0) -> None:
+        stop_process(self.proc, timeout)
+
+
+def _spawn(kind: str, workdir: Path, swap_bytes: int) -> ServerProcess:
+    py = [sys.executable, "-m", "emu"]
+    log = workdir / f"{kind}-server.log"
+    if kind == "nfs":
+        export = workdir / "export"
+        export.mkdir(exist_ok=True)
+        nfsport = free_port(udp_too=True)
+        mountport = free_port(udp_too=True, avoid={nfsport})
+        argv = [*py, "serve", "nfs", "--export", str(export), "--bind", "127.0.0.1",
+                "--port", str(nfsport), "--mount-port", str(mountport)]
+        server: Endpoint = NfsEndpoint("127.0.0.1", str(export), nfsport, mountport)
+        ports: tuple[int, ...] = (nfsport, mountport)
+    else:
+        port = free_port()
+        lun = workdir / "lun0.img"
+        size_mib = max(1, -(-swap_bytes // (1 << 20)))
+        argv = [*py, "serve", "iscsi", "--lun", str(lun), "--size", f"{size_mib}M", "--bind", "127.0.0.1",
+                "--port", str(port), "--iqn", DEFAULT_IQN]
+        server = IscsiEndpoint("127.0.0.1", port, DEFAULT_IQN, 0)
+        ports = (port,)
+    fh = open(log, "wb")
+    try:
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=workdir, start_new_session=True)
+    finally:
+        fh.close()
+    return ServerProcess(server, proc, workdir, log, ports)
+
+
+def _ready(sp: ServerProcess) -> bool:
+    if not sp.alive():
+        raise ServerStartError(f"{' '.join(map(str, sp.proc.args))} exited with status "
+                               f"{sp.proc.returncode}:\n{sp.log_tail()}")
+    return all(port_open(p) for p in sp.ports)
+
+
+@contextlib.contextmanager
+def local_server(backend: str, swap_bytes: int, workdir: str | Path | None = None,
+                 timeout: float = 30.0) -> Iterator[ServerProcess]:
+    """Start our server for `backend` as a separate process; stop it on exit (even on error)."""
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            # tmpfs when there is one: the swap file's FILE_SYNC/FUA fsyncs cost microseconds there,
+            # so the runs measure the emulated host, not the disk.
+            base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="netswap-srv-", dir=base))
+        wd = Path(workdir)
+        wd.mkdir(parents=True, exist_ok=True)
+        sp = _spawn(backend_kind(backend), wd, swap_bytes)
+        try:
+            deadline = time.monotonic() + timeout
+            while not _ready(sp):
+                if time.monotonic() > deadline:
+                    raise ServerStartError(f"server not ready after {timeout:.0f} s:\n{sp.log_tail()}")
+                time.sleep(0.05)
+            yield sp
+        finally:
+            sp.stop()

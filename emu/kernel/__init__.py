@@ -1,0 +1,2 @@
+"""The emulated kernel's base: task context (`sched`), emulated time (`clock`), the CPU and its
+cost table (`cpu`).  Imports nothing else from emu; every other layer may import it."""
