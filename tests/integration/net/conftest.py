@@ -12,7 +12,7 @@ import trio
 
 from emu.mm.gfp import Policy
 from emu.mm.page_alloc import Zone
-from emu.mm.reserve import ReserveTree
+from emu.mm.reserve import ReserveRoot
 from emu.mm.slab import Slabs
 from emu.net.stack import NetStack
 
@@ -21,15 +21,18 @@ sys.path.insert(0, str(Path(__file__).parent))  # nethelp
 
 @pytest.fixture
 async def make_net() -> AsyncIterator[Callable[..., Any]]:
-    """make_net(policy, ram=..., **NetStack kwargs) -> a running NetStack; torn down afterwards."""
+    """make_net(policy, ram=..., **NetStack kwargs) -> a running NetStack; torn down afterwards.
+
+    No emulated clock (cpu=None): the NIC processes frames as soon as its wires read them."""
     async with trio.open_nursery() as nursery:
         stacks: list[NetStack] = []
 
         async def make(policy: str = "none", ram: int = 8 << 20, **kw: Any) -> NetStack:
             zone = Zone(ram, policy=Policy(policy))
             slabs = Slabs(zone)
-            reserve = ReserveTree(zone) if policy == "v12" else None
-            net = NetStack.from_parts(zone, slabs, reserve, **kw)
+            reserve = ReserveRoot(zone) if policy == "v12" else None
+            net = NetStack(zone, slabs, reserve=reserve, **kw)
+            assert net.clock is None and net.nic.rx_usecs == 0.0
             await nursery.start(net.run)
             stacks.append(net)
             return net

@@ -12,7 +12,9 @@ from pathlib import Path
 import trio
 
 from emu.kernel.sched import TaskFlags, task
-from emu.net.transport import SlabBuffers
+from emu.mm.gfp import GFP_NOFS, GFP_NOIO
+from emu.mm.sizes import ISCSI_TASK, RPC_RQST
+from emu.swapdev.buffers import HostBuffers
 from iscsi.initiator import Initiator
 from nfs.client import NfsClient
 from nfs.nfs3 import CreateMode, StableHow
@@ -54,7 +56,8 @@ async def test_clients_over_emulated_stack_against_netswap_servers(make_net, tmp
             iqn, iscsi_port = m.group(1), int(m.group(2))
 
             data = bytes(range(256)) * 256  # 64 KiB
-            buffers = SlabBuffers(net.slabs)
+            buffers = HostBuffers(net.slabs, GFP_NOFS, RPC_RQST)  # rpc_rqst + header buffers
+            iscsi_buffers = HostBuffers(net.slabs, GFP_NOIO, ISCSI_TASK)
             async with NfsClient(functools.partial(net.open_udp, "127.0.0.1", nfs_port, memalloc=True),
                                  mount_connect=functools.partial(net.open_udp, "127.0.0.1", mount_port),
                                  proto="udp", buffers=buffers, wsize=32768, rsize=32768) as nfs:
@@ -64,7 +67,7 @@ async def test_clients_over_emulated_stack_against_netswap_servers(make_net, tmp
                     await nfs.write(fh, 0, data, stable=StableHow.FILE_SYNC)
                 assert await nfs.read(fh, 0, len(data)) == data
             async with Initiator(functools.partial(net.connect_tcp, "127.0.0.1", iscsi_port, memalloc=True),
-                                 iqn, buffers=buffers) as ini:
+                                 iqn, buffers=iscsi_buffers) as ini:
                 with task("iscsi-swap", TaskFlags.PF_MEMALLOC):
                     await ini.write(0, data, fua=True)
                 assert await ini.read(0, len(data) // 4096) == data
@@ -78,5 +81,6 @@ async def test_clients_over_emulated_stack_against_netswap_servers(make_net, tmp
                 p.kill()
     assert (export / "swapfile").read_bytes() == data
     assert net.stat.frag_reassembled > 0 and net.stat.tx_skbs > 0
-    assert buffers.live == 0 and net.mem.skbs_live == 0 and net.sk_memalloc_socks == 0
+    assert buffers.peak > 0 and iscsi_buffers.peak > 0  # the requests were paid for in host memory
+    assert buffers.live == 0 and iscsi_buffers.live == 0 and net.skbs.live == 0 and net.sk_memalloc_socks == 0
     assert not net.reserve.connected

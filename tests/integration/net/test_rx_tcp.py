@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 
+import pytest
 import trio
 
 from emu.kernel.sched import TaskFlags, task
@@ -55,12 +56,20 @@ async def test_held_chunks_are_reoffered_and_the_stream_arrives_complete_in_orde
         got = await read_all(stream)
         assert got == data
         assert net.stat.tcp_held >= 2
-        assert stream.sock.rx_drops["rx_nomem"] == net.stat.rx_nomem
-        assert net.mem.skbs_live == 0
+        st = net.stat
+        # every drop was this connection's, counted under its reason (pre-demux included)
+        assert stream.sock.rx_drops == {k: getattr(st, k) for k in ("rx_nomem", "rx_missed") if getattr(st, k)}
+        assert stream.sock.sk_drops == 0  # no drop after demux
+        assert net.skbs.live == 0
         await stream.aclose()
         n.cancel_scope.cancel()
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "emu bug: RxPath never sets skb.len to the payload length for a one-frame UDP datagram or a TCP "
+    "segment (it stays the frame size, headers included), so rx_queued_bytes / bytes_read / "
+    "app_read_bytes / Recv-Q count IP+UDP/TCP headers (and a TCP recv can return b'' mid-stream); "
+    "see tests/unit/net/test_accounting.py::test_queued_and_read_bytes_are_payload_bytes"))
 async def test_receive_window_limits_what_is_read_from_the_wire(make_net) -> None:
     net = await make_net("none", ram=16 << 20)
     data = pattern(400_000)
@@ -71,12 +80,13 @@ async def test_receive_window_limits_what_is_read_from_the_wire(make_net) -> Non
         await wait_for(lambda: net.stat.tcp_window_closed >= 1)
         await trio.sleep(0.05)
         assert sk.sk_rmem_alloc < sk.sk_rcvbuf  # the window kept the queue inside the buffer
-        assert sk.rx_queued_bytes <= sk.tcp_window_max()
+        window_max = max(1, (sk.sk_rcvbuf - 1) // net.tcp_chunk_truesize) * net.mss  # the initial window
+        assert sk.rx_queued_bytes <= window_max
         got = bytearray()
         while data_ := await stream.receive_some(3000):  # a slow reader in small reads
             got += data_
             assert sk.sk_rmem_alloc < sk.sk_rcvbuf
-        assert bytes(got) == data
+        assert bytes(got) == data and sk.bytes_read == len(data)
         assert net.stat.rcvbuf_full == 0 and net.stat.tcp_held == 0
         n.cancel_scope.cancel()
 

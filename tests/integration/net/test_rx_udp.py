@@ -27,22 +27,27 @@ async def test_flood_fills_queue_to_rcvbuf_and_memory_equals_skbs_queued(make_ne
     assert net.stat.rcvbuf_full == a.sk_drops + b.sk_drops > 0
     # The memory charged is exactly the skbs queued: both allocations of each, nothing else.
     queued = len(a.receive_queue) + len(b.receive_queue)
-    assert net.mem.skbs_live == queued
-    assert net.mem.skb_truesize_live == a.sk_rmem_alloc + b.sk_rmem_alloc
-    assert net.mem.head_cache.active_objs == queued
+    assert net.skbs.live == queued
+    assert net.skbs.live_truesize == a.sk_rmem_alloc + b.sk_rmem_alloc
+    assert net.skbs.head_cache.active_objs == queued
     data_objs = net.slabs.kmalloc_cache(700 + 28 + SKB_SHARED_INFO).active_objs
     data_objs += net.slabs.kmalloc_cache(300 + 28 + SKB_SHARED_INFO).active_objs
     assert data_objs == queued
     # The bytes are the real ones, in arrival order; reading frees everything.
     first, _ = await a.recvfrom()
     assert first == bytes([0]) * 700
-    a.read_all_nowait()
-    b.read_all_nowait()
-    assert net.mem.skbs_live == 0 and net.mem.head_cache.active_objs == 0
+    a.read_all()
+    b.read_all()
+    assert net.skbs.live == 0 and net.skbs.head_cache.active_objs == 0
     assert "127.0.0.1:%d" % a.lport in net.ss()
     assert net.wire_overruns() == {a.local_str(): 0, b.local_str(): 0}  # the real kernel lost nothing
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "emu bug: RxPath never sets skb.len to the payload length for a one-frame UDP datagram or a TCP "
+    "segment (it stays the frame size, headers included), so rx_queued_bytes / bytes_read / "
+    "app_read_bytes / Recv-Q count IP+UDP/TCP headers (and a TCP recv can return b'' mid-stream); "
+    "see tests/unit/net/test_accounting.py::test_queued_and_read_bytes_are_payload_bytes"))
 async def test_reader_drains_while_owner_resident(make_net) -> None:
     net = await make_net("none", ram=16 << 20)
     resident = trio.Event()
@@ -74,7 +79,7 @@ async def test_reserve_skbs_dropped_for_ordinary_sockets_accepted_for_memalloc(m
     send_udp(vm.lport, [b"v" * 500] * 20)
     await wait_for(lambda: net.stat.frames == 40)
     st = net.stat
-    assert st.skbs_emergency == 40  # memory is short: every skb came from the reserve
+    assert net.skbs.rx_reserve == 40  # memory is short: every skb came from the reserve
     assert st.pfmemalloc_drop == 20 and len(other.receive_queue) == 0
     assert other.rx_drops == {"pfmemalloc_drop": 20} and other.sk_drops == 20
     assert net.ss_rows()[1]["rx_drops"] == {"pfmemalloc_drop": 20}
@@ -86,14 +91,14 @@ async def test_reserve_skbs_dropped_for_ordinary_sockets_accepted_for_memalloc(m
         assert charged == 20 * 1024  # roundup_pow_of_two(528 + 320) per skb
     else:
         assert all(s.pfmemalloc for s in vm.receive_queue)
-    vm.read_all_nowait()
+    vm.read_all()
     if policy == "v12":
         assert net.reserve.skb_data.usage == 0
     net.zone.free_pages(pages)
     # With memory back, skbs are ordinary again and the ordinary socket receives.
     send_udp(other.lport, [b"o" * 500] * 5)
     await wait_for(lambda: len(other.receive_queue) == 5)
-    assert st.skbs_emergency == 40
+    assert net.skbs.rx_reserve == 40
 
 
 async def test_memalloc_socket_bypasses_full_rcvbuf_with_reserve_skbs(make_net) -> None:
@@ -107,8 +112,8 @@ async def test_memalloc_socket_bypasses_full_rcvbuf_with_reserve_skbs(make_net) 
     send_udp(vm.lport, [b"b" * 1400] * 3)
     await wait_for(lambda: net.stat.frames == 6)
     assert net.stat.rcvbuf_bypass == 3 and len(vm.receive_queue) == 5
-    assert net.stat.skbs_emergency == 3 and vm.sk_rmem_alloc > vm.sk_rcvbuf
-    vm.read_all_nowait()
+    assert net.skbs.rx_reserve == 3 and vm.sk_rmem_alloc > vm.sk_rcvbuf
+    vm.read_all()
     net.zone.free_pages(pages)
 
 
@@ -120,8 +125,14 @@ async def test_policy_none_never_reaches_the_reserve(make_net) -> None:
     free_before = net.zone.nr_free
     send_udp(vm.lport, [b"v" * 500] * 50)
     await wait_for(lambda: net.stat.frames == 50)
-    assert net.stat.rx_nomem == 50 and net.stat.skbs_emergency == 0
-    assert vm.rx_drops == {"rx_nomem": 50} and vm.sk_drops == 0  # attributed, though pre-demux
+    st = net.stat
+    # Step 1 for all 50: the first frame of each poll finds no memory (rx_nomem), the rest of that
+    # poll is missed (rx_missed), as a NIC whose RX ring could not be refilled.
+    assert st.rx_nomem + st.rx_missed == 50 and st.rx_nomem >= 1 and net.skbs.rx_reserve == 0
+    assert st.delivered == 0 and net.skbs.rx_allocated == 0
+    # attributed to the socket, though pre-demux; not counted in its sk_drops
+    assert vm.rx_drops == {k: v for k, v in (("rx_nomem", st.rx_nomem), ("rx_missed", st.rx_missed)) if v}
+    assert vm.sk_drops == 0
     assert net.zone.vmstat["pgalloc_pfmemalloc"] == 0
     assert net.zone.nr_free == free_before > 0  # the reserve is untouched
     net.zone.free_pages(pages)
@@ -137,9 +148,10 @@ async def test_v12_rx_reserve_admission_is_bounded(make_net) -> None:
     send_udp(vm.lport, [b"z" * 1400] * n)
     await wait_for(lambda: net.stat.frames == n)
     assert net.reserve.skb_data.usage < limit
-    assert net.stat.skbs_emergency == limit // 2048 - (1 if limit % 2048 == 0 else 0)
-    assert net.stat.rx_nomem == n - net.stat.skbs_emergency
-    vm.read_all_nowait()
+    assert net.skbs.rx_reserve == limit // 2048 - (1 if limit % 2048 == 0 else 0)
+    assert net.stat.delivered == net.stat.delivered_emergency == net.skbs.rx_reserve
+    assert net.stat.rx_nomem + net.stat.rx_missed == n - net.skbs.rx_reserve and net.stat.rx_nomem >= 1
+    vm.read_all()
     assert net.reserve.skb_data.usage == 0
     net.zone.free_pages(pages)
 
@@ -149,7 +161,7 @@ async def test_no_socket_drops_at_demux(make_net) -> None:
     port = net.open_closed_port()
     send_udp(port, [b"q" * 100] * 10)
     await wait_for(lambda: net.stat.frames == 10)
-    assert net.stat.no_socket == 10 and net.stat.skbs == 10 and net.mem.skbs_live == 0
+    assert net.stat.no_socket == 10 and net.skbs.rx_allocated == 10 and net.skbs.live == 0
 
 
 async def test_fragmented_datagrams_are_reassembled(make_net) -> None:
@@ -163,7 +175,7 @@ async def test_fragmented_datagrams_are_reassembled(make_net) -> None:
     assert net.stat.frag_reassembled == 5  # all but the one that fits
     got = [(await sk.recvfrom())[0] for _ in sizes]
     assert got == payloads
-    assert len(net.frags) == 0 and net.frags.ip_frag_mem == 0 and net.mem.skbs_live == 0
+    assert len(net.frags) == 0 and net.frags.ip_frag_mem == 0 and net.skbs.live == 0
 
 
 async def test_fragment_queues_evicted_at_thresholds_and_expire(make_net) -> None:
@@ -177,17 +189,17 @@ async def test_fragment_queues_evicted_at_thresholds_and_expire(make_net) -> Non
     from emu.kernel.sched import softirq
     with softirq():
         for i in range(40):
-            skb = net.mem.rx_skb(1500)
+            skb = net.skbs.rx(1500)
             assert skb is not None
             frags.queue_fragment(skb, ("127.0.0.9", "127.0.0.1", i, 17), 0, 1480, True, b"", trio.current_time())
             assert frags.ip_frag_mem == len(frags) * per_queue
             assert frags.ip_frag_mem <= 60_000 + per_queue  # evicted down to low once above high
     assert net.stat.frag_evicted == 40 - len(frags) > 0
     live = len(frags)
-    assert net.mem.skbs_live == live == frags.queued_skbs()
+    assert net.skbs.live == live == frags.queued_skbs()
     await wait_for(lambda: len(frags) == 0, timeout=3)
     assert net.stat.frag_timeout == live
-    assert frags.ip_frag_mem == 0 and net.mem.skbs_live == 0
+    assert frags.ip_frag_mem == 0 and net.skbs.live == 0
     # Whole datagrams still get through afterwards.
     send_udp(sk.lport, [b"k" * 4000])
     assert (await sk.recvfrom())[0] == b"k" * 4000
@@ -200,7 +212,7 @@ async def test_spoofed_sources_grow_route_cache_to_its_limit_and_no_further(make
         send_udp(sk.lport, [b"s" * 64], src=f"127.0.{i // 200}.{i % 200 + 2}")
     await wait_for(lambda: net.stat.frames == 60)
     assert len(net.routes) == 40
-    assert net.routes.mem.dst_cache.active_objs == 40  # every entry is charged
+    assert net.routes.dst_cache.active_objs == 40  # every entry is charged
     assert net.stat.route_nomem == 20 and net.stat.route_overflow == 20
     assert net.stat.delivered == 40
     # Entries idle past ip_rt_gc_min_interval are collected down to gc_thresh on the next miss.
@@ -208,7 +220,7 @@ async def test_spoofed_sources_grow_route_cache_to_its_limit_and_no_further(make
     send_udp(sk.lport, [b"s" * 64], src="127.0.1.1")
     await wait_for(lambda: net.stat.frames == 61)
     assert len(net.routes) == 21 and net.stat.route_gc_freed == 20
-    assert net.routes.mem.dst_cache.active_objs == 21
+    assert net.routes.dst_cache.active_objs == 21
 
 
 async def test_real_kernel_drops_are_visible_as_wire_overruns(make_net) -> None:

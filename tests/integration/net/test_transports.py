@@ -12,11 +12,27 @@ import pytest
 import trio
 
 from emu.kernel.sched import TaskFlags, task
-from emu.net.transport import EmuDatagram, EmuStream, SlabBuffers
+from emu.mm.gfp import GFP_NOFS, GFP_NOIO
+from emu.mm.sizes import ISCSI_TASK, RPC_RQST
+from emu.net.transport import EmuDatagram, EmuStream
+from emu.swapdev.buffers import HostBuffers
 from nfs.client import NfsClient
 from nfs.nfs3 import CreateMode, StableHow
 from nfs.server import NfsServer, ServerConfig
 from nfs.transport import DatagramTransport
+
+
+class CountingBuffers(HostBuffers):
+    """The clients' request buffers in host memory, counting allocations."""
+
+    def __init__(self, *a: object) -> None:
+        super().__init__(*a)  # type: ignore[arg-type]
+        self.allocs = 0
+
+    async def alloc(self, nbytes: int) -> object:
+        token = await super().alloc(nbytes)
+        self.allocs += 1
+        return token
 
 
 def pattern(n: int, seed: int = 0) -> bytes:
@@ -39,7 +55,7 @@ async def test_nfs_client_over_emulated_transports(make_net, tmp_path: Path, pro
         ports = await n.start(server.serve)
         connect = functools.partial(opener, "127.0.0.1", ports["nfs"], memalloc=True)
         mount_connect = functools.partial(opener, "127.0.0.1", ports["mount"])
-        buffers = SlabBuffers(net.slabs)
+        buffers = CountingBuffers(net.slabs, GFP_NOFS, RPC_RQST)
         data = pattern(96 * 1024)
         async with NfsClient(connect, mount_connect=mount_connect, proto=proto, buffers=buffers,
                              wsize=32768, rsize=32768) as nfs:
@@ -62,7 +78,7 @@ async def test_nfs_client_over_emulated_transports(make_net, tmp_path: Path, pro
         assert st.frag_reassembled >= 3  # 32 KiB READ replies arrive as fragments
     else:
         assert st.frames >= len(data) // net.mss
-    assert buffers.live == 0 and net.mem.skbs_live == 0  # everything was freed again
+    assert buffers.live == 0 and buffers.bytes_live == 0 and net.skbs.live == 0  # everything was freed again
     assert net.sk_memalloc_socks == 0  # closing the transport cleared SOCK_MEMALLOC
 
 
@@ -112,7 +128,7 @@ async def test_emu_datagram_and_stream_round_trips(make_net) -> None:
             await dg.send(b"x")
         n.cancel_scope.cancel()
     udp.close()
-    assert net.mem.skbs_live == 0 and net.socks == []
+    assert net.skbs.live == 0 and net.socks == []
 
 
 @pytest.mark.parametrize("policy", ["v12", "pfmemalloc"])
@@ -124,7 +140,7 @@ async def test_iscsi_initiator_over_emulated_stream(make_net, tmp_path: Path, po
     net = await make_net(policy, ram=32 << 20)
     iqn = "iqn.2024-01.org.netswap:emu-net-test"
     target = Target(iqn, {0: DiskLun(tmp_path / "disk.img", block_size=4096, size=4 << 20)})
-    buffers = SlabBuffers(net.slabs)
+    buffers = CountingBuffers(net.slabs, GFP_NOIO, ISCSI_TASK)
     async with trio.open_nursery() as n:
         listeners = await n.start(target.serve, "127.0.0.1", 0)
         port = listeners[0].socket.getsockname()[1]
@@ -145,7 +161,7 @@ async def test_iscsi_initiator_over_emulated_stream(make_net, tmp_path: Path, po
     st = net.stat
     assert st.tx_bytes > 32 * 4096 and st.tx_skbs > 32 * 4096 // net.mss
     assert st.bytes > 32 * 4096 and st.delivered >= 32 * 4096 // net.mss
-    assert buffers.live == 0 and net.mem.skbs_live == 0
+    assert buffers.live == 0 and net.skbs.live == 0
     assert net.sk_memalloc_socks == 0
     if policy == "v12":
         assert not net.reserve.connected

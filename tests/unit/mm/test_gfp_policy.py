@@ -164,13 +164,16 @@ def test_current_defaults_to_swapper_and_task_nests() -> None:
 
 
 def test_reserve_sizes_in_kib_are_exact_with_small_pages() -> None:
-    from emu.mm.reserve import ReserveTree
+    from emu.mm.reserve import ReserveRoot
     from emu.mm.sizes import K
+    from emu.net.reserve import NetReserve
+    from emu.swapdev.nfs import rpc_reserve_pages
 
     assert K(3, 512) == 1 and K(2, 512) == 1 and K(1, 4096) == 4
-    tree = ReserveTree(ram_bytes=128 << 20, page_size=512)
-    tree.add_nfs_swapper()
-    tree.connect_network()
-    first = tree.reserve_info().splitlines()[0]
+    root = ReserveRoot(ram_bytes=128 << 20, page_size=512)
+    net = NetReserve(root)
+    net.add_tx_pages("nfs_swappers", rpc_reserve_pages(512))
+    net.connect()
+    first = root.reserve_info().splitlines()[0]
     kib = int(first.split('"')[2].split()[0].rstrip("K"))
-    assert kib == K(tree.root.pages, 512) > 0
+    assert kib == K(root.pages, 512) > 0

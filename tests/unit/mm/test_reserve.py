@@ -1,28 +1,36 @@
-"""The v12 reserve tree: the published figures, admission, waiting, connect/disconnect."""
+"""The v12 reserve tree as mm knows it (`MemReserve` nodes under a `ReserveRoot`): sizing
+arithmetic, /proc/reserve_info, admission, waiting, connect/disconnect, pages_emerg, fitting in
+RAM, and the alloc wrappers.  The network's own subtree (`emu.net.reserve.NetReserve`) and the
+published sample are tested in tests/unit/net/test_reserve_tree.py."""
 
 from __future__ import annotations
 
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from emu.kernel.sched import TaskFlags, task
 from emu.mm.gfp import GFP_ATOMIC, GFP_KERNEL, GFP_NOIO, Policy
 from emu.mm.page_alloc import Zone
 from emu.mm.reserve import (
     MemReserve,
     ReserveError,
-    ReserveTree,
+    ReserveRoot,
+    alloc_pages_reserve,
+    alloc_pages_reserve_wait,
+    free_pages_reserve,
+    kfree_reserve,
+    kmalloc_estimate,
+    kmalloc_reserve,
     kmem_estimate,
-    route_hash_defaults,
-    rpc_reserve_pages,
-    tx_reserve_pages,
 )
-from emu.kernel.sched import TaskFlags, task
+from emu.mm.slab import Slabs
 
-# Published by Peter Zijlstra in the comment of mm/reserve.c ("Simple output of the reserve tree
-# in: /proc/reserve_info"), swap-over-NFS series, 2008.  Reproduced with: 4 KiB pages, a machine
-# of 128 MiB (route hash 1024 buckets -> ip_rt_max_size 16384), 320-byte dst entries,
-# ipfrag_high_thresh 262144, one NFS swapper with RPC_MAX_SLOT_TABLE 128 rpc_rqst in size-512.
+# Peter Zijlstra's sample of /proc/reserve_info (mm/reserve.c, 2008): 4 KiB pages, 128 MiB of
+# RAM (ip_rt_max_size 16384 of 320-byte dst entries), ipfrag_high_thresh 262144, one NFS swapper
+# (53 TX pages).
 PUBLISHED = """\
 1:0 "total reserve" 6232K 0/278581
 2:1 "total network reserve" 6232K 0/278581
@@ -35,89 +43,98 @@ PUBLISHED = """\
 """
 
 
-def published_tree(**kw: object) -> ReserveTree:
-    t = ReserveTree(ram_bytes=128 << 20, page_size=4096, **kw)  # type: ignore[arg-type]
-    t.add_nfs_swapper()
-    t.connect_network()
-    return t
+class Tree:
+    """A subtree of the published shape built from mm's primitives alone (in the kernel's init
+    order, so newest-first listing is the published one): aggregates of mixed units, a pages
+    chain (TX), a bytes chain (SKB data -> fragments) and an objects node (route cache)."""
+
+    def __init__(self, page_size: int = 4096, tx_pages: int = 53, route_objs: int = 16384,
+                 frag_bytes: int = 262144) -> None:
+        self.top = MemReserve("total network reserve")
+        self.rx = MemReserve("network RX reserve", self.top)
+        self.skb = MemReserve("SKB data reserve", self.rx, unit="bytes")
+        self.tx = MemReserve("network TX reserve", self.top, unit="pages")
+        self.txp = MemReserve("protocol TX pages", self.tx, unit="pages")
+        self.frag = MemReserve("IPv4 fragment cache", self.skb, unit="bytes")
+        self.route = MemReserve("IPv4 route cache", self.rx, unit="objects")
+        self.frag.set_kmalloc(frag_bytes, page_size)
+        self.route.set_kmem_cache(route_objs, 320, page_size)
+        self.txp.add_pages(tx_pages)
 
 
-def test_matches_the_published_reserve_info_to_the_kilobyte() -> None:
-    assert published_tree().reserve_info() == PUBLISHED
+def published_root(page_size: int = 4096) -> tuple[ReserveRoot, Tree]:
+    root = ReserveRoot(ram_bytes=128 << 20, page_size=page_size)
+    t = Tree(page_size)
+    root.root.connect(t.top)
+    return root, t
 
 
-def test_published_figures_hold_for_the_whole_ram_range_of_1024_buckets() -> None:
-    # Any machine of 64 MiB (+1 page) .. 128 MiB gets the same 1024-bucket route hash.
-    assert ReserveTree(ram_bytes=(64 << 20) + 4096).route.buckets == 1024
-    assert route_hash_defaults(64 << 20).buckets == 512
-    assert route_hash_defaults(129 << 20).buckets == 2048
+def test_mm_arithmetic_alone_gives_the_published_reserve_info() -> None:
+    root, t = published_root()
+    assert root.reserve_info() == PUBLISHED
+    assert root.pages == root.root.pages == t.top.pages == 1558  # 6232K
+    assert t.route.pages == kmem_estimate(16384, 320) and t.frag.pages == kmalloc_estimate(262144)
+    assert [n.name for _, _, n in root.nodes()][:3] == ["total reserve", "total network reserve",
+                                                        "network TX reserve"]
+    assert root.find("IPv4 route cache") is t.route and root.find("nothing") is None
 
 
-@pytest.mark.parametrize(
-    "ram,buckets,scale",
-    [
-        (8 << 20, 512, 17),  # PAGE_SIZE/8 minimum
-        (16 << 20, 512, 17),
-        (128 << 20, 1024, 17),
-        (256 << 20, 2048, 17),
-        (512 << 20, 16384, 15),  # 128Ki pages: scale 15
-        (8 << 30, 262144, 15),
-    ],
-)
-def test_route_hash_defaults(ram: int, buckets: int, scale: int) -> None:
-    rh = route_hash_defaults(ram, 4096)
-    assert (rh.buckets, rh.scale) == (buckets, scale)
-    assert rh.gc_thresh == buckets and rh.max_size == buckets * 16
-
-
-def test_protocol_terms() -> None:
-    assert tx_reserve_pages(4096) == 32 and tx_reserve_pages(65536) == 2
-    assert rpc_reserve_pages(4096) == 21 + 32
-    t = ReserveTree(ram_bytes=16 << 20)
-    assert t.add_nfs_swapper() == 53 and t.add_iscsi_session() == 32
-    assert t.tx_pages.pages == 85 and t.tx.limit == 85 and t.root.pages == 0  # not connected yet
-    t.remove_nfs_swapper()
-    t.remove_iscsi_session()
-    assert t.tx.pages == 0
+def test_set_pages_and_set_size_are_absolute_add_pages_is_relative() -> None:
+    root, t = published_root()
+    t.txp.set_pages(10)
+    assert (t.txp.pages, t.txp.limit, t.tx.pages, t.tx.limit) == (10, 10, 10, 10)
+    assert root.pages == 1558 - 43
+    t.txp.add_pages(5)
+    assert t.txp.limit == 15 and root.pages == 1558 - 38
+    t.route.set_kmem_cache(100, 320)
+    assert t.route.limit == 100 and t.route.pages == kmem_estimate(100, 320)
+    assert t.rx.limit == 100 + 262144
     with pytest.raises(ValueError):
-        t.remove_iscsi_session()
+        t.txp.add_pages(-16)  # would go negative
+    assert t.txp.pages == 15
 
 
-def test_field_fix_route_max_size() -> None:
-    t = ReserveTree(ram_bytes=8 << 30)
-    assert t.route_cache.pages == kmem_estimate(262144 * 16, 320)  # ~1.3 GiB at the default
-    t.set_route_max_size(100000)
-    assert t.route_cache.pages == kmem_estimate(100000, 320) == 8334 + 1 + 13
-    assert t.route_cache.limit == 100000 and t.rx.limit == 100000 + 262144
+def test_reserve_sizes_in_kib_are_exact_with_small_pages() -> None:
+    root, t = published_root(page_size=512)
+    first = root.reserve_info().splitlines()[0]
+    assert first == f'1:0 "total reserve" {root.pages * 512 // 1024}K 0/{root.root.limit}'
+    node = MemReserve("odd", unit="pages")
+    node.set_pages(3)
+    root.root.connect(node)
+    assert root.reserve_info().splitlines()[1] == '2:1 "odd" 1K 0/3'  # 1.5 KiB -> 1K, as K() rounds
 
 
 def test_charge_is_strict_and_propagates_within_one_unit() -> None:
-    t = published_tree()
-    tx = t.tx_pages  # limit 53 pages
+    _, t = published_root()
+    tx = t.txp  # limit 53 pages
     assert tx.charge(52)
     assert not tx.charge(1)  # 52 + 1 < 53 is false: strict
     assert tx.nr_charge_fail == 1
     assert t.tx.usage == 52  # same unit (pages): the aggregate is charged too
-    assert t.network.usage == 0  # mixed units above: not propagated
+    assert t.top.usage == 0  # mixed units above: not propagated
     tx.uncharge(52)
     assert tx.usage == 0 and t.tx.usage == 0
     # Route cache (objects) does not touch RX (mixed).
-    assert t.route_cache.charge(16383) and not t.route_cache.charge(1)
+    assert t.route.charge(16383) and not t.route.charge(1)
     assert t.rx.usage == 0
     # Fragments (bytes) charge the SKB data aggregate, which has the same unit.
-    assert t.frag_cache.kmalloc_charge(1000)  # rounded to 1024
-    assert t.frag_cache.usage == 1024 and t.skb_data.usage == 1024
-    assert t.skb_data.charge(262144 - 2048)  # 1024 + 260096 < 262144
-    assert not t.frag_cache.kmalloc_charge(1024)  # the aggregate refuses
-    t.frag_cache.kmalloc_uncharge(1000)
-    assert t.frag_cache.kmalloc_charge(1024)
+    assert t.frag.kmalloc_charge(1000)  # rounded to 1024
+    assert t.frag.usage == 1024 and t.skb.usage == 1024
+    assert t.skb.charge(262144 - 2048)  # 1024 + 260096 < 262144
+    assert not t.frag.kmalloc_charge(1024)  # the aggregate refuses
+    assert t.frag.nr_charge_fail == 1 and t.frag.usage == 1024  # a refused charge changes nothing
+    t.frag.kmalloc_uncharge(1000)
+    assert t.frag.kmalloc_charge(1024)
+    # charge(0) always succeeds; a negative charge is an uncharge
+    assert t.frag.charge(0) and t.frag.charge(-1024) and t.frag.usage == 0
 
 
 async def test_charge_wait_sleeps_until_uncharge(autojump_clock: trio.testing.MockClock) -> None:
-    t = published_tree()
-    skb = t.skb_data
+    _, t = published_root()
+    skb = t.skb
     assert skb.charge(262000)
     done: list[float] = []
+    states: list[tuple[str, str]] = []
 
     async def waiter() -> None:
         with task("nfs_swap_tx") as me:
@@ -129,6 +146,10 @@ async def test_charge_wait_sleeps_until_uncharge(autojump_clock: trio.testing.Mo
         n.start_soon(waiter)
         await trio.sleep(2)
         assert not done
+        from emu.kernel.sched import all_tasks
+
+        states = [(x.state, x.wchan) for x in all_tasks() if x.comm == "nfs_swap_tx"]
+        assert states == [("D reserve", "mem_reserve:SKB data reserve")]
         skb.uncharge(100)  # not enough: 261900 + 4096 >= 262144
         await trio.sleep(1)
         assert not done
@@ -139,35 +160,35 @@ async def test_charge_wait_sleeps_until_uncharge(autojump_clock: trio.testing.Mo
         await skb.charge_wait(262144)
 
 
-def test_connect_disconnect_follow_memalloc_sockets_and_set_pages_emerg() -> None:
+def test_connect_disconnect_move_pages_emerg() -> None:
     zone = Zone(64 << 20, policy=Policy.V12)
-    tree = ReserveTree(zone)
-    tree.add_nfs_swapper()
-    assert zone.pages_emerg == 0 and tree.root.pages == 0 and not tree.connected
-    tree.connect_network()
-    assert tree.connected and zone.pages_emerg == tree.root.pages == tree.network.pages > 0
-    tree.connect_network()  # second memalloc socket: no change
-    assert tree.sk_memalloc_socks == 2 and zone.pages_emerg == tree.root.pages
-    tree.disconnect_network()
-    assert tree.connected
-    tree.disconnect_network()
-    assert not tree.connected and zone.pages_emerg == 0 and tree.root.pages == 0
-    assert tree.reserve_info() == '1:0 "total reserve" 0K 0/0\n'
-    with pytest.raises(ValueError):
-        tree.disconnect_network()
-    # Growing a term while connected moves pages_emerg with it.
-    tree.connect_network()
+    root = ReserveRoot(zone)
+    t = Tree()
+    assert zone.pages_emerg == 0 and root.pages == 0
+    root.root.connect(t.top)
+    assert zone.pages_emerg == root.pages == t.top.pages == 1558
+    with pytest.raises(ValueError, match="already connected"):
+        root.root.connect(t.top)
+    t.top.disconnect()
+    assert zone.pages_emerg == 0 and root.pages == 0 and root.root.limit == 0
+    assert root.reserve_info() == '1:0 "total reserve" 0K 0/0\n'
+    with pytest.raises(ValueError, match="not connected"):
+        t.top.disconnect()
+    # Growing a term while connected moves pages_emerg with it; shrinking gives it back.
+    root.root.connect(t.top)
     before = zone.pages_emerg
-    tree.add_iscsi_session()
+    t.txp.add_pages(32)
     assert zone.pages_emerg == before + 32
+    t.txp.add_pages(-32)
+    assert zone.pages_emerg == before
 
 
 def test_emergency_pool_is_only_for_no_watermarks() -> None:
     zone = Zone(64 << 20, policy=Policy.V12)
-    tree = ReserveTree(zone)
-    tree.add_nfs_swapper()
-    tree.connect_network()
+    root = ReserveRoot(zone)
+    root.root.connect(Tree().top)
     emerg = zone.pages_emerg
+    assert emerg == 1558
     while zone.alloc_pages(GFP_ATOMIC) is not None:
         pass
     assert zone.watermark_min == 256
@@ -181,23 +202,40 @@ def test_emergency_pool_is_only_for_no_watermarks() -> None:
 
 
 def test_reserve_that_does_not_fit_is_refused() -> None:
-    zone = Zone(3 << 20, policy=Policy.V12)  # 768 pages; the reserve would be 874
-    tree = ReserveTree(zone)
-    tree.add_nfs_swapper()
+    zone = Zone(3 << 20, policy=Policy.V12)  # 768 pages
+    root = ReserveRoot(zone)
+    big = MemReserve("big", unit="pages")
+    big.set_pages(874)
     with pytest.raises(ReserveError, match="does not fit"):
-        tree.connect_network()
-    assert zone.pages_emerg == 0 and not tree.connected
+        root.root.connect(big)
+    assert zone.pages_emerg == 0 and big.parent is None and root.root.children == []
+    # Fits in RAM, but not with the high watermark on top: refused too.
+    near = MemReserve("near", unit="pages")
+    near.set_pages(zone.nr_pages - zone.watermark_high)
+    with pytest.raises(ReserveError, match="high watermark"):
+        root.root.connect(near)
+    # Growing a connected node past what fits is refused and changes nothing.
+    ok = MemReserve("ok", unit="pages")
+    ok.set_pages(10)
+    root.root.connect(ok)
+    with pytest.raises(ReserveError):
+        ok.set_pages(874)
+    assert ok.pages == 10 and root.pages == 10 and zone.pages_emerg == 10
+    # Without a zone, the RAM size alone bounds it.
+    lone = ReserveRoot(ram_bytes=1 << 20)
+    n = MemReserve("n", unit="pages")
+    n.set_pages(256)
+    with pytest.raises(ReserveError):
+        lone.root.connect(n)
 
 
 def test_bad_inputs() -> None:
     with pytest.raises(ValueError):
-        ReserveTree(ram_bytes=0)
+        ReserveRoot(ram_bytes=0)
     with pytest.raises(ValueError):
-        ReserveTree(ram_bytes=1 << 20, route_max_size=-1)
+        ReserveRoot(ram_bytes=1 << 20, page_size=0)
     with pytest.raises(ValueError):
-        ReserveTree(ram_bytes=1 << 20, ipfrag_high_thresh=-5)
-    with pytest.raises(ValueError):
-        ReserveTree()
+        ReserveRoot()
     node = MemReserve("x")
     with pytest.raises(ValueError):
         node.set_pages(-1)
@@ -208,14 +246,11 @@ def test_bad_inputs() -> None:
 
 
 async def test_alloc_from_reserve_charges_and_waits(autojump_clock: trio.testing.MockClock) -> None:
-    from emu.mm.reserve import alloc_pages_reserve, alloc_pages_reserve_wait, free_pages_reserve, kfree_reserve, kmalloc_reserve
-    from emu.mm.slab import Slabs
-
     zone = Zone(64 << 20, policy=Policy.V12)
-    tree = ReserveTree(zone)
-    tree.add_nfs_swapper()
-    tree.connect_network()
-    node = tree.tx_pages  # limit 53 pages
+    root = ReserveRoot(zone)
+    t = Tree()
+    root.root.connect(t.top)
+    node = t.txp  # limit 53 pages
     # Plenty of memory: a normal allocation, nothing charged.
     pages, emerg = alloc_pages_reserve(zone, GFP_ATOMIC, 0, node)
     assert pages is not None and not emerg and node.usage == 0
@@ -251,37 +286,34 @@ async def test_alloc_from_reserve_charges_and_waits(autojump_clock: trio.testing
         assert not done
         free_pages_reserve(zone, got.pop(), node, True)  # freed, then uncharged: wakes the waiter
     assert done == [1.0] and node.usage == 52
-    # kmalloc flavour, charged in (power-of-two) bytes to the SKB data reserve
+    # kmalloc flavour, charged in (power-of-two) bytes to a bytes node
     slabs = Slabs(zone)
     with task("softirq-memalloc", TaskFlags.PF_MEMALLOC):
-        obj, emerg = kmalloc_reserve(slabs, 1500, GFP_ATOMIC, tree.skb_data)
-    assert obj is not None and emerg and obj.pfmemalloc and tree.skb_data.usage == 2048
-    kfree_reserve(slabs, obj, tree.skb_data, emerg)
-    assert tree.skb_data.usage == 0
-
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+        obj, emerg = kmalloc_reserve(slabs, 1500, GFP_ATOMIC, t.skb)
+    assert obj is not None and emerg and obj.pfmemalloc and t.skb.usage == 2048
+    kfree_reserve(slabs, obj, t.skb, emerg)
+    assert t.skb.usage == 0
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["frag", "skb", "tx", "txp", "route"]), st.integers(-70000, 70000)),
                 max_size=60))
 def test_admission_invariants(ops: list[tuple[str, int]]) -> None:
-    t = published_tree()
-    nodes = {"frag": t.frag_cache, "skb": t.skb_data, "tx": t.tx, "txp": t.tx_pages, "route": t.route_cache}
+    _, t = published_root()
+    nodes = {"frag": t.frag, "skb": t.skb, "tx": t.tx, "txp": t.txp, "route": t.route}
     own = {name: 0 for name in nodes}  # what each node itself holds (charged minus uncharged)
     for name, amount in ops:
         node = nodes[name]
         if amount >= 0:
-            before = {k: n.usage for k, n in nodes.items()}
+            before = {n: n.usage for n in nodes.values()}
             ok = node.charge(amount)
             # admitted iff strictly below the limit on the node and every same-unit ancestor
-            chain = [node] + ([t.skb_data] if name == "frag" else []) + ([t.tx] if name == "txp" else [])
-            assert ok == all(before_n + amount < n.limit for n, before_n in
-                             ((n, before[[k for k, v in nodes.items() if v is n][0]]) for n in chain))
+            chain = [node] + ([t.skb] if name == "frag" else []) + ([t.tx] if name == "txp" else [])
+            assert ok == all(before[n] + amount < n.limit for n in chain)
             if ok:
                 own[name] += amount
+            else:
+                assert {n: n.usage for n in nodes.values()} == before  # a refusal changes nothing
         else:
             give = min(-amount, own[name])
             node.uncharge(give)
@@ -289,6 +321,6 @@ def test_admission_invariants(ops: list[tuple[str, int]]) -> None:
         # usage never reaches the limit; aggregates carry their same-unit children
         for n in nodes.values():
             assert 0 <= n.usage and (n.usage < n.limit or n.usage == 0)
-        assert t.skb_data.usage == own["skb"] + own["frag"]
+        assert t.skb.usage == own["skb"] + own["frag"]
         assert t.tx.usage == own["tx"] + own["txp"]
-        assert t.route_cache.usage == own["route"] and t.rx.usage == 0 and t.network.usage == 0
+        assert t.route.usage == own["route"] and t.rx.usage == 0 and t.top.usage == 0
