@@ -97,11 +97,11 @@ class TrafficSection:
 
 @dataclass
 class WatchdogSection:
-    stall: float = _f(4.0, "float", "seconds with swap I/O in flight, tasks blocked and no progress before a deadlock is declared", min=0.01, max=600.0)
-    livelock_window: float = _f(20.0, "float", "seconds over which progress is measured for a livelock", min=0.01, max=3600.0)
+    stall: float = _f(2.0, "float", "seconds with swap I/O in flight, tasks blocked and no progress before a deadlock is declared", min=0.01, max=600.0)
+    livelock_window: float = _f(2.0, "float", "seconds over which progress is measured for a livelock", min=0.01, max=3600.0)
     livelock_fraction: float = _f(0.05, "float", "a livelock is progress below this fraction of the reserve policy's rate, with swap replies dropped", min=0.0001, max=1.0)
-    timeout: float = _f(90.0, "float", "seconds a run may last at most (then: timeout, an error)", min=0.01, max=86400.0)
-    sample: float = _f(0.05, "float", "seconds between timeline samples and watchdog checks", min=0.001, max=10.0)
+    timeout: float = _f(60.0, "float", "seconds a run may last at most (then: timeout, an error)", min=0.01, max=86400.0)
+    sample: float = _f(0.01, "float", "seconds between timeline samples and watchdog checks", min=0.001, max=10.0)
 
 
 @dataclass

@@ -108,15 +108,15 @@ async def stage(mode: str, size: int, frames: int, batch: int, policy: str, real
     """The receive stage on one path; returns (frames/s, counters)."""
     from emu.mm.gfp import GFP_ATOMIC
     from emu.mm.page_alloc import Zone
-    from emu.mm.reserve import ReserveTree
+    from emu.mm.reserve import ReserveRoot
     from emu.mm.slab import Slabs
     from emu.net.sock import app_reader
     from emu.net.stack import NetStack
 
     zone = Zone(64 << 20, policy=policy)
     slabs = Slabs(zone)
-    reserve = ReserveTree(zone) if policy == "v12" else None
-    net = NetStack.from_parts(zone, slabs, reserve, batch=batch, real_rcvbuf=real_rcvbuf)
+    reserve = ReserveRoot(zone) if policy == "v12" else None
+    net = NetStack(zone, slabs, reserve=reserve, batch=batch, real_rcvbuf=real_rcvbuf)
     async with trio.open_nursery() as nursery:
         await nursery.start(net.run)
         if mode == "accept":

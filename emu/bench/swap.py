@@ -52,21 +52,36 @@ def _scenario(backend: str, ram: int, pages: int, swap_cluster: int = 1) -> scen
     return sc
 
 
-async def emulated(sc: scen.Scenario, server: Any, pages: int) -> dict[str, Any]:
-    from emu.host import Host
-    from emu.mm.process import Process
-    from emu.kernel.sched import task
+def emulated(sc: scen.Scenario, server: Any, pages: int) -> dict[str, Any]:
+    """The emulated host, as `netswap run` runs it: its own trio.run under its emulated clock
+    (the figures are wall-clock pages/s: what the emulation costs, not what it models)."""
+    from emu.kernel.clock import EmuClock, deterministic_scheduling
 
-    host = Host(sc, server)
+    clock = EmuClock()
+    with deterministic_scheduling():
+        return trio.run(_emulated, sc, server, pages, clock, clock=clock)
+
+
+async def _emulated(sc: scen.Scenario, server: Any, pages: int, clock: Any) -> dict[str, Any]:
+    from emu.host.kernel import Kernel
+    from emu.kernel.sched import task
+    from emu.mm.gfp import Policy
+    from emu.mm.process import Process
+    from emu.swapdev import make_swap
+
+    kernel = Kernel(sc.host, Policy(sc.policy), sc.costs, clock)
+    storage = make_swap(sc.backend, server, kernel.net)
     out: dict[str, Any] = {}
     async with trio.open_nursery() as n:
-        await host.start_kernel(n)
-        await host.swapon(n)
-        vm = host.vmstat.counters
+        await kernel.start(n)
+        await n.start(storage.run)
+        await kernel.mm.swapon(storage, sc.host.swap // sc.host.page_size)
+        vm = kernel.vmstat.counters
+        mm = kernel.mm
         trace: list[tuple[str, int, int]] = []
-        host.storage.inflight.trace = trace  # every request, replayed by the baseline
+        storage.inflight.trace = trace  # every request, replayed by the baseline
         with task("bench"):
-            proc = Process(host.mm, "bench", pages)
+            proc = Process(mm, "bench", pages)
             # The swap-out phase is timed from its first swap write (pswpout moves), as the
             # baseline is timed from its first WRITE: the page faults that merely fill free RAM
             # before reclaim starts are not swap-out (they are reported as out_fill_s).
@@ -78,8 +93,8 @@ async def emulated(sc: scen.Scenario, server: Any, pages: int) -> dict[str, Any]
                 await trio.lowlevel.checkpoint()
                 if t0 is None and vm["pswpout"] != o0:
                     t0 = tp
-            while host.mm.nr_writeback:
-                await host.mm.wait_writeback_progress()
+            while mm.nr_writeback:
+                await mm.wait_writeback_progress()
             t1 = time.perf_counter()
             if t0 is None:
                 t0 = ts
@@ -90,14 +105,15 @@ async def emulated(sc: scen.Scenario, server: Any, pages: int) -> dict[str, Any]
             for p in range(pages):
                 await proc.touch(p, write=False)
                 await trio.lowlevel.checkpoint()
-            while host.mm.nr_writeback:  # the phase's own swap-outs (the pages it displaced)
-                await host.mm.wait_writeback_progress()
+            while mm.nr_writeback:  # the phase's own swap-outs (the pages it displaced)
+                await mm.wait_writeback_progress()
             out["in_pages"], out["in_s"] = vm["pswpin"] - i0, time.perf_counter() - t1
             out["in_phase_out_pages"] = vm["pswpout"] - o1
             out["in_trace"] = trace[:]
-            host.storage.inflight.trace = None
-        out["mismatches"] = host.mm.nr_verify_errors
+            storage.inflight.trace = None
+        out["mismatches"] = mm.nr_verify_errors
         out["hwm"] = _vm_hwm()
+        await storage.close()
         n.cancel_scope.cancel()  # unwinds the client (and its session) with everything else
     return out
 
@@ -201,11 +217,13 @@ def bench_swap(backend: str, ram: str, pages: int, swap_cluster: int, server: st
     """
     from rich.console import Console
 
-    from emu.servers import ServerURLError, check_backend_matches, local_server, parse_server_url
+    from emu.host.servers import local_server
+    from emu.swapdev.endpoint import ServerURLError, check_backend_matches, parse_server_url
+    from emu.util.units import parse_size
 
     console = Console(stderr=True)
     try:
-        ram_b = scen.parse_size(ram)
+        ram_b = parse_size(ram)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--ram") from None
     if pages * 4096 <= ram_b:
@@ -215,7 +233,7 @@ def bench_swap(backend: str, ram: str, pages: int, swap_cluster: int, server: st
 
     def measure(srv: Any) -> tuple[dict[str, float], dict[str, float]]:
         console.print(f"[bold]bench swap[/]: {backend}, {pages} pages through a {ram} emulated host ...")
-        emu_r = trio.run(emulated, sc, srv, pages)
+        emu_r = emulated(sc, srv, pages)
         console.print("baseline: the same client over plain sockets ...")
         base_r = trio.run(baseline, backend, srv, emu_r["out_trace"], emu_r["in_trace"], nr_slots)
         return emu_r, base_r

@@ -17,8 +17,8 @@ import trio
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from emu.bench.result import BenchResult, emit
-from emu.commands.reserve import parse_size
-from emu.mm.mm import Mm
+from emu.util.units import parse_size
+from emu.mm.vm import Vm
 from emu.mm.page_alloc import Zone
 from emu.mm.process import Process, page_content
 from emu.kernel.sched import task
@@ -49,7 +49,7 @@ def plain_file_io(path: str, nr_pages: int, page_size: int) -> float:
 
 async def emulated(path: str, nr_pages: int, ram: int, page_size: int, progress: Progress | None) -> tuple[float, dict[str, int]]:
     zone = Zone(ram, page_size)
-    mm = Mm(zone)
+    mm = Vm(zone)
     async with trio.open_nursery() as nursery:
         await nursery.start(mm.run)
         await mm.swapon(LocalFileSwap(path), nr_pages + zone.nr_pages + 64)

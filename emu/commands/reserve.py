@@ -7,7 +7,6 @@ Peter Zijlstra published in mm/reserve.c (2008) to the kilobyte.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import click
@@ -17,28 +16,15 @@ from rich.table import Table
 from emu.mm.gfp import Policy
 from emu.mm.page_alloc import default_min_free_kbytes
 from emu.mm.reserve import (
-    IPFRAG_HIGH_THRESH,
     ReserveError,
-    ReserveTree,
-    rpc_reserve_pages,
-    tx_reserve_pages,
+    ReserveRoot,
 )
 from emu.mm.sizes import DST_ENTRY, RPC_MAX_SLOT_TABLE, RPC_RQST
 from emu.mm.slab import calculate_slab_order, hwcache_align, kmalloc_size_class
-
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'128M', '16MiB', '512k', '4096' -> bytes."""
-    m = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
-    if not m:
-        raise ValueError("expected a size such as 4096, 512K, 16M or 1G")
-    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
-    if value != int(value):
-        raise ValueError("not a whole number of bytes")
-    return int(value)
-
+from emu.net.ipfrag import IPFRAG_HIGH_THRESH
+from emu.net.reserve import NetReserve, tx_reserve_pages
+from emu.swapdev.nfs import rpc_reserve_pages
+from emu.util.units import parse_size
 
 def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     if value is None:
@@ -81,29 +67,49 @@ def build(
     iscsi_sessions: int,
     rpc_slot_table: int,
     rpc_rqst_size: int,
-) -> ReserveTree:
+) -> HostReserve:
     """The tree of a host with these inputs and at least one memalloc socket (if any swapper)."""
-    tree = ReserveTree(
-        ram_bytes=ram,
-        page_size=page_size,
-        route_max_size=route_max_size,
-        dst_entry_size=dst_entry_size,
-        ipfrag_high_thresh=ipfrag_high_thresh,
-        rpc_slot_table=rpc_slot_table,
-        rpc_rqst_size=rpc_rqst_size,
-    )
+    root = ReserveRoot(ram_bytes=ram, page_size=page_size)
+    net = NetReserve(root, route_max_size=route_max_size, dst_entry_size=dst_entry_size,
+                     ipfrag_high_thresh=ipfrag_high_thresh)
     # Protocol terms first (the network subtree is not yet under the root), then connect: the
     # connection is what makes the pages count against RAM.
     for _ in range(nfs_swappers):
-        tree.add_nfs_swapper()
+        net.add_tx_pages("nfs_swappers", rpc_reserve_pages(page_size, rpc_slot_table, rpc_rqst_size))
     for _ in range(iscsi_sessions):
-        tree.add_iscsi_session()
+        net.add_tx_pages("iscsi_sessions", tx_reserve_pages(page_size))
     if nfs_swappers + iscsi_sessions > 0:
-        tree.connect_network()
-    return tree
+        net.connect()
+    return HostReserve(root, net, nfs_swappers, iscsi_sessions, rpc_slot_table, rpc_rqst_size)
 
 
-def explain(tree: ReserveTree) -> dict[str, str]:
+class HostReserve:
+    """The tree `build` made, with the inputs the table explains."""
+
+    def __init__(self, root: ReserveRoot, net: NetReserve, nfs_swappers: int, iscsi_sessions: int,
+                 rpc_slot_table: int, rpc_rqst_size: int) -> None:
+        self.root_reserve = root
+        self.net = net
+        self.root = root.root
+        self.page_size = root.page_size
+        self.route = net.route
+        self.route_max_size = net.route_max_size
+        self.dst_entry_size = net.dst_entry_size
+        self.ipfrag_high_thresh = net.ipfrag_high_thresh
+        self.route_cache, self.frag_cache, self.tx_pages = net.route_cache, net.frag_cache, net.tx_pages
+        self.nr_nfs_swappers = nfs_swappers
+        self.nr_iscsi_sessions = iscsi_sessions
+        self.rpc_slot_table = rpc_slot_table
+        self.rpc_rqst_size = rpc_rqst_size
+
+    def nodes(self) -> list[Any]:
+        return self.root_reserve.nodes()
+
+    def reserve_info(self) -> str:
+        return self.root_reserve.reserve_info()
+
+
+def explain(tree: HostReserve) -> dict[str, str]:
     """For each node, the formula and the inputs that made its size."""
     ps = tree.page_size
     dst = hwcache_align(tree.dst_entry_size)
@@ -222,7 +228,7 @@ def reserve(
         )
     except ReserveError:
         t = build(ram=1 << 62, page_size=page_size, route_max_size=route_max_size if route_max_size is not None else
-                  ReserveTree(ram_bytes=ram, page_size=page_size).route.max_size,
+                  NetReserve(ReserveRoot(ram_bytes=ram, page_size=page_size)).route.max_size,
                   dst_entry_size=dst_entry_size, ipfrag_high_thresh=ipfrag_high_thresh, nfs_swappers=nfs_swappers,
                   iscsi_sessions=iscsi_sessions, rpc_slot_table=rpc_slot_table, rpc_rqst_size=rpc_rqst_size)
         terms = {"--route-max-size": t.route_cache.pages, "--ipfrag-high-thresh": t.frag_cache.pages,

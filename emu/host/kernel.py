@@ -14,7 +14,7 @@ import trio
 
 from emu.kernel.cpu import Costs, Cpu
 from emu.mm.gfp import Policy
-from emu.mm.mm import Mm
+from emu.mm.vm import Vm
 from emu.mm.page_alloc import Zone
 from emu.mm.reserve import ReserveRoot
 from emu.mm.slab import Slabs
@@ -36,7 +36,7 @@ class Kernel:
         self.reserve = ReserveRoot(zone) if policy is Policy.V12 else None
         # 2.6.22's swap_writepage writes one page at a time: over NFS one WRITE per page, on the
         # LUN one bio (no elevator here to merge them); `swap_cluster` raises that.
-        self.mm = Mm(zone, self.slabs, self.reserve, self.vmstat, max_io_pages=host.swap_cluster, cpu=self.cpu)
+        self.mm = Vm(zone, self.slabs, self.reserve, self.vmstat, max_io_pages=host.swap_cluster, cpu=self.cpu)
         self.net = NetStack(zone, self.slabs, reserve=self.reserve, cpu=self.cpu, mtu=host.mtu,
                             rmem_default=host.rmem_default, ip_rt_max_size=host.route_max_size or None,
                             ipfrag_high_thresh=host.ipfrag_high_thresh, ipfrag_low_thresh=host.ipfrag_low_thresh,

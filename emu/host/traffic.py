@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from emu.scenario import TrafficSection
 
 HOST = "127.0.0.1"
+TICK = 0.001  # the generator sends each emulated millisecond's messages together, ahead of time
 MIXED_FRAG_SHARE = 0.25  # mixed: 6 plain datagrams to 2 fragmented ones (its TCP share needs TCP listeners)
 
 
@@ -42,7 +43,6 @@ class HostTraffic:
         self.net = net
         self.ports = list(ports)
         self.latency = costs.wire_latency
-        self.tick = max(costs.rx_usecs, 1e-6)
         self.privileged = raw and have_cap_net_raw()
         self.offered = 0
         self.expected = 0
@@ -110,11 +110,12 @@ class HostTraffic:
         t0 = self.started_at = trio.current_time()
         end = t0 + duration
         i = 0
+        tick = t0
         try:
             while True:
-                now = trio.current_time()
-                due_by = min(now, end)
-                n = int((due_by - t0) * rate) + 1  # messages due by now (message 0 at t0)
+                # this tick's messages, each due at the NIC at its own time (the wire holds them)
+                tick += TICK
+                n = min(int((tick - t0) * rate - 1e-9) + 1, int(duration * rate))
                 dues: dict[int, list[float]] = defaultdict(list)
                 while i < n:
                     d = self._message(i)
@@ -136,10 +137,9 @@ class HostTraffic:
                         self.expected += len(ds)
                         wire.expect_datagrams(ds)
                         wire.pull()
-                if now >= end:
+                if tick >= end:
                     break
-                nxt = max(t0 + i / rate, now + self.tick)
-                await trio.sleep_until(min(nxt, end))
+                await trio.sleep_until(tick)
         finally:
             self.stopped_at = trio.current_time()
 
@@ -159,8 +159,8 @@ class HostTraffic:
                              "offered": self.offered, "expected": self.expected, "arrived": arrived,
                              "lost_on_loopback": lost, "send_errors": self.send_errors, "packets": self.packets,
                              "bytes": self.bytes}
-        if self.started_at is not None and self.stopped_at is not None:
-            span = self.stopped_at - self.started_at
+        if self.started_at is not None:
+            span = (self.stopped_at if self.stopped_at is not None else trio.current_time()) - self.started_at
             d["emulated_s"] = round(span, 6)
             d["offered_rate"] = round(self.offered / span) if span > 0 else 0
         if self.note:

@@ -26,7 +26,7 @@ from emu.util.ports import free_port
 
 if TYPE_CHECKING:
     from emu.kernel.cpu import Cpu
-    from emu.mm.mm import Mm
+    from emu.mm.vm import Vm
     from emu.net.stack import NetStack
     from emu.scenario import TrafficSection, WorkloadSection
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 class Workload:
     """The workload processes; `done`/`total` count accesses (the final check included)."""
 
-    def __init__(self, mm: Mm, cpu: Cpu, w: WorkloadSection, page_size: int) -> None:
+    def __init__(self, mm: Vm, cpu: Cpu, w: WorkloadSection, page_size: int) -> None:
         self.mm = mm
         self.cpu = cpu
         nr = w.working_set // page_size
@@ -89,7 +89,7 @@ class Workload:
 class Apps:
     """The application daemons that own the sockets background traffic lands on."""
 
-    def __init__(self, mm: Mm, net: NetStack, tr: TrafficSection) -> None:
+    def __init__(self, mm: Vm, net: NetStack, tr: TrafficSection) -> None:
         self.mm = mm
         self.net = net
         self.tr = tr

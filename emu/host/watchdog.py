@@ -7,11 +7,12 @@ frame eats them again and no blocked task gets going.  Times are emulated second
 
 - **deadlock**: for `stall` seconds without a break, swap I/O is in flight, some task is blocked
   in reclaim or a page fault (state "D"), and there is no progress at all.
-- **livelock**: over the last `window` seconds progress ran below `fraction` of the reference
-  rate (the rate of the same scenario under a reserve policy when the caller knows it, else this
-  run's own best rate over any earlier window), while swap replies were being dropped: the host
-  creeps on replies that now and then win an skb, as Mogul and Ramakrishnan's receive livelock
-  (1997) starves the work behind the receive path.
+- **livelock**: for the last `window` seconds without a break swap I/O was in flight and tasks
+  blocked, some progress was made, but below `fraction` of the reference rate (the rate of the
+  same scenario under a reserve policy when the caller knows it, else this run's own best rate
+  over any earlier window), while swap replies were being dropped: the host creeps on replies
+  that now and then win an skb, as Mogul and Ramakrishnan's receive livelock (1997) starves the
+  work behind the receive path.  (With no progress at all it is a deadlock.)
 
 `Watchdog` is a pure state machine, fed one `Observation` per sample.
 """
@@ -89,7 +90,9 @@ class Watchdog:
         reference = self.reference if self.reference is not None else self.best_rate
         if self.reference is None and rate > self.best_rate:
             self.best_rate = rate
-        if reference > 0 and rate < self.fraction * reference and reply_drops > d0 and blocked:
+        stuck_since = self._blocked_since
+        if (reference > 0 and 0 < rate < self.fraction * reference and reply_drops > d0
+                and stuck_since is not None and stuck_since <= t0):
             self.verdict = Verdict("livelock", now, span, list(blocked), progress, rate, reference)
         return self.verdict
 

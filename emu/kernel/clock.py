@@ -311,13 +311,16 @@ class _FifoRandom(random.Random):
 def deterministic_scheduling() -> Iterator[None]:
     """Run trio's batches in FIFO order for the enclosed `trio.run` (see the module docstring).
 
-    trio keeps the generator it draws that coin from in `trio._core._run._r` (a private name; the
-    project pins trio < 0.40, and a test checks the name is still there)."""
+    trio keeps the generator it draws that coin from in `trio._core._run._r`, and (once
+    hypothesis is imported, as under pytest) a flag that sorts and shuffles batches instead:
+    both are private names (the project pins trio < 0.40, and a test checks they are there).
+    The host's run is then scheduled the same way from the command line and under pytest."""
     from trio._core import _run
 
-    old = _run._r
+    old = _run._r, _run._ALLOW_DETERMINISTIC_SCHEDULING
     _run._r = _FifoRandom()
+    _run._ALLOW_DETERMINISTIC_SCHEDULING = False  # type: ignore[misc]
     try:
         yield
     finally:
-        _run._r = old
+        _run._r, _run._ALLOW_DETERMINISTIC_SCHEDULING = old  # type: ignore[misc]

@@ -11,6 +11,6 @@ One file per concept, named as the kernel names it:
 - `vmscan.py`      LRU scan, Kswapd, direct reclaim, the pfmemalloc throttle
 - `swap.py`        swap entries, SwapStorage, LocalFileSwap, SwapArea
 - `process.py`     emulated processes with anonymous memory and verified content
-- `mm.py`          Mm: one host's memory manager tying them together (run(), swapon(), swapin ...)
+- `mm.py`          Vm: one host's memory manager tying them together (run(), swapon(), swapin ...)
 - `vmstat.py`      counters and the /proc/vmstat and /proc/meminfo views
 """

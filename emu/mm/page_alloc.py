@@ -320,6 +320,11 @@ class Zone:
             self.nr_pfmemalloc += nr
         return pages
 
+    def fast_path_pages(self) -> int:
+        """How many order-0 pages the fast path would give one after the other right now (each
+        one above the low watermark: no discount, no kswapd wakeup, no reserve)."""
+        return max(0, len(self._free) - self._fast_mark)
+
     def alloc_pages(self, gfp: Gfp | int, order: int = 0) -> list[Page] | None:
         """__alloc_pages() minus the sleeping part.  Returns 2^order pages or None."""
         nr = 1 << order

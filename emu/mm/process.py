@@ -17,7 +17,7 @@ from emu.mm.sizes import K
 from emu.kernel.sched import waiting
 
 if TYPE_CHECKING:
-    from emu.mm.mm import Mm
+    from emu.mm.vm import Vm
 
 _pids = itertools.count(100)
 _HDR = struct.Struct("<IIQ")  # pid, page number, version: 16 bytes
@@ -40,7 +40,7 @@ class Process:
     pte[page_no] is None (never touched), a Page (present) or an int swap entry (swapped out).
     """
 
-    def __init__(self, mm: Mm, name: str, nr_pages: int | None = None) -> None:
+    def __init__(self, mm: Vm, name: str, nr_pages: int | None = None) -> None:
         self.mm = mm
         self.name = name
         self.pid = next(_pids)

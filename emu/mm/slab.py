@@ -213,6 +213,7 @@ class KmemCache:
         # their slabs when the poll ends.  A pfmemalloc object only goes to an entitled caller
         # (3.6's __ac_get_obj rule).
         self._ac: list[Slab] = []
+        self._ac_listed = False  # on the zone's list of caches to flush when the poll ends
 
     @property
     def size(self) -> int:
@@ -249,6 +250,11 @@ class KmemCache:
         """kmem_cache_alloc() for callers whose own object stands for the allocation (an skb is its
         skbuff_head_cache object): takes one object and returns the slab it lives in, without a
         SlabObj handle; give it back with `free_obj(slab)`.  None on failure."""
+        ac = self._ac
+        if ac:  # inside a NAPI poll: the object the poll freed last (LIFO), as SLAB's array cache
+            slab = ac[-1]
+            if not slab.pfmemalloc or self.zone.entitled(gfp):
+                return ac.pop()
         partial = self._partial
         if partial:  # the common case, inlined: an object on a normal partial slab
             slab = partial[-1]
@@ -310,7 +316,8 @@ class KmemCache:
         if polled is not None:  # inside a NAPI poll: into the array cache
             if slab.cache is not self or not slab.inuse:
                 raise RuntimeError(f"bad free of an object of {slab!r} to {self.name}")
-            if not self._ac:
+            if not self._ac_listed:
+                self._ac_listed = True
                 polled.append(self)
             self._ac.append(slab)
             return
@@ -320,6 +327,7 @@ class KmemCache:
         """The poll ended: the array cache's objects go back to their slabs."""
         ac = self._ac
         self._ac = []
+        self._ac_listed = False
         for slab in reversed(ac):
             self._free_obj(slab)
 
@@ -334,21 +342,100 @@ class KmemCache:
             (self._partial_pf if slab.pfmemalloc else self._partial).append(slab)
         slab.inuse = inuse - 1
 
-    def free_bulk(self, slabs: list[Slab]) -> None:
-        """kmem_cache_free_bulk(): `free_obj` for each, in order (the objects of a reader's batch)."""
-        num = self.num
-        partial = self._partial
+    def partial_avail(self, limit: int) -> int:
+        """How many objects `alloc_partial` would give now (at most `limit`)."""
         n = 0
-        for slab in slabs:
-            inuse = slab.inuse
-            if inuse < 2 or slab.cache is not self:
-                self.free_obj(slab)  # its last object (keep or release the slab), or a bad free
-                continue
-            if inuse == num:  # it was full: back on its partial list
-                (self._partial_pf if slab.pfmemalloc else partial).append(slab)
-            slab.inuse = inuse - 1
+        for slab in reversed(self._ac):
+            if slab.pfmemalloc or n >= limit:
+                break
             n += 1
-        self.active_objs -= n
+        num = self.num
+        for slab in reversed(self._partial):
+            if n >= limit:
+                break
+            n += num - slab.inuse
+        return min(n, limit)
+
+    def pages_for(self, objects: int) -> int:
+        """Pages of new slabs needed for `objects` more objects than the partial slabs hold."""
+        if objects <= 0:
+            return 0
+        return -(-objects // self.num) << self.order
+
+    def alloc_fast(self, n: int) -> list[Slab]:
+        """`n` ordinary objects as `n` calls of `alloc_obj` would give them: the poll's array
+        cache, the partial slabs, then new slabs one at a time, their pages from the zone's fast
+        path (the caller checked with `pages_for` and `Zone.fast_path_pages` that it can)."""
+        out = self.alloc_partial(n)
+        zone = self.zone
+        while len(out) < n:
+            got = zone.alloc_pages(0, self.order)
+            if got is None or got[0].pfmemalloc:
+                raise AssertionError("alloc_fast beyond what the fast path gives")
+            self._grow(got)
+            out += self.alloc_partial(min(self.num, n - len(out)))
+        return out
+
+    def alloc_partial(self, n: int) -> list[Slab]:
+        """kmem_cache_alloc_bulk(), limited to objects that need no new slab: up to `n` ordinary
+        objects, in the order `alloc_obj` would hand them out (the poll's array cache first, then
+        the normal partial slabs), taking a slab's free objects at once.  Never touches the page
+        allocator, so it changes no watermark decision; the caller allocates the rest one by one."""
+        out: list[Slab] = []
+        ac = self._ac
+        while n and ac and not ac[-1].pfmemalloc:
+            out.append(ac.pop())
+            n -= 1
+        partial = self._partial
+        num = self.num
+        taken = 0
+        while n and partial:
+            slab = partial[-1]
+            inuse = slab.inuse
+            if not inuse:  # a kept empty slab goes back into use
+                self.nr_empty -= 1
+                self.zone.nr_slab_free -= len(slab.pages)
+            take = num - inuse
+            if take > n:
+                take = n
+            slab.inuse = inuse + take
+            out += [slab] * take
+            taken += take
+            n -= take
+            if inuse + take == num:
+                partial.pop()
+        self.active_objs += taken
+        return out
+
+    def free_bulk(self, slabs: list[Slab]) -> None:
+        """kmem_cache_free_bulk(): `free_obj` for each, in order (the objects of a reader's
+        batch); consecutive objects of one slab are given back together."""
+        if self.zone.poll_ac is not None:
+            for slab in slabs:
+                self.free_obj(slab)
+            return
+        num = self.num
+        i = 0
+        count = len(slabs)
+        while i < count:
+            slab = slabs[i]
+            j = i + 1
+            while j < count and slabs[j] is slab:
+                j += 1
+            k = j - i
+            i = j
+            inuse = slab.inuse
+            if slab.cache is not self or inuse < k:
+                raise RuntimeError(f"bad free of {k} objects of {slab!r} to {self.name}")
+            if inuse == num and num > 1:  # it was full: back on its partial list
+                (self._partial_pf if slab.pfmemalloc else self._partial).append(slab)
+            if inuse > k:
+                slab.inuse = inuse - k
+                self.active_objs -= k
+            else:  # the run empties it: the last object goes the way of a single free
+                slab.inuse = 1
+                self.active_objs -= k - 1
+                self._free_obj(slab)
 
     def _free_empty(self, slab: Slab) -> None:
         """The last object of `slab` is being freed: keep the slab (on the partial list) or

@@ -212,11 +212,3 @@ def group_contiguous(slots_pages: Sequence[tuple[int, Any]], max_pages: int) -> 
         runs.append((start, cur))
     return runs
 
-
-def __getattr__(name: str) -> Any:
-    # `Mm` lives in emu/mm/mm.py (it imports this module); re-exported here lazily.
-    if name == "Mm":
-        from emu.mm.mm import Mm
-
-        return Mm
-    raise AttributeError(name)

@@ -16,7 +16,7 @@ from emu.mm.page_alloc import OutOfMemory, Zone
 from emu.kernel.sched import TaskFlags, current, memalloc_noreclaim, task, waiting
 
 if TYPE_CHECKING:
-    from emu.mm.mm import Mm
+    from emu.mm.vm import Vm
 
 SWAP_CLUSTER_MAX = 32
 DEF_PRIORITY = 12
@@ -27,7 +27,7 @@ THROTTLE_NOFS_TIMEOUT = 1.0  # callers without __GFP_FS wait at most HZ
 class Vmscan:
     """The reclaimer registered with the zone (direct reclaim), and the scan kswapd also uses."""
 
-    def __init__(self, mm: Mm) -> None:
+    def __init__(self, mm: Vm) -> None:
         self.mm = mm
         self._pfmemalloc_wait: trio.Event | None = None
         self.nr_throttled_now = 0
@@ -194,7 +194,7 @@ class Vmscan:
 class Kswapd:
     """kswapd0: wakes below `low`, reclaims until `high`, runs with PF_MEMALLOC."""
 
-    def __init__(self, mm: Mm) -> None:
+    def __init__(self, mm: Vm) -> None:
         self.mm = mm
         self.task = None
         self.nr_runs = 0

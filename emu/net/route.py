@@ -86,6 +86,7 @@ class RouteCache:
         self.gc_min_interval = gc_min_interval
         self.gc_timeout = gc_timeout
         self.table: dict[tuple[str, str], RtEntry] = {}
+        self.version = 0  # bumped whenever an entry is added or freed
         self._last_gc = float("-inf")
 
     def __len__(self) -> int:
@@ -112,6 +113,7 @@ class RouteCache:
         obj, charged = got
         e = RtEntry(saddr, daddr, obj, now, charged)
         table[(saddr, daddr)] = e
+        self.version += 1
         stat.route_entries_created += 1
         return e
 
@@ -145,6 +147,7 @@ class RouteCache:
 
     def _free(self, e: RtEntry) -> None:
         del self.table[(e.saddr, e.daddr)]
+        self.version += 1
         kmem_cache_free_reserve(self.dst_cache, e.obj, self.reserve, e.reserve_charged)
 
     def reserve_entries(self) -> int:

@@ -13,12 +13,13 @@ eight steps, one path for every frame (UDP datagram, IP fragment or TCP segment)
   7. over the socket's receive buffer (reserve skbs for a memalloc socket bypass it) . RCVBUFF
   8. queue on the socket; the memory stays charged until its owner reads it ........ QUEUED
 
-`RxPath` is sans-IO: the wires (wire.py) read the real sockets and call `begin(now, sock)`, then
-`udp()` / `tcp()` per frame, then `end()` once per NAPI poll.  Per-poll state is what makes the
-common case cheap without a second copy of the steps: the route of the last source, the socket a
-poll is for, the RX skb allocator's memo of failed ordinary attempts, the slab array caches (an skb
-dropped in a poll is reused by the next frame of the same poll, as SLAB's per-CPU array cache does)
-and counters summed per poll.  Steps 6-8 are `Sock.queue_rcv_skb`; skb memory is only ever touched
+`RxPath` is sans-IO: the NIC (wire.py) calls `begin(now)` at each interrupt, then `udp()` /
+`tcp()` for every frame due, then `end()`.  Per-poll state is what makes the common case cheap
+without a second copy of the steps: the route of the last source, the socket of the last port,
+the RX skb allocator's memo of failed ordinary attempts, the slab array caches (an skb dropped in a
+poll is reused by the next frame of the same poll, as SLAB's per-CPU array cache does), the CPU
+charged once, and counters summed per poll.  Every drop is also counted on the socket the frame
+was for (`Sock.rx_drops`), before demux included: the kernel could not know it, the emulator can.  Steps 6-8 are `Sock.queue_rcv_skb`; skb memory is only ever touched
 through `SkbAllocator`.
 """
 
@@ -33,16 +34,18 @@ from emu.net.netstat import (
     NO_SOCKET,
     NOMEM,
     NOROUTE,
+    PFMEMALLOC,
     QUEUED,
+    RCVBUFF,
     VERDICTS,
 )
-from emu.net.skbuff import SkBuff
+from emu.net.skbuff import SKB_OVERHEAD, SkBuff
 
 if TYPE_CHECKING:
     from emu.kernel.cpu import Cpu
     from emu.net.ipfrag import FragQueues
     from emu.net.netstat import NetStat
-    from emu.net.route import RouteCache, RtEntry
+    from emu.net.route import RouteCache
     from emu.net.skbuff import SkbAllocator
     from emu.net.sock import Sock
 
@@ -123,19 +126,20 @@ class RxPath:
         self.nbytes = 0
         self.route_hits = 0
         self.emergency_queued = 0
+        self.skbs_got = 0
+        self.skbs_reserve = 0
+        self._last_reserve = False
         self._rt_key: tuple[str, str] | None = None
-        self._rt: RtEntry | None = None
-        self._sock: Sock | None = None
         self._port = -1
         self._port_sk: Sock | None = None
+        self._ready: list[Sock] = []  # sockets something was queued on in this poll
 
     # ---- the poll ---------------------------------------------------------------------------------
 
-    def begin(self, now: float, sock: Sock | None) -> None:
-        """A NAPI poll of the wire of `sock` starts (None: a port the host has no socket on)."""
+    def begin(self, now: float) -> None:
+        """The NIC's interrupt at `now`: a NAPI poll starts."""
         self.now = now
         self.ring_ok = True
-        self._sock = sock
         self._rt_key = None
         self._port = -1
         skbs = self.skbs
@@ -146,39 +150,186 @@ class RxPath:
     def end(self) -> None:
         """The poll ends: slab array caches flushed, counters added, readers woken, CPU charged."""
         self.zone.end_poll()
-        counts = self.counts
         frames = self.frames
-        stat = self.stat
         if frames:
+            stat = self.stat
             stat.frames += frames
             stat.bytes += self.nbytes
             stat.route_hits += self.route_hits
             stat.route_lookups += self.route_hits
-            stat.count(counts)
+            stat.count(self.counts)
             if self.emergency_queued:
                 stat.delivered_emergency += self.emergency_queued
-            sk = self._sock
-            if sk is not None:
-                for v in range(2, _NV):
-                    if counts[v]:
-                        sk.count_drops(VERDICTS[v][0], counts[v])
-                if counts[QUEUED]:
-                    sk.data_ready()
+            stat.skbs += self.skbs_got
+            stat.skbs_emergency += self.skbs_reserve
+            for sk in self._ready:
+                sk.ready = False
+                sk.data_ready()
+            self._ready.clear()
             self.cpu.charge(frames * self.frame_cost)
             self.counts = [0] * _NV
             self.frames = self.nbytes = self.route_hits = self.emergency_queued = 0
-        self._sock = None
+            self.skbs_got = self.skbs_reserve = 0
         self._port_sk = None
 
+    def _drop(self, v: int, sk: Sock | None) -> int:
+        """Count a drop on the socket the frame was for (diagnostics, before demux included)."""
+        if sk is not None:
+            sk.rx_drops[VERDICTS[v][0]] = sk.rx_drops.get(VERDICTS[v][0], 0) + 1
+        return v
+
     # ---- UDP ----------------------------------------------------------------------------------
+
+    def udp_list(self, frames: list[tuple[float, bytes, str, int]], daddr: str, dport: int,
+                 verdicts: list[int] | None = None) -> None:
+        """A wire's due datagrams, (due, data, saddr, sport) each, in order (their verdicts are
+        appended to `verdicts` if given: one per datagram, the last fragment's for a fragmented one).
+
+        Each goes through the steps exactly as `udp` takes it alone; runs of like frames (one
+        frame each, the same length, routes cached) are taken together where the outcome of
+        one frame provably equals taking them one by one:
+        - accepted in bulk while the socket has room and the slab caches hold free objects
+          (`SkbAllocator.rx_bulk`: no page allocation, so no watermark decision can differ);
+        - a drop that left the state it found (the skb came from the poll's array cache and went
+          back to it, nothing else moved) repeats for every like frame after it: counted at once.
+        tests/unit/net/test_poll_fast_path.py checks that a poll leaves the state of the same
+        frames taken one per poll."""
+        if dport != self._port:
+            self._port = dport
+            self._port_sk = self.udp_table.get(dport)
+        sk = self._port_sk
+        max_single = self.max_single
+        udp = self.udp
+        routes = self.routes
+        i = 0
+        n = len(frames)
+        while i < n:
+            _, data, saddr, sport = frames[i]
+            ln = len(data)
+            if ln > max_single or sk is None or n - i == 1:
+                v = udp(data, saddr, sport, daddr, dport)
+                if verdicts is not None:
+                    verdicts.append(v)
+                i += 1
+                continue
+            j = self._like_run(frames, i, ln, daddr)
+            version = routes.version
+            while i < j:
+                if j - i > 1 and self.ring_ok:
+                    q = self._accept_run(frames, i, j, ln, sk, daddr)
+                    if q:
+                        if verdicts is not None:
+                            verdicts.extend([QUEUED] * q)
+                        i += q
+                        continue
+                _, data, saddr, sport = frames[i]
+                before = self._fingerprint(sk) if j - i > 1 else None
+                v = udp(data, saddr, sport, daddr, dport)
+                if verdicts is not None:
+                    verdicts.append(v)
+                i += 1
+                if routes.version != version:
+                    break  # the cache changed (a miss, a GC): find the run again from here
+                if before is not None and v > FRAG_QUEUED and self._fingerprint(sk) == before:
+                    if verdicts is not None:
+                        verdicts.extend([v] * (j - i))
+                    i = self._repeat_drop(v, frames, i, j, ln, sk)
+
+    def _like_run(self, frames: list[tuple[float, bytes, str, int]], i: int, ln: int, daddr: str) -> int:
+        """frames[i:j] are single frames of length `ln` whose routes are cached (from i+1 on;
+        their last use is this poll)."""
+        rtable = self.rtable
+        now = self.now
+        last = None
+        j = i + 1
+        n = len(frames)
+        while j < n:
+            f = frames[j]
+            if len(f[1]) != ln:
+                break
+            saddr = f[2]
+            if saddr != last:
+                rt = rtable.get((saddr, daddr))
+                if rt is None:
+                    break
+                rt.lastuse = now
+                last = saddr
+            j += 1
+        return j
+
+    def _accept_run(self, frames: list[tuple[float, bytes, str, int]], i: int, j: int, ln: int, sk: Sock,
+                    daddr: str) -> int:
+        """Queue frames[i:j] at once as far as the socket's room and the slabs' free objects go;
+        returns how many (0: the first frame goes the single way)."""
+        rt = self.rtable.get((frames[i][2], daddr))
+        if rt is None:
+            return 0
+        size = ln + IP_HDR + UDP_HDR
+        truesize = size + SKB_OVERHEAD
+        k = min(j - i, sk.rcv_room(truesize))
+        if k <= 0:
+            return 0
+        skbs = self.skbs.rx_bulk(size, k, frames[i:i + k], ln)
+        q = len(skbs)
+        if not q:
+            return 0
+        rt.lastuse = self.now
+        sk.queue_rcv_list(skbs, truesize, ln)
+        self.frames += q
+        self.nbytes += q * size
+        self.counts[QUEUED] += q
+        self.route_hits += q
+        self.skbs_got += q
+        if not sk.ready:
+            sk.ready = True
+            self._ready.append(sk)
+        return q
+
+    def _fingerprint(self, sk: Sock) -> tuple[object, ...]:
+        """What a frame's processing could change that the next like frame would notice."""
+        skbs = self.skbs
+        node = skbs.skb_data
+        zone = self.zone
+        polled = zone.poll_ac or ()
+        return (zone.nr_free, zone.nr_pfmemalloc, zone.nr_slab_free, skbs.live, skbs.live_truesize,
+                sk.sk_rmem_alloc, len(sk.receive_queue), self.ring_ok, len(self.rtable), self.frags.ip_frag_mem,
+                len(self.frags.queues), tuple(len(c._ac) for c in polled), tuple(skbs.rx_failed.items()),
+                node.usage if node is not None else 0)
+
+    def _repeat_drop(self, v: int, frames: list[tuple[float, bytes, str, int]], i: int, j: int, ln: int,
+                     sk: Sock) -> int:
+        """The frame before frames[i] was dropped (verdict `v`) and left everything as it found
+        it: frames[i:j], like it, go the same way.  Counted at once; returns j."""
+        r = j - i
+        self.frames += r
+        self.nbytes += r * (ln + IP_HDR + UDP_HDR)
+        self.counts[v] += r
+        name = VERDICTS[v][0]
+        sk.rx_drops[name] = sk.rx_drops.get(name, 0) + r
+        if v != NOMEM and v != MISSED:
+            # each repeat took an skb (from the array cache) and gave it back: it passed step 3
+            self.route_hits += r
+            self.skbs_got += r
+            self.skbs.rx_allocated += r
+            if self._last_reserve:
+                self.skbs_reserve += r
+                self.skbs.rx_reserve += r
+            if v == PFMEMALLOC or v == RCVBUFF:
+                sk.sk_drops += r
+        return j
 
     def udp(self, data: bytes, saddr: str, sport: int, daddr: str, dport: int) -> int:
         """One UDP datagram as drained from a real socket: one frame, or its fragments.  Returns
         the verdict of its last frame."""
+        if dport != self._port:  # the socket it is for, once per poll and port
+            self._port = dport
+            self._port_sk = self.udp_table.get(dport)
         n = len(data)
         if n <= self.max_single:
             v = self._udp_frame(n + IP_HDR + UDP_HDR, data, saddr, sport, daddr, dport, None)
             self.counts[v] += 1
+            if v > FRAG_QUEUED:
+                self._drop(v, self._port_sk)
             return v
         self.ip_id = ip_id = (self.ip_id + 1) & 0xFFFF
         key = (saddr, daddr, ip_id, IPPROTO_UDP)
@@ -188,6 +339,8 @@ class RxPath:
             frag = (key, off, length, more)
             v = self._udp_frame(length + IP_HDR, data if off == 0 else None, saddr, sport, daddr, dport, frag)
             self.counts[v] += 1
+            if v > FRAG_QUEUED:
+                self._drop(v, self._port_sk)
         return v
 
     def _udp_frame(self, size: int, payload: bytes | None, saddr: str, sport: int, daddr: str,
@@ -200,6 +353,12 @@ class RxPath:
         if skb is None:
             self.ring_ok = False
             return NOMEM
+        self.skbs_got += 1
+        self._last_reserve = skb.memalloc != 0
+        if skb.memalloc:
+            self.skbs_reserve += 1
+        if frag is None:
+            skb.len = len(payload)  # type: ignore[arg-type]  # the datagram's payload
         skb.data = payload
         skb.saddr = saddr
         skb.sport = sport
@@ -227,16 +386,17 @@ class RxPath:
         return self._udp_deliver(skb, dport)
 
     def _udp_deliver(self, skb: SkBuff, dport: int) -> int:
-        if dport != self._port:  # step 5, once per poll (a wire's frames share a port)
-            self._port = dport
-            self._port_sk = self.udp_table.get(dport)
-        sk = self._port_sk
+        sk = self._port_sk if dport == self._port else self.udp_table.get(dport)  # step 5
         if sk is None:
             self.skbs.free(skb)
             return NO_SOCKET
         v = sk.queue_rcv_skb(skb)  # steps 6-8
-        if v == QUEUED and skb.memalloc:
-            self.emergency_queued += 1
+        if v == QUEUED:
+            if skb.memalloc:
+                self.emergency_queued += 1
+            if not sk.ready:
+                sk.ready = True
+                self._ready.append(sk)
         return v
 
     def _route(self, skb: SkBuff, saddr: str, daddr: str) -> bool:
@@ -274,6 +434,10 @@ class RxPath:
                 self.ring_ok = False
                 v = NOMEM
             else:
+                self.skbs_got += 1
+                if skb.memalloc:
+                    self.skbs_reserve += 1
+                skb.len = len(chunk)
                 skb.data = chunk
                 skb.saddr = sk.raddr
                 skb.sport = sk.rport
@@ -283,6 +447,8 @@ class RxPath:
                 else:
                     v = self._tcp_rcv(skb, sk)
         self.counts[v] += 1
+        if v > FRAG_QUEUED:
+            self._drop(v, sk)
         return v
 
     def _tcp_rcv(self, skb: SkBuff, sk: Sock) -> int:
@@ -292,6 +458,10 @@ class RxPath:
             self.skbs.free(skb)
             return NO_SOCKET
         v = sk.queue_rcv_skb(skb)  # steps 6-8
-        if v == QUEUED and skb.memalloc:
-            self.emergency_queued += 1
+        if v == QUEUED:
+            if skb.memalloc:
+                self.emergency_queued += 1
+            if not sk.ready:
+                sk.ready = True
+                self._ready.append(sk)
         return v

@@ -101,6 +101,13 @@ def attach_frag_list(head: SkBuff, rest: list[SkBuff], payload: Any) -> SkBuffX:
     return skb
 
 
+def _rx_skb(size: int, head: Slab, buf: Slab, frame: tuple[float, bytes, str, int], payload: int) -> SkBuff:
+    skb = SkBuff(size, head, buf)
+    skb.len = payload
+    _, skb.data, skb.saddr, skb.sport = frame
+    return skb
+
+
 def _promote(skb: SkBuff) -> SkBuffX:
     x = SkBuffX(skb.len, skb.head, skb.buf, skb.memalloc)
     x.truesize = skb.truesize
@@ -175,6 +182,41 @@ class SkbAllocator:
             self.live_truesize += skb.truesize
             self.rx_allocated += 1
         return skb
+
+    def rx_bulk(self, size: int, n: int, frames: list[tuple[float, bytes, str, int]] | None = None,
+                payload: int = 0) -> list[SkBuff]:
+        """Up to `n` RX skbs of `size` at once (kmem_cache_alloc_bulk): exactly the skbs `n` calls
+        of `rx` would give, as long as each would be an ordinary GFP_ATOMIC skb whose objects come
+        from what the caches hold or from new slabs the page allocator's fast path gives (above the
+        low watermark: no watermark decision, no kswapd wakeup, no reserve).  Fewer (or none) when
+        that no longer holds: the caller takes the next one with `rx`.  With `frames` ((due,
+        data, saddr, sport) each), the skbs carry them, `payload` bytes each."""
+        if self.memalloc_socks and self.policy is not Policy.NONE:
+            return []
+        cache = self.data_cache(size)
+        if cache is None:
+            return []
+        heads = self.head_cache
+        h_avail = heads.partial_avail(n)
+        d_avail = cache.partial_avail(n)
+        q = min(n, h_avail, d_avail)
+        spare = self.zone.fast_path_pages()
+        if q < n and spare:
+            # more objects from new slabs, while the fast path can give their pages
+            q = n
+            while q > 0 and heads.pages_for(q - h_avail) + cache.pages_for(q - d_avail) > spare:
+                q -= max(1, (q - max(h_avail, d_avail)) // 2) if q > max(h_avail, d_avail) else 1
+            q = max(q, min(n, h_avail, d_avail))
+        if not q:
+            return []
+        if frames is None:
+            out = list(map(SkBuff, [size] * q, heads.alloc_fast(q), cache.alloc_fast(q)))
+        else:  # filled at once with the frames' payload and source
+            out = list(map(_rx_skb, [size] * q, heads.alloc_fast(q), cache.alloc_fast(q), frames[:q], [payload] * q))
+        self.live += q
+        self.live_truesize += q * (size + SKB_OVERHEAD)
+        self.rx_allocated += q
+        return out
 
     def _rx_reserve(self, size: int) -> SkBuff | None:
         if self.policy is Policy.PFMEMALLOC:
@@ -259,41 +301,32 @@ class SkbAllocator:
 
     def free_queue(self, q: deque[SkBuff]) -> int:
         """kfree_skb() of every skb on a socket's receive queue (its owner read them all);
-        returns their truesize.  Plain skbs are freed in bulk (kmem_cache_free_bulk)."""
-        truesize = 0
-        plain = 0
-        ordinary = False
-        heads: list[Slab] = []
-        bufs: list[Slab] = []
-        data_cache = None  # the data buffers' cache: a flood's frames share one
-        popleft = q.popleft
+        returns their truesize.  When they are all plain skbs with their data in one kmalloc
+        cache (a flood's), they are freed in bulk (kmem_cache_free_bulk); else one by one."""
+        items = list(q)
+        q.clear()
+        if not items:
+            return 0
         SkB = SkBuff
-        while q:
-            skb = popleft()
-            t = skb.truesize
-            truesize += t
-            buf = skb.buf
-            if skb.__class__ is not SkB or buf.__class__ is not Slab or skb.head is None:
+        cache = items[0].buf.cache if items[0].buf.__class__ is Slab else None
+        if cache is None or not all(s.__class__ is SkB and s.head is not None and s.buf.__class__ is Slab
+                                    and s.buf.cache is cache for s in items):
+            truesize = 0
+            for skb in items:
+                truesize += skb.truesize
                 self.free(skb)  # the general case (and its double-free check)
-                continue
-            heads.append(skb.head)
-            skb.head = None  # type: ignore[assignment]
-            if buf.cache is not data_cache:
-                if data_cache is not None:
-                    data_cache.free_bulk(bufs)
-                    bufs = []
-                data_cache = buf.cache
-            bufs.append(buf)
-            plain += t
-            if not skb.memalloc:
-                ordinary = True
-        if heads:
-            self.head_cache.free_bulk(heads)
-            data_cache.free_bulk(bufs)  # type: ignore[union-attr]
-            self.live -= len(heads)
-            self.live_truesize -= plain
-            if ordinary and self.rx_failed:
-                self.rx_failed.clear()
+            return truesize
+        truesize = sum(s.truesize for s in items)
+        heads = [s.head for s in items]
+        bufs = [s.buf for s in items]
+        for s in items:
+            s.head = None  # type: ignore[assignment]
+        self.head_cache.free_bulk(heads)
+        cache.free_bulk(bufs)
+        self.live -= len(items)
+        self.live_truesize -= truesize
+        if self.rx_failed and not all(s.memalloc for s in items):
+            self.rx_failed.clear()  # an ordinary object went back: try normally again
         return truesize
 
 

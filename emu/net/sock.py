@@ -71,6 +71,7 @@ class Sock:
             self.raddr, self.rport = "*", 0
         self._readers = trio.lowlevel.ParkingLot()
         self.wire: Wire | None = None
+        self.ready = False  # something was queued in the current poll (sk_data_ready pending)
         self.sk_obj: Any = None  # the struct sock's slab object
         self.bytes_read = 0
 
@@ -117,13 +118,22 @@ class Sock:
         self.rx_queued_bytes += skb.len
         return QUEUED
 
+    def rcv_room(self, truesize: int) -> int:
+        """How many ordinary skbs of `truesize` step 7 would still queue, one after the other."""
+        free = self.sk_rcvbuf - self.sk_rmem_alloc - truesize
+        return 0 if free <= 0 else (free - 1) // truesize + 1
+
+    def queue_rcv_list(self, skbs: list[SkBuff], truesize: int, payload: int) -> None:
+        """Step 8 for ordinary skbs of one truesize that `rcv_room` said fit (a run of like
+        frames taken together): the same as `queue_rcv_skb` for each."""
+        self.receive_queue.extend(skbs)
+        n = len(skbs)
+        self.sk_rmem_alloc += n * truesize
+        self.rx_queued_bytes += n * payload
+
     def data_ready(self) -> None:
         """sk_data_ready: wake the readers (once per poll, not per skb)."""
         self._readers.unpark_all()
-
-    def count_drops(self, name: str, n: int = 1) -> None:
-        d = self.rx_drops
-        d[name] = d.get(name, 0) + n
 
     def rx_eof(self) -> None:
         self.eof = True
@@ -256,7 +266,11 @@ class Sock:
     async def _xmit(self, data: bytes | bytearray | memoryview, addr: tuple[str, int] | None,
                     sizes: list[int]) -> None:
         net = self.net
-        skbs = await self.skbs.tx(sizes, self.sk_allocation)
+        try:
+            skbs = await self.skbs.tx(sizes, self.sk_allocation)
+        except BaseException:
+            net.stat.tx_nomem += 1
+            raise
         try:
             net.cpu.charge(len(sizes) * net.costs.tx_frame)
             if self.closed:

@@ -37,16 +37,8 @@ from emu.net.rx import IP_HDR, MSS_DEFAULT, MTU_DEFAULT, TCP_HDR, UDP_HDR, RxPat
 from emu.net.skbuff import SKB_OVERHEAD, SkbAllocator
 from emu.net.sock import RMEM_DEFAULT, Sock, app_reader
 from emu.net.transport import EmuDatagram, EmuStream
-from emu.net.wire import (
-    GRACE_TRAFFIC,
-    REAL_RCVBUF_DEFAULT,
-    TCP_RTO_MAX,
-    TCP_RTO_MIN,
-    Nic,
-    TcpWire,
-    UdpWire,
-    set_big_rcvbuf,
-)
+from emu.net.nic import TCP_RTO_MAX, TCP_RTO_MIN, Nic
+from emu.net.wire import GRACE_TRAFFIC, REAL_RCVBUF_DEFAULT, TcpWire, UdpWire, set_big_rcvbuf
 
 if TYPE_CHECKING:
     from emu.mm.page_alloc import Zone
@@ -247,13 +239,18 @@ class NetStack:
 
     async def open_app_udp(self, port: int = 0, owner: Any = None, *, rcvbuf: int | None = None,
                            addr: str | None = None) -> Sock:
-        """An application's UDP socket bound to `port` (0: any) on the host's address."""
-        raw = self._udp_raw((addr or self.local_addr, port))
+        """An application's UDP socket bound to `port` (0: any) on the host's address.  The real
+        socket is bound only once the emulated one exists (sk_alloc may sleep in reclaim): from
+        then on, every datagram it receives is one its wire knows about."""
+        sk_obj = await self.udp_sk_cache.alloc_wait(GFP_KERNEL)  # sk_alloc
         try:
-            sk = await self._new_sock("udp", raw, owner, rcvbuf)
+            raw = self._udp_raw((addr or self.local_addr, port))
         except BaseException:
-            raw.close()
+            self.udp_sk_cache.free(sk_obj)
             raise
+        sk = Sock(self, "udp", raw, owner, rcvbuf if rcvbuf is not None else self.rmem_default)
+        sk.sk_obj = sk_obj
+        self.socks.append(sk)
         self._hash_udp(sk, grace=GRACE_TRAFFIC)
         return sk
 

@@ -1,4 +1,4 @@
-"""Wires and the NIC: the real sockets behind the emulated host, read into the NIC's RX ring.
+"""Wires: the real sockets behind the emulated host, read into the NIC's RX ring.
 
 Every emulated socket is backed by one real socket on loopback: its *wire*.  Reading and
 processing are separate, as a NIC's DMA and its driver's poll are:
@@ -10,9 +10,8 @@ processing are separate, as a NIC's DMA and its driver's poll are:
   A wire's watcher task pulls when the real socket becomes readable; the clock
   (emu.kernel.clock) pulls before it lets time pass an input it awaits; the traffic generator
   pulls right after sending.
-- The NIC's one task, ksoftirqd/0, processes the rings at the NIC's interrupt times: the first
-  multiple of `rx_usecs` (interrupt coalescing) at or after a frame's due time, each wire in NAPI
-  polls of at most `batch` frames, handing every frame to the receive path (`RxPath`).
+- The NIC (emu.net.nic) processes the rings at its interrupt times, handing every frame to the
+  receive path (`RxPath`).
 
 UDP: one datagram is one IP datagram; longer than the MTU it arrives as the fragments the sender's
 IP layer would have made (RxPath.udp).  TCP: the stream is cut into MSS-sized segments (never
@@ -26,28 +25,20 @@ from __future__ import annotations
 
 import collections
 import errno
-import heapq
-import itertools
 import math
 import socket as _socket
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from emu.kernel.sched import TaskFlags, current, task
 from emu.net.netstat import QUEUED
 
 if TYPE_CHECKING:
-    from emu.kernel.clock import Awaited, EmuClock
+    from emu.kernel.clock import Awaited
     from emu.net.link import Framer, PeerLink, Tag
-    from emu.net.netstat import NetStat
-    from emu.net.rx import RxPath
+    from emu.net.nic import Nic
     from emu.net.sock import Sock
 
-TCP_RTO_MIN = 0.2
-TCP_RTO_MAX = 120.0
-BATCH = 64  # frames per NAPI poll of one wire (the weight)
-BUDGET = 300  # frames per softirq round before ksoftirqd yields (netdev_budget)
 READ_MAX = 256  # datagrams read per pull at most
 # The real kernel's buffer behind each emulated UDP socket: big, so loopback never drops first.
 REAL_RCVBUF_DEFAULT = 8 << 20
@@ -61,102 +52,6 @@ def set_big_rcvbuf(sock: _socket.socket, nbytes: int) -> None:
         sock.setsockopt(_socket.SOL_SOCKET, 33, nbytes)  # SO_RCVBUFFORCE (root)
     except OSError:
         sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, nbytes)
-
-
-class Nic:
-    """The host's NIC: the receive path it hands frames to, its poll discipline (weight, budget,
-    interrupt coalescing), and its one softirq task over every wire."""
-
-    def __init__(self, rx: RxPath, stat: NetStat, clock: EmuClock | None, *, batch: int = BATCH,
-                 rx_usecs: float = 0.0, mss: int = 1448, tcp_rto_min: float = TCP_RTO_MIN,
-                 tcp_rto_max: float = TCP_RTO_MAX) -> None:
-        if batch < 1:
-            raise ValueError("batch must be >= 1")
-        if not 0 < tcp_rto_min <= tcp_rto_max:
-            raise ValueError("need 0 < tcp_rto_min <= tcp_rto_max")
-        self.rx = rx
-        self.stat = stat
-        self.clock = clock
-        self.batch = batch
-        self.rx_usecs = rx_usecs if clock is not None else 0.0
-        self.mss = mss
-        self.tcp_rto_min = tcp_rto_min
-        self.tcp_rto_max = tcp_rto_max
-        self._heap: list[tuple[float, int, Wire]] = []  # (when, seq, wire): wires with work
-        self._seq = itertools.count()
-        self._sleep: trio.CancelScope | None = None
-        self._sleep_until = math.inf
-        self._nursery: trio.Nursery | None = None
-        self._pending: list[Wire] = []
-        self.ksoftirqd = None
-
-    def irq_time(self, due: float) -> float:
-        """When the NIC raises the interrupt for a frame due at `due` (coalescing)."""
-        q = self.rx_usecs
-        if not q:
-            return due
-        return math.ceil(due / q - 1e-9) * q
-
-    def attach(self, wire: Wire) -> None:
-        """Start the wire's watcher (as soon as `run` is running)."""
-        if self._nursery is not None:
-            self._nursery.start_soon(wire.watch)
-        else:
-            self._pending.append(wire)
-
-    def schedule(self, wire: Wire, when: float) -> None:
-        """The wire has work at `when` (emulated): make sure the NIC's task is there."""
-        if when >= wire.scheduled:
-            return
-        wire.scheduled = when
-        heapq.heappush(self._heap, (when, next(self._seq), wire))
-        if when < self._sleep_until and self._sleep is not None:
-            self._sleep.cancel()
-            self._sleep = None
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """ksoftirqd/0: the watchers, and the polls, until cancelled."""
-        with task("ksoftirqd/0", TaskFlags.PF_KTHREAD) as t:
-            self.ksoftirqd = t
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                for w in self._pending:
-                    nursery.start_soon(w.watch)
-                self._pending.clear()
-                task_status.started()
-                try:
-                    await self._softirq()
-                finally:
-                    self._nursery = None
-
-    async def _softirq(self) -> None:
-        heap = self._heap
-        current_time = trio.current_time
-        while True:
-            now = current_time()
-            done = 0
-            while heap and heap[0][0] <= now and done < BUDGET:
-                when, _, wire = heapq.heappop(heap)
-                if when != wire.scheduled:
-                    continue  # superseded by an earlier schedule
-                wire.scheduled = math.inf
-                if wire.closed:
-                    continue
-                done += wire.service(now)
-                nxt = wire.next_time()
-                if nxt < math.inf:
-                    self.schedule(wire, nxt)
-                now = current_time()
-            if done:
-                await trio.lowlevel.checkpoint()
-                continue
-            until = heap[0][0] if heap else math.inf
-            self._sleep_until = until
-            with trio.move_on_at(until) as scope:
-                self._sleep = scope
-                await trio.sleep_forever()
-            self._sleep = None
-            self._sleep_until = math.inf
 
 
 class Wire:
@@ -177,6 +72,7 @@ class Wire:
             self.grace = grace
         self.cancel_scope = trio.CancelScope()  # the watcher's
         self.scheduled = math.inf  # when the NIC will next service this wire
+        self.index = 0  # the NIC's number for it (the order wires were made)
         # replies awaited from a real peer, by tag (one per tag: a retransmission's reply is
         # whichever comes first), and datagrams awaited from the traffic generator, in order:
         # [due times, index of the next, what the clock awaits for them (or None)]
@@ -302,12 +198,18 @@ class Wire:
     def pull(self) -> bool:
         raise NotImplementedError
 
-    def service(self, now: float) -> int:
-        """One NAPI poll at `now`; returns the frames handed up."""
+    def service(self, now: float, cutoff: float) -> int:
+        """Hand up to `batch` frames due by `cutoff` to the receive path (inside the NIC's
+        poll at `now`); returns how many."""
         raise NotImplementedError
 
     def next_time(self) -> float:
         raise NotImplementedError
+
+    def head_due(self) -> float:
+        """When the first frame in the ring is due (inf: none)."""
+        ring = self.ring  # type: ignore[attr-defined]
+        return ring[0][0] if ring else math.inf
 
     async def watch(self) -> None:
         raise NotImplementedError
@@ -324,6 +226,7 @@ class UdpWire(Wire):
         self.laddr, self.lport = raw.getsockname()[:2]
         self.buf = bytearray(65536)
         self.ring: collections.deque[tuple[float, bytes, str, int]] = collections.deque()
+        self.ordered = True  # the ring's due times never decrease (so its last due means all are)
 
     def pull(self) -> bool:
         """Read everything the real socket holds into the ring; False if it was closed."""
@@ -332,7 +235,11 @@ class UdpWire(Wire):
         ring = self.ring
         recvfrom_into = raw.recvfrom_into
         framer = self.framer
+        fifo = self.fifo
         now = self.clock.now if self.clock is not None else trio.current_time()
+        last = ring[-1][0] if ring else 0.0
+        if not ring:
+            self.ordered = True
         got = 0
         for _ in range(READ_MAX):
             try:
@@ -351,8 +258,13 @@ class UdpWire(Wire):
             if framer is not None:
                 tag = framer.received(data)[0][1] if n else None
                 due = self._due_reply(tag, n, True, now)
-            else:
+            elif fifo:
                 due = self._due_fifo(now)
+            else:
+                due = now
+            if due < last:
+                self.ordered = False
+            last = due
             ring.append((due, data, addr[0], addr[1]))
         if got:
             self.datagrams += got
@@ -372,30 +284,22 @@ class UdpWire(Wire):
         ring = self.ring
         return self.nic.irq_time(ring[0][0]) if ring else math.inf
 
-    def service(self, now: float) -> int:
-        """One NAPI poll: up to `batch` due datagrams through the receive path, in softirq."""
-        nic = self.nic
-        rx = nic.rx
+    def service(self, now: float, cutoff: float) -> int:
         ring = self.ring
-        popleft = ring.popleft
-        udp = rx.udp
-        laddr, lport = self.laddr, self.lport
-        irq = nic.irq_time
-        t = current()
-        t.in_softirq = True
-        rx.begin(now, self.sock)
-        n = 0
-        try:
-            for _ in range(nic.batch):
-                if not ring or irq(ring[0][0]) > now:
+        batch = self.nic.batch
+        if self.ordered and len(ring) <= batch and ring and ring[-1][0] <= cutoff:
+            frames = list(ring)  # all of it is due (the common case)
+            ring.clear()
+        else:
+            popleft = ring.popleft
+            frames = []
+            for _ in range(batch):
+                if not ring or ring[0][0] > cutoff:
                     break
-                _, data, saddr, sport = popleft()
-                udp(data, saddr, sport, laddr, lport)
-                n += 1
-        finally:
-            rx.end()
-            t.in_softirq = False
-        return n
+                frames.append(popleft())
+        if frames:
+            self.nic.rx.udp_list(frames, self.laddr, self.lport)
+        return len(frames)
 
     def state(self) -> str:
         return f"ring {len(self.ring)}" if self.ring else ""
@@ -532,40 +436,33 @@ class TcpWire(Wire):
         ring = self.ring
         return self.nic.irq_time(ring[0][0]) if ring else math.inf
 
-    def service(self, now: float) -> int:
+    def service(self, now: float, cutoff: float) -> int:
         nic = self.nic
         rx = nic.rx
         ring = self.ring
         sock = self.sock
-        irq = nic.irq_time
-        t = current()
-        t.in_softirq = True
-        if self.reoffer_at is not None:
-            nic.stat.tcp_reoffer += 1  # the held segment, offered again
+        reoffer = self.reoffer_at is not None
+        if reoffer:
+            nic.stat.tcp_reoffer += 1  # the held segment, offered again (it was due long ago)
             self.reoffer_at = None
-        rx.begin(now, sock)
         n = 0
-        try:
-            for _ in range(nic.batch):
-                if not ring or irq(ring[0][0]) > now:
-                    break
-                chunk = ring[0][1]
-                n += 1
-                if rx.tcp(sock, chunk) != QUEUED:  # type: ignore[arg-type]
-                    # Dropped: the peer "retransmits" after RTO; nothing after it meanwhile.
-                    nic.stat.tcp_held += 1
-                    if self.held_since is None:
-                        self.held_since = now
-                    self.reoffer_at = now + self.rto
-                    self.rto = min(self.rto * 2, nic.tcp_rto_max)
-                    break
-                ring.popleft()
-                self.ring_bytes -= len(chunk)
-                self.rto = nic.tcp_rto_min
-                self.held_since = None
-        finally:
-            rx.end()
-            t.in_softirq = False
+        for _ in range(nic.batch):
+            if not ring or (ring[0][0] > cutoff and not (reoffer and n == 0)):
+                break
+            chunk = ring[0][1]
+            n += 1
+            if rx.tcp(sock, chunk) != QUEUED:  # type: ignore[arg-type]
+                # Dropped: the peer "retransmits" after RTO; nothing after it meanwhile.
+                nic.stat.tcp_held += 1
+                if self.held_since is None:
+                    self.held_since = now
+                self.reoffer_at = now + self.rto
+                self.rto = min(self.rto * 2, nic.tcp_rto_max)
+                break
+            ring.popleft()
+            self.ring_bytes -= len(chunk)
+            self.rto = nic.tcp_rto_min
+            self.held_since = None
         if self.reoffer_at is None:
             if not ring and (self.eof or self.error is not None):
                 self._signal_end()

@@ -34,7 +34,7 @@ class IscsiSwapLun(RemoteSwap):
     RESERVE_USER = "iscsi_sessions"
     fs_backed = False  # a block device: GFP_NOFS reclaim may write to it (GFP_NOIO may not)
 
-    def __init__(self, net: NetStack, server: IscsiEndpoint, *, durability: Literal["fua", "sync_cache"] = "fua",
+    def __init__(self, net: NetStack | None, server: IscsiEndpoint, *, durability: Literal["fua", "sync_cache"] = "fua",
                  via_host: bool = True, command_timeout: float | None = None, queue_depth: int = 16) -> None:
         super().__init__(net, server.url(), via_host=via_host)
         self.server = server
@@ -43,7 +43,7 @@ class IscsiSwapLun(RemoteSwap):
         # The SCSI device queue depth, 16 like the NFS transport's RPC slot table (open-iscsi: 32):
         # commands beyond it wait in the block layer, not on the wire.
         self.queue = trio.Semaphore(queue_depth)
-        self.buffers = HostBuffers(net.slabs, GFP_NOIO, ISCSI_TASK) if via_host else None
+        self.buffers = HostBuffers(net.slabs, GFP_NOIO, ISCSI_TASK) if net is not None and via_host else None
         self.ini: Any = None
         self.block_size = 512
         self._last_reissued = 0

@@ -46,7 +46,7 @@ class NfsSwapFile(RemoteSwap):
     RESERVE_USER = "nfs_swappers"
     fs_backed = True  # writing enters a filesystem: GFP_NOFS reclaim may not start it
 
-    def __init__(self, net: NetStack, server: NfsEndpoint, proto: Literal["udp", "tcp"], *,
+    def __init__(self, net: NetStack | None, server: NfsEndpoint, proto: Literal["udp", "tcp"], *,
                  stable: Literal["FILE_SYNC", "UNSTABLE"] = "FILE_SYNC", timeo: float | None = None,
                  via_host: bool = True) -> None:
         super().__init__(net, server.url(), via_host=via_host)
@@ -54,7 +54,7 @@ class NfsSwapFile(RemoteSwap):
         self.proto = proto
         self.stable = stable
         self.timeo = timeo
-        self.buffers = HostBuffers(net.slabs, GFP_NOFS, RPC_RQST) if via_host else None
+        self.buffers = HostBuffers(net.slabs, GFP_NOFS, RPC_RQST) if net is not None and via_host else None
         self.client: Any = None
         self.fh: bytes = b""
 

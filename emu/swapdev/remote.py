@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from emu.kernel.cpu import Costs
 from emu.kernel.sched import TaskFlags, task
 from emu.mm.swap import SwapIOError
 from emu.net.link import PeerLink
@@ -27,10 +28,13 @@ class RemoteSwap:
     RESERVE_USER = "swap"  # its name in the v12 "protocol TX pages" inputs
     fs_backed = False
 
-    def __init__(self, net: NetStack, name: str, *, via_host: bool = True) -> None:
-        self.net = net
+    def __init__(self, net: NetStack | None, name: str, *, via_host: bool = True) -> None:
+        """`net` None (with via_host False): the same client over plain sockets, unemulated."""
+        if net is None and via_host:
+            raise ValueError("a swap device on the emulated host needs its network stack")
+        self.net = net  # type: ignore[assignment]
         self.via_host = via_host
-        costs = net.costs
+        costs = net.costs if net is not None else Costs()
         self.link = PeerLink(name, costs.peer_rtt, costs.link_rate)
         self.inflight = Inflight()
         self.page_size = 4096
@@ -64,12 +68,13 @@ class RemoteSwap:
 
     def _submit(self) -> None:
         """Building and submitting one request costs the CPU (a bio, an rpc_task, a PDU)."""
-        self.net.cpu.charge(self.net.costs.swap_io)
+        if self.via_host:
+            self.net.cpu.charge(self.net.costs.swap_io)
 
     def _add_reserve_term(self, pages: int) -> None:
         """Under v12, this transport's TX pages join the reserve tree (once, until close)."""
-        reserve = self.net.reserve
-        if self.via_host and reserve is not None and not self._reserve_pages:
+        reserve = self.net.reserve if self.via_host else None
+        if reserve is not None and not self._reserve_pages:
             reserve.add_tx_pages(self.RESERVE_USER, pages)
             self._reserve_pages = pages
 
@@ -78,7 +83,8 @@ class RemoteSwap:
         want = len(bufs) * self.page_size
         if len(data) != want:
             raise SwapIOError(f"short {what} read at slot {slot}: {len(data)} of {want}")
-        self.net.cpu.charge(want * self.net.costs.copy_byte)
+        if self.via_host:
+            self.net.cpu.charge(want * self.net.costs.copy_byte)
         self.inflight.read_back(slot, data, self.page_size)
         pos = 0
         for b in bufs:
@@ -89,7 +95,7 @@ class RemoteSwap:
         await self.close()
 
     async def close(self) -> None:
-        reserve = self.net.reserve
+        reserve = self.net.reserve if self.via_host else None
         if self._reserve_pages and reserve is not None:
             with contextlib.suppress(ValueError):
                 reserve.remove_tx_pages(self.RESERVE_USER, self._reserve_pages)

@@ -47,6 +47,14 @@ def test_round_trip_through_a_file(tmp_path: Path) -> None:
         ('[host]\nbogus = 1\n', 2, "host.bogus", "1"),
         ('[watchdog]\nstall = -1\n', 2, "watchdog.stall", "-1"),
         ('[host]\nram = "12M"\nmin_free_kbytes = 9000\n', 3, "host.min_free_kbytes", "9000"),
+        ('[traffic]\nrate = -5\n', 2, "traffic.rate", "-5"),
+        ('[traffic]\napps = 2\napp_period = "soon"\n', 3, "traffic.app_period", "soon"),
+        ('[traffic]\napp_period = 0\n', 2, "traffic.app_period", "0"),
+        ('[costs]\npeer_rtt = 0\n', 2, "costs.peer_rtt", "0"),
+        ('[costs]\n# a comment\nrx_frame = -1e-6\n', 3, "costs.rx_frame", "-1e-06"),
+        ('[costs]\nlink_rate = "fast"\n', 2, "costs.link_rate", "fast"),
+        ('[costs]\npage_copy = 1e-6\n', 2, "costs.page_copy", "1e-06"),
+        ('[costs]\nswap_io = nan\n', 2, "costs.swap_io", "nan"),
     ],
 )
 def test_bad_file_names_file_line_key_and_value(tmp_path: Path, body: str, line: int, key: str, value: str) -> None:
@@ -87,3 +95,32 @@ def test_run_usage_errors_name_the_flag(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
     assert scen.loads(r.stdout).policy == "none"
+
+
+def test_costs_section_overrides_the_table_and_round_trips(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text("[costs]\npeer_rtt = 0.0005  # a slower LAN\nlink_rate = 1e8\n")
+    sc = scen.load(p)
+    assert sc.costs.peer_rtt == 0.0005 and sc.costs.link_rate == 1e8
+    assert sc.costs.rx_frame == scen.Costs().rx_frame  # the rest keep their defaults
+    q = tmp_path / "d.toml"
+    q.write_text(scen.dumps(sc))
+    assert scen.load(q).to_dict() == sc.to_dict()
+    assert "[costs]" in q.read_text() and "peer_rtt = 0.0005" in q.read_text()
+
+
+def test_unknown_costs_key_lists_the_known_ones(tmp_path: Path) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text("[costs]\npage_copy = 1e-6\n")
+    with pytest.raises(scen.ScenarioError) as ei:
+        scen.load(p)
+    assert "unknown key" in str(ei.value) and "copy_byte" in str(ei.value)
+
+
+@pytest.mark.parametrize("body", ['[costs]\npeer_rtt = 0\n', '[costs]\nbogus = 1\n', '[traffic]\nrate = -1\n'])
+def test_run_refuses_bad_costs_and_rates_with_exit_2(tmp_path: Path, body: str) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text(body)
+    r = subprocess.run([sys.executable, "-m", "emu", "run", str(p)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert f"{p}:2: " in r.stderr.replace("\n", "")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from emu.servers import IscsiServer, NfsServer, ServerURLError, check_backend_matches, parse_server_url
+from emu.swapdev.endpoint import IscsiEndpoint, NfsEndpoint, ServerURLError, check_backend_matches, parse_server_url
 
 
 def test_nfs_url() -> None:
     s = parse_server_url("nfs://127.0.0.1/srv/export?nfsport=2049&mountport=20048")
-    assert s == NfsServer("127.0.0.1", "/srv/export", 2049, 20048)
+    assert s == NfsEndpoint("127.0.0.1", "/srv/export", 2049, 20048)
     assert parse_server_url(s.url()) == s
     s2 = parse_server_url("nfs://127.0.0.2/e/?version=3&nfsport=1&mountport=2&swapfile=sw")
     assert s2.export == "/e" and s2.swapfile == "sw"
@@ -17,7 +17,7 @@ def test_nfs_url() -> None:
 
 def test_iscsi_url() -> None:
     s = parse_server_url("iscsi://127.0.0.1:3261/iqn.2024-01.test:tgt/1")
-    assert s == IscsiServer("127.0.0.1", 3261, "iqn.2024-01.test:tgt", 1)
+    assert s == IscsiEndpoint("127.0.0.1", 3261, "iqn.2024-01.test:tgt", 1)
     assert parse_server_url("iscsi://127.0.0.1/iqn.2024-01.test:tgt/0").port == 3260
     check_backend_matches("iscsi", s)
     with pytest.raises(ServerURLError):

@@ -12,7 +12,7 @@ import pytest
 
 from emu import scenario as scen
 from emu.host import run_host
-from emu.servers import local_server
+from emu.host.servers import local_server
 
 EXAMPLES = ("demo", "nfs-tcp", "iscsi-random", "frag-storm", "quiet")
 
@@ -55,10 +55,10 @@ def test_examples_mean_what_they_say() -> None:
     assert quiet.traffic.profile == "none"
 
 
-async def test_quiet_control_run_completes_under_none() -> None:
+def test_quiet_control_run_completes_under_none() -> None:
     sc = scen.load("quiet").replace(policy="none")
     with local_server(sc.backend, sc.host.swap) as sp:
-        res = await run_host(sc, sp.server)
+        res = run_host(sc, sp.server)
     assert res.outcome == "completed", (res.outcome, res.report[:2000])
     assert res.pages_swapped_out > 0 and res.pages_swapped_in > 0
     assert res.integrity["mismatches"] == 0

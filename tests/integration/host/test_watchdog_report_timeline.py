@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from emu.report import InflightIO, ReportData, render_deadlock_report
-from emu.timeline import Recorder, Sample, plot
-from emu.watchdog import Watchdog
+from emu.host.report import InflightIO, ReportData, render_deadlock_report
+from emu.host.timeline import Recorder, Sample, plot
+from emu.host.watchdog import Watchdog
 
 BLOCKED = [("workload0", "D reclaim", "shrink_page_list")]
 
@@ -33,6 +33,55 @@ def test_progress_or_unblocking_resets_the_clock() -> None:
 def test_no_blocked_tasks_never_fires() -> None:
     dog = Watchdog(stall=0.5)
     assert all(dog.observe(t / 10, 5, []) is None for t in range(100))
+
+
+def test_no_swap_io_in_flight_is_not_a_deadlock() -> None:
+    dog = Watchdog(stall=0.5)
+    assert all(dog.observe(t / 10, 5, BLOCKED, inflight=0) is None for t in range(100))
+
+
+def test_livelock_is_creeping_progress_below_the_reference_with_replies_dropped() -> None:
+    dog = Watchdog(stall=1.0, window=2.0, fraction=0.05, reference=1000.0)
+    progress = drops = 0
+    v = None
+    for i in range(60):  # 0.1 s samples: 10 pages/s (1% of the reference), replies dropped
+        t = i / 10
+        progress += 1
+        drops += 3
+        v = dog.observe(t, progress, BLOCKED, inflight=8, reply_drops=drops)
+        if v is not None:
+            break
+    assert v is not None and v.kind == "livelock"
+    assert v.at >= 2.0 and v.stalled_for >= 2.0 * 0.999
+    assert 5 < v.rate < 20 and v.reference == 1000.0
+
+
+def test_slow_progress_without_dropped_replies_is_not_a_livelock() -> None:
+    dog = Watchdog(stall=1.0, window=2.0, fraction=0.05, reference=1000.0)
+    assert all(dog.observe(i / 10, i, BLOCKED, inflight=8, reply_drops=0) is None for i in range(60))
+
+
+def test_no_progress_at_all_is_a_deadlock_not_a_livelock() -> None:
+    dog = Watchdog(stall=1.0, window=0.5, fraction=0.05, reference=1000.0)
+    v = None
+    for i in range(30):
+        v = dog.observe(i / 10, 7, BLOCKED, inflight=8, reply_drops=i)
+        if v is not None:
+            break
+    assert v is not None and v.kind == "deadlock" and v.stalled_for >= 1.0
+
+
+def test_livelock_reference_defaults_to_the_runs_own_best_window() -> None:
+    dog = Watchdog(stall=1.0, window=1.0, fraction=0.05)
+    progress = drops = 0
+    v = None
+    for i in range(80):  # 1000/s for 2 s, then 10/s with replies dropped
+        progress += 100 if i < 20 else 1
+        drops += 0 if i < 20 else 5
+        v = dog.observe(i / 10, progress, BLOCKED, inflight=8, reply_drops=drops)
+        if v is not None:
+            break
+    assert v is not None and v.kind == "livelock" and v.reference >= 900
 
 
 def _report() -> ReportData:

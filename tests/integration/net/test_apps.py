@@ -1,4 +1,4 @@
-"""Applications read their sockets only while their own pages are resident (a real Mm, real swap)."""
+"""Applications read their sockets only while their own pages are resident (a real Vm, real swap)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from emu.mm.gfp import Policy
-from emu.mm.mm import Mm
+from emu.mm.vm import Vm
 from emu.mm.page_alloc import Zone
 from emu.mm.process import Process
 from emu.kernel.sched import task
@@ -22,7 +22,7 @@ from nethelp import send_udp, wait_for
 async def test_swapped_out_owner_lets_its_queue_fill_then_drains_it(tmp_path: Path) -> None:
     zone = Zone(2 << 20, policy=Policy.NONE)
     slabs = Slabs(zone)
-    mm = Mm(zone, slabs)
+    mm = Vm(zone, slabs)
     net = NetStack(zone, slabs)
     async with trio.open_nursery() as n:
         await n.start(mm.run)
@@ -60,11 +60,6 @@ async def test_swapped_out_owner_lets_its_queue_fill_then_drains_it(tmp_path: Pa
         n.cancel_scope.cancel()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "emu bug: RxPath never sets skb.len to the payload length for a one-frame UDP datagram or a TCP "
-    "segment (it stays the frame size, headers included), so rx_queued_bytes / bytes_read / "
-    "app_read_bytes / Recv-Q count IP+UDP/TCP headers (and a TCP recv can return b'' mid-stream); "
-    "see tests/unit/net/test_accounting.py::test_queued_and_read_bytes_are_payload_bytes"))
 async def test_app_tcp_listener_receives_streams_and_refuses_without_memory(make_net) -> None:
     from emu.net.stack import serve_app_tcp
     from nethelp import hog

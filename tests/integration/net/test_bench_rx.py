@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from click.testing import CliRunner
 
 from emu.bench.rx import bench_rx
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "emu bug: emu/bench/rx.py still imports emu.mm.reserve.ReserveTree and calls NetStack.from_parts "
-    "(not ported to ReserveRoot / NetStack(zone, slabs, reserve=...)); and NetStat's skbs/skbs_emergency "
-    "counters, which its JSON reports, are never counted by the new receive path"))
 def test_bench_rx_json_reports_each_path_with_its_counters() -> None:
     res = CliRunner().invoke(bench_rx, ["--frames", "3000", "--repeat", "1", "--policy", "pfmemalloc", "--json"])
     assert res.exit_code == 0, res.output

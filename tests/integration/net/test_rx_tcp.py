@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 
-import pytest
 import trio
 
 from emu.kernel.sched import TaskFlags, task
@@ -65,11 +64,6 @@ async def test_held_chunks_are_reoffered_and_the_stream_arrives_complete_in_orde
         n.cancel_scope.cancel()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "emu bug: RxPath never sets skb.len to the payload length for a one-frame UDP datagram or a TCP "
-    "segment (it stays the frame size, headers included), so rx_queued_bytes / bytes_read / "
-    "app_read_bytes / Recv-Q count IP+UDP/TCP headers (and a TCP recv can return b'' mid-stream); "
-    "see tests/unit/net/test_accounting.py::test_queued_and_read_bytes_are_payload_bytes"))
 async def test_receive_window_limits_what_is_read_from_the_wire(make_net) -> None:
     net = await make_net("none", ram=16 << 20)
     data = pattern(400_000)

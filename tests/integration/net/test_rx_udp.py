@@ -43,11 +43,6 @@ async def test_flood_fills_queue_to_rcvbuf_and_memory_equals_skbs_queued(make_ne
     assert net.wire_overruns() == {a.local_str(): 0, b.local_str(): 0}  # the real kernel lost nothing
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "emu bug: RxPath never sets skb.len to the payload length for a one-frame UDP datagram or a TCP "
-    "segment (it stays the frame size, headers included), so rx_queued_bytes / bytes_read / "
-    "app_read_bytes / Recv-Q count IP+UDP/TCP headers (and a TCP recv can return b'' mid-stream); "
-    "see tests/unit/net/test_accounting.py::test_queued_and_read_bytes_are_payload_bytes"))
 async def test_reader_drains_while_owner_resident(make_net) -> None:
     net = await make_net("none", ram=16 << 20)
     resident = trio.Event()

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from emu.mm.mm import Mm
+from emu.mm.vm import Vm
 from emu.mm.page_alloc import Zone
 from emu.mm.swap import LocalFileSwap
 
@@ -17,9 +17,9 @@ def swapfile(tmp_path: Path) -> str:
 
 
 class Host:
-    """A zone + Mm + local-file swap, running in its own nursery (cancelled at teardown)."""
+    """A zone + Vm + local-file swap, running in its own nursery (cancelled at teardown)."""
 
-    def __init__(self, mm: Mm, storage: LocalFileSwap | None) -> None:
+    def __init__(self, mm: Vm, storage: LocalFileSwap | None) -> None:
         self.mm = mm
         self.zone = mm.zone
         self.storage = storage
@@ -37,7 +37,7 @@ async def start_host(
     **mm_kw: object,
 ) -> Host:
     zone = Zone(ram, policy=policy)
-    mm = Mm(zone, kswapd=kswapd, **mm_kw)  # type: ignore[arg-type]
+    mm = Vm(zone, kswapd=kswapd, **mm_kw)  # type: ignore[arg-type]
     await nursery.start(mm.run)
     storage = None
     if path is not None:

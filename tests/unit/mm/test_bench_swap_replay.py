@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import trio
 
 from emu.bench.swap import _ops, replay
 from emu.mm.swap import LocalFileSwap

@@ -177,10 +177,10 @@ async def test_swapoff_brings_everything_back(make_host, swapfile: str,
 
 
 async def test_process_bounds() -> None:
-    from emu.mm.mm import Mm
+    from emu.mm.vm import Vm
     from emu.mm.page_alloc import Zone
 
-    p = Process(Mm(Zone(1 << 20)), "small", 4)
+    p = Process(Vm(Zone(1 << 20)), "small", 4)
     with pytest.raises(SegmentationFault):
         await p.touch(4)
     with pytest.raises(SegmentationFault):

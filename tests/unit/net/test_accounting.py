@@ -59,10 +59,6 @@ def test_scripted_run_exercises_every_path() -> None:
             assert st_["delivered_emergency"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "emu bug: NetStat's documented counters skbs ('RX skbs allocated') and skbs_emergency ('RX skbs "
-    "allocated from the reserve') are never counted since the receive path moved to SkbAllocator "
-    "(only skbs.rx_allocated / skbs.rx_reserve are), so nstat and stat.snapshot() report 0"))
 @pytest.mark.parametrize("policy", ["none", "v12", "pfmemalloc"])
 def test_nstat_counts_the_rx_skbs(policy: str) -> None:
     net = run_ops(policy, SCRIPT)
@@ -72,11 +68,6 @@ def test_nstat_counts_the_rx_skbs(policy: str) -> None:
     assert st_.frames == st_.skbs + st_.rx_nomem + st_.rx_missed  # nstat's own arithmetic
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "emu bug: RxPath never sets skb.len to the payload length for a one-frame UDP datagram or a TCP "
-    "segment: it stays the frame size (headers included), so rx_queued_bytes, Recv-Q, bytes_read and "
-    "app_read_bytes count IP+UDP/TCP headers, and Sock.recv can return b'' (end of stream) while bytes "
-    "are still queued"))
 async def test_queued_and_read_bytes_are_payload_bytes() -> None:
     zone = Zone(4 << 20)
     net = NetStack(zone, Slabs(zone))

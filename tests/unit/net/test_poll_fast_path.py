@@ -77,19 +77,30 @@ class Host:
             raw.close()
 
     def feed(self, frames: list[tuple[Any, ...]], per_poll: int, now: float) -> list[int]:
-        """The frames through the receive path, `per_poll` to a poll; returns the verdicts."""
+        """The frames through the receive path, `per_poll` to a poll, as the NIC hands them up:
+        consecutive datagrams for one port as one list (`RxPath.udp_list`, where runs of like
+        frames are taken together), TCP segments one by one; returns the verdicts."""
         rx = self.net.rx
-        out = []
+        out: list[int] = []
         with softirq():
             for i in range(0, len(frames), per_poll):
                 rx.begin(now)
                 try:
+                    run: list[tuple[float, bytes, str, int]] = []
+                    port = None
                     for f in frames[i:i + per_poll]:
+                        if f[0] == "tcp" or f[1] != port:
+                            if run:
+                                rx.udp_list(run, "127.0.0.1", port, out)  # type: ignore[arg-type]
+                                run = []
+                            port = None
                         if f[0] == "tcp":
                             out.append(rx.tcp(self.tcp, f[1]))
                         else:
                             _, port, data, src = f
-                            out.append(rx.udp(data, src, 5000, "127.0.0.1", port))
+                            run.append((now, data, src, 5000))
+                    if run:
+                        rx.udp_list(run, "127.0.0.1", port, out)  # type: ignore[arg-type]
                 finally:
                     rx.end()
         return out
@@ -195,18 +206,7 @@ def run(policy: str, case: str, per_poll: int) -> list[tuple[str, dict[str, Any]
 CASES = ["accept", "rcvbuf-drop", "nomem", "reserve-drop", "mixed"]
 POLICIES = ["none", "v12", "pfmemalloc"]
 
-# What a drop in a poll frees goes to the poll's array cache (KmemCache.free_obj while
-# Zone.poll_ac is set), but KmemCache.alloc_obj never takes from it: the next frame of the same
-# poll needs a new object, so every drop in a poll costs a new slab object until the poll ends.
-# A poll of drops then holds more slabs and fewer free pages than the same frames one per poll,
-# and short of memory it drops frames (rx_nomem/rx_missed) that one per poll are received.
-ARRAY_CACHE_NOT_REUSED = pytest.mark.xfail(
-    strict=True,
-    reason="emu bug: KmemCache.alloc_obj ignores the per-poll array cache (_ac), so objects freed in "
-           "a poll are not reused by its next frames; see tests/unit/net/test_poll_fast_path.py")
-PARAMS = [pytest.param(policy, case, id=f"{policy}-{case}",
-                       marks=ARRAY_CACHE_NOT_REUSED if case in ("rcvbuf-drop", "reserve-drop", "mixed") else ())
-          for policy in POLICIES for case in CASES]
+PARAMS = [pytest.param(policy, case, id=f"{policy}-{case}") for policy in POLICIES for case in CASES]
 
 
 @pytest.mark.parametrize("policy,case", PARAMS)

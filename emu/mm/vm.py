@@ -1,7 +1,9 @@
-"""`Mm`: one emulated host's memory manager, tying zone, slabs, reserve, LRU, swap and kswapd.
+"""`Vm`: the host's virtual-memory core around its one zone: the LRU, the swap areas and the swap
+cache (swapper_space), page I/O (swap_writepage and swap_readpage), and kswapd.
 
-Run it (`await nursery.start(mm.run)`) before swapping: swap writes are trio tasks in its nursery,
-so many can be in flight while their storage (possibly a slow network) completes them.
+Run it (`await nursery.start(vm.run)`) before swapping: swap writes are trio tasks in its nursery,
+so many can be in flight while their storage (possibly a slow network) completes them.  (A
+process's own address space is `process.Process`.)
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ if TYPE_CHECKING:
 _IO_FLAGS = TaskFlags.PF_MEMALLOC | TaskFlags.PF_KTHREAD
 
 
-class Mm:
-    """The host's mm: `Mm(zone, slabs, reserve, vmstat)`.
+class Vm:
+    """The host's VM: `Vm(zone, slabs, reserve, vmstat)`.
 
     `max_writeback`: pages that may be under writeback at once (beyond it reclaim waits: the
     device is congested).  `max_io_pages`: largest single swap_rw (contiguous slots).
@@ -356,7 +358,7 @@ class Mm:
         """swap_writepage() for a batch: contiguous slots go out as one swap_rw each, async."""
         nursery = self._nursery
         if nursery is None:
-            raise RuntimeError("swap-out needs the Mm running: `await nursery.start(mm.run)` first")
+            raise RuntimeError("swap-out needs the Vm running: `await nursery.start(mm.run)` first")
         by_area: dict[int, list[tuple[int, Page]]] = {}
         for p in pages:
             entry = p.private
