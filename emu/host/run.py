@@ -158,12 +158,16 @@ class HostRun:
         deadline = sc.watchdog.timeout
         tr = sc.traffic
         listen_below = k.low_mark() if tr.start_after <= 0 else None
+        listening = False
         while True:
             now = trio.current_time()
-            if self.apps.enabled and not self.apps.socks and (
+            if self.apps.enabled and not listening and (
                     (listen_below is not None and k.zone.nr_free <= listen_below)
                     or (listen_below is None and now >= tr.start_after)):
-                await self.apps.listen(user)
+                # in a task of its own: opening a socket allocates, and may block in reclaim,
+                # which the watchdog must never do
+                listening = True
+                user.start_soon(self.apps.listen, user)
             if self.workload.finished.is_set():
                 return "completed"
             v = self.dog.observe(now, self.progress(), blocked_tasks(), len(self.swap.inflight.ios),

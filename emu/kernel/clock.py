@@ -188,8 +188,9 @@ class EmuClock(trio.abc.Clock):
         self.arrived(a)
 
     def resume(self, a: Awaited) -> Awaited:
-        """Hold the clock for a suspended input again; returns the new registration."""
-        return self.expect(a.due, a.source)
+        """Hold the clock for a suspended input again (due now at the earliest); returns the new
+        registration."""
+        return self.expect(max(a.due, self.now), a.source)
 
     @property
     def horizon(self) -> float:
@@ -307,20 +308,67 @@ class _FifoRandom(random.Random):
         return 1.0
 
 
+_deadline_seq = itertools.count()
+
+
+def _tiebreak(cancel_scope: trio.CancelScope) -> tuple[int, int]:
+    """Ties between equal deadlines go to the task spawned first among those the scope guards
+    (whoever set the deadline), then to the scope registered first: trio breaks them by the
+    scope's address, which differs from run to run."""
+    rank = -1
+    try:
+        tasks = cancel_scope._cancel_status._tasks  # type: ignore[union-attr]
+        if tasks:
+            rank = min(t._counter for t in tasks)
+        else:
+            rank = trio.lowlevel.current_task()._counter  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):
+        pass
+    return rank, next(_deadline_seq)
+
+
+def _deadlines_add(self: object, deadline: float, cancel_scope: trio.CancelScope) -> None:
+    heapq.heappush(self._heap, (deadline, _tiebreak(cancel_scope), cancel_scope))  # type: ignore[attr-defined]
+    self._active += 1  # type: ignore[attr-defined]
+
+
+def _counter(task: object) -> int:
+    return task._counter  # type: ignore[attr-defined,no-any-return]
+
+
+def _event_set(self: trio.Event) -> None:
+    """trio.Event.set, waking the waiters in the order they were spawned: trio keeps them in a
+    set, so they would wake in the order of their addresses."""
+    if not self._flag:  # type: ignore[attr-defined]
+        self._flag = True  # type: ignore[attr-defined]
+        tasks = self._tasks  # type: ignore[attr-defined]
+        for task in sorted(tasks, key=_counter) if len(tasks) > 1 else tasks:
+            trio.lowlevel.reschedule(task)
+        tasks.clear()
+
+
 @contextlib.contextmanager
 def deterministic_scheduling() -> Iterator[None]:
-    """Run trio's batches in FIFO order for the enclosed `trio.run` (see the module docstring).
+    """Make trio's scheduling of the enclosed `trio.run` a function of the host's events only.
 
-    trio keeps the generator it draws that coin from in `trio._core._run._r`, and (once
-    hypothesis is imported, as under pytest) a flag that sorts and shuffles batches instead:
-    both are private names (the project pins trio < 0.40, and a test checks they are there).
+    - Each batch of runnable tasks runs in the order its tasks became runnable: trio reverses
+      half the batches at random (the generator is `trio._core._run._r`), and under hypothesis
+      (as under pytest) sorts and shuffles them instead (`_ALLOW_DETERMINISTIC_SCHEDULING`).
+    - Timers that expire at the same emulated time wake their tasks in the order the tasks were
+      spawned, not by the address of their cancel scopes (`Deadlines.add`).
+    - `trio.Event.set` wakes its waiters in the order they were spawned, not by their addresses.
+
+    These are private names (the project pins trio < 0.40, and a test checks they are there).
     The host's run is then scheduled the same way from the command line and under pytest."""
     from trio._core import _run
 
-    old = _run._r, _run._ALLOW_DETERMINISTIC_SCHEDULING
+    old = _run._r, _run._ALLOW_DETERMINISTIC_SCHEDULING, _run.Deadlines.add, trio.Event.set
     _run._r = _FifoRandom()
     _run._ALLOW_DETERMINISTIC_SCHEDULING = False  # type: ignore[misc]
+    _run.Deadlines.add = _deadlines_add  # type: ignore[method-assign,assignment]
+    trio.Event.set = _event_set  # type: ignore[method-assign]
     try:
         yield
     finally:
-        _run._r, _run._ALLOW_DETERMINISTIC_SCHEDULING = old  # type: ignore[misc]
+        (_run._r, _run._ALLOW_DETERMINISTIC_SCHEDULING, _run.Deadlines.add,  # type: ignore[misc,method-assign]
+         trio.Event.set) = old  # type: ignore[method-assign]

@@ -73,7 +73,7 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "delivered_emergency": ("", "reserve skbs queued on a memalloc socket"),
     "tcp_held": ("TcpExtTCPRcvQDrop", "TCP chunks dropped and held on the wire for re-offer"),
     "tcp_reoffer": ("", "TCP chunks offered again after a retransmission timeout"),
-    "tcp_window_closed": ("TcpExtTCPZeroWindowDrop", "times a TCP wire stopped reading: receive window closed"),
+    "tcp_window_closed": ("TcpExtTCPZeroWindowDrop", "times a segment waited for the receive window to open"),
     "tcp_accepted": ("TcpPassiveOpens", "connections accepted by application listeners"),
     "listen_drops": ("TcpExtListenDrops", "connections refused: no memory for the new socket"),
     "tx_skbs": ("IpOutRequests", "TX skbs allocated"),

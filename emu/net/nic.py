@@ -84,8 +84,11 @@ class Nic:
         wire.scheduled = when
         heapq.heappush(self._heap, (when, wire.head_due(), wire.index, wire))
         if when < self._sleep_until and self._sleep is not None:
-            self._sleep.cancel()
-            self._sleep = None
+            # Bring the NIC's timer forward rather than waking it now: it then always wakes by
+            # its timer at the interrupt time, in the same place among the tasks that run then,
+            # whether a watcher read the frame early or the clock read it just in time.
+            self._sleep_until = when
+            self._sleep.deadline = when
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """ksoftirqd/0: the watchers, and the polls, until cancelled."""
@@ -110,8 +113,11 @@ class Nic:
         return math.floor(now / q + 1e-9) * q
 
     async def _softirq(self) -> None:
-        """net_rx_action: at each interrupt, one poll over every wire with frames due (in the
-        order they became due), `batch` frames per wire at a time, `BUDGET` frames per round."""
+        """net_rx_action: at each interrupt, one poll over every wire with frames due, `batch`
+        frames per wire at a time, in the order of their first frame's due time (then the order
+        the wires were made), `BUDGET` frames per round.  The order is decided when the poll
+        runs, from what the rings hold then: never from when a watcher happened to read a real
+        socket, so it does not depend on the machine."""
         heap = self._heap
         rx = self.rx
         current_time = trio.current_time
@@ -120,24 +126,34 @@ class Nic:
             now = current_time()
             if heap and heap[0][0] <= now:
                 cutoff = self.cutoff(now)
+                ready: list[tuple[float, int, Wire]] = []
+                while heap and heap[0][0] <= now:
+                    when, _, _, wire = heapq.heappop(heap)
+                    if when != wire.scheduled:
+                        continue  # superseded by an earlier schedule
+                    wire.scheduled = math.inf
+                    if not wire.closed:
+                        ready.append((wire.head_due(), wire.index, wire))
+                heapq.heapify(ready)
                 done = 0
                 t.in_softirq = True
                 rx.begin(now)
                 try:
-                    while heap and heap[0][0] <= now and done < BUDGET:
-                        when, _, _, wire = heapq.heappop(heap)
-                        if when != wire.scheduled:
-                            continue  # superseded by an earlier schedule
-                        wire.scheduled = math.inf
+                    while ready and done < BUDGET:
+                        _, index, wire = heapq.heappop(ready)
                         if wire.closed:
                             continue
                         done += wire.service(now, cutoff)
                         nxt = wire.next_time()
-                        if nxt < math.inf:
+                        if nxt <= now:  # more due: another turn in this round
+                            heapq.heappush(ready, (wire.head_due(), index, wire))
+                        elif nxt < math.inf:
                             self.schedule(wire, nxt)
                 finally:
                     rx.end()
                     t.in_softirq = False
+                    for _, _, wire in ready:  # the budget ran out: the rest in the next round
+                        self.schedule(wire, now)
                 await trio.lowlevel.checkpoint()
                 continue
             until = heap[0][0] if heap else math.inf

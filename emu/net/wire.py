@@ -23,6 +23,7 @@ real TCP window as it would close the emulated one.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import errno
 import math
@@ -40,10 +41,15 @@ if TYPE_CHECKING:
     from emu.net.sock import Sock
 
 READ_MAX = 256  # datagrams read per pull at most
+READ_CAP = 4 << 20  # bytes a TCP wire reads ahead of the NIC at most (tcp_rmem's maximum, 2.6.2x)
 # The real kernel's buffer behind each emulated UDP socket: big, so loopback never drops first.
 REAL_RCVBUF_DEFAULT = 8 << 20
 GRACE_PEER = 10.0  # wall seconds a real peer may take to answer before the clock stops waiting
 GRACE_TRAFFIC = 1.0  # wall seconds a datagram may take on loopback before it counts as lost
+
+
+def _due_key(frame: tuple[Any, ...]) -> float:
+    return frame[0]  # type: ignore[no-any-return]
 
 
 def set_big_rcvbuf(sock: _socket.socket, nbytes: int) -> None:
@@ -226,7 +232,6 @@ class UdpWire(Wire):
         self.laddr, self.lport = raw.getsockname()[:2]
         self.buf = bytearray(65536)
         self.ring: collections.deque[tuple[float, bytes, str, int]] = collections.deque()
-        self.ordered = True  # the ring's due times never decrease (so its last due means all are)
 
     def pull(self) -> bool:
         """Read everything the real socket holds into the ring; False if it was closed."""
@@ -238,8 +243,6 @@ class UdpWire(Wire):
         fifo = self.fifo
         now = self.clock.now if self.clock is not None else trio.current_time()
         last = ring[-1][0] if ring else 0.0
-        if not ring:
-            self.ordered = True
         got = 0
         for _ in range(READ_MAX):
             try:
@@ -263,9 +266,12 @@ class UdpWire(Wire):
             else:
                 due = now
             if due < last:
-                self.ordered = False
-            last = due
-            ring.append((due, data, addr[0], addr[1]))
+                # A reply due before one read earlier (the real server answered out of order):
+                # the ring is kept in due order, as the model's wire would deliver them.
+                ring.insert(bisect.bisect_right(ring, due, key=_due_key), (due, data, addr[0], addr[1]))
+            else:
+                last = due
+                ring.append((due, data, addr[0], addr[1]))
         if got:
             self.datagrams += got
             self._arrived()
@@ -287,7 +293,7 @@ class UdpWire(Wire):
     def service(self, now: float, cutoff: float) -> int:
         ring = self.ring
         batch = self.nic.batch
-        if self.ordered and len(ring) <= batch and ring and ring[-1][0] <= cutoff:
+        if ring and len(ring) <= batch and ring[-1][0] <= cutoff:
             frames = list(ring)  # all of it is due (the common case)
             ring.clear()
         else:
@@ -306,38 +312,53 @@ class UdpWire(Wire):
 
 
 class TcpWire(Wire):
-    """Drains one real TCP connection in MSS segments, holding a refused one for re-offer."""
+    """Drains one real TCP connection in MSS segments, holding a refused one for re-offer.
+
+    Where the segments are cut and when each is due depend only on the stream and the model,
+    never on how the real kernel happened to chunk the bytes it had: a reply is cut into MSS
+    segments from its first byte, and segment k is due when the reply's first byte is (a round
+    trip after its request left) plus the serialization of the reply up to the end of k.  The
+    model's peer answers every request a round trip after it left, so its stream carries the
+    replies in the order they are due: where the framer says replies stand alone (RPC records,
+    matched by xid) a reply is placed in the ring by its due time, whole, whatever order the real
+    server wrote them in; otherwise (iSCSI, in StatSN order) the stream's order is kept and no
+    segment is due before the one ahead of it.  The emulated receive window is
+    applied when a segment is due (the peer sends nothing past it: the segment waits for the
+    window to open, then comes a round trip later); what is read ahead from the real socket is
+    bounded by `READ_CAP`, past which the real window closes too.
+    """
 
     def __init__(self, nic: Nic, sock: Sock, raw: _socket.socket, **kw: Any) -> None:
         super().__init__(nic, sock, raw, **kw)
-        self.ring: collections.deque[tuple[float, bytes]] = collections.deque()
-        self.ring_bytes = 0
+        # (due, segment, first segment of a reply)
+        self.ring: collections.deque[tuple[float, bytes, bool]] = collections.deque()
+        self.ring_bytes = 0  # read from the real socket and not yet queued (ring, _reply, _seg)
+        self._seg = bytearray()  # the segment being cut
+        self._reply_off = 0  # bytes of the current reply read so far
+        self._reply: list[tuple[float, bytes, bool]] = []  # its segments, while it is incomplete
+        self._in_order = getattr(self.framer, "in_order", True)
+        self._last_due = 0.0  # stream order
         self.rto = nic.tcp_rto_min
         self.reoffer_at: float | None = None  # a segment is held until then
         self.held_since: float | None = None
+        self.window_wait = False  # the head segment waits for the receive window to open
         self.eof = False
         self.error: OSError | None = None
         self._suspended: list[tuple[Tag, Awaited]] = []
-        self._ready = trio.lowlevel.ParkingLot()  # the watcher, waiting for the window to open
+        self._ready = trio.lowlevel.ParkingLot()  # the watcher, waiting for the ring to drain
 
     # ---- reading -------------------------------------------------------------------------------
 
-    def _accepting(self) -> bool:
-        sk = self.sock
-        return self.reoffer_at is None and sk is not None and sk.tcp_window() > self.ring_bytes
-
     def pull(self) -> bool:
-        """Read what the emulated receive window allows into the ring; False once the stream
-        ended or failed (after which nothing more is read)."""
+        """Read what the real socket holds (up to READ_CAP ahead) into the ring; False once the
+        stream ended or failed (after which nothing more is read)."""
         if self.eof or self.error is not None:
             return False
-        sock = self.sock
-        assert sock is not None
-        allowed = sock.tcp_window() - self.ring_bytes
-        if allowed <= 0 or self.reoffer_at is not None:
+        room = READ_CAP - self.ring_bytes
+        if room <= 0:
             return True
         try:
-            data = self.raw.recv(min(allowed, 65536))
+            data = self.raw.recv(min(room, 65536))
         except BlockingIOError:
             return True
         except OSError as exc:
@@ -356,26 +377,84 @@ class TcpWire(Wire):
             return False
         self.datagrams += 1
         now = self.clock.now if self.clock is not None else trio.current_time()
-        mss = self.nic.mss
-        ring = self.ring
         framer = self.framer
-        if framer is not None:
-            units = framer.received(data)
+        if framer is None:  # nothing to tell replies apart: what was read is due now
+            self._cut(data, None, True, now)
         else:
-            units = [(len(data), None, False)]
-        pos = 0
-        for nbytes, tag, end in units:  # type: ignore[misc]
-            due = self._due_reply(tag, nbytes, end, now)
-            stop = pos + nbytes
-            while pos < stop:
-                piece = data[pos:min(pos + mss, stop)]
-                ring.append((due, piece))
-                pos += len(piece)
+            pos = 0
+            for nbytes, tag, end in framer.received(data):  # type: ignore[misc]
+                self._cut(data[pos:pos + nbytes], tag, end, now)
+                pos += nbytes
         self.ring_bytes += len(data)
+        if self.ring_bytes >= READ_CAP:
+            self._suspend()
         self._arrived()
         return True
 
+    def _cut(self, piece: bytes, tag: Tag | None, end: bool, now: float) -> None:
+        """Add `piece` of the reply `tag` to the segment being cut; `end`: the reply ends."""
+        seg = self._seg
+        mss = self.nic.mss
+        a = self.awaited.get(tag) if tag is not None else None
+        i, n = 0, len(piece)
+        while i < n:
+            take = min(mss - len(seg), n - i)
+            seg += piece[i:i + take]
+            i += take
+            self._reply_off += take
+            if len(seg) >= mss:
+                self._emit(a, now)
+        if end:
+            if seg:
+                self._emit(a, now)
+            self._reply_off = 0
+            if self._reply:
+                self._place(self._reply)
+                self._reply = []
+            if a is not None:
+                del self.awaited[tag]
+                self.clock.arrived(a)  # type: ignore[union-attr]
+                if self.link is not None:
+                    self.link.replies += 1
+
+    def _emit(self, a: Awaited | None, now: float) -> None:
+        if a is not None:
+            due = a.due + (self.link.serialization(self._reply_off) if self.link is not None else 0.0)
+        else:
+            due = now  # unsolicited, or after the clock stopped waiting for it
+        if due < self._last_due:
+            due = self._last_due
+        seg = (due, bytes(self._seg), self._reply_off <= len(self._seg))
+        self._seg.clear()
+        if self._in_order:
+            self._last_due = due
+            self.ring.append(seg)
+        else:
+            self._reply.append(seg)
+
+    def _place(self, reply: list[tuple[float, bytes, bool]]) -> None:
+        """Put a whole reply into the ring before the first reply due after it (never inside
+        another reply, nor before one the NIC has begun to offer)."""
+        ring = self.ring
+        d0 = reply[0][0]
+        if not ring or ring[-1][0] <= d0:
+            ring.extend(reply)
+            return
+        offered = self.held_since is not None or self.window_wait or not ring[0][2]
+        at = len(ring)
+        for i, seg in enumerate(ring):
+            if seg[2] and seg[0] > d0 and not (i == 0 and offered):
+                at = i
+                break
+        for k, seg in enumerate(reply):
+            ring.insert(at + k, seg)
+
     def _end_of_stream(self) -> None:
+        if self._seg:  # an incomplete reply: deliver what came
+            self._emit(None, self.clock.now if self.clock is not None else trio.current_time())
+        if self._reply:
+            self.ring.extend(self._reply)
+            self._reply = []
         if not self.ring:
             self._signal_end()
         else:
@@ -390,13 +469,17 @@ class TcpWire(Wire):
             sock.rx_eof()
 
     def rcv_space(self) -> None:
-        """The socket's reader freed receive-buffer space (the window update)."""
-        if self._ready:
-            self._ready.unpark_all()
+        """The socket's reader freed receive-buffer space: a window update to the peer, whose
+        next segment comes a round trip later."""
+        if self.window_wait:
+            self.window_wait = False
+            now = self.clock.now if self.clock is not None else trio.current_time()
+            self.reoffer_at = now + (self.link.rtt if self.link is not None else 0.0)
+            self.nic.schedule(self, self.reoffer_at)
 
     def _suspend(self) -> None:
-        """Holding a segment or with the window closed, this wire reads nothing: what it awaits
-        stops holding the clock until it reads again."""
+        """READ_CAP bytes read ahead: this wire reads nothing until the ring drains, so what it
+        awaits stops holding the clock."""
         clock = self.clock
         if clock is None or self._suspended:
             return
@@ -413,15 +496,14 @@ class TcpWire(Wire):
             if self.awaited.get(tag) is a:
                 self.awaited[tag] = clock.resume(a)
         self._suspended.clear()
+        self._last_due = max(self._last_due, clock.now)  # nothing read from now on is due earlier
 
     async def watch(self) -> None:
         wait_readable = trio.lowlevel.wait_readable
         with self.cancel_scope:
             while not self.closed and not self.eof and self.error is None:
-                if not self._accepting():
+                if self.ring_bytes >= READ_CAP:
                     self._suspend()
-                    if self.reoffer_at is None:
-                        self.nic.stat.tcp_window_closed += 1
                     await self._ready.park()
                     continue
                 self._resume()
@@ -433,6 +515,8 @@ class TcpWire(Wire):
     def next_time(self) -> float:
         if self.reoffer_at is not None:
             return self.reoffer_at
+        if self.window_wait:
+            return math.inf  # until rcv_space
         ring = self.ring
         return self.nic.irq_time(ring[0][0]) if ring else math.inf
 
@@ -441,17 +525,24 @@ class TcpWire(Wire):
         rx = nic.rx
         ring = self.ring
         sock = self.sock
+        assert sock is not None
         reoffer = self.reoffer_at is not None
         if reoffer:
-            nic.stat.tcp_reoffer += 1  # the held segment, offered again (it was due long ago)
+            if self.held_since is not None:
+                nic.stat.tcp_reoffer += 1  # the held segment, offered again (it was due long ago)
             self.reoffer_at = None
         n = 0
         for _ in range(nic.batch):
             if not ring or (ring[0][0] > cutoff and not (reoffer and n == 0)):
                 break
             chunk = ring[0][1]
+            if sock.tcp_window() < len(chunk):
+                # The advertised window is closed: the peer would not have sent this yet.
+                self.window_wait = True
+                nic.stat.tcp_window_closed += 1
+                break
             n += 1
-            if rx.tcp(sock, chunk) != QUEUED:  # type: ignore[arg-type]
+            if rx.tcp(sock, chunk) != QUEUED:
                 # Dropped: the peer "retransmits" after RTO; nothing after it meanwhile.
                 nic.stat.tcp_held += 1
                 if self.held_since is None:
@@ -463,14 +554,16 @@ class TcpWire(Wire):
             self.ring_bytes -= len(chunk)
             self.rto = nic.tcp_rto_min
             self.held_since = None
-        if self.reoffer_at is None:
-            if not ring and (self.eof or self.error is not None):
-                self._signal_end()
-            self.rcv_space()  # what it held is gone: the watcher may read again
+        if self.reoffer_at is None and not self.window_wait and not ring and (self.eof or self.error is not None):
+            self._signal_end()
+        if self.ring_bytes < READ_CAP and self._ready:
+            self._ready.unpark_all()  # room again: the watcher may read
         return n
 
     def state(self) -> str:
         """For ss: how long a segment has been held, and the current RTO."""
+        if self.window_wait:
+            return "zero window"
         if self.held_since is None:
             return ""
         try:

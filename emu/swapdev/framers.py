@@ -104,7 +104,10 @@ class _RecordParser:
 
 
 class RpcStreamFramer:
-    """RPC over TCP (record marking)."""
+    """RPC over TCP (record marking).  Replies stand alone (the client matches them by xid, and a
+    server may answer in any order), so the model may deliver them in the order they are due."""
+
+    in_order = False
 
     def __init__(self) -> None:
         self._out = _RecordParser()
@@ -182,7 +185,10 @@ def _response(op: int, flags: int, itt: int) -> tuple[int | None, bool]:
 
 
 class IscsiFramer:
-    """An iSCSI connection (digests as negotiated: the swap session uses none)."""
+    """An iSCSI connection (digests as negotiated: the swap session uses none).  The target
+    answers in StatSN order (RFC 7143, "Response/Status Numbering"), so its stream's order is kept."""
+
+    in_order = True
 
     def __init__(self, header_digest: bool = False, data_digest: bool = False) -> None:
         self._out = _PduParser(header_digest, data_digest)
