@@ -9,15 +9,17 @@ under NETSWAP_REQUIRE_PEERS=1 (CI).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from peers import unavailable
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+_groups = itertools.count()
 
 
 @contextlib.contextmanager
@@ -45,7 +47,7 @@ def cpu_quota(fraction: float) -> Iterator[Path]:
     """A child cgroup of the cpu controller limited to `fraction` of one CPU.  Yields the path
     of its `cgroup.procs`: write a pid there and the process and its children run limited."""
     require_cgroup_cpu()
-    group = CGROUP_CPU / f"netswap-test-{os.getpid()}-{int(fraction * 100)}"
+    group = CGROUP_CPU / f"netswap-test-{os.getpid()}-{int(fraction * 100)}-{next(_groups)}"
     group.mkdir(exist_ok=True)
     try:
         period = int((CGROUP_CPU / "cpu.cfs_period_us").read_text())
@@ -62,11 +64,20 @@ def cpu_quota(fraction: float) -> Iterator[Path]:
             group.rmdir()
 
 
-def run_limited(argv: list[str], procs: Path | None, timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run `argv`, inside the cgroup whose `cgroup.procs` is `procs` (with all its children)."""
-
+def _enter(procs: Path | None) -> Callable[[], None]:
     def enter() -> None:
         if procs is not None:
             procs.write_text(str(os.getpid()))
 
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, preexec_fn=enter)
+    return enter
+
+
+def run_limited(argv: list[str], procs: Path | None, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run `argv`, inside the cgroup whose `cgroup.procs` is `procs` (with all its children)."""
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, preexec_fn=_enter(procs))
+
+
+def start_limited(argv: list[str], procs: Path | None) -> subprocess.Popen[str]:
+    """Start `argv` inside the cgroup whose `cgroup.procs` is `procs` (None: unlimited)."""
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_enter(procs))

@@ -106,11 +106,12 @@ class Nic:
                     self._nursery = None
 
     def cutoff(self, now: float) -> float:
-        """Frames due by this time are in the interrupt being served at `now`."""
+        """Frames due by this time are in the interrupt being served at `now`: exactly those
+        whose `irq_time` is not after `now`."""
         q = self.rx_usecs
         if not q:
             return now
-        return math.floor(now / q + 1e-9) * q
+        return (math.floor(now / q + 1e-9) + 1e-9) * q
 
     async def _softirq(self) -> None:
         """net_rx_action: at each interrupt, one poll over every wire with frames due, `batch`
@@ -143,11 +144,14 @@ class Nic:
                         _, index, wire = heapq.heappop(ready)
                         if wire.closed:
                             continue
-                        done += wire.service(now, cutoff)
+                        n = wire.service(now, cutoff)
+                        done += n
                         nxt = wire.next_time()
-                        if nxt <= now:  # more due: another turn in this round
+                        if n and nxt <= now:  # more due: another turn in this round
                             heapq.heappush(ready, (wire.head_due(), index, wire))
                         elif nxt < math.inf:
+                            if nxt <= now:  # it took nothing: never spin on it within one instant
+                                nxt = now + (self.rx_usecs or 1e-6)
                             self.schedule(wire, nxt)
                 finally:
                     rx.end()
