@@ -71,6 +71,7 @@ class ServerConfig:
     conn_reserve: int = 64 * 1024 + 512
     squash: Squash = field(default_factory=Squash)  # root_squash, anonuid, anongid
     idle_timeout: float = 360.0  # close a connection idle this long (knfsd: 6 minutes)
+    record_timeout: float = 5.0  # ... or whose record body stalls this long
     first_call_timeout: float = 5.0  # ... or one that sent no RPC call this long after connecting
 
 
@@ -82,8 +83,22 @@ class ServerStats:
     tcp_idle_closed: int = 0
     tcp_no_call_closed: int = 0
     oversized_records: int = 0
+    stalled_records: int = 0  # connections closed because a record body stopped coming
     udp_datagrams: int = 0
     udp_send_errors: int = 0
+
+
+class ListenError(OSError):
+    """A service port could not be bound; the message names the address and why, in one line."""
+
+    def __init__(self, host: str, port: int, e: OSError) -> None:
+        reason = {errno.EADDRINUSE: "address in use", errno.EACCES: "permission denied",
+                  errno.EADDRNOTAVAIL: "address not available"}.get(e.errno or 0, e.strerror or str(e))
+        super().__init__(e.errno, f"cannot listen on {host}:{port}: {reason}")
+        self.host, self.port = host, port
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 async def send_iov(sock: trio.socket.SocketType, bufs: Sequence[Buffer], addr: object = None) -> None:
@@ -182,11 +197,11 @@ class NfsServer:
                 udp.close()
                 if port == 0 and e.errno == errno.EADDRINUSE:
                     continue
-                raise
+                raise ListenError(self.config.bind, port, e) from None
             tcp.listen(128)
             udp.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVBUF, 4 * 1024 * 1024)
             return tcp, udp
-        raise OSError(errno.EADDRINUSE, "no free port for both TCP and UDP")
+        raise ListenError(self.config.bind, port, OSError(errno.EADDRINUSE, "no free port for both TCP and UDP"))
 
     async def serve(self, *, task_status: trio.TaskStatus[dict[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
@@ -431,4 +446,4 @@ def parse_allow(values: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress
     return [ipaddress.ip_network(v, strict=False) for v in values]
 
 
-__all__ = ["NfsServer", "ServerConfig", "parse_allow", "send_iov"]
+__all__ = ["ListenError", "NfsServer", "ServerConfig", "parse_allow", "send_iov"]

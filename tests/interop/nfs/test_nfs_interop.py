@@ -14,7 +14,7 @@ from peers import require_binary, require_root
 
 from nfs.client import NfsClient
 from nfs.nfs3 import FILE_SYNC, UNSTABLE, CreateMode
-from nfs.testbed import H, capture, ganesha, libnfs, netswap_server
+from emu.peers.nfs import H, capture, ganesha, libnfs, netswap_server
 
 pytestmark = pytest.mark.peers
 

@@ -305,9 +305,9 @@ async def test_a_duplicate_on_a_new_tcp_connection_gets_the_original_reply(nfs_s
 
 
 async def test_hard_client_outlasts_major_timeouts_until_the_server_comes(tmp_path: Path, export_dir: Path) -> None:
-    from nfs.testbed import free_port_pair
+    from emu.util.ports import free_port
 
-    port = free_port_pair()
+    port = free_port(H, udp_too=True)
     done = trio.Event()
     async with trio.open_nursery() as n:
         async with NfsClient.udp(H, port, port, timeo=0.05, retrans=1, hard=True) as c:
