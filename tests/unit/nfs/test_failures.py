@@ -278,13 +278,16 @@ async def test_a_stalled_client_does_not_hold_up_others(nfs_server) -> None:  # 
 
 async def test_a_duplicate_on_a_new_tcp_connection_gets_the_original_reply(nfs_server) -> None:  # type: ignore[no-untyped-def]
     from nfs.nfs3 import FILE_SYNC as FS
-    from nfs.nfs3 import encode_write_args_head
+    from nfs.nfs3xdr import NFS3_PROCEDURES, WriteArgs
+    from nfs.xdr import Packer
 
     (nfs_server.export / "w").write_bytes(b"")
     fh = nfs_server.server.export.fh_for(str(nfs_server.export / "w"), os.lstat(nfs_server.export / "w"),
                                          nfs_server.server.export.root_ino)
     data = os.urandom(512 * 1024)
-    call = encode_call(4242, NFS_PROGRAM, 3, Proc.WRITE, encode_write_args_head(fh, 0, len(data), FS) + data,
+    p = Packer()
+    NFS3_PROCEDURES[Proc.WRITE].encode_args(p, WriteArgs(fh, 0, len(data), FS, data))
+    call = encode_call(4242, NFS_PROGRAM, 3, Proc.WRITE, b"".join(p.iov()),  # type: ignore[arg-type]
                        AuthSys().to_auth())  # root (AUTH_NONE is the anonymous user: no write to root's file)
     rec = struct.pack(">I", LAST_FRAG | len(call)) + call
     a = await trio.open_tcp_stream(H, nfs_server.nfs_port)
