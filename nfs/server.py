@@ -4,11 +4,13 @@ Every service port (NFS, MOUNT, optional portmap) is served on both UDP and TCP,
 answers every program (as knfsd's and ganesha's ports do for NULL probes). One task per TCP
 connection reads records (each capped by `max_record`; a bigger one closes that connection only)
 and runs each call in its own task. Memory is bounded server-wide: every connection and UDP
-socket draws from one `ByteBudget` (nfs/budget.py) of `max_buffered` bytes — a record is charged
-when its mark announces it, before its payload is read, and freed when its reply has gone — and
-a record's buffer grows only as its bytes arrive. Past the budget a reader stops reading, so TCP
-flow control holds the client back; each connection keeps a small guaranteed part, so small
-calls get through however much big records hold.
+socket draws from one `ByteBudget` (nfs/budget.py) of `max_buffered` bytes: a record's bytes are
+charged as they are read (a mark alone costs nothing, and a record's buffer grows only as its
+bytes arrive), each connection within its fair share of the budget, and freed when the reply
+has gone. Past the budget a reader stops reading, so TCP flow control holds the client back;
+each connection keeps a small guaranteed part, so small calls get through however much big
+records hold; and a record whose body stops coming closes its connection after `record_timeout`
+seconds (not `idle_timeout`), so partial records cannot hold the budget.
 
 Connections are closed when idle for `idle_timeout` (knfsd: 6 minutes) or when they send no RPC
 call within `first_call_timeout` of connecting; at `max_connections` the connection idle the
@@ -37,7 +39,7 @@ from nfs.drc import DuplicateRequestCache
 from nfs.mount import MOUNT_PROGRAM, MOUNT_V3, MountProgram
 from nfs.nfs3 import NFS_PROGRAM, NFS_V3
 from nfs.nfsd import NfsProgram
-from nfs.portmap import IPPROTO_TCP, IPPROTO_UDP, Mapping, PortmapProgram
+from nfs.portmap import IPPROTO_TCP, IPPROTO_UDP, PMAP_PROGRAM, PMAP_V2, Mapping, PortmapProgram
 from nfs.record import DEFAULT_MAX_RECORD, BufferPool, RecordDecoder, RecordTooLarge, record_mark
 from nfs.store import Export, default_state_dir, load_key
 from nfs.svc import Buffer, CallContext, FileSegment, RpcService, close_segments, materialize
@@ -215,7 +217,10 @@ class NfsServer:
                 socks.append((name, tcp, udp))
                 self.ports[name] = tcp.getsockname()[1]
             if self.portmap is not None:
-                for prog, vers, name in ((NFS_PROGRAM, NFS_V3, "nfs"), (MOUNT_PROGRAM, MOUNT_V3, "mount")):
+                # The portmapper lists itself first, on its own port, as rpcbind does (rpcinfo -p
+                # and GETPORT of 100000 v2 find it), then MOUNT and NFS.
+                for prog, vers, name in ((PMAP_PROGRAM, PMAP_V2, "portmap"), (NFS_PROGRAM, NFS_V3, "nfs"),
+                                         (MOUNT_PROGRAM, MOUNT_V3, "mount")):
                     for prot in (IPPROTO_TCP, IPPROTO_UDP):
                         self.portmap.set(Mapping(prog, vers, prot, self.ports[name]))
             async with trio.open_nursery() as nursery:
@@ -268,7 +273,7 @@ class NfsServer:
         self._conns[id(conn)] = conn
         send_lock = trio.StrictFIFOLock()
         lowat = 1
-        charged = 0  # bytes of dec.reserved already charged to the budget
+        charged = 0  # bytes of dec.received already charged to the budget
         pending = scratch_mv[:0]  # bytes read into the scratch buffer, not yet fed to the decoder
         try:
             with conn.scope:
@@ -276,10 +281,12 @@ class NfsServer:
                 async with trio.open_nursery() as calls:
                     try:
                         while True:
-                            # The marks announced these bytes: charge them before reading them.
-                            owed = dec.reserved - charged
+                            # What arrived is charged (a mark alone costs nothing); past the
+                            # budget, or this connection's fair share of it, reading stops until
+                            # it is covered: TCP flow control holds the client back.
+                            owed = dec.received - charged
                             if owed > 0:
-                                await conn.share.acquire(owed)
+                                await conn.charge(owed)
                                 charged += owed
                             rec = dec.next_record()
                             if rec is not None:
@@ -291,22 +298,25 @@ class NfsServer:
                                 conn.arm()
                                 calls.start_soon(self._tcp_call, sock, send_lock, dec, rec, conn)
                                 continue
-                            buf = dec.get_buffer() if not pending else None
-                            if buf is not None and len(buf) >= _SCRATCH:
+                            if not pending and dec.frag_left >= _SCRATCH:
                                 # Inside a big fragment: receive straight into the record, and let
-                                # the kernel wake us only once a good part of it is there.
-                                want = min(len(buf), _MAX_LOWAT)
+                                # the kernel wake us only once a good part of it is there. The
+                                # chunk is charged (and its buffer grown) just before the read.
+                                want = min(dec.frag_left, _MAX_LOWAT)
                                 if want != lowat:
                                     sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, want)
                                     lowat = want
-                                n = await sock.recv_into(buf)
-                                buf.release()
+                                await conn.charge(want)
+                                buf = dec.get_buffer(hint=want)
+                                assert buf is not None
+                                with buf, buf[:want] as chunk:
+                                    n = await sock.recv_into(chunk)
+                                conn.share.release(want - n)
                                 if n == 0:
                                     return
+                                charged += n
                                 dec.commit(n)
                             else:
-                                if buf is not None:
-                                    buf.release()
                                 if not pending:
                                     if lowat != 1:
                                         sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, 1)
@@ -328,13 +338,16 @@ class NfsServer:
                     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
                         log.debug("%s:%d: connection ended: %s", host, port, e)
             if conn.scope.cancelled_caught and not conn.evicted_by(self._conns):
-                if conn.got_call:
-                    self.stats.tcp_idle_closed += 1
-                    log.info("%s:%d: idle for %.0fs, closing", host, port, self.config.idle_timeout)
-                else:
+                if not conn.got_call:
                     self.stats.tcp_no_call_closed += 1
                     log.info("%s:%d: no call within %.1fs of connecting, closing", host, port,
                              self.config.first_call_timeout)
+                elif dec.in_record:
+                    self.stats.stalled_records += 1
+                    log.info("%s:%d: a record stalled for %.1fs, closing", host, port, self.config.record_timeout)
+                else:
+                    self.stats.tcp_idle_closed += 1
+                    log.info("%s:%d: idle for %.0fs, closing", host, port, self.config.idle_timeout)
         except Exception:  # a bug must cost this connection, never the server
             log.exception("%s:%d: connection failed", host, port)
         finally:
@@ -406,8 +419,9 @@ class NfsServer:
 
 class _Conn:
     """A TCP connection's state for the idle rules: closed when no valid call came within
-    `first_call_timeout` of connecting, or when nothing happened for `idle_timeout` while no call
-    was running (knfsd closes idle temporary sockets after 6 minutes)."""
+    `first_call_timeout` of connecting, when part of a record came and the rest did not for
+    `record_timeout`, or when nothing happened for `idle_timeout` while no call was running
+    (knfsd closes idle temporary sockets after 6 minutes)."""
 
     def __init__(self, peer: tuple[str, int], share: Share, dec: RecordDecoder, now: float,
                  config: ServerConfig) -> None:
@@ -417,17 +431,35 @@ class _Conn:
         self.opened = now
         self.last_active = now
         self.got_call = False
+        self.waiting = False  # for the byte budget: no bytes are read, so none can be late
         self.scope = trio.CancelScope()
         self.first_call_timeout = config.first_call_timeout
         self.idle_timeout = config.idle_timeout
+        self.record_timeout = config.record_timeout
+
+    async def charge(self, n: int) -> None:
+        """Charge n bytes to the connection's share, waiting (not timed) for room."""
+        if self.share.try_acquire(n):
+            return
+        self.waiting = True
+        self.arm()
+        try:
+            await self.share.acquire(n)
+        finally:
+            self.waiting = False
+            self.touch()
 
     def arm(self) -> None:
+        deadline = math.inf
+        if self.dec.in_record and not self.waiting:
+            # Part of a record came and the rest stopped coming: time it out in seconds, so a
+            # client cannot hold buffers (and its fair share) with records it never finishes.
+            deadline = self.last_active + self.record_timeout
         if not self.got_call and self.share.calls == 0:
-            self.scope.deadline = self.opened + self.first_call_timeout
-        elif self.share.calls:
-            self.scope.deadline = math.inf
-        else:
-            self.scope.deadline = self.last_active + self.idle_timeout
+            deadline = min(deadline, self.opened + self.first_call_timeout)
+        elif not self.share.calls and not self.dec.in_record:
+            deadline = self.last_active + self.idle_timeout
+        self.scope.deadline = deadline
 
     def touch(self) -> None:
         self.last_active = trio.current_time()

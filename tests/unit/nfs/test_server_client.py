@@ -137,8 +137,15 @@ async def test_mount_portmap_and_exports(nfs_server) -> None:  # type: ignore[no
                                  lambda u: u.u32())
             assert port == nfs_server.nfs_port
         maps = await pm.call(PMAP_PROGRAM, 2, PmapProc.DUMP, b"", decode_dump_res)
-        assert {(m.prog, m.port) for m in maps} == {(NFS_PROGRAM, nfs_server.nfs_port),
-                                                    (MOUNT_PROGRAM, nfs_server.mount_port)}
+        assert {(m.prog, m.prot, m.port) for m in maps} == {
+            (prog, prot, port) for prog, port in ((PMAP_PROGRAM, nfs_server.ports["portmap"]),
+                                                  (NFS_PROGRAM, nfs_server.nfs_port),
+                                                  (MOUNT_PROGRAM, nfs_server.mount_port))
+            for prot in (IPPROTO_TCP, IPPROTO_UDP)}  # the portmapper lists itself, as rpcbind does
+        for prot in (IPPROTO_TCP, IPPROTO_UDP):
+            port = await pm.call(PMAP_PROGRAM, 2, PmapProc.GETPORT, encode_getport_args(PMAP_PROGRAM, 2, prot),
+                                 lambda u: u.u32())
+            assert port == nfs_server.ports["portmap"]
 
 
 async def test_clients_outside_allow_are_refused(tmp_path: Path, export_dir: Path) -> None:
