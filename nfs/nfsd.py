@@ -96,6 +96,9 @@ def _fsync_at(dir_fd: int, name: str | None) -> None:
             return
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # a FIFO or socket: its directory entry is what holds it
+            raise
     finally:
         os.close(fd)
 
