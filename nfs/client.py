@@ -85,6 +85,19 @@ def _peer_host(transport: object) -> str | None:
     return None
 
 
+def _refused(e: BaseException | None) -> bool:
+    """Was this connect failure (or what caused it: trio wraps them) a refused connection?"""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, ConnectionRefusedError):
+            return True
+        if isinstance(e, BaseExceptionGroup):
+            return any(_refused(x) for x in e.exceptions)
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
+
+
 class _Conn:
     def __init__(self, transport: Any, stream: bool, gen: int) -> None:
         self.transport = transport
@@ -518,10 +531,8 @@ class NfsClient:
                                     f"(no MOUNT v3 on that port)") from None
             raise NfsMountError(f"server {server}: MOUNT failed: {e}") from None
         except OSError as e:
-            reason = e.strerror or str(e)
-            if isinstance(e, ConnectionRefusedError):
-                reason = "connection refused"
-            raise NfsMountError(f"server {server}: MOUNT failed: {reason.lower()}") from None
+            reason = "connection refused" if _refused(e) else (e.strerror or str(e)).lower()
+            raise NfsMountError(f"server {server}: MOUNT failed: {reason}") from None
 
     async def mount(self, export: str) -> bytes:
         """MNT the export, then FSINFO on its root (sets rsize/wsize). Returns the root handle."""

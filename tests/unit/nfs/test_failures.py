@@ -307,7 +307,9 @@ async def test_a_duplicate_on_a_new_tcp_connection_gets_the_original_reply(nfs_s
     assert drc.hits + drc.in_progress_drops >= 1  # executed once, answered twice
 
 
-async def test_hard_client_outlasts_major_timeouts_until_the_server_comes(tmp_path: Path, export_dir: Path) -> None:
+async def test_hard_client_outlasts_major_timeouts_until_the_server_comes(tmp_path: Path, export_dir: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("WARNING", logger="nfs.client")
     from emu.util.ports import free_port
 
     port = free_port(H, udp_too=True)
@@ -327,3 +329,39 @@ async def test_hard_client_outlasts_major_timeouts_until_the_server_comes(tmp_pa
             with trio.fail_after(5):
                 await done.wait()
         n.cancel_scope.cancel()
+    said = [r.getMessage() for r in caplog.records if r.name == "nfs.client"]
+    # The kernel's messages: once when the server stops answering, once when it is back.
+    assert said == ["server 127.0.0.1 not responding, still trying", "server 127.0.0.1 OK"]
+
+
+async def test_mount_failures_are_named_not_hangs() -> None:
+    from emu.util.ports import free_port
+
+    from nfs.client import NfsMountError
+    from nfs.rpc import AcceptStat, encode_reply_accepted
+
+    closed = free_port(H, udp_too=True)
+    with trio.fail_after(3):  # TCP: a refused connection is final at once
+        async with NfsClient.tcp(H, closed, closed, timeo=0.2) as c:
+            with pytest.raises(NfsMountError, match=r"server 127.0.0.1: MOUNT failed: connection refused"):
+                await c.mount("/x")
+    with trio.fail_after(5):  # UDP: nobody there, bounded by mount_timeout
+        async with NfsClient.udp(H, closed, closed, mount_timeout=0.7) as c:
+            with pytest.raises(NfsMountError, match=r"did not answer MOUNT within 0.7 s \(connection refused\)"):
+                await c.mount("/x")
+    other = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a server of another program
+    await other.bind((H, 0))
+
+    async def not_mountd() -> None:
+        while True:
+            msg, addr = await other.recvfrom(9000)
+            await other.sendto(encode_reply_accepted(struct.unpack(">I", msg[:4])[0], AcceptStat.PROG_UNAVAIL), addr)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(not_mountd)
+        with trio.fail_after(3):
+            async with NfsClient.udp(H, closed, other.getsockname()[1]) as c:
+                with pytest.raises(NfsMountError, match="program not registered"):
+                    await c.mount("/x")
+        n.cancel_scope.cancel()
+    other.close()
