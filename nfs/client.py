@@ -43,9 +43,9 @@ import trio
 from nfs.mount import MOUNT_PROGRAM, MOUNT_V3, MountProc, decode_exports, decode_mnt_res, encode_mnt_args
 from nfs.nfs3 import NFS_PROGRAM, NFS_V3, CreateMode, FType, Nfs3Error, Proc, Stat, StableHow
 from nfs.nfs3xdr import (
-    NFS3_PROCEDURES, AccessArgs, CommitArgs, CreateArgs, CreateRes, DirOpArgs, Entry3, Fattr3, FhArgs, FsinfoRes,
-    FsstatRes, LinkArgs, MkdirArgs, MknodArgs, NfsTime, PathconfRes, ReadArgs, ReaddirArgs, ReaddirplusArgs,
-    ReadRes, RenameArgs, Sattr3, SetattrArgs, SymlinkArgs, WriteArgs,
+    NFS3_PROCEDURES, AccessArgs, AccessRes, Attr, CommitArgs, CreateArgs, CreateRes, DirOpArgs, Entry3, Fattr3, FhArgs, FsinfoRes,
+    FsstatRes, GetattrRes, LinkArgs, LinkRes, LookupRes, MkdirArgs, MknodArgs, NfsTime, PathconfRes, ReadArgs, ReaddirArgs, ReaddirplusArgs,
+    ReadlinkRes, ReadRes, RenameArgs, Sattr3, SetattrArgs, SymlinkArgs, WccRes, WriteArgs, WriteRes,
 )
 from nfs.record import DEFAULT_MAX_RECORD, RecordDecoder, RecordTooLarge, record_mark
 from nfs.rpc import AcceptStat, AuthSys, OpaqueAuth, RpcError
@@ -419,6 +419,12 @@ class WriteResult:
         return (self.count, self.committed, self.verifier)[i]
 
 
+def _fattr(a: Attr | None) -> Fattr3 | None:
+    """A decoded post_op_attr (always a Fattr3 on this side)."""
+    assert a is None or isinstance(a, Fattr3)
+    return a
+
+
 def _name(name: str | bytes) -> str:
     """A name as the codecs take it: bytes that are not UTF-8 become surrogates (os.fsdecode)."""
     return name.decode("utf-8", "surrogateescape") if isinstance(name, bytes) else name
@@ -559,30 +565,35 @@ class NfsClient:
         await self.rpc.call(NFS_PROGRAM, NFS_V3, Proc.NULL)
 
     async def getattr(self, fh: bytes) -> Fattr3:
-        return (await self._proc(Proc.GETATTR, FhArgs(fh))).obj_attributes
+        res: GetattrRes = await self._proc(Proc.GETATTR, FhArgs(fh))
+        attr = _fattr(res.obj_attributes)
+        assert attr is not None
+        return attr
 
     async def setattr(self, fh: bytes, size: int | None = None, mode: int | None = None, uid: int | None = None,
                       gid: int | None = None, atime: NfsTime | str | None = None, mtime: NfsTime | str | None = None,
                       guard: NfsTime | None = None) -> Fattr3 | None:
         """SETATTR; `guard`: only if the object's ctime is still that (NFS3ERR_NOT_SYNC)."""
-        res = await self._proc(Proc.SETATTR, SetattrArgs(fh, Sattr3(mode, uid, gid, size, atime, mtime), guard))
-        return res.wcc.after
+        res: WccRes = await self._proc(Proc.SETATTR, SetattrArgs(fh, Sattr3(mode, uid, gid, size, atime, mtime), guard))
+        return _fattr(res.wcc.after)
 
     async def lookup(self, dir_fh: bytes, name: str | bytes) -> tuple[bytes, Fattr3 | None]:
-        res = await self._proc(Proc.LOOKUP, DirOpArgs(dir_fh, _name(name)), repr(_name(name)))
-        return res.object, res.obj_attributes
+        res: LookupRes = await self._proc(Proc.LOOKUP, DirOpArgs(dir_fh, _name(name)), repr(_name(name)))
+        return res.object, _fattr(res.obj_attributes)
 
     async def access(self, fh: bytes, want: int) -> int:
-        return (await self._proc(Proc.ACCESS, AccessArgs(fh, want))).access
+        res: AccessRes = await self._proc(Proc.ACCESS, AccessArgs(fh, want))
+        return res.access
 
     async def readlink(self, fh: bytes) -> str:
         """The symlink's target, as stored (undecodable bytes as surrogates)."""
-        return (await self._proc(Proc.READLINK, FhArgs(fh))).data
+        res: ReadlinkRes = await self._proc(Proc.READLINK, FhArgs(fh))
+        return res.data
 
     async def _made(self, res: CreateRes, dir_fh: bytes, name: str) -> tuple[bytes, Fattr3 | None]:
         if res.obj is None:  # the server may leave the handle out: look it up
             return await self.lookup(dir_fh, name)
-        return res.obj, res.obj_attributes
+        return res.obj, _fattr(res.obj_attributes)
 
     async def create(self, dir_fh: bytes, name: str | bytes, mode: int = 0o600,
                      how: CreateMode = CreateMode.UNCHECKED, size: int | None = None,
@@ -629,12 +640,13 @@ class NfsClient:
     async def link(self, fh: bytes, dir_fh: bytes, name: str | bytes) -> Fattr3 | None:
         """LINK: a new name `name` in `dir_fh` for the file `fh`; returns its attributes."""
         n = _name(name)
-        return (await self._proc(Proc.LINK, LinkArgs(fh, DirOpArgs(dir_fh, n)), repr(n))).file_attributes
+        res: LinkRes = await self._proc(Proc.LINK, LinkArgs(fh, DirOpArgs(dir_fh, n)), repr(n))
+        return _fattr(res.file_attributes)
 
     async def read_once(self, fh: bytes, offset: int, count: int) -> ReadRes:
         """One READ RPC (count is not split); its data is bytes."""
-        res = await self._proc(Proc.READ, ReadArgs(fh, offset, count))
-        res.data = bytes(res.data)  # (a view of the reply until now)
+        res: ReadRes = await self._proc(Proc.READ, ReadArgs(fh, offset, count))
+        res.data = bytes(res.data)  # type: ignore[call-overload]  # (a view of the reply until now)
         return res
 
     async def read(self, fh: bytes, offset: int, count: int) -> bytes:
@@ -665,7 +677,7 @@ class NfsClient:
         if stable == StableHow.UNSTABLE:
             self._unstable_inflight += n
         try:
-            res = await self._proc(Proc.WRITE, WriteArgs(fh, offset, n, stable, data))
+            res: WriteRes = await self._proc(Proc.WRITE, WriteArgs(fh, offset, n, stable, data))
         finally:
             if stable == StableHow.UNSTABLE:
                 self._unstable_inflight -= n

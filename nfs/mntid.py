@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+from typing import Any
 
 AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
@@ -20,6 +21,7 @@ _STATX_SIZE = 256
 _MASK_AND_MNT = struct.Struct("=I")  # stx_mask at 0
 _MNT_ID_OFFSET = 144  # stx_mnt_id (u64)
 
+_statx: Any
 try:
     _libc = ctypes.CDLL(None, use_errno=True)
     _statx = _libc.statx
@@ -44,7 +46,8 @@ def mount_id(path: str | bytes, dir_fd: int = AT_FDCWD) -> int | None:
         raise OSError(err, os.strerror(err), path)
     if not _MASK_AND_MNT.unpack_from(buf, 0)[0] & STATX_MNT_ID:
         return None
-    return struct.unpack_from("=Q", buf, _MNT_ID_OFFSET)[0]
+    mnt: int = struct.unpack_from("=Q", buf, _MNT_ID_OFFSET)[0]
+    return mnt
 
 
 def fd_mount_id(fd: int) -> int | None:

@@ -30,6 +30,7 @@ import socket as pysocket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -42,7 +43,7 @@ from nfs.nfsd import NfsProgram
 from nfs.portmap import IPPROTO_TCP, IPPROTO_UDP, PMAP_PROGRAM, PMAP_V2, Mapping, PortmapProgram
 from nfs.record import DEFAULT_MAX_RECORD, BufferPool, RecordDecoder, RecordTooLarge, record_mark
 from nfs.store import Export, default_state_dir, load_key
-from nfs.svc import Buffer, CallContext, FileSegment, RpcService, close_segments, materialize
+from nfs.svc import Buffer, CallContext, FileSegment, RpcProgram, RpcService, close_segments, materialize
 
 log = logging.getLogger("netswap.nfs.server")
 
@@ -165,7 +166,7 @@ class NfsServer:
         self.nfs = NfsProgram(self.export, config.allow, max_io=config.max_io, squash=config.squash)
         self.mount = MountProgram(self.export, names, config.allow)
         self.portmap = PortmapProgram() if config.portmap_port is not None else None
-        programs: list = [self.nfs, self.mount]
+        programs: list[RpcProgram] = [self.nfs, self.mount]
         if self.portmap is not None:
             programs.append(self.portmap)
         self.svc = RpcService(programs, DuplicateRequestCache())
@@ -262,7 +263,7 @@ class NfsServer:
         del self._conns[id(victim)]  # (its task ends soon; the new connection takes its place)
         return True
 
-    async def _tcp_conn(self, sock: trio.socket.SocketType, peer: tuple) -> None:
+    async def _tcp_conn(self, sock: trio.socket.SocketType, peer: tuple[Any, ...]) -> None:
         sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
         dec = RecordDecoder(self.config.max_record, self.pool)
         scratch = bytearray(_SCRATCH)
@@ -394,7 +395,7 @@ class NfsServer:
         finally:
             share.close()
 
-    async def _udp_call(self, sock: trio.socket.SocketType, data: bytes, addr: tuple, share: Share) -> None:
+    async def _udp_call(self, sock: trio.socket.SocketType, data: bytes, addr: tuple[Any, ...], share: Share) -> None:
         try:
             ctx = CallContext(str(addr[0]), int(addr[1]), "udp", max_reply=UDP_MAX_PAYLOAD)
             reply = await self.svc.dispatch(data, ctx)

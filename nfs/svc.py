@@ -86,9 +86,14 @@ class CallContext:
 
 
 class RpcProgram(Protocol):
-    prog: int
-    versions: Sequence[int]
-    name: str
+    @property
+    def prog(self) -> int: ...
+
+    @property
+    def versions(self) -> Sequence[int]: ...
+
+    @property
+    def name(self) -> str: ...
 
     def has_proc(self, vers: int, proc: int) -> bool: ...
 

@@ -136,16 +136,20 @@ class Unpacker:
         return p
 
     def u32(self) -> int:
-        return _U32.unpack_from(self.buf, self._need(4))[0]
+        v: int = _U32.unpack_from(self.buf, self._need(4))[0]
+        return v
 
     def i32(self) -> int:
-        return _I32.unpack_from(self.buf, self._need(4))[0]
+        v: int = _I32.unpack_from(self.buf, self._need(4))[0]
+        return v
 
     def u64(self) -> int:
-        return _U64.unpack_from(self.buf, self._need(8))[0]
+        v: int = _U64.unpack_from(self.buf, self._need(8))[0]
+        return v
 
     def i64(self) -> int:
-        return _I64.unpack_from(self.buf, self._need(8))[0]
+        v: int = _I64.unpack_from(self.buf, self._need(8))[0]
+        return v
 
     def bool(self) -> bool:
         v = self.u32()

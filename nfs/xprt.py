@@ -136,7 +136,7 @@ class XprtCore:
     not_responding: bool = False
 
     def __post_init__(self) -> None:
-        self._xid = struct.unpack(">I", os.urandom(4))[0]
+        self._xid: int = struct.unpack(">I", os.urandom(4))[0]
         self._events: deque[Event] = deque()
 
     def new_xid(self) -> int:

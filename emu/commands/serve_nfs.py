@@ -27,18 +27,22 @@ EXIT_USAGE = 2
 
 
 class CliError(click.ClickException):
-    """A failure told in one line: `netswap: error: <message>`."""
+    """A failure told in one line: `netswap: error: <message>` (exit 1)."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+    exit_code = EXIT_ERROR
 
     def show(self, file: Any = None) -> None:
         click.echo(f"netswap: error: {self.format_message()}", err=True)
 
 
+class CliUsageError(CliError):
+    """A bad option, told in one line (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
 def usage(message: str) -> NoReturn:
-    raise CliError(message, EXIT_USAGE)
+    raise CliUsageError(message)
 
 
 class OneLineCommand(click.Command):
@@ -199,4 +203,4 @@ def serve_nfs(export: Path, bind: str, port: int, mount_port: int, portmap_port:
                f"stalled records {srv.stalled_records}, system errors {st.system_err}", err=True)
 
 
-__all__ = ["CliError", "serve_nfs"]
+__all__ = ["CliError", "CliUsageError", "serve_nfs"]
