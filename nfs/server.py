@@ -21,12 +21,15 @@ sendfile(2), so it is never copied into a bigger message.
 
 from __future__ import annotations
 
+import array
 import errno
+import fcntl
 import ipaddress
 import logging
 import math
 import os
 import socket as pysocket
+import termios
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +92,13 @@ class ServerStats:
     stalled_records: int = 0  # connections closed because a record body stopped coming
     udp_datagrams: int = 0
     udp_send_errors: int = 0
+
+
+def _readable(sock: trio.socket.SocketType) -> int:
+    """Bytes waiting in a socket's receive queue (FIONREAD)."""
+    buf = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+    return buf[0]
 
 
 class ListenError(OSError):
@@ -300,13 +310,15 @@ class NfsServer:
                                 calls.start_soon(self._tcp_call, sock, send_lock, dec, rec, conn)
                                 continue
                             if not pending and dec.frag_left >= _SCRATCH:
-                                # Inside a big fragment: receive straight into the record, and let
-                                # the kernel wake us only once a good part of it is there. The
-                                # chunk is charged (and its buffer grown) just before the read.
-                                want = min(dec.frag_left, _MAX_LOWAT)
-                                if want != lowat:
-                                    sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, want)
-                                    lowat = want
+                                # Inside a big fragment: receive straight into the record, once
+                                # the kernel says a good part of it is there (SO_RCVLOWAT). What
+                                # is there is charged (and its buffer grown) before it is read.
+                                lo = min(dec.frag_left, _MAX_LOWAT)
+                                if lo != lowat:
+                                    sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, lo)
+                                    lowat = lo
+                                await trio.lowlevel.wait_readable(sock)
+                                want = min(dec.frag_left, max(_readable(sock), 1))
                                 await conn.charge(want)
                                 buf = dec.get_buffer(hint=want)
                                 assert buf is not None

@@ -69,7 +69,8 @@ class Rqst:
     deadline: float = math.inf  # when its timer fires (inf: not armed)
     reply: Unpacker | None = None
     error: BaseException | None = None
-    last_error: str = ""  # why the last attempt failed (connect refused, ...), for the error
+    last_error: str = ""  # why the last attempt failed (cannot connect, ...), for the error
+    refused: bool = False  # the transport said nobody listens (ICMP port unreachable)
 
     @property
     def done(self) -> bool:
@@ -175,7 +176,7 @@ class XprtCore:
         requests sent wait on, but say so if they time out."""
         for rq in self.pending.values():
             if rq.transmissions:
-                rq.last_error = "connection refused"
+                rq.refused = True
 
     def finish(self, rq: Rqst) -> None:
         self.pending.pop(rq.xid, None)
@@ -215,7 +216,8 @@ class XprtCore:
             self.stats.not_responding += 1
             self._events.append(NotResponding(self.policy.hard))
         if not self.policy.hard:
-            why = f" ({rq.last_error})" if rq.last_error else ""
+            why = rq.last_error or ("connection refused" if rq.refused else "")
+            why = f" ({why})" if why else ""
             rq.error = RpcTimeout(f"xid {rq.xid:#x}: no reply after {rq.transmissions} transmissions{why}")
             return False
         rq.retries = 0  # hard: start over

@@ -80,7 +80,7 @@ async def test_many_huge_marks_stay_within_the_server_budget(tmp_path: Path, exp
         assert st["connections"] >= 24
         assert st["high_water"] <= limit and st["buffered"] <= limit
         assert st["decoder_bytes"] <= limit  # memory held: what arrived, not what was announced
-        assert st["budget_waits"] >= 1  # some attackers had to wait: the budget was full
+        assert st["buffered"] <= 24 * 64 * 1024  # marks announce, they cost nothing: what came is charged
         # The next client is served (its small calls come out of its connection's reserve).
         async with NfsClient.tcp(H, ports["nfs"], ports["mount"], hard=False, timeo=3.0) as c:
             with trio.fail_after(10):
