@@ -52,7 +52,7 @@ log = logging.getLogger("netswap.nfs.server")
 
 UDP_MAX_PAYLOAD = 65507
 _SCRATCH = 16 * 1024  # small reads: record marks and small calls
-_MAX_LOWAT = 256 * 1024
+_MAX_LOWAT = 1024 * 1024  # a 1 MiB WRITE wakes the server once (the kernel grows the rcvbuf for it)
 
 
 @dataclass
@@ -317,7 +317,16 @@ class NfsServer:
                                 if lo != lowat:
                                     sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, lo)
                                     lowat = lo
-                                await trio.lowlevel.wait_readable(sock)
+                                with trio.move_on_after(self.config.record_timeout / 2) as waited:
+                                    await trio.lowlevel.wait_readable(sock)
+                                if waited.cancelled_caught:
+                                    # Below the low-water mark the bytes wait in the kernel: if
+                                    # more came, the record is slow, not stalled.
+                                    if (queued := _readable(sock)) > conn.queued:
+                                        conn.queued = queued
+                                        conn.touch()
+                                    continue
+                                conn.queued = 0
                                 want = min(dec.frag_left, max(_readable(sock), 1))
                                 await conn.charge(want)
                                 buf = dec.get_buffer(hint=want)
@@ -445,6 +454,7 @@ class _Conn:
         self.last_active = now
         self.got_call = False
         self.waiting = False  # for the byte budget: no bytes are read, so none can be late
+        self.queued = 0  # bytes of a record seen waiting in the kernel (below SO_RCVLOWAT)
         self.scope = trio.CancelScope()
         self.first_call_timeout = config.first_call_timeout
         self.idle_timeout = config.idle_timeout

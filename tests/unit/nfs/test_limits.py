@@ -188,3 +188,28 @@ async def test_fair_share_bounds_one_connection(tmp_path: Path, export_dir: Path
     assert not two.try_acquire(300)  # a third of the limit each
     one.close()
     assert two.try_acquire(200)
+
+
+async def test_a_slow_record_is_not_a_stalled_one(tmp_path: Path, export_dir: Path) -> None:
+    """A record whose bytes keep coming, slowly, is served; only one that stops is closed."""
+    (export_dir / "f").write_bytes(b"")
+    async with serving(export_dir, tmp_path / "s", record_timeout=0.6) as (server, ports):
+        fh = server.export.fh_for(str(export_dir / "f"), os.lstat(export_dir / "f"), server.export.root_ino)
+        from nfs.nfs3xdr import NFS3_PROCEDURES, WriteArgs
+        from nfs.rpc import AuthSys
+        from nfs.xdr import Packer
+
+        p = Packer()
+        NFS3_PROCEDURES[Proc.WRITE].encode_args(p, WriteArgs(fh, 0, 300_000, FILE_SYNC, bytes(300_000)))
+        call = encode_call(7, NFS_PROGRAM, 3, Proc.WRITE, b"".join(p.iov()), AuthSys().to_auth())  # type: ignore[arg-type]
+        rec = struct.pack(">I", LAST_FRAG | len(call)) + call
+        s = await trio.open_tcp_stream(H, ports["nfs"])
+        for i in range(0, len(rec), 30_000):  # 2 s in all, 0.2 s between pieces
+            await s.send_all(rec[i:i + 30_000])
+            await trio.sleep(0.2)
+        with trio.fail_after(5):
+            reply = await s.receive_some(100)
+        assert struct.unpack(">I", reply[28:32])[0] == 0  # NFS3_OK: written
+        assert server.stats.stalled_records == 0
+        await s.aclose()
+    assert (export_dir / "f").stat().st_size == 300_000
