@@ -52,6 +52,7 @@ log = logging.getLogger("netswap.nfs.server")
 
 UDP_MAX_PAYLOAD = 65507
 _SCRATCH = 16 * 1024  # small reads: record marks and small calls
+_SOCK_BUF = 4 * 1024 * 1024
 _MAX_LOWAT = 1024 * 1024  # a 1 MiB WRITE wakes the server once (the kernel grows the rcvbuf for it)
 
 
@@ -275,6 +276,10 @@ class NfsServer:
 
     async def _tcp_conn(self, sock: trio.socket.SocketType, peer: tuple[Any, ...]) -> None:
         sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
+        # Room for a whole 1 MiB WRITE or READ in flight: a window that autotuning grows only
+        # step by step stalled the client's send in the middle of each big call.
+        sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVBUF, _SOCK_BUF)
+        sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_SNDBUF, _SOCK_BUF)
         dec = RecordDecoder(self.config.max_record, self.pool)
         scratch = bytearray(_SCRATCH)
         scratch_mv = memoryview(scratch)
