@@ -1,7 +1,8 @@
 """MOUNT version 3 (RFC 1813 appendix I): the server program and the client's codecs.
 
 MNT accepts the export's path (or its alias) and any directory below it, like Linux's mountd,
-because libnfs mounts the directory that contains the file in its URL.
+because libnfs mounts the directory that contains the file in its URL; symlinks in that path are
+resolved, as mountd does, and the result must lie inside the export (MNT3ERR_ACCES otherwise).
 """
 
 from __future__ import annotations
@@ -129,6 +130,13 @@ class MountProgram:
                 break
         if rest is None:
             return MountStat.MNT3ERR_NOENT, b""
+        if rest:
+            # mountd resolves symlinks in the path it is asked for (libnfs mounts the directory
+            # of a file's path, which may be a symlink): the result must stay inside the export.
+            real = os.path.realpath(os.path.join(self.export.root, rest))
+            if real != self.export.root and not real.startswith(self.export.root + "/"):
+                return MountStat.MNT3ERR_ACCES, b""
+            rest = real[len(self.export.root):]
         dpath, dst = self.export.root, os.lstat(self.export.root)
         parent_ino = dst.st_ino
         try:
@@ -139,6 +147,8 @@ class MountProgram:
                 cst = os.lstat(child)
                 if not pystat.S_ISDIR(cst.st_mode):
                     return MountStat.MNT3ERR_NOTDIR, b""
+                if not self.export.same_fs(child, cst):
+                    return MountStat.MNT3ERR_ACCES, b""  # a mount point: not crossed
                 parent_ino = dst.st_ino
                 dpath, dst = child, cst
         except FileNotFoundError:

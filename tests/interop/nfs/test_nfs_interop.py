@@ -54,6 +54,8 @@ def test_libnfs_tools_against_our_server_and_tshark_finds_nothing_malformed(tmp_
             assert ls.returncode == 0 and "link" in ls.stdout and "renamed" in ls.stdout, ls.stderr
             cat = libnfs("nfs-cat", srv.url("made/link"))
             assert cat.returncode == 0 and cat.stdout == "through a symlink\n", cat.stderr
+            cat = libnfs("nfs-cat", srv.url("made-alias/target.txt"))  # (MNT resolves the alias)
+            assert cat.returncode == 0 and cat.stdout == "through a symlink\n", cat.stderr
             cp = libnfs("nfs-cp", str(src), srv.url("made/sub/copy.bin"))  # into a directory MKDIR made
             assert cp.returncode == 0, cp.stderr
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
@@ -101,6 +103,7 @@ async def _make_tree(nfs_port: int, mount_port: int, export: str) -> None:
         await c.rename(made, "gone", made, "renamed")
         await c.mkdir(made, "empty")
         await c.rmdir(made, "empty")
+        await c.symlink(root, "made-alias", "made")  # a symlinked directory in a libnfs URL
 
 
 @pytest.mark.parametrize("proto", ["udp", "tcp"])

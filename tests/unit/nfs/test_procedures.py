@@ -14,6 +14,7 @@ from unit.nfs.every_procedure import expect, run_every_procedure
 from unit.nfs.test_failures import UdpProxy
 
 from nfs.client import NfsClient
+from nfs.mount import MountError, MountStat
 from nfs.nfs3 import FILE_SYNC, NFS_PROGRAM, CreateMode, FType, Proc, Stat
 
 H = "127.0.0.1"
@@ -92,6 +93,13 @@ async def test_no_procedure_reaches_outside_the_export(tmp_path: Path, nfs_serve
             with pytest.raises(Exception):
                 await c.symlink(root, bad, "t")
         assert (await c.lookup(root, ".."))[0] == root  # .. of the root is the root
+        # MNT resolves symlinks in its path, as mountd does, but only to a place in the export.
+        await c.mkdir(root, "sub")
+        await c.symlink(root, "alias", "sub")
+        assert await c.mount(str(nfs_server.export / "alias")) == (await c.lookup(root, "sub"))[0]
+        with pytest.raises(MountError) as mi:
+            await c.mount(str(nfs_server.export / "escape"))
+        assert mi.value.status == MountStat.MNT3ERR_ACCES
     assert secret.stat().st_mode & 0o777 == 0o600 and secret.read_bytes() == b"secret"
     assert sorted(os.listdir(outside)) == ["secret"]
 
