@@ -14,7 +14,7 @@ import stat as pystat
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from nfs.nfs3 import NFS3_FHSIZE, Nfs3Error
+from nfs.nfs3 import NFS3_FHSIZE, Nfs3Error, status_name
 from nfs.nfsd import allowed
 from nfs.rpc import AuthFlavor
 from nfs.store import Export
@@ -51,11 +51,7 @@ class MountStat(enum.IntEnum):
 
 class MountError(Exception):
     def __init__(self, status: int, path: str) -> None:
-        try:
-            name = MountStat(status).name
-        except ValueError:
-            name = f"status {status}"
-        super().__init__(f"MNT {path}: {name}")
+        super().__init__(f"MNT {path}: {status_name(MountStat, status)}")
         self.status = status
 
 

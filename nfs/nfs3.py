@@ -75,15 +75,19 @@ class Stat(enum.IntEnum):
     NFS3ERR_JUKEBOX = 10008
 
 
+def status_name(stats: type[enum.IntEnum], status: int) -> str:
+    """NFS3ERR_NOENT for 2 (or `status N` for a value the enum does not have)."""
+    try:
+        return stats(status).name
+    except ValueError:
+        return f"status {status}"
+
+
 class Nfs3Error(Exception):
     """An NFS3ERR_* status from the server (client side) or to return (server side)."""
 
     def __init__(self, status: int, message: str = "") -> None:
-        try:
-            name = Stat(status).name
-        except ValueError:
-            name = f"status {status}"
-        super().__init__(f"{name}{': ' + message if message else ''}")
+        super().__init__(f"{status_name(Stat, status)}{': ' + message if message else ''}")
         self.status = status
 
 

@@ -43,7 +43,7 @@ from nfs.nfs3xdr import (
     RenameRes, Sattr3, SetattrArgs, StatAttr, SymlinkArgs, WccAttr, WccData, WccRes, WriteArgs, WriteRes, entry_size,
 )
 from nfs.store import Export, check_name, errno_to_stat, proc_path
-from nfs.svc import Buffer, CallContext, FileSegment
+from nfs.svc import Buffer, CallContext, FileSegment, peer_address
 from nfs.xdr import Packer, Unpacker
 
 # UNSTABLE WRITEs up to this size (the largest wtmax) are copied into the page cache on the event
@@ -117,13 +117,8 @@ async def _commit_metadata(dir_fd: int, *names: str | None) -> None:
 
 
 def allowed(host: str, nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr in n for n in nets if n.version == addr.version)
+    addr = peer_address(host)
+    return addr is not None and any(addr in n for n in nets if n.version == addr.version)
 
 
 async def _status(action: Callable[[], Awaitable[None]]) -> int:

@@ -13,6 +13,7 @@ crashing the server.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
@@ -71,6 +72,18 @@ def close_segments(bufs: list[Buffer]) -> None:
 def materialize(bufs: list[Buffer]) -> list[bytes | bytearray | memoryview]:
     """The iovec with file segments read into memory (for datagrams and the reply cache)."""
     return [b.read() if isinstance(b, FileSegment) else b for b in bufs]
+
+
+def peer_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A caller's address as an IP address (an IPv4-mapped IPv6 one as IPv4), None if it is
+    not one: what --allow and portmap's loopback rule compare."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
 
 
 @dataclass
