@@ -42,15 +42,9 @@ class DuplicateRequestCache:
         self.stats = DrcStats()
 
     @staticmethod
-    def key(xid: int, host: str, prog: int, vers: int, proc: int, args: bytes | bytearray | memoryview,
-            length: int | None = None) -> DrcKey:
-        """The entry of a call whose arguments are `args` (or begin with it, `length` bytes in
-        all: a call whose arguments are still arriving)."""
+    def key(xid: int, host: str, prog: int, vers: int, proc: int, args: bytes | bytearray | memoryview) -> DrcKey:
         head = bytes(args[:256])
-        return (xid, host, prog, vers, proc, len(args) if length is None else length, zlib.crc32(head))
-
-    def __contains__(self, key: DrcKey) -> bool:
-        return key in self._entries
+        return (xid, host, prog, vers, proc, len(args), zlib.crc32(head))
 
     def lookup(self, key: DrcKey) -> tuple[DrcState, bytes | None]:
         if key not in self._entries:

@@ -74,9 +74,6 @@ class MountProgram:
     def non_idempotent(self, vers: int, proc: int) -> bool:
         return False
 
-    def write_ahead(self, vers: int, proc: int, args: Unpacker, ctx: CallContext) -> None:
-        return None
-
     async def call(self, vers: int, proc: int, args: Unpacker, ctx: CallContext) -> list[Buffer]:
         p = Packer()
         if proc == MountProc.NULL or proc == MountProc.UMNTALL:

@@ -43,15 +43,13 @@ from nfs.nfs3xdr import (
     RenameRes, Sattr3, SetattrArgs, StatAttr, SymlinkArgs, WccAttr, WccData, WccRes, WriteArgs, WriteRes, entry_size,
 )
 from nfs.store import Export, check_name, errno_to_stat, proc_path
-from nfs.nfs3xdr import unpack_fh
-from nfs.svc import Buffer, CallContext, FileSegment, WriteAhead, peer_address
+from nfs.svc import Buffer, CallContext, FileSegment, peer_address
 from nfs.xdr import Packer, Unpacker
 
 # UNSTABLE WRITEs up to this size (the largest wtmax) are copied into the page cache on the event
 # loop, as knfsd copies them in the nfsd thread that took the call: a thread hop per call cost
 # more CPU (GIL and wake-ups) than the copy. Syncs (FILE_SYNC, DATA_SYNC, COMMIT) go to threads.
 INLINE_WRITE = 1024 * 1024
-_WRITE_HEAD = struct.Struct(">QIII")  # offset, count, stable, data length
 _OK = Stat.NFS3_OK
 
 
@@ -65,14 +63,14 @@ async def _sync(fd: int, how: Callable[[int], None]) -> None:
         os.close(own)
 
 
-def pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
+def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
     done = 0
     while done < len(mv):
         done += os.pwrite(fd, mv[done:], offset + done)
 
 
 def _write_sync(fd: int, mv: memoryview, offset: int, sync: Callable[[int], None] | None) -> None:
-    pwrite_all(fd, mv, offset)
+    _pwrite_all(fd, mv, offset)
     if sync is not None:
         sync(fd)
 
@@ -181,26 +179,6 @@ class NfsProgram:
 
     def has_proc(self, vers: int, proc: int) -> bool:
         return proc in self._procs
-
-    def write_ahead(self, vers: int, proc: int, args: Unpacker, ctx: CallContext) -> WriteAhead | None:
-        """A WRITE whose data may be written as it arrives: UNSTABLE (no sync to order it with),
-        all of the record one WRITE, to a regular file whose handle resolves without a walk and
-        which the caller may write: what `write` would do with it anyway."""
-        if proc != Proc.WRITE:
-            return None
-        fh = unpack_fh(args)
-        offset, count, stable, dlen = _WRITE_HEAD.unpack_from(args.buf, args._need(_WRITE_HEAD.size))
-        if stable != StableHow.UNSTABLE or count != dlen or count > INLINE_WRITE or offset + count > MAX_FILE_SIZE:
-            return None
-        try:
-            self._check_allowed(ctx.host)
-            _, _, hit = self.export.resolve_cached(fh)
-            if hit is None or not pystat.S_ISREG(hit[1].st_mode):
-                return None
-            check(hit[1], self._who(ctx), MAY_WRITE, owner_override=True)
-            return WriteAhead(os.dup(self.export.fd(*hit)), offset, args.pos, count)
-        except Nfs3Error:
-            return None
 
     def non_idempotent(self, vers: int, proc: int) -> bool:
         return proc in NON_IDEMPOTENT
@@ -438,10 +416,8 @@ class NfsProgram:
         assert isinstance(data, memoryview)
         mv = data[:count] if count != len(data) else data
         sync = None if stable == StableHow.UNSTABLE else os.fsync if stable == StableHow.FILE_SYNC else os.fdatasync
-        if ctx.prewritten and sync is None:
-            st = os.fstat(fd)  # the data went to the file as it arrived (WriteAhead)
-        elif count <= INLINE_WRITE and sync is None:
-            pwrite_all(fd, mv, offset)
+        if count <= INLINE_WRITE and sync is None:
+            _pwrite_all(fd, mv, offset)
             st = os.fstat(fd)
         else:
             # Big writes (and any sync) in a worker thread, on our own dup of the fd (the

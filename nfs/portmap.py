@@ -81,9 +81,6 @@ class PortmapProgram:
     def non_idempotent(self, vers: int, proc: int) -> bool:
         return False
 
-    def write_ahead(self, vers: int, proc: int, args: Unpacker, ctx: CallContext) -> None:
-        return None
-
     async def call(self, vers: int, proc: int, args: Unpacker, ctx: CallContext) -> list[Buffer]:
         p = Packer()
         if proc == PmapProc.NULL:

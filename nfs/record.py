@@ -192,19 +192,6 @@ class RecordDecoder:
         hand out: what a byte budget charges (a mark alone announces, it costs nothing)."""
         return self._rec_len + sum(len(r) for r in self._ready)
 
-    def partial(self) -> memoryview | None:
-        """The payload of the record being assembled, as far as it came, if the record is one
-        fragment whose buffer already holds all of it (it will not move while it arrives):
-        a view for a driver that acts on a call before its end is there. None otherwise."""
-        if not (self._in_frag and self._last) or len(self._rec) < self._rec_len + self._frag_left:
-            return None
-        return memoryview(self._rec)[: self._rec_len]
-
-    @property
-    def record_len(self) -> int:
-        """The length of the record being assembled, as its mark says."""
-        return self._rec_len + (self._frag_left if self._in_frag else 0)
-
     @property
     def frag_left(self) -> int:
         """Payload bytes the current fragment still expects (0 between fragments)."""

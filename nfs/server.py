@@ -42,22 +42,18 @@ from nfs.budget import ByteBudget, Share
 from nfs.drc import DuplicateRequestCache
 from nfs.mount import MOUNT_PROGRAM, MOUNT_V3, MountProgram
 from nfs.nfs3 import NFS_PROGRAM, NFS_V3
-from nfs.nfsd import NfsProgram, pwrite_all
+from nfs.nfsd import NfsProgram
 from nfs.portmap import IPPROTO_TCP, IPPROTO_UDP, PMAP_PROGRAM, PMAP_V2, Mapping, PortmapProgram
 from nfs.record import DEFAULT_MAX_RECORD, BufferPool, RecordDecoder, RecordTooLarge, record_mark
 from nfs.store import Export, default_state_dir, load_key
-from nfs.svc import (
-    Buffer, CallContext, FileSegment, RpcProgram, RpcService, WriteAhead, close_segments, materialize,
-)
+from nfs.svc import Buffer, CallContext, FileSegment, RpcProgram, RpcService, close_segments, materialize
 
 log = logging.getLogger("netswap.nfs.server")
 
 UDP_MAX_PAYLOAD = 65507
 _SCRATCH = 16 * 1024  # small reads: record marks and small calls
 _SOCK_BUF = 4 * 1024 * 1024
-_MAX_LOWAT = 256 * 1024  # a big fragment arrives in pieces of this much (written ahead as they come)
-_AHEAD_MIN = 256 * 1024  # a WRITE whose data is still this big to come is written as it arrives
-_AHEAD_CHUNK = 128 * 1024
+_MAX_LOWAT = 1024 * 1024  # a 1 MiB WRITE wakes the server once (the kernel grows the rcvbuf for it)
 
 
 @dataclass
@@ -95,7 +91,6 @@ class ServerStats:
     tcp_no_call_closed: int = 0
     oversized_records: int = 0
     stalled_records: int = 0  # connections closed because a record body stopped coming
-    written_ahead: int = 0  # WRITEs whose data went to the file while it arrived
     udp_datagrams: int = 0
     udp_send_errors: int = 0
 
@@ -295,8 +290,6 @@ class NfsServer:
         send_lock = trio.StrictFIFOLock()
         lowat = 1
         charged = 0  # bytes of dec.received already charged to the budget
-        ahead: _Ahead | None = None  # the record being received is a WRITE written as it comes
-        ahead_tried = False
         pending = scratch_mv[:0]  # bytes read into the scratch buffer, not yet fed to the decoder
         try:
             with conn.scope:
@@ -317,23 +310,10 @@ class NfsServer:
                                 # fsync does not hold up the next READ), within its share; the
                                 # record's bytes stay charged until its reply has gone.
                                 charged -= len(rec)
-                                prewritten = await ahead.finish(rec) if ahead is not None else False
-                                self.stats.written_ahead += prewritten
-                                ahead, ahead_tried = None, False
                                 await conn.share.start_call()
                                 conn.arm()
-                                calls.start_soon(self._tcp_call, sock, send_lock, dec, rec, conn, prewritten)
+                                calls.start_soon(self._tcp_call, sock, send_lock, dec, rec, conn)
                                 continue
-                            if dec.frag_left >= _AHEAD_MIN and (view := dec.partial()) is not None:
-                                # A big WRITE: its data goes to the file (in a worker thread) while
-                                # the rest of it is still coming, if the checks allow it now.
-                                with view:
-                                    if ahead is None and not ahead_tried and len(view) >= _SCRATCH // 4:
-                                        ahead_tried = True
-                                        wa = self.svc.write_ahead(view, dec.record_len, CallContext(host, port, "tcp"))
-                                        ahead = _Ahead(wa) if wa is not None else None
-                                    if ahead is not None:
-                                        ahead.kick(view, calls)
                             if not pending and dec.frag_left >= _SCRATCH:
                                 # Inside a big fragment: receive straight into the record, once
                                 # the kernel says a good part of it is there (SO_RCVLOWAT). What
@@ -398,21 +378,19 @@ class NfsServer:
         except Exception:  # a bug must cost this connection, never the server
             log.exception("%s:%d: connection failed", host, port)
         finally:
-            if ahead is not None:
-                ahead.abandon()
             self._conns.pop(id(conn), None)
             conn.share.close()
             sock.close()
 
     async def _tcp_call(self, sock: trio.socket.SocketType, send_lock: trio.StrictFIFOLock, dec: RecordDecoder,
-                        rec: memoryview, conn: _Conn, prewritten: bool = False) -> None:
+                        rec: memoryview, conn: _Conn) -> None:
         n = len(rec)
         reply: list[Buffer] | None = None
         host, port = conn.peer
         try:
             if not conn.got_call and looks_like_call(rec):
                 conn.got_call = True
-            reply = await self.svc.dispatch(rec, CallContext(host, port, "tcp", prewritten=prewritten))
+            reply = await self.svc.dispatch(rec, CallContext(host, port, "tcp"))
             dec.recycle(rec)  # nothing refers to the call any more: reuse its buffer
             if reply is not None:
                 total = sum(len(b) for b in reply)
@@ -464,61 +442,6 @@ class NfsServer:
         return {"buffered": self.budget.used, "high_water": self.budget.high_water, "limit": self.budget.limit,
                 "decoder_bytes": sum(c.dec.allocated for c in self._conns.values()),
                 "budget_waits": self.budget.waits, "connections": len(self._conns)}
-
-
-class _Ahead:
-    """Drives a WriteAhead: what came of the WRITE's data is written by a worker thread while the
-    event loop receives the rest (one write at a time, in order); at the end of the record the
-    tail is written and the call goes on as one whose data is in the file."""
-
-    def __init__(self, wa: WriteAhead) -> None:
-        self.wa = wa
-        self.idle = trio.Event()
-        self.idle.set()
-        self.failed = False
-
-    def kick(self, view: memoryview, nursery: trio.Nursery) -> None:
-        """`view`: the record so far. Start writing what came, if enough did and no write runs."""
-        wa = self.wa
-        start = wa.data_off + wa.written
-        end = min(len(view), wa.data_off + wa.count)
-        if not self.idle.is_set() or self.failed or end - start < _AHEAD_CHUNK:
-            return
-        self.idle = trio.Event()
-        nursery.start_soon(self._write, view[start:end])
-
-    async def _write(self, chunk: memoryview) -> None:
-        wa = self.wa
-        try:
-            with chunk:
-                await trio.to_thread.run_sync(pwrite_all, wa.fd, chunk, wa.offset + wa.written)
-                wa.written += len(chunk)
-        except OSError:
-            self.failed = True  # (the call then writes it all itself, and reports the error)
-        finally:
-            self.idle.set()
-
-    async def finish(self, rec: memoryview) -> bool:
-        """The record is complete: write the rest. True: the data is in the file."""
-        wa = self.wa
-        try:
-            await self.idle.wait()
-            if self.failed:
-                return False
-            with rec[wa.data_off + wa.written : wa.data_off + wa.count] as tail:
-                pwrite_all(wa.fd, tail, wa.offset + wa.written)
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(wa.fd)
-
-    def abandon(self) -> None:
-        """The connection ended in the middle of the record (the client will send it again)."""
-        if self.idle.is_set():
-            os.close(self.wa.fd)
-        else:
-            self.failed = True  # (closed by no one: a dup; it goes with the process)
 
 
 class _Conn:

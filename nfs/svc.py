@@ -96,7 +96,6 @@ class CallContext:
     header: CallHeader | None = None
     cred: AuthSys | None = None
     max_reply: int = 4 * 1024 * 1024  # UDP: what fits in one datagram
-    prewritten: bool = False  # a WRITE whose data went to the file as it arrived (WriteAhead)
 
 
 class RpcProgram(Protocol):
@@ -114,22 +113,6 @@ class RpcProgram(Protocol):
     def non_idempotent(self, vers: int, proc: int) -> bool: ...
 
     async def call(self, vers: int, proc: int, args: Unpacker, ctx: CallContext) -> list[Buffer]: ...
-
-    def write_ahead(self, vers: int, proc: int, args: Unpacker, ctx: CallContext) -> WriteAhead | None: ...
-
-
-@dataclass
-class WriteAhead:
-    """A big WRITE whose data may go to the file while the rest of its record is still coming
-    (2 cores: the receive and the page-cache copy run at once). Its checks were made before the
-    first byte is written; `fd` is the program's own dup, `data_off` where the data starts in the
-    record, `written` how much of it is on its way to the file."""
-
-    fd: int
-    offset: int
-    data_off: int
-    count: int
-    written: int = 0
 
 
 @dataclass
@@ -181,33 +164,6 @@ class RpcService:
         ev = self._in_progress.pop(key, None)
         if ev is not None:
             ev.set()
-
-    def write_ahead(self, head: memoryview, length: int, ctx: CallContext) -> WriteAhead | None:
-        """For a record still arriving (`head` of its `length` bytes): may its data be written as
-        it comes? Only for a call the program says so of (a big UNSTABLE WRITE it would execute:
-        its handle, permissions and range checked), with an acceptable header and no entry in the
-        reply cache (a retransmission is answered from it, never executed again)."""
-        try:
-            hdr, args = decode_call(head)
-        except (XdrError, RpcVersionMismatch):
-            return None
-        prog = self.programs.get(hdr.prog)
-        if prog is None or hdr.vers not in prog.versions or hdr.verf.flavor not in (AuthFlavor.AUTH_NONE,
-                                                                                     AuthFlavor.AUTH_SYS):
-            return None
-        try:
-            ctx.cred = AuthSys.from_auth(hdr.cred) if hdr.cred.flavor == AuthFlavor.AUTH_SYS else None
-        except XdrError:
-            return None
-        if hdr.cred.flavor not in (AuthFlavor.AUTH_NONE, AuthFlavor.AUTH_SYS):
-            return None
-        key = self.drc.key(hdr.xid, ctx.host, hdr.prog, hdr.vers, hdr.proc, args.buf[args.pos:], length - args.pos)
-        if key in self.drc:
-            return None
-        try:
-            return prog.write_ahead(hdr.vers, hdr.proc, args, ctx)
-        except (XdrError, OSError):
-            return None
 
     async def dispatch(self, msg: bytes | bytearray | memoryview, ctx: CallContext) -> list[Buffer] | None:
         try:

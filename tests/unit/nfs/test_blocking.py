@@ -126,34 +126,3 @@ async def test_syncs_happen_before_the_reply_and_only_when_asked(tmp_path: Path,
             await c.remove(root, "f")
             assert synced == [("fsync", dir_ino)]
         n.cancel_scope.cancel()
-
-
-async def test_big_unstable_writes_go_to_the_file_as_they_arrive(tmp_path: Path, export_dir: Path) -> None:
-    """Write-ahead: a 1 MiB UNSTABLE WRITE's data is written while the rest of it comes; the
-    file ends up byte for byte what was sent, and a WRITE the checks refuse writes nothing."""
-    data = os.urandom(8 << 20)
-    async with trio.open_nursery() as n:
-        server = NfsServer(ServerConfig(export=export_dir, port=0, mount_port=0, state_dir=tmp_path / "s"))
-        ports = await n.start(server.serve)
-        async with NfsClient.tcp(H, ports["nfs"], ports["mount"], hard=False, timeo=5.0) as c:
-            root = await c.mount(str(export_dir))
-            fh, _ = await c.create(root, "f")
-            for off in range(0, len(data), 1 << 20):  # one call at a time, as nfs-cp
-                assert (await c.write(fh, off, data[off:off + (1 << 20)], UNSTABLE)).count == 1 << 20
-            await c.commit(fh)
-            assert server.stats.written_ahead >= 6  # (the first records have no pooled buffer yet)
-            assert await c.read(fh, 0, len(data)) == data
-            os.chmod(export_dir / "f", 0o400)
-            (export_dir / "g").write_bytes(b"")
-            os.chmod(export_dir / "g", 0o400)
-            gfh, _ = await c.lookup(root, "g")
-        from nfs.rpc import AuthSys
-        other = AuthSys(machinename="t", uid=4242, gid=4242)
-        async with NfsClient.tcp(H, ports["nfs"], ports["mount"], hard=False, timeo=5.0, cred=other) as c:
-            await c.mount(str(export_dir))
-            before = server.stats.written_ahead
-            with pytest.raises(Nfs3Error) as ei:
-                await c.write(gfh, 0, data[: 1 << 20], UNSTABLE)
-            assert ei.value.status == Stat.NFS3ERR_ACCES and server.stats.written_ahead == before
-        assert (export_dir / "g").read_bytes() == b""
-        n.cancel_scope.cancel()
