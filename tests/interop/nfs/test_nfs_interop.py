@@ -73,12 +73,17 @@ def test_libnfs_tools_against_our_server_and_tshark_finds_nothing_malformed(tmp_
     # Nothing malformed, and no warning but two that are TCP's and libnfs's, not the protocol's:
     # libnfs ends its connections with a reset (RST from the client's port), and a 1 MiB WRITE
     # or READ fills a TCP window (flow control doing its job).
-    theirs = f"(tcp.flags.reset == 1 && (tcp.dstport == {srv.nfs_port} || tcp.dstport == {srv.mount_port})) || tcp.analysis.window_full"
+    theirs = (f"(tcp.flags.reset == 1 && (tcp.dstport == {srv.nfs_port} || tcp.dstport == {srv.mount_port}))"
+              f" || tcp.analysis.window_full || {CAPTURE_LOSS}")
     bad = subprocess.run(["tshark", "-r", str(cap), *_decode_as(srv.nfs_port, srv.mount_port), "-Y",
                           f"_ws.malformed || (_ws.expert.severity >= warning && !({theirs}))"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 0, bad.stderr
     assert bad.stdout.strip() == "", bad.stdout[:3000]
+
+
+# What a capture that dropped packets on a busy machine shows (dumpcap's, not the protocol's).
+CAPTURE_LOSS = "tcp.analysis.ack_lost_segment || tcp.analysis.lost_segment"
 
 
 def _decode_as(*ports: int) -> list[str]:
@@ -121,7 +126,8 @@ def test_every_procedure_on_the_wire_is_well_formed(tmp_path: Path, proto: str) 
     procs = subprocess.run(["tshark", "-r", str(cap), *ports, "-Y", f"{proto} && nfs && rpc.msgtyp == 1",
                             "-T", "fields", "-e", "nfs.procedure_v3"], capture_output=True, text=True, timeout=120)
     assert {int(p) for p in procs.stdout.split()} == set(range(22))  # all 22 replies dissected as NFSv3
-    bad = subprocess.run(["tshark", "-r", str(cap), *ports, "-Y", "_ws.malformed || _ws.expert.severity >= warning"],
+    bad = subprocess.run(["tshark", "-r", str(cap), *ports, "-Y",
+                          f"_ws.malformed || (_ws.expert.severity >= warning && !({CAPTURE_LOSS}))"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 0 and bad.stdout.strip() == "", bad.stdout[:3000]
 
