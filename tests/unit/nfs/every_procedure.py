@@ -7,26 +7,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+from unit.nfs.helpers import expect, raw
 
 from nfs.client import NfsClient
-from nfs.nfs3 import FILE_SYNC, NFS_PROGRAM, UNSTABLE, CreateMode, FType, Nfs3Error, Proc, Stat
-from nfs.nfs3xdr import NFS3_PROCEDURES, DirOpArgs, MkdirArgs, RenameArgs, Sattr3
-from nfs.xdr import Packer
-
-
-async def expect(status: int, call: object) -> None:
-    with pytest.raises(Nfs3Error) as ei:
-        await call  # type: ignore[misc]
-    assert ei.value.status == status, ei.value
-
-
-async def raw(c: NfsClient, proc: Proc, args: object) -> object:
-    """A call whose result object comes back whatever its status (to see a failure's wcc)."""
-    x = NFS3_PROCEDURES[proc]
-    p = Packer()
-    x.encode_args(p, args)
-    return await c.rpc.call(NFS_PROGRAM, 3, proc, bytes(p.iov()[0]), x.decode_res)
+from nfs.nfs3 import FILE_SYNC, UNSTABLE, CreateMode, FType, Proc, Stat
+from nfs.nfs3xdr import DirOpArgs, MkdirArgs, RenameArgs, Sattr3
 
 
 async def run_every_procedure(c: NfsClient, export: Path) -> None:

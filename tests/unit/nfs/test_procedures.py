@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import trio
 from peers import require_root, unavailable
-from unit.nfs.every_procedure import expect, run_every_procedure
+from unit.nfs.every_procedure import run_every_procedure
+from unit.nfs.helpers import client, expect
 from unit.nfs.test_failures import UdpProxy
 
 from nfs.client import NfsClient
@@ -20,11 +21,6 @@ from nfs.nfs3 import FILE_SYNC, NFS_PROGRAM, CreateMode, FType, Proc, Stat
 H = "127.0.0.1"
 
 
-def client(proto: str, srv, **kw) -> NfsClient:  # type: ignore[no-untyped-def]
-    ctor = NfsClient.tcp if proto == "tcp" else NfsClient.udp
-    kw.setdefault("hard", False)
-    kw.setdefault("timeo", 2.0)
-    return ctor(H, srv.nfs_port, srv.mount_port, **kw)
 
 
 @pytest.mark.parametrize("proto", ["udp", "tcp"])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from unit.nfs.helpers import client
 
 from nfs.client import NfsClient, RpcClient
 from nfs.mount import MOUNT_PROGRAM, MountError, MountStat
@@ -23,11 +24,6 @@ from nfs.transport import udp_connect
 H = "127.0.0.1"
 
 
-def client(proto: str, srv, **kw) -> NfsClient:  # type: ignore[no-untyped-def]
-    ctor = NfsClient.tcp if proto == "tcp" else NfsClient.udp
-    kw.setdefault("hard", False)
-    kw.setdefault("timeo", 2.0)
-    return ctor(H, srv.nfs_port, srv.mount_port, **kw)
 
 
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
