@@ -91,7 +91,7 @@ def cli() -> None:
     cls=LazyGroup,
     context_settings=CONTEXT,
     lazy={
-        "nfs": LazyCommand("nfs.cli:serve_nfs", "Serve a directory over MOUNT v3 and NFSv3 (UDP and TCP)."),
+        "nfs": LazyCommand("emu.commands.serve_nfs:serve_nfs", "Serve a directory over MOUNT v3 and NFSv3 (UDP and TCP)."),
         "iscsi": LazyCommand("iscsi.cli:serve_iscsi", "Serve a file as an iSCSI disk LUN."),
     },
 )

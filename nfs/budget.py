@@ -12,7 +12,9 @@ pool. So however much of the shared pool big records hold, every connection can 
 small call through: a NULL, a GETATTR, a 4 KiB WRITE. The total (both pools) never exceeds
 `limit` — Linux's tcp_mem with its per-socket minimum tcp_rmem[0], in spirit.
 
-A share also caps what one connection holds (`cap`) and the calls it runs at once (`max_calls`).
+A share also caps what one connection holds (`cap`, and its fair share: the limit divided among
+the shares holding bytes, so however many bytes one client's partial records hold, the others get
+their part) and the calls it runs at once (`max_calls`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ class ByteBudget:
         self.shared_used = 0
         self.high_water = 0
         self.waits = 0  # times a reader had to wait for bytes
+        self.holders = 0  # shares holding bytes now
         self._changed = trio.Event()
+
+    def fair_share(self, holding: bool) -> int:
+        """What one share may hold when `holders` (itself included) divide the limit."""
+        return max(self.reserve, self.limit // max(1, self.holders + (0 if holding else 1)))
 
     @property
     def used(self) -> int:
@@ -64,8 +71,8 @@ class Share:
 
     def _fits(self, n: int) -> bool:
         b = self.budget
-        if self.held and self.held + n > self.cap:  # (one record always fits an idle share)
-            return False
+        if self.held and self.held + n > min(self.cap, b.fair_share(True)):
+            return False  # (an idle share always gets its first bytes, within the limits below)
         r0, s0 = b._split(self.held)
         r1, s1 = b._split(self.held + n)
         return (b.reserve_used + r1 - r0 <= b.reserve_limit
@@ -79,6 +86,8 @@ class Share:
             return False
         b = self.budget
         r0, s0 = b._split(self.held)
+        if not self.held:
+            b.holders += 1
         self.held += n
         r1, s1 = b._split(self.held)
         b.reserve_used += r1 - r0
@@ -105,6 +114,8 @@ class Share:
         b = self.budget
         r0, s0 = b._split(self.held)
         self.held -= n
+        if not self.held:
+            b.holders -= 1
         r1, s1 = b._split(self.held)
         b.reserve_used -= r0 - r1
         b.shared_used -= s0 - s1

@@ -1,5 +1,5 @@
 """The NFS client: a thin trio driver (`RpcClient`) around the sans-IO core (nfs/xprt.py), and
-the NFSv3 + MOUNT calls the emulated host swaps with (`NfsClient`).
+`NfsClient`, the NFSv3 + MOUNT calls the emulated host swaps with.
 
 Usage over plain sockets::
 
@@ -9,50 +9,97 @@ Usage over plain sockets::
         await nfs.write(fh, 0, page, stable=FILE_SYNC)
 
 Over any other transport, pass connect factories: `NfsClient(connect, mount_connect=...)`, where
-each factory returns a new `trio.abc.Stream` (TCP, record marking) or `DatagramTransport` (UDP).
+each factory returns a new `trio.abc.Stream` (TCP, record marking) or `DatagramTransport` (UDP);
+neither is assumed to be a real socket.
 
-Concurrency: any number of tasks may call at once; the slot table bounds the requests in flight
-and one reader task per connection hands each reply to its caller by xid. The reader task of a
-(re)connection is started from the task whose call needed it, so it inherits that task's
-context (the host's PF_MEMALLOC task for swap I/O).
+The NFS procedures go through one call table (nfs/nfs3xdr.py's NFS3_PROCEDURES: the argument
+encoder and result decoder of each), as Linux's nfs3_procedures[]. Concurrency: any number of
+tasks may call at once; the slot table bounds the requests in flight, one reader task per
+connection hands each reply to its caller by xid, and one timer task sleeps until the core's
+next deadline (`get_timer`) and hands it the time (`handle_timer`). All of it runs on trio's
+clock, so an emulated clock drives it too. Connections and their reader tasks are made by a
+worker running in the context of the task that entered the client (Linux's xprtiod).
+
+Hard (the default, as swap needs) retries until the server answers, logging through the
+`nfs.client` logger "server H not responding, still trying" once at the first major timeout
+and "server H OK" when it answers again; soft gives a call up with `RpcTimeout` after `retrans`
+retransmissions. MOUNT is always soft and bounded (`mount_timeout`): it fails with an
+`NfsMountError` naming the server and what went wrong.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import socket as pysocket
 from collections.abc import Callable, Iterator
-from types import TracebackType
 from dataclasses import dataclass
-from typing import TypeVar
+from types import TracebackType
+from typing import Any, TypeVar
 
 import trio
 
 from nfs.mount import MOUNT_PROGRAM, MOUNT_V3, MountProc, decode_exports, decode_mnt_res, encode_mnt_args
-from nfs.nfs3 import (
-    NFS_PROGRAM, NFS_V3, CreateMode, Fattr3, FsInfo, FsStat, Nfs3Error, Proc, ReadRes, Sattr3, Stat, StableHow,
-    WccData, decode_read_res, decode_write_res, encode_read_args, encode_write_args_head, pack_diropargs, pack_fh,
-    unpack_fh, unpack_post_op_attr,
+from nfs.nfs3 import NFS_PROGRAM, NFS_V3, CreateMode, FType, Nfs3Error, Proc, Stat, StableHow
+from nfs.nfs3xdr import (
+    NFS3_PROCEDURES, AccessArgs, AccessRes, Attr, CommitArgs, CreateArgs, CreateRes, DirOpArgs, Entry3, Fattr3, FhArgs, FsinfoRes,
+    FsstatRes, GetattrRes, LinkArgs, LinkRes, LookupRes, MkdirArgs, MknodArgs, NfsTime, PathconfRes, ReadArgs, ReaddirArgs, ReaddirplusArgs,
+    ReadlinkRes, ReadRes, RenameArgs, Sattr3, SetattrArgs, SymlinkArgs, WccRes, WriteArgs, WriteRes,
 )
 from nfs.record import DEFAULT_MAX_RECORD, RecordDecoder, RecordTooLarge, record_mark
-from nfs.rpc import AuthSys, OpaqueAuth
+from nfs.rpc import AcceptStat, AuthSys, OpaqueAuth, RpcError
 from nfs.transport import ConnectFactory, NullBuffers, RequestBuffers, is_stream, tcp_connect, udp_connect
 from nfs.write import DEFAULT_MAX_UNCOMMITTED, CommitList
-from nfs.xprt import RetransmitPolicy, RpcTimeout, Rqst, SlotTable, XprtCore
 from nfs.xdr import Packer, Unpacker
+from nfs.xprt import (
+    Completed, NotResponding, Reconnect, Retransmit, RetransmitPolicy, RpcTimeout, Rqst, ServerOk, SlotTable,
+    XprtCore,
+)
 
-log = logging.getLogger("netswap.nfs.client")
+log = logging.getLogger("nfs.client")
 
 T = TypeVar("T")
 
 UDP_MAX_IO = 32 * 1024
 UDP_MAX_CALL = 65507  # the largest UDP payload over IPv4
 TCP_MAX_IO = 1024 * 1024
+_LOST = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class NfsMountError(Exception):
+    """MOUNT could not be done: the server is unreachable, refused, or does not serve MOUNT.
+    (A MOUNT the server answered with an error is `nfs.mount.MountError`.)"""
+
+
+def _peer_host(transport: object) -> str | None:
+    """The server's address, if the transport is a real socket (emulated ones need not be)."""
+    for attr in ("socket", "sock"):
+        sock = getattr(transport, attr, None)
+        getpeername = getattr(sock, "getpeername", None)
+        if callable(getpeername) and isinstance(sock, (pysocket.socket, trio.socket.SocketType)):
+            try:
+                return str(getpeername()[0])
+            except OSError:
+                return None
+    return None
+
+
+def _refused(e: BaseException | None) -> bool:
+    """Was this connect failure (or what caused it: trio wraps them) a refused connection?"""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, ConnectionRefusedError):
+            return True
+        if isinstance(e, BaseExceptionGroup):
+            return any(_refused(x) for x in e.exceptions)
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
 
 
 class _Conn:
-    def __init__(self, transport: object, stream: bool, gen: int) -> None:
+    def __init__(self, transport: Any, stream: bool, gen: int) -> None:
         self.transport = transport
         self.stream = stream
         self.gen = gen
@@ -62,9 +109,9 @@ class _Conn:
     async def send(self, msg: bytes | bytearray) -> None:
         if self.stream:
             async with self.send_lock:
-                await self.transport.send_all(record_mark(len(msg)) + msg)  # type: ignore[attr-defined]
+                await self.transport.send_all(record_mark(len(msg)) + msg)
         else:
-            await self.transport.send(msg)  # type: ignore[attr-defined]
+            await self.transport.send(msg)
 
 
 class RpcClient:
@@ -73,7 +120,8 @@ class RpcClient:
     def __init__(self, connect: ConnectFactory, *,
                  policy: RetransmitPolicy | Callable[[str], RetransmitPolicy] | None = None, proto: str | None = None,
                  slots: int = 16, buffers: RequestBuffers | None = None, cred: OpaqueAuth | None = None,
-                 max_record: int = DEFAULT_MAX_RECORD) -> None:
+                 max_record: int = DEFAULT_MAX_RECORD, server: str | None = None,
+                 connect_errors_fatal: bool = False) -> None:
         self._connect = connect
         self.proto = proto  # "tcp" / "udp"; learned at the first connect when None
         # A policy, or a function of the protocol ("tcp"/"udp") learned at the first connect.
@@ -82,23 +130,30 @@ class RpcClient:
         if fixed is None and proto is not None:
             fixed = self._policy_for(proto) if self._policy_for else self._default_policy(proto)
         self._policy_fixed = fixed is not None
-        self.core = XprtCore(fixed or RetransmitPolicy.tcp(), cred or AuthSys().to_auth())
+        self.core = XprtCore(fixed or RetransmitPolicy.tcp(), cred or AuthSys().to_auth(), stream=proto == "tcp")
         self.slots = SlotTable(slots)
         self.buffers = buffers or NullBuffers()
         self.max_record = max_record
-        self._events: dict[int, trio.Event] = {}
+        self.server = server  # for the log; learned from the first real socket when None
+        self.connect_errors_fatal = connect_errors_fatal  # (MOUNT: a refused connect is final)
+        self._wake: dict[int, trio.Event] = {}
         self._conn: _Conn | None = None
         self._gen = 0
         self._connect_wanted = trio.Event()
         self._connect_done = trio.Event()
         self._connect_error: Exception | None = None
+        self._timer_kick = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self._nursery_cm: object = None
+        self._nursery_cm: Any = None
         self.closed = False
 
     @staticmethod
     def _default_policy(proto: str) -> RetransmitPolicy:
         return RetransmitPolicy.udp() if proto == "udp" else RetransmitPolicy.tcp()
+
+    @property
+    def server_name(self) -> str:
+        return self.server or "server"
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -110,6 +165,7 @@ class RpcClient:
         # run in the context of the task that entered the client, like Linux's xprtiod/rpciod,
         # whatever task's call happened to need a new connection.
         self._nursery.start_soon(self._connector)
+        self._nursery.start_soon(self._timer)
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
@@ -119,8 +175,8 @@ class RpcClient:
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
         # The body's own exception propagates as itself (not wrapped in an ExceptionGroup): the
-        # reader tasks catch their errors, so the nursery has nothing of its own to raise.
-        await cm.__aexit__(None, None, None)  # type: ignore[attr-defined]
+        # worker tasks catch their errors, so the nursery has nothing of its own to raise.
+        await cm.__aexit__(None, None, None)
         return None
 
     async def aclose(self) -> None:
@@ -128,6 +184,38 @@ class RpcClient:
         self._connect_done.set()  # callers waiting for a connection find the client closed
         if self._conn is not None:
             await self._kill(self._conn)
+
+    # -- the core's timer and events -------------------------------------------------------
+
+    async def _timer(self) -> None:
+        """Sleep until the core's next deadline (or until a nearer one is armed), then let it
+        handle the time and act on what it says."""
+        while True:
+            deadline = self.core.get_timer()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._timer_kick.wait()
+            self._timer_kick = trio.Event()
+            self.core.handle_timer(trio.current_time())
+            self._events()
+
+    def _kick(self) -> None:
+        self._timer_kick.set()
+
+    def _events(self) -> None:
+        while (ev := self.core.next_event()) is not None:
+            if isinstance(ev, (Retransmit, Completed)):
+                w = self._wake.get(ev.rqst.xid)
+                if w is not None:
+                    w.set()
+            elif isinstance(ev, Reconnect):
+                c = self._conn
+                if c is not None and not c.dead and self._nursery is not None:
+                    self._nursery.start_soon(self._kill, c)  # TCP delivers or breaks: go again
+            elif isinstance(ev, NotResponding):
+                log.warning("server %s not responding, %s", self.server_name,
+                            "still trying" if ev.hard else "timed out")
+            elif isinstance(ev, ServerOk):
+                log.warning("server %s OK", self.server_name)
 
     # -- connections -----------------------------------------------------------------------
 
@@ -168,7 +256,7 @@ class RpcClient:
             done, self._connect_done = self._connect_done, trio.Event()
             done.set()
 
-    def _attach(self, transport: object) -> None:
+    def _attach(self, transport: Any) -> None:
         assert self._nursery is not None
         stream = is_stream(transport)
         if self.proto is None:
@@ -176,6 +264,9 @@ class RpcClient:
             if not self._policy_fixed:
                 self.core.policy = (self._policy_for or self._default_policy)(self.proto)
                 self._policy_fixed = True
+        self.core.stream = stream
+        if self.server is None:
+            self.server = _peer_host(transport)
         self._gen += 1
         if self._gen > 1:
             self.core.stats.reconnects += 1
@@ -188,28 +279,24 @@ class RpcClient:
             return
         c.dead = True
         # Wake every caller: those whose reply has not come will resend on a new connection.
-        for ev in list(self._events.values()):
+        for ev in list(self._wake.values()):
             ev.set()
         with trio.CancelScope(shield=True):
             try:
-                await c.transport.aclose()  # type: ignore[attr-defined]
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                await c.transport.aclose()
+            except _LOST:
                 pass
 
     def _deliver(self, msg: bytes | bytearray | memoryview) -> None:
-        rq = self.core.receive(msg)
-        if rq is not None:
-            ev = self._events.get(rq.xid)
-            if ev is not None:
-                ev.set()
+        self.core.receive(msg)
+        self._events()
 
     async def _reader(self, c: _Conn) -> None:
         try:
             if c.stream:
                 dec = RecordDecoder(self.max_record)
-                stream = c.transport
                 while True:
-                    data = await stream.receive_some(256 * 1024)  # type: ignore[attr-defined]
+                    data = await c.transport.receive_some(256 * 1024)
                     if not data:
                         break
                     dec.feed(data)
@@ -217,8 +304,13 @@ class RpcClient:
                         self._deliver(rec)
             else:
                 while True:
-                    self._deliver(await c.transport.recv())  # type: ignore[attr-defined]
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, RecordTooLarge) as e:
+                    try:
+                        msg = await c.transport.recv()
+                    except ConnectionRefusedError:  # ICMP port unreachable: nobody on that port
+                        self.core.refused()
+                        continue
+                    self._deliver(msg)
+        except (*_LOST, RecordTooLarge) as e:
             log.debug("connection %d lost: %r", c.gen, e)
         finally:
             await self._kill(c)
@@ -229,8 +321,7 @@ class RpcClient:
                    decode: Callable[[Unpacker], T] | None = None) -> T:
         """Send a call and wait for its reply; `decode` turns the result body into the return
         value while the request's buffers are still held. Raises RpcError (the server refused),
-        RpcTimeout (soft, no reply), Nfs3Error/MountError (from `decode`), OSError (soft, cannot
-        connect)."""
+        RpcTimeout (soft, no reply), OSError (a connect failure, with connect_errors_fatal)."""
         await self._get_slot()
         try:
             return await self._call(prog, vers, proc, args, decode)
@@ -256,53 +347,52 @@ class RpcClient:
 
     async def _call(self, prog: int, vers: int, proc: int, args: bytes | bytearray | memoryview,
                     decode: Callable[[Unpacker], T] | None) -> T:
-        rq: Rqst = self.core.start(prog, vers, proc, args)
+        core = self.core
+        rq: Rqst = core.start(prog, vers, proc, args)
         token = await self.buffers.alloc(len(rq.message) + 4)
         losses = 0
         try:
-            while True:
+            while not rq.done:
+                wake = self._wake[rq.xid] = trio.Event()
                 try:
                     c = await self._get_conn()
                 except OSError as e:
+                    if self.connect_errors_fatal:
+                        raise
                     log.debug("connect failed: %s", e)
-                    await trio.sleep(min(rq.timeout, 5.0))
-                    if not self.core.timed_out(rq):
-                        raise OSError(f"cannot connect: {e}") from e
+                    core.not_sent(rq, trio.current_time(), f"cannot connect: {e.strerror or e}", rq.timeout)
+                    self._kick()
+                    await wake.wait()
                     continue
                 if not c.stream and len(rq.message) > UDP_MAX_CALL:
                     raise ValueError(f"a {len(rq.message)}-byte call does not fit in a UDP datagram")
-                ev = trio.Event()
-                self._events[rq.xid] = ev
                 try:
                     await c.send(rq.message)
-                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                except _LOST as e:
                     log.debug("send failed: %r", e)
                     await self._kill(c)
                     losses += 1
-                    await trio.sleep(min(0.01 * 2**losses, 2.0))
+                    core.not_sent(rq, trio.current_time(), "send failed", min(0.01 * 2**losses, 2.0))
+                    self._kick()
+                    await wake.wait()
                     continue
-                self.core.transmitted(rq)
-                with trio.move_on_after(rq.timeout):
-                    await ev.wait()
-                if rq.done:
-                    break
-                if ev.is_set():  # the connection went away: resend on a new one
-                    losses += 1
+                core.transmitted(rq, trio.current_time())
+                self._kick()
+                await wake.wait()  # the reply, the timer (retransmit or give up), or a lost connection
+                if not rq.done and c.dead and rq.deadline != math.inf:
+                    losses += 1  # the connection went away: resend on a new one (backing off)
                     if losses > 1:
-                        await trio.sleep(min(0.01 * 2**losses, 2.0))
-                    continue
-                if not self.core.timed_out(rq):
-                    break
-                log.info("xid %#x: no reply in time, retransmitting (timeout now %.1fs)", rq.xid, rq.timeout)
-                if c.stream:  # TCP delivers or breaks: a silent server means a new connection
-                    await self._kill(c)
+                        wake = self._wake[rq.xid] = trio.Event()
+                        core.not_sent(rq, trio.current_time(), "connection lost", min(0.01 * 2**losses, 2.0))
+                        self._kick()
+                        await wake.wait()
             if rq.error is not None:
                 raise rq.error
             assert rq.reply is not None
             return decode(rq.reply) if decode is not None else rq.reply  # type: ignore[return-value]
         finally:
-            self._events.pop(rq.xid, None)
-            self.core.finish(rq)
+            self._wake.pop(rq.xid, None)
+            core.finish(rq)
             self.buffers.free(token)
 
 
@@ -329,36 +419,44 @@ class WriteResult:
         return (self.count, self.committed, self.verifier)[i]
 
 
-def _status(u: Unpacker, what: str) -> None:
-    status = u.u32()
-    if status != Stat.NFS3_OK:
-        raise Nfs3Error(status, what)
+def _fattr(a: Attr | None) -> Fattr3 | None:
+    """A decoded post_op_attr (always a Fattr3 on this side)."""
+    assert a is None or isinstance(a, Fattr3)
+    return a
+
+
+def _name(name: str | bytes) -> str:
+    """A name as the codecs take it: bytes that are not UTF-8 become surrogates (os.fsdecode)."""
+    return name.decode("utf-8", "surrogateescape") if isinstance(name, bytes) else name
 
 
 class NfsClient:
     """NFSv3 client. `connect` makes the NFS transport; `mount_connect` the MOUNT one (defaults to
-    `connect`, which works with servers that answer MOUNT on the NFS port, like netswap's)."""
+    `connect`, which works with servers that answer MOUNT on the NFS port, like netswap's).
+    `server` names the server in log messages and errors (learned from a real socket if None)."""
 
     def __init__(self, connect: ConnectFactory, *, mount_connect: ConnectFactory | None = None,
                  proto: str | None = None, timeo: float | None = None, retrans: int | None = None,
                  timeo_max: float = 60.0, hard: bool = True, slots: int = 16,
                  buffers: RequestBuffers | None = None, cred: AuthSys | None = None,
                  rsize: int | None = None, wsize: int | None = None,
-                 max_uncommitted: int = DEFAULT_MAX_UNCOMMITTED) -> None:
+                 max_uncommitted: int = DEFAULT_MAX_UNCOMMITTED, server: str | None = None,
+                 mount_timeout: float = 10.0) -> None:
         self._connect = connect
         self._mount_connect = mount_connect or connect
         self.proto = proto
         self.cred = cred or AuthSys(machinename=pysocket.gethostname()[:255])
         self._timeo, self._retrans, self._timeo_max, self._hard = timeo, retrans, timeo_max, hard
+        self.mount_timeout = mount_timeout
         self.rpc = RpcClient(connect, policy=self._policy, proto=proto, slots=slots, buffers=buffers,
-                             cred=self.cred.to_auth())
+                             cred=self.cred.to_auth(), server=server)
         self.commits = CommitList(max_bytes=max_uncommitted)
         self._unstable_inflight = 0  # bytes of UNSTABLE writes sent, not yet answered
         self.forced_commits = 0  # COMMITs sent to make room under max_uncommitted
         self.forced_sync_writes = 0  # UNSTABLE writes sent FILE_SYNC because they would not fit
         self.root: bytes | None = None
         self.export: str | None = None
-        self.fsinfo_res: FsInfo | None = None
+        self.fsinfo_res: FsinfoRes | None = None
         self._rsize_opt, self._wsize_opt = rsize, wsize
         self.rsize = rsize or UDP_MAX_IO
         self.wsize = wsize or UDP_MAX_IO
@@ -370,14 +468,16 @@ class NfsClient:
                                 max(self._timeo_max, self._timeo or 0), self._hard)
 
     @classmethod
-    def tcp(cls, host: str, port: int, mount_port: int | None = None, **kw: object) -> NfsClient:
+    def tcp(cls, host: str, port: int, mount_port: int | None = None, **kw: Any) -> NfsClient:
         mc = functools.partial(tcp_connect, host, mount_port) if mount_port else None
-        return cls(functools.partial(tcp_connect, host, port), mount_connect=mc, proto="tcp", **kw)  # type: ignore[arg-type]
+        kw.setdefault("server", host)
+        return cls(functools.partial(tcp_connect, host, port), mount_connect=mc, proto="tcp", **kw)
 
     @classmethod
-    def udp(cls, host: str, port: int, mount_port: int | None = None, **kw: object) -> NfsClient:
+    def udp(cls, host: str, port: int, mount_port: int | None = None, **kw: Any) -> NfsClient:
         mc = functools.partial(udp_connect, host, mount_port) if mount_port else None
-        return cls(functools.partial(udp_connect, host, port), mount_connect=mc, proto="udp", **kw)  # type: ignore[arg-type]
+        kw.setdefault("server", host)
+        return cls(functools.partial(udp_connect, host, port), mount_connect=mc, proto="udp", **kw)
 
     async def __aenter__(self) -> NfsClient:
         await self.rpc.__aenter__()
@@ -388,24 +488,57 @@ class NfsClient:
         return await self.rpc.__aexit__(et, e, tb)
 
     @property
+    def server_not_responding(self) -> bool:
+        """Hard: a call had a major timeout and the server has not answered since."""
+        return self.rpc.core.not_responding
+
+    @property
     def stats(self) -> dict[str, int]:
         s = self.rpc.core.stats
         return {"calls": s.calls, "transmissions": s.transmissions, "retransmissions": s.retransmissions,
                 "major_timeouts": s.major_timeouts, "bad_xids": s.bad_xids, "reconnects": s.reconnects,
+                "not_responding": s.not_responding,
                 "slots_high_water": self.rpc.slots.high_water, "commit_resends": self.commits.resends,
                 "uncommitted_bytes": self.commits.held, "forced_commits": self.forced_commits,
                 "forced_sync_writes": self.forced_sync_writes}
 
-    async def _nfs(self, proc: int, args: bytes | bytearray | memoryview, decode: Callable[[Unpacker], T]) -> T:
-        return await self.rpc.call(NFS_PROGRAM, NFS_V3, proc, args, decode)
+    async def _proc(self, proc: Proc, args: object, what: str = "") -> Any:
+        """One NFSv3 call through the call table; a status other than NFS3_OK is Nfs3Error."""
+        xdr = NFS3_PROCEDURES[proc]
+        p = Packer()
+        xdr.encode_args(p, args)
+        iov = p.iov()
+        body = iov[0] if len(iov) == 1 else b"".join(iov)  # type: ignore[arg-type]
+        res = await self.rpc.call(NFS_PROGRAM, NFS_V3, proc, body, xdr.decode_res)  # type: ignore[arg-type]
+        if res.status != Stat.NFS3_OK:
+            raise Nfs3Error(res.status, f"{xdr.name} {what}".rstrip())
+        return res
 
     # -- MOUNT -----------------------------------------------------------------------------
 
     async def _mount_call(self, proc: int, args: bytes, decode: Callable[[Unpacker], T]) -> T:
+        """MOUNT is soft and bounded, whatever the NFS calls are: `mount_timeout` seconds in
+        all (three transmissions), and a refused connection is final at once."""
         proto = self.rpc.proto or self.proto
-        async with RpcClient(self._mount_connect, policy=self._policy, proto=proto, slots=1,
-                             cred=self.cred.to_auth()) as m:
-            return await m.call(MOUNT_PROGRAM, MOUNT_V3, proc, args, decode)
+        policy = RetransmitPolicy(self.mount_timeout / 7, 2, self.mount_timeout, hard=False)
+        server = self.rpc.server_name
+        try:
+            async with RpcClient(self._mount_connect, policy=policy, proto=proto, slots=1,
+                                 cred=self.cred.to_auth(), server=self.rpc.server,
+                                 connect_errors_fatal=True) as m:
+                return await m.call(MOUNT_PROGRAM, MOUNT_V3, proc, args, decode)
+        except RpcTimeout as e:
+            why = "connection refused" if "connection refused" in str(e) else "no reply"
+            raise NfsMountError(f"server {server} did not answer MOUNT within {self.mount_timeout:g} s "
+                                f"({why})") from None
+        except RpcError as e:
+            if e.accept_stat == AcceptStat.PROG_UNAVAIL:
+                raise NfsMountError(f"server {server}: MOUNT failed: program not registered "
+                                    f"(no MOUNT v3 on that port)") from None
+            raise NfsMountError(f"server {server}: MOUNT failed: {e}") from None
+        except OSError as e:
+            reason = "connection refused" if _refused(e) else (e.strerror or str(e)).lower()
+            raise NfsMountError(f"server {server}: MOUNT failed: {reason}") from None
 
     async def mount(self, export: str) -> bytes:
         """MNT the export, then FSINFO on its root (sets rsize/wsize). Returns the root handle."""
@@ -429,109 +562,99 @@ class NfsClient:
     # -- NFSv3 procedures ------------------------------------------------------------------
 
     async def null(self) -> None:
-        await self._nfs(Proc.NULL, b"", lambda u: None)
+        await self.rpc.call(NFS_PROGRAM, NFS_V3, Proc.NULL)
 
     async def getattr(self, fh: bytes) -> Fattr3:
-        p = Packer()
-        pack_fh(p, fh)
-
-        def dec(u: Unpacker) -> Fattr3:
-            _status(u, "GETATTR")
-            return Fattr3.unpack(u)
-
-        return await self._nfs(Proc.GETATTR, p.buf, dec)
+        res: GetattrRes = await self._proc(Proc.GETATTR, FhArgs(fh))
+        attr = _fattr(res.obj_attributes)
+        assert attr is not None
+        return attr
 
     async def setattr(self, fh: bytes, size: int | None = None, mode: int | None = None, uid: int | None = None,
-                      gid: int | None = None, atime: object = None, mtime: object = None) -> Fattr3 | None:
-        p = Packer()
-        pack_fh(p, fh)
-        Sattr3(mode, uid, gid, size, atime, mtime).pack(p)  # type: ignore[arg-type]
-        p.bool(False)  # no guard
+                      gid: int | None = None, atime: NfsTime | str | None = None, mtime: NfsTime | str | None = None,
+                      guard: NfsTime | None = None) -> Fattr3 | None:
+        """SETATTR; `guard`: only if the object's ctime is still that (NFS3ERR_NOT_SYNC)."""
+        res: WccRes = await self._proc(Proc.SETATTR, SetattrArgs(fh, Sattr3(mode, uid, gid, size, atime, mtime), guard))
+        return _fattr(res.wcc.after)
 
-        def dec(u: Unpacker) -> Fattr3 | None:
-            status = u.u32()
-            wcc = WccData.unpack(u)
-            if status != Stat.NFS3_OK:
-                raise Nfs3Error(status, "SETATTR")
-            return wcc.after
-
-        return await self._nfs(Proc.SETATTR, p.buf, dec)
-
-    async def lookup(self, dir_fh: bytes, name: str) -> tuple[bytes, Fattr3 | None]:
-        p = Packer()
-        pack_diropargs(p, dir_fh, name)
-
-        def dec(u: Unpacker) -> tuple[bytes, Fattr3 | None]:
-            status = u.u32()
-            if status != Stat.NFS3_OK:
-                raise Nfs3Error(status, f"LOOKUP {name}")
-            fh = unpack_fh(u)
-            return fh, unpack_post_op_attr(u)
-
-        return await self._nfs(Proc.LOOKUP, p.buf, dec)
+    async def lookup(self, dir_fh: bytes, name: str | bytes) -> tuple[bytes, Fattr3 | None]:
+        res: LookupRes = await self._proc(Proc.LOOKUP, DirOpArgs(dir_fh, _name(name)), repr(_name(name)))
+        return res.object, _fattr(res.obj_attributes)
 
     async def access(self, fh: bytes, want: int) -> int:
-        p = Packer()
-        pack_fh(p, fh)
-        p.u32(want)
+        res: AccessRes = await self._proc(Proc.ACCESS, AccessArgs(fh, want))
+        return res.access
 
-        def dec(u: Unpacker) -> int:
-            status = u.u32()
-            unpack_post_op_attr(u)
-            if status != Stat.NFS3_OK:
-                raise Nfs3Error(status, "ACCESS")
-            return u.u32()
+    async def readlink(self, fh: bytes) -> str:
+        """The symlink's target, as stored (undecodable bytes as surrogates)."""
+        res: ReadlinkRes = await self._proc(Proc.READLINK, FhArgs(fh))
+        return res.data
 
-        return await self._nfs(Proc.ACCESS, p.buf, dec)
-
-    async def create(self, dir_fh: bytes, name: str, mode: int = 0o600, how: CreateMode = CreateMode.UNCHECKED,
-                     size: int | None = None, verf: bytes | None = None) -> tuple[bytes, Fattr3 | None]:
-        """CREATE a regular file; returns its handle (looked up if the server sent none)."""
-        p = Packer()
-        pack_diropargs(p, dir_fh, name)
-        p.u32(how)
-        if how == CreateMode.EXCLUSIVE:
-            p.fopaque(verf or b"netswap!", 8)
-        else:
-            Sattr3(mode=mode, size=size).pack(p)
-
-        def dec(u: Unpacker) -> tuple[bytes | None, Fattr3 | None]:
-            status = u.u32()
-            if status != Stat.NFS3_OK:
-                WccData.unpack(u)
-                raise Nfs3Error(status, f"CREATE {name}")
-            fh = u.optional(lambda: unpack_fh(u))
-            return fh, unpack_post_op_attr(u)
-
-        fh, attr = await self._nfs(Proc.CREATE, p.buf, dec)
-        if fh is None:
+    async def _made(self, res: CreateRes, dir_fh: bytes, name: str) -> tuple[bytes, Fattr3 | None]:
+        if res.obj is None:  # the server may leave the handle out: look it up
             return await self.lookup(dir_fh, name)
+        return res.obj, _fattr(res.obj_attributes)
+
+    async def create(self, dir_fh: bytes, name: str | bytes, mode: int = 0o600,
+                     how: CreateMode = CreateMode.UNCHECKED, size: int | None = None,
+                     verf: bytes | None = None) -> tuple[bytes, Fattr3 | None]:
+        """CREATE a regular file; returns its handle (looked up if the server sent none)."""
+        n = _name(name)
+        if how == CreateMode.EXCLUSIVE:
+            args = CreateArgs(DirOpArgs(dir_fh, n), how, verf=verf or b"netswap!")
+        else:
+            args = CreateArgs(DirOpArgs(dir_fh, n), how, Sattr3(mode=mode, size=size))
+        fh, attr = await self._made(await self._proc(Proc.CREATE, args, repr(n)), dir_fh, n)
         if how == CreateMode.EXCLUSIVE:  # RFC 1813: set the real attributes after an exclusive create
             attr = await self.setattr(fh, mode=mode, size=size)
         return fh, attr
 
-    async def remove(self, dir_fh: bytes, name: str) -> None:
-        p = Packer()
-        pack_diropargs(p, dir_fh, name)
+    async def mkdir(self, dir_fh: bytes, name: str | bytes, mode: int = 0o755) -> tuple[bytes, Fattr3 | None]:
+        n = _name(name)
+        res = await self._proc(Proc.MKDIR, MkdirArgs(DirOpArgs(dir_fh, n), Sattr3(mode=mode)), repr(n))
+        return await self._made(res, dir_fh, n)
 
-        def dec(u: Unpacker) -> None:
-            status = u.u32()
-            WccData.unpack(u)
-            if status != Stat.NFS3_OK:
-                raise Nfs3Error(status, f"REMOVE {name}")
+    async def symlink(self, dir_fh: bytes, name: str | bytes, target: str | bytes,
+                      mode: int | None = None) -> tuple[bytes, Fattr3 | None]:
+        n = _name(name)
+        args = SymlinkArgs(DirOpArgs(dir_fh, n), _name(target), Sattr3(mode=mode))
+        return await self._made(await self._proc(Proc.SYMLINK, args, repr(n)), dir_fh, n)
 
-        await self._nfs(Proc.REMOVE, p.buf, dec)
+    async def mknod(self, dir_fh: bytes, name: str | bytes, type: FType, mode: int = 0o644,
+                    spec: tuple[int, int] = (0, 0)) -> tuple[bytes, Fattr3 | None]:
+        """MKNOD a FIFO, socket, or character or block device (`spec`: major, minor)."""
+        n = _name(name)
+        args = MknodArgs(DirOpArgs(dir_fh, n), type, Sattr3(mode=mode), spec)
+        return await self._made(await self._proc(Proc.MKNOD, args, repr(n)), dir_fh, n)
+
+    async def remove(self, dir_fh: bytes, name: str | bytes) -> None:
+        await self._proc(Proc.REMOVE, DirOpArgs(dir_fh, _name(name)), repr(_name(name)))
+
+    async def rmdir(self, dir_fh: bytes, name: str | bytes) -> None:
+        await self._proc(Proc.RMDIR, DirOpArgs(dir_fh, _name(name)), repr(_name(name)))
+
+    async def rename(self, from_dir: bytes, from_name: str | bytes, to_dir: bytes, to_name: str | bytes) -> None:
+        a, b = _name(from_name), _name(to_name)
+        await self._proc(Proc.RENAME, RenameArgs(DirOpArgs(from_dir, a), DirOpArgs(to_dir, b)), f"{a!r} -> {b!r}")
+
+    async def link(self, fh: bytes, dir_fh: bytes, name: str | bytes) -> Fattr3 | None:
+        """LINK: a new name `name` in `dir_fh` for the file `fh`; returns its attributes."""
+        n = _name(name)
+        res: LinkRes = await self._proc(Proc.LINK, LinkArgs(fh, DirOpArgs(dir_fh, n)), repr(n))
+        return _fattr(res.file_attributes)
 
     async def read_once(self, fh: bytes, offset: int, count: int) -> ReadRes:
-        """One READ RPC (count is not split)."""
-        return await self._nfs(Proc.READ, encode_read_args(fh, offset, count), decode_read_res)
+        """One READ RPC (count is not split); its data is bytes."""
+        res: ReadRes = await self._proc(Proc.READ, ReadArgs(fh, offset, count))
+        res.data = bytes(res.data)  # type: ignore[call-overload]  # (a view of the reply until now)
+        return res
 
     async def read(self, fh: bytes, offset: int, count: int) -> bytes:
         """Read `count` bytes (in rsize pieces); shorter only at end of file."""
         if count <= self.rsize:
             res = await self.read_once(fh, offset, count)
             if len(res.data) == count or res.eof:
-                return res.data
+                return res.data  # type: ignore[return-value]
             parts, got = [res.data], len(res.data)
         else:
             parts, got = [], 0
@@ -541,7 +664,7 @@ class NfsClient:
             got += len(res.data)
             if res.eof or not res.data:
                 break
-        return b"".join(parts)
+        return b"".join(parts)  # type: ignore[arg-type]
 
     async def write_once(self, fh: bytes, offset: int, data: bytes | bytearray | memoryview,
                          stable: int = StableHow.FILE_SYNC) -> WriteResult:
@@ -554,10 +677,7 @@ class NfsClient:
         if stable == StableHow.UNSTABLE:
             self._unstable_inflight += n
         try:
-            args = bytearray(encode_write_args_head(fh, offset, n, stable))
-            args += data
-            args += b"\0" * ((4 - n % 4) % 4)
-            res = await self._nfs(Proc.WRITE, args, decode_write_res)
+            res: WriteRes = await self._proc(Proc.WRITE, WriteArgs(fh, offset, n, stable, data))
         finally:
             if stable == StableHow.UNSTABLE:
                 self._unstable_inflight -= n
@@ -612,86 +732,50 @@ class NfsClient:
         them (it restarted), that data is written again (FILE_SYNC). Returns the verifier."""
         for _ in range(8):
             covered = self.commits.take(fh, offset, count)
-            p = Packer()
-            pack_fh(p, fh)
-            p.u64(offset)
-            p.u32(count)
-
-            def dec(u: Unpacker) -> bytes:
-                status = u.u32()
-                WccData.unpack(u)
-                if status != Stat.NFS3_OK:
-                    raise Nfs3Error(status, "COMMIT")
-                return u.fopaque(8)
-
             try:
-                verf = await self._nfs(Proc.COMMIT, p.buf, dec)
+                verf: bytes = (await self._proc(Proc.COMMIT, CommitArgs(fh, offset, count))).verf
             except BaseException:
                 self.commits.restore(fh, covered)
                 raise
             lost = self.commits.lost(covered, verf)
             if not lost:
                 return verf
-            log.warning("write verifier changed (server restart): resending %d writes", len(lost))
+            log.warning("server %s: write verifier changed (server restart): resending %d writes",
+                        self.rpc.server_name, len(lost))
             for w in lost:
                 await self.write(fh, w.offset, w.data, StableHow.FILE_SYNC)
         raise Nfs3Error(Stat.NFS3ERR_IO, "COMMIT: the verifier keeps changing")
 
-    async def fsinfo(self, fh: bytes) -> FsInfo:
-        p = Packer()
-        pack_fh(p, fh)
+    async def fsinfo(self, fh: bytes) -> FsinfoRes:
+        return await self._proc(Proc.FSINFO, FhArgs(fh))  # type: ignore[no-any-return]
 
-        def dec(u: Unpacker) -> FsInfo:
-            status = u.u32()
-            if status != Stat.NFS3_OK:
-                unpack_post_op_attr(u)
-                raise Nfs3Error(status, "FSINFO")
-            return FsInfo.unpack(u)
+    async def fsstat(self, fh: bytes) -> FsstatRes:
+        return await self._proc(Proc.FSSTAT, FhArgs(fh))  # type: ignore[no-any-return]
 
-        return await self._nfs(Proc.FSINFO, p.buf, dec)
-
-    async def fsstat(self, fh: bytes) -> FsStat:
-        p = Packer()
-        pack_fh(p, fh)
-
-        def dec(u: Unpacker) -> FsStat:
-            status = u.u32()
-            if status != Stat.NFS3_OK:
-                unpack_post_op_attr(u)
-                raise Nfs3Error(status, "FSSTAT")
-            return FsStat.unpack(u)
-
-        return await self._nfs(Proc.FSSTAT, p.buf, dec)
+    async def pathconf(self, fh: bytes) -> PathconfRes:
+        return await self._proc(Proc.PATHCONF, FhArgs(fh))  # type: ignore[no-any-return]
 
     async def readdir(self, dir_fh: bytes) -> list[tuple[str, int]]:
         """All (name, fileid) entries of a directory (READDIR, following cookies)."""
         out: list[tuple[str, int]] = []
-        cookie, verf = 0, b"\0" * 8
+        cookie, verf = 0, bytes(8)
         while True:
-            p = Packer()
-            pack_fh(p, dir_fh)
-            p.u64(cookie)
-            p.fopaque(verf, 8)
-            p.u32(8192)
-
-            def dec(u: Unpacker) -> tuple[bytes, list[tuple[str, int, int]], bool]:
-                status = u.u32()
-                unpack_post_op_attr(u)
-                if status != Stat.NFS3_OK:
-                    raise Nfs3Error(status, "READDIR")
-                v = u.fopaque(8)
-                ents = []
-                while u.bool():
-                    fileid = u.u64()
-                    name = u.string(255)
-                    ents.append((name, fileid, u.u64()))
-                return v, ents, u.bool()
-
-            verf, ents, eof = await self._nfs(Proc.READDIR, p.buf, dec)
-            out += [(n, i) for n, i, _ in ents]
-            if eof or not ents:
+            res = await self._proc(Proc.READDIR, ReaddirArgs(dir_fh, cookie, verf, 8192))
+            out += [(e.name, e.fileid) for e in res.entries]
+            if res.eof or not res.entries:
                 return out
-            cookie = ents[-1][2]
+            cookie, verf = res.entries[-1].cookie, res.cookieverf
+
+    async def readdirplus(self, dir_fh: bytes) -> list[Entry3]:
+        """All entries of a directory with their attributes and handles (READDIRPLUS)."""
+        out: list[Entry3] = []
+        cookie, verf = 0, bytes(8)
+        while True:
+            res = await self._proc(Proc.READDIRPLUS, ReaddirplusArgs(dir_fh, cookie, verf, 8192, 32768))
+            out += res.entries
+            if res.eof or not res.entries:
+                return out
+            cookie, verf = res.entries[-1].cookie, res.cookieverf
 
 
-__all__ = ["NfsClient", "RpcClient", "WriteResult", "RpcTimeout"]
+__all__ = ["NfsClient", "NfsMountError", "RpcClient", "RpcTimeout", "WriteResult"]

@@ -1,7 +1,8 @@
 """Duplicate request cache (knfsd's nfscache.c, in spirit).
 
-A retransmitted non-idempotent call (CREATE, REMOVE, SETATTR, WRITE) must not be executed twice:
-the second CREATE GUARDED would fail with EXIST, a second REMOVE with NOENT. Entries are keyed by
+A retransmitted non-idempotent call (SETATTR, WRITE, CREATE, MKDIR, SYMLINK, MKNOD, REMOVE, RMDIR,
+RENAME, LINK) must not be executed twice: the second CREATE GUARDED or MKDIR would fail with EXIST,
+a second REMOVE, RMDIR or RENAME with NOENT. Entries are keyed by
 (xid, client host, prog, vers, proc) plus a checksum of the arguments' start, so two clients on
 the same host that happen to pick the same xid do not collide, and a TCP client that reconnects
 from a new port still hits. While the original is still being executed a duplicate is reported

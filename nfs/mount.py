@@ -1,7 +1,8 @@
 """MOUNT version 3 (RFC 1813 appendix I): the server program and the client's codecs.
 
 MNT accepts the export's path (or its alias) and any directory below it, like Linux's mountd,
-because libnfs mounts the directory that contains the file in its URL.
+because libnfs mounts the directory that contains the file in its URL; symlinks in that path are
+resolved, as mountd does, and the result must lie inside the export (MNT3ERR_ACCES otherwise).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import stat as pystat
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from nfs.nfs3 import NFS3_FHSIZE, Nfs3Error
+from nfs.nfs3 import NFS3_FHSIZE, Nfs3Error, status_name
 from nfs.nfsd import allowed
 from nfs.rpc import AuthFlavor
 from nfs.store import Export
@@ -50,11 +51,7 @@ class MountStat(enum.IntEnum):
 
 class MountError(Exception):
     def __init__(self, status: int, path: str) -> None:
-        try:
-            name = MountStat(status).name
-        except ValueError:
-            name = f"status {status}"
-        super().__init__(f"MNT {path}: {name}")
+        super().__init__(f"MNT {path}: {status_name(MountStat, status)}")
         self.status = status
 
 
@@ -129,6 +126,13 @@ class MountProgram:
                 break
         if rest is None:
             return MountStat.MNT3ERR_NOENT, b""
+        if rest:
+            # mountd resolves symlinks in the path it is asked for (libnfs mounts the directory
+            # of a file's path, which may be a symlink): the result must stay inside the export.
+            real = os.path.realpath(os.path.join(self.export.root, rest))
+            if real != self.export.root and not real.startswith(self.export.root + "/"):
+                return MountStat.MNT3ERR_ACCES, b""
+            rest = real[len(self.export.root):]
         dpath, dst = self.export.root, os.lstat(self.export.root)
         parent_ino = dst.st_ino
         try:
@@ -139,6 +143,8 @@ class MountProgram:
                 cst = os.lstat(child)
                 if not pystat.S_ISDIR(cst.st_mode):
                     return MountStat.MNT3ERR_NOTDIR, b""
+                if not self.export.same_fs(child, cst):
+                    return MountStat.MNT3ERR_ACCES, b""  # a mount point: not crossed
                 parent_ino = dst.st_ino
                 dpath, dst = child, cst
         except FileNotFoundError:

@@ -1,13 +1,22 @@
 """The NFSv3 program (100003 version 3) over an `Export`: knfsd's nfs3proc.c, for one directory.
 
-Each procedure decodes all of its arguments first (an `XdrError` there means GARBAGE_ARGS and
-nothing was done), then acts on the export. `Nfs3Error` from the action becomes that procedure's
-failure result. WRITE with DATA_SYNC/FILE_SYNC and COMMIT are on disk (fdatasync/fsync, run in a
-worker thread so other clients keep being served) before the reply is built.
+Every procedure of RFC 1813 is here. `call` decodes the arguments with the procedure's codec
+(nfs/nfs3xdr.py; an `XdrError` there means GARBAGE_ARGS and nothing was done), runs the
+procedure, which returns its result object, and encodes that. An `Nfs3Error` or `OSError` that
+escapes a procedure becomes its failure result; procedures that change a directory catch their
+own so the failure still carries the directory's wcc_data, before and after.
+
+Confinement: handles resolve only to objects of the export (nfs/store.py); a procedure acts on
+one validated name relative to an O_PATH fd of its directory (mkdirat, renameat, linkat,
+symlinkat, mknodat, unlinkat), checked to be the directory its handle named, and never follows a
+symlink: a symlink's target is data. WRITE with DATA_SYNC/FILE_SYNC, COMMIT, and the metadata
+of every change (knfsd's commit_metadata) are on disk before the reply, synced in worker threads
+so other clients keep being served.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -15,6 +24,7 @@ import stat as pystat
 import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import trio
 
@@ -23,30 +33,24 @@ from nfs.auth import (
 )
 from nfs.nfs3 import (
     ACCESS3_DELETE, ACCESS3_EXECUTE, ACCESS3_EXTEND, ACCESS3_LOOKUP, ACCESS3_MODIFY, ACCESS3_READ,
-    FSF3_CANSETTIME, FSF3_HOMOGENEOUS, FSF3_LINK, FSF3_SYMLINK, NFS3_COOKIEVERFSIZE, NFS3_CREATEVERFSIZE,
-    NFS_PROGRAM, NFS_V3, NO_ATTR, NO_WCC, CreateMode, FsInfo, FsStat, Nfs3Error, NfsTime,
-    Proc, Sattr3, Stat, StableHow, WccAttr, decode_read_args, decode_write_args, fattr_bytes, pack_fh, unpack_fh,
-    unpack_name, unpack_time, NON_IDEMPOTENT, NAME_MAX,
+    FSF3_CANSETTIME, FSF3_HOMOGENEOUS, FSF3_LINK, FSF3_SYMLINK, MAX_FILE_SIZE, NAME_MAX, NFS_PROGRAM, NFS_V3,
+    NON_IDEMPOTENT, CreateMode, FType, Nfs3Error, Proc, Stat, StableHow,
 )
-from nfs.store import Export, errno_to_stat
-from nfs.svc import Buffer, CallContext, FileSegment
-from nfs.xdr import Packer, Unpacker, XdrError
+from nfs.nfs3xdr import (
+    NFS3_PROCEDURES, AccessArgs, AccessRes, Attr, CommitArgs, CommitRes, CreateArgs, CreateRes, DirOpArgs, Entry3,
+    FhArgs, FsinfoRes, FsstatRes, GetattrRes, LinkArgs, LinkRes, LookupRes, MkdirArgs, MknodArgs, NfsTime,
+    NullRes, PathconfRes, ReadArgs, ReaddirArgs, ReaddirplusArgs, ReaddirRes, ReadlinkRes, ReadRes, RenameArgs,
+    RenameRes, Sattr3, SetattrArgs, StatAttr, SymlinkArgs, WccAttr, WccData, WccRes, WriteArgs, WriteRes, entry_size,
+)
+from nfs.store import Export, check_name, errno_to_stat, proc_path
+from nfs.svc import Buffer, CallContext, FileSegment, peer_address
+from nfs.xdr import Packer, Unpacker
 
-_U32 = struct.Struct(">I")
-_OK = b"\0\0\0\0"
-_READ_OK = struct.Struct(">III")  # count, eof, data length
-_WRITE_OK = struct.Struct(">II")  # count, committed
-_PADS = (b"", b"\0\0\0", b"\0\0", b"\0")
-
-# Where a procedure's failure result puts what follows nfsstat3.
-_FAIL_BODY: dict[int, bytes] = {
-    Proc.GETATTR: b"", Proc.SETATTR: NO_WCC, Proc.LOOKUP: NO_ATTR, Proc.ACCESS: NO_ATTR, Proc.READ: NO_ATTR,
-    Proc.WRITE: NO_WCC, Proc.CREATE: NO_WCC, Proc.REMOVE: NO_WCC, Proc.READDIR: NO_ATTR,
-    Proc.READDIRPLUS: NO_ATTR, Proc.FSSTAT: NO_ATTR, Proc.FSINFO: NO_ATTR, Proc.PATHCONF: NO_ATTR,
-    Proc.COMMIT: NO_WCC,
-}
-
-IMPLEMENTED = frozenset(_FAIL_BODY) | {Proc.NULL}
+# UNSTABLE WRITEs up to this size (the largest wtmax) are copied into the page cache on the event
+# loop, as knfsd copies them in the nfsd thread that took the call: a thread hop per call cost
+# more CPU (GIL and wake-ups) than the copy. Syncs (FILE_SYNC, DATA_SYNC, COMMIT) go to threads.
+INLINE_WRITE = 1024 * 1024
+_OK = Stat.NFS3_OK
 
 
 async def _sync(fd: int, how: Callable[[int], None]) -> None:
@@ -57,9 +61,6 @@ async def _sync(fd: int, how: Callable[[int], None]) -> None:
         await trio.to_thread.run_sync(how, own)
     finally:
         os.close(own)
-
-
-INLINE_WRITE = 64 * 1024  # WRITEs up to this size (UNSTABLE) are done on the event loop
 
 
 def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
@@ -74,9 +75,6 @@ def _write_sync(fd: int, mv: memoryview, offset: int, sync: Callable[[int], None
         sync(fd)
 
 
-MAX_FILE_SIZE = 0x7FFF_FFFF_FFFF_FFFF  # off_t: FSINFO's maxfilesize
-
-
 def valid_sattr(a: Sattr3) -> None:
     """Values no file can take: a size past off_t (NFS3ERR_FBIG, as knfsd), a time with 10^9
     nanoseconds or more (NFS3ERR_INVAL)."""
@@ -87,37 +85,68 @@ def valid_sattr(a: Sattr3) -> None:
             raise Nfs3Error(Stat.NFS3ERR_INVAL, f"time with {t.nseconds} nanoseconds")
 
 
-def _fsync_path(path: str) -> None:
+def _fsync_at(dir_fd: int, name: str | None) -> None:
+    """fsync a directory (name None) or an entry of it; a symlink cannot be opened: its
+    directory entry, fsync'ed with the directory, is what holds it."""
+    if name is None:
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    else:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EACCES):  # symlink, socket, no read
+                raise
+            return
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as e:
-        if e.errno != errno.ELOOP:
-            raise
-        fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # a symlink:
-    try:  # its inode cannot be opened, its directory entry is what holds it
         os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # a FIFO or socket: its directory entry is what holds it
+            raise
     finally:
         os.close(fd)
 
 
-async def _commit_metadata(*paths: str) -> None:
-    """knfsd's commit_metadata: a CREATE, REMOVE or SETATTR is on disk before its reply (the
-    object's inode and/or its directory fsync'ed), in a worker thread."""
+async def _commit_metadata(dir_fd: int, *names: str | None) -> None:
+    """knfsd's commit_metadata: a change is on disk before its reply (the new object and/or
+    its directory fsync'ed), in a worker thread."""
     def run() -> None:
-        for p in paths:
-            _fsync_path(p)
+        for n in names:
+            _fsync_at(dir_fd, n)
 
     await trio.to_thread.run_sync(run)
 
 
 def allowed(host: str, nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    addr = peer_address(host)
+    return addr is not None and any(addr in n for n in nets if n.version == addr.version)
+
+
+async def _status(action: Callable[[], Awaitable[None]]) -> int:
+    """Run a change; its failure as an nfsstat3."""
     try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr in n for n in nets if n.version == addr.version)
+        await action()
+    except Nfs3Error as e:
+        return e.status
+    except OSError as e:
+        return errno_to_stat(e)
+    return _OK
+
+
+class _Dir:
+    """A directory of the export a procedure changes: its path, its lstat before the change
+    (wcc_data's pre_op_attr) and a verified O_PATH fd to act relative to."""
+
+    __slots__ = ("path", "st", "fd")
+
+    def __init__(self, path: str, st: os.stat_result, fd: int) -> None:
+        self.path, self.st, self.fd = path, st, fd
+
+    def child_st(self, name: str) -> os.stat_result:
+        return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+
+
+_MKNOD_TYPES = {FType.NF3CHR: pystat.S_IFCHR, FType.NF3BLK: pystat.S_IFBLK, FType.NF3SOCK: pystat.S_IFSOCK,
+                FType.NF3FIFO: pystat.S_IFIFO}
 
 
 class NfsProgram:
@@ -138,55 +167,59 @@ class NfsProgram:
         # The write verifier: new at every start, so clients know to resend uncommitted data.
         self.verifier = os.urandom(8)
         self.fsid = export.fsid
-        self._handlers: dict[int, Callable[[Unpacker, CallContext], Awaitable[list[Buffer]]]] = {
-            Proc.GETATTR: self.getattr, Proc.SETATTR: self.setattr, Proc.LOOKUP: self.lookup,
-            Proc.ACCESS: self.access, Proc.READ: self.read, Proc.WRITE: self.write, Proc.CREATE: self.create,
-            Proc.REMOVE: self.remove, Proc.READDIR: self.readdir, Proc.READDIRPLUS: self.readdirplus,
+        self._procs: dict[int, Callable[[Any, CallContext], Awaitable[Any]]] = {
+            Proc.NULL: self.null, Proc.GETATTR: self.getattr, Proc.SETATTR: self.setattr,
+            Proc.LOOKUP: self.lookup, Proc.ACCESS: self.access, Proc.READLINK: self.readlink, Proc.READ: self.read,
+            Proc.WRITE: self.write, Proc.CREATE: self.create, Proc.MKDIR: self.mkdir, Proc.SYMLINK: self.symlink,
+            Proc.MKNOD: self.mknod, Proc.REMOVE: self.remove, Proc.RMDIR: self.rmdir, Proc.RENAME: self.rename,
+            Proc.LINK: self.link, Proc.READDIR: self.readdir, Proc.READDIRPLUS: self.readdirplus,
             Proc.FSSTAT: self.fsstat, Proc.FSINFO: self.fsinfo, Proc.PATHCONF: self.pathconf,
             Proc.COMMIT: self.commit,
         }
 
     def has_proc(self, vers: int, proc: int) -> bool:
-        return proc in IMPLEMENTED
+        return proc in self._procs
 
     def non_idempotent(self, vers: int, proc: int) -> bool:
         return proc in NON_IDEMPOTENT
 
     async def call(self, vers: int, proc: int, args: Unpacker, ctx: CallContext) -> list[Buffer]:
-        if proc == Proc.NULL:
-            return []
-        handler = self._handlers[proc]
+        xdr = NFS3_PROCEDURES[proc]
+        a = xdr.decode_args(args)  # XdrError: GARBAGE_ARGS, nothing done
         try:
-            ok = self._allowed.get(ctx.host)
-            if ok is None:
-                ok = self._allowed[ctx.host] = allowed(ctx.host, self.allow)
-                if len(self._allowed) > 4096:
-                    self._allowed.clear()
-            if not ok:
-                raise Nfs3Error(Stat.NFS3ERR_ACCES, f"{ctx.host} is not allowed")
-            return await handler(args, ctx)
+            if proc != Proc.NULL:
+                self._check_allowed(ctx.host)
+            res = await self._procs[proc](a, ctx)
         except Nfs3Error as e:
-            return [_U32.pack(e.status), _FAIL_BODY[proc]]
+            res = xdr.res(e.status)
         except OSError as e:
-            return [_U32.pack(errno_to_stat(e)), _FAIL_BODY[proc]]
+            res = xdr.res(errno_to_stat(e))
+        p = Packer()
+        xdr.encode_res(p, res)
+        return p.iov()  # type: ignore[return-value]
+
+    def _check_allowed(self, host: str) -> None:
+        ok = self._allowed.get(host)
+        if ok is None:
+            ok = self._allowed[host] = allowed(host, self.allow)
+            if len(self._allowed) > 4096:
+                self._allowed.clear()
+        if not ok:
+            raise Nfs3Error(Stat.NFS3ERR_ACCES, f"{host} is not allowed")
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _attr(self, st: os.stat_result) -> bytes:
-        return fattr_bytes(st, self.fsid)
+    def _attr(self, st: os.stat_result) -> StatAttr:
+        return StatAttr(st, self.fsid)
 
-    def _post_op(self, path: str) -> bytes:
+    def _post_op(self, path: str) -> Attr | None:
         try:
-            return fattr_bytes(os.lstat(path), self.fsid)
+            return StatAttr(os.lstat(path), self.fsid)
         except OSError:
-            return NO_ATTR
+            return None
 
-    @staticmethod
-    def _pre_op(st: os.stat_result) -> bytes:
-        p = Packer()
-        p.bool(True)
-        WccAttr.from_stat(st).pack(p)
-        return bytes(p.buf)
+    def _wcc(self, d: _Dir) -> WccData:
+        return WccData(WccAttr.from_stat(d.st), self._post_op(d.path))
 
     async def _resolve(self, fh: bytes) -> tuple[str, os.stat_result]:
         """Export.resolve, with the walk of the export a cache miss needs done in a worker
@@ -197,43 +230,64 @@ class NfsProgram:
         path = await trio.to_thread.run_sync(self.export.find, ino, parent, limiter=self._walkers)
         return self.export.resolved(ino, path)
 
+    @contextlib.asynccontextmanager
+    async def _dir(self, fh: bytes) -> Any:
+        """The directory a handle names, opened for a change (NOTDIR if it is none)."""
+        path, st = await self._resolve(fh)
+        fd = self.export.open_dir(path, st)
+        try:
+            yield _Dir(path, st, fd)
+        finally:
+            os.close(fd)
+
     def _who(self, ctx: CallContext) -> Cred:
         return effective_cred(ctx.cred, self.squash)
 
-    def _give(self, path: str, dst: os.stat_result, who: Cred) -> None:
-        """A file just created belongs to its creator (the group of a setgid directory)."""
+    def _give(self, d: _Dir, name: str, who: Cred) -> None:
+        """A new object belongs to its creator (the group of a setgid directory)."""
         if self._as_root and (who.uid, who.gid) != (0, 0):
-            gid = dst.st_gid if dst.st_mode & pystat.S_ISGID else who.gid
-            os.lchown(path, who.uid, gid)
+            gid = d.st.st_gid if d.st.st_mode & pystat.S_ISGID else who.gid
+            os.chown(name, who.uid, gid, dir_fd=d.fd, follow_symlinks=False)
 
     def _handle_of(self, path: str, st: os.stat_result) -> bytes:
         return self.export.fh_for(path, st, self.export.parent_ino(path))
 
+    @staticmethod
+    def _new_name(name: str) -> None:
+        """A name a new object may take: not empty, '.' or '..', no '/', at most NAME_MAX."""
+        if name in (".", ".."):
+            raise Nfs3Error(Stat.NFS3ERR_EXIST)
+        check_name(name)
+
+    @staticmethod
+    def _old_name(name: str) -> None:
+        """A name REMOVE, RMDIR and RENAME may take away: not '.' or '..' (INVAL)."""
+        if name in (".", ".."):
+            raise Nfs3Error(Stat.NFS3ERR_INVAL, "cannot remove . or ..")
+        check_name(name)
+
     # -- procedures ------------------------------------------------------------------------
 
-    async def getattr(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
-        fh = unpack_fh(u)
-        _, st = await self._resolve(fh)
-        return [_OK, self._attr(st)[4:]]
+    async def null(self, a: object, ctx: CallContext) -> NullRes:
+        return NullRes()
 
-    async def setattr(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
-        fh = unpack_fh(u)
-        attrs = Sattr3.unpack(u)
-        guard = unpack_time(u) if u.bool() else None
-        path, st = await self._resolve(fh)
-        pre = self._pre_op(st)
-        if guard is not None and NfsTime.from_ns(st.st_ctime_ns) != guard:
-            return [_U32.pack(Stat.NFS3ERR_NOT_SYNC), pre, self._attr(st)]
-        try:
-            self._check_setattr(st, attrs, self._who(ctx))
-        except Nfs3Error as e:
-            return [_U32.pack(e.status), pre, self._attr(st)]
-        try:
-            self._apply(path, st, attrs)
-            await _commit_metadata(path)  # the new attributes are on disk before the reply
-        except OSError as e:
-            return [_U32.pack(errno_to_stat(e)), pre, self._post_op(path)]
-        return [_OK, pre, self._post_op(path)]
+    async def getattr(self, a: FhArgs, ctx: CallContext) -> GetattrRes:
+        _, st = await self._resolve(a.object)
+        return GetattrRes(_OK, self._attr(st))
+
+    async def setattr(self, a: SetattrArgs, ctx: CallContext) -> WccRes:
+        path, st = await self._resolve(a.object)
+        pre = WccAttr.from_stat(st)
+        if a.guard is not None and NfsTime.from_ns(st.st_ctime_ns) != a.guard:
+            return WccRes(Stat.NFS3ERR_NOT_SYNC, WccData(pre, self._attr(st)))
+
+        async def change() -> None:
+            self._check_setattr(st, a.new_attributes, self._who(ctx))
+            self._apply(path, st, a.new_attributes)
+            await _commit_metadata_path(path, st)  # the new attributes are on disk before the reply
+
+        status = await _status(change)
+        return WccRes(status, WccData(pre, self._post_op(path)))
 
     @staticmethod
     def _check_setattr(st: os.stat_result, a: Sattr3, who: Cred) -> None:
@@ -243,8 +297,10 @@ class NfsProgram:
                       client_times=isinstance(a.atime, NfsTime) or isinstance(a.mtime, NfsTime))
 
     def _apply(self, path: str, st: os.stat_result, a: Sattr3) -> None:
+        """Set attributes on the very inode `st` describes: through an O_PATH fd of it (a
+        symlink's own attributes by its path, with no follow), never through a path a rename
+        could have pointed elsewhere meanwhile."""
         valid_sattr(a)
-        islnk = pystat.S_ISLNK(st.st_mode)
         if a.size is not None:
             if pystat.S_ISDIR(st.st_mode):
                 raise Nfs3Error(Stat.NFS3ERR_ISDIR)
@@ -252,99 +308,116 @@ class NfsProgram:
                 raise Nfs3Error(Stat.NFS3ERR_INVAL)
             if a.size != st.st_size:
                 os.truncate(self.export.fd(path, st), a.size)
-        if a.mode is not None and not islnk:
-            os.chmod(path, a.mode & 0o7777)
+        if a.mode is None and a.uid is None and a.gid is None and a.atime is None and a.mtime is None:
+            return
+        if pystat.S_ISLNK(st.st_mode):
+            self._apply_meta(path, False, a)
+            return
+        fd = self.export.open_object(path, st)
+        try:
+            self._apply_meta(proc_path(fd), True, a)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _apply_meta(target: str, follow: bool, a: Sattr3) -> None:
+        if a.mode is not None and follow:  # (a symlink has no mode of its own on Linux)
+            os.chmod(target, a.mode & 0o7777)
         if a.uid is not None or a.gid is not None:
-            os.lchown(path, -1 if a.uid is None else a.uid, -1 if a.gid is None else a.gid)
+            os.chown(target, -1 if a.uid is None else a.uid, -1 if a.gid is None else a.gid, follow_symlinks=follow)
         if a.atime is not None or a.mtime is not None:
             now = time.time_ns()
-            cur = os.lstat(path)
+            cur = os.stat(target, follow_symlinks=follow)
 
             def pick(t: NfsTime | str | None, old: int) -> int:
                 if t is None:
                     return old
                 return now if isinstance(t, str) else t.to_ns()
 
-            os.utime(path, ns=(pick(a.atime, cur.st_atime_ns), pick(a.mtime, cur.st_mtime_ns)),
-                     follow_symlinks=False)
+            os.utime(target, ns=(pick(a.atime, cur.st_atime_ns), pick(a.mtime, cur.st_mtime_ns)),
+                     follow_symlinks=follow)
 
-    async def lookup(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
-        dir_fh = unpack_fh(u)
-        name = unpack_name(u)
-        dpath, dst = await self._resolve(dir_fh)
-        path = self.export.child_path(dpath, dst, name)
+    async def lookup(self, a: DirOpArgs, ctx: CallContext) -> LookupRes:
+        dpath, dst = await self._resolve(a.dir)
+        dattr = self._attr(dst)
         try:
+            path = self.export.child_path(dpath, dst, a.name)
             check(dst, self._who(ctx), MAY_EXEC)
-        except Nfs3Error as e:
-            return [_U32.pack(e.status), self._attr(dst)]
-        try:
             st = os.lstat(path)
+            if not self.export.same_fs(path, st):
+                raise Nfs3Error(Stat.NFS3ERR_ACCES, "a mount point: not crossed")
+        except Nfs3Error as e:
+            return LookupRes(e.status, dir_attributes=dattr)
         except OSError as e:
-            return [_U32.pack(errno_to_stat(e)), self._attr(dst)]
-        if not self.export.same_fs(st):
-            return [_U32.pack(Stat.NFS3ERR_ACCES), self._attr(dst)]  # no crossing into other mounts
-        fh = self._handle_of(path, st)
-        p = Packer()
-        pack_fh(p, fh)
-        return [_OK, p.buf, self._attr(st), self._attr(dst)]
+            return LookupRes(errno_to_stat(e), dir_attributes=dattr)
+        return LookupRes(_OK, self._handle_of(path, st), self._attr(st), dattr)
 
-    async def access(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
-        fh = unpack_fh(u)
-        want = u.u32()
-        _, st = await self._resolve(fh)
-        return [_OK, self._attr(st), _U32.pack(want & self._access_bits(st, ctx))]
+    async def access(self, a: AccessArgs, ctx: CallContext) -> AccessRes:
+        _, st = await self._resolve(a.object)
+        return AccessRes(_OK, self._attr(st), a.access & self._access_bits(st, ctx))
 
     def _access_bits(self, st: os.stat_result, ctx: CallContext) -> int:
         mode = st.st_mode
         bits = mode_bits(st, self._who(ctx))
-        r, w, x = bool(bits & MAY_READ), bool(bits & MAY_WRITE), bool(bits & MAY_EXEC)
         out = 0
-        if r:
+        if bits & MAY_READ:
             out |= ACCESS3_READ
-        if w:
+        if bits & MAY_WRITE:
             out |= ACCESS3_MODIFY | ACCESS3_EXTEND
             if pystat.S_ISDIR(mode):
                 out |= ACCESS3_DELETE
-        if x:
+        if bits & MAY_EXEC:
             out |= ACCESS3_LOOKUP if pystat.S_ISDIR(mode) else ACCESS3_EXECUTE
         return out
 
-    async def read(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
-        fh, offset, count = decode_read_args(u)
-        path, st = await self._resolve(fh)
+    async def readlink(self, a: FhArgs, ctx: CallContext) -> ReadlinkRes:
+        path, st = await self._resolve(a.object)
+        if not pystat.S_ISLNK(st.st_mode):
+            return ReadlinkRes(Stat.NFS3ERR_INVAL, self._attr(st))
+        fd = self.export.open_object(path, st)
+        try:
+            target = os.readlink("", dir_fd=fd)  # readlinkat(fd, ""): that very symlink
+        finally:
+            os.close(fd)
+        return ReadlinkRes(_OK, self._attr(st), target)
+
+    async def read(self, a: ReadArgs, ctx: CallContext) -> ReadRes:
+        path, st = await self._resolve(a.file)
         if not pystat.S_ISREG(st.st_mode):
             raise Nfs3Error(Stat.NFS3ERR_ISDIR if pystat.S_ISDIR(st.st_mode) else Stat.NFS3ERR_INVAL)
         check(st, self._who(ctx), MAY_READ, owner_override=True)
         limit = self.udp_max_io if ctx.transport == "udp" else self.max_io
-        count = min(count, limit, max(0, ctx.max_reply - 256))
+        count = min(a.count, limit, max(0, ctx.max_reply - 256))
         fd = self.export.fd(path, st)
         st = os.fstat(fd)
+        offset = a.offset
         n = max(0, min(count, st.st_size - offset))
         eof = offset + n >= st.st_size
+        data: Buffer
         if ctx.transport == "udp" or n < 65536:
-            data: Buffer = os.pread(fd, n, offset) if n else b""
+            data = os.pread(fd, n, offset) if n else b""
             if len(data) < n:  # the file shrank since the fstat
                 n = len(data)
                 eof = True
         else:
             data = FileSegment(fd, offset, n)  # sent with sendfile(2)
-        return [_OK, self._attr(st), _READ_OK.pack(n, eof, n), data, _PADS[n & 3]]
+        return ReadRes(_OK, self._attr(st), n, eof, data)
 
-    async def write(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
-        fh, offset, count, stable, data = decode_write_args(u)
-        if count > len(data):
-            raise XdrError(f"WRITE count {count} exceeds its {len(data)} data bytes")
-        path, st = await self._resolve(fh)
-        pre = self._pre_op(st)
+    async def write(self, a: WriteArgs, ctx: CallContext) -> WriteRes:
+        path, st = await self._resolve(a.file)
+        pre = WccAttr.from_stat(st)
         if pystat.S_ISREG(st.st_mode):
             check(st, self._who(ctx), MAY_WRITE, owner_override=True)
         fd = self.export.fd(path, st)
+        count, offset, stable = a.count, a.offset, a.stable
         if offset + count > MAX_FILE_SIZE:
             raise Nfs3Error(Stat.NFS3ERR_FBIG)
+        data = a.data
+        assert isinstance(data, memoryview)
         mv = data[:count] if count != len(data) else data
         sync = None if stable == StableHow.UNSTABLE else os.fsync if stable == StableHow.FILE_SYNC else os.fdatasync
         if count <= INLINE_WRITE and sync is None:
-            _pwrite_all(fd, mv, offset)  # a page or so: cheaper here than a thread hop
+            _pwrite_all(fd, mv, offset)
             st = os.fstat(fd)
         else:
             # Big writes (and any sync) in a worker thread, on our own dup of the fd (the
@@ -355,113 +428,214 @@ class NfsProgram:
                 st = os.fstat(own)
             finally:
                 os.close(own)
-        return [_OK, pre, self._attr(st), _WRITE_OK.pack(count, stable), self.verifier]
+        return WriteRes(_OK, WccData(pre, self._attr(st)), count, stable, self.verifier)
 
-    async def create(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
-        dir_fh = unpack_fh(u)
-        name = unpack_name(u)
-        mode = u.u32()
-        if mode not in (0, 1, 2):
-            raise XdrError(f"bad createmode3 {mode}")
-        attrs = Sattr3()
-        verf = b""
-        if mode == CreateMode.EXCLUSIVE:
-            verf = u.fopaque(NFS3_CREATEVERFSIZE)
-        else:
-            attrs = Sattr3.unpack(u)
-        dpath, dst = await self._resolve(dir_fh)
-        pre = self._pre_op(dst)
-        path = self.export.child_path(dpath, dst, name)
-        if name in (".", ".."):
-            return [_U32.pack(Stat.NFS3ERR_EXIST), pre, self._attr(dst)]
-        who = self._who(ctx)
-        try:
-            check(dst, who, MAY_WRITE | MAY_EXEC)
+    # -- making objects --------------------------------------------------------------------
+
+    async def _make(self, where: DirOpArgs, ctx: CallContext,
+                    make: Callable[[_Dir, str, Cred], Awaitable[None]]) -> CreateRes:
+        """CREATE, MKDIR, SYMLINK, MKNOD: `make` makes the entry (as root: it is given to its
+        creator), then it and the directory are on disk before the reply."""
+        async with self._dir(where.dir) as d:
+            name = where.name
+            who = self._who(ctx)
+
+            async def change() -> None:
+                self._new_name(name)
+                check(d.st, who, MAY_WRITE | MAY_EXEC)
+                await make(d, name, who)
+                await _commit_metadata(d.fd, name, None)
+
+            status = await _status(change)
+            wcc = self._wcc(d)
+            if status != _OK:
+                return CreateRes(status, dir_wcc=wcc)
+            path = os.path.join(d.path, name)
+            st = d.child_st(name)
+            return CreateRes(_OK, self.export.fh_for(path, st, d.st.st_ino), self._attr(st), wcc)
+
+    async def create(self, a: CreateArgs, ctx: CallContext) -> CreateRes:
+        attrs = a.attributes
+
+        async def make(d: _Dir, name: str, who: Cred) -> None:
             valid_sattr(attrs)  # (before anything is created)
-        except Nfs3Error as e:
-            return [_U32.pack(e.status), pre, self._attr(dst)]
-        perm = 0o644 if attrs.mode is None else attrs.mode & 0o7777
-        try:
-            if mode == CreateMode.EXCLUSIVE:
-                atime_s, mtime_s = struct.unpack(">II", verf)
-                try:
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-                    os.close(fd)
-                    self._give(path, dst, who)
-                    os.utime(path, ns=(atime_s * 1_000_000_000, mtime_s * 1_000_000_000))
-                except FileExistsError:
-                    st = os.lstat(path)
-                    # A retransmitted EXCLUSIVE create finds its own verifier in atime/mtime.
-                    if not (int(st.st_atime) == atime_s and int(st.st_mtime) == mtime_s and pystat.S_ISREG(st.st_mode)):
-                        raise
-            else:
-                flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-                if mode == CreateMode.GUARDED:
-                    flags |= os.O_EXCL
-                try:
-                    fd = os.open(path, flags | os.O_EXCL, perm)
-                    created = True
-                except FileExistsError:
-                    if mode == CreateMode.GUARDED:
-                        raise
-                    fd = os.open(path, flags, perm)  # UNCHECKED: an existing file is fine
-                    created = False
-                os.close(fd)
-                if created:
-                    self._give(path, dst, who)
-                st = os.lstat(path)
-                if not pystat.S_ISREG(st.st_mode):
-                    raise Nfs3Error(Stat.NFS3ERR_EXIST)
-                if not created:  # setting attributes of someone's existing file: SETATTR's rules
-                    self._check_setattr(st, attrs, who)
-                # The requested mode exactly (not filtered by our umask, as knfsd), and the rest.
-                self._apply(path, st, attrs)
-        except OSError as e:
-            return [_U32.pack(errno_to_stat(e)), pre, self._post_op(dpath)]
-        except Nfs3Error as e:
-            return [_U32.pack(e.status), pre, self._post_op(dpath)]
-        try:
-            await _commit_metadata(path, dpath)  # the new file and its name are on disk
-        except OSError as e:
-            return [_U32.pack(errno_to_stat(e)), pre, self._post_op(dpath)]
-        st = os.lstat(path)
-        fh = self.export.fh_for(path, st, dst.st_ino)
-        p = Packer()
-        p.bool(True)
-        pack_fh(p, fh)
-        return [_OK, p.buf, self._attr(st), pre, self._post_op(dpath)]
+            if a.how == CreateMode.EXCLUSIVE:
+                self._create_exclusive(d, name, who, a.verf)
+                return
+            perm = 0o644 if attrs.mode is None else attrs.mode & 0o7777
+            flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                fd = os.open(name, flags | os.O_EXCL, perm, dir_fd=d.fd)
+                created = True
+            except FileExistsError:
+                if a.how == CreateMode.GUARDED:
+                    raise
+                fd = os.open(name, flags, perm, dir_fd=d.fd)  # UNCHECKED: an existing file is fine
+                created = False
+            os.close(fd)
+            if created:
+                self._give(d, name, who)
+            st = d.child_st(name)
+            if not pystat.S_ISREG(st.st_mode):
+                raise Nfs3Error(Stat.NFS3ERR_EXIST)
+            if not created:  # setting attributes of someone's existing file: SETATTR's rules
+                self._check_setattr(st, attrs, who)
+            # The requested mode exactly (not filtered by our umask, as knfsd), and the rest.
+            self._apply(os.path.join(d.path, name), st, attrs)
 
-    async def remove(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
-        dir_fh = unpack_fh(u)
-        name = unpack_name(u)
-        dpath, dst = await self._resolve(dir_fh)
-        pre = self._pre_op(dst)
-        path = self.export.child_path(dpath, dst, name)
-        if name in (".", ".."):
-            return [_U32.pack(Stat.NFS3ERR_INVAL), pre, self._attr(dst)]
+        return await self._make(a.where, ctx, make)
+
+    def _create_exclusive(self, d: _Dir, name: str, who: Cred, verf: bytes) -> None:
+        """EXCLUSIVE: the verifier is kept in the new file's atime and mtime (as knfsd does), so
+        a retransmitted CREATE finds its own file and succeeds, and another one gets EXIST."""
+        atime_s, mtime_s = struct.unpack(">II", verf)
         try:
-            st = os.lstat(path)
-            if pystat.S_ISDIR(st.st_mode):
-                raise Nfs3Error(Stat.NFS3ERR_ISDIR)
-            check_delete(dst, st, self._who(ctx))
-            os.unlink(path)
-        except OSError as e:
-            return [_U32.pack(errno_to_stat(e)), pre, self._post_op(dpath)]
-        except Nfs3Error as e:
-            return [_U32.pack(e.status), pre, self._post_op(dpath)]
-        if st.st_nlink <= 1:
-            self.export.close_ino(st.st_ino)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=d.fd)
+        except FileExistsError:
+            st = d.child_st(name)
+            if not (pystat.S_ISREG(st.st_mode) and st.st_atime_ns == atime_s * 1_000_000_000
+                    and st.st_mtime_ns == mtime_s * 1_000_000_000):
+                raise
+            return
         try:
-            await _commit_metadata(dpath)  # the name is gone on disk too
-        except OSError as e:
-            return [_U32.pack(errno_to_stat(e)), pre, self._post_op(dpath)]
-        return [_OK, pre, self._post_op(dpath)]
+            os.utime(fd, ns=(atime_s * 1_000_000_000, mtime_s * 1_000_000_000))
+        finally:
+            os.close(fd)
+        self._give(d, name, who)
+
+    async def mkdir(self, a: MkdirArgs, ctx: CallContext) -> CreateRes:
+        async def make(d: _Dir, name: str, who: Cred) -> None:
+            valid_sattr(a.attributes)
+            if a.attributes.size is not None:
+                raise Nfs3Error(Stat.NFS3ERR_INVAL, "a directory has no size to set")
+            os.mkdir(name, 0o755 if a.attributes.mode is None else a.attributes.mode & 0o7777, dir_fd=d.fd)
+            self._give(d, name, who)
+            self._apply(os.path.join(d.path, name), d.child_st(name), a.attributes)
+
+        return await self._make(a.where, ctx, make)
+
+    async def symlink(self, a: SymlinkArgs, ctx: CallContext) -> CreateRes:
+        async def make(d: _Dir, name: str, who: Cred) -> None:
+            if not a.symlink_data:
+                raise Nfs3Error(Stat.NFS3ERR_INVAL, "empty symlink target")
+            # The target is stored as given: data, never looked up or followed here.
+            os.symlink(a.symlink_data, name, dir_fd=d.fd)
+            self._give(d, name, who)
+
+        return await self._make(a.where, ctx, make)
+
+    async def mknod(self, a: MknodArgs, ctx: CallContext) -> CreateRes:
+        kind = _MKNOD_TYPES.get(FType(a.type))
+        if kind is None:  # REG, DIR, LNK have their own procedures
+            async with self._dir(a.where.dir) as d:
+                return CreateRes(Stat.NFS3ERR_BADTYPE, dir_wcc=self._wcc(d))
+
+        async def make(d: _Dir, name: str, who: Cred) -> None:
+            valid_sattr(a.attributes)
+            perm = 0o644 if a.attributes.mode is None else a.attributes.mode & 0o7777
+            device = os.makedev(*a.spec) if kind in (pystat.S_IFCHR, pystat.S_IFBLK) else 0
+            os.mknod(name, kind | perm, device, dir_fd=d.fd)
+            self._give(d, name, who)
+
+        return await self._make(a.where, ctx, make)
+
+    # -- removing and renaming -------------------------------------------------------------
+
+    async def remove(self, a: DirOpArgs, ctx: CallContext) -> WccRes:
+        return await self._unlink(a, ctx, rmdir=False)
+
+    async def rmdir(self, a: DirOpArgs, ctx: CallContext) -> WccRes:
+        return await self._unlink(a, ctx, rmdir=True)
+
+    async def _unlink(self, a: DirOpArgs, ctx: CallContext, rmdir: bool) -> WccRes:
+        async with self._dir(a.dir) as d:
+            gone: list[os.stat_result] = []
+
+            async def change() -> None:
+                if rmdir and a.name == "..":
+                    raise Nfs3Error(Stat.NFS3ERR_NOTEMPTY)  # (Linux's answer for rmdir "..")
+                self._old_name(a.name)
+                st = d.child_st(a.name)
+                isdir = pystat.S_ISDIR(st.st_mode)
+                if isdir != rmdir:
+                    raise Nfs3Error(Stat.NFS3ERR_ISDIR if isdir else Stat.NFS3ERR_NOTDIR)
+                if rmdir and not self.export.same_fs(os.path.join(d.path, a.name), st):
+                    raise Nfs3Error(Stat.NFS3ERR_ACCES, "a mount point")
+                check_delete(d.st, st, self._who(ctx))
+                if rmdir:
+                    os.rmdir(a.name, dir_fd=d.fd)
+                else:
+                    os.unlink(a.name, dir_fd=d.fd)
+                gone.append(st)
+                await _commit_metadata(d.fd, None)  # the name is gone on disk too
+
+            status = await _status(change)
+            if gone and gone[0].st_nlink <= 1:
+                self.export.close_ino(gone[0].st_ino)
+            return WccRes(status, self._wcc(d))
+
+    async def rename(self, a: RenameArgs, ctx: CallContext) -> RenameRes:
+        self.export.same_export(a.source.dir, a.target.dir)  # XDEV first, as knfsd
+        async with self._dir(a.source.dir) as src, self._dir(a.target.dir) as dst:
+            who = self._who(ctx)
+
+            async def change() -> None:
+                for n in (a.source.name, a.target.name):
+                    self._old_name(n)
+                st = src.child_st(a.source.name)
+                check_delete(src.st, st, who)
+                check(dst.st, who, MAY_WRITE | MAY_EXEC)
+                try:
+                    old = dst.child_st(a.target.name)
+                except FileNotFoundError:
+                    pass
+                else:
+                    if (old.st_ino, old.st_dev) == (st.st_ino, st.st_dev):
+                        return  # the same object under both names: nothing to do (RFC 1813)
+                    check_delete(dst.st, old, who)
+                    if pystat.S_ISDIR(old.st_mode) != pystat.S_ISDIR(st.st_mode):
+                        raise Nfs3Error(Stat.NFS3ERR_EXIST if not pystat.S_ISDIR(st.st_mode) else Stat.NFS3ERR_NOTDIR)
+                os.rename(a.source.name, a.target.name, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
+                self.export.moved(st.st_ino, os.path.join(dst.path, a.target.name), dst.st.st_ino,
+                                  pystat.S_ISDIR(st.st_mode))
+                await _commit_metadata(src.fd, None)
+                if dst.st.st_ino != src.st.st_ino:
+                    await _commit_metadata(dst.fd, None)
+
+            status = await _status(change)
+            return RenameRes(status, self._wcc(src), self._wcc(dst))
+
+    async def link(self, a: LinkArgs, ctx: CallContext) -> LinkRes:
+        self.export.same_export(a.file, a.link.dir)
+        path, st = await self._resolve(a.file)
+        async with self._dir(a.link.dir) as d:
+
+            async def change() -> None:
+                self._new_name(a.link.name)
+                if pystat.S_ISDIR(st.st_mode):
+                    raise Nfs3Error(Stat.NFS3ERR_ISDIR, "no hard links to directories")
+                check(d.st, self._who(ctx), MAY_WRITE | MAY_EXEC)
+                fd = self.export.open_object(path, st)
+                try:
+                    # linkat of the very inode the handle names (through its O_PATH fd), never
+                    # of a path: the source cannot be swapped for something outside meanwhile.
+                    os.link(proc_path(fd), a.link.name, dst_dir_fd=d.fd, follow_symlinks=True)
+                finally:
+                    os.close(fd)
+                await _commit_metadata(d.fd, a.link.name, None)
+
+            status = await _status(change)
+            return LinkRes(status, self._post_op(path), self._wcc(d))
+
+    # -- directories -----------------------------------------------------------------------
 
     def _listing(self, dpath: str, dst: os.stat_result) -> list[tuple[str, int]]:
         parent = os.path.dirname(dpath) if dst.st_ino != self.export.root_ino else dpath
         entries = [(".", dst.st_ino), ("..", os.lstat(parent).st_ino)]
         with os.scandir(dpath) as it:
             # fileids must match GETATTR's, so st_ino (overlayfs's d_ino may differ from it).
+            # Names that are not UTF-8 come as surrogates and go out as the bytes they are.
             for e in it:
                 try:
                     entries.append((e.name, e.stat(follow_symlinks=False).st_ino))
@@ -470,105 +644,95 @@ class NfsProgram:
         entries[2:] = sorted(entries[2:])
         return entries
 
-    async def readdir(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
-        return await self._readdir(u, ctx, plus=False)
+    async def readdir(self, a: ReaddirArgs, ctx: CallContext) -> ReaddirRes:
+        return await self._readdir(a.dir, a.cookie, 0, a.count, ctx, plus=False)
 
-    async def readdirplus(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
-        return await self._readdir(u, ctx, plus=True)
+    async def readdirplus(self, a: ReaddirplusArgs, ctx: CallContext) -> ReaddirRes:
+        return await self._readdir(a.dir, a.cookie, a.dircount, a.maxcount, ctx, plus=True)
 
-    async def _readdir(self, u: Unpacker, ctx: CallContext, plus: bool) -> list[Buffer]:
-        fh = unpack_fh(u)
-        cookie = u.u64()
-        u.fopaque(NFS3_COOKIEVERFSIZE)
-        dircount = u.u32() if plus else 0
-        maxcount = u.u32()
+    async def _readdir(self, fh: bytes, cookie: int, dircount: int, maxcount: int, ctx: CallContext,
+                       plus: bool) -> ReaddirRes:
         dpath, dst = await self._resolve(fh)
         if not pystat.S_ISDIR(dst.st_mode):
-            raise Nfs3Error(Stat.NFS3ERR_NOTDIR)
+            return ReaddirRes(Stat.NFS3ERR_NOTDIR, self._attr(dst))
         check(dst, self._who(ctx), MAY_READ)
         entries = self._listing(dpath, dst)
         if cookie > len(entries):
-            raise Nfs3Error(Stat.NFS3ERR_BAD_COOKIE)
+            return ReaddirRes(Stat.NFS3ERR_BAD_COOKIE, self._attr(dst))
         maxcount = min(maxcount, self.max_io, max(0, ctx.max_reply - 256))
-        p = Packer()
-        p.raw(_OK)
-        p.raw(self._attr(dst))
-        p.raw(b"\0" * NFS3_COOKIEVERFSIZE)
+        res = ReaddirRes(_OK, self._attr(dst), eof=True)
+        used = 4 + 4 + 84 + 8 + 8  # status, post_op_attr, cookieverf, list end and eof
         used_dir = 0
-        n = 0
-        eof = True
         for i in range(cookie, len(entries)):
             name, ino = entries[i]
-            e = Packer()
-            e.bool(True)
-            e.u64(ino)
-            e.string(name, NAME_MAX)
-            e.u64(i + 1)
-            dbytes = len(e.buf)
+            e = Entry3(ino, name, i + 1)
             if plus:
-                cpath = self.export.child_path(dpath, dst, name)
-                try:
-                    cst = os.lstat(cpath)
-                    e.raw(self._attr(cst))
-                    e.bool(True)
-                    pack_fh(e, self._handle_of(cpath, cst))
-                except (OSError, Nfs3Error):
-                    e.raw(NO_ATTR)
-                    e.bool(False)
-            if len(p.buf) + len(e.buf) + 8 > maxcount or (plus and dircount and used_dir + dbytes > dircount):
-                eof = False
+                self._plus(e, dpath, dst)
+            dbytes, nbytes = entry_size(e, plus)
+            if used + nbytes > maxcount or (plus and dircount and used_dir + dbytes > dircount):
+                res.eof = False
                 break
-            p.raw(e.buf)
+            res.entries.append(e)
+            used += nbytes
             used_dir += dbytes
-            n += 1
-        if n == 0 and not eof:
-            raise Nfs3Error(Stat.NFS3ERR_TOOSMALL)
-        p.bool(False)
-        p.bool(eof)
-        return [p.buf]
+        if not res.entries and not res.eof:
+            return ReaddirRes(Stat.NFS3ERR_TOOSMALL, self._attr(dst))
+        return res
 
-    async def fsstat(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
-        fh = unpack_fh(u)
-        path, st = await self._resolve(fh)
+    def _plus(self, e: Entry3, dpath: str, dst: os.stat_result) -> None:
+        """READDIRPLUS's attributes and handle of an entry; none for a mount point (not ours)."""
+        try:
+            cpath = self.export.child_path(dpath, dst, e.name)
+            cst = os.lstat(cpath)
+            if self.export.same_fs(cpath, cst):
+                e.name_attributes = self._attr(cst)
+                e.name_handle = self._handle_of(cpath, cst)
+        except (OSError, Nfs3Error):
+            pass
+
+    # -- the file system -------------------------------------------------------------------
+
+    async def fsstat(self, a: FhArgs, ctx: CallContext) -> FsstatRes:
+        path, st = await self._resolve(a.object)
         v = os.statvfs(path)
-        res = FsStat(None, v.f_blocks * v.f_frsize, v.f_bfree * v.f_frsize, v.f_bavail * v.f_frsize,
-                     v.f_files, v.f_ffree, v.f_favail, 0)
-        p = Packer()
-        res.pack(p)
-        return [_OK, self._attr(st), p.buf[4:]]
+        return FsstatRes(_OK, self._attr(st), v.f_blocks * v.f_frsize, v.f_bfree * v.f_frsize,
+                         v.f_bavail * v.f_frsize, v.f_files, v.f_ffree, v.f_favail, 0)
 
-    async def fsinfo(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
-        fh = unpack_fh(u)
-        _, st = await self._resolve(fh)
+    async def fsinfo(self, a: FhArgs, ctx: CallContext) -> FsinfoRes:
+        _, st = await self._resolve(a.object)
         io = self.udp_max_io if ctx.transport == "udp" else self.max_io
-        res = FsInfo(None, io, io, 4096, io, io, 4096, min(io, 64 * 1024), MAX_FILE_SIZE,
-                     NfsTime(0, 1), FSF3_LINK | FSF3_SYMLINK | FSF3_HOMOGENEOUS | FSF3_CANSETTIME)
-        p = Packer()
-        res.pack(p)
-        return [_OK, self._attr(st), p.buf[4:]]
+        return FsinfoRes(_OK, self._attr(st), io, io, 4096, io, io, 4096, min(io, 64 * 1024), MAX_FILE_SIZE,
+                         NfsTime(0, 1), FSF3_LINK | FSF3_SYMLINK | FSF3_HOMOGENEOUS | FSF3_CANSETTIME)
 
-    async def pathconf(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
-        fh = unpack_fh(u)
-        _, st = await self._resolve(fh)
-        p = Packer()
-        p.u32(32000)  # linkmax
-        p.u32(NAME_MAX)
-        p.bool(True)  # no_trunc
-        p.bool(True)  # chown_restricted
-        p.bool(False)  # case_insensitive
-        p.bool(True)  # case_preserving
-        return [_OK, self._attr(st), p.buf]
+    async def pathconf(self, a: FhArgs, ctx: CallContext) -> PathconfRes:
+        _, st = await self._resolve(a.object)
+        return PathconfRes(_OK, self._attr(st), linkmax=32000, name_max=NAME_MAX)
 
-    async def commit(self, u: Unpacker, ctx: CallContext) -> list[Buffer]:
-        fh = unpack_fh(u)
-        u.u64()  # offset
-        u.u32()  # count: we always commit the whole file
-        path, st = await self._resolve(fh)
+    async def commit(self, a: CommitArgs, ctx: CallContext) -> CommitRes:
+        path, st = await self._resolve(a.file)
+        pre = WccAttr.from_stat(st)
         if not pystat.S_ISREG(st.st_mode):
-            raise Nfs3Error(Stat.NFS3ERR_ISDIR if pystat.S_ISDIR(st.st_mode) else Stat.NFS3ERR_INVAL)
-        pre = self._pre_op(st)
+            status = Stat.NFS3ERR_ISDIR if pystat.S_ISDIR(st.st_mode) else Stat.NFS3ERR_INVAL
+            return CommitRes(status, WccData(pre, self._attr(st)))
         fd = self.export.fd(path, st)
-        await _sync(fd, os.fsync)
-        return [_OK, pre, self._attr(os.fstat(fd)), self.verifier]
+        await _sync(fd, os.fsync)  # offset and count: the whole file is committed
+        return CommitRes(_OK, WccData(pre, self._attr(os.fstat(fd))), self.verifier)
 
 
+async def _commit_metadata_path(path: str, st: os.stat_result) -> None:
+    """SETATTR's commit_metadata: the object's inode (or a symlink's directory) on disk."""
+    def run() -> None:
+        if pystat.S_ISLNK(st.st_mode) or pystat.S_ISSOCK(st.st_mode) or pystat.S_ISFIFO(st.st_mode):
+            target = os.path.dirname(path)
+        else:
+            target = path
+        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    await trio.to_thread.run_sync(run)
+
+
+__all__ = ["NfsProgram", "allowed", "valid_sattr"]

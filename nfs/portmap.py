@@ -13,11 +13,10 @@ port. GETPORT, DUMP and NULL are open to all.
 from __future__ import annotations
 
 import enum
-import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from nfs.svc import Buffer, CallContext
+from nfs.svc import Buffer, CallContext, peer_address
 from nfs.xdr import Packer, Unpacker
 
 PMAP_PROGRAM = 100000
@@ -110,13 +109,8 @@ IPPORT_RESERVED = 1024
 
 def may_change(host: str, port: int) -> bool:
     """SET/UNSET only from loopback and a privileged port (see the module's docstring)."""
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.is_loopback and 0 < port < IPPORT_RESERVED
+    addr = peer_address(host)
+    return addr is not None and addr.is_loopback and 0 < port < IPPORT_RESERVED
 
 
 def encode_getport_args(prog: int, vers: int, prot: int) -> bytes:

@@ -8,8 +8,8 @@ into the decoder's own buffer: `buf = dec.get_buffer()`, `n = sock.recv_into(buf
 fragments together) larger than `max_record` raises `RecordTooLarge` before any of its payload
 is buffered. A mark only *announces* bytes: the record's buffer grows as they actually arrive
 (a recycled buffer is used when one is big enough), so a peer that announces 4 MiB and sends 10
-bytes costs 10 bytes, not 4 MiB. `reserved` tells the driver how many bytes the marks seen so far
-have announced, so it can charge them to a byte budget before it reads them.
+bytes costs 10 bytes, not 4 MiB. `received` tells the driver how many bytes it holds, to charge
+to a byte budget; `in_record` whether a record is only partly there (a stall is timed).
 """
 
 from __future__ import annotations
@@ -185,6 +185,22 @@ class RecordDecoder:
         """Payload bytes held: received but not yet handed out, plus records handed out by
         next_record() that were not recycled are the caller's."""
         return self._rec_len + len(self._mark) + sum(len(r) for r in self._ready)
+
+    @property
+    def received(self) -> int:
+        """Payload bytes that arrived for the record being assembled and the records ready to
+        hand out: what a byte budget charges (a mark alone announces, it costs nothing)."""
+        return self._rec_len + sum(len(r) for r in self._ready)
+
+    @property
+    def frag_left(self) -> int:
+        """Payload bytes the current fragment still expects (0 between fragments)."""
+        return self._frag_left if self._in_frag else 0
+
+    @property
+    def in_record(self) -> bool:
+        """Part of a record (a mark, or some of its payload) arrived, not all of it."""
+        return self._in_frag or self._rec_len > 0 or len(self._mark) > 0
 
     @property
     def reserved(self) -> int:

@@ -4,11 +4,13 @@ Every service port (NFS, MOUNT, optional portmap) is served on both UDP and TCP,
 answers every program (as knfsd's and ganesha's ports do for NULL probes). One task per TCP
 connection reads records (each capped by `max_record`; a bigger one closes that connection only)
 and runs each call in its own task. Memory is bounded server-wide: every connection and UDP
-socket draws from one `ByteBudget` (nfs/budget.py) of `max_buffered` bytes — a record is charged
-when its mark announces it, before its payload is read, and freed when its reply has gone — and
-a record's buffer grows only as its bytes arrive. Past the budget a reader stops reading, so TCP
-flow control holds the client back; each connection keeps a small guaranteed part, so small
-calls get through however much big records hold.
+socket draws from one `ByteBudget` (nfs/budget.py) of `max_buffered` bytes: a record's bytes are
+charged as they are read (a mark alone costs nothing, and a record's buffer grows only as its
+bytes arrive), each connection within its fair share of the budget, and freed when the reply
+has gone. Past the budget a reader stops reading, so TCP flow control holds the client back;
+each connection keeps a small guaranteed part, so small calls get through however much big
+records hold; and a record whose body stops coming closes its connection after `record_timeout`
+seconds (not `idle_timeout`), so partial records cannot hold the budget.
 
 Connections are closed when idle for `idle_timeout` (knfsd: 6 minutes) or when they send no RPC
 call within `first_call_timeout` of connecting; at `max_connections` the connection idle the
@@ -19,15 +21,19 @@ sendfile(2), so it is never copied into a bigger message.
 
 from __future__ import annotations
 
+import array
 import errno
+import fcntl
 import ipaddress
 import logging
 import math
 import os
 import socket as pysocket
+import termios
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -37,16 +43,17 @@ from nfs.drc import DuplicateRequestCache
 from nfs.mount import MOUNT_PROGRAM, MOUNT_V3, MountProgram
 from nfs.nfs3 import NFS_PROGRAM, NFS_V3
 from nfs.nfsd import NfsProgram
-from nfs.portmap import IPPROTO_TCP, IPPROTO_UDP, Mapping, PortmapProgram
+from nfs.portmap import IPPROTO_TCP, IPPROTO_UDP, PMAP_PROGRAM, PMAP_V2, Mapping, PortmapProgram
 from nfs.record import DEFAULT_MAX_RECORD, BufferPool, RecordDecoder, RecordTooLarge, record_mark
 from nfs.store import Export, default_state_dir, load_key
-from nfs.svc import Buffer, CallContext, FileSegment, RpcService, close_segments, materialize
+from nfs.svc import Buffer, CallContext, FileSegment, RpcProgram, RpcService, close_segments, materialize
 
 log = logging.getLogger("netswap.nfs.server")
 
 UDP_MAX_PAYLOAD = 65507
 _SCRATCH = 16 * 1024  # small reads: record marks and small calls
-_MAX_LOWAT = 256 * 1024
+_SOCK_BUF = 4 * 1024 * 1024
+_MAX_LOWAT = 1024 * 1024  # a 1 MiB WRITE wakes the server once (the kernel grows the rcvbuf for it)
 
 
 @dataclass
@@ -71,6 +78,7 @@ class ServerConfig:
     conn_reserve: int = 64 * 1024 + 512
     squash: Squash = field(default_factory=Squash)  # root_squash, anonuid, anongid
     idle_timeout: float = 360.0  # close a connection idle this long (knfsd: 6 minutes)
+    record_timeout: float = 5.0  # ... or whose record body stalls this long
     first_call_timeout: float = 5.0  # ... or one that sent no RPC call this long after connecting
 
 
@@ -82,8 +90,29 @@ class ServerStats:
     tcp_idle_closed: int = 0
     tcp_no_call_closed: int = 0
     oversized_records: int = 0
+    stalled_records: int = 0  # connections closed because a record body stopped coming
     udp_datagrams: int = 0
     udp_send_errors: int = 0
+
+
+def _readable(sock: trio.socket.SocketType) -> int:
+    """Bytes waiting in a socket's receive queue (FIONREAD)."""
+    buf = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+    return buf[0]
+
+
+class ListenError(OSError):
+    """A service port could not be bound; the message names the address and why, in one line."""
+
+    def __init__(self, host: str, port: int, e: OSError) -> None:
+        reason = {errno.EADDRINUSE: "address in use", errno.EACCES: "permission denied",
+                  errno.EADDRNOTAVAIL: "address not available"}.get(e.errno or 0, e.strerror or str(e))
+        super().__init__(e.errno, f"cannot listen on {host}:{port}: {reason}")
+        self.host, self.port = host, port
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 async def send_iov(sock: trio.socket.SocketType, bufs: Sequence[Buffer], addr: object = None) -> None:
@@ -148,7 +177,7 @@ class NfsServer:
         self.nfs = NfsProgram(self.export, config.allow, max_io=config.max_io, squash=config.squash)
         self.mount = MountProgram(self.export, names, config.allow)
         self.portmap = PortmapProgram() if config.portmap_port is not None else None
-        programs: list = [self.nfs, self.mount]
+        programs: list[RpcProgram] = [self.nfs, self.mount]
         if self.portmap is not None:
             programs.append(self.portmap)
         self.svc = RpcService(programs, DuplicateRequestCache())
@@ -182,11 +211,11 @@ class NfsServer:
                 udp.close()
                 if port == 0 and e.errno == errno.EADDRINUSE:
                     continue
-                raise
+                raise ListenError(self.config.bind, port, e) from None
             tcp.listen(128)
             udp.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVBUF, 4 * 1024 * 1024)
             return tcp, udp
-        raise OSError(errno.EADDRINUSE, "no free port for both TCP and UDP")
+        raise ListenError(self.config.bind, port, OSError(errno.EADDRINUSE, "no free port for both TCP and UDP"))
 
     async def serve(self, *, task_status: trio.TaskStatus[dict[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
@@ -200,7 +229,10 @@ class NfsServer:
                 socks.append((name, tcp, udp))
                 self.ports[name] = tcp.getsockname()[1]
             if self.portmap is not None:
-                for prog, vers, name in ((NFS_PROGRAM, NFS_V3, "nfs"), (MOUNT_PROGRAM, MOUNT_V3, "mount")):
+                # The portmapper lists itself first, on its own port, as rpcbind does (rpcinfo -p
+                # and GETPORT of 100000 v2 find it), then MOUNT and NFS.
+                for prog, vers, name in ((PMAP_PROGRAM, PMAP_V2, "portmap"), (NFS_PROGRAM, NFS_V3, "nfs"),
+                                         (MOUNT_PROGRAM, MOUNT_V3, "mount")):
                     for prot in (IPPROTO_TCP, IPPROTO_UDP):
                         self.portmap.set(Mapping(prog, vers, prot, self.ports[name]))
             async with trio.open_nursery() as nursery:
@@ -242,8 +274,12 @@ class NfsServer:
         del self._conns[id(victim)]  # (its task ends soon; the new connection takes its place)
         return True
 
-    async def _tcp_conn(self, sock: trio.socket.SocketType, peer: tuple) -> None:
+    async def _tcp_conn(self, sock: trio.socket.SocketType, peer: tuple[Any, ...]) -> None:
         sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
+        # Room for a whole 1 MiB WRITE or READ in flight: a window that autotuning grows only
+        # step by step stalled the client's send in the middle of each big call.
+        sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVBUF, _SOCK_BUF)
+        sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_SNDBUF, _SOCK_BUF)
         dec = RecordDecoder(self.config.max_record, self.pool)
         scratch = bytearray(_SCRATCH)
         scratch_mv = memoryview(scratch)
@@ -253,7 +289,7 @@ class NfsServer:
         self._conns[id(conn)] = conn
         send_lock = trio.StrictFIFOLock()
         lowat = 1
-        charged = 0  # bytes of dec.reserved already charged to the budget
+        charged = 0  # bytes of dec.received already charged to the budget
         pending = scratch_mv[:0]  # bytes read into the scratch buffer, not yet fed to the decoder
         try:
             with conn.scope:
@@ -261,10 +297,12 @@ class NfsServer:
                 async with trio.open_nursery() as calls:
                     try:
                         while True:
-                            # The marks announced these bytes: charge them before reading them.
-                            owed = dec.reserved - charged
+                            # What arrived is charged (a mark alone costs nothing); past the
+                            # budget, or this connection's fair share of it, reading stops until
+                            # it is covered: TCP flow control holds the client back.
+                            owed = dec.received - charged
                             if owed > 0:
-                                await conn.share.acquire(owed)
+                                await conn.charge(owed)
                                 charged += owed
                             rec = dec.next_record()
                             if rec is not None:
@@ -276,22 +314,36 @@ class NfsServer:
                                 conn.arm()
                                 calls.start_soon(self._tcp_call, sock, send_lock, dec, rec, conn)
                                 continue
-                            buf = dec.get_buffer() if not pending else None
-                            if buf is not None and len(buf) >= _SCRATCH:
-                                # Inside a big fragment: receive straight into the record, and let
-                                # the kernel wake us only once a good part of it is there.
-                                want = min(len(buf), _MAX_LOWAT)
-                                if want != lowat:
-                                    sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, want)
-                                    lowat = want
-                                n = await sock.recv_into(buf)
-                                buf.release()
+                            if not pending and dec.frag_left >= _SCRATCH:
+                                # Inside a big fragment: receive straight into the record, once
+                                # the kernel says a good part of it is there (SO_RCVLOWAT). What
+                                # is there is charged (and its buffer grown) before it is read.
+                                lo = min(dec.frag_left, _MAX_LOWAT)
+                                if lo != lowat:
+                                    sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, lo)
+                                    lowat = lo
+                                with trio.move_on_after(self.config.record_timeout / 2) as waited:
+                                    await trio.lowlevel.wait_readable(sock)
+                                if waited.cancelled_caught:
+                                    # Below the low-water mark the bytes wait in the kernel: if
+                                    # more came, the record is slow, not stalled.
+                                    if (queued := _readable(sock)) > conn.queued:
+                                        conn.queued = queued
+                                        conn.touch()
+                                    continue
+                                conn.queued = 0
+                                want = min(dec.frag_left, max(_readable(sock), 1))
+                                await conn.charge(want)
+                                buf = dec.get_buffer(hint=want)
+                                assert buf is not None
+                                with buf, buf[:want] as chunk:
+                                    n = await sock.recv_into(chunk)
+                                conn.share.release(want - n)
                                 if n == 0:
                                     return
+                                charged += n
                                 dec.commit(n)
                             else:
-                                if buf is not None:
-                                    buf.release()
                                 if not pending:
                                     if lowat != 1:
                                         sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, 1)
@@ -313,13 +365,16 @@ class NfsServer:
                     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
                         log.debug("%s:%d: connection ended: %s", host, port, e)
             if conn.scope.cancelled_caught and not conn.evicted_by(self._conns):
-                if conn.got_call:
-                    self.stats.tcp_idle_closed += 1
-                    log.info("%s:%d: idle for %.0fs, closing", host, port, self.config.idle_timeout)
-                else:
+                if not conn.got_call:
                     self.stats.tcp_no_call_closed += 1
                     log.info("%s:%d: no call within %.1fs of connecting, closing", host, port,
                              self.config.first_call_timeout)
+                elif dec.in_record:
+                    self.stats.stalled_records += 1
+                    log.info("%s:%d: a record stalled for %.1fs, closing", host, port, self.config.record_timeout)
+                else:
+                    self.stats.tcp_idle_closed += 1
+                    log.info("%s:%d: idle for %.0fs, closing", host, port, self.config.idle_timeout)
         except Exception:  # a bug must cost this connection, never the server
             log.exception("%s:%d: connection failed", host, port)
         finally:
@@ -366,7 +421,7 @@ class NfsServer:
         finally:
             share.close()
 
-    async def _udp_call(self, sock: trio.socket.SocketType, data: bytes, addr: tuple, share: Share) -> None:
+    async def _udp_call(self, sock: trio.socket.SocketType, data: bytes, addr: tuple[Any, ...], share: Share) -> None:
         try:
             ctx = CallContext(str(addr[0]), int(addr[1]), "udp", max_reply=UDP_MAX_PAYLOAD)
             reply = await self.svc.dispatch(data, ctx)
@@ -391,8 +446,9 @@ class NfsServer:
 
 class _Conn:
     """A TCP connection's state for the idle rules: closed when no valid call came within
-    `first_call_timeout` of connecting, or when nothing happened for `idle_timeout` while no call
-    was running (knfsd closes idle temporary sockets after 6 minutes)."""
+    `first_call_timeout` of connecting, when part of a record came and the rest did not for
+    `record_timeout`, or when nothing happened for `idle_timeout` while no call was running
+    (knfsd closes idle temporary sockets after 6 minutes)."""
 
     def __init__(self, peer: tuple[str, int], share: Share, dec: RecordDecoder, now: float,
                  config: ServerConfig) -> None:
@@ -402,17 +458,36 @@ class _Conn:
         self.opened = now
         self.last_active = now
         self.got_call = False
+        self.waiting = False  # for the byte budget: no bytes are read, so none can be late
+        self.queued = 0  # bytes of a record seen waiting in the kernel (below SO_RCVLOWAT)
         self.scope = trio.CancelScope()
         self.first_call_timeout = config.first_call_timeout
         self.idle_timeout = config.idle_timeout
+        self.record_timeout = config.record_timeout
+
+    async def charge(self, n: int) -> None:
+        """Charge n bytes to the connection's share, waiting (not timed) for room."""
+        if self.share.try_acquire(n):
+            return
+        self.waiting = True
+        self.arm()
+        try:
+            await self.share.acquire(n)
+        finally:
+            self.waiting = False
+            self.touch()
 
     def arm(self) -> None:
+        deadline = math.inf
+        if self.dec.in_record and not self.waiting:
+            # Part of a record came and the rest stopped coming: time it out in seconds, so a
+            # client cannot hold buffers (and its fair share) with records it never finishes.
+            deadline = self.last_active + self.record_timeout
         if not self.got_call and self.share.calls == 0:
-            self.scope.deadline = self.opened + self.first_call_timeout
-        elif self.share.calls:
-            self.scope.deadline = math.inf
-        else:
-            self.scope.deadline = self.last_active + self.idle_timeout
+            deadline = min(deadline, self.opened + self.first_call_timeout)
+        elif not self.share.calls and not self.dec.in_record:
+            deadline = self.last_active + self.idle_timeout
+        self.scope.deadline = deadline
 
     def touch(self) -> None:
         self.last_active = trio.current_time()
@@ -431,4 +506,4 @@ def parse_allow(values: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress
     return [ipaddress.ip_network(v, strict=False) for v in values]
 
 
-__all__ = ["NfsServer", "ServerConfig", "parse_allow", "send_iov"]
+__all__ = ["ListenError", "NfsServer", "ServerConfig", "parse_allow", "send_iov"]

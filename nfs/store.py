@@ -8,6 +8,11 @@ is resolved only to a path found *inside* the export (from a cache of paths buil
 names, or by walking the export without following symlinks), so no handle can reach outside it;
 if the inode is no longer there the handle is stale (NFS3ERR_STALE).
 
+Crossing mounts (knfsd without `crossmnt`): an object on another mount than the export's root is
+not part of the export, even when it is the same device (a bind mount): LOOKUP does not cross
+into it, no handle resolves to it, and a walk of the export does not descend into it. The mount
+is told by statx's mount id (nfs/mntid.py), the device by st_dev.
+
 Limitation (documented): without the inode generation number a deleted file's inode number that
 the filesystem reuses inside the export would make an old handle name the new file.
 """
@@ -24,6 +29,7 @@ import struct
 from collections import OrderedDict
 from pathlib import Path
 
+from nfs.mntid import fd_mount_id, mount_id
 from nfs.nfs3 import NAME_MAX, Nfs3Error, Stat
 
 log = logging.getLogger("netswap.nfs.store")
@@ -67,7 +73,8 @@ def errno_to_stat(e: OSError) -> int:
         errno.EINVAL: Stat.NFS3ERR_INVAL, errno.EFBIG: Stat.NFS3ERR_FBIG, errno.ENOSPC: Stat.NFS3ERR_NOSPC,
         errno.EROFS: Stat.NFS3ERR_ROFS, errno.ENAMETOOLONG: Stat.NFS3ERR_NAMETOOLONG,
         errno.ENOTEMPTY: Stat.NFS3ERR_NOTEMPTY, errno.EDQUOT: Stat.NFS3ERR_DQUOT, errno.ELOOP: Stat.NFS3ERR_INVAL,
-        errno.EXDEV: Stat.NFS3ERR_XDEV, errno.EMLINK: Stat.NFS3ERR_MLINK,
+        errno.EXDEV: Stat.NFS3ERR_XDEV, errno.EMLINK: Stat.NFS3ERR_MLINK, errno.EOPNOTSUPP: Stat.NFS3ERR_NOTSUPP,
+        errno.ENXIO: Stat.NFS3ERR_NXIO, errno.ENODEV: Stat.NFS3ERR_NODEV, errno.ESTALE: Stat.NFS3ERR_STALE,
     }.get(e.errno or 0, Stat.NFS3ERR_IO)
 
 
@@ -81,6 +88,7 @@ class Export:
         if not pystat.S_ISDIR(st.st_mode):
             raise NotADirectoryError(self.root)
         self.dev = st.st_dev
+        self.mnt_id = mount_id(self.root)
         self.root_ino = st.st_ino
         # From the path and root inode, not st_dev: device numbers of overlay/tmpfs mounts can
         # change across reboots, and handles must survive restarts.
@@ -124,6 +132,27 @@ class Export:
             raise Nfs3Error(Stat.NFS3ERR_STALE, "handle of another export")
         return ino, parent
 
+    def same_export(self, a: bytes, b: bytes) -> None:
+        """RENAME and LINK between two exports: NFS3ERR_XDEV (before either is resolved)."""
+        fsids = set()
+        for fh in (a, b):
+            if len(fh) == FH_SIZE and fh[:4] == FH_MAGIC and hmac.compare_digest(
+                    self._tag(fh[: _FH_BODY.size]), fh[_FH_BODY.size :]):
+                fsids.add(_FH_BODY.unpack(fh[: _FH_BODY.size])[1])
+        if len(fsids) > 1:
+            raise Nfs3Error(Stat.NFS3ERR_XDEV, "the handles are of two exports")
+
+    def moved(self, ino: int, path: str, parent_ino: int, isdir: bool) -> None:
+        """RENAME moved an object: its cached path (and a directory's descendants') follow."""
+        old = self._paths.get(ino)
+        self._paths[ino] = path
+        self._parents[ino] = parent_ino
+        if isdir and old is not None:
+            prefix = old + "/"
+            for i, p in list(self._paths.items()):
+                if p.startswith(prefix):
+                    self._paths[i] = path + p[len(old):]
+
     def resolve(self, fh: bytes) -> tuple[str, os.stat_result]:
         """Path and lstat of the object a handle names; BADHANDLE or STALE on failure. May walk
         the export (blocking): the server uses resolve_cached/find/resolved to walk in a thread."""
@@ -156,15 +185,44 @@ class Export:
     def _lstat_ino(self, path: str, ino: int) -> os.stat_result | None:
         try:
             st = os.lstat(path)
+            return st if st.st_ino == ino and self.same_fs(path, st) else None
         except OSError:
             return None
-        return st if st.st_ino == ino and self.same_fs(st) else None
 
-    def same_fs(self, st: os.stat_result) -> bool:
-        """Is this object on the exported filesystem? Only directories are checked: a directory
-        on another device is a mount point we do not cross (knfsd without crossmnt), while
-        overlayfs may report other device numbers for plain files of the same export."""
-        return st.st_dev == self.dev or not pystat.S_ISDIR(st.st_mode)
+    def same_fs(self, path: str, st: os.stat_result) -> bool:
+        """Is this object on the export's mount (knfsd's crossmnt rule)? Its mount id must be
+        the root's (a bind mount of the same device has another); and a directory must be on
+        the root's device (overlayfs may report other device numbers for plain files)."""
+        if st.st_dev != self.dev and pystat.S_ISDIR(st.st_mode):
+            return False
+        return self.mnt_id is None or mount_id(path) == self.mnt_id
+
+    def _verified(self, fd: int, st: os.stat_result) -> int:
+        """`fd` if it is the object `st` describes, on the export's mount; else closed, STALE."""
+        try:
+            fst = os.fstat(fd)
+            if fst.st_ino != st.st_ino or fst.st_dev != st.st_dev or (
+                    self.mnt_id is not None and fd_mount_id(fd) != self.mnt_id):
+                raise Nfs3Error(Stat.NFS3ERR_STALE, "the object changed under its path")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def open_dir(self, path: str, st: os.stat_result) -> int:
+        """An O_PATH fd of a directory of the export, checked to be the inode `st` describes:
+        the procedures act on one name relative to it (mkdirat, renameat, ...), so no path of
+        theirs passes through a symlink or a mount that appeared meanwhile."""
+        if not pystat.S_ISDIR(st.st_mode):
+            raise Nfs3Error(Stat.NFS3ERR_NOTDIR)
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return self._verified(fd, st)
+
+    def open_object(self, path: str, st: os.stat_result) -> int:
+        """An O_PATH fd of any object of the export (a symlink itself, not its target), checked
+        as open_dir's; act on it through /proc/self/fd (see `proc_path`)."""
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return self._verified(fd, st)
 
     def find(self, ino: int, parent: int) -> str | None:
         """Find an inode inside the export: first in its parent's directory, then by walking the
@@ -178,7 +236,9 @@ class Export:
             if hit:
                 return hit
         budget = [self.max_walk]
-        for dirpath, _dirs, _files in os.walk(self.root, followlinks=False):
+        for dirpath, dirs, _files in os.walk(self.root, followlinks=False):
+            # (os.walk descends into mount points: not into ours, they are not the export)
+            dirs[:] = [d for d in dirs if self._same_mount(os.path.join(dirpath, d))]
             hit = self._scan_dir(dirpath, ino, budget)
             if hit:
                 return hit
@@ -201,11 +261,17 @@ class Export:
                         st = ent.stat(follow_symlinks=False)
                     except OSError:
                         continue
-                    if st.st_ino == ino and self.same_fs(st):
+                    if st.st_ino == ino and self.same_fs(ent.path, st):
                         return ent.path
         except OSError:
             return None
         return None
+
+    def _same_mount(self, path: str) -> bool:
+        try:
+            return self.same_fs(path, os.lstat(path))
+        except OSError:
+            return False
 
     def _forget(self, ino: int) -> None:
         self._gone[ino] = None
@@ -270,6 +336,11 @@ class Export:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def proc_path(fd: int) -> str:
+    """The path that names exactly the object an fd holds (the kernel's magic link)."""
+    return f"/proc/self/fd/{fd}"
 
 
 def check_name(name: str) -> None:

@@ -13,6 +13,7 @@ crashing the server.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
@@ -73,6 +74,18 @@ def materialize(bufs: list[Buffer]) -> list[bytes | bytearray | memoryview]:
     return [b.read() if isinstance(b, FileSegment) else b for b in bufs]
 
 
+def peer_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A caller's address as an IP address (an IPv4-mapped IPv6 one as IPv4), None if it is
+    not one: what --allow and portmap's loopback rule compare."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
 @dataclass
 class CallContext:
     """Who is calling and over what: handlers use it for --allow checks and transfer limits."""
@@ -86,9 +99,14 @@ class CallContext:
 
 
 class RpcProgram(Protocol):
-    prog: int
-    versions: Sequence[int]
-    name: str
+    @property
+    def prog(self) -> int: ...
+
+    @property
+    def versions(self) -> Sequence[int]: ...
+
+    @property
+    def name(self) -> str: ...
 
     def has_proc(self, vers: int, proc: int) -> bool: ...
 

@@ -1,4 +1,4 @@
-"""Client transports (CONTRACT.md): what the NFS client sends its RPCs over.
+"""Client transports: what the NFS client sends its RPCs over.
 
 - Stream transport: any `trio.abc.Stream` (a `trio.SocketStream`, or the emulated host's
   `EmuStream`); RPCs go in TCP record marking.
@@ -44,13 +44,9 @@ class UdpTransport:
         await self.sock.send(data)
 
     async def recv(self) -> bytes:
-        while True:
-            try:
-                return await self.sock.recv(UDP_MAX_DATAGRAM)
-            except ConnectionRefusedError:
-                # An ICMP port unreachable for an earlier datagram: the server is not there (yet);
-                # the retransmit timer decides what happens next.
-                continue
+        """The next datagram. ConnectionRefusedError: an ICMP port unreachable came for an
+        earlier datagram (nobody listens there, yet); the socket stays usable."""
+        return await self.sock.recv(UDP_MAX_DATAGRAM)
 
     async def aclose(self) -> None:
         self.sock.close()

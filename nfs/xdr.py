@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -28,11 +28,40 @@ def pad_len(n: int) -> int:
     return (4 - (n & 3)) & 3
 
 
+def fs_name(s: str | bytes) -> bytes:
+    """A name or path as the bytes it is on disk: str names hold undecodable bytes as
+    surrogates (as os.fsdecode makes them), so non-UTF-8 names go out unchanged."""
+    return s if isinstance(s, bytes) else s.encode("utf-8", "surrogateescape")
+
+
+class Payload(Protocol):
+    """Bulk data handed to a Packer by reference: bytes, a memoryview, a file segment."""
+
+    def __len__(self) -> int: ...
+
+
 class Packer:
-    __slots__ = ("buf",)
+    """Appends XDR to a bytearray. Bulk data (READ results, WRITE arguments) can be added by
+    reference with `payload()`: the encoding is then the iovec `iov()`, Linux's xdr_buf with
+    its head, pages and tail, so the data is never copied into the message."""
+
+    __slots__ = ("buf", "_iov")
 
     def __init__(self, buf: bytearray | None = None) -> None:
         self.buf = buf if buf is not None else bytearray()
+        self._iov: list[Payload] | None = None
+
+    def payload(self, data: Payload) -> None:
+        """The bytes of an opaque whose length the caller already packed, by reference, and
+        their padding."""
+        if self._iov is None:
+            self._iov = []
+        self._iov += (self.buf, data)
+        self.buf = bytearray(_PAD[len(data) & 3])
+
+    def iov(self) -> list[Payload]:
+        """The whole encoding, as buffers to send in order."""
+        return [*self._iov, self.buf] if self._iov else [self.buf]
 
     def u32(self, v: int) -> None:
         self.buf += _U32.pack(v)
@@ -66,7 +95,7 @@ class Packer:
         self.buf += _PAD[n & 3]
 
     def string(self, s: str | bytes, limit: int | None = None) -> None:
-        self.opaque(s.encode() if isinstance(s, str) else s, limit)
+        self.opaque(fs_name(s), limit)
 
     def array(self, items: list[T], pack: Callable[[T], None], limit: int | None = None) -> None:
         if limit is not None and len(items) > limit:
@@ -107,16 +136,20 @@ class Unpacker:
         return p
 
     def u32(self) -> int:
-        return _U32.unpack_from(self.buf, self._need(4))[0]
+        v: int = _U32.unpack_from(self.buf, self._need(4))[0]
+        return v
 
     def i32(self) -> int:
-        return _I32.unpack_from(self.buf, self._need(4))[0]
+        v: int = _I32.unpack_from(self.buf, self._need(4))[0]
+        return v
 
     def u64(self) -> int:
-        return _U64.unpack_from(self.buf, self._need(8))[0]
+        v: int = _U64.unpack_from(self.buf, self._need(8))[0]
+        return v
 
     def i64(self) -> int:
-        return _I64.unpack_from(self.buf, self._need(8))[0]
+        v: int = _I64.unpack_from(self.buf, self._need(8))[0]
+        return v
 
     def bool(self) -> bool:
         v = self.u32()

@@ -23,19 +23,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from emu.bench.result import BenchResult, emit
-from nfs.testbed import Served, TestbedError, ganesha, libnfs, netswap_server, real_fs_dir
+from emu.peers.nfs import Served, TestbedError, ganesha, libnfs, netswap_server, real_fs_dir
+from emu.util.units import parse_size
 
 MB = 1_000_000
-
-
-def _parse_size(text: str) -> int:
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    value = int(float(num) * units[unit])
-    if value <= 0:
-        raise ValueError("must be positive")
-    return value
 
 
 def _sha256(path: Path) -> str:
@@ -71,8 +62,10 @@ def bench_nfs(size: str, rounds: int, warmup: bool, directory: Path | None, goal
     Needs root and the Debian peers nfs-ganesha, nfs-ganesha-vfs, rpcbind and libnfs-utils.
     """
     try:
-        nbytes = _parse_size(size)
-    except (ValueError, KeyError) as e:
+        nbytes = parse_size(size)
+        if nbytes <= 0:
+            raise ValueError("must be above 0")
+    except ValueError as e:
         raise click.BadParameter(f"{size!r}: {e}", param_hint="--size") from None
     if os.geteuid() != 0:
         raise click.ClickException("needs root (nfs-ganesha and rpcbind run as root)")

@@ -89,7 +89,7 @@ class NfsSwapFile(RemoteSwap):
         from nfs.client import NfsClient
 
         self.page_size, self.nr_pages = page_size, nr_pages
-        kw: dict[str, Any] = {"proto": self.proto, "slots": 16}
+        kw: dict[str, Any] = {"proto": self.proto, "slots": 16, "server": self.server.host}
         if self.timeo is not None:
             kw["timeo"] = self.timeo
         if self.buffers is not None:

@@ -30,7 +30,7 @@ def _scenario(backend: str, policy: str) -> scen.Scenario:
 def test_swap_file_on_ganesha(tmp_path: Path, backend: str) -> None:
     require_root()
     require_binary("ganesha.nfsd", "rpcbind")
-    from nfs.testbed import ganesha
+    from emu.peers.nfs import ganesha
 
     with ganesha(tmp_path / "ganesha", tmpfs_size="96m") as g:
         url = f"nfs://127.0.0.1{g.export_path}?nfsport={g.nfs_port}&mountport={g.mount_port}"

@@ -1,6 +1,6 @@
-"""Blocking work stays off the event loop: big WRITEs, the syncs and the walk of the export on a
-handle-cache miss run in worker threads (small WRITEs stay inline, they are cheaper there), and
-metadata and data are on disk before the reply says so."""
+"""Blocking work stays off the event loop: the syncs (and the WRITEs they follow) and the walk of
+the export on a handle-cache miss run in worker threads (UNSTABLE WRITEs, copies into the page
+cache, stay inline: cheaper there), and metadata and data are on disk before the reply says so."""
 
 from __future__ import annotations
 
@@ -58,10 +58,10 @@ async def test_big_writes_and_walks_run_in_worker_threads(tmp_path: Path, export
         async with NfsClient.tcp(H, ports["nfs"], ports["mount"], hard=False, timeo=3.0) as c:
             root = await c.mount(str(export_dir))
             fh, _ = await c.create(root, "f")
+            await c.write(fh, 0, os.urandom(1 << 20), FILE_SYNC)
             await c.write(fh, 0, os.urandom(1 << 20), UNSTABLE)
-            await c.write(fh, 0, os.urandom(4096), UNSTABLE)
-            assert ("pwrite", 1 << 20, False) in threads  # 1 MiB: in a worker thread
-            assert ("pwrite", 4096, True) in threads  # a page: inline
+            assert ("pwrite", 1 << 20, False) in threads  # with its fsync: in a worker thread
+            assert ("pwrite", 1 << 20, True) in threads  # UNSTABLE: a page-cache copy, inline
             # A handle the server has not seen since it started: found by a walk, in a thread.
             dfh, _ = await c.lookup(root, "d")
             deep_fh, _ = await c.lookup(dfh, "deep")

@@ -9,7 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nfs.drc import DrcState, DuplicateRequestCache
-from nfs.nfs3 import FATTR3_SIZE, Fattr3, FsInfo, NfsTime, Sattr3, StableHow, decode_write_args, encode_write_args_head
+from nfs.nfs3 import CreateMode, FType, Proc, StableHow, Stat
+from nfs.nfs3xdr import (
+    FATTR3_SIZE, NFS3_PROCEDURES, VOID, AccessArgs, AccessRes, CommitArgs, CommitRes, CreateArgs, CreateRes,
+    DirOpArgs, Entry3, Fattr3, FhArgs, FsinfoRes, FsstatRes, GetattrRes, LinkArgs, LinkRes, LookupRes, MkdirArgs,
+    MknodArgs, NfsTime, NullRes, PathconfRes, ReadArgs, ReaddirArgs, ReaddirplusArgs, ReaddirRes, ReadlinkRes,
+    ReadRes, RenameArgs, RenameRes, Sattr3, SetattrArgs, SymlinkArgs, WccAttr, WccData, WccRes, WriteArgs,
+    WriteRes,
+)
 from nfs.record import LAST_FRAG, RecordDecoder, RecordTooLarge, encode_record
 from nfs.rpc import (
     AcceptStat, AuthFlavor, AuthStat, AuthSys, RejectStat, RpcError, RpcVersionMismatch, decode_call, decode_reply,
@@ -66,25 +73,93 @@ def test_fattr3_is_84_bytes_and_round_trips() -> None:
         Fattr3.unpack(Unpacker(bad))
 
 
-def test_sattr3_and_fsinfo_round_trip() -> None:
+def test_sattr3_round_trips() -> None:
     s = Sattr3(mode=0o600, size=4096, atime="server", mtime=NfsTime(10, 20))
     p = Packer()
     s.pack(p)
-    assert Sattr3.unpack(Unpacker(p.buf)) == Sattr3(mode=0o600, size=4096, atime="server", mtime=NfsTime(10, 20))
-    f = FsInfo(None, 1 << 20, 1 << 20, 4096, 1 << 20, 1 << 20, 4096, 65536, 2**63 - 1, NfsTime(0, 1), 0x1B)
+    assert Sattr3.unpack(Unpacker(p.buf)) == s
+
+
+FH = b"h" * 44
+ATTR = Fattr3(1, 0o644, 1, 0, 0, 5, 4096, (0, 0), 7, 99, NfsTime(1, 2), NfsTime(3, 4), NfsTime(5, 6))
+WCC = WccData(WccAttr(5, NfsTime(3, 4), NfsTime(5, 6)), ATTR)
+WHERE = DirOpArgs(FH, "n\udcff\udcfeme")  # not UTF-8: survives as the bytes it is
+ARGS: dict[Proc, object] = {
+    Proc.NULL: VOID, Proc.GETATTR: FhArgs(FH), Proc.SETATTR: SetattrArgs(FH, Sattr3(size=1), NfsTime(9, 9)),
+    Proc.LOOKUP: WHERE, Proc.ACCESS: AccessArgs(FH, 0x3F), Proc.READLINK: FhArgs(FH),
+    Proc.READ: ReadArgs(FH, 1 << 40, 4096), Proc.WRITE: WriteArgs(FH, 8192, 10, StableHow.DATA_SYNC, b"0123456789"),
+    Proc.CREATE: CreateArgs(WHERE, CreateMode.GUARDED, Sattr3(mode=0o600)),
+    Proc.MKDIR: MkdirArgs(WHERE, Sattr3(mode=0o700)), Proc.SYMLINK: SymlinkArgs(WHERE, "../t\udcff", Sattr3()),
+    Proc.MKNOD: MknodArgs(WHERE, FType.NF3CHR, Sattr3(mode=0o600), (1, 3)), Proc.REMOVE: WHERE, Proc.RMDIR: WHERE,
+    Proc.RENAME: RenameArgs(WHERE, DirOpArgs(FH, "to")), Proc.LINK: LinkArgs(FH, WHERE),
+    Proc.READDIR: ReaddirArgs(FH, 3, b"verifier", 4096), Proc.READDIRPLUS: ReaddirplusArgs(FH, 3, b"v" * 8, 512, 8192),
+    Proc.FSSTAT: FhArgs(FH), Proc.FSINFO: FhArgs(FH), Proc.PATHCONF: FhArgs(FH), Proc.COMMIT: CommitArgs(FH, 1, 2),
+}
+RESULTS: dict[Proc, object] = {
+    Proc.NULL: NullRes(), Proc.GETATTR: GetattrRes(0, ATTR), Proc.SETATTR: WccRes(0, WCC),
+    Proc.LOOKUP: LookupRes(0, FH, ATTR, ATTR), Proc.ACCESS: AccessRes(0, ATTR, 0x1F),
+    Proc.READLINK: ReadlinkRes(0, ATTR, "/some/where"), Proc.READ: ReadRes(0, ATTR, 5, True, b"hello"),
+    Proc.WRITE: WriteRes(0, WCC, 10, StableHow.FILE_SYNC, b"12345678"), Proc.CREATE: CreateRes(0, FH, ATTR, WCC),
+    Proc.MKDIR: CreateRes(0, None, None, WCC), Proc.SYMLINK: CreateRes(0, FH, ATTR, WCC),
+    Proc.MKNOD: CreateRes(0, FH, ATTR, WCC), Proc.REMOVE: WccRes(0, WCC), Proc.RMDIR: WccRes(0, WCC),
+    Proc.RENAME: RenameRes(0, WCC, WccData()), Proc.LINK: LinkRes(0, ATTR, WCC),
+    Proc.READDIR: ReaddirRes(0, ATTR, b"verifier", [Entry3(1, ".", 1), Entry3(2, "\udcff", 2)], True),
+    Proc.READDIRPLUS: ReaddirRes(0, ATTR, b"verifier", [Entry3(1, "a", 1, ATTR, FH), Entry3(2, "b", 2)], False),
+    Proc.FSSTAT: FsstatRes(0, ATTR, 1, 2, 3, 4, 5, 6, 7),
+    Proc.FSINFO: FsinfoRes(0, None, 1 << 20, 1 << 20, 4096, 1 << 20, 1 << 20, 4096, 65536, 2**63 - 1, NfsTime(0, 1), 0x1B),
+    Proc.PATHCONF: PathconfRes(0, ATTR, 32000, 255), Proc.COMMIT: CommitRes(0, WCC, b"87654321"),
+}
+
+
+def _wire(p: Packer) -> bytes:
+    return b"".join(bytes(b) for b in p.iov())  # type: ignore[arg-type]
+
+
+def _plain(x: object) -> object:
+    """A decoded object with its memoryviews as bytes, to compare with what was encoded."""
+    for f in getattr(x, "__slots__", ()):
+        v = getattr(x, f)
+        if isinstance(v, memoryview):
+            object.__setattr__(x, f, bytes(v))
+    return x
+
+
+@pytest.mark.parametrize("proc", list(Proc))
+def test_every_procedure_round_trips_both_ways(proc: Proc) -> None:
+    """One table, both directions: what the client encodes the server decodes, and back."""
+    x = NFS3_PROCEDURES[proc]
     p = Packer()
-    f.pack(p)
-    assert FsInfo.unpack(Unpacker(p.buf)) == f
+    x.encode_args(p, ARGS[proc])
+    wire = _wire(p)
+    assert len(wire) % 4 == 0
+    u = Unpacker(wire)
+    assert _plain(x.decode_args(u)) == ARGS[proc]
+    u.done()
+    p = Packer()
+    x.encode_res(p, RESULTS[proc])
+    wire = _wire(p)
+    u = Unpacker(wire)
+    assert _plain(x.decode_res(u)) == RESULTS[proc]
+    u.done()
+    for cut in range(0, len(wire), 4):  # every truncation is an XdrError, never a bad object
+        if proc != Proc.NULL and cut < len(wire):
+            with pytest.raises(XdrError):
+                x.decode_res(Unpacker(wire[:cut]))
+    failed = x.res(Stat.NFS3ERR_IO)  # every procedure has its failure result, and it encodes
+    p = Packer()
+    x.encode_res(p, failed)
+    if proc != Proc.NULL:
+        assert x.decode_res(Unpacker(_wire(p))).status == Stat.NFS3ERR_IO
 
 
-def test_write_args_fast_codec() -> None:
-    fh = b"h" * 44
-    data = b"0123456789"
-    msg = encode_write_args_head(fh, 4096, len(data), StableHow.DATA_SYNC) + data + b"\0\0"
-    got = decode_write_args(Unpacker(msg))
-    assert got[:4] == (fh, 4096, 10, StableHow.DATA_SYNC) and bytes(got[4]) == data
+def test_write_data_goes_by_reference_and_short_data_is_garbage() -> None:
+    data = memoryview(bytearray(b"0123456789"))
+    p = Packer()
+    NFS3_PROCEDURES[Proc.WRITE].encode_args(p, WriteArgs(FH, 4096, 10, StableHow.DATA_SYNC, data))
+    assert any(b is data for b in p.iov())  # not copied into the message
+    msg = _wire(p)
     with pytest.raises(XdrError):  # data shorter than its length field
-        decode_write_args(Unpacker(msg[:-6]))
+        NFS3_PROCEDURES[Proc.WRITE].decode_args(Unpacker(msg[:-6]))
 
 
 def test_rpc_call_and_replies() -> None:

@@ -278,13 +278,16 @@ async def test_a_stalled_client_does_not_hold_up_others(nfs_server) -> None:  # 
 
 async def test_a_duplicate_on_a_new_tcp_connection_gets_the_original_reply(nfs_server) -> None:  # type: ignore[no-untyped-def]
     from nfs.nfs3 import FILE_SYNC as FS
-    from nfs.nfs3 import encode_write_args_head
+    from nfs.nfs3xdr import NFS3_PROCEDURES, WriteArgs
+    from nfs.xdr import Packer
 
     (nfs_server.export / "w").write_bytes(b"")
     fh = nfs_server.server.export.fh_for(str(nfs_server.export / "w"), os.lstat(nfs_server.export / "w"),
                                          nfs_server.server.export.root_ino)
     data = os.urandom(512 * 1024)
-    call = encode_call(4242, NFS_PROGRAM, 3, Proc.WRITE, encode_write_args_head(fh, 0, len(data), FS) + data,
+    p = Packer()
+    NFS3_PROCEDURES[Proc.WRITE].encode_args(p, WriteArgs(fh, 0, len(data), FS, data))
+    call = encode_call(4242, NFS_PROGRAM, 3, Proc.WRITE, b"".join(p.iov()),  # type: ignore[arg-type]
                        AuthSys().to_auth())  # root (AUTH_NONE is the anonymous user: no write to root's file)
     rec = struct.pack(">I", LAST_FRAG | len(call)) + call
     a = await trio.open_tcp_stream(H, nfs_server.nfs_port)
@@ -304,10 +307,12 @@ async def test_a_duplicate_on_a_new_tcp_connection_gets_the_original_reply(nfs_s
     assert drc.hits + drc.in_progress_drops >= 1  # executed once, answered twice
 
 
-async def test_hard_client_outlasts_major_timeouts_until_the_server_comes(tmp_path: Path, export_dir: Path) -> None:
-    from nfs.testbed import free_port_pair
+async def test_hard_client_outlasts_major_timeouts_until_the_server_comes(tmp_path: Path, export_dir: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("WARNING", logger="nfs.client")
+    from emu.util.ports import free_port
 
-    port = free_port_pair()
+    port = free_port(H, udp_too=True)
     done = trio.Event()
     async with trio.open_nursery() as n:
         async with NfsClient.udp(H, port, port, timeo=0.05, retrans=1, hard=True) as c:
@@ -324,3 +329,39 @@ async def test_hard_client_outlasts_major_timeouts_until_the_server_comes(tmp_pa
             with trio.fail_after(5):
                 await done.wait()
         n.cancel_scope.cancel()
+    said = [r.getMessage() for r in caplog.records if r.name == "nfs.client"]
+    # The kernel's messages: once when the server stops answering, once when it is back.
+    assert said == ["server 127.0.0.1 not responding, still trying", "server 127.0.0.1 OK"]
+
+
+async def test_mount_failures_are_named_not_hangs() -> None:
+    from emu.util.ports import free_port
+
+    from nfs.client import NfsMountError
+    from nfs.rpc import AcceptStat, encode_reply_accepted
+
+    closed = free_port(H, udp_too=True)
+    with trio.fail_after(3):  # TCP: a refused connection is final at once
+        async with NfsClient.tcp(H, closed, closed, timeo=0.2) as c:
+            with pytest.raises(NfsMountError, match=r"server 127.0.0.1: MOUNT failed: connection refused"):
+                await c.mount("/x")
+    with trio.fail_after(5):  # UDP: nobody there, bounded by mount_timeout
+        async with NfsClient.udp(H, closed, closed, mount_timeout=0.7) as c:
+            with pytest.raises(NfsMountError, match=r"did not answer MOUNT within 0.7 s \(connection refused\)"):
+                await c.mount("/x")
+    other = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a server of another program
+    await other.bind((H, 0))
+
+    async def not_mountd() -> None:
+        while True:
+            msg, addr = await other.recvfrom(9000)
+            await other.sendto(encode_reply_accepted(struct.unpack(">I", msg[:4])[0], AcceptStat.PROG_UNAVAIL), addr)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(not_mountd)
+        with trio.fail_after(3):
+            async with NfsClient.udp(H, closed, other.getsockname()[1]) as c:
+                with pytest.raises(NfsMountError, match="program not registered"):
+                    await c.mount("/x")
+        n.cancel_scope.cancel()
+    other.close()

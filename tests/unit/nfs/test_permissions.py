@@ -104,7 +104,7 @@ async def test_root_squash_and_auth_none_are_anonymous(tmp_path: Path, export_di
 
 
 async def test_setattr_out_of_range_values_are_refused_not_faults(tmp_path: Path, export_dir: Path) -> None:
-    from nfs.nfs3 import NfsTime
+    from nfs.nfs3xdr import NfsTime
 
     async with trio.open_nursery() as n:
         server = NfsServer(ServerConfig(export=export_dir, port=0, mount_port=0, state_dir=tmp_path / "s"))

@@ -10,24 +10,67 @@ import pytest
 from nfs.nfs3 import Nfs3Error, Stat
 from nfs.rpc import AcceptStat, RpcError, decode_call, encode_reply_accepted
 from nfs.store import FH_SIZE, Export, load_key
-from nfs.xprt import RetransmitPolicy, RpcTimeout, SlotTable, XprtCore
+from nfs.xprt import (
+    Completed, NotResponding, Reconnect, Retransmit, RetransmitPolicy, RpcTimeout, Rqst, ServerOk, SlotTable, XprtCore,
+)
+
+
+def _drain(core: XprtCore) -> list[object]:
+    out = []
+    while (ev := core.next_event()) is not None:
+        out.append(ev)
+    return out
+
+
+def _run_timers(core: XprtCore, rq: Rqst, rounds: int) -> tuple[list[float], list[object]]:
+    """Drive the core's timer as the trio driver does: sleep until get_timer(), then
+    handle_timer(now), and retransmit what it says. Returns the timeouts seen and the events."""
+    now = 0.0
+    core.transmitted(rq, now)
+    timeouts: list[float] = []
+    events: list[object] = []
+    for _ in range(rounds):
+        t = core.get_timer()
+        if t is None:
+            break
+        timeouts.append(t - now)
+        now = t
+        core.handle_timer(now)
+        evs = _drain(core)
+        events += evs
+        if Retransmit(rq) in evs:
+            core.transmitted(rq, now)
+    return timeouts, events
 
 
 def test_retransmit_backoff_and_soft_major_timeout() -> None:
     core = XprtCore(RetransmitPolicy(timeo=0.5, retrans=3, timeo_max=1.5, hard=False))
     rq = core.start(100003, 3, 0, b"")
-    timeouts = [rq.timeout]
-    while core.timed_out(rq):
-        timeouts.append(rq.timeout)
+    timeouts, events = _run_timers(core, rq, 10)
     assert timeouts == [0.5, 1.0, 1.5, 1.5]  # doubled, capped at timeo_max
     assert isinstance(rq.error, RpcTimeout) and core.stats.major_timeouts == 1
+    assert events[-2:] == [NotResponding(hard=False), Completed(rq)] and core.get_timer() is None
 
 
-def test_hard_requests_start_over_after_a_major_timeout() -> None:
+def test_hard_requests_start_over_and_say_so_once() -> None:
     core = XprtCore(RetransmitPolicy(timeo=1.0, retrans=1, timeo_max=60, hard=True))
     rq = core.start(100003, 3, 0, b"")
-    assert core.timed_out(rq) and rq.timeout == 2.0
-    assert core.timed_out(rq) and rq.timeout == 1.0 and rq.major_timeouts == 1 and rq.error is None
+    timeouts, events = _run_timers(core, rq, 5)
+    assert timeouts == [1.0, 2.0, 1.0, 2.0, 1.0] and rq.error is None and rq.major_timeouts == 2
+    assert events.count(NotResponding(hard=True)) == 1  # "not responding, still trying" once
+    assert core.not_responding
+    core.receive(encode_reply_accepted(rq.xid, AcceptStat.SUCCESS))
+    assert _drain(core) == [ServerOk(), Completed(rq)] and not core.not_responding  # "server OK"
+
+
+def test_a_silent_stream_asks_for_a_new_connection() -> None:
+    core = XprtCore(RetransmitPolicy(timeo=1.0, retrans=2), stream=True)
+    rq = core.start(100003, 3, 0, b"")
+    core.transmitted(rq, 0.0)
+    core.handle_timer(0.5)
+    assert _drain(core) == []  # not yet
+    core.handle_timer(1.0)
+    assert _drain(core) == [Retransmit(rq), Reconnect()]
 
 
 def test_linux_defaults() -> None:

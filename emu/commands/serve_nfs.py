@@ -1,47 +1,117 @@
-"""`netswap serve nfs`: serve a directory over MOUNT v3 and NFSv3 on UDP and TCP."""
+"""`netswap serve nfs`: serve a directory over MOUNT v3 and NFSv3 on UDP and TCP (loopback only).
+
+Every failure is one line on stderr, `netswap: error: ...`, with exit status 2 for a bad option
+and 1 for anything else (a port in use, an export that cannot be opened); no traceback.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 import trio
 
+from emu.util.units import SIZE_HELP, parse_size
 from nfs.auth import Squash
-from nfs.server import NfsServer, ServerConfig, parse_allow
+from nfs.server import ListenError, NfsServer, ServerConfig, parse_allow
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
 
 
-def _cidr(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list:
+class CliError(click.ClickException):
+    """A failure told in one line: `netswap: error: <message>` (exit 1)."""
+
+    exit_code = EXIT_ERROR
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"netswap: error: {self.format_message()}", err=True)
+
+
+class CliUsageError(CliError):
+    """A bad option, told in one line (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+def usage(message: str) -> NoReturn:
+    raise CliUsageError(message)
+
+
+class OneLineCommand(click.Command):
+    """Option errors (click's multi-line usage message) become one `netswap: error:` line."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as e:
+            usage(e.format_message())
+
+
+def _cidr(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[Any]:
     try:
         return parse_allow(value)
     except ValueError as e:
-        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
-
-
-def _size(text: str) -> int:
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    value = int(float(num) * units[unit])
-    if value <= 0:
-        raise ValueError("must be positive")
-    return value
+        usage(f"--allow: {e}")
 
 
 def _port(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
     if value is not None and not 0 <= value <= 65535:
-        raise click.BadParameter("must be 0..65535 (0 picks a free port)", ctx=ctx, param=param)
+        usage(f"--{param.name.replace('_', '-') if param.name else 'port'} {value}: must be 0..65535 (0 picks a free port)")
     return value
 
 
-@click.command("nfs", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _bind(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        usage(f"--bind {value}: not an IP address")
+    if not addr.is_loopback:
+        usage(f"--bind {value}: not a loopback address; the server listens on loopback only "
+              "(127.0.0.0/8 or ::1)")
+    return value
+
+
+def _idle(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not math.isfinite(value) or value <= 0:
+        usage(f"--idle-timeout {value}: must be a number of seconds above 0")
+    return value
+
+
+def _max_buffered(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        n = parse_size(value)
+    except ValueError as e:
+        usage(f"--max-buffered {value!r}: {e}")
+    if n <= 0:
+        usage(f"--max-buffered {value!r}: must be above 0 ({SIZE_HELP})")
+    return n
+
+
+def check_ports(port: int, mount_port: int, portmap_port: int | None) -> None:
+    named = [("--port", port), ("--mount-port", mount_port)]
+    if portmap_port is not None:
+        named.append(("--portmap-port", portmap_port))
+    for i, (a, pa) in enumerate(named):
+        for b, pb in named[i + 1:]:
+            if pa and pa == pb:
+                usage(f"{a} and {b} are both {pa}: each service needs its own port")
+
+
+@click.command("nfs", cls=OneLineCommand,
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--export", "export", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Directory to export. Clients mount it by its absolute path (or a --name alias).")
-@click.option("--bind", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--bind", default="127.0.0.1", show_default=True, callback=_bind,
+              help="Loopback address to listen on (127.0.0.0/8 or ::1).")
 @click.option("--port", default=2049, show_default=True, type=int, callback=_port,
               help="NFS port (UDP and TCP); 0 picks a free one.")
 @click.option("--mount-port", default=20048, show_default=True, type=int, callback=_port,
@@ -61,17 +131,20 @@ def _port(ctx: click.Context, param: click.Parameter, value: int | None) -> int 
               help="uid of AUTH_NONE callers and of squashed root.")
 @click.option("--anongid", default=65534, show_default=True, type=click.IntRange(0, 0xFFFF_FFFF),
               help="gid of AUTH_NONE callers and of squashed root.")
-@click.option("--max-buffered", default="64M", show_default=True,
-              help="Cap on the bytes of calls held over all connections (suffix K/M/G).")
-@click.option("--idle-timeout", default=360.0, show_default=True, type=click.FloatRange(0.1),
+@click.option("--max-buffered", default="64M", show_default=True, callback=_max_buffered,
+              help=f"Cap on the bytes of calls held over all connections ({SIZE_HELP}).")
+@click.option("--idle-timeout", default=360.0, show_default=True, type=float, callback=_idle,
               help="Close a TCP connection idle this many seconds (knfsd: 6 minutes).")
+@click.option("--record-timeout", default=5.0, show_default=True, type=float, callback=_idle,
+              help="Close a TCP connection whose record body stalls this many seconds.")
 @click.option("--max-connections", default=256, show_default=True, type=click.IntRange(1),
               help="TCP connections at once; past it the one idle the longest is closed.")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 def serve_nfs(export: Path, bind: str, port: int, mount_port: int, portmap_port: int | None,
-              allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network], names: tuple[str, ...],
+              allow: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network], names: tuple[str, ...],
               state_dir: Path | None, max_record: int, root_squash: bool, anonuid: int, anongid: int,
-              max_buffered: str, idle_timeout: float, max_connections: int, verbose: int) -> None:
+              max_buffered: int, idle_timeout: float, record_timeout: float, max_connections: int,
+              verbose: int) -> None:
     """Serve a directory (--export) over MOUNT v3 and NFSv3, on UDP and TCP.
 
     Prints one ready line naming its ports, then serves until SIGINT or SIGTERM. File handles
@@ -86,26 +159,30 @@ def serve_nfs(export: Path, bind: str, port: int, mount_port: int, portmap_port:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for n in names:
         if not n.startswith("/"):
-            raise click.BadParameter("must be an absolute path like /export", param_hint="--name")
-    try:
-        budget = _size(max_buffered)
-    except ValueError as e:
-        raise click.BadParameter(f"{max_buffered!r}: {e}", param_hint="--max-buffered") from None
+            usage(f"--name {n}: must be an absolute path like /export")
+    check_ports(port, mount_port, portmap_port)
     config = ServerConfig(export=export, bind=bind, port=port, mount_port=mount_port, portmap_port=portmap_port,
                           allow=allow, state_dir=state_dir, names=names, max_record=max_record,
-                          squash=Squash(root_squash, anonuid, anongid), max_buffered=budget,
-                          idle_timeout=idle_timeout, max_connections=max_connections)
+                          squash=Squash(root_squash, anonuid, anongid), max_buffered=max_buffered,
+                          idle_timeout=idle_timeout, record_timeout=record_timeout,
+                          max_connections=max_connections)
     try:
         server = NfsServer(config)
     except OSError as e:
-        raise click.ClickException(f"cannot export {export}: {e}") from None
+        raise CliError(f"cannot export {export}: {e.strerror or e}") from None
     except ValueError as e:  # the budget cannot hold the connections' reserves and one record
-        raise click.BadParameter(str(e), param_hint="--max-buffered") from None
+        usage(f"--max-buffered: {e}")
+
+    failed: list[str] = []
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
-                ports = await nursery.start(server.serve)
+                try:
+                    ports = await nursery.start(server.serve)
+                except ListenError as e:
+                    failed.append(str(e))
+                    return
                 pm = ports.get("portmap")
                 click.echo(f"netswap nfs ready: export={server.export.root} bind={bind} nfs_port={ports['nfs']} "
                            f"mount_port={ports['mount']} portmap_port={pm if pm is not None else 'off'} "
@@ -116,12 +193,14 @@ def serve_nfs(export: Path, bind: str, port: int, mount_port: int, portmap_port:
                     nursery.cancel_scope.cancel()
                     break
 
-    try:
-        trio.run(main)
-    except OSError as e:
-        raise click.ClickException(f"cannot serve: {e}") from None
+    trio.run(main)
+    if failed:
+        raise CliError(failed[0])
     st, drc, srv = server.svc.stats, server.svc.drc.stats, server.stats
     click.echo(f"netswap nfs: stopped after {st.calls} calls ({srv.tcp_connections} TCP connections, "
                f"{srv.udp_datagrams} UDP datagrams); reply cache hits {drc.hits}, garbage args "
                f"{st.garbage_args}, dropped {st.dropped}, oversized records {srv.oversized_records}, "
-               f"system errors {st.system_err}", err=True)
+               f"stalled records {srv.stalled_records}, system errors {st.system_err}", err=True)
+
+
+__all__ = ["CliError", "CliUsageError", "serve_nfs"]

@@ -1,6 +1,6 @@
-"""Real NFS servers on loopback, for interop tests and `netswap bench nfs`: netswap's own server
-as a subprocess, and nfs-ganesha (with rpcbind). Every process and mount started here is stopped
-or undone on exit, also when the body fails.
+"""Real NFS peers on loopback, for interop tests and `netswap bench nfs`: netswap's own server
+as a subprocess (`netswap serve nfs`), nfs-ganesha (with rpcbind), dumpcap, and libnfs's tools.
+Every process and mount started here is stopped or undone on exit, also when the body fails.
 """
 
 from __future__ import annotations
@@ -19,48 +19,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from emu.util.ports import free_port, port_open
+from emu.util.procs import stop_process
+
 H = "127.0.0.1"
 
 
 class TestbedError(RuntimeError):
     pass
-
-
-def free_port_pair() -> int:
-    """A port number free for both TCP and UDP on 127.0.0.1 right now."""
-    for _ in range(100):
-        t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            t.bind((H, 0))
-            port = t.getsockname()[1]
-            u.bind((H, port))
-            return port
-        except OSError:
-            continue
-        finally:
-            t.close()
-            u.close()
-    raise TestbedError("no free port for TCP and UDP")
-
-
-def port_open(port: int, host: str = H) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
-def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL: only the process we started, by its pid."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def fs_type(path: Path) -> str:
@@ -83,8 +49,8 @@ class Served:
 
 @contextlib.contextmanager
 def netswap_server(export: Path, state_dir: Path, extra: tuple[str, ...] = ()) -> Iterator[Served]:
-    """`python -m nfs --export ...` on free ports; yields once its ready line is printed."""
-    proc = subprocess.Popen([sys.executable, "-m", "nfs", "--export", str(export), "--port", "0", "--mount-port",
+    """`netswap serve nfs --export ...` on free ports; yields once its ready line is printed."""
+    proc = subprocess.Popen([sys.executable, "-m", "emu", "serve", "nfs", "--export", str(export), "--port", "0", "--mount-port",
                              "0", "--state-dir", str(state_dir), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -95,7 +61,7 @@ def netswap_server(export: Path, state_dir: Path, extra: tuple[str, ...] = ()) -
             raise TestbedError(f"netswap nfs server did not start: {line!r} {err}")
         yield Served(int(m.group(2)), int(m.group(3)), export, m.group(1), proc)
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 @contextlib.contextmanager
@@ -116,7 +82,7 @@ def rpcbind() -> Iterator[subprocess.Popen | None]:
             time.sleep(0.05)
         yield proc if proc.poll() is None else None
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 GANESHA_CONF = """\
@@ -161,9 +127,8 @@ def ganesha(workdir: Path, tmpfs_size: str = "1g", timeout: float = 30.0) -> Ite
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "recov").mkdir(exist_ok=True)
     export = workdir / "export"
-    nfs, mnt = free_port_pair(), free_port_pair()
-    while mnt == nfs:
-        mnt = free_port_pair()
+    nfs = free_port(H, udp_too=True)
+    mnt = free_port(H, udp_too=True, avoid={nfs})
     with rpcbind(), real_fs_dir(export, tmpfs_size) as export:
         conf = workdir / "ganesha.conf"
         conf.write_text(GANESHA_CONF.format(nfs=nfs, mnt=mnt, dir=workdir, export=export))
@@ -180,7 +145,7 @@ def ganesha(workdir: Path, tmpfs_size: str = "1g", timeout: float = 30.0) -> Ite
                 time.sleep(0.1)
             yield Served(nfs, mnt, export, str(export), proc)
         finally:
-            stop(proc, timeout=15)
+            stop_process(proc, grace=15)
 
 
 @contextlib.contextmanager
@@ -188,7 +153,7 @@ def capture(port_filter: str, out: Path, iface: str = "lo") -> Iterator[Path]:
     """dumpcap on loopback with a BPF filter; yields once packets are really being captured
     (dumpcap says "Capturing on" a moment before it does: we send probe datagrams until one
     lands in the file), and is stopped (SIGINT) and flushed when the block ends."""
-    probe_port = free_port_pair()
+    probe_port = free_port(H, udp_too=True)
     flt = f"({port_filter}) or (udp port {probe_port})"
     log = out.with_suffix(".dumpcap.log")  # a file, not a pipe: its progress output never blocks it
     with open(log, "w") as err:
