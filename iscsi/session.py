@@ -13,11 +13,11 @@ import struct
 from dataclasses import dataclass, field
 
 from . import sense as S
-from .digest import digest
 from .keys import LOGIN_ONLY, NegotiationError, SessionParams, number
 from .login import LoginResult
 from .lun import MAX_TRANSFER_BYTES, DiskLun, ScsiResult, no_such_lun, report_luns
 from .pdu import (
+    BHS,
     F_FINAL,
     F_OVERFLOW,
     F_STATUS,
@@ -31,7 +31,9 @@ from .pdu import (
     decode_lun,
     encode_lun,
     encode_text,
+    frame,
     parse_text,
+    sn_lt,
 )
 from .scsi import READS, WRITE_SAMES, Opcode
 from .sense import Status, illegal_request
@@ -45,19 +47,10 @@ MAX_TEXT = 64 << 10
 RESERVATION_EXEMPT = frozenset({Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE, Opcode.RELEASE_6,
                                 Opcode.READ_CAPACITY_10, Opcode.SERVICE_ACTION_IN_16, Opcode.MAINTENANCE_IN})
 
-# One struct for every target BHS whose 20..47 are eight u32 (Data-In, SCSI Response, R2T, NOP-In,
-# TMF/Logout/Text responses, Reject): op, flags, b2, b3, ahs|dlen, lun, itt, w20..w44.
-_BHS = struct.Struct(">BBBBI8sIIIIIIII")
-_PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
 _ITT_EDTL_CMDSN = struct.Struct(">III")
 _READ10 = struct.Struct(">IxH")  # LBA, TRANSFER LENGTH from CDB byte 2 (BHS byte 34)
 _READ16 = struct.Struct(">QI")
 _LUN0 = bytes(8)
-
-
-def sn_lt(a: int, b: int) -> bool:
-    """Serial number arithmetic (RFC 1982) for 32-bit sequence numbers: a < b."""
-    return a != b and ((b - a) & MASK) < 0x80000000
 
 
 @dataclass
@@ -137,18 +130,7 @@ class TargetSession:
         return (self.exp_cmd_sn + self.window - 1) & MASK
 
     def _emit(self, bhs: bytes, data: bytes | bytearray | memoryview = b"") -> None:
-        out = self.out
-        out.append(bhs)
-        if self.hd:
-            out.append(digest(bhs))
-        if data:
-            n = len(data)
-            pad = _PAD[n & 3]
-            if pad:
-                data = bytes(data) + pad
-            out.append(data)  # type: ignore[arg-type]
-            if self.dd:
-                out.append(digest(data))
+        frame(self.out, bhs, data, header_digest=self.hd, data_digest=self.dd)
 
     def _status_sn(self) -> int:
         sn = self.stat_sn
@@ -157,7 +139,7 @@ class TargetSession:
 
     def _pdu(self, op: int, flags: int, b2: int, b3: int, dlen: int, lun: bytes, itt: int, w20: int, *, advance: bool = True, w36: int = 0, w40: int = 0, w44: int = 0) -> bytes:
         sn = self._status_sn() if advance else self.stat_sn
-        return _BHS.pack(op, flags, b2, b3, dlen, lun, itt, w20, sn, self.exp_cmd_sn, self.max_cmd_sn, w36, w40, w44)
+        return BHS.pack(op, flags, b2, b3, dlen, lun, itt, w20, sn, self.exp_cmd_sn, self.max_cmd_sn, w36, w40, w44)
 
     def reject(self, bhs: bytes | bytearray, reason: int) -> None:
         self.stats["rejects"] += 1
@@ -239,14 +221,8 @@ class TargetSession:
         sn = self.stat_sn
         self.stat_sn = (sn + 1) & MASK
         self.stats["commands"] += 1
-        hdr = _BHS.pack(0x25, 0x81, 0, 0, nbytes, _LUN0, itt, RESERVED_TAG, sn, exp, (exp + self.window - 1) & MASK, 0, 0, 0)
-        out = self.out
-        out.append(hdr)
-        if self.hd:
-            out.append(digest(hdr))
-        out.append(data)  # a whole number of blocks: no padding
-        if self.dd:
-            out.append(digest(data))
+        hdr = BHS.pack(0x25, 0x81, 0, 0, nbytes, _LUN0, itt, RESERVED_TAG, sn, exp, (exp + self.window - 1) & MASK, 0, 0, 0)
+        frame(self.out, hdr, data, header_digest=self.hd, data_digest=self.dd)
         return True
 
     def _drain_pending(self) -> None:
@@ -471,7 +447,7 @@ class TargetSession:
         self.stats["data_in"] += 1
         if n <= mrdsl:
             self._emit(
-                _BHS.pack(Op.DATA_IN, F_FINAL | F_STATUS | flags, 0, res.status, n, bytes(8), itt, RESERVED_TAG,
+                BHS.pack(Op.DATA_IN, F_FINAL | F_STATUS | flags, 0, res.status, n, bytes(8), itt, RESERVED_TAG,
                           self._status_sn(), self.exp_cmd_sn, self.max_cmd_sn, 0, 0, resid),
                 data,
             )
@@ -486,11 +462,11 @@ class TargetSession:
             end = min(off + mrdsl, n, (off // burst + 1) * burst)
             chunk = mv[off:end]
             if end >= n:
-                bhs = _BHS.pack(Op.DATA_IN, F_FINAL | F_STATUS | flags, 0, res.status, len(chunk), bytes(8), itt, RESERVED_TAG,
+                bhs = BHS.pack(Op.DATA_IN, F_FINAL | F_STATUS | flags, 0, res.status, len(chunk), bytes(8), itt, RESERVED_TAG,
                                 self._status_sn(), self.exp_cmd_sn, self.max_cmd_sn, sn, off, resid)
             else:
                 f = F_FINAL if end % burst == 0 else 0
-                bhs = _BHS.pack(Op.DATA_IN, f, 0, 0, len(chunk), bytes(8), itt, RESERVED_TAG, 0, self.exp_cmd_sn, self.max_cmd_sn, sn, off, 0)
+                bhs = BHS.pack(Op.DATA_IN, f, 0, 0, len(chunk), bytes(8), itt, RESERVED_TAG, 0, self.exp_cmd_sn, self.max_cmd_sn, sn, off, 0)
             self._emit(bhs, chunk)
             off = end
             sn += 1
