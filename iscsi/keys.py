@@ -81,6 +81,17 @@ class SessionParams:
     def as_dict(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    def describe(self) -> str:
+        """The negotiated keys in RFC 7143's words, one line (for the target's login log)."""
+        yn = lambda b: "Yes" if b else "No"  # noqa: E731
+        dig = lambda b: "CRC32C" if b else "None"  # noqa: E731
+        return (f"HeaderDigest={dig(self.header_digest)} DataDigest={dig(self.data_digest)} "
+                f"MaxRecvDataSegmentLength={self.max_recv_data_segment_length}/{self.peer_max_recv_data_segment_length} "
+                f"MaxBurstLength={self.max_burst_length} FirstBurstLength={self.first_burst_length} "
+                f"ImmediateData={yn(self.immediate_data)} InitialR2T={yn(self.initial_r2t)} "
+                f"MaxOutstandingR2T={self.max_outstanding_r2t} ErrorRecoveryLevel={self.error_recovery_level} "
+                f"DefaultTime2Wait={self.default_time2wait} DefaultTime2Retain={self.default_time2retain}")
+
 
 _ATTR = {
     "HeaderDigest": "header_digest",

@@ -3,19 +3,23 @@
 `receive(pdu)` appends encoded PDUs to `out`; the driver sends them, after an fsync when
 `sync_needed` says so (FUA writes and SYNCHRONIZE CACHE answer only once the data is on disk).
 Commands outside the CmdSN window are silently ignored; commands ahead of ExpCmdSN wait (bounded by
-the window) until the gap fills.
+the window) until the gap fills. `TargetCore` is what the sessions of one target share: its LUNs,
+its sessions, and the resets that reach all of them.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from dataclasses import dataclass, field
 
 from . import sense as S
+from .inquiry import MAX_TRANSFER_BYTES, no_such_lun, report_luns
 from .keys import LOGIN_ONLY, NegotiationError, SessionParams, number
 from .login import LoginResult
-from .lun import MAX_TRANSFER_BYTES, DiskLun, ScsiResult, no_such_lun, report_luns
+from .lun import DiskLun
+from .nexus import Nexus
 from .pdu import (
     BHS,
     F_FINAL,
@@ -36,16 +40,15 @@ from .pdu import (
     sn_lt,
 )
 from .scsi import READS, WRITE_SAMES, Opcode
-from .sense import Status, illegal_request
+from .sense import ScsiResult, Status, illegal_request
+
+log = logging.getLogger("iscsi.target")
 
 MASK = 0xFFFFFFFF
 CMD_WINDOW = 128
 MAX_WRITE_BUFFERED = 64 << 20  # per session: beyond this, new writes get TASK SET FULL
 MAX_TARGET_WRITE_BUFFERED = 256 << 20  # the same, over all sessions of the target
 MAX_TEXT = 64 << 10
-# Commands another I_T nexus may still send while a RESERVE(6) is held (SPC-2 §5.5.1).
-RESERVATION_EXEMPT = frozenset({Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE, Opcode.RELEASE_6,
-                                Opcode.READ_CAPACITY_10, Opcode.SERVICE_ACTION_IN_16, Opcode.MAINTENANCE_IN})
 
 _ITT_EDTL_CMDSN = struct.Struct(">III")
 _READ10 = struct.Struct(">IxH")  # LBA, TRANSFER LENGTH from CDB byte 2 (BHS byte 34)
@@ -63,9 +66,39 @@ class TargetCore:
     portal_group_tag: int = 1
     sessions: set["TargetSession"] = field(default_factory=set)
     write_buffered: int = 0  # bytes of Data-Out held for unfinished writes, all sessions
+    by_field: dict[bytes, DiskLun] = field(default_factory=dict)  # the BHS LUN field -> LU
+
+    def __post_init__(self) -> None:
+        for n, lun in self.luns.items():
+            self.by_field[encode_lun(n)] = lun
+            lun.logged_in = self.nexuses
+            lun.abort_tasks_of = lambda nexuses, n=n: self.abort_tasks_of(nexuses, n)  # type: ignore[misc]
 
     def lun_list(self) -> list[int]:
         return sorted(self.luns)
+
+    def nexuses(self) -> set[Nexus]:
+        """The I_T nexuses logged in now."""
+        return {s.nexus for s in self.sessions if not s.discovery}
+
+    def abort_tasks_of(self, nexuses: list[Nexus], lun: int) -> None:
+        for s in list(self.sessions):
+            if s.nexus in nexuses:
+                s.abort_tasks(lun)
+
+    def lun_reset(self, lun_no: int, origin: TargetSession) -> None:
+        """LOGICAL UNIT RESET: every session's tasks for the LU are aborted (no responses), and
+        every I_T nexus, the sender's included, gets a UNIT ATTENTION (SAM-5 §7.7)."""
+        for s in self.sessions | {origin}:
+            s.abort_tasks(lun_no)
+        self.luns[lun_no].reset(S.BUS_DEVICE_RESET_FUNCTION_OCCURRED)
+
+    def target_warm_reset(self, origin: TargetSession) -> None:
+        """TARGET WARM RESET: every LU is reset as by a LOGICAL UNIT RESET (RFC 7143 §11.5.1)."""
+        for s in self.sessions | {origin}:
+            s.abort_tasks(None)
+        for lun in self.luns.values():
+            lun.reset(S.SCSI_BUS_RESET_OCCURRED)
 
 
 @dataclass
@@ -113,7 +146,7 @@ class TargetSession:
         self.nop_ttt = 0x10000000
         self.nops_unanswered = 0
         self.portal: str | None = None  # the address this connection reached us on
-        self.nexus = (login.initiator_name, login.isid)  # the I_T nexus, for reservations
+        self.nexus = Nexus(login.initiator_name, login.isid)  # for reservations and unit attentions
         self.stats = {"commands": 0, "ignored": 0, "rejects": 0, "data_in": 0, "r2t": 0}
         self.dispatch = {
             Op.SCSI_CMD: self._scsi_cmd,
@@ -143,6 +176,12 @@ class TargetSession:
 
     def reject(self, bhs: bytes | bytearray, reason: int) -> None:
         self.stats["rejects"] += 1
+        try:
+            name = Op(bhs[0] & 0x3F).name
+        except ValueError:
+            name = f"opcode 0x{bhs[0] & 0x3F:02x}"
+        log.info("%s: Reject (%s) of %s ITT 0x%08x", self.nexus, RejectReason(reason).name, name,
+                 struct.unpack_from(">I", bhs, 16)[0])
         hdr = bytes(bhs[:48])
         self._emit(self._pdu(Op.REJECT, F_FINAL, reason, 0, len(hdr), bytes(8), RESERVED_TAG, 0), hdr)
 
@@ -199,15 +238,16 @@ class TargetSession:
             self.stats["ignored"] += 1  # outside [ExpCmdSN, MaxCmdSN]: silently ignored
 
     def _fast_read(self, bhs: bytearray) -> bool:
-        """The hot path: an in-order READ(10)/(16) of LUN 0 whose answer fits one Data-In.
+        """The hot path: an in-order READ(10)/(16) whose answer fits one Data-In.
 
         Does exactly what the general path would (same checks, same PDU), minus its generality;
         returns False, having changed nothing, for anything it does not cover."""
         itt, edtl, cmd_sn = _ITT_EDTL_CMDSN.unpack_from(bhs, 16)
-        if cmd_sn != self.exp_cmd_sn or bhs[8:16] != _LUN0 or bhs[33] & 0xE0 or bhs[5] | bhs[6] | bhs[7] or self.discovery:
+        if cmd_sn != self.exp_cmd_sn or bhs[33] & 0xE0 or bhs[5] | bhs[6] | bhs[7] or self.discovery:
             return False
-        lun = self.core.luns.get(0)
-        if lun is None or (lun.reserved_by is not None and lun.reserved_by != self.nexus):
+        lun_field = bytes(bhs[8:16])
+        lun = self.core.by_field.get(lun_field)
+        if lun is None or lun.ua or lun.reservations:  # unit attentions and reservations: the long way
             return False
         lba, n = _READ10.unpack_from(bhs, 34) if bhs[32] == 0x28 else _READ16.unpack_from(bhs, 34)
         bs = lun.block_size
@@ -283,23 +323,18 @@ class TargetSession:
         lun_no = decode_lun(bhs[8:16])
         lun = self.core.luns.get(lun_no)
         op = cdb[0]
-        if lun is None:
-            res = report_luns(self.core.lun_list(), cdb) if op == Opcode.REPORT_LUNS else no_such_lun(cdb, self.core.lun_list())
-            self._finish(itt, edtl, res, bytes(bhs[8:16]))
+        if op == Opcode.REPORT_LUNS:  # every LU, whichever LUN it is addressed to
+            self._finish(itt, edtl, report_luns(self.core.lun_list(), cdb), bytes(bhs[8:16]))
             return
-        holder = lun.reserved_by
-        if holder is not None and holder != self.nexus and op not in RESERVATION_EXEMPT:
-            self.scsi_response(itt, Status.RESERVATION_CONFLICT)
+        if lun is None:
+            self._finish(itt, edtl, no_such_lun(cdb, self.core.lun_list()), bytes(bhs[8:16]))
+            return
+        early = lun.admit(self.nexus, cdb)  # UNIT ATTENTION, then RESERVATION CONFLICT
+        if early is not None:
+            self._finish(itt, edtl, early, bytes(bhs[8:16]))
             return
         if op in READS:
             self._finish(itt, edtl, lun.read(cdb), bytes(bhs[8:16]))
-            return
-        if op == Opcode.RESERVE_6 or op == Opcode.RELEASE_6:
-            if op == Opcode.RESERVE_6:
-                lun.reserved_by = self.nexus
-            elif holder == self.nexus:
-                lun.reserved_by = None
-            self.scsi_response(itt, Status.GOOD)
             return
         spdtl, early = lun.data_out_length(cdb)
         if early is not None:
@@ -312,11 +347,7 @@ class TargetSession:
             self.scsi_response(itt, Status.CHECK_CONDITION, illegal_request(asc))
             return
         if spdtl == 0:
-            if op == Opcode.REPORT_LUNS:
-                res = report_luns(self.core.lun_list(), cdb)
-            else:
-                res = lun.execute(cdb)
-            self._finish(itt, edtl, res, bytes(bhs[8:16]), lun)
+            self._finish(itt, edtl, lun.execute(cdb, b"", self.nexus), bytes(bhs[8:16]), lun)
             return
         if edtl == 0:
             # Nothing may be transferred: the command moves no data (SAM-5 §5.4.3, overflow).
@@ -364,7 +395,7 @@ class TargetSession:
                 return
             # With EDTL != SPDTL only the bytes both sides agree on are used (libiscsi's
             # iSCSIResiduals tests check exactly that), and the response says by how much.
-            res = lun.execute(task.cdb, memoryview(task.buf)[: min(task.spdtl, task.edtl)])
+            res = lun.execute(task.cdb, memoryview(task.buf)[: min(task.spdtl, task.edtl)], self.nexus)
             if res.sync:
                 self.sync_luns.add(lun)
             flags = resid = 0
@@ -524,14 +555,11 @@ class TargetSession:
             if lun_no not in self.core.luns:
                 response = TmfResponse.LUN_DOES_NOT_EXIST
             else:
-                for s in list(self.core.sessions) or [self]:
-                    s.abort_tasks(lun_no)
-                self.core.luns[lun_no].reserved_by = None
+                log.warning("%s: LOGICAL UNIT RESET of LUN %d", self.nexus, lun_no)
+                self.core.lun_reset(lun_no, self)
         elif function == TmfFunction.TARGET_WARM_RESET:
-            for s in list(self.core.sessions) or [self]:
-                s.abort_tasks(None)
-            for lun in self.core.luns.values():
-                lun.reserved_by = None
+            log.warning("%s: TARGET WARM RESET", self.nexus)
+            self.core.target_warm_reset(self)
         elif function == TmfFunction.TASK_REASSIGN:
             response = TmfResponse.REASSIGNMENT_NOT_SUPPORTED
         else:  # CLEAR ACA (no NACA support), TARGET COLD RESET
@@ -598,9 +626,10 @@ class TargetSession:
             self.closing = True
 
     def close(self) -> None:
-        """The I_T nexus is gone: its tasks are aborted and its reservations released."""
+        """The session is gone: its tasks are aborted; unless a reinstated session carries the
+        I_T nexus on, the nexus is lost (its RESERVE(6) released, its unit attentions dropped)."""
         self.abort_tasks(None)
         self.core.sessions.discard(self)
-        for lun in self.core.luns.values():
-            if lun.reserved_by == self.nexus:
-                lun.reserved_by = None
+        if self.nexus not in self.core.nexuses():
+            for lun in self.core.luns.values():
+                lun.nexus_lost(self.nexus)

@@ -22,7 +22,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from emu.bench.result import BenchResult, emit
 from emu.cli import CONTEXT
-from iscsi import peer
+from emu.util.units import parse_size
+from emu.peers import iscsi as peer
 
 _IOPS = re.compile(rb"iops average (\d+)")
 
@@ -59,8 +60,6 @@ def bench_iscsi(seconds: float, rounds: int, in_flight: int, block_kib: int, siz
 
     Prints both IOPS and our/tgtd ratio (goal: >= 0.5). Needs root for tgtd.
     """
-    from iscsi.cli import parse_size
-
     try:
         nbytes = parse_size(size)
     except ValueError as e:

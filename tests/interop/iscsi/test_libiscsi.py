@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from peers import require_binary
 
-from iscsi import peer
+from emu.peers import iscsi as peer
 
 pytestmark = pytest.mark.peers
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from iscsi import peer
+from emu.peers import iscsi as peer
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -287,7 +287,7 @@ def test_reserve6_conflicts_for_other_nexus_and_is_released(tmp_path: Path) -> N
     assert status(other, reserve) == Status.RESERVATION_CONFLICT
     assert status(other, scsi.cdb_read(0, 1), 512) == Status.RESERVATION_CONFLICT
     assert status(other, scsi.cdb_inquiry(96), 96) == Status.GOOD  # exempt
-    assert status(other, release) == Status.GOOD and a.lun.reserved_by == a.ts.nexus  # a no-op
+    assert status(other, release) == Status.GOOD and a.lun.reservations.spc2_holder == a.ts.nexus  # a no-op
     assert status(a, scsi.cdb_read(0, 1), 512) == Status.GOOD
     a.ts.close()  # I_T nexus loss releases it
     assert status(other, reserve) == Status.GOOD

@@ -1,0 +1,1 @@
+"""Real peers on loopback (our servers and the Debian ones) for interop tests and benchmarks."""
