@@ -156,6 +156,9 @@ def _usage(thin: bool) -> dict[tuple[int, int | None], bytes]:
         (0xAF, None): bytes((0xAF, 0xF6, *_FF4, *_FF4, 0, 0)),
         (0xB7, None): bytes((0xB7, 0x1F, 0, 0, 0, 0, *_FF4, 0, 0)),
     }
+    usage[(0x83, 0x00)] = bytes((0x83, 0x1F, 0, 0, 0, 0, 0, 0, 0, 0, *_FF4, 0, 0))  # EXTENDED COPY (LID1)
+    for sa in (0x00, 0x03):  # RECEIVE COPY RESULTS: COPY STATUS, OPERATING PARAMETERS
+        usage[(0x84, sa)] = bytes((0x84, 0x1F, 0xFF, 0, 0, 0, 0, 0, 0, 0, *_FF4, 0, 0))
     for sa in range(4):  # PERSISTENT RESERVE IN
         usage[(0x5E, sa)] = bytes((0x5E, 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0))
     for sa in range(7):  # PERSISTENT RESERVE OUT (no REGISTER AND MOVE)

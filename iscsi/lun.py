@@ -50,6 +50,7 @@ from .scsi import (
 )
 from .sense import GOOD, ScsiResult, Sense, Status, check, illegal
 from .ua import UnitAttentions
+from .xcopy import CopyManager
 
 __all__ = ["BLOCK_SIZES", "DiskLun", "LOCAL", "MAX_TRANSFER_BYTES", "ScsiResult", "no_such_lun", "report_luns"]
 
@@ -92,15 +93,18 @@ class DiskLun:
             os.close(self.fd)
             raise
         self.nblocks = cur // block_size
-        ident = hashlib.sha1(str(self.path.resolve()).encode()).digest()
+        ident = hashlib.sha256(str(self.path.resolve()).encode()).digest()
+        # NAA 6 (IEEE registered extended): 16 bytes, from the file's path, stable across restarts
         self.identity = Identity(serial=ident[:8].hex().encode(), naa=bytes([0x60 | (ident[8] & 0x0F)]) + ident[9:24],
                                  block_size=block_size, thin=thin)
         self.mode = ModeParameters()
         self.ua = UnitAttentions()
         self.reservations = Reservations(self.ua.establish)
-        # Set by the target: the I_T nexuses logged in now, and how to abort a nexus's tasks.
+        # Set by the target: the I_T nexuses logged in now, how to abort a nexus's tasks, and the
+        # copy manager that knows all of its LUs.
         self.logged_in: Callable[[], Iterable[Nexus]] = lambda: ()
         self.abort_tasks_of: Callable[[list[Nexus]], None] = lambda nexuses: None
+        self.copy_manager = CopyManager(lambda: (self,))
 
     @property
     def serial(self) -> bytes:
@@ -189,6 +193,8 @@ class DiskLun:
             return mode_select_length(cdb), None
         if op == Opcode.PERSISTENT_RESERVE_OUT:
             return struct.unpack_from(">I", cdb, 5)[0], None
+        if op == Opcode.EXTENDED_COPY:
+            return struct.unpack_from(">I", cdb, 10)[0], None
         return 0, None
 
     def _range(self, lba: int, n: int) -> ScsiResult | None:
@@ -299,6 +305,10 @@ class DiskLun:
             if preempted and cdb[1] & 0x1F == 0x05:  # PREEMPT AND ABORT
                 self.abort_tasks_of(preempted)
             return res
+        if op == Opcode.EXTENDED_COPY:
+            return self.copy_manager.extended_copy(nexus, cdb, data_out)
+        if op == Opcode.RECEIVE_COPY_RESULTS:
+            return self.copy_manager.receive_copy_results(nexus, cdb)
         if op in READ_DEFECT_DATAS:
             return self.read_defect_data(cdb)
         if op == Opcode.REPORT_LUNS:

@@ -36,6 +36,8 @@ class Opcode(enum.IntEnum):
     COMPARE_AND_WRITE = 0x89
     WRITE_16 = 0x8A
     ORWRITE_16 = 0x8B
+    EXTENDED_COPY = 0x83
+    RECEIVE_COPY_RESULTS = 0x84
     WRITE_AND_VERIFY_16 = 0x8E
     VERIFY_16 = 0x8F
     PRE_FETCH_16 = 0x90

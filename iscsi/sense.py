@@ -26,6 +26,7 @@ class SenseKey(enum.IntEnum):
     ILLEGAL_REQUEST = 0x5
     UNIT_ATTENTION = 0x6
     DATA_PROTECT = 0x7
+    COPY_ABORTED = 0xA
     ABORTED_COMMAND = 0xB
     MISCOMPARE = 0xE
 

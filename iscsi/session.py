@@ -41,6 +41,7 @@ from .pdu import (
 )
 from .scsi import READS, WRITE_SAMES, Opcode
 from .sense import ScsiResult, Status, illegal_request
+from .xcopy import CopyManager
 
 log = logging.getLogger("iscsi.target")
 
@@ -69,8 +70,10 @@ class TargetCore:
     by_field: dict[bytes, DiskLun] = field(default_factory=dict)  # the BHS LUN field -> LU
 
     def __post_init__(self) -> None:
+        copy_manager = CopyManager(self.luns.values)
         for n, lun in self.luns.items():
             self.by_field[encode_lun(n)] = lun
+            lun.copy_manager = copy_manager
             lun.logged_in = self.nexuses
             lun.abort_tasks_of = lambda nexuses, n=n: self.abort_tasks_of(nexuses, n)  # type: ignore[misc]
 
