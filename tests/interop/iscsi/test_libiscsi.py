@@ -67,3 +67,14 @@ def test_conformance_with_header_digests(target: peer.Daemon) -> None:
     summary = re.search(r"tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", out)
     assert summary and int(summary.group(4)) == 0 and int(summary.group(3)) >= 15, out[-3000:]
     assert r.returncode == 0
+
+
+def test_several_luns_with_libiscsi(tmp_path: Path) -> None:
+    require_binary("iscsi-ls", "iscsi-readcapacity16")
+    with peer.netswap_target(tmp_path, size="2M", luns=2, extra=["--thin"]) as d:
+        r = run("iscsi-ls", "-s", f"iscsi://127.0.0.1:{d.port}")
+        assert r.returncode == 0, r.stderr
+        assert re.search(r"Lun:0\s+Type:DIRECT_ACCESS", r.stdout) and re.search(r"Lun:1\s+Type:DIRECT_ACCESS", r.stdout), r.stdout
+        cap = run("iscsi-readcapacity16", d.url(1))
+        assert cap.returncode == 0 and "Total size:2097152" in cap.stdout and "LBPME:1" in cap.stdout, cap.stdout
+        assert run("iscsi-readcapacity16", d.url(2)).returncode != 0  # no LUN 2
