@@ -16,6 +16,7 @@ sockets); every timer runs on trio's clock, so an emulated `trio.abc.Clock` driv
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
@@ -118,7 +119,7 @@ class Initiator:
         self.block_size = 512
         self.nblocks = 0
         self._nursery: trio.Nursery | None = None
-        self._nursery_cm: trio.Nursery | None = None
+        self._stack = contextlib.AsyncExitStack()  # owns the nursery of the background tasks
         self._waiters: dict[Task, trio.Event] = {}
         self._out: list[bytes] = []  # replies the receiver produced, for the sender
         self._send_wake = trio.Event()
@@ -151,14 +152,13 @@ class Initiator:
     # --- lifecycle --------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Initiator:
-        self._nursery_cm = trio.open_nursery()  # type: ignore[assignment]
-        self._nursery = await self._nursery_cm.__aenter__()  # type: ignore[union-attr]
+        self._nursery = await self._stack.enter_async_context(trio.open_nursery())
         try:
             await self.login()
         except BaseException:
             self._nursery.cancel_scope.cancel()
             await self._close_stream()
-            await self._nursery_cm.__aexit__(None, None, None)  # type: ignore[union-attr]
+            await self._stack.aclose()
             raise
         return self
 
@@ -170,9 +170,9 @@ class Initiator:
         self.session.terminate(ISCSIError("the initiator was closed"))
         self._after_session_change()
         await self._close_stream()
-        assert self._nursery is not None and self._nursery_cm is not None
+        assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
-        return await self._nursery_cm.__aexit__(*exc)  # type: ignore[union-attr,arg-type]
+        return await self._stack.__aexit__(*exc)  # type: ignore[arg-type]
 
     async def login(self) -> None:
         """Connect and log in (normal session), then probe the LUN's capacity."""
@@ -412,12 +412,14 @@ class Initiator:
     async def nop(self, data: bytes = b"") -> bytes:
         """NOP-Out ping; returns the echoed data."""
         task = await self._issue(Task(TaskKind.NOP, self.lun, immediate=True, payload=data))
-        return bytes(task.response)  # type: ignore[arg-type]
+        assert isinstance(task.response, (bytes, bytearray, memoryview))
+        return bytes(task.response)
 
     async def task_management(self, function: int, ref_itt: int = RESERVED_TAG, ref_cmd_sn: int = 0) -> int:
         """Task Management Function request; returns the TMF response code."""
         task = await self._issue(Task(TaskKind.TMF, self.lun, immediate=True, tmf=(function, ref_itt, ref_cmd_sn)))
-        return int(task.response)  # type: ignore[call-overload]
+        assert isinstance(task.response, int)
+        return task.response
 
 
 def _describe(e: BaseException) -> str:

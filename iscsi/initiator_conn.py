@@ -186,15 +186,15 @@ class InitiatorConnection:
         elif op in (Op.TASK_MGMT_RSP, Op.LOGOUT_RSP):
             self._answer(itt, b2)
         elif op == Op.TEXT_RSP:
-            task = self.tasks.get(itt)
-            if task is not None:
+            text_task = self.tasks.get(itt)
+            if text_task is not None:
                 self.text_acc += pdu.data
                 if len(self.text_acc) > MAX_TEXT_RESPONSE:
                     raise ProtocolViolation("Text Response too long")
                 if flags & F_FINAL:
-                    task.response = bytes(self.text_acc)
+                    text_task.response = bytes(self.text_acc)
                     self.text_acc.clear()
-                    self._done(task)
+                    self._done(text_task)
                 else:  # ask for the rest: same ITT, the target's TTT
                     self._frame(out, BHS.pack(Op.TEXT_REQ | 0x40, F_FINAL, 0, 0, 0, _LUN0, itt, w20, self.cmd_sn,
                                               self.exp_stat_sn, 0, 0, 0, 0))
@@ -252,7 +252,8 @@ class InitiatorConnection:
             task.error = ISCSIError(f"target rejected the PDU of {task.describe()} (reason 0x{reason:02x})")
             self._done(task)
 
-    def _complete_scsi(self, task: Task, status: int, rsp_data: bytes, flags: int, residual: int) -> None:
+    def _complete_scsi(self, task: Task, status: int, rsp_data: bytes | bytearray | memoryview, flags: int,
+                       residual: int) -> None:
         sense = None
         if len(rsp_data) >= 2:
             n = struct.unpack_from(">H", rsp_data)[0]

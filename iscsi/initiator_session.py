@@ -134,7 +134,7 @@ class InitiatorSession:
             if res.status in (Status.BUSY, Status.TASK_SET_FULL):
                 if task.busy_retries < BUSY_RETRIES:
                     first, most = BUSY_BACKOFF
-                    delay = min(first * 2**task.busy_retries, most)
+                    delay = min(first * (1 << task.busy_retries), most)
                     task.busy_retries += 1
                     self.stats["busy_retries"] += 1
                     heapq.heappush(self.delayed, (now + delay, task.seq, task))
@@ -207,7 +207,7 @@ class InitiatorSession:
     def reconnect_delay(self) -> float:
         """How long the driver waits before its next login attempt."""
         first, most = self.reconnect_backoff
-        return min(first * 2 ** min(self.login_attempts, 16), most)
+        return min(first * (1 << min(self.login_attempts, 16)), most)
 
     def login_failed(self, cause: str) -> None:
         self.login_attempts += 1

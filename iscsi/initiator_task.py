@@ -46,7 +46,7 @@ class TaskKind(enum.Enum):
 @dataclass
 class CommandResult:
     status: int
-    data: bytes | bytearray = b""
+    data: bytes | bytearray | memoryview = b""
     sense: Sense | None = None
     residual: int = 0
     overflow: bool = False
@@ -78,7 +78,7 @@ class Task:
         self.conn_id = 0  # the connection it was last sent on (0: not on any)
         self.sent_at = 0.0
         # The transfer in progress.
-        self.chunks: bytearray | bytes | None = None
+        self.chunks: bytearray | bytes | memoryview | None = None
         self.received = 0
         self.exp_data_sn = 0
         # The outcome.

@@ -182,12 +182,13 @@ def report_supported_opcodes(cdb: bytes, thin: bool) -> ScsiResult:
     alloc = struct.unpack_from(">I", cdb, 6)[0]
     if options == 0:
         descs = []
-        for (op, sa), usage in sorted(usage_table.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        for (op, sa), cdb_usage in sorted(usage_table.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
             flags = (0x02 if rctd else 0) | (0x01 if sa is not None else 0)
-            descs.append(struct.pack(">BxHxBH", op, sa or 0, flags, len(usage)) + (_TIMEOUTS if rctd else b""))
+            descs.append(struct.pack(">BxHxBH", op, sa or 0, flags, len(cdb_usage)) + (_TIMEOUTS if rctd else b""))
         body = b"".join(descs)
         return ScsiResult(data=(struct.pack(">I", len(body)) + body)[:alloc])
     has_sa = {op for (op, sa) in usage_table if sa is not None}
+    usage: bytes | None
     if options == 1:
         if req_op in has_sa:
             return illegal(S.INVALID_FIELD_IN_CDB, field_pointer=2)

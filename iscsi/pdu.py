@@ -60,7 +60,8 @@ def pdu_length(bhs: bytes | bytearray | memoryview, *, header_digest: bool, data
 
 def bhs_itt(bhs: bytes | bytearray | memoryview) -> int:
     """The Initiator Task Tag (bytes 16-19) of a BHS."""
-    return _U32.unpack_from(bhs, 16)[0]
+    itt: int = _U32.unpack_from(bhs, 16)[0]
+    return itt
 
 
 def frame(out: list[bytes], bhs: bytes, data: bytes | bytearray | memoryview = b"", *, header_digest: bool = False,
@@ -209,7 +210,7 @@ class Pdu:
 
     @property
     def itt(self) -> int:
-        return _U32.unpack_from(self.bhs, 16)[0]
+        return bhs_itt(self.bhs)
 
     @property
     def lun_field(self) -> bytes:
@@ -219,13 +220,16 @@ class Pdu:
         return self.bhs[off]
 
     def u16(self, off: int) -> int:
-        return _U16.unpack_from(self.bhs, off)[0]
+        value: int = _U16.unpack_from(self.bhs, off)[0]
+        return value
 
     def u32(self, off: int) -> int:
-        return _U32.unpack_from(self.bhs, off)[0]
+        value: int = _U32.unpack_from(self.bhs, off)[0]
+        return value
 
     def u64(self, off: int) -> int:
-        return _U64.unpack_from(self.bhs, off)[0]
+        value: int = _U64.unpack_from(self.bhs, off)[0]
+        return value
 
     def set_u8(self, off: int, v: int) -> Pdu:
         self.bhs[off] = v
@@ -346,7 +350,7 @@ class PduReader:
 # --- text segments (RFC 7143 §6): key=value pairs, each NUL-terminated -------------------------------
 
 
-def parse_text(data: bytes, *, strict: bool = False) -> list[tuple[str, str]]:
+def parse_text(data: bytes | bytearray | memoryview, *, strict: bool = False) -> list[tuple[str, str]]:
     """Split key=value text; `strict` refuses bytes that are not UTF-8 (RFC 7143 §6.1) with a
     ValueError instead of replacing them, as a target must for names it will match and log."""
     errors = "strict" if strict else "replace"

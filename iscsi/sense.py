@@ -84,7 +84,7 @@ class Sense:
         return bytes(b)
 
     @classmethod
-    def parse(cls, data: bytes) -> Sense | None:
+    def parse(cls, data: bytes | bytearray | memoryview) -> Sense | None:
         """Fixed (0x70/0x71) or descriptor (0x72/0x73) format."""
         if len(data) < 3:
             return None

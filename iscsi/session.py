@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import sense as S
@@ -151,7 +152,7 @@ class TargetSession:
         self.portal: str | None = None  # the address this connection reached us on
         self.nexus = Nexus(login.initiator_name, login.isid)  # for reservations and unit attentions
         self.stats = {"commands": 0, "ignored": 0, "rejects": 0, "data_in": 0, "r2t": 0}
-        self.dispatch = {
+        self.dispatch: dict[int, Callable[[Pdu], None]] = {
             Op.SCSI_CMD: self._scsi_cmd,
             Op.NOP_OUT: self._nop_out,
             Op.TASK_MGMT_REQ: self._tmf,

@@ -37,16 +37,18 @@ _ERRNO_WORDS = {errno.EADDRINUSE: "address in use", errno.EACCES: "permission de
 class CliError(click.ClickException):
     """A failure told in one line: `netswap: error: <message>`."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+    exit_code = EXIT_ERROR
 
     def show(self, file: Any = None) -> None:
         click.echo(f"netswap: error: {self.format_message()}", err=True)
 
 
+class CliUsageError(CliError):
+    exit_code = EXIT_USAGE
+
+
 def usage(message: str) -> NoReturn:
-    raise CliError(message, EXIT_USAGE)
+    raise CliUsageError(message)
 
 
 class OneLineCommand(click.Command):
