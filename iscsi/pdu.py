@@ -34,6 +34,14 @@ _U64 = struct.Struct(">Q")
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
 
 
+def op_name(opcode: int) -> str:
+    """An opcode's RFC 7143 name (NOP_OUT, SCSI_CMD, ...), or its number."""
+    try:
+        return Op(opcode & 0x3F).name
+    except ValueError:
+        return f"opcode 0x{opcode & 0x3F:02x}"
+
+
 def sn_lt(a: int, b: int) -> bool:
     """RFC 1982 serial number arithmetic for 32-bit sequence numbers: a < b."""
     return a != b and ((b - a) & SN_MASK) < 0x80000000
@@ -252,11 +260,7 @@ class Pdu:
         return self
 
     def describe(self) -> str:
-        try:
-            name = Op(self.opcode).name
-        except ValueError:
-            name = f"opcode 0x{self.opcode:02x}"
-        return f"{name} itt=0x{self.itt:08x} len={len(self.data)}"
+        return f"{op_name(self.opcode)} itt=0x{self.itt:08x} len={len(self.data)}"
 
     def encode(self, header_digest: bool = False, data_digest: bool = False) -> bytes:
         """BHS (+AHS) (+header digest) + data + padding (+data digest)."""

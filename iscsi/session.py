@@ -33,10 +33,12 @@ from .pdu import (
     RejectReason,
     TmfFunction,
     TmfResponse,
+    bhs_itt,
     decode_lun,
     encode_lun,
     encode_text,
     frame,
+    op_name,
     parse_text,
     sn_lt,
 )
@@ -180,12 +182,7 @@ class TargetSession:
 
     def reject(self, bhs: bytes | bytearray, reason: int) -> None:
         self.stats["rejects"] += 1
-        try:
-            name = Op(bhs[0] & 0x3F).name
-        except ValueError:
-            name = f"opcode 0x{bhs[0] & 0x3F:02x}"
-        log.info("%s: Reject (%s) of %s ITT 0x%08x", self.nexus, RejectReason(reason).name, name,
-                 struct.unpack_from(">I", bhs, 16)[0])
+        log.info("%s: Reject (%s) of %s ITT 0x%08x", self.nexus, RejectReason(reason).name, op_name(bhs[0]), bhs_itt(bhs))
         hdr = bytes(bhs[:48])
         self._emit(self._pdu(Op.REJECT, F_FINAL, reason, 0, len(hdr), bytes(8), RESERVED_TAG, 0), hdr)
 
@@ -251,7 +248,7 @@ class TargetSession:
             return False
         lun_field = bytes(bhs[8:16])
         lun = self.core.by_field.get(lun_field)
-        if lun is None or lun.ua or lun.reservations:  # unit attentions and reservations: the long way
+        if lun is None or lun.ua.pending or lun.reservations:  # unit attentions, reservations: the long way
             return False
         lba, n = _READ10.unpack_from(bhs, 34) if bhs[32] == 0x28 else _READ16.unpack_from(bhs, 34)
         bs = lun.block_size

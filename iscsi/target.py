@@ -226,12 +226,18 @@ class Target:
 
         async def send_all(data: bytes) -> None:
             view = memoryview(data)
-            async with send_lock:
+            try:
+                send_lock.acquire_nowait()  # uncontended: no checkpoint (the loop has its own)
+            except trio.WouldBlock:
+                await send_lock.acquire()
+            try:
                 while view:
                     try:
                         view = view[os.write(fd, view):]
                     except BlockingIOError:
                         await trio.lowlevel.wait_writable(fd)
+            finally:
+                send_lock.release()
 
         async def receive() -> bytes:
             while True:
@@ -323,7 +329,7 @@ class Responses:
         self._idle.set()
 
     async def put(self, data: bytes, luns: set[DiskLun]) -> None:
-        if not self.queue and not self.busy and all(lun.fast_sync for lun in luns):
+        if not self.queue and not self.busy and (not luns or all(lun.fast_sync for lun in luns)):
             for lun in luns:
                 lun.fsync()  # microseconds: cheaper than a worker thread
             await self.send(data)

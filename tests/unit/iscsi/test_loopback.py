@@ -34,8 +34,8 @@ class Served:
 
 
 @asynccontextmanager
-async def _serve(tmp_path: Path, **kw: object) -> AsyncIterator[Served]:
-    lun = DiskLun(tmp_path / "lun.img", size=4 << 20)
+async def _serve(tmp_path: Path, lun_type: type[DiskLun] = DiskLun, **kw: object) -> AsyncIterator[Served]:
+    lun = lun_type(tmp_path / "lun.img", size=4 << 20)
     target = Target(IQN, {0: lun}, **kw)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(target.serve, "127.0.0.1", 0)
@@ -375,58 +375,40 @@ class SlowSyncLun(DiskLun):
 async def test_fua_write_and_synchronize_cache_answer_only_after_fsync(tmp_path: Path) -> None:
     import time
 
-    lun = SlowSyncLun(tmp_path / "slow.img", size=1 << 20)
-    target = Target(IQN, {0: lun})
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(target.serve, "127.0.0.1", 0)
-        port = listeners[0].socket.getsockname()[1]
-
-        async def connect() -> trio.SocketStream:
-            return await trio.open_tcp_stream("127.0.0.1", port)
-
-        async with Initiator(connect, IQN) as ini:
-            await ini.write(0, b"w" * 4096)
-            assert lun.synced == []  # a plain write waits for no fsync
-            await ini.write(8, b"f" * 4096, fua=True)
-            answered = time.monotonic()
-            assert len(lun.synced) == 1 and lun.synced[0] <= answered
-            await ini.synchronize_cache()
-            answered = time.monotonic()
-            assert len(lun.synced) == 2 and lun.synced[1] <= answered
-        nursery.cancel_scope.cancel()
-    lun.close()
+    async with _serve(tmp_path, SlowSyncLun) as s, s.initiator() as ini:
+        lun = s.lun
+        assert isinstance(lun, SlowSyncLun)
+        await ini.write(0, b"w" * 4096)
+        assert lun.synced == []  # a plain write waits for no fsync
+        await ini.write(8, b"f" * 4096, fua=True)
+        answered = time.monotonic()
+        assert len(lun.synced) == 1 and lun.synced[0] <= answered
+        await ini.synchronize_cache()
+        answered = time.monotonic()
+        assert len(lun.synced) == 2 and lun.synced[1] <= answered
 
 
 async def test_answers_wait_for_fsync_in_order_while_one_fsync_covers_many_writes(tmp_path: Path) -> None:
-    lun = SlowSyncLun(tmp_path / "slow.img", size=1 << 20)
-    target = Target(IQN, {0: lun})
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(target.serve, "127.0.0.1", 0)
-        port = listeners[0].socket.getsockname()[1]
+    async with _serve(tmp_path, SlowSyncLun) as s, s.initiator() as ini:
+        lun = s.lun
+        assert isinstance(lun, SlowSyncLun)
+        done: list[str] = []
 
-        async def connect() -> trio.SocketStream:
-            return await trio.open_tcp_stream("127.0.0.1", port)
+        async def fua(i: int) -> None:
+            await ini.write(i * 8, bytes([i]) * 4096, fua=True)
+            done.append("write")
 
-        async with Initiator(connect, IQN) as ini:
-            done: list[str] = []
+        async def read() -> None:
+            await trio.sleep(0.05)  # issued while the first fsync runs
+            await ini.read(0, 1)
+            done.append("read")
 
-            async def fua(i: int) -> None:
-                await ini.write(i * 8, bytes([i]) * 4096, fua=True)
-                done.append("write")
-
-            async def read() -> None:
-                await trio.sleep(0.05)  # issued while the first fsync runs
-                await ini.read(0, 1)
-                done.append("read")
-
-            async with trio.open_nursery() as n:
-                for i in range(16):
-                    n.start_soon(fua, i)
-                n.start_soon(read)
-            # every write was answered after an fsync that covered it, with far fewer fsyncs
-            # than writes (the ones that arrived during an fsync share the next one) ...
-            assert done.count("write") == 16 and 1 <= len(lun.synced) <= 3
-            # ... and the READ, made after a write whose answer waited, was answered after it
-            assert done.index("read") > 0
-        nursery.cancel_scope.cancel()
-    lun.close()
+        async with trio.open_nursery() as n:
+            for i in range(16):
+                n.start_soon(fua, i)
+            n.start_soon(read)
+        # every write was answered after an fsync that covered it, with far fewer fsyncs than
+        # writes (the ones that arrived during an fsync share the next one) ...
+        assert done.count("write") == 16 and 1 <= len(lun.synced) <= 3
+        # ... and the READ, made after a write whose answer waited, was answered after it
+        assert done.index("read") > 0
