@@ -178,8 +178,11 @@ class Initiator:
         """Connect and log in (normal session), then probe the LUN's capacity."""
         if self._nursery is None:
             raise RuntimeError("use `async with Initiator(...)` (it owns the receive task)")
-        with trio.fail_after(self.login_timeout):
-            stream, reader = await self._connect_and_login()
+        try:
+            with trio.fail_after(self.login_timeout):
+                stream, reader = await self._connect_and_login()
+        except trio.TooSlowError:
+            raise ISCSIError(f"no login to {self.config.target_name} within {self.login_timeout:g} s") from None
         self._nursery.start_soon(self._supervise, stream, reader)
         self._nursery.start_soon(self._timers)
         cap = await self.command(scsi.cdb_read_capacity16(32), read_len=32, check=False)
