@@ -217,19 +217,27 @@ class Target:
                     return login.result
 
     async def _full_feature(self, stream: trio.SocketStream, reader: PduReader, session: TargetSession, peer: str) -> None:
-        send_lock = trio.Lock()
         # The hot loop talks to the (non-blocking) socket directly: try the syscall first and
         # wait for readiness only when it would block; trio's stream methods add two scheduler
         # round trips per call, which at tens of thousands of commands a second is most of the
         # cost. A checkpoint every few rounds keeps other sessions served.
         fd = stream.socket.fileno()
+        # One writer at a time (the answers, the pinger). Nearly always free: a flag, and an
+        # event only when someone has to wait for it.
+        writing = False
+        waiting = 0
+        writer_done = trio.Event()
 
         async def send_all(data: bytes) -> None:
+            nonlocal writing, waiting, writer_done
+            while writing:
+                waiting += 1
+                try:
+                    await writer_done.wait()
+                finally:
+                    waiting -= 1
+            writing = True
             view = memoryview(data)
-            try:
-                send_lock.acquire_nowait()  # uncontended: no checkpoint (the loop has its own)
-            except trio.WouldBlock:
-                await send_lock.acquire()
             try:
                 while view:
                     try:
@@ -237,7 +245,10 @@ class Target:
                     except BlockingIOError:
                         await trio.lowlevel.wait_writable(fd)
             finally:
-                send_lock.release()
+                writing = False
+                if waiting:
+                    writer_done.set()
+                    writer_done = trio.Event()
 
         async def receive() -> bytes:
             while True:
@@ -247,6 +258,12 @@ class Target:
                     await trio.lowlevel.wait_readable(fd)
 
         responses = Responses(send_all)
+
+        async def answer() -> None:
+            data = b"".join(session.out)
+            session.out.clear()
+            await responses.put(data, session.sync_luns)
+            session.sync_luns = set()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(responses.run)
             if self.nop_interval > 0:
@@ -271,11 +288,8 @@ class Target:
                     if pdu is None:
                         break
                     session.receive(pdu)
-                if session.out:
-                    data = b"".join(session.out)
-                    session.out.clear()
-                    await responses.put(data, session.sync_luns)
-                    session.sync_luns = set()
+                if session.out:  # every answer of the round in one write
+                    await answer()
                 if fatal or session.closing:
                     await responses.drained()  # the last answers (a Logout Response) go out first
                     break
@@ -329,11 +343,15 @@ class Responses:
         self._idle.set()
 
     async def put(self, data: bytes, luns: set[DiskLun]) -> None:
-        if not self.queue and not self.busy and (not luns or all(lun.fast_sync for lun in luns)):
-            for lun in luns:
-                lun.fsync()  # microseconds: cheaper than a worker thread
-            await self.send(data)
-            return
+        if not self.queue and not self.busy:
+            if not luns:
+                await self.send(data)
+                return
+            if all(lun.fast_sync for lun in luns):
+                for lun in luns:
+                    lun.fsync()  # microseconds: cheaper than a worker thread
+                await self.send(data)
+                return
         self.queue.append((data, luns))
         if self._idle.is_set():
             self._idle = trio.Event()

@@ -315,6 +315,31 @@ def test_read_fast_path_is_byte_identical_to_the_general_path(tmp_path: Path, di
     assert outputs[0] == outputs[1]
 
 
+@pytest.mark.parametrize("digests", [False, True])
+def test_write_fast_path_is_byte_identical_to_the_general_path(tmp_path: Path, digests: bool) -> None:
+    outputs, files, synced = [], [], []
+    for fast in (True, False):
+        (tmp_path / str(fast)).mkdir()
+        p = Pair(tmp_path / str(fast), header_digest=digests, data_digest=digests)
+        if fast:
+            def general(pdu: Pdu) -> None:
+                raise AssertionError("the general path was taken")
+
+            p.ts.dispatch[Op.SCSI_CMD] = general
+        else:
+            p.ts._fast_write = lambda bhs, data: False  # type: ignore[method-assign]
+        write16 = struct.pack(">BBQIBB", 0x8A, 0x08, 40, 8, 0, 0)  # FUA
+        for cdb, data in ((scsi.cdb_write(0, 8), b"a" * 4096), (write16, b"b" * 4096), (scsi.cdb_write(9, 1, fua=True), b"c" * 512)):
+            p.run(scsi_task(cdb, data=data))
+            synced.append(bool(p.ts.sync_luns))
+            p.ts.sync_luns.clear()
+        outputs.append([bytes(x.bhs) + x.data for x in p.seen])
+        files.append(p.lun.path.read_bytes())
+        assert p.ts.stats["commands"] == 3
+    assert outputs[0] == outputs[1] and files[0] == files[1]
+    assert synced == [False, True, True] * 2  # FUA writes wait for an fsync on both paths
+
+
 def _tmf(p: Pair, function: int, rtt: int = RESERVED_TAG, ref_cmd_sn: int = 0) -> int:
     t = p.run(Task(TaskKind.TMF, immediate=True, tmf=(function, rtt, ref_cmd_sn)))
     return t.response  # type: ignore[return-value]
