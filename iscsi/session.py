@@ -55,9 +55,9 @@ MAX_TARGET_WRITE_BUFFERED = 256 << 20  # the same, over all sessions of the targ
 MAX_TEXT = 64 << 10
 
 _ITT_EDTL_CMDSN = struct.Struct(">III")
-_READ10 = struct.Struct(">IxH")  # LBA, TRANSFER LENGTH from CDB byte 2 (BHS byte 34)
-_WRITE10 = _READ10
-_READ16 = struct.Struct(">QI")
+_RW10 = struct.Struct(">IxH")  # LBA, TRANSFER LENGTH from CDB byte 2 (BHS byte 34)
+_RW16 = struct.Struct(">QI")
+_FAST_OPS = frozenset({0x28, 0x88, 0x2A, 0x8A, 0x35, 0x91})  # READ, WRITE, SYNCHRONIZE CACHE (10/16)
 _LUN0 = bytes(8)
 
 
@@ -198,11 +198,8 @@ class TargetSession:
 
     def receive(self, pdu: Pdu) -> None:
         bhs = pdu.bhs
-        if bhs[0] == 0x01 and not self.pending:
-            if (bhs[32] == 0x28 or bhs[32] == 0x88) and self._fast_read(bhs):
-                return
-            if (bhs[32] == 0x2A or bhs[32] == 0x8A) and self._fast_write(bhs, pdu.data):
-                return
+        if bhs[0] == 0x01 and bhs[32] in _FAST_OPS and not self.pending and self._fast(bhs, pdu.data):
+            return
         op = bhs[0] & 0x3F
         handler = self.dispatch.get(op)
         if handler is None:
@@ -242,61 +239,56 @@ class TargetSession:
         else:
             self.stats["ignored"] += 1  # outside [ExpCmdSN, MaxCmdSN]: silently ignored
 
-    def _fast_read(self, bhs: bytearray) -> bool:
-        """The hot path: an in-order READ(10)/(16) whose answer fits one Data-In.
+    def _fast(self, bhs: bytearray, data: bytes | bytearray | memoryview) -> bool:
+        """The hot paths: an in-order READ (10/16) whose answer fits one Data-In, WRITE (10/16)
+        whose data all came with it as immediate data, or SYNCHRONIZE CACHE (10/16), for an LU
+        with no unit attention or reservation about.
 
-        Does exactly what the general path would (same checks, same PDU), minus its generality;
-        returns False, having changed nothing, for anything it does not cover."""
+        Each does exactly what the general path would (same checks, same PDU) without its
+        generality (no write task, no buffer); returns False, having changed nothing, for
+        anything it does not cover."""
+        op = bhs[32]
         itt, edtl, cmd_sn = _ITT_EDTL_CMDSN.unpack_from(bhs, 16)
-        if cmd_sn != self.exp_cmd_sn or bhs[33] & 0xE0 or bhs[5] | bhs[6] | bhs[7] or self.discovery:
-            return False
-        lun_field = bytes(bhs[8:16])
-        lun = self.core.by_field.get(lun_field)
-        if lun is None or lun.ua.pending or lun.reservations:  # unit attentions, reservations: the long way
-            return False
-        lba, n = _READ10.unpack_from(bhs, 34) if bhs[32] == 0x28 else _READ16.unpack_from(bhs, 34)
-        bs = lun.block_size
-        nbytes = n * bs
-        if n == 0 or nbytes != edtl or nbytes > self.mrdsl or lba + n > lun.nblocks:
-            return False
-        data = os.pread(lun.fd, nbytes, lba * bs)
-        if len(data) != nbytes:
-            return False
-        exp = self.exp_cmd_sn = (cmd_sn + 1) & MASK
-        sn = self.stat_sn
-        self.stat_sn = (sn + 1) & MASK
-        self.stats["commands"] += 1
-        hdr = BHS.pack(0x25, 0x81, 0, 0, nbytes, _LUN0, itt, RESERVED_TAG, sn, exp, (exp + self.window - 1) & MASK, 0, 0, 0)
-        frame(self.out, hdr, data, header_digest=self.hd, data_digest=self.dd)
-        return True
-
-    def _fast_write(self, bhs: bytearray, data: bytes | bytearray | memoryview) -> bool:
-        """The other hot path: an in-order WRITE(10)/(16) whose data all came with it as
-        immediate data (a page, say). Like `_fast_read`: the general path's checks and answer,
-        without a write task or a buffer; False, having changed nothing, for anything else."""
-        itt, edtl, cmd_sn = _ITT_EDTL_CMDSN.unpack_from(bhs, 16)
-        nbytes = len(data)
-        if (cmd_sn != self.exp_cmd_sn or bhs[1] & 0xE0 != 0xA0 or bhs[33] & 0xE0 or bhs[4] or self.discovery
-                or nbytes != edtl or not self.params.immediate_data or nbytes > self.params.first_burst_length
-                or itt in self.writes or self.write_buffered + nbytes > MAX_WRITE_BUFFERED
-                or self.core.write_buffered + nbytes > MAX_TARGET_WRITE_BUFFERED):
+        if cmd_sn != self.exp_cmd_sn or bhs[33] & 0xE0 or bhs[4] or self.discovery:
             return False
         lun = self.core.by_field.get(bytes(bhs[8:16]))
-        if lun is None or lun.ua.pending or lun.reservations or lun.mode.swp:
+        if lun is None or lun.ua.pending or lun.reservations:
             return False
-        lba, n = _WRITE10.unpack_from(bhs, 34) if bhs[32] == 0x2A else _READ16.unpack_from(bhs, 34)
+        lba, n = _RW10.unpack_from(bhs, 34) if op < 0x80 else _RW16.unpack_from(bhs, 34)
         bs = lun.block_size
-        if n == 0 or n * bs != nbytes or lba + n > lun.nblocks or nbytes > MAX_TRANSFER_BYTES:
+        nbytes = n * bs
+        if lba + n > lun.nblocks or nbytes > MAX_TRANSFER_BYTES:
             return False
-        os.pwrite(lun.fd, data, lba * bs)
-        if bhs[33] & 0x08:  # FUA: answered once an fsync has it on disk
+        if op == 0x28 or op == 0x88:  # READ
+            if n == 0 or nbytes != edtl or nbytes > self.mrdsl or data:
+                return False
+            payload = os.pread(lun.fd, nbytes, lba * bs)
+            if len(payload) != nbytes:
+                return False
+        elif op == 0x2A or op == 0x8A:  # WRITE
+            if (n == 0 or nbytes != edtl or len(data) != nbytes or bhs[1] & 0xE0 != 0xA0 or lun.mode.swp
+                    or not self.params.immediate_data or nbytes > self.params.first_burst_length
+                    or itt in self.writes or self.write_buffered + nbytes > MAX_WRITE_BUFFERED
+                    or self.core.write_buffered + nbytes > MAX_TARGET_WRITE_BUFFERED):
+                return False
+            os.pwrite(lun.fd, data, lba * bs)
+            if bhs[33] & 0x08:  # FUA: answered once an fsync has it on disk
+                self.sync_luns.add(lun)
+        else:  # SYNCHRONIZE CACHE: answered once an fsync has everything on disk
+            if edtl or data:
+                return False
             self.sync_luns.add(lun)
         exp = self.exp_cmd_sn = (cmd_sn + 1) & MASK
         sn = self.stat_sn
         self.stat_sn = (sn + 1) & MASK
         self.stats["commands"] += 1
-        hdr = BHS.pack(0x21, F_FINAL, 0, 0, 0, _LUN0, itt, 0, sn, exp, (exp + self.window - 1) & MASK, 0, 0, 0)
-        frame(self.out, hdr, b"", header_digest=self.hd, data_digest=self.dd)
+        max_cmd_sn = (exp + self.window - 1) & MASK
+        if op == 0x28 or op == 0x88:  # Data-In with status
+            hdr = BHS.pack(0x25, 0x81, 0, 0, nbytes, _LUN0, itt, RESERVED_TAG, sn, exp, max_cmd_sn, 0, 0, 0)
+            frame(self.out, hdr, payload, header_digest=self.hd, data_digest=self.dd)
+        else:  # SCSI Response, GOOD
+            hdr = BHS.pack(0x21, F_FINAL, 0, 0, 0, _LUN0, itt, 0, sn, exp, max_cmd_sn, 0, 0, 0)
+            frame(self.out, hdr, b"", header_digest=self.hd, data_digest=self.dd)
         return True
 
     def _drain_pending(self) -> None:

@@ -249,7 +249,7 @@ async def test_unanswered_command_times_out_and_is_reissued(tmp_path: Path, monk
         real(self, pdu)
 
     monkeypatch.setattr(sess.TargetSession, "_scsi_cmd", lossy)
-    monkeypatch.setattr(sess.TargetSession, "_fast_read", lambda self, bhs: False)
+    monkeypatch.setattr(sess.TargetSession, "_fast", lambda self, bhs, data: False)
     async with _serve(tmp_path) as s:
         async with s.initiator(command_timeout=0.3, reconnect_delay=0.01) as ini:
             await ini.write(0, b"z" * 512)
@@ -314,7 +314,7 @@ async def test_busy_target_is_retried(tmp_path: Path, monkeypatch: pytest.Monkey
         real(self, pdu)
 
     monkeypatch.setattr(sess.TargetSession, "_scsi_cmd", sometimes_busy)
-    monkeypatch.setattr(sess.TargetSession, "_fast_read", lambda self, bhs: False)
+    monkeypatch.setattr(sess.TargetSession, "_fast", lambda self, bhs, data: False)
     async with _serve(tmp_path) as s:
         async with s.initiator() as ini:
             assert len(await ini.read(0, 1)) == 512 and busy["left"] == 0

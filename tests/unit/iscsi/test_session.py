@@ -306,7 +306,7 @@ def test_read_fast_path_is_byte_identical_to_the_general_path(tmp_path: Path, di
 
             p.ts.dispatch[Op.SCSI_CMD] = general
         else:
-            p.ts._fast_read = lambda bhs: False  # type: ignore[method-assign]
+            p.ts._fast = lambda bhs, data: False  # type: ignore[method-assign]
         read16 = struct.pack(">BBQIBB", 0x88, 0, 8, 8, 0, 0)
         for cdb, n in ((scsi.cdb_read(0, 8), 4096), (read16, 4096), (scsi.cdb_read(3, 1), 512)):
             p.run(scsi_task(cdb, read_len=n))
@@ -316,7 +316,7 @@ def test_read_fast_path_is_byte_identical_to_the_general_path(tmp_path: Path, di
 
 
 @pytest.mark.parametrize("digests", [False, True])
-def test_write_fast_path_is_byte_identical_to_the_general_path(tmp_path: Path, digests: bool) -> None:
+def test_write_and_sync_fast_paths_are_byte_identical_to_the_general_path(tmp_path: Path, digests: bool) -> None:
     outputs, files, synced = [], [], []
     for fast in (True, False):
         (tmp_path / str(fast)).mkdir()
@@ -327,17 +327,19 @@ def test_write_fast_path_is_byte_identical_to_the_general_path(tmp_path: Path, d
 
             p.ts.dispatch[Op.SCSI_CMD] = general
         else:
-            p.ts._fast_write = lambda bhs, data: False  # type: ignore[method-assign]
+            p.ts._fast = lambda bhs, data: False  # type: ignore[method-assign]
         write16 = struct.pack(">BBQIBB", 0x8A, 0x08, 40, 8, 0, 0)  # FUA
-        for cdb, data in ((scsi.cdb_write(0, 8), b"a" * 4096), (write16, b"b" * 4096), (scsi.cdb_write(9, 1, fua=True), b"c" * 512)):
+        sync16 = struct.pack(">BBQIBB", 0x91, 0, 0, 16, 0, 0)
+        for cdb, data in ((scsi.cdb_write(0, 8), b"a" * 4096), (write16, b"b" * 4096), (scsi.cdb_write(9, 1, fua=True), b"c" * 512),
+                          (scsi.cdb_synchronize_cache(0, 8), None), (sync16, None)):
             p.run(scsi_task(cdb, data=data))
             synced.append(bool(p.ts.sync_luns))
             p.ts.sync_luns.clear()
         outputs.append([bytes(x.bhs) + x.data for x in p.seen])
         files.append(p.lun.path.read_bytes())
-        assert p.ts.stats["commands"] == 3
+        assert p.ts.stats["commands"] == 5
     assert outputs[0] == outputs[1] and files[0] == files[1]
-    assert synced == [False, True, True] * 2  # FUA writes wait for an fsync on both paths
+    assert synced == [False, True, True, True, True] * 2  # FUA and SYNCHRONIZE CACHE wait for an fsync
 
 
 def _tmf(p: Pair, function: int, rtt: int = RESERVED_TAG, ref_cmd_sn: int = 0) -> int:
