@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from .inquiry import (
     report_luns,
     report_supported_opcodes,
 )
+from .libc import MEMORY_FILESYSTEMS, filesystem_type
 from .mode import ModeParameters, mode_select, mode_select_length, mode_sense
 from .nexus import Nexus
 from .provisioning import DEALLOCATED, MAPPED, lba_status, punch_hole
@@ -56,7 +56,6 @@ from .xcopy import CopyManager
 __all__ = ["BLOCK_SIZES", "DiskLun", "LOCAL", "MAX_TRANSFER_BYTES", "ScsiResult", "no_such_lun", "report_luns"]
 
 BLOCK_SIZES = (512, 1024, 2048, 4096)
-FAST_SYNC_SECONDS = 50e-6
 LOCAL = Nexus("local", bytes(6))  # the I_T nexus of a caller that is not a session (tests, tools)
 # Commands a pending UNIT ATTENTION does not stop (SPC-4 §5.14); REQUEST SENSE reports it.
 UA_EXEMPT = frozenset({Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE})
@@ -99,7 +98,9 @@ class DiskLun:
         # NAA 6 (IEEE registered extended): 16 bytes, from the file's path, stable across restarts
         self.identity = Identity(serial=ident[:8].hex().encode(), naa=bytes([0x60 | (ident[8] & 0x0F)]) + ident[9:24],
                                  block_size=block_size, thin=thin)
-        self.sync_seconds = 1.0  # running mean of fdatasync's cost; slow until measured
+        # In memory (tmpfs) an fsync has nothing to write and takes microseconds: the target
+        # does it inline rather than in a worker thread, which would cost more than the fsync.
+        self.fast_sync = filesystem_type(self.fd) in MEMORY_FILESYSTEMS
         self.mode = ModeParameters()
         self.ua = UnitAttentions()
         self.reservations = Reservations(self.ua.establish)
@@ -119,15 +120,7 @@ class DiskLun:
             self.fd = -1
 
     def fsync(self) -> None:
-        start = time.perf_counter()  # a syscall's cost, not a timer
         os.fdatasync(self.fd)  # the data, and the metadata needed to read it back
-        self.sync_seconds += (time.perf_counter() - start - self.sync_seconds) / 8
-
-    @property
-    def fast_sync(self) -> bool:
-        """Whether an fsync here takes microseconds (tmpfs, a cache): then the target does it
-        inline rather than hand it to a worker thread, which costs more than the fsync."""
-        return self.sync_seconds < FAST_SYNC_SECONDS
 
     # --- before a command runs --------------------------------------------------------------------
 

@@ -8,31 +8,25 @@ zeros, they are just not given back to the filesystem.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
+from .libc import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+
 MAPPED, DEALLOCATED = 0, 1  # PROVISIONING STATUS of an LBA status descriptor
 _ZEROS = bytes(1 << 20)
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-_fallocate.restype = ctypes.c_int
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Deallocate [offset, offset+length) of the file; it reads as zeros afterwards."""
     if length <= 0:
         return
-    if _fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, offset, length) == 0:
+    try:
+        fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, offset, length)
         return
-    err = ctypes.get_errno()
-    if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
-        raise OSError(err, os.strerror(err))
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
     end = offset + length
     while offset < end:  # no holes here: zeros keep LBPRZ true
         n = min(len(_ZEROS), end - offset)

@@ -359,6 +359,7 @@ class SlowSyncLun(DiskLun):
     def __init__(self, *a: object, **kw: object) -> None:
         super().__init__(*a, **kw)  # type: ignore[arg-type]
         self.synced: list[float] = []
+        self.fast_sync = False  # always in a worker thread
 
     def fsync(self) -> None:
         import time
@@ -366,10 +367,6 @@ class SlowSyncLun(DiskLun):
         time.sleep(0.2)  # runs in a worker thread: the event loop keeps going meanwhile
         super().fsync()
         self.synced.append(time.monotonic())
-
-    @property
-    def fast_sync(self) -> bool:
-        return False  # always in a worker thread
 
 
 async def test_fua_write_and_synchronize_cache_answer_only_after_fsync(tmp_path: Path) -> None:
