@@ -108,7 +108,7 @@ def serve() -> None:
         "rx": LazyCommand("emu.bench.rx:bench_rx", "Receive stage frames/s vs a bare trio batch-drain loop."),
         "inject": LazyCommand("emu.bench.inject:bench_inject", "Injector packets/s vs a plain UDP sendto loop."),
         "nfs": LazyCommand("emu.bench.nfs:bench_nfs", "nfs-cp into/out of our server vs nfs-ganesha."),
-        "iscsi": LazyCommand("emu.bench.iscsi:bench_iscsi", "4 KiB reads and FUA / SYNCHRONIZE CACHE writes: our target vs tgtd."),
+        "iscsi": LazyCommand("emu.bench.iscsi:bench_iscsi", "iscsi-perf against our target vs tgtd."),
     },
 )
 def bench() -> None:
