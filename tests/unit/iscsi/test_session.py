@@ -293,13 +293,12 @@ def test_reserve6_conflicts_for_other_nexus_and_is_released(tmp_path: Path) -> N
     assert status(other, reserve) == Status.GOOD
 
 
-@pytest.mark.parametrize("digests", [False, True])
-def test_read_fast_path_is_byte_identical_to_the_general_path(tmp_path: Path, digests: bool) -> None:
-    outputs = []
+def fast_and_general(tmp_path: Path, digests: bool) -> list[Pair]:
+    """Two target sessions on twin LUNs: one that may only take the fast path, one never."""
+    pairs = []
     for fast in (True, False):
         (tmp_path / str(fast)).mkdir()
         p = Pair(tmp_path / str(fast), header_digest=digests, data_digest=digests)
-        p.lun.execute(scsi.cdb_write(0, 64), bytes(range(256)) * 128)
         if fast:
             def general(pdu: Pdu) -> None:
                 raise AssertionError("the general path was taken")
@@ -307,6 +306,15 @@ def test_read_fast_path_is_byte_identical_to_the_general_path(tmp_path: Path, di
             p.ts.dispatch[Op.SCSI_CMD] = general
         else:
             p.ts._fast = lambda bhs, data: False  # type: ignore[method-assign]
+        pairs.append(p)
+    return pairs
+
+
+@pytest.mark.parametrize("digests", [False, True])
+def test_read_fast_path_is_byte_identical_to_the_general_path(tmp_path: Path, digests: bool) -> None:
+    outputs = []
+    for p in fast_and_general(tmp_path, digests):
+        p.lun.execute(scsi.cdb_write(0, 64), bytes(range(256)) * 128)
         read16 = struct.pack(">BBQIBB", 0x88, 0, 8, 8, 0, 0)
         for cdb, n in ((scsi.cdb_read(0, 8), 4096), (read16, 4096), (scsi.cdb_read(3, 1), 512)):
             p.run(scsi_task(cdb, read_len=n))
@@ -318,20 +326,12 @@ def test_read_fast_path_is_byte_identical_to_the_general_path(tmp_path: Path, di
 @pytest.mark.parametrize("digests", [False, True])
 def test_write_and_sync_fast_paths_are_byte_identical_to_the_general_path(tmp_path: Path, digests: bool) -> None:
     outputs, files, synced = [], [], []
-    for fast in (True, False):
-        (tmp_path / str(fast)).mkdir()
-        p = Pair(tmp_path / str(fast), header_digest=digests, data_digest=digests)
-        if fast:
-            def general(pdu: Pdu) -> None:
-                raise AssertionError("the general path was taken")
-
-            p.ts.dispatch[Op.SCSI_CMD] = general
-        else:
-            p.ts._fast = lambda bhs, data: False  # type: ignore[method-assign]
-        write16 = struct.pack(">BBQIBB", 0x8A, 0x08, 40, 8, 0, 0)  # FUA
-        sync16 = struct.pack(">BBQIBB", 0x91, 0, 0, 16, 0, 0)
-        for cdb, data in ((scsi.cdb_write(0, 8), b"a" * 4096), (write16, b"b" * 4096), (scsi.cdb_write(9, 1, fua=True), b"c" * 512),
-                          (scsi.cdb_synchronize_cache(0, 8), None), (sync16, None)):
+    write16 = struct.pack(">BBQIBB", 0x8A, 0x08, 40, 8, 0, 0)  # FUA
+    sync16 = struct.pack(">BBQIBB", 0x91, 0, 0, 16, 0, 0)
+    commands = ((scsi.cdb_write(0, 8), b"a" * 4096), (write16, b"b" * 4096), (scsi.cdb_write(9, 1, fua=True), b"c" * 512),
+                (scsi.cdb_synchronize_cache(0, 8), None), (sync16, None))
+    for p in fast_and_general(tmp_path, digests):
+        for cdb, data in commands:
             p.run(scsi_task(cdb, data=data))
             synced.append(bool(p.ts.sync_luns))
             p.ts.sync_luns.clear()
