@@ -92,7 +92,7 @@ def cli() -> None:
     context_settings=CONTEXT,
     lazy={
         "nfs": LazyCommand("emu.commands.serve_nfs:serve_nfs", "Serve a directory over MOUNT v3 and NFSv3 (UDP and TCP)."),
-        "iscsi": LazyCommand("iscsi.cli:serve_iscsi", "Serve a file as an iSCSI disk LUN."),
+        "iscsi": LazyCommand("emu.commands.serve_iscsi:serve_iscsi", "Serve files as the disk LUNs of an iSCSI target."),
     },
 )
 def serve() -> None:

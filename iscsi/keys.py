@@ -50,6 +50,16 @@ LOGIN_ONLY = (set(KEY_RULES) - {"MaxRecvDataSegmentLength"}) | IRRELEVANT | {
 }
 
 
+def yes_no(value: bool) -> str:
+    """A boolean key's value as the text says it."""
+    return "Yes" if value else "No"
+
+
+def digest_name(crc32c: bool) -> str:
+    """A HeaderDigest/DataDigest value."""
+    return "CRC32C" if crc32c else "None"
+
+
 class NegotiationError(ValueError):
     """A key value that cannot be negotiated (the login fails with an initiator error)."""
 
@@ -80,6 +90,15 @@ class SessionParams:
 
     def as_dict(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def describe(self) -> str:
+        """The negotiated keys in RFC 7143's words, one line (for the target's login log)."""
+        return (f"HeaderDigest={digest_name(self.header_digest)} DataDigest={digest_name(self.data_digest)} "
+                f"MaxRecvDataSegmentLength={self.max_recv_data_segment_length}/{self.peer_max_recv_data_segment_length} "
+                f"MaxBurstLength={self.max_burst_length} FirstBurstLength={self.first_burst_length} "
+                f"ImmediateData={yes_no(self.immediate_data)} InitialR2T={yes_no(self.initial_r2t)} "
+                f"MaxOutstandingR2T={self.max_outstanding_r2t} ErrorRecoveryLevel={self.error_recovery_level} "
+                f"DefaultTime2Wait={self.default_time2wait} DefaultTime2Retain={self.default_time2retain}")
 
 
 _ATTR = {
@@ -130,9 +149,8 @@ def negotiate(key: str, offer: str, ours: str) -> str:
                 return v
         return "Reject"
     if kind in ("and", "or"):
-        a, b = _bool(key, offer), _bool(key, ours)
-        r = (a and b) if kind == "and" else (a or b)
-        return "Yes" if r else "No"
+        x, y = _bool(key, offer), _bool(key, ours)
+        return yes_no((x and y) if kind == "and" else (x or y))
     a, b = number(key, offer), number(key, ours)
     if kind == "min":
         return str(min(a, b))
@@ -172,13 +190,12 @@ class TargetPrefs:
     default_time2retain: int = 0
 
     def ours(self, key: str) -> str:
-        yn = lambda b: "Yes" if b else "No"  # noqa: E731
         return {
             "HeaderDigest": self.digests,
             "DataDigest": self.digests,
             "MaxConnections": "1",
-            "InitialR2T": yn(self.initial_r2t),
-            "ImmediateData": yn(self.immediate_data),
+            "InitialR2T": yes_no(self.initial_r2t),
+            "ImmediateData": yes_no(self.immediate_data),
             "MaxRecvDataSegmentLength": str(self.max_recv_data_segment_length),
             "MaxBurstLength": str(self.max_burst_length),
             "FirstBurstLength": str(self.first_burst_length),

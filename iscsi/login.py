@@ -21,8 +21,10 @@ from .keys import (
     SessionParams,
     TargetPrefs,
     apply,
+    digest_name,
     negotiate,
     number,
+    yes_no,
 )
 from .pdu import F_CONTINUE, F_TRANSIT, Op, Pdu, encode_text, parse_text
 
@@ -350,17 +352,15 @@ class InitiatorLogin:
 
     def _operational_offer(self) -> list[tuple[str, str]]:
         c = self.config
-        yn = lambda b: "Yes" if b else "No"  # noqa: E731
-        dig = lambda b: "CRC32C" if b else "None"  # noqa: E731
         if c.session_type == "Discovery":
-            offer = [("HeaderDigest", dig(c.header_digest)), ("DataDigest", dig(c.data_digest)), ("MaxRecvDataSegmentLength", str(c.max_recv_data_segment_length))]
+            offer = [("HeaderDigest", digest_name(c.header_digest)), ("DataDigest", digest_name(c.data_digest)), ("MaxRecvDataSegmentLength", str(c.max_recv_data_segment_length))]
         else:
             offer = [
-                ("HeaderDigest", dig(c.header_digest)),
-                ("DataDigest", dig(c.data_digest)),
+                ("HeaderDigest", digest_name(c.header_digest)),
+                ("DataDigest", digest_name(c.data_digest)),
                 ("MaxConnections", "1"),
-                ("InitialR2T", yn(c.initial_r2t)),
-                ("ImmediateData", yn(c.immediate_data)),
+                ("InitialR2T", yes_no(c.initial_r2t)),
+                ("ImmediateData", yes_no(c.immediate_data)),
                 ("MaxRecvDataSegmentLength", str(c.max_recv_data_segment_length)),
                 ("MaxBurstLength", str(c.max_burst_length)),
                 ("FirstBurstLength", str(c.first_burst_length)),

@@ -1,7 +1,12 @@
 """iSCSI PDUs (RFC 7143 §11): the 48-byte Basic Header Segment, AHS, padding and digests.
 
-Sans-IO: `PduReader` takes bytes and gives `Pdu`s; `Pdu.encode()` gives bytes. Field offsets are the
-RFC's; accessors read the BHS in place so the hot path never copies a header.
+The one place that knows the wire layout of a PDU: `frame()` writes one (BHS, header digest, padded
+data segment, data digest), `pdu_length()` says how long one is from its first 48 bytes, and
+`PduReader` cuts a byte stream into `Pdu`s. Initiator and target both frame through here, and the
+serial number arithmetic of CmdSN/StatSN/DataSN (RFC 1982) lives here too.
+
+Sans-IO: bytes in, bytes out. Field offsets are the RFC's; accessors read the BHS in place so the
+hot path never copies a header.
 """
 
 from __future__ import annotations
@@ -14,10 +19,74 @@ from .digest import DIGEST_LEN, digest
 BHS_LEN = 48
 RESERVED_TAG = 0xFFFFFFFF  # ITT/TTT "no tag"
 MAX_AHS_LEN = 255 * 4  # TotalAHSLength is one byte of 4-byte words
+SN_MASK = 0xFFFFFFFF  # CmdSN, StatSN, DataSN, R2TSN are 32-bit serial numbers
+
+# Every BHS whose bytes 20..47 are eight 32-bit words (all but the SCSI Command): opcode, flags,
+# bytes 2 and 3, TotalAHSLength<<24 | DataSegmentLength, LUN (or ISID/TSIH), ITT, then the words at
+# 20, 24, ..., 44 (TTT, StatSN/CmdSN, ExpCmdSN/ExpStatSN, MaxCmdSN, DataSN/R2TSN, offset, residual).
+BHS = struct.Struct(">BBBBI8sIIIIIIII")
+# The SCSI Command: ..., ITT, Expected Data Transfer Length, CmdSN, ExpStatSN, CDB.
+SCSI_CMD_BHS = struct.Struct(">BBBBI8sIIII16s")
 
 _U32 = struct.Struct(">I")
 _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
+_PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
+
+
+def op_name(opcode: int) -> str:
+    """An opcode's RFC 7143 name (NOP_OUT, SCSI_CMD, ...), or its number."""
+    try:
+        return Op(opcode & 0x3F).name
+    except ValueError:
+        return f"opcode 0x{opcode & 0x3F:02x}"
+
+
+def sn_lt(a: int, b: int) -> bool:
+    """RFC 1982 serial number arithmetic for 32-bit sequence numbers: a < b."""
+    return a != b and ((b - a) & SN_MASK) < 0x80000000
+
+
+def sn_gt(a: int, b: int) -> bool:
+    """RFC 1982: a > b."""
+    return a != b and ((a - b) & SN_MASK) < 0x80000000
+
+
+def pdu_length(bhs: bytes | bytearray | memoryview, *, header_digest: bool, data_digest: bool) -> int:
+    """Total on-wire length of the PDU whose first 48 bytes are `bhs`: BHS, AHS, header digest,
+    data segment padded to 4 bytes, data digest (none for an empty segment)."""
+    if len(bhs) < BHS_LEN:
+        raise ValueError(f"a BHS is {BHS_LEN} bytes, got {len(bhs)}")
+    dlen = (bhs[5] << 16) | (bhs[6] << 8) | bhs[7]
+    n = BHS_LEN + bhs[4] * 4 + dlen + ((-dlen) & 3)
+    if header_digest:
+        n += DIGEST_LEN
+    if data_digest and dlen:
+        n += DIGEST_LEN
+    return n
+
+
+def bhs_itt(bhs: bytes | bytearray | memoryview) -> int:
+    """The Initiator Task Tag (bytes 16-19) of a BHS."""
+    itt: int = _U32.unpack_from(bhs, 16)[0]
+    return itt
+
+
+def frame(out: list[bytes], bhs: bytes, data: bytes | bytearray | memoryview = b"", *, header_digest: bool = False,
+          data_digest: bool = False) -> None:
+    """Append one PDU to `out` as the pieces that go on the wire (joined by the caller's single
+    write): the header (BHS plus any AHS, DataSegmentLength already set), its digest, the data
+    segment padded to 4 bytes, its digest."""
+    out.append(bhs)
+    if header_digest:
+        out.append(digest(bhs))
+    if data:
+        pad = _PAD[len(data) & 3]
+        if pad:
+            data = bytes(data) + pad
+        out.append(data)  # type: ignore[arg-type]
+        if data_digest:
+            out.append(digest(data))
 
 
 class Op(enum.IntEnum):
@@ -112,10 +181,6 @@ class DataDigestError(Exception):
         self.pdu = pdu
 
 
-def pad4(n: int) -> int:
-    return (-n) & 3
-
-
 class Pdu:
     """One PDU: a mutable BHS plus AHS and data segment (unpadded)."""
 
@@ -153,7 +218,7 @@ class Pdu:
 
     @property
     def itt(self) -> int:
-        return _U32.unpack_from(self.bhs, 16)[0]
+        return bhs_itt(self.bhs)
 
     @property
     def lun_field(self) -> bytes:
@@ -163,13 +228,16 @@ class Pdu:
         return self.bhs[off]
 
     def u16(self, off: int) -> int:
-        return _U16.unpack_from(self.bhs, off)[0]
+        value: int = _U16.unpack_from(self.bhs, off)[0]
+        return value
 
     def u32(self, off: int) -> int:
-        return _U32.unpack_from(self.bhs, off)[0]
+        value: int = _U32.unpack_from(self.bhs, off)[0]
+        return value
 
     def u64(self, off: int) -> int:
-        return _U64.unpack_from(self.bhs, off)[0]
+        value: int = _U64.unpack_from(self.bhs, off)[0]
+        return value
 
     def set_u8(self, off: int, v: int) -> Pdu:
         self.bhs[off] = v
@@ -192,11 +260,7 @@ class Pdu:
         return self
 
     def describe(self) -> str:
-        try:
-            name = Op(self.opcode).name
-        except ValueError:
-            name = f"opcode 0x{self.opcode:02x}"
-        return f"{name} itt=0x{self.itt:08x} len={len(self.data)}"
+        return f"{op_name(self.opcode)} itt=0x{self.itt:08x} len={len(self.data)}"
 
     def encode(self, header_digest: bool = False, data_digest: bool = False) -> bytes:
         """BHS (+AHS) (+header digest) + data + padding (+data digest)."""
@@ -207,14 +271,8 @@ class Pdu:
         bhs[6] = (n >> 8) & 0xFF
         bhs[7] = n & 0xFF
         head = bytes(bhs) + self.ahs if self.ahs else bytes(bhs)
-        parts = [head]
-        if header_digest:
-            parts.append(digest(head))
-        if n:
-            padded = bytes(self.data) + b"\0" * pad4(n) if n & 3 else self.data
-            parts.append(padded)  # type: ignore[arg-type]
-            if data_digest:
-                parts.append(digest(padded))
+        parts: list[bytes] = []
+        frame(parts, head, self.data, header_digest=header_digest, data_digest=data_digest)
         return b"".join(parts)
 
 
@@ -268,28 +326,27 @@ class PduReader:
         avail = len(buf) - pos
         if avail < BHS_LEN:
             return None
-        ahs_len = buf[pos + 4] * 4
-        dlen = (buf[pos + 5] << 16) | (buf[pos + 6] << 8) | buf[pos + 7]
+        bhs = buf[pos : pos + BHS_LEN]
+        dlen = (bhs[5] << 16) | (bhs[6] << 8) | bhs[7]
         if dlen > self.max_data:
-            raise PduError(f"data segment of {dlen} bytes exceeds MaxRecvDataSegmentLength {self.max_data}", bytes(buf[pos : pos + BHS_LEN]))
-        hd = DIGEST_LEN if self.header_digest else 0
-        dd = DIGEST_LEN if self.data_digest and dlen else 0
-        padded = dlen + ((-dlen) & 3)
-        total = BHS_LEN + ahs_len + hd + padded + dd
+            raise PduError(f"data segment of {dlen} bytes exceeds MaxRecvDataSegmentLength {self.max_data}", bytes(bhs))
+        total = pdu_length(bhs, header_digest=self.header_digest, data_digest=self.data_digest)
         if avail < total:
             return None
-        hend = pos + BHS_LEN + ahs_len
-        if hd:
-            if digest(memoryview(buf)[pos:hend]) != buf[hend : hend + 4]:
-                raise PduError("header digest error", bytes(buf[pos : pos + BHS_LEN]))
-        dstart = hend + hd
+        hend = pos + BHS_LEN + bhs[4] * 4
+        dstart = hend
+        if self.header_digest:
+            if digest(memoryview(buf)[pos:hend]) != buf[hend : hend + DIGEST_LEN]:
+                raise PduError("header digest error", bytes(bhs))
+            dstart += DIGEST_LEN
         pdu = Pdu.__new__(Pdu)
-        pdu.bhs = buf[pos : pos + BHS_LEN]
-        pdu.ahs = bytes(buf[pos + BHS_LEN : hend]) if ahs_len else b""
+        pdu.bhs = bhs
+        pdu.ahs = bytes(buf[pos + BHS_LEN : hend]) if hend > pos + BHS_LEN else b""
         pdu.data = bytes(buf[dstart : dstart + dlen]) if dlen else b""
         self.pos = pos + total
-        if dd:
-            if digest(memoryview(buf)[dstart : dstart + padded]) != buf[dstart + padded : dstart + padded + 4]:
+        if self.data_digest and dlen:
+            dend = dstart + dlen + ((-dlen) & 3)
+            if digest(memoryview(buf)[dstart:dend]) != buf[dend : dend + DIGEST_LEN]:
                 raise DataDigestError(pdu)
         return pdu
 
@@ -297,7 +354,7 @@ class PduReader:
 # --- text segments (RFC 7143 §6): key=value pairs, each NUL-terminated -------------------------------
 
 
-def parse_text(data: bytes, *, strict: bool = False) -> list[tuple[str, str]]:
+def parse_text(data: bytes | bytearray | memoryview, *, strict: bool = False) -> list[tuple[str, str]]:
     """Split key=value text; `strict` refuses bytes that are not UTF-8 (RFC 7143 §6.1) with a
     ValueError instead of replacing them, as a target must for names it will match and log."""
     errors = "strict" if strict else "replace"

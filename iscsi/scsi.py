@@ -25,11 +25,19 @@ class Opcode(enum.IntEnum):
     VERIFY_10 = 0x2F
     PRE_FETCH_10 = 0x34
     SYNCHRONIZE_CACHE_10 = 0x35
+    READ_DEFECT_DATA_10 = 0x37
     WRITE_SAME_10 = 0x41
+    UNMAP = 0x42
+    MODE_SELECT_10 = 0x55
     MODE_SENSE_10 = 0x5A
+    PERSISTENT_RESERVE_IN = 0x5E
+    PERSISTENT_RESERVE_OUT = 0x5F
     READ_16 = 0x88
     COMPARE_AND_WRITE = 0x89
     WRITE_16 = 0x8A
+    ORWRITE_16 = 0x8B
+    EXTENDED_COPY = 0x83
+    RECEIVE_COPY_RESULTS = 0x84
     WRITE_AND_VERIFY_16 = 0x8E
     VERIFY_16 = 0x8F
     PRE_FETCH_16 = 0x90
@@ -42,9 +50,11 @@ class Opcode(enum.IntEnum):
     WRITE_12 = 0xAA
     WRITE_AND_VERIFY_12 = 0xAE
     VERIFY_12 = 0xAF
+    READ_DEFECT_DATA_12 = 0xB7
 
 
 SAI_READ_CAPACITY_16 = 0x10
+SAI_GET_LBA_STATUS = 0x12
 
 READS = frozenset({0x08, 0x28, 0xA8, 0x88})
 WRITES = frozenset({0x0A, 0x2A, 0xAA, 0x8A})
@@ -53,6 +63,13 @@ VERIFIES = frozenset({0x2F, 0xAF, 0x8F})
 SYNCS = frozenset({0x35, 0x91})
 PREFETCHES = frozenset({0x34, 0x90})
 WRITE_SAMES = frozenset({0x41, 0x93})
+MODE_SELECTS = frozenset({0x15, 0x55})
+READ_DEFECT_DATAS = frozenset({0x37, 0xB7})
+# Commands that change the medium: refused with DATA PROTECT while the LU is write protected.
+MEDIUM_WRITES = WRITES | WRITE_VERIFIES | WRITE_SAMES | frozenset({0x42, 0x89, 0x8B})
+# Commands that only read the medium (SPC-4 §5.12.2, SBC-3 table 13: allowed to any I_T nexus under
+# a Write Exclusive reservation, in conflict under Exclusive Access).
+MEDIUM_READS = READS | VERIFIES | PREFETCHES | READ_DEFECT_DATAS
 
 _RW10 = struct.Struct(">xxIxH")
 _RW12 = struct.Struct(">xxII")

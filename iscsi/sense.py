@@ -1,4 +1,4 @@
-"""SCSI status codes and fixed-format sense data (SPC-4 §4.5.3)."""
+"""SCSI status codes, fixed-format sense data (SPC-4 §4.5.3), and what a command ends with."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ class SenseKey(enum.IntEnum):
     ILLEGAL_REQUEST = 0x5
     UNIT_ATTENTION = 0x6
     DATA_PROTECT = 0x7
+    COPY_ABORTED = 0xA
     ABORTED_COMMAND = 0xB
     MISCOMPARE = 0xE
 
@@ -46,6 +47,16 @@ PROTOCOL_SERVICE_CRC_ERROR = (0x47, 0x05)  # a data digest error (RFC 7143 §11.
 WRITE_ERROR = (0x0C, 0x00)
 UNRECOVERED_READ_ERROR = (0x11, 0x00)
 NO_ADDITIONAL_SENSE = (0x00, 0x00)
+INVALID_RELEASE_OF_PERSISTENT_RESERVATION = (0x26, 0x04)
+SOFTWARE_WRITE_PROTECTED = (0x27, 0x02)
+# UNIT ATTENTION conditions (SPC-4 §5.14, SAM-5 table 39)
+POWER_ON_RESET = (0x29, 0x00)
+SCSI_BUS_RESET_OCCURRED = (0x29, 0x02)  # established by a TARGET WARM RESET
+BUS_DEVICE_RESET_FUNCTION_OCCURRED = (0x29, 0x03)  # established by a LOGICAL UNIT RESET
+MODE_PARAMETERS_CHANGED = (0x2A, 0x01)
+RESERVATIONS_PREEMPTED = (0x2A, 0x03)
+RESERVATIONS_RELEASED = (0x2A, 0x04)
+REGISTRATIONS_PREEMPTED = (0x2A, 0x05)
 
 
 @dataclass(frozen=True)
@@ -73,7 +84,7 @@ class Sense:
         return bytes(b)
 
     @classmethod
-    def parse(cls, data: bytes) -> Sense | None:
+    def parse(cls, data: bytes | bytearray | memoryview) -> Sense | None:
         """Fixed (0x70/0x71) or descriptor (0x72/0x73) format."""
         if len(data) < 3:
             return None
@@ -94,3 +105,27 @@ class Sense:
 
 def illegal_request(ascq_pair: tuple[int, int], field_pointer: int | None = None) -> Sense:
     return Sense(SenseKey.ILLEGAL_REQUEST, *ascq_pair, field_pointer=field_pointer)
+
+
+@dataclass
+class ScsiResult:
+    """How a command ends: status, Data-In, sense; and whether its answer must wait for an fsync."""
+
+    status: int = Status.GOOD
+    data: bytes | bytearray | memoryview = b""
+    sense: Sense | None = None
+    sync: bool = False  # the response must wait until the backing file is fsync'ed
+
+
+GOOD = ScsiResult()
+RESERVATION_CONFLICT = ScsiResult(Status.RESERVATION_CONFLICT)
+
+
+def check(s: Sense) -> ScsiResult:
+    """CHECK CONDITION with this sense."""
+    return ScsiResult(Status.CHECK_CONDITION, b"", s)
+
+
+def illegal(asc_pair: tuple[int, int], field_pointer: int | None = None) -> ScsiResult:
+    """CHECK CONDITION, ILLEGAL REQUEST with this ASC/ASCQ."""
+    return check(illegal_request(asc_pair, field_pointer))

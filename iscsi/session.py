@@ -3,21 +3,26 @@
 `receive(pdu)` appends encoded PDUs to `out`; the driver sends them, after an fsync when
 `sync_needed` says so (FUA writes and SYNCHRONIZE CACHE answer only once the data is on disk).
 Commands outside the CmdSN window are silently ignored; commands ahead of ExpCmdSN wait (bounded by
-the window) until the gap fills.
+the window) until the gap fills. `TargetCore` is what the sessions of one target share: its LUNs,
+its sessions, and the resets that reach all of them.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import sense as S
-from .digest import digest
+from .inquiry import MAX_TRANSFER_BYTES, no_such_lun, report_luns
 from .keys import LOGIN_ONLY, NegotiationError, SessionParams, number
 from .login import LoginResult
-from .lun import MAX_TRANSFER_BYTES, DiskLun, ScsiResult, no_such_lun, report_luns
+from .lun import DiskLun
+from .nexus import Nexus
 from .pdu import (
+    BHS,
     F_FINAL,
     F_OVERFLOW,
     F_STATUS,
@@ -28,36 +33,32 @@ from .pdu import (
     RejectReason,
     TmfFunction,
     TmfResponse,
+    bhs_itt,
     decode_lun,
     encode_lun,
     encode_text,
+    frame,
+    op_name,
     parse_text,
+    sn_lt,
 )
 from .scsi import READS, WRITE_SAMES, Opcode
-from .sense import Status, illegal_request
+from .sense import ScsiResult, Status, illegal_request
+from .xcopy import CopyManager
+
+log = logging.getLogger("iscsi.target")
 
 MASK = 0xFFFFFFFF
 CMD_WINDOW = 128
 MAX_WRITE_BUFFERED = 64 << 20  # per session: beyond this, new writes get TASK SET FULL
 MAX_TARGET_WRITE_BUFFERED = 256 << 20  # the same, over all sessions of the target
 MAX_TEXT = 64 << 10
-# Commands another I_T nexus may still send while a RESERVE(6) is held (SPC-2 §5.5.1).
-RESERVATION_EXEMPT = frozenset({Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE, Opcode.RELEASE_6,
-                                Opcode.READ_CAPACITY_10, Opcode.SERVICE_ACTION_IN_16, Opcode.MAINTENANCE_IN})
 
-# One struct for every target BHS whose 20..47 are eight u32 (Data-In, SCSI Response, R2T, NOP-In,
-# TMF/Logout/Text responses, Reject): op, flags, b2, b3, ahs|dlen, lun, itt, w20..w44.
-_BHS = struct.Struct(">BBBBI8sIIIIIIII")
-_PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
 _ITT_EDTL_CMDSN = struct.Struct(">III")
-_READ10 = struct.Struct(">IxH")  # LBA, TRANSFER LENGTH from CDB byte 2 (BHS byte 34)
-_READ16 = struct.Struct(">QI")
+_RW10 = struct.Struct(">IxH")  # LBA, TRANSFER LENGTH from CDB byte 2 (BHS byte 34)
+_RW16 = struct.Struct(">QI")
+_FAST_OPS = frozenset({0x28, 0x88, 0x2A, 0x8A, 0x35, 0x91})  # READ, WRITE, SYNCHRONIZE CACHE (10/16)
 _LUN0 = bytes(8)
-
-
-def sn_lt(a: int, b: int) -> bool:
-    """Serial number arithmetic (RFC 1982) for 32-bit sequence numbers: a < b."""
-    return a != b and ((b - a) & MASK) < 0x80000000
 
 
 @dataclass
@@ -70,9 +71,41 @@ class TargetCore:
     portal_group_tag: int = 1
     sessions: set["TargetSession"] = field(default_factory=set)
     write_buffered: int = 0  # bytes of Data-Out held for unfinished writes, all sessions
+    by_field: dict[bytes, DiskLun] = field(default_factory=dict)  # the BHS LUN field -> LU
+
+    def __post_init__(self) -> None:
+        copy_manager = CopyManager(self.luns.values)
+        for n, lun in self.luns.items():
+            self.by_field[encode_lun(n)] = lun
+            lun.copy_manager = copy_manager
+            lun.logged_in = self.nexuses
+            lun.abort_tasks_of = lambda nexuses, n=n: self.abort_tasks_of(nexuses, n)  # type: ignore[misc]
 
     def lun_list(self) -> list[int]:
         return sorted(self.luns)
+
+    def nexuses(self) -> set[Nexus]:
+        """The I_T nexuses logged in now."""
+        return {s.nexus for s in self.sessions if not s.discovery}
+
+    def abort_tasks_of(self, nexuses: list[Nexus], lun: int) -> None:
+        for s in list(self.sessions):
+            if s.nexus in nexuses:
+                s.abort_tasks(lun)
+
+    def lun_reset(self, lun_no: int, origin: TargetSession) -> None:
+        """LOGICAL UNIT RESET: every session's tasks for the LU are aborted (no responses), and
+        every I_T nexus, the sender's included, gets a UNIT ATTENTION (SAM-5 §7.7)."""
+        for s in self.sessions | {origin}:
+            s.abort_tasks(lun_no)
+        self.luns[lun_no].reset(S.BUS_DEVICE_RESET_FUNCTION_OCCURRED)
+
+    def target_warm_reset(self, origin: TargetSession) -> None:
+        """TARGET WARM RESET: every LU is reset as by a LOGICAL UNIT RESET (RFC 7143 §11.5.1)."""
+        for s in self.sessions | {origin}:
+            s.abort_tasks(None)
+        for lun in self.luns.values():
+            lun.reset(S.SCSI_BUS_RESET_OCCURRED)
 
 
 @dataclass
@@ -120,9 +153,9 @@ class TargetSession:
         self.nop_ttt = 0x10000000
         self.nops_unanswered = 0
         self.portal: str | None = None  # the address this connection reached us on
-        self.nexus = (login.initiator_name, login.isid)  # the I_T nexus, for reservations
+        self.nexus = Nexus(login.initiator_name, login.isid)  # for reservations and unit attentions
         self.stats = {"commands": 0, "ignored": 0, "rejects": 0, "data_in": 0, "r2t": 0}
-        self.dispatch = {
+        self.dispatch: dict[int, Callable[[Pdu], None]] = {
             Op.SCSI_CMD: self._scsi_cmd,
             Op.NOP_OUT: self._nop_out,
             Op.TASK_MGMT_REQ: self._tmf,
@@ -137,18 +170,7 @@ class TargetSession:
         return (self.exp_cmd_sn + self.window - 1) & MASK
 
     def _emit(self, bhs: bytes, data: bytes | bytearray | memoryview = b"") -> None:
-        out = self.out
-        out.append(bhs)
-        if self.hd:
-            out.append(digest(bhs))
-        if data:
-            n = len(data)
-            pad = _PAD[n & 3]
-            if pad:
-                data = bytes(data) + pad
-            out.append(data)  # type: ignore[arg-type]
-            if self.dd:
-                out.append(digest(data))
+        frame(self.out, bhs, data, header_digest=self.hd, data_digest=self.dd)
 
     def _status_sn(self) -> int:
         sn = self.stat_sn
@@ -157,10 +179,11 @@ class TargetSession:
 
     def _pdu(self, op: int, flags: int, b2: int, b3: int, dlen: int, lun: bytes, itt: int, w20: int, *, advance: bool = True, w36: int = 0, w40: int = 0, w44: int = 0) -> bytes:
         sn = self._status_sn() if advance else self.stat_sn
-        return _BHS.pack(op, flags, b2, b3, dlen, lun, itt, w20, sn, self.exp_cmd_sn, self.max_cmd_sn, w36, w40, w44)
+        return BHS.pack(op, flags, b2, b3, dlen, lun, itt, w20, sn, self.exp_cmd_sn, self.max_cmd_sn, w36, w40, w44)
 
     def reject(self, bhs: bytes | bytearray, reason: int) -> None:
         self.stats["rejects"] += 1
+        log.info("%s: Reject (%s) of %s ITT 0x%08x", self.nexus, RejectReason(reason).name, op_name(bhs[0]), bhs_itt(bhs))
         hdr = bytes(bhs[:48])
         self._emit(self._pdu(Op.REJECT, F_FINAL, reason, 0, len(hdr), bytes(8), RESERVED_TAG, 0), hdr)
 
@@ -175,7 +198,7 @@ class TargetSession:
 
     def receive(self, pdu: Pdu) -> None:
         bhs = pdu.bhs
-        if bhs[0] == 0x01 and (bhs[32] == 0x28 or bhs[32] == 0x88) and not self.pending and self._fast_read(bhs):
+        if bhs[0] == 0x01 and bhs[32] in _FAST_OPS and not self.pending and self._fast(bhs, pdu.data):
             return
         op = bhs[0] & 0x3F
         handler = self.dispatch.get(op)
@@ -216,37 +239,56 @@ class TargetSession:
         else:
             self.stats["ignored"] += 1  # outside [ExpCmdSN, MaxCmdSN]: silently ignored
 
-    def _fast_read(self, bhs: bytearray) -> bool:
-        """The hot path: an in-order READ(10)/(16) of LUN 0 whose answer fits one Data-In.
+    def _fast(self, bhs: bytearray, data: bytes | bytearray | memoryview) -> bool:
+        """The hot paths: an in-order READ (10/16) whose answer fits one Data-In, WRITE (10/16)
+        whose data all came with it as immediate data, or SYNCHRONIZE CACHE (10/16), for an LU
+        with no unit attention or reservation about.
 
-        Does exactly what the general path would (same checks, same PDU), minus its generality;
-        returns False, having changed nothing, for anything it does not cover."""
+        Each does exactly what the general path would (same checks, same PDU) without its
+        generality (no write task, no buffer); returns False, having changed nothing, for
+        anything it does not cover."""
+        op = bhs[32]
         itt, edtl, cmd_sn = _ITT_EDTL_CMDSN.unpack_from(bhs, 16)
-        if cmd_sn != self.exp_cmd_sn or bhs[8:16] != _LUN0 or bhs[33] & 0xE0 or bhs[5] | bhs[6] | bhs[7] or self.discovery:
+        if cmd_sn != self.exp_cmd_sn or bhs[33] & 0xE0 or bhs[4] or self.discovery:
             return False
-        lun = self.core.luns.get(0)
-        if lun is None or (lun.reserved_by is not None and lun.reserved_by != self.nexus):
+        lun = self.core.by_field.get(bytes(bhs[8:16]))
+        if lun is None or lun.ua.pending or lun.reservations:
             return False
-        lba, n = _READ10.unpack_from(bhs, 34) if bhs[32] == 0x28 else _READ16.unpack_from(bhs, 34)
+        lba, n = _RW10.unpack_from(bhs, 34) if op < 0x80 else _RW16.unpack_from(bhs, 34)
         bs = lun.block_size
         nbytes = n * bs
-        if n == 0 or nbytes != edtl or nbytes > self.mrdsl or lba + n > lun.nblocks:
+        if lba + n > lun.nblocks or nbytes > MAX_TRANSFER_BYTES:
             return False
-        data = os.pread(lun.fd, nbytes, lba * bs)
-        if len(data) != nbytes:
-            return False
+        if op == 0x28 or op == 0x88:  # READ
+            if n == 0 or nbytes != edtl or nbytes > self.mrdsl or data:
+                return False
+            payload = os.pread(lun.fd, nbytes, lba * bs)
+            if len(payload) != nbytes:
+                return False
+        elif op == 0x2A or op == 0x8A:  # WRITE
+            if (n == 0 or nbytes != edtl or len(data) != nbytes or bhs[1] & 0xE0 != 0xA0 or lun.mode.swp
+                    or not self.params.immediate_data or nbytes > self.params.first_burst_length
+                    or itt in self.writes or self.write_buffered + nbytes > MAX_WRITE_BUFFERED
+                    or self.core.write_buffered + nbytes > MAX_TARGET_WRITE_BUFFERED):
+                return False
+            os.pwrite(lun.fd, data, lba * bs)
+            if bhs[33] & 0x08:  # FUA: answered once an fsync has it on disk
+                self.sync_luns.add(lun)
+        else:  # SYNCHRONIZE CACHE: answered once an fsync has everything on disk
+            if edtl or data:
+                return False
+            self.sync_luns.add(lun)
         exp = self.exp_cmd_sn = (cmd_sn + 1) & MASK
         sn = self.stat_sn
         self.stat_sn = (sn + 1) & MASK
         self.stats["commands"] += 1
-        hdr = _BHS.pack(0x25, 0x81, 0, 0, nbytes, _LUN0, itt, RESERVED_TAG, sn, exp, (exp + self.window - 1) & MASK, 0, 0, 0)
-        out = self.out
-        out.append(hdr)
-        if self.hd:
-            out.append(digest(hdr))
-        out.append(data)  # a whole number of blocks: no padding
-        if self.dd:
-            out.append(digest(data))
+        max_cmd_sn = (exp + self.window - 1) & MASK
+        if op == 0x28 or op == 0x88:  # Data-In with status
+            hdr = BHS.pack(0x25, 0x81, 0, 0, nbytes, _LUN0, itt, RESERVED_TAG, sn, exp, max_cmd_sn, 0, 0, 0)
+            frame(self.out, hdr, payload, header_digest=self.hd, data_digest=self.dd)
+        else:  # SCSI Response, GOOD
+            hdr = BHS.pack(0x21, F_FINAL, 0, 0, 0, _LUN0, itt, 0, sn, exp, max_cmd_sn, 0, 0, 0)
+            frame(self.out, hdr, b"", header_digest=self.hd, data_digest=self.dd)
         return True
 
     def _drain_pending(self) -> None:
@@ -307,23 +349,18 @@ class TargetSession:
         lun_no = decode_lun(bhs[8:16])
         lun = self.core.luns.get(lun_no)
         op = cdb[0]
-        if lun is None:
-            res = report_luns(self.core.lun_list(), cdb) if op == Opcode.REPORT_LUNS else no_such_lun(cdb, self.core.lun_list())
-            self._finish(itt, edtl, res, bytes(bhs[8:16]))
+        if op == Opcode.REPORT_LUNS:  # every LU, whichever LUN it is addressed to
+            self._finish(itt, edtl, report_luns(self.core.lun_list(), cdb), bytes(bhs[8:16]))
             return
-        holder = lun.reserved_by
-        if holder is not None and holder != self.nexus and op not in RESERVATION_EXEMPT:
-            self.scsi_response(itt, Status.RESERVATION_CONFLICT)
+        if lun is None:
+            self._finish(itt, edtl, no_such_lun(cdb, self.core.lun_list()), bytes(bhs[8:16]))
+            return
+        early = lun.admit(self.nexus, cdb)  # UNIT ATTENTION, then RESERVATION CONFLICT
+        if early is not None:
+            self._finish(itt, edtl, early, bytes(bhs[8:16]))
             return
         if op in READS:
             self._finish(itt, edtl, lun.read(cdb), bytes(bhs[8:16]))
-            return
-        if op == Opcode.RESERVE_6 or op == Opcode.RELEASE_6:
-            if op == Opcode.RESERVE_6:
-                lun.reserved_by = self.nexus
-            elif holder == self.nexus:
-                lun.reserved_by = None
-            self.scsi_response(itt, Status.GOOD)
             return
         spdtl, early = lun.data_out_length(cdb)
         if early is not None:
@@ -336,11 +373,7 @@ class TargetSession:
             self.scsi_response(itt, Status.CHECK_CONDITION, illegal_request(asc))
             return
         if spdtl == 0:
-            if op == Opcode.REPORT_LUNS:
-                res = report_luns(self.core.lun_list(), cdb)
-            else:
-                res = lun.execute(cdb)
-            self._finish(itt, edtl, res, bytes(bhs[8:16]), lun)
+            self._finish(itt, edtl, lun.execute(cdb, b"", self.nexus), bytes(bhs[8:16]), lun)
             return
         if edtl == 0:
             # Nothing may be transferred: the command moves no data (SAM-5 §5.4.3, overflow).
@@ -388,7 +421,7 @@ class TargetSession:
                 return
             # With EDTL != SPDTL only the bytes both sides agree on are used (libiscsi's
             # iSCSIResiduals tests check exactly that), and the response says by how much.
-            res = lun.execute(task.cdb, memoryview(task.buf)[: min(task.spdtl, task.edtl)])
+            res = lun.execute(task.cdb, memoryview(task.buf)[: min(task.spdtl, task.edtl)], self.nexus)
             if res.sync:
                 self.sync_luns.add(lun)
             flags = resid = 0
@@ -471,7 +504,7 @@ class TargetSession:
         self.stats["data_in"] += 1
         if n <= mrdsl:
             self._emit(
-                _BHS.pack(Op.DATA_IN, F_FINAL | F_STATUS | flags, 0, res.status, n, bytes(8), itt, RESERVED_TAG,
+                BHS.pack(Op.DATA_IN, F_FINAL | F_STATUS | flags, 0, res.status, n, bytes(8), itt, RESERVED_TAG,
                           self._status_sn(), self.exp_cmd_sn, self.max_cmd_sn, 0, 0, resid),
                 data,
             )
@@ -486,11 +519,11 @@ class TargetSession:
             end = min(off + mrdsl, n, (off // burst + 1) * burst)
             chunk = mv[off:end]
             if end >= n:
-                bhs = _BHS.pack(Op.DATA_IN, F_FINAL | F_STATUS | flags, 0, res.status, len(chunk), bytes(8), itt, RESERVED_TAG,
+                bhs = BHS.pack(Op.DATA_IN, F_FINAL | F_STATUS | flags, 0, res.status, len(chunk), bytes(8), itt, RESERVED_TAG,
                                 self._status_sn(), self.exp_cmd_sn, self.max_cmd_sn, sn, off, resid)
             else:
                 f = F_FINAL if end % burst == 0 else 0
-                bhs = _BHS.pack(Op.DATA_IN, f, 0, 0, len(chunk), bytes(8), itt, RESERVED_TAG, 0, self.exp_cmd_sn, self.max_cmd_sn, sn, off, 0)
+                bhs = BHS.pack(Op.DATA_IN, f, 0, 0, len(chunk), bytes(8), itt, RESERVED_TAG, 0, self.exp_cmd_sn, self.max_cmd_sn, sn, off, 0)
             self._emit(bhs, chunk)
             off = end
             sn += 1
@@ -548,14 +581,11 @@ class TargetSession:
             if lun_no not in self.core.luns:
                 response = TmfResponse.LUN_DOES_NOT_EXIST
             else:
-                for s in list(self.core.sessions) or [self]:
-                    s.abort_tasks(lun_no)
-                self.core.luns[lun_no].reserved_by = None
+                log.warning("%s: LOGICAL UNIT RESET of LUN %d", self.nexus, lun_no)
+                self.core.lun_reset(lun_no, self)
         elif function == TmfFunction.TARGET_WARM_RESET:
-            for s in list(self.core.sessions) or [self]:
-                s.abort_tasks(None)
-            for lun in self.core.luns.values():
-                lun.reserved_by = None
+            log.warning("%s: TARGET WARM RESET", self.nexus)
+            self.core.target_warm_reset(self)
         elif function == TmfFunction.TASK_REASSIGN:
             response = TmfResponse.REASSIGNMENT_NOT_SUPPORTED
         else:  # CLEAR ACA (no NACA support), TARGET COLD RESET
@@ -622,9 +652,10 @@ class TargetSession:
             self.closing = True
 
     def close(self) -> None:
-        """The I_T nexus is gone: its tasks are aborted and its reservations released."""
+        """The session is gone: its tasks are aborted; unless a reinstated session carries the
+        I_T nexus on, the nexus is lost (its RESERVE(6) released, its unit attentions dropped)."""
         self.abort_tasks(None)
         self.core.sessions.discard(self)
-        for lun in self.core.luns.values():
-            if lun.reserved_by == self.nexus:
-                lun.reserved_by = None
+        if self.nexus not in self.core.nexuses():
+            for lun in self.core.luns.values():
+                lun.nexus_lost(self.nexus)

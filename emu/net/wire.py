@@ -342,6 +342,7 @@ class TcpWire(Wire):
         self.reoffer_at: float | None = None  # a segment is held until then
         self.held_since: float | None = None
         self.window_wait = False  # the head segment waits for the receive window to open
+        self.reoffers = 0  # held segments offered again (the peer's retransmissions)
         self.eof = False
         self.error: OSError | None = None
         self._suspended: list[tuple[Tag, Awaited]] = []
@@ -530,6 +531,7 @@ class TcpWire(Wire):
         if reoffer:
             if self.held_since is not None:
                 nic.stat.tcp_reoffer += 1  # the held segment, offered again (it was due long ago)
+                self.reoffers += 1
             self.reoffer_at = None
         n = 0
         for _ in range(nic.batch):

@@ -15,19 +15,12 @@ from __future__ import annotations
 
 import struct
 
+from iscsi.pdu import pdu_length
+
 _U32 = struct.Struct(">I")
 BHS = 48
 
 
-def pdu_length(bhs: bytes, *, header_digest: bool, data_digest: bool) -> int:
-    """An iSCSI PDU's length on the wire from its BHS: BHS, AHS, header digest, padded data
-    segment, data digest (RFC 7143 §11.2)."""
-    ahs = bhs[4] * 4
-    dsl = int.from_bytes(bhs[5:8], "big")
-    n = BHS + ahs + (4 if header_digest else 0) + ((dsl + 3) & ~3)
-    if dsl and data_digest:
-        n += 4
-    return n
 RPC_CALL = 0
 RPC_REPLY = 1
 

@@ -117,7 +117,7 @@ class IscsiSwapLun(RemoteSwap):
     def retransmits(self) -> int:
         """Session recoveries (reissued commands) and TCP re-offers of held response chunks."""
         if self.ini is not None:
-            self._last_reissued = int(self.ini.reconnects)
+            self._last_reissued = int(self.ini.reissued)
         wire = getattr(self.sock, "wire", None)
         return self._last_reissued + int(getattr(wire, "reoffers", 0))
 

@@ -46,7 +46,7 @@ def test_run_command_swaps_to_tgtd(tmp_path: Path) -> None:
     """`netswap run --server iscsi://...` against tgtd's LUN 1, end to end through the CLI."""
     require_root()
     require_binary("tgtd", "tgtadm")
-    from iscsi import peer
+    from emu.peers import iscsi as peer
 
     out = tmp_path / "r.json"
     with peer.tgtd(tmp_path / "tgtd", size=64 << 20, digests=False) as d:

@@ -9,7 +9,7 @@ import pytest
 import trio
 from peers import require_binary, require_root
 
-from iscsi import peer
+from emu.peers import iscsi as peer
 from iscsi.initiator import Initiator, discover
 
 pytestmark = pytest.mark.peers

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from iscsi import scsi
-from iscsi.lun import DiskLun, report_luns, no_such_lun
+from iscsi.lun import DiskLun, no_such_lun, report_luns
 from iscsi.sense import Sense, SenseKey, Status
 
 
@@ -71,7 +71,7 @@ def test_inquiry_and_vpd(lun: DiskLun) -> None:
     assert std[0] == 0 and std[3] & 0x0F == 2 and std[8:16] == b"NETSWAP " and std[4] == len(std) - 5
     assert len(lun.execute(scsi.cdb_inquiry(36)).data) == 36  # allocation length truncates
     pages = lun.execute(scsi.cdb_inquiry(255, True, 0)).data
-    assert list(pages[4:]) == [0x00, 0x80, 0x83, 0xB0, 0xB1]
+    assert list(pages[4:]) == [0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2]
     for page in pages[4:]:
         body = lun.execute(scsi.cdb_inquiry(255, True, page)).data
         assert body[1] == page and struct.unpack_from(">H", body, 2)[0] == len(body) - 4
@@ -132,7 +132,9 @@ def test_write_same_and_prefetch(lun: DiskLun) -> None:
     ndob = struct.pack(">BBQIBB", 0x93, 0x01, 100, 10, 0, 0)  # NDOB: zeros, no data-out
     assert lun.data_out_length(ndob) == (0, None) and lun.execute(ndob).status == Status.GOOD
     assert lun.execute(scsi.cdb_read(100, 10)).data == bytes(5120)
-    assert sense_of(lun.execute(struct.pack(">BBIBHB", 0x41, 0, 0, 0, 0, 0), block)) == (SenseKey.ILLEGAL_REQUEST, 0x24, 0)  # WSNZ
+    # WSNZ 0: no blocks means "to the end of the LU"
+    assert lun.execute(struct.pack(">BBIBHB", 0x41, 0, lun.nblocks - 3, 0, 0, 0), block).status == Status.GOOD
+    assert lun.execute(scsi.cdb_read(lun.nblocks - 3, 3)).data == block * 3
     assert sense_of(lun.execute(struct.pack(">BBIBHB", 0x41, 0x08, 0, 0, 1, 0), block)) == (SenseKey.ILLEGAL_REQUEST, 0x24, 0)  # UNMAP
     assert sense_of(lun.execute(struct.pack(">BBIBHB", 0x41, 0, lun.nblocks, 0, 1, 0), block)) == (SenseKey.ILLEGAL_REQUEST, 0x21, 0)
     assert lun.execute(struct.pack(">BBIBHB", 0x34, 0x02, lun.nblocks - 1, 0, 1, 0)).status == Status.GOOD

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from iscsi import scsi
-from iscsi.initiator import InitiatorCore, Task
+from iscsi.initiator_conn import InitiatorConnection
+from iscsi.initiator_task import Task, TaskKind
 from iscsi.keys import SessionParams
 from iscsi.login import LoginResult
 from iscsi.lun import DiskLun
@@ -33,7 +34,7 @@ class Pair:
         iparams.peer_max_recv_data_segment_length = tparams.max_recv_data_segment_length
         res = LoginResult(session_type, "iqn.test:ini", IQN, b"\x80" * 6, 1, 0, tparams, cmd_sn=1, stat_sn=100)
         self.ts = TargetSession(self.core, res, window=window)
-        self.ic = InitiatorCore(iparams, cmd_sn=1, exp_stat_sn=100, exp_cmd_sn=1, max_cmd_sn=window)
+        self.ic = InitiatorConnection(iparams, cmd_sn=1, exp_stat_sn=100, exp_cmd_sn=1, max_cmd_sn=window)
         self.to_target = PduReader(max_data=tparams.max_recv_data_segment_length, header_digest=tparams.header_digest, data_digest=tparams.data_digest)
         self.to_initiator = PduReader(header_digest=iparams.header_digest, data_digest=iparams.data_digest)
         self.seen: list[Pdu] = []  # every PDU the target sent
@@ -53,13 +54,18 @@ class Pair:
                 back += self.ic.receive(p)
             pending = b"".join(back)
 
+    def submit(self, task: Task) -> list[bytes]:
+        out: list[bytes] = []
+        self.ic.submit(task, out)
+        return out
+
     def run(self, task: Task) -> Task:
-        self.send(self.ic.submit(task))
+        self.send(self.submit(task))
         return task
 
 
 def scsi_task(cdb: bytes, *, data: bytes | None = None, read_len: int = 0) -> Task:
-    return Task("scsi", 0, cdb, memoryview(data) if data is not None else None, read_len)
+    return Task(TaskKind.SCSI, 0, cdb, memoryview(data) if data is not None else None, read_len)
 
 
 @pytest.fixture
@@ -102,8 +108,8 @@ def test_statsn_and_cmdsn_window(pair: Pair) -> None:
     assert pair.seen[-1].u32(28) == 4 and pair.seen[-1].u32(32) == 4 + 8 - 1  # ExpCmdSN, MaxCmdSN
     # CmdSN beyond MaxCmdSN, and below ExpCmdSN: silently ignored
     for bad in (pair.ic.max_cmd_sn + 1, pair.ic.cmd_sn - 1):
-        t = Task("scsi", 0, tur)
-        out = pair.ic.submit(t)
+        t = Task(TaskKind.SCSI, 0, tur)
+        out = pair.submit(t)
         pair.ic.cmd_sn -= 1
         bhs = bytearray(out[0])
         struct.pack_into(">I", bhs, 24, bad)
@@ -116,8 +122,8 @@ def test_statsn_and_cmdsn_window(pair: Pair) -> None:
 
 def test_commands_ahead_of_expcmdsn_wait_for_the_gap(pair: Pair) -> None:
     a, b = scsi_task(scsi.cdb_test_unit_ready()), scsi_task(scsi.cdb_test_unit_ready())
-    first = pair.ic.submit(a)
-    second = pair.ic.submit(b)
+    first = pair.submit(a)
+    second = pair.submit(b)
     pair.send(second)
     assert b.result is None and len(pair.ts.pending) == 1
     pair.send(first)
@@ -161,7 +167,7 @@ def _data_out(itt: int, ttt: int, data_sn: int, offset: int, data: bytes, final:
 def test_bad_datasn_fails_the_command(tmp_path: Path) -> None:
     p = Pair(tmp_path, initial_r2t=True, immediate_data=False)
     t = scsi_task(scsi.cdb_write(0, 2), data=bytes(1024))
-    cmd = p.ic.submit(t)
+    cmd = p.submit(t)
     p.to_target.feed(b"".join(cmd))
     p.ts.receive(p.to_target.next())
     r2t = p.ts.out
@@ -174,9 +180,7 @@ def test_bad_datasn_fails_the_command(tmp_path: Path) -> None:
 
 
 def test_nop_both_ways(pair: Pair) -> None:
-    t = Task("nop")
-    t.payload = b"ping!"
-    t.immediate = True
+    t = Task(TaskKind.NOP, immediate=True, payload=b"ping!")
     pair.run(t)
     assert t.response == b"ping!"
     pair.ts.nop_in_ping()
@@ -192,16 +196,13 @@ def test_nop_both_ways(pair: Pair) -> None:
 def test_abort_task_and_resets(tmp_path: Path) -> None:
     p = Pair(tmp_path, initial_r2t=True, immediate_data=False)
     w = scsi_task(scsi.cdb_write(0, 2), data=bytes(1024))
-    p.to_target.feed(b"".join(p.ic.submit(w)))
+    p.to_target.feed(b"".join(p.submit(w)))
     p.ts.receive(p.to_target.next())
     p.ts.out.clear()  # the R2T is never answered: the write is in progress
     assert w.itt in p.ts.writes
 
     def tmf(function: int, ref: int = RESERVED_TAG) -> int:
-        t = Task("tmf")
-        t.immediate = True
-        t.response = (function, ref, w.cmd_sn)
-        p.run(t)
+        t = p.run(Task(TaskKind.TMF, immediate=True, tmf=(function, ref, w.cmd_sn)))
         return t.response  # type: ignore[return-value]
 
     assert tmf(TmfFunction.ABORT_TASK, w.itt) == TmfResponse.FUNCTION_COMPLETE
@@ -224,15 +225,14 @@ def test_rejects(pair: Pair) -> None:
 
 
 def test_logout(pair: Pair) -> None:
-    t = Task("logout")
-    t.immediate = True
+    t = Task(TaskKind.LOGOUT, immediate=True)
     pair.run(t)
     assert t.response == 0 and pair.ts.closing
 
 
 def test_sendtargets_discovery(tmp_path: Path) -> None:
     p = Pair(tmp_path, session_type="Discovery")
-    t = Task("text")
+    t = Task(TaskKind.TEXT)
     t.payload = encode_text([("SendTargets", "All")])
     p.run(t)
     rsp = p.seen[-1]
@@ -249,7 +249,7 @@ def test_write_buffering_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(sess, "MAX_WRITE_BUFFERED", 4096)
     p = Pair(tmp_path, initial_r2t=True, immediate_data=False)
     first = scsi_task(scsi.cdb_write(0, 8), data=bytes(4096))
-    p.to_target.feed(b"".join(p.ic.submit(first)))
+    p.to_target.feed(b"".join(p.submit(first)))
     p.ts.receive(p.to_target.next())
     p.ts.out.clear()
     second = p.run(scsi_task(scsi.cdb_write(8, 8), data=bytes(4096)))
@@ -275,7 +275,7 @@ def test_reserve6_conflicts_for_other_nexus_and_is_released(tmp_path: Path) -> N
     # a second I_T nexus on the same target and LUN
     res = LoginResult("Normal", "iqn.test:other", IQN, b"\x80\x01\x02\x03\x04\x05", 2, 0, a.ts.params, cmd_sn=1, stat_sn=1)
     other.ts = TargetSession(a.core, res, window=8)
-    other.ic = InitiatorCore(SessionParams(), cmd_sn=1, exp_stat_sn=1, exp_cmd_sn=1, max_cmd_sn=8)
+    other.ic = InitiatorConnection(SessionParams(), cmd_sn=1, exp_stat_sn=1, exp_cmd_sn=1, max_cmd_sn=8)
     other.to_target, other.to_initiator, other.seen = PduReader(), PduReader(), []
     a.core.sessions.update({a.ts, other.ts})
 
@@ -287,26 +287,34 @@ def test_reserve6_conflicts_for_other_nexus_and_is_released(tmp_path: Path) -> N
     assert status(other, reserve) == Status.RESERVATION_CONFLICT
     assert status(other, scsi.cdb_read(0, 1), 512) == Status.RESERVATION_CONFLICT
     assert status(other, scsi.cdb_inquiry(96), 96) == Status.GOOD  # exempt
-    assert status(other, release) == Status.GOOD and a.lun.reserved_by == a.ts.nexus  # a no-op
+    assert status(other, release) == Status.GOOD and a.lun.reservations.spc2_holder == a.ts.nexus  # a no-op
     assert status(a, scsi.cdb_read(0, 1), 512) == Status.GOOD
     a.ts.close()  # I_T nexus loss releases it
     assert status(other, reserve) == Status.GOOD
 
 
-@pytest.mark.parametrize("digests", [False, True])
-def test_read_fast_path_is_byte_identical_to_the_general_path(tmp_path: Path, digests: bool) -> None:
-    outputs = []
+def fast_and_general(tmp_path: Path, digests: bool) -> list[Pair]:
+    """Two target sessions on twin LUNs: one that may only take the fast path, one never."""
+    pairs = []
     for fast in (True, False):
         (tmp_path / str(fast)).mkdir()
         p = Pair(tmp_path / str(fast), header_digest=digests, data_digest=digests)
-        p.lun.execute(scsi.cdb_write(0, 64), bytes(range(256)) * 128)
         if fast:
             def general(pdu: Pdu) -> None:
                 raise AssertionError("the general path was taken")
 
             p.ts.dispatch[Op.SCSI_CMD] = general
         else:
-            p.ts._fast_read = lambda bhs: False  # type: ignore[method-assign]
+            p.ts._fast = lambda bhs, data: False  # type: ignore[method-assign]
+        pairs.append(p)
+    return pairs
+
+
+@pytest.mark.parametrize("digests", [False, True])
+def test_read_fast_path_is_byte_identical_to_the_general_path(tmp_path: Path, digests: bool) -> None:
+    outputs = []
+    for p in fast_and_general(tmp_path, digests):
+        p.lun.execute(scsi.cdb_write(0, 64), bytes(range(256)) * 128)
         read16 = struct.pack(">BBQIBB", 0x88, 0, 8, 8, 0, 0)
         for cdb, n in ((scsi.cdb_read(0, 8), 4096), (read16, 4096), (scsi.cdb_read(3, 1), 512)):
             p.run(scsi_task(cdb, read_len=n))
@@ -315,20 +323,36 @@ def test_read_fast_path_is_byte_identical_to_the_general_path(tmp_path: Path, di
     assert outputs[0] == outputs[1]
 
 
+@pytest.mark.parametrize("digests", [False, True])
+def test_write_and_sync_fast_paths_are_byte_identical_to_the_general_path(tmp_path: Path, digests: bool) -> None:
+    outputs, files, synced = [], [], []
+    write16 = struct.pack(">BBQIBB", 0x8A, 0x08, 40, 8, 0, 0)  # FUA
+    sync16 = struct.pack(">BBQIBB", 0x91, 0, 0, 16, 0, 0)
+    commands = ((scsi.cdb_write(0, 8), b"a" * 4096), (write16, b"b" * 4096), (scsi.cdb_write(9, 1, fua=True), b"c" * 512),
+                (scsi.cdb_synchronize_cache(0, 8), None), (sync16, None))
+    for p in fast_and_general(tmp_path, digests):
+        for cdb, data in commands:
+            p.run(scsi_task(cdb, data=data))
+            synced.append(bool(p.ts.sync_luns))
+            p.ts.sync_luns.clear()
+        outputs.append([bytes(x.bhs) + x.data for x in p.seen])
+        files.append(p.lun.path.read_bytes())
+        assert p.ts.stats["commands"] == 5
+    assert outputs[0] == outputs[1] and files[0] == files[1]
+    assert synced == [False, True, True, True, True] * 2  # FUA and SYNCHRONIZE CACHE wait for an fsync
+
+
 def _tmf(p: Pair, function: int, rtt: int = RESERVED_TAG, ref_cmd_sn: int = 0) -> int:
-    t = Task("tmf")
-    t.immediate = True
-    t.response = (function, rtt, ref_cmd_sn)
-    p.run(t)
+    t = p.run(Task(TaskKind.TMF, immediate=True, tmf=(function, rtt, ref_cmd_sn)))
     return t.response  # type: ignore[return-value]
 
 
 @pytest.mark.parametrize("function", [TmfFunction.ABORT_TASK, TmfFunction.ABORT_TASK_SET, TmfFunction.LOGICAL_UNIT_RESET, TmfFunction.TARGET_WARM_RESET])
 def test_aborting_a_queued_command_keeps_the_cmdsn_sequence(pair: Pair, function: int) -> None:
     lost = scsi_task(scsi.cdb_test_unit_ready())
-    late = pair.ic.submit(lost)  # CmdSN 1: held back, as if delayed on the wire
+    late = pair.submit(lost)  # CmdSN 1: held back, as if delayed on the wire
     queued = scsi_task(scsi.cdb_test_unit_ready())
-    pair.send(pair.ic.submit(queued))  # CmdSN 2 waits for 1
+    pair.send(pair.submit(queued))  # CmdSN 2 waits for 1
     assert list(pair.ts.pending) == [queued.cmd_sn]
     assert _tmf(pair, function, queued.itt, queued.cmd_sn) == TmfResponse.FUNCTION_COMPLETE
     assert queued.result is None  # aborted: never answered
@@ -340,9 +364,9 @@ def test_aborting_a_queued_command_keeps_the_cmdsn_sequence(pair: Pair, function
 
 
 def test_logout_with_a_queued_command_leaves_no_hole(pair: Pair) -> None:
-    late = pair.ic.submit(scsi_task(scsi.cdb_test_unit_ready()))
+    late = pair.submit(scsi_task(scsi.cdb_test_unit_ready()))
     queued = scsi_task(scsi.cdb_test_unit_ready())
-    pair.send(pair.ic.submit(queued))
+    pair.send(pair.submit(queued))
     pair.ts.abort_tasks(None)  # what Logout and I_T nexus loss do
     assert pair.ts.pending == {queued.cmd_sn: None}
     pair.send(late)
@@ -351,7 +375,7 @@ def test_logout_with_a_queued_command_leaves_no_hole(pair: Pair) -> None:
 
 def test_abort_task_of_a_never_received_command_counts_its_cmdsn(pair: Pair) -> None:
     lost = scsi_task(scsi.cdb_test_unit_ready())
-    late = pair.ic.submit(lost)  # CmdSN 1, lost on the way (RFC 7143 §11.5.1 case b)
+    late = pair.submit(lost)  # CmdSN 1, lost on the way (RFC 7143 §11.5.1 case b)
     assert _tmf(pair, TmfFunction.ABORT_TASK, lost.itt, lost.cmd_sn) == TmfResponse.FUNCTION_COMPLETE
     assert pair.ts.exp_cmd_sn == lost.cmd_sn + 1 and not pair.ts.pending
     nxt = pair.run(scsi_task(scsi.cdb_test_unit_ready()))
@@ -362,11 +386,11 @@ def test_abort_task_of_a_never_received_command_counts_its_cmdsn(pair: Pair) -> 
 
 
 def test_abort_task_of_a_lost_command_behind_another_gap(pair: Pair) -> None:
-    first = pair.ic.submit(scsi_task(scsi.cdb_test_unit_ready()))  # CmdSN 1, delayed
+    first = pair.submit(scsi_task(scsi.cdb_test_unit_ready()))  # CmdSN 1, delayed
     lost = scsi_task(scsi.cdb_test_unit_ready())
-    pair.ic.submit(lost)  # CmdSN 2, lost
+    pair.submit(lost)  # CmdSN 2, lost
     third = scsi_task(scsi.cdb_test_unit_ready())
-    pair.send(pair.ic.submit(third))  # CmdSN 3, queued
+    pair.send(pair.submit(third))  # CmdSN 3, queued
     assert _tmf(pair, TmfFunction.ABORT_TASK, lost.itt, lost.cmd_sn) == TmfResponse.FUNCTION_COMPLETE
     assert pair.ts.pending.get(lost.cmd_sn, 0) is None and third.result is None
     pair.send(first)  # the gap fills: 1 runs, 2 is stepped past, 3 runs
@@ -420,7 +444,7 @@ def _data_out_dd(itt: int, ttt: int, data_sn: int, offset: int, data: bytes, fin
 def test_data_digest_error_on_data_out_fails_the_write(tmp_path: Path, bad: int) -> None:
     p = Pair(tmp_path, initial_r2t=True, immediate_data=False, data_digest=True)
     w = scsi_task(scsi.cdb_write(0, 2), data=os.urandom(1024))
-    (r2t,) = _feed_target(p, b"".join(p.ic.submit(w)))
+    (r2t,) = _feed_target(p, b"".join(p.submit(w)))
     assert r2t.opcode == Op.R2T
     ttt = r2t.u32(20)
     got = _feed_target(p, b"".join(_data_out_dd(w.itt, ttt, i, 512 * i, w.data_out[512 * i : 512 * (i + 1)], i == 1, i == bad) for i in range(2)))
@@ -436,10 +460,10 @@ def test_queued_immediate_data_counts_against_the_write_limits(tmp_path: Path, m
 
     monkeypatch.setattr(sess, "MAX_WRITE_BUFFERED", 4096)
     p = Pair(tmp_path)  # ImmediateData=Yes: each write below carries its 2048 bytes with it
-    late = p.ic.submit(scsi_task(scsi.cdb_test_unit_ready()))  # CmdSN 1 held back: the rest queue
+    late = p.submit(scsi_task(scsi.cdb_test_unit_ready()))  # CmdSN 1 held back: the rest queue
     writes = [scsi_task(scsi.cdb_write(4 * i, 4), data=bytes([i + 1]) * 2048) for i in range(3)]
     for w in writes:
-        p.send(p.ic.submit(w))
+        p.send(p.submit(w))
     assert len(p.ts.pending) == 3
     assert p.ts.write_buffered == p.core.write_buffered == 4096
     assert writes[2].result is not None and writes[2].result.status == Status.TASK_SET_FULL
@@ -454,8 +478,8 @@ def test_queued_immediate_data_counts_against_the_write_limits(tmp_path: Path, m
 
 def test_queued_immediate_data_is_released_when_the_session_closes(tmp_path: Path) -> None:
     p = Pair(tmp_path)
-    p.ic.submit(scsi_task(scsi.cdb_test_unit_ready()))  # never delivered
-    p.send(p.ic.submit(scsi_task(scsi.cdb_write(0, 8), data=bytes(4096))))
+    p.submit(scsi_task(scsi.cdb_test_unit_ready()))  # never delivered
+    p.send(p.submit(scsi_task(scsi.cdb_write(0, 8), data=bytes(4096))))
     assert p.core.write_buffered == 4096
     p.ts.close()
     assert p.ts.write_buffered == p.core.write_buffered == 0
@@ -485,7 +509,7 @@ def test_f_clear_with_the_first_burst_already_in_immediate_data_advances(tmp_pat
     p = Pair(tmp_path, initial_r2t=False, first_burst_length=2048, max_recv_data_segment_length=8192)
     data = os.urandom(4096)
     w = scsi_task(scsi.cdb_write(0, 8), data=data)
-    out = p.ic.submit(w)  # BHS, then 2048 bytes of immediate data (all of FirstBurstLength)
+    out = p.submit(w)  # BHS, then 2048 bytes of immediate data (all of FirstBurstLength)
     bhs = bytearray(out[0])
     assert len(out[1]) == 2048 and bhs[1] & 0x80
     bhs[1] &= 0x7F  # F clear: "unsolicited Data-Out follows", though none may
@@ -497,14 +521,14 @@ def test_f_clear_with_the_first_burst_already_in_immediate_data_advances(tmp_pat
 
 
 def test_text_request_that_is_not_utf8_is_rejected(pair: Pair) -> None:
-    t = Task("text")
+    t = Task(TaskKind.TEXT)
     t.payload = b"SendTargets=\xff\0"
     pair.run(t)
     assert pair.seen[-1].opcode == Op.REJECT and pair.seen[-1].bhs[2] == 0x04
 
 
 def _text(p: Pair, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    t = Task("text")
+    t = Task(TaskKind.TEXT)
     t.payload = encode_text(pairs)
     p.run(t)
     assert p.seen[-1].opcode == Op.TEXT_RSP and p.seen[-1].flags == 0x80
