@@ -193,6 +193,7 @@ class HostRun:
     async def shutdown(self) -> None:
         if self.traffic is not None:
             self.traffic.close()
+        self.apps.close()
         await self.swap.close()
         self.kernel.net.close_all()
 

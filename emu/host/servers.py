@@ -1,4 +1,4 @@
-"""Our own servers for a run, started as separate processes on free loopback ports.
+"""Our own servers for a run, started as separate processes on loopback ports they pick.
 
 Servers are real processes (not emulated, not sharing the emulated host's memory). Without
 `--server`, `netswap run` starts `netswap serve nfs` or `netswap serve iscsi` in a temporary
@@ -8,7 +8,9 @@ directory (on tmpfs when there is one) and stops them afterwards, whatever happe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from emu.swapdev.endpoint import Endpoint, IscsiEndpoint, NfsEndpoint, backend_kind
-from emu.util.ports import free_port, port_open
+from emu.util.ports import port_open
 from emu.util.procs import stop_process
 
 DEFAULT_IQN = "iqn.2026-01.org.netswap:swap"
@@ -48,39 +50,58 @@ class ServerProcess:
         stop_process(self.proc, timeout)
 
 
+# The servers bind port 0 and name their ports in their ready line: a port chosen here and bound
+# there could be taken in between by another run on the same machine.
+_NFS_READY = re.compile(rb"netswap nfs ready: .* nfs_port=(\d+) mount_port=(\d+)")
+_ISCSI_READY = re.compile(rb"iscsi target \S+ ready on [^:]+:(\d+)")
+
+
 def _spawn(kind: str, workdir: Path, swap_bytes: int) -> ServerProcess:
     py = [sys.executable, "-m", "emu"]
     log = workdir / f"{kind}-server.log"
     if kind == "nfs":
         export = workdir / "export"
         export.mkdir(exist_ok=True)
-        nfsport = free_port(udp_too=True)
-        mountport = free_port(udp_too=True, avoid={nfsport})
         argv = [*py, "serve", "nfs", "--export", str(export), "--bind", "127.0.0.1",
-                "--port", str(nfsport), "--mount-port", str(mountport)]
-        server: Endpoint = NfsEndpoint("127.0.0.1", str(export), nfsport, mountport)
-        ports: tuple[int, ...] = (nfsport, mountport)
+                "--port", "0", "--mount-port", "0"]
+        server: Endpoint = NfsEndpoint("127.0.0.1", str(export), 0, 0)
     else:
-        port = free_port()
         lun = workdir / "lun0.img"
         size_mib = max(1, -(-swap_bytes // (1 << 20)))
         argv = [*py, "serve", "iscsi", "--lun", str(lun), "--size", f"{size_mib}M", "--bind", "127.0.0.1",
-                "--port", str(port), "--iqn", DEFAULT_IQN]
-        server = IscsiEndpoint("127.0.0.1", port, DEFAULT_IQN, 0)
-        ports = (port,)
+                "--port", "0", "--iqn", DEFAULT_IQN]
+        server = IscsiEndpoint("127.0.0.1", 0, DEFAULT_IQN, 0)
     fh = open(log, "wb")
     try:
         proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 cwd=workdir, start_new_session=True)
     finally:
         fh.close()
-    return ServerProcess(server, proc, workdir, log, ports)
+    return ServerProcess(server, proc, workdir, log, ())
 
 
 def _ready(sp: ServerProcess) -> bool:
+    """Whether the server printed its ready line; then `sp.server` and `sp.ports` name its ports."""
     if not sp.alive():
         raise ServerStartError(f"{' '.join(map(str, sp.proc.args))} exited with status "
                                f"{sp.proc.returncode}:\n{sp.log_tail()}")
+    try:
+        text = sp.log.read_bytes()
+    except OSError:
+        return False
+    if isinstance(sp.server, NfsEndpoint):
+        m = _NFS_READY.search(text)
+        if m is None:
+            return False
+        nfsport, mountport = int(m.group(1)), int(m.group(2))
+        sp.server = dataclasses.replace(sp.server, nfsport=nfsport, mountport=mountport)
+        sp.ports = (nfsport, mountport)
+    else:
+        m = _ISCSI_READY.search(text)
+        if m is None:
+            return False
+        sp.server = dataclasses.replace(sp.server, port=int(m.group(1)))
+        sp.ports = (int(m.group(1)),)
     return all(port_open(p) for p in sp.ports)
 
 

@@ -10,8 +10,10 @@ later.  Each message sent to a port the host listens on is awaited by that port'
 (`Wire.expect_datagrams`), so the clock does not pass its due time before the real kernel has
 delivered it (emu.kernel.clock); the wire is pulled at once, as loopback delivers within the send.
 
-`offered` counts the messages sent, `expected` those sent to a port something listened on,
-`arrived` those the wires read, `lost` those loopback never delivered.
+`offered` counts the messages due by the rate, `unsent` those due before their port's socket was
+open (a real host would discard them unseen; they are not sent, since Apps binds the real sockets
+at start to keep the ports), `expected` those sent to a listening port, `arrived` those the wires
+read, `lost` those loopback never delivered.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class HostTraffic:
         self.offered = 0
         self.expected = 0
         self.send_errors = 0
+        self.unsent = 0
         self.packets = 0
         self.bytes = 0
         self.started_at: float | None = None
@@ -117,9 +120,17 @@ class HostTraffic:
                 tick += TICK
                 n = min(int((tick - t0) * rate - 1e-9) + 1, int(duration * rate))
                 dues: dict[int, list[float]] = defaultdict(list)
+                listening = {p: net.udp_wire(p) is not None for p in self.ports}
                 while i < n:
                     d = self._message(i)
                     t_i = t0 + i / rate
+                    if not listening[d.port]:
+                        # No socket yet: a real host discards it unseen.  Not sent, as the port's
+                        # real socket is already bound (Apps reserves it), and would queue it.
+                        self.offered += 1
+                        self.unsent += 1
+                        i += 1
+                        continue
                     try:
                         for p in d.packets:
                             sendto(p, d.dst)
@@ -133,10 +144,11 @@ class HostTraffic:
                     i += 1
                 for port, ds in dues.items():
                     wire = net.udp_wire(port)
-                    if wire is not None:  # something listens: the real kernel delivers it
-                        self.expected += len(ds)
-                        wire.expect_datagrams(ds)
-                        wire.pull()
+                    if wire is None:  # its socket closed within this tick: the real kernel discards it
+                        continue
+                    self.expected += len(ds)
+                    wire.expect_datagrams(ds)
+                    wire.pull()
                 if tick >= end:
                     break
                 await trio.sleep_until(tick)
@@ -156,7 +168,7 @@ class HostTraffic:
                 lost += w.lost
         d: dict[str, Any] = {"profile": tr.profile, "rate": tr.rate, "size": size, "ports": self.ports,
                              "generator": self.generator, "spoof": tr.spoof if self.privileged else None,
-                             "offered": self.offered, "expected": self.expected, "arrived": arrived,
+                             "offered": self.offered, "unsent": self.unsent, "expected": self.expected, "arrived": arrived,
                              "lost_on_loopback": lost, "send_errors": self.send_errors, "packets": self.packets,
                              "bytes": self.bytes}
         if self.started_at is not None:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import socket
 import struct
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,6 @@ from emu.kernel.sched import task
 from emu.mm.page_alloc import Page
 from emu.mm.process import Process
 from emu.net.sock import Sock, app_reader
-from emu.util.ports import free_port
 
 if TYPE_CHECKING:
     from emu.kernel.cpu import Cpu
@@ -95,6 +95,7 @@ class Apps:
         self.tr = tr
         self.procs: list[Process] = []
         self.ports: list[int] = []
+        self._reserved: list[socket.socket | None] = []
         self.socks: list[Sock] = []
         self.listening_at: float | None = None
 
@@ -111,13 +112,24 @@ class Apps:
                 for page in range(tr.app_pages):
                     await proc.touch(page, write=True)
             self.procs.append(proc)
-            self.ports.append(free_port(udp_too=True, avoid=set(self.ports)))
+            # bound now, so that no other run on this machine takes the port before listen()
+            raw = self.net.reserve_udp_port()
+            self._reserved.append(raw)
+            self.ports.append(raw.getsockname()[1])
+
+    def close(self) -> None:
+        """Release the ports of a run that ended before its applications listened."""
+        for raw in self._reserved:
+            if raw is not None:
+                raw.close()
+        self._reserved = [None] * len(self._reserved)
 
     async def listen(self, nursery: trio.Nursery) -> None:
         """Open their sockets and start reading; until now the traffic found no socket on this
         machine and the real kernel discarded it."""
         for i, (proc, port) in enumerate(zip(self.procs, self.ports)):
-            sk = await self.net.open_app_udp(port, proc)
+            raw, self._reserved[i] = self._reserved[i], None
+            sk = await self.net.open_app_udp(port, proc, reserved=raw)
             self.socks.append(sk)
             nursery.start_soon(self._loop, i, proc, sk)
         self.listening_at = trio.current_time()

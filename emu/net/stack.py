@@ -237,16 +237,34 @@ class NetStack:
                 raise
         return EmuDatagram(sk)
 
+    def reserve_udp_port(self, port: int = 0, addr: str | None = None) -> _socket.socket:
+        """A real UDP socket bound now, for `open_app_udp(reserved=...)` later: the port stays
+        this host's meanwhile, however many other runs share the machine.  Nothing may be sent
+        to it before then (HostTraffic sends only to ports with a wire)."""
+        return self._udp_raw((addr or self.local_addr, port))
+
     async def open_app_udp(self, port: int = 0, owner: Any = None, *, rcvbuf: int | None = None,
-                           addr: str | None = None) -> Sock:
-        """An application's UDP socket bound to `port` (0: any) on the host's address.  The real
-        socket is bound only once the emulated one exists (sk_alloc may sleep in reclaim): from
-        then on, every datagram it receives is one its wire knows about."""
-        sk_obj = await self.udp_sk_cache.alloc_wait(GFP_KERNEL)  # sk_alloc
+                           addr: str | None = None, reserved: _socket.socket | None = None) -> Sock:
+        """An application's UDP socket bound to `port` (0: any) on the host's address, or on the
+        `reserved` socket's port.  The wire is attached only once the emulated socket exists
+        (sk_alloc may sleep in reclaim): from then on, every datagram it receives is one its wire
+        knows about."""
         try:
-            raw = self._udp_raw((addr or self.local_addr, port))
+            sk_obj = await self.udp_sk_cache.alloc_wait(GFP_KERNEL)  # sk_alloc
+        except BaseException:
+            if reserved is not None:
+                reserved.close()
+            raise
+        try:
+            if reserved is not None:
+                raw = reserved
+                _drain(raw)
+            else:
+                raw = self._udp_raw((addr or self.local_addr, port))
         except BaseException:
             self.udp_sk_cache.free(sk_obj)
+            if reserved is not None:
+                reserved.close()
             raise
         sk = Sock(self, "udp", raw, owner, rcvbuf if rcvbuf is not None else self.rmem_default)
         sk.sk_obj = sk_obj
@@ -509,3 +527,13 @@ async def serve_app_tcp(listener: TcpListener, resident: Callable[[], Awaitable[
             except trio.ClosedResourceError:
                 return
             nursery.start_soon(one, sk)
+
+
+def _drain(raw: _socket.socket) -> None:
+    """Discard what a reserved socket received before it was opened (nothing is sent to it then,
+    but a stray datagram must not be taken for one its wire expects)."""
+    while True:
+        try:
+            raw.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
