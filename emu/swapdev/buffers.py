@@ -18,7 +18,7 @@ under PF_MEMALLOC and so may take its buffers from the reserve, as rpciod does.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import trio
 
@@ -54,7 +54,7 @@ class HostBuffers:
         return (ctl, buf, nbytes)
 
     def free(self, token: object) -> None:
-        ctl, buf, nbytes = token  # type: ignore[misc]
+        ctl, buf, nbytes = cast(tuple[SlabObj, SlabObj, int], token)
         self.slabs.kfree(buf)
         self.slabs.kfree(ctl)
         self.live -= 1
@@ -106,7 +106,7 @@ class RpcBuffers(HostBuffers):
         return (rqst, buf, pooled, nbytes)
 
     def free(self, token: object) -> None:
-        rqst, buf, pooled, nbytes = token  # type: ignore[misc]
+        rqst, buf, pooled, nbytes = cast(tuple[SlabObj, SlabObj | None, SlabObj, int], token)
         if buf is not None:
             self.slabs.kfree(buf)
         else:

@@ -30,6 +30,7 @@ from emu.swapdev.remote import RemoteSwap
 
 if TYPE_CHECKING:
     from emu.net.stack import NetStack
+    from emu.net.transport import EmuDatagram, EmuStream
 
 PREALLOC_CHUNK = 32 * 1024
 NFS_SLOTS = 16  # xprt_udp_slot_table_entries / tcp_slot_table_entries (RPC_DEF_SLOT_TABLE)
@@ -74,6 +75,7 @@ class NfsSwapFile(RemoteSwap):
             from nfs.transport import tcp_connect, udp_connect
 
             return await (udp_connect(host, port) if self.proto == "udp" else tcp_connect(host, port))
+        t: EmuDatagram | EmuStream
         if self.proto == "udp":
             t = await self.net.open_udp(host, port, memalloc=True, link=self.link, framer=RpcDatagramFramer())
         else:
