@@ -73,6 +73,9 @@ class RunResult:
     costs: dict[str, float] = field(default_factory=dict)
     clock: dict[str, Any] = field(default_factory=dict)
     vmstat: dict[str, int] = field(default_factory=dict)
+    socket_drops: dict[str, dict[str, int]] = field(default_factory=dict)  # per socket, per drop counter
+    views: dict[str, str] = field(default_factory=dict)  # /proc texts at the end (meminfo, reserve_info, ...)
+    pcap: dict[str, Any] = field(default_factory=dict)  # --pcap: what the file holds
     error: str = ""
     report: str = ""
     files: dict[str, str] = field(default_factory=dict)
