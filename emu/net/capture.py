@@ -30,7 +30,7 @@ import socket as _socket
 import struct
 from typing import TYPE_CHECKING, Any
 
-from emu.net.netstat import FRAG_QUEUED, MISSED, NOMEM, QUEUED, VERDICTS
+from emu.net.netstat import FRAG_QUEUED, MISSED, QUEUED, VERDICTS
 
 if TYPE_CHECKING:
     from emu.net.sock import Sock
