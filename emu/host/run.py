@@ -315,6 +315,7 @@ def run_host(sc: scen.Scenario, server: Endpoint, progress: Progress | None = No
     res.outcome = outcome
     res.error = error
     res.wall_s = res.clock["wall_s"] = round(perf_counter() - wall0, 3)
+    res.timeline = run.recorder
     if run.obs is not None and run.obs.tap is not None:
         run.obs.tap.stop()
         res.pcap = run.obs.write_pcap(f"netswap run: backend {sc.backend}, policy {sc.policy}, scenario {sc.name}, "
@@ -346,7 +347,8 @@ def run_scenario(sc: scen.Scenario, progress: Progress | None = None, out_dir: P
 
 
 def run_matrix(base: scen.Scenario, backends: tuple[str, ...] | list[str], policies: tuple[str, ...] | list[str],
-               out_dir: Path | None = None, progress: Progress | None = None, **kw: Any) -> list[RunResult]:
+               out_dir: Path | None = None, progress: Progress | None = None,
+               observe_for: Callable[[scen.Scenario], Observe | None] | None = None, **kw: Any) -> list[RunResult]:
     """Each backend under each policy with the same workload and traffic; one server per backend.
 
     The reserve policies run first, so that `none` is judged for livelock against the progress
@@ -359,7 +361,8 @@ def run_matrix(base: scen.Scenario, backends: tuple[str, ...] | list[str], polic
         if sc.policy == "none":
             rates = [r.progress_rate for (b, p), r in results.items() if b == sc.backend and r.outcome == "completed"]
             ref = max(rates) if rates else None
-        results[(sc.backend, sc.policy)] = run_host(sc, server, progress, out_dir, reference_rate=ref, **kw)
+        obs = observe_for(sc) if observe_for is not None else None
+        results[(sc.backend, sc.policy)] = run_host(sc, server, progress, out_dir, reference_rate=ref, observe=obs, **kw)
 
     for b in backends:
         sc_b = base.replace(backend=b)
