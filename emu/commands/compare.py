@@ -64,5 +64,6 @@ def compare(results: tuple[str, ...], plot_path: str, all_rows: bool, as_json: b
         for k, vals in rows:
             t.add_row(k, *[_cell(v) for v in vals[start:start + PER_TABLE]])
         out.print(t)
-    err.print(f"figure: {png} ({drawn} of {len(runs)} runs had a timeline)", markup=False, highlight=False)
+    err.print(f"figure: {png} ({drawn} of {len(runs)} runs had a timeline)", markup=False, highlight=False,
+              soft_wrap=True)
     sys.exit(EXIT_OK)

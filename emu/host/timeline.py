@@ -215,6 +215,8 @@ def plot(rec: Recorder, path: Path, title: str, deadlock_at: float | None = None
                 ax3.plot(t, [r[col] for r in table], lw=1, label=col.removeprefix("drops_").removesuffix("_per_s"))
         ax3.set_ylabel("drops/s")
         ax3.set_xlabel("emulated time (s)")
+        if not any(c.startswith("drops_") for c in plotted_columns(rec, policy)):
+            ax3.text(0.5, 0.5, "no drops", ha="center", va="center", transform=ax3.transAxes, color="gray")
         for ax in axes:  # legends outside, on the right: nothing drawn is hidden under them
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
@@ -243,7 +245,7 @@ def plot_summary(runs: list[tuple[str, str, str, Recorder, float | None]], path:
     backends = list(dict.fromkeys(r[0] for r in runs))
     policies = list(dict.fromkeys(r[1] for r in runs))
     fig, axes = plt.subplots(len(backends), len(policies), figsize=(4.2 * len(policies), 2.8 * len(backends)),
-                             squeeze=False, sharey="row")
+                             squeeze=False)
     for backend, policy, outcome, rec, at in runs:
         ax = axes[backends.index(backend)][policies.index(policy)]
         if rec.samples:
