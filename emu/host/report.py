@@ -287,6 +287,16 @@ def _results_table(console: Console, results: list[Any], title: str) -> None:
     console.print(t)
 
 
+def _n(x: int) -> str:
+    """A count in at most 5 characters (12345, 123k, 12.3M)."""
+    x = int(x)
+    if x < 100_000:
+        return str(x)
+    if x < 10_000_000:
+        return f"{x // 1000}k"
+    return f"{x / 1e6:.1f}M" if x < 100_000_000 else f"{x // 1_000_000}M"
+
+
 # --- live progress ----------------------------------------------------------------------------
 
 
@@ -337,8 +347,8 @@ class LiveProgress:
 
     def _render(self) -> Table:
         """One row per run, within 80 columns: the run on two lines, no bars."""
-        t = Table(expand=False, title="netswap (emulated time)", box=box.SIMPLE_HEAD, pad_edge=False,
-                  padding=(0, 1), collapse_padding=True)
+        t = Table(expand=False, title="netswap (emulated time)", box=None, pad_edge=False, padding=(0, 1),
+                  show_edge=False)
         for c, just in (("run", "left"), ("phase", "left"), ("t", "right"), ("work", "right"),
                         ("free/min", "right"), ("resv", "right"), ("swap o/i", "right"), ("drops", "right"),
                         ("stall", "right")):
@@ -356,5 +366,5 @@ class LiveProgress:
             stall = "–" if s.phase == "completed" or s.stalled_for <= 0 else f"{s.stalled_for:.1f}s"
             resv = "–" if s.policy == "none" else f"{s.reserve_used}"
             t.add_row(run, phase, f"{s.t:.2f}s", f"{frac:.0%}", f"{s.nr_free}/{s.wmark_min}", resv,
-                      f"{s.pswpout}/{s.pswpin}", f"{s.drops}", stall)
+                      f"{_n(s.pswpout)}/{_n(s.pswpin)}", _n(s.drops), stall)
         return t
