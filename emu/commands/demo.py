@@ -102,18 +102,19 @@ def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ..
                                 for r in results if r.timeline is not None],
                                out / "summary.png", f"netswap demo — scenario {base.name}")
     steps = next_steps(out, results, base)
+    runs_json = [r.to_json() for r in results]
     summary = {
         "scenario": base.name,
         "elapsed_s": round(elapsed, 2),
         "expected": expected,
         "as_expected": ok,
         "files": {"report_html": str(out / "report.html"), "summary_png": str(summary_png)},
-        "runs": [r.to_json() for r in results],
+        "runs": runs_json,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     exp_text = ", ".join(f"{p} {w}" for p, w in expected.items())
     (out / "report.html").write_text(render(
-        summary["runs"], title=f"netswap demo — scenario {base.name}", summary_png=str(summary_png),
+        runs_json, title=f"netswap demo — scenario {base.name}", summary_png=str(summary_png),
         intro=f"{base.description} Expected: {exp_text}. "
               f"{'Every run as expected.' if ok else 'NOT every run as expected.'} {elapsed:.0f} s wall.",
         footer=steps))

@@ -67,9 +67,9 @@ def apply_overrides(sc: scen.Scenario, *, backend: str | None, policy: str | Non
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Write the timeline PNG, JSON and report into DIR.")
 @click.option("--pcap", "pcap", type=click.Path(dir_okay=False), metavar="FILE",
               help="Write every frame the emulated NIC saw (RX with its fate and drop reason as a packet comment, TX) as pcapng to FILE.")
-@click.option("--pcap-snaplen", type=click.IntRange(min=0), default=0, show_default=True, metavar="BYTES",
+@click.option("--pcap-snaplen", type=click.IntRange(min=0), default=128, show_default=True, metavar="BYTES",
               help="Keep only the first BYTES of each background frame (0: whole); swap traffic (SOCK_MEMALLOC sockets) stays whole.")
-@click.option("--pcap-ring", callback=_size, default="64M", show_default=True, metavar="SIZE",
+@click.option("--pcap-ring", callback=_size, default="128M", show_default=True, metavar="SIZE",
               help="The capture keeps the last SIZE of frames (a ring; older frames are left out and counted).")
 @click.option("--dropwatch", is_flag=True, help="Print drops per reason and per socket each emulated second (as dropwatch -l kas), on stderr.")
 @click.option("--proc-dir", type=click.Path(file_okay=False), metavar="DIR",

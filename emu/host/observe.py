@@ -32,8 +32,8 @@ class Observe:
     """The observers asked for (all off by default)."""
 
     pcap: Path | None = None
-    pcap_snaplen: int = 0  # bytes kept of each background frame (0: whole); swap traffic stays whole
-    pcap_ring: int = 64 << 20  # bytes: the file holds the last this many bytes of frames
+    pcap_snaplen: int = 128  # bytes kept of each background frame (0: whole); swap traffic stays whole
+    pcap_ring: int = 128 << 20  # bytes: the file holds the last this many bytes of frames
     dropwatch: Callable[[str], None] | None = None  # gets one line per (site, socket) each second
     proc_dir: Path | None = None
 
