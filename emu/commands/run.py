@@ -147,7 +147,7 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
         console.print(f"pcap: {p['file']}: {p['frames_written']} frames ({p['rx_frames']} RX, {p['tx_frames']} TX"
                       + (f"; the oldest {p['left_out']} left out of the {format_size(p['ring_bytes'])} ring" if p["left_out"] else "")
                       + f"), written in {p['write_s']:.1f} s; try: tshark -r {p['file']} -Y 'frame.comment contains \"DROP\"'",
-                      markup=False, highlight=False)
+                      markup=False, highlight=False, soft_wrap=True)
     if json_out:
         payload = json.dumps(result.to_json(), indent=2)
         if json_out == "-":

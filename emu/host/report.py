@@ -279,8 +279,10 @@ def _results_table(console: Console, results: list[Any], title: str) -> None:
         ("swap retransmits", lambda r: str(r.swap_retransmits)),
     ]
     reasons = sorted({k for r in results for k, v in r.drops.items() if v})
+    if reasons:
+        rows.append(("drops (frames):", lambda r: ""))
     for k in reasons:
-        rows.append((f"drops {k}"[:18], lambda r, k=k: str(r.drops.get(k, 0))))
+        rows.append((f"  {k}"[:18], lambda r, k=k: str(r.drops.get(k, 0))))
     rows.append(("emergency skbs", lambda r: str(r.emergency_skbs)))
     for label, fn in rows:
         t.add_row(label, *[fn(r) for r in results])

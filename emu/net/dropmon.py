@@ -78,5 +78,5 @@ class DropMonitor:
         rows = self.poll()
         if not rows:
             return []
-        return [f"t={t:.0f}s  {n:>7} drops at {site} [{reason.removeprefix('SKB_DROP_REASON_')}] {sock}"
+        return [f"t={t:.2f}s {n:>7} drops at {site} [{reason.removeprefix('SKB_DROP_REASON_')}] {sock}"
                 for site, reason, sock, n in rows]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,11 +108,11 @@ def test_dropwatch_accounts_for_every_drop(observed: Observed) -> None:
     for pair in PAIRS:
         res, lines = observed.seen[pair], observed.dropwatch[pair]
         total = 0
-        for line in lines:  # "nfs-udp/none t=1s     2482 drops at SITE [REASON] SOCKET"
-            n, rest = line.split("s ", 1)[1].split(" drops at ")
-            site = rest.split(" ", 1)[0]
-            assert site in {s for s, _ in LOCATIONS.values()}
-            total += int(n)
+        for line in lines:  # "nfs-udp/none t=1.00s    2482 drops at SITE [REASON] SOCKET"
+            m = re.match(r"^\S+ t=[\d.]+s +(\d+) drops at (\S+) \[(\w+)\] ", line)
+            assert m, line
+            assert m[2] in {s for s, _ in LOCATIONS.values()}
+            total += int(m[1])
         counted = sum(v for k, v in res.drops.items() if k in LOCATIONS)
         assert total == counted, (pair, total, counted)
         if counted:
