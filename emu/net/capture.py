@@ -30,13 +30,13 @@ import socket as _socket
 import struct
 from typing import TYPE_CHECKING, Any
 
-from emu.net.netstat import FRAG_QUEUED, MISSED, QUEUED, VERDICTS
+from emu.net.netstat import FRAG_QUEUED, MISSED, QUEUED, RESERVE_SKB, VERDICTS
 
 if TYPE_CHECKING:
     from emu.net.sock import Sock
 
 LINKTYPE_RAW = 101  # raw IPv4/IPv6, no link-layer header
-RESERVE = 16  # a trace entry's flag: the skb came from the reserve
+RESERVE = RESERVE_SKB  # a trace entry's flag: the skb came from the reserve
 PER_FRAME_OVERHEAD = 160  # bytes of Python objects per ringed frame, counted against the ring
 MTU = 1500
 _IP = struct.Struct("!BBHHHBBH4s4s")

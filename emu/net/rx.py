@@ -37,6 +37,7 @@ from emu.net.netstat import (
     PFMEMALLOC,
     QUEUED,
     RCVBUFF,
+    RESERVE_SKB,
     VERDICTS,
 )
 from emu.net.skbuff import SKB_OVERHEAD, SkBuff
@@ -135,7 +136,7 @@ class RxPath:
         self._port_sk: Sock | None = None
         self._ready: list[Sock] = []  # sockets something was queued on in this poll
         # An observer (emu.net.capture.PacketTap, `--pcap`): None unless capturing.  Then `trace`
-        # gets one entry per frame where its verdict is counted (| RESERVE for a reserve skb).
+        # gets one entry per frame where its verdict is counted (| RESERVE_SKB for a reserve skb).
         self.tap: PacketTap | None = None
         self.trace: list[int] | None = None
 
@@ -317,7 +318,7 @@ class RxPath:
         name = VERDICTS[v][0]
         sk.rx_drops[name] = sk.rx_drops.get(name, 0) + r
         if self.trace is not None:
-            self.trace.extend([v | 16 if v != NOMEM and v != MISSED and self._last_reserve else v] * r)
+            self.trace.extend([v | RESERVE_SKB if v != NOMEM and v != MISSED and self._last_reserve else v] * r)
         if v != NOMEM and v != MISSED:
             # each repeat took an skb (from the array cache) and gave it back: it passed step 3
             self.route_hits += r
@@ -343,7 +344,7 @@ class RxPath:
             if v > FRAG_QUEUED:
                 self._drop(v, self._port_sk)
             if self.trace is not None:
-                self.trace.append(v | 16 if v != NOMEM and v != MISSED and self._last_reserve else v)
+                self.trace.append(v | RESERVE_SKB if v != NOMEM and v != MISSED and self._last_reserve else v)
             return v
         self.ip_id = ip_id = (self.ip_id + 1) & 0xFFFF
         key = (saddr, daddr, ip_id, IPPROTO_UDP)
@@ -356,7 +357,7 @@ class RxPath:
             if v > FRAG_QUEUED:
                 self._drop(v, self._port_sk)
             if self.trace is not None:
-                self.trace.append(v | 16 if v != NOMEM and v != MISSED and self._last_reserve else v)
+                self.trace.append(v | RESERVE_SKB if v != NOMEM and v != MISSED and self._last_reserve else v)
         return v
 
     def _udp_frame(self, size: int, payload: bytes | None, saddr: str, sport: int, daddr: str,
