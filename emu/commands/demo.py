@@ -27,8 +27,11 @@ def next_steps(out: Path, results: list, base: scen.Scenario) -> list[str]:
         b = stuck.backend
         shipped = base.source.endswith("(shipped)")
         scen_arg = "" if base.name == "demo" and shipped else f"{base.name if shipped else base.source} "
-        steps.append(f"netswap run {scen_arg}--backend {b} --policy none --pcap {b}-none.pcapng --dropwatch")
-        steps.append(f"tshark -r {b}-none.pcapng -Y 'frame.comment contains \"DROP\"' | head")
+        pcap = stuck.files.get("pcap")
+        if pcap is None:
+            pcap = f"{b}-none.pcapng"
+            steps.append(f"netswap run {scen_arg}--backend {b} --policy none --pcap {pcap} --dropwatch")
+        steps.append(f"tshark -r {pcap} -Y 'frame.comment contains \"DROP\"' | head")
         steps.append(f"netswap run {scen_arg}--backend {b} --policy v12 --proc-dir /tmp/{b}-v12 &  watch cat /tmp/{b}-v12/meminfo")
         others = [r for r in results if r.backend == b and r.policy != "none"]
         if others and stuck.files.get("json") and others[0].files.get("json"):
