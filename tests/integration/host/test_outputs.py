@@ -95,3 +95,17 @@ def test_scenarios_state_the_expected_verdicts() -> None:
         assert "x.toml:2: expect.none" in str(e) and "completed" in str(e)
     else:
         raise AssertionError("an unknown verdict must be refused")
+
+
+def test_run_puts_the_result_on_stdout_and_progress_on_stderr(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    # a run cut short at 0.05 emulated seconds (outcome timeout, exit 1): it still has a result
+    r = subprocess.run([sys.executable, "-m", "emu", "run", "quiet", "--policy", "none", "--duration", "0.05",
+                        "--proc-dir", str(tmp_path / "proc")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "netswap run: nfs-udp / none" in r.stdout and "outcome" in r.stdout and "timeout" in r.stdout
+    assert "not finished within watchdog.timeout" in r.stderr  # the error is a log line
+    assert "t=" not in r.stdout  # progress lines stay on stderr
+    assert "MemFree:" in (tmp_path / "proc" / "meminfo").read_text()
