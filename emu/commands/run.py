@@ -25,6 +25,25 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
         raise click.BadParameter(f"{value!r}: {e}", ctx, param) from None
 
 
+def _positive_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    n = _size(ctx, param, value)
+    if n is not None and n < 4096:
+        raise click.BadParameter(f"{value!r}: the ring must hold at least 4K", ctx, param)
+    return n
+
+
+def _writable_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Checked before the run, so that a run is never lost to a file that cannot be written."""
+    if value is None:
+        return None
+    parent = Path(value).resolve().parent
+    if not parent.is_dir():
+        raise click.BadParameter(f"{value!r}: no such directory {str(parent)!r}", ctx, param)
+    if Path(value).is_dir():
+        raise click.BadParameter(f"{value!r} is a directory", ctx, param)
+    return value
+
+
 def apply_overrides(sc: scen.Scenario, *, backend: str | None, policy: str | None, ram: int | None,
                     swap: int | None, workload: str | None, traffic: str | None,
                     duration: float | None, server: str | None) -> scen.Scenario:
@@ -65,11 +84,11 @@ def apply_overrides(sc: scen.Scenario, *, backend: str | None, policy: str | Non
 @click.option("--server", metavar="URL", help="Swap to an external server: nfs://127.0.0.1/EXPORT?nfsport=P&mountport=Q or iscsi://127.0.0.1:PORT/IQN/LUN. Default: start ours.")
 @click.option("--json", "json_out", metavar="OUT", help="Write the result as JSON to OUT ('-' for stdout).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Write the timeline PNG, JSON and report into DIR.")
-@click.option("--pcap", "pcap", type=click.Path(dir_okay=False), metavar="FILE",
+@click.option("--pcap", "pcap", type=click.Path(dir_okay=False), callback=_writable_file, metavar="FILE",
               help="Write every frame the emulated NIC saw (RX with its fate and drop reason as a packet comment, TX) as pcapng to FILE.")
 @click.option("--pcap-snaplen", type=click.IntRange(min=0), default=128, show_default=True, metavar="BYTES",
               help="Keep only the first BYTES of each background frame (0: whole); swap traffic (SOCK_MEMALLOC sockets) stays whole.")
-@click.option("--pcap-ring", callback=_size, default="128M", show_default=True, metavar="SIZE",
+@click.option("--pcap-ring", callback=lambda c, p, v: _positive_size(c, p, v), default="128M", show_default=True, metavar="SIZE",
               help="The capture keeps the last SIZE of frames (a ring; older frames are left out and counted).")
 @click.option("--dropwatch", is_flag=True, help="Print drops per reason and per socket each emulated second (as dropwatch -l kas), on stderr.")
 @click.option("--proc-dir", type=click.Path(file_okay=False), metavar="DIR",

@@ -109,3 +109,16 @@ def test_run_puts_the_result_on_stdout_and_progress_on_stderr(tmp_path) -> None:
     assert "not finished within watchdog.timeout" in r.stderr  # the error is a log line
     assert "t=" not in r.stdout  # progress lines stay on stderr
     assert "MemFree:" in (tmp_path / "proc" / "meminfo").read_text()
+
+
+def test_bad_observer_flags_are_usage_errors_before_any_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    for args, what in ((["--pcap", str(tmp_path / "nodir" / "x.pcapng")], "no such directory"),
+                       (["--pcap", str(tmp_path)], "is a directory"),
+                       (["--pcap", str(tmp_path / "x.pcapng"), "--pcap-ring", "0"], "at least 4K"),
+                       (["--pcap-snaplen", "-1"], "--pcap-snaplen")):
+        r = subprocess.run([sys.executable, "-m", "emu", "run", *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and what in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "x.pcapng").exists()
