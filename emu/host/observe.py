@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from emu.mm.gfp import Policy
 from emu.net.capture import PacketTap
@@ -105,7 +105,7 @@ class Observers:
                 self.opts.dropwatch(f"{self.label} {line}")  # type: ignore[misc]
         self.write_proc(now, status)
 
-    def write_pcap(self, comment: str) -> dict[str, object]:
+    def write_pcap(self, comment: str) -> dict[str, Any]:
         """Write the capture (after the run); what went into it."""
         tap = self.tap
         if tap is None or self.opts.pcap is None:

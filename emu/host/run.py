@@ -318,9 +318,15 @@ def run_host(sc: scen.Scenario, server: Endpoint, progress: Progress | None = No
     res.timeline = run.recorder
     if run.obs is not None and run.obs.tap is not None:
         run.obs.tap.stop()
+        decode = ""
+        if sc.backend == "iscsi" and hasattr(server, "port"):
+            decode = f"tshark -d tcp.port=={server.port},iscsi"  # our target listens on a free port
         res.pcap = run.obs.write_pcap(f"netswap run: backend {sc.backend}, policy {sc.policy}, scenario {sc.name}, "
-                                      f"outcome {res.outcome} at t={res.emulated_s:.3f} s (emulated; timestamps are "
-                                      f"the run's wall-clock start plus emulated time)")
+                                      f"server {server.url()}, outcome {res.outcome} at t={res.emulated_s:.3f} s "
+                                      f"(emulated; timestamps are the run's wall-clock start plus emulated time)"
+                                      + (f"; decode iSCSI with: {decode}" if decode else ""))
+        if decode:
+            res.pcap["decode_as"] = decode
         res.files["pcap"] = str(res.pcap["file"])
     if out_dir is not None:
         write_outputs(res, out_dir, f"{sc.backend}-{sc.policy}", run.recorder,

@@ -93,8 +93,10 @@ def test_pcap_decodes_rpc_and_iscsi_without_malformed_frames(observed: Observed)
     assert any("7" in f[2].split(",") for f in calls)  # NFSv3 WRITE calls: the swap-outs
     assert any(f[1] == "1" and ":nfs" in f[0] for f in nfs)  # and their replies, matched to them
     iscsi_pcap = str(observed.pcap("iscsi", "v12"))
+    decode = observed.seen[("iscsi", "v12")].pcap["decode_as"]  # what the run says to use
     port = tshark("-r", iscsi_pcap, "-Y", 'tcp && frame.comment == "TX"', "-T", "fields", "-e", "tcp.dstport",
                   "-c", "1").strip()
+    assert decode == f"tshark -d tcp.port=={port},iscsi"
     isc = dissect(iscsi_pcap, "-d", f"tcp.port=={port},iscsi")
     ops = {op for f in isc for op in f[3].split(",") if op}
     assert {"0x01", "0x21"} <= ops, sorted(ops)  # SCSI Command and SCSI Response PDUs
