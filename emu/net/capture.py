@@ -7,10 +7,11 @@ it keeps them in a ring bounded in bytes (the last `ring_bytes`, as dumpcap's ri
 the last files).  `write()` turns the ring into pcapng (LINKTYPE_RAW: IPv4 packets) with one
 packet comment per frame:
 
-    RX delivered                                   queued on its socket (step 8)
-    RX fragment queued for reassembly              step 4, waiting for the rest
-    RX dropped: SKB_DROP_REASON_PFMEMALLOC (pfmemalloc_drop)      the kernel's drop reason name
-                                                   (include/net/dropreason-core.h) and netswap's counter
+    RX delivered to udp 127.0.0.1:9000 app3        queued on that socket (step 8)
+    RX fragment queued for reassembly, for ...     step 4, waiting for the rest
+    RX dropped: SKB_DROP_REASON_PFMEMALLOC (pfmemalloc_drop), for udp 127.0.0.1:9000 app3
+                                                   the kernel's drop reason name (include/net/
+                                                   dropreason-core.h), netswap's counter, the socket
     ...; skb from the reserve (pfmemalloc)         allocated below the watermarks (v12: emergency)
     TX                                             sent by the host
 
@@ -45,16 +46,16 @@ _TCP = struct.Struct("!HHIIBBHHH")
 TCP_ACK_PSH = 0x18
 
 
-def fate(verdict: int, reserve_name: str = "") -> str:
-    """The comment of an RX frame with this verdict (reserve flag included)."""
+def fate(verdict: int, reserve_name: str = "", sock: str = "") -> str:
+    """The comment of an RX frame with this verdict (reserve flag included), for `sock`."""
     v = verdict & ~RESERVE
     name, reason = VERDICTS[v]
     if v == QUEUED:
-        text = "RX delivered"
+        text = "RX delivered" + (f" to {sock}" if sock else "")
     elif v == FRAG_QUEUED:
-        text = "RX fragment queued for reassembly"
+        text = "RX fragment queued for reassembly" + (f", for {sock}" if sock else "")
     else:
-        text = f"RX dropped: {reason} ({name})"
+        text = f"RX dropped: {reason} ({name})" + (f", for {sock}" if sock else "")
     if verdict & RESERVE:
         text += f"; skb from the reserve ({reserve_name or 'reserve'})"
     return text
@@ -88,7 +89,9 @@ class PacketTap:
         self.counts = [0] * len(VERDICTS)  # RX frames per verdict, the left-out ones included
         self.reserve_frames = 0
         self.stopped = False
+        self.reserve_name = reserve_name
         self._fates = {v | r: fate(v | r, reserve_name) for v in range(len(VERDICTS)) for r in (0, RESERVE)}
+        self._sock_fates: dict[int, tuple[Sock, dict[int, str]]] = {}  # id(sock) -> its comments
         self._addr: dict[str, bytes] = {}
         self._ip_id = 0
         self._tcp: dict[tuple[str, int, str, int], list[int]] = {}  # -> [rcv_nxt, snd_nxt]
@@ -121,6 +124,17 @@ class PacketTap:
                 self.ring_bytes -= len(h) + len(p) + PER_FRAME_OVERHEAD
                 self.left_out += 1
 
+    def fates(self, sk: Sock | None) -> dict[int, str]:
+        """The comments of frames for `sk` (naming it: `tshark -Y 'frame.comment contains "app3"'`)."""
+        if sk is None:
+            return self._fates
+        got = self._sock_fates.get(id(sk))
+        if got is None or got[0] is not sk:
+            name = f"{sk.proto} {sk.local_str()} {sk.owner_name()}"
+            got = (sk, {v | r: fate(v | r, self.reserve_name, name) for v in range(len(VERDICTS)) for r in (0, RESERVE)})
+            self._sock_fates[id(sk)] = got
+        return got[1]
+
     def udp(self, frames: Any, daddr: str, dport: int, sk: Sock | None, trace: list[int], now: float) -> None:
         """One poll's datagrams for a port (its socket `sk`), (due, data, saddr, sport) each, and
         the receive path's trace: one entry per frame (a fragmented datagram has one per fragment)."""
@@ -128,7 +142,7 @@ class PacketTap:
             return
         whole = sk is not None and sk.memalloc
         dst = self._a(daddr)
-        fates = self._fates
+        fates = self.fates(sk)
         counts = self.counts
         max_single = self.max_single
         k = 0
@@ -176,7 +190,7 @@ class PacketTap:
         n = len(chunk)
         hdr = (_IP.pack(0x45, 0, n + 40, 0, 0x4000, 64, 6, 0, self._a(sk.raddr), self._a(sk.laddr))
                + _TCP.pack(sk.rport, sk.lport, st[0] & 0xFFFFFFFF, st[1] & 0xFFFFFFFF, 0x50, TCP_ACK_PSH, 65535, 0, 0))
-        self._put(now, hdr, chunk, 0, n, self._fates[v], 1, sk.memalloc)
+        self._put(now, hdr, chunk, 0, n, self.fates(sk)[v], 1, sk.memalloc)
         self.counts[verdict] += 1
         self.reserve_frames += reserve
         self.rx_frames += 1

@@ -18,7 +18,7 @@ from emu.net.netstat import FRAG_QUEUED, NOMEM, PFMEMALLOC, QUEUED
 
 def sock(proto: str = "udp", memalloc: bool = False) -> SimpleNamespace:
     return SimpleNamespace(proto=proto, laddr="127.0.0.1", lport=2049, raddr="127.0.0.2", rport=700,
-                           memalloc=memalloc)
+                           memalloc=memalloc, local_str=lambda: "127.0.0.1:2049", owner_name=lambda: "nfs")
 
 
 def read(path: Path) -> list:
@@ -64,7 +64,8 @@ def test_tcp_sequence_follows_the_stream_and_a_reoffer_repeats_it(tmp_path: Path
     pkts = read(p)
     seqs = [(x[TCP].sport, x[TCP].seq) for x in pkts]
     assert seqs == [(2049, 1), (700, 1), (700, 1), (700, 101)]
-    assert pkts[2].comments[0].decode().endswith("skb from the reserve (reserve)")
+    assert pkts[1].comments[0].decode() == "RX dropped: SKB_DROP_REASON_NOMEM (rx_nomem), for tcp 127.0.0.1:2049 nfs"
+    assert pkts[2].comments[0].decode() == "RX delivered to tcp 127.0.0.1:2049 nfs; skb from the reserve (reserve)"
     assert pkts[0].comments[0] == b"TX" and pkts[3][TCP].ack == 41
 
 
