@@ -181,7 +181,8 @@ def render_deadlock_report(r: ReportData) -> str:
     L.append(f"  swap transport {r.swap_sock or '?'}: requests retransmitted/reissued {r.swap_retransmits} times")
     reasons = {k: v for k, v in r.swap_sock_drops.items() if v}
     if reasons:
-        L.append("  replies to swap I/O dropped: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))
+        by_count = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))  # the main reason first
+        L.append("  replies to swap I/O dropped: " + ", ".join(f"{k} {v}" for k, v in by_count))
     else:
         L.append("  replies to swap I/O dropped: (none recorded per socket)")
     L.append("  host-wide drops: " + (", ".join(f"{k} {v}" for k, v in r.drops.items() if v) or "none"))

@@ -96,6 +96,12 @@ class NetStat:
         for name in COUNTERS:
             setattr(self, name, 0)
 
+    if TYPE_CHECKING:  # the counters are the slots named in COUNTERS, each an int
+
+        def __getattr__(self, name: str) -> int: ...
+
+        def __setattr__(self, name: str, value: int) -> None: ...
+
     def snapshot(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in COUNTERS}
 
