@@ -104,6 +104,22 @@ class WatchdogSection:
     sample: float = _f(0.01, "float", "seconds between timeline samples and watchdog checks", min=0.001, max=10.0)
 
 
+VERDICTS = ("completed", "deadlock", "livelock", "stuck", "any")  # stuck: deadlock or livelock
+
+
+@dataclass
+class ExpectSection:
+    """The verdict each policy should reach on this scenario (`netswap demo` checks them)."""
+
+    none: str = _f("stuck", "choice", "expected verdict under none (stuck: deadlock or livelock)", choices=VERDICTS)
+    v12: str = _f("completed", "choice", "expected verdict under v12", choices=VERDICTS)
+    pfmemalloc: str = _f("completed", "choice", "expected verdict under pfmemalloc", choices=VERDICTS)
+
+    def allows(self, policy: str, outcome: str) -> bool:
+        want = getattr(self, policy)
+        return want == "any" or outcome == want or (want == "stuck" and outcome in ("deadlock", "livelock"))
+
+
 @dataclass
 class Scenario:
     name: str = "demo"
@@ -115,10 +131,11 @@ class Scenario:
     workload: WorkloadSection = field(default_factory=WorkloadSection)
     traffic: TrafficSection = field(default_factory=TrafficSection)
     watchdog: WatchdogSection = field(default_factory=WatchdogSection)
+    expect: ExpectSection = field(default_factory=ExpectSection)
     costs: Costs = field(default_factory=Costs)
     source: str = "<defaults>"
 
-    SECTIONS = ("host", "workload", "traffic", "watchdog")
+    SECTIONS = ("host", "workload", "traffic", "watchdog", "expect")
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "description": self.description, "backend": self.backend,

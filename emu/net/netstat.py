@@ -26,6 +26,7 @@ DUP_FRAG = 6  # step 4: overlaps a fragment already queued
 NO_SOCKET = 7  # step 5
 PFMEMALLOC = 8  # step 6: a reserve skb for a socket that is not SOCK_MEMALLOC
 RCVBUFF = 9  # step 7: over the socket's receive buffer
+RESERVE_SKB = 16  # or'ed into a verdict in a capture trace (emu.net.capture): the skb came from the reserve
 
 # verdict -> (netswap counter, kernel drop reason or "" for frames that were not dropped)
 VERDICTS: tuple[tuple[str, str], ...] = (
