@@ -46,7 +46,7 @@ from nfs.nfsd import NfsProgram
 from nfs.portmap import IPPROTO_TCP, IPPROTO_UDP, PMAP_PROGRAM, PMAP_V2, Mapping, PortmapProgram
 from nfs.record import DEFAULT_MAX_RECORD, BufferPool, RecordDecoder, RecordTooLarge, record_mark
 from nfs.store import Export, default_state_dir, load_key
-from nfs.svc import Buffer, CallContext, FileSegment, RpcProgram, RpcService, close_segments, materialize
+from nfs.svc import Buffer, CallContext, FileSegment, Pending, RpcProgram, RpcService, close_segments, materialize
 
 log = logging.getLogger("netswap.nfs.server")
 
@@ -54,6 +54,7 @@ UDP_MAX_PAYLOAD = 65507
 _SCRATCH = 16 * 1024  # small reads: record marks and small calls
 _SOCK_BUF = 4 * 1024 * 1024
 _MAX_LOWAT = 1024 * 1024  # a 1 MiB WRITE wakes the server once (the kernel grows the rcvbuf for it)
+_MAX_UNYIELDING = 16  # calls a reading task answers in a row before the other tasks get a turn
 
 
 @dataclass
@@ -93,9 +94,10 @@ class ServerStats:
     stalled_records: int = 0  # connections closed because a record body stopped coming
     udp_datagrams: int = 0
     udp_send_errors: int = 0
+    calls_now: int = 0  # calls run and answered by the reading task itself (no task of their own)
 
 
-def _readable(sock: trio.socket.SocketType) -> int:
+def _readable(sock: pysocket.socket) -> int:
     """Bytes waiting in a socket's receive queue (FIONREAD)."""
     buf = array.array("i", [0])
     fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
@@ -115,13 +117,11 @@ class ListenError(OSError):
         return str(self.strerror)
 
 
-async def send_iov(sock: trio.socket.SocketType, bufs: Sequence[Buffer], addr: object = None) -> None:
-    """Send every buffer, in order: one datagram to `addr`, or onto a stream socket, handling
-    partial sends; file segments go by sendfile(2)."""
+async def send_stream(sock: pysocket.socket, bufs: Sequence[Buffer]) -> None:
+    """Send every buffer, in order, onto a non-blocking stream socket, handling partial sends:
+    memory by sendmsg (scatter-gather), file segments by sendfile(2). It waits (through trio)
+    only when the socket is full, so a reply that fits costs no trip through the event loop."""
     try:
-        if addr is not None:
-            await sock.sendmsg([memoryview(b).cast("B") for b in materialize(list(bufs)) if len(b)], [], 0, addr)
-            return
         views: list[memoryview] = []
         for b in bufs:
             if isinstance(b, FileSegment):
@@ -135,10 +135,29 @@ async def send_iov(sock: trio.socket.SocketType, bufs: Sequence[Buffer], addr: o
         close_segments(list(bufs))
 
 
-async def _send_views(sock: trio.socket.SocketType, views: list[memoryview], more: bool = False) -> None:
+async def send_datagram(sock: pysocket.socket, bufs: Sequence[Buffer], addr: Any) -> None:
+    """Send the buffers as one datagram to `addr` from a non-blocking socket (waiting for room
+    in its send buffer if need be); file segments are read into it."""
+    try:
+        views = [memoryview(b).cast("B") for b in materialize(list(bufs)) if len(b)]
+        while True:
+            try:
+                sock.sendmsg(views, [], 0, addr)
+                return
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+    finally:
+        close_segments(list(bufs))
+
+
+async def _send_views(sock: pysocket.socket, views: list[memoryview], more: bool = False) -> None:
     flags = pysocket.MSG_MORE if more else 0
     while views:
-        n = await sock.sendmsg(views, [], flags)
+        try:
+            n = sock.sendmsg(views, [], flags)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
         while n:
             first = len(views[0])
             if n >= first:
@@ -149,7 +168,7 @@ async def _send_views(sock: trio.socket.SocketType, views: list[memoryview], mor
                 n = 0
 
 
-async def _sendfile(sock: trio.socket.SocketType, seg: FileSegment) -> None:
+async def _sendfile(sock: pysocket.socket, seg: FileSegment) -> None:
     offset, left = seg.offset, seg.count
     while left:
         try:
@@ -162,7 +181,20 @@ async def _sendfile(sock: trio.socket.SocketType, seg: FileSegment) -> None:
             return
         offset += n
         left -= n
-        await trio.lowlevel.checkpoint_if_cancelled()
+
+
+def _own(tsock: trio.socket.SocketType) -> pysocket.socket:
+    """The plain non-blocking socket under a trio one: the drivers call it directly (a call
+    that succeeds costs no checkpoint) and wait through trio.lowlevel only when it would block.
+    Close it with `_close`."""
+    sock = pysocket.socket(fileno=tsock.detach())
+    sock.setblocking(False)
+    return sock
+
+
+def _close(sock: pysocket.socket) -> None:
+    trio.lowlevel.notify_closing(sock)
+    sock.close()
 
 
 class NfsServer:
@@ -274,7 +306,8 @@ class NfsServer:
         del self._conns[id(victim)]  # (its task ends soon; the new connection takes its place)
         return True
 
-    async def _tcp_conn(self, sock: trio.socket.SocketType, peer: tuple[Any, ...]) -> None:
+    async def _tcp_conn(self, tsock: trio.socket.SocketType, peer: tuple[Any, ...]) -> None:
+        sock = _own(tsock)
         sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
         # Room for a whole 1 MiB WRITE or READ in flight: a window that autotuning grows only
         # step by step stalled the client's send in the middle of each big call.
@@ -291,6 +324,7 @@ class NfsServer:
         lowat = 1
         charged = 0  # bytes of dec.received already charged to the budget
         pending = scratch_mv[:0]  # bytes read into the scratch buffer, not yet fed to the decoder
+        unyielding = 0  # calls answered in a row without letting the other tasks run
         try:
             with conn.scope:
                 conn.arm()
@@ -312,7 +346,11 @@ class NfsServer:
                                 charged -= len(rec)
                                 await conn.share.start_call()
                                 conn.arm()
-                                calls.start_soon(self._tcp_call, sock, send_lock, dec, rec, conn)
+                                await self._tcp_record(sock, send_lock, dec, rec, conn, calls)
+                                unyielding += 1
+                                if unyielding >= _MAX_UNYIELDING:
+                                    unyielding = 0
+                                    await trio.lowlevel.checkpoint()
                                 continue
                             if not pending and dec.frag_left >= _SCRATCH:
                                 # Inside a big fragment: receive straight into the record, once
@@ -322,6 +360,7 @@ class NfsServer:
                                 if lo != lowat:
                                     sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, lo)
                                     lowat = lo
+                                unyielding = 0
                                 with trio.move_on_after(self.config.record_timeout / 2) as waited:
                                     await trio.lowlevel.wait_readable(sock)
                                 if waited.cancelled_caught:
@@ -336,8 +375,14 @@ class NfsServer:
                                 await conn.charge(want)
                                 buf = dec.get_buffer(hint=want)
                                 assert buf is not None
-                                with buf, buf[:want] as chunk:
-                                    n = await sock.recv_into(chunk)
+                                try:
+                                    with buf, buf[:want] as chunk:
+                                        n = sock.recv_into(chunk)
+                                except BlockingIOError:
+                                    n = -1
+                                if n < 0:  # (the bytes FIONREAD saw went elsewhere: wait again)
+                                    conn.share.release(want)
+                                    continue
                                 conn.share.release(want - n)
                                 if n == 0:
                                     return
@@ -350,7 +395,12 @@ class NfsServer:
                                         lowat = 1
                                     # A small read: marks and small calls, which stay in the
                                     # scratch buffer until the marks' bytes have been charged.
-                                    n = await sock.recv_into(scratch)
+                                    try:
+                                        n = sock.recv_into(scratch)
+                                    except BlockingIOError:
+                                        unyielding = 0
+                                        await trio.lowlevel.wait_readable(sock)
+                                        continue
                                     if n == 0:
                                         return  # the calls in flight still get their replies
                                     pending = scratch_mv[:n]
@@ -380,22 +430,57 @@ class NfsServer:
         finally:
             self._conns.pop(id(conn), None)
             conn.share.close()
-            sock.close()
+            _close(sock)
 
-    async def _tcp_call(self, sock: trio.socket.SocketType, send_lock: trio.StrictFIFOLock, dec: RecordDecoder,
-                        rec: memoryview, conn: _Conn) -> None:
+    async def _tcp_record(self, sock: pysocket.socket, send_lock: trio.StrictFIFOLock, dec: RecordDecoder,
+                          rec: memoryview, conn: _Conn, calls: trio.Nursery) -> None:
+        """A call that arrived: answered here and now when it needs no waiting and no other
+        reply is being sent (knfsd's nfsd thread runs a call to its end), else in a task of its
+        own, so a call that waits (a sync, a walk of the export) holds up no other."""
+        host, port = conn.peer
+        if not conn.got_call and looks_like_call(rec):
+            conn.got_call = True
+        ctx = CallContext(host, port, "tcp")
+        p = self.svc.begin(rec, ctx)
+        reply: list[Buffer] | None
+        if send_lock.locked():
+            reply = None
+        elif isinstance(p, Pending):
+            reply = self.svc.try_now(p, ctx)
+        else:
+            reply = p
+            p = None
+        if reply is None and p is not None:
+            calls.start_soon(self._tcp_call, sock, send_lock, dec, rec, conn, p, ctx)
+            return
+        self.stats.calls_now += 1
+        n = len(rec)
+        try:
+            dec.recycle(rec)  # nothing refers to the call any more: reuse its buffer
+            if reply is not None:
+                send_lock.acquire_nowait()  # (free: nothing ran since it was seen free)
+                try:
+                    await send_stream(sock, [record_mark(sum(len(b) for b in reply)), *reply])
+                finally:
+                    send_lock.release()
+        finally:
+            if reply is not None:
+                close_segments(reply)  # (already closed if it was sent)
+            conn.share.end_call(n)
+            conn.touch()
+
+    async def _tcp_call(self, sock: pysocket.socket, send_lock: trio.StrictFIFOLock, dec: RecordDecoder,
+                        rec: memoryview, conn: _Conn, p: Pending | list[Buffer] | None, ctx: CallContext) -> None:
         n = len(rec)
         reply: list[Buffer] | None = None
         host, port = conn.peer
         try:
-            if not conn.got_call and looks_like_call(rec):
-                conn.got_call = True
-            reply = await self.svc.dispatch(rec, CallContext(host, port, "tcp"))
+            reply = await self.svc.finish(p, ctx) if isinstance(p, Pending) else p
             dec.recycle(rec)  # nothing refers to the call any more: reuse its buffer
             if reply is not None:
                 total = sum(len(b) for b in reply)
                 async with send_lock:
-                    await send_iov(sock, [record_mark(total), *reply])
+                    await send_stream(sock, [record_mark(total), *reply])
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
             log.debug("%s:%d: reply not sent: %s", host, port, e)
         finally:
@@ -404,33 +489,64 @@ class NfsServer:
             conn.share.end_call(n)
             conn.touch()
 
-    async def _udp_loop(self, sock: trio.socket.SocketType) -> None:
+    async def _udp_loop(self, tsock: trio.socket.SocketType) -> None:
+        sock = _own(tsock)
         share = self.budget.share(self.config.inflight_bytes, self.config.max_inflight * 4)
+        unyielding = 0
         try:
             async with trio.open_nursery() as calls:
                 while True:
                     try:
-                        data, addr = await sock.recvfrom(UDP_MAX_PAYLOAD + 1)
+                        data, addr = sock.recvfrom(UDP_MAX_PAYLOAD + 1)
+                    except BlockingIOError:
+                        unyielding = 0
+                        await trio.lowlevel.wait_readable(sock)
+                        continue
                     except OSError as e:  # e.g. ECONNREFUSED from an earlier ICMP error
                         log.debug("udp recvfrom: %s", e)
                         continue
                     self.stats.udp_datagrams += 1
                     await share.acquire(len(data))
                     await share.start_call()
-                    calls.start_soon(self._udp_call, sock, data, addr, share)
+                    # As over TCP: answered here when the call needs no waiting, else in a task.
+                    ctx = CallContext(str(addr[0]), int(addr[1]), "udp", max_reply=UDP_MAX_PAYLOAD)
+                    try:
+                        p = self.svc.begin(data, ctx)
+                        reply = self.svc.try_now(p, ctx) if isinstance(p, Pending) else p
+                    except Exception:  # a bug must cost this call, never the server
+                        log.exception("udp call from %s failed", addr)
+                        share.end_call(len(data))
+                        continue
+                    if reply is None and isinstance(p, Pending):
+                        calls.start_soon(self._udp_call, sock, data, addr, share, p, ctx)
+                        continue
+                    self.stats.calls_now += 1
+                    try:
+                        if reply is not None:
+                            await self._udp_send(sock, reply, addr)
+                    finally:
+                        share.end_call(len(data))
+                    unyielding += 1
+                    if unyielding >= _MAX_UNYIELDING:
+                        unyielding = 0
+                        await trio.lowlevel.checkpoint()
         finally:
             share.close()
+            _close(sock)
 
-    async def _udp_call(self, sock: trio.socket.SocketType, data: bytes, addr: tuple[Any, ...], share: Share) -> None:
+    async def _udp_send(self, sock: pysocket.socket, reply: list[Buffer], addr: Any) -> None:
         try:
-            ctx = CallContext(str(addr[0]), int(addr[1]), "udp", max_reply=UDP_MAX_PAYLOAD)
-            reply = await self.svc.dispatch(data, ctx)
+            await send_datagram(sock, reply, addr)
+        except (OSError, trio.BusyResourceError) as e:  # (the latter: another reply waits for room)
+            self.stats.udp_send_errors += 1
+            log.debug("udp sendmsg to %s: %s", addr, e)
+
+    async def _udp_call(self, sock: pysocket.socket, data: bytes, addr: tuple[Any, ...], share: Share,
+                        p: Pending, ctx: CallContext) -> None:
+        try:
+            reply = await self.svc.finish(p, ctx)
             if reply is not None:
-                try:
-                    await send_iov(sock, reply, addr)
-                except OSError as e:
-                    self.stats.udp_send_errors += 1
-                    log.debug("udp sendmsg to %s: %s", addr, e)
+                await self._udp_send(sock, reply, addr)
         except Exception:  # a bug must cost this call, never the server
             log.exception("udp call from %s failed", addr)
         finally:
@@ -506,4 +622,4 @@ def parse_allow(values: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress
     return [ipaddress.ip_network(v, strict=False) for v in values]
 
 
-__all__ = ["ListenError", "NfsServer", "ServerConfig", "parse_allow", "send_iov"]
+__all__ = ["ListenError", "NfsServer", "ServerConfig", "parse_allow", "send_datagram", "send_stream"]
