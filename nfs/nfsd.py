@@ -44,6 +44,7 @@ from nfs.nfs3xdr import (
 )
 from nfs.store import Export, check_name, errno_to_stat, proc_path
 from nfs.svc import Buffer, CallContext, peer_address
+from nfs.writeback import DEFAULT_WRITE_BEHIND, WriteBehind, start_writeback
 from nfs.xdr import Packer, Unpacker, XdrError
 
 # UNSTABLE WRITEs up to this size (the largest wtmax) are copied into the page cache on the event
@@ -181,7 +182,8 @@ class NfsProgram:
     name = "NFS3"
 
     def __init__(self, export: Export, allow: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
-                 max_io: int = 1024 * 1024, udp_max_io: int = 32 * 1024, squash: Squash | None = None) -> None:
+                 max_io: int = 1024 * 1024, udp_max_io: int = 32 * 1024, squash: Squash | None = None,
+                 write_behind: int = DEFAULT_WRITE_BEHIND) -> None:
         self.export = export
         self.squash = squash or Squash()
         self._walkers = trio.CapacityLimiter(2)
@@ -193,6 +195,7 @@ class NfsProgram:
         # The write verifier: new at every start, so clients know to resend uncommitted data.
         self.verifier = os.urandom(8)
         self.fsid = export.fsid
+        self.write_behind = WriteBehind(write_behind)
         self._procs: dict[int, Callable[[Any, CallContext], Awaitable[Any]]] = {
             Proc.NULL: self.null, Proc.GETATTR: self.getattr, Proc.SETATTR: self.setattr,
             Proc.LOOKUP: self.lookup, Proc.ACCESS: self.access, Proc.READLINK: self.readlink, Proc.READ: self.read,
@@ -497,7 +500,25 @@ class NfsProgram:
         """An UNSTABLE WRITE up to INLINE_WRITE: a copy into the page cache, on the event loop."""
         pre, fd, mv = self._write_checks(a, ctx, path, st)
         _pwrite_all(fd, mv, a.offset)
+        if self.write_behind.wrote(st.st_ino, len(mv)):
+            self._start_writeback(fd, st.st_ino)
         return WriteRes(_OK, WccData(pre, self._attr(os.fstat(fd))), a.count, a.stable, self.verifier)
+
+    def _start_writeback(self, fd: int, ino: int) -> None:
+        """Start the file's writeback in a worker thread (the block layer may make it wait),
+        without waiting for it: nfs/writeback.py."""
+        own = os.dup(fd)
+
+        async def run() -> None:
+            try:
+                await trio.to_thread.run_sync(start_writeback, own)
+            except OSError:
+                pass  # (the COMMIT's fsync reports what went wrong with the data)
+            finally:
+                os.close(own)
+                self.write_behind.done(ino)
+
+        trio.lowlevel.spawn_system_task(run)
 
     def _write_checks(self, a: WriteArgs, ctx: CallContext, path: str,
                       st: os.stat_result) -> tuple[WccAttr, int, memoryview]:
@@ -805,6 +826,7 @@ class NfsProgram:
             return CommitRes(status, WccData(pre, self._attr(st)))
         fd = self.export.fd(path, st)
         await _sync(fd, os.fsync)  # offset and count: the whole file is committed
+        self.write_behind.synced(st.st_ino)
         return CommitRes(_OK, WccData(pre, self._attr(os.fstat(fd))), self.verifier)
 
 

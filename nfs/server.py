@@ -47,6 +47,7 @@ from nfs.portmap import IPPROTO_TCP, IPPROTO_UDP, PMAP_PROGRAM, PMAP_V2, Mapping
 from nfs.record import DEFAULT_MAX_RECORD, BufferPool, RecordDecoder, RecordTooLarge, record_mark
 from nfs.store import Export, default_state_dir, load_key
 from nfs.svc import Buffer, CallContext, FileSegment, Pending, RpcProgram, RpcService, close_segments, materialize
+from nfs.writeback import DEFAULT_WRITE_BEHIND
 
 log = logging.getLogger("netswap.nfs.server")
 
@@ -81,6 +82,7 @@ class ServerConfig:
     idle_timeout: float = 360.0  # close a connection idle this long (knfsd: 6 minutes)
     record_timeout: float = 5.0  # ... or whose record body stalls this long
     first_call_timeout: float = 5.0  # ... or one that sent no RPC call this long after connecting
+    write_behind: int = DEFAULT_WRITE_BEHIND  # start a file's writeback every this many UNSTABLE bytes (0: never)
 
 
 @dataclass
@@ -206,7 +208,8 @@ class NfsServer:
         self.export = Export(config.export, key)
         names = [self.export.root, *config.names]
         self.pool = BufferPool(8)  # record buffers, shared by the connections
-        self.nfs = NfsProgram(self.export, config.allow, max_io=config.max_io, squash=config.squash)
+        self.nfs = NfsProgram(self.export, config.allow, max_io=config.max_io, squash=config.squash,
+                              write_behind=config.write_behind)
         self.mount = MountProgram(self.export, names, config.allow)
         self.portmap = PortmapProgram() if config.portmap_port is not None else None
         programs: list[RpcProgram] = [self.nfs, self.mount]
