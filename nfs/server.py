@@ -606,7 +606,8 @@ class _Conn:
             deadline = min(deadline, self.opened + self.first_call_timeout)
         elif not self.share.calls and not self.dec.in_record:
             deadline = self.last_active + self.idle_timeout
-        self.scope.deadline = deadline
+        if deadline != self.scope.deadline:  # (setting it costs trio a deadline-heap update)
+            self.scope.deadline = deadline
 
     def touch(self) -> None:
         self.last_active = trio.current_time()

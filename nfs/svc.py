@@ -178,6 +178,7 @@ class RpcService:
         self.stats = SvcStats()
         self.log_limit = RateLimit(burst=10, interval=5.0)
         self._names: dict[tuple[int, int], str] = {}  # (prog, proc) -> its stats name
+        self._creds: dict[bytes, AuthSys] = {}  # AUTH_SYS credential body -> decoded
 
     def _wake(self, key: DrcKey) -> None:
         ev = self._in_progress.pop(key, None)
@@ -205,11 +206,19 @@ class RpcService:
         xid = hdr.xid
         ctx.header = hdr
         if hdr.cred.flavor == AuthFlavor.AUTH_SYS:
-            try:
-                ctx.cred = AuthSys.from_auth(hdr.cred)
-            except XdrError:
-                self.stats.auth_errors += 1
-                return [encode_reply_denied(xid, RejectStat.AUTH_ERROR, AuthStat.AUTH_BADCRED)]
+            # A client sends the same credential call after call: decoded once (it is a pure
+            # function of its bytes, and AuthSys is immutable), kept in a small bounded table.
+            cred = self._creds.get(hdr.cred.body)
+            if cred is None:
+                try:
+                    cred = AuthSys.from_auth(hdr.cred)
+                except XdrError:
+                    self.stats.auth_errors += 1
+                    return [encode_reply_denied(xid, RejectStat.AUTH_ERROR, AuthStat.AUTH_BADCRED)]
+                if len(self._creds) >= 256:
+                    self._creds.clear()
+                self._creds[hdr.cred.body] = cred
+            ctx.cred = cred
         elif hdr.cred.flavor != AuthFlavor.AUTH_NONE:
             self.stats.auth_errors += 1
             return [encode_reply_denied(xid, RejectStat.AUTH_ERROR, AuthStat.AUTH_BADCRED)]
