@@ -198,10 +198,10 @@ def bench_nfs(size: str, udp_size: str, rounds: int, warmup: bool, directory: Pa
     results = []
     for proto in protos:
         n = nbytes if proto == "tcp" else udp_bytes
-        tool = "nfs-cp, 1 MiB calls" if proto == "tcp" else "netswap client, 32 KiB calls"
-        for way, what in (("in", "into the server (WRITE + COMMIT)"), ("out", "out of the server (READ)")):
+        tool, call = ("nfs-cp", "1 MiB") if proto == "tcp" else ("netswap client", "32 KiB")
+        for way, what in (("in", f"into: {tool}, {call} WRITEs + COMMIT"), ("out", f"out of: {tool}, {call} READs")):
             results.append(BenchResult(
-                name=f"{proto.upper()} {what}: {tool}, {size if proto == 'tcp' else udp_size}", unit="MB/s",
+                name=f"{proto.upper()} {what}, {size if proto == 'tcp' else udp_size}", unit="MB/s",
                 figure=n / med[f"ours_{way}_{proto}"] / MB, baseline=n / med[f"ganesha_{way}_{proto}"] / MB,
                 baseline_name="nfs-ganesha 4.3 VFS",
                 extra={"transport": proto, "direction": way, "bytes": n, "rounds": rounds,
