@@ -246,12 +246,13 @@ class RpcService:
         if nowait is None:
             return None
         hdr, args = p.hdr, p.args
+        body = args.buf[args.pos :]  # (the reply cache's checksum covers the arguments: before they are decoded)
         run = nowait(hdr.vers, hdr.proc, args, ctx)
         if run is None:
             return None
         key = None
         if p.prog.non_idempotent(hdr.vers, hdr.proc):
-            key = self.drc.key(hdr.xid, ctx.host, hdr.prog, hdr.vers, hdr.proc, args.buf[args.pos :])
+            key = self.drc.key(hdr.xid, ctx.host, hdr.prog, hdr.vers, hdr.proc, body)
             if key in self._in_progress:
                 return None  # the original is running: finish() drops or waits, as the rules say
             state, cached = self.drc.lookup(key)

@@ -139,3 +139,26 @@ async def test_write_behind_starts_writeback_and_commit_still_syncs(tmp_path: Pa
         assert server.nfs.write_behind.started == len(started)
     else:
         assert started == []
+
+
+async def test_two_writes_with_the_same_xid_are_both_executed(tmp_path: Path, export_dir: Path) -> None:
+    """The reply cache tells calls apart by their arguments too (clients on one host may pick the
+    same xid): a WRITE answered at once must not take another's cached reply."""
+    (export_dir / "w").write_bytes(b"")
+    async with trio.open_nursery() as n:
+        server = NfsServer(ServerConfig(export=export_dir, port=0, mount_port=0, state_dir=tmp_path / "s"))
+        ports = await n.start(server.serve)
+        fh = server.export.fh_for(str(export_dir / "w"), os.lstat(export_dir / "w"), server.export.root_ino)
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        await sock.connect((H, ports["nfs"]))
+        with trio.fail_after(5):
+            for off, fill in ((0, b"a"), (4096, b"b")):
+                p = Packer()
+                NFS3_PROCEDURES[Proc.WRITE].encode_args(p, WriteArgs(fh, off, 4096, UNSTABLE, fill * 4096))
+                await sock.send(encode_call(5, NFS_PROGRAM, 3, Proc.WRITE, b"".join(p.iov()),  # type: ignore[arg-type]
+                                            AuthSys().to_auth()))
+                await sock.recv(65536)
+        sock.close()
+        assert (export_dir / "w").read_bytes() == b"a" * 4096 + b"b" * 4096
+        assert server.svc.drc.stats.hits == 0 and server.stats.calls_now == 2
+        n.cancel_scope.cancel()
