@@ -2,8 +2,12 @@
 
 Every service port (NFS, MOUNT, optional portmap) is served on both UDP and TCP, and every port
 answers every program (as knfsd's and ganesha's ports do for NULL probes). One task per TCP
-connection reads records (each capped by `max_record`; a bigger one closes that connection only)
-and runs each call in its own task. Memory is bounded server-wide: every connection and UDP
+connection reads records (each capped by `max_record`; a bigger one closes that connection only).
+A call that needs no waiting (`RpcService.try_now`: a READ, an UNSTABLE WRITE, a GETATTR, ...
+with a known handle) is run and answered by that task itself, as an nfsd thread runs a call to
+its end, when no other reply is being sent on the connection; every other call runs in its own
+task, so a sync or a walk of the export holds up no other call (UDP sockets alike). The drivers
+call plain non-blocking sockets and wait through trio only when a call would block. Memory is bounded server-wide: every connection and UDP
 socket draws from one `ByteBudget` (nfs/budget.py) of `max_buffered` bytes: a record's bytes are
 charged as they are read (a mark alone costs nothing, and a record's buffer grows only as its
 bytes arrive), each connection within its fair share of the budget, and freed when the reply
@@ -15,8 +19,8 @@ seconds (not `idle_timeout`), so partial records cannot hold the budget.
 Connections are closed when idle for `idle_timeout` (knfsd: 6 minutes) or when they send no RPC
 call within `first_call_timeout` of connecting; at `max_connections` the connection idle the
 longest is closed to make room for the new one (knfsd's svc_check_conn_limits), so idle peers
-cannot lock clients out. Replies go out with `sendmsg` scatter-gather, READ data with
-sendfile(2), so it is never copied into a bigger message.
+cannot lock clients out. Replies go out with `sendmsg` scatter-gather (READ data with its header
+in one call), never copied into a bigger message.
 """
 
 from __future__ import annotations
