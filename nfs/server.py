@@ -361,24 +361,33 @@ class NfsServer:
                                 continue
                             if not pending and dec.frag_left >= _SCRATCH:
                                 # Inside a big fragment: receive straight into the record, once
-                                # the kernel says a good part of it is there (SO_RCVLOWAT). What
-                                # is there is charged (and its buffer grown) before it is read.
+                                # the kernel says a good part of it is there (SO_RCVLOWAT; often
+                                # it is all there already: then no wait, no trip through trio).
+                                # What is there is charged (and its buffer grown) before it is read.
                                 lo = min(dec.frag_left, _MAX_LOWAT)
-                                if lo != lowat:
-                                    sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, lo)
-                                    lowat = lo
-                                unyielding = 0
-                                with trio.move_on_after(self.config.record_timeout / 2) as waited:
-                                    await trio.lowlevel.wait_readable(sock)
-                                if waited.cancelled_caught:
-                                    # Below the low-water mark the bytes wait in the kernel: if
-                                    # more came, the record is slow, not stalled.
-                                    if (queued := _readable(sock)) > conn.queued:
-                                        conn.queued = queued
-                                        conn.touch()
-                                    continue
+                                queued = _readable(sock)
+                                if queued < lo:
+                                    if lo != lowat:
+                                        sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, lo)
+                                        lowat = lo
+                                    unyielding = 0
+                                    with trio.move_on_after(self.config.record_timeout / 2) as waited:
+                                        await trio.lowlevel.wait_readable(sock)
+                                    queued = _readable(sock)
+                                    if waited.cancelled_caught:
+                                        # Below the low-water mark the bytes wait in the kernel:
+                                        # if more came, the record is slow, not stalled.
+                                        if queued > conn.queued:
+                                            conn.queued = queued
+                                            conn.touch()
+                                        continue
+                                else:
+                                    unyielding += 1
+                                    if unyielding >= _MAX_UNYIELDING:
+                                        unyielding = 0
+                                        await trio.lowlevel.checkpoint()
                                 conn.queued = 0
-                                want = min(dec.frag_left, max(_readable(sock), 1))
+                                want = min(dec.frag_left, max(queued, 1))
                                 await conn.charge(want)
                                 buf = dec.get_buffer(hint=want)
                                 assert buf is not None
