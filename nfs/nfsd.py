@@ -510,13 +510,15 @@ class NfsProgram:
         own = os.dup(fd)
 
         async def run() -> None:
+            # (a system task: whatever happens here must not end the server)
             try:
                 await trio.to_thread.run_sync(start_writeback, own)
             except OSError:
                 pass  # (the COMMIT's fsync reports what went wrong with the data)
             finally:
-                os.close(own)
                 self.write_behind.done(ino)
+                with contextlib.suppress(OSError):
+                    os.close(own)
 
         trio.lowlevel.spawn_system_task(run)
 
