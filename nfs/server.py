@@ -7,8 +7,10 @@ A call that needs no waiting (`RpcService.try_now`: a READ, an UNSTABLE WRITE, a
 with a known handle) is run and answered by that task itself, as an nfsd thread runs a call to
 its end, when no other reply is being sent on the connection; every other call runs in its own
 task, so a sync or a walk of the export holds up no other call (UDP sockets alike). The drivers
-call plain non-blocking sockets and wait through trio only when a call would block. Memory is bounded server-wide: every connection and UDP
-socket draws from one `ByteBudget` (nfs/budget.py) of `max_buffered` bytes: a record's bytes are
+call plain non-blocking sockets and wait through trio only when a call would block.
+
+Memory is bounded server-wide: every connection and UDP socket draws from one `ByteBudget`
+(nfs/budget.py) of `max_buffered` bytes: a record's bytes are
 charged as they are read (a mark alone costs nothing, and a record's buffer grows only as its
 bytes arrive), each connection within its fair share of the budget, and freed when the reply
 has gone. Past the budget a reader stops reading, so TCP flow control holds the client back;
