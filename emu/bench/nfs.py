@@ -103,12 +103,13 @@ def _cp(src: str, dst: str) -> float:
 @click.option("--udp-size", default="32M", show_default=True,
               help="File size to copy over UDP (32 KiB calls: 32 times as many as over TCP); 0: no UDP rows.")
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1, 20),
-              help="Rounds of the four copies (servers in alternating order); the median counts.")
+              help="Rounds of every copy (in and out, each transport; servers in alternating order); the median counts.")
 @click.option("--warmup/--no-warmup", default=True, show_default=True,
               help="One unmeasured round first (page cache and both servers warm).")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="Where the files and exports go (default: a temporary directory).")
-@click.option("--goal", default=0.5, show_default=True, type=float, help="Ratio our/ganesha to meet (warned about).")
+@click.option("--goal", default=1.0, show_default=True, type=float,
+              help="Ratio our/ganesha each row should meet (a row below it is warned about).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: a list of {figure, baseline, ratio, ...}.")
 def bench_nfs(size: str, udp_size: str, rounds: int, warmup: bool, directory: Path | None, goal: float,
               as_json: bool) -> None:
