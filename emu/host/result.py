@@ -14,7 +14,9 @@ from typing import Any
 # outcome -> exit status of `netswap run`
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STUCK = 0, 1, 2, 3
 STUCK = ("deadlock", "livelock")
-OUTCOMES = ("completed", "deadlock", "livelock", "timeout", "error")
+# server_down: the run ended while its swap server did not answer (an error, not a verdict on
+# the memory policy); interrupted: SIGINT/SIGTERM (exit 130/143, set by the command)
+OUTCOMES = ("completed", "deadlock", "livelock", "timeout", "server_down", "error", "interrupted")
 
 
 def exit_status(outcome: str) -> int:
@@ -73,6 +75,10 @@ class RunResult:
     costs: dict[str, float] = field(default_factory=dict)
     clock: dict[str, Any] = field(default_factory=dict)
     vmstat: dict[str, int] = field(default_factory=dict)
+    # when the swap server was down (emulated seconds; up_at None: still down at the end), and
+    # what the transport said about it ("server 127.0.0.1 not responding, still trying", ...)
+    server_outages: list[dict[str, Any]] = field(default_factory=list)
+    server_events: list[dict[str, Any]] = field(default_factory=list)
     error: str = ""
     report: str = ""
     files: dict[str, str] = field(default_factory=dict)

@@ -27,6 +27,7 @@ import trio
 from emu import scenario as scen
 from emu.host.diagnose import blocked_tasks, report_data, swap_reply_drops
 from emu.host.kernel import Kernel
+from emu.host.kmsg import collect_kmsg
 from emu.host.report import render_deadlock_report
 from emu.host.result import STUCK, RunResult, RunStatus, write_outputs
 from emu.host.servers import local_server
@@ -69,6 +70,7 @@ class HostRun:
         self.verdict: Verdict | None = None
         self.wall_expired = False
         self.final: RunResult | None = None  # the result, read from the live kernel at the end
+        self.server_events: list[dict[str, Any]] = []  # the transports' kernel messages (emu.host.kmsg)
 
     # ---- views -----------------------------------------------------------------------------------
 
@@ -150,7 +152,9 @@ class HostRun:
                 with trio.move_on_after(2):
                     await user_done.wait()
                 nursery.cancel_scope.cancel()
-        return "timeout" if self.wall_expired else outcome
+        if self.wall_expired:
+            return "server_down" if self.swap.link.down_since is not None else "timeout"
+        return outcome
 
     async def _watch(self, user: trio.Nursery) -> str:
         sc = self.sc
@@ -170,13 +174,14 @@ class HostRun:
                 user.start_soon(self.apps.listen, user)
             if self.workload.finished.is_set():
                 return "completed"
+            down = self.swap.link.down_since is not None
             v = self.dog.observe(now, self.progress(), blocked_tasks(), len(self.swap.inflight.ios),
-                                 self.reply_drops())
+                                 self.reply_drops(), server_down=down)
             if v is not None:
                 self.verdict = v
                 return v.kind
             if now >= deadline:
-                return "timeout"
+                return "server_down" if down else "timeout"
             await trio.sleep(sc.watchdog.sample)
 
     async def _sampler(self, progress: Progress | None) -> None:
@@ -232,6 +237,9 @@ class HostRun:
         res.costs = sc.costs.to_json()
         res.clock = {"emulated_s": res.emulated_s, "cpu_busy_s": round(k.cpu.busy, 6), **self.clock.stats.to_json()}
         res.vmstat = {key: int(v) for key, v in vm.items() if v}
+        res.server_outages = [{"down_at": round(a, 6), "up_at": None if b is None else round(b, 6)}
+                              for a, b in self.swap.link.outages]
+        res.server_events = list(self.server_events)
         v = self.verdict
         if v is not None and outcome in STUCK:
             detail = ""
@@ -283,9 +291,14 @@ def run_host(sc: scen.Scenario, server: Endpoint, progress: Progress | None = No
                 await run.shutdown()
 
     try:
-        with deterministic_scheduling():
+        with deterministic_scheduling(), collect_kmsg() as kmsg:
+            run.server_events = kmsg.events  # the same list: messages up to the result are in it
             outcome = trio.run(main, clock=clock)
-        if run.wall_expired:
+        if outcome == "server_down":
+            since = run.swap.link.down_since or 0.0
+            error = (f"server {run.server.url()} not answering since t={since:.3f} s (emulated; "
+                     f"{clock.now - since:.1f} s), still down when the run ended")
+        elif run.wall_expired:
             error = f"wall-clock limit of {wall_timeout:g} s reached (emulated time {clock.now:.3f} s)"
         elif outcome == "timeout":
             error = f"not finished within watchdog.timeout = {sc.watchdog.timeout:g} emulated seconds"
@@ -298,6 +311,7 @@ def run_host(sc: scen.Scenario, server: Endpoint, progress: Progress | None = No
     res = run.final if run.final is not None else run.result(outcome)
     res.outcome = outcome
     res.error = error
+    res.server_events = list(run.server_events)
     res.wall_s = res.clock["wall_s"] = round(perf_counter() - wall0, 3)
     if out_dir is not None:
         write_outputs(res, out_dir, f"{sc.backend}-{sc.policy}", run.recorder,
