@@ -44,6 +44,8 @@ class RunStatus:
     pswpin: int = 0
     drops: int = 0
     stalled_for: float = 0.0
+    reserve_size: int = 0  # pages (v12's reserve tree, pfmemalloc's min watermark)
+    server_down: bool = False  # the swap server is not answering (emu.net.link.PeerLink.down_since)
 
 
 @dataclass

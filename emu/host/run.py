@@ -99,7 +99,8 @@ class HostRun:
         k = self.kernel
         return RunStatus(self.sc.backend, self.sc.policy, self.phase, now, self.workload.done, self.workload.total,
                          k.zone.nr_free, k.zone.watermark_min, s.reserve_used if s else 0, k.vmstat["pswpout"],
-                         k.vmstat["pswpin"], sum(k.net.stat.drops().values()), self.dog.stalled_for(now))
+                         k.vmstat["pswpin"], sum(k.net.stat.drops().values()), self.dog.stalled_for(now),
+                         s.reserve_size if s else k.reserve_size(), self.swap.link.down_since is not None)
 
     # ---- the run ---------------------------------------------------------------------------------
 
