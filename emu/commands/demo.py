@@ -43,33 +43,51 @@ def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ..
         console.print(f"[red]error:[/] --scenario: {e}")
         sys.exit(EXIT_USAGE)
     out = Path(out_dir) if out_dir else Path.cwd() / time.strftime("netswap-demo-%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        click.echo(f"netswap: error: --out {out}: cannot create it: {e.strerror or e}", err=True)
+        sys.exit(EXIT_USAGE)
     backends = backends or DEMO_BACKENDS
     policies = policies or scen.POLICIES
 
     from emu.host import run_matrix
     from emu.host.report import LiveProgress, results_table
+    from emu.host.result import RunInterrupted
+    from emu.util.signals import is_interrupt, sigterm_as_interrupt
 
     started = time.monotonic()
-    with LiveProgress(console) as live:
-        for b in backends:
-            for p in policies:
-                live.add_run(b, p)
+    interrupted: int | None = None
+    with sigterm_as_interrupt() as sig:
         try:
-            results = run_matrix(base, backends, policies, out_dir=out, progress=live.update)
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]")
-            sys.exit(130)
-        except Exception as e:  # noqa: BLE001
-            console.print(f"[red]error:[/] {type(e).__name__}: {e}")
-            sys.exit(EXIT_ERROR)
+            with LiveProgress(console) as live:
+                for b in backends:
+                    for p in policies:
+                        live.add_run(b, p)
+                results = run_matrix(base, backends, policies, out_dir=out, progress=live.update)
+        except BaseException as e:
+            if not is_interrupt(e):
+                if not isinstance(e, Exception):
+                    raise
+                from emu.commands.run import one_line
+
+                click.echo(f"netswap: error: {one_line(e)}", err=True)
+                sys.exit(EXIT_ERROR)
+            # an interrupted demo still shows (and writes) the runs it finished
+            results = [r for r in e.results if r.outcome != "interrupted"] if isinstance(e, RunInterrupted) else []
+            interrupted = sig.exit_status
     elapsed = time.monotonic() - started
-    results_table(console, results, title=f"netswap demo — scenario {base.name}, {elapsed:.0f} s")
-    ok = all(r.outcome in EXPECTED[r.policy] and r.integrity["mismatches"] == 0 for r in results)
+    title = f"netswap demo — scenario {base.name}, {elapsed:.0f} s"
+    if interrupted is not None:
+        title += f" (interrupted by {sig.name}: {len(results)} of {len(backends) * len(policies)} runs finished)"
+    if results:
+        results_table(console, results, title=title)
+    ok = interrupted is None and all(r.outcome in EXPECTED[r.policy] and r.integrity["mismatches"] == 0 for r in results)
     summary = {
         "scenario": base.name,
         "elapsed_s": round(elapsed, 2),
         "as_expected": ok,
+        "interrupted": sig.name if interrupted is not None else None,
         "runs": [r.to_json() for r in results],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -77,10 +95,13 @@ def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ..
         stall = f" at t={r.stall['t']:.2f} s, free pages {r.stall['nr_free']}" if r.stall else ""
         console.print(f"{r.backend}/{r.policy}: {r.outcome}{stall} — timeline {r.files.get('timeline', '-')}")
     console.print(f"summary: {out / 'summary.json'}")
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    if interrupted is not None:
+        click.echo(f"netswap: interrupted by {sig.name} after {len(results)} finished runs; servers stopped", err=True)
+        sys.exit(interrupted)
     if ok:
         console.print("[green]as expected:[/] `none` got stuck; `v12` and `pfmemalloc` completed with every page verified.")
     else:
         console.print("[red]NOT as expected[/]: see the table and the reports above.")
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
     sys.exit(EXIT_OK if ok else EXIT_ERROR)

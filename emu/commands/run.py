@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
 
 from emu import scenario as scen
 from emu.swapdev.endpoint import ServerURLError, check_backend_matches, parse_server_url
+from emu.util.signals import is_interrupt, sigterm_as_interrupt
 from emu.util.units import parse_size
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STUCK = 0, 1, 2, 3
@@ -94,39 +98,106 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
         sc = apply_overrides(sc, backend=backend, policy=policy, ram=ram, swap=swap, workload=workload,
                              traffic=traffic, duration=duration, server=server)
     except scen.ScenarioError as e:
-        console.print(f"[red]error:[/] {e}")
-        sys.exit(EXIT_USAGE)
+        usage_fail(str(e))
     if sc.server:
         try:
             check_backend_matches(sc.backend, parse_server_url(sc.server))
         except ServerURLError as e:
-            console.print(f"[red]error:[/] --server: {e}")
-            sys.exit(EXIT_USAGE)
+            usage_fail(f"--server: {e}")
     if print_scenario:
         click.echo(scen.dumps(sc), nl=False)
         return
 
     from emu.host import run_scenario
     from emu.host.report import LiveProgress, print_result
+    from emu.host.result import RunInterrupted
 
     out = Path(out_dir) if out_dir else None
-    try:
-        with LiveProgress(console, enabled=not quiet and not (json_out == "-" and not console.is_terminal)) as live:
-            live.add_run(sc.backend, sc.policy)
-            result = run_scenario(sc, progress=live.update, out_dir=out, wall_timeout=wall_timeout)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
-        sys.exit(130)
-    except Exception as e:  # noqa: BLE001 - a run that cannot start is exit 1 with its reason
-        console.print(f"[red]error:[/] {type(e).__name__}: {e}")
-        sys.exit(EXIT_ERROR)
+    check_outputs(json_out, out)  # before the run, not after it: a result is never lost
+    with sigterm_as_interrupt() as sig:
+        try:
+            with LiveProgress(console, enabled=not quiet and not (json_out == "-" and not console.is_terminal)) as live:
+                live.add_run(sc.backend, sc.policy)
+                result = run_scenario(sc, progress=live.update, out_dir=out, wall_timeout=wall_timeout)
+        except BaseException as e:
+            if not is_interrupt(e):
+                if not isinstance(e, Exception):
+                    raise
+                fail(one_line(e))
+            partial = e.results[-1] if isinstance(e, RunInterrupted) and e.results else None
+            where = f" at t={partial.emulated_s:.3f} s (emulated)" if partial is not None else ""
+            if partial is not None and json_out:
+                _write_json(json_out, partial)
+            click.echo(f"netswap: interrupted by {sig.name}{where}; servers stopped"
+                       + (f", partial result in {json_out}" if partial is not None and json_out and json_out != "-" else ""),
+                       err=True)
+            sys.exit(sig.exit_status)
     print_result(console, result)
+    for ev in result.server_events:
+        t = f"[{ev['t']:10.3f}] " if ev.get("t") is not None else ""
+        console.print(f"{t}{ev['message']}", highlight=False, markup=False)
     if json_out:
-        payload = json.dumps(result.to_json(), indent=2)
-        if json_out == "-":
-            click.echo(payload)
-        else:
-            Path(json_out).write_text(payload + "\n")
+        _write_json(json_out, result)
     if result.error:
-        console.print(f"[red]error:[/] {result.error}")
+        click.echo(f"netswap: {'error: ' if result.outcome != 'server_down' else ''}{result.error}", err=True)
     sys.exit(result.exit_status)
+
+
+def _write_json(json_out: str, result: Any) -> None:
+    payload = json.dumps(result.to_json(), indent=2)
+    if json_out == "-":
+        click.echo(payload)
+    else:
+        try:
+            Path(json_out).write_text(payload + "\n")
+        except OSError as e:
+            fail(f"cannot write --json {json_out}: {e.strerror or e}")
+
+
+def check_outputs(json_out: str | None, out: Path | None) -> None:
+    """Output paths are checked (and --out made) before a run starts: exit 2 naming the flag."""
+    if json_out and json_out != "-":
+        p = Path(json_out)
+        parent = p.parent if str(p.parent) else Path(".")
+        if p.is_dir():
+            usage_fail(f"--json {json_out}: is a directory")
+        if not parent.is_dir():
+            usage_fail(f"--json {json_out}: directory {parent} does not exist")
+        if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+            usage_fail(f"--json {json_out}: not writable")
+    if out is not None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            usage_fail(f"--out {out}: cannot create it: {e.strerror or e}")
+        if not os.access(out, os.W_OK):
+            usage_fail(f"--out {out}: not writable")
+
+
+def one_line(e: BaseException) -> str:
+    """The reason a run could not start, in one line (the innermost errors of a group)."""
+    from emu.host.servers import ServerStartError
+
+    leaves = list(_leaves(e))
+    parts = []
+    for x in leaves[:3]:
+        msg = str(x).strip().splitlines()[0] if str(x).strip() else type(x).__name__
+        parts.append(msg if isinstance(x, (ServerStartError, OSError)) else f"{type(x).__name__}: {msg}")
+    return "; ".join(parts)
+
+
+def _leaves(e: BaseException) -> Iterator[BaseException]:
+    if isinstance(e, BaseExceptionGroup):
+        for x in e.exceptions:
+            yield from _leaves(x)
+    else:
+        yield e
+
+
+def fail(message: str, status: int = EXIT_ERROR) -> NoReturn:
+    click.echo(f"netswap: error: {message}", err=True)
+    sys.exit(status)
+
+
+def usage_fail(message: str) -> NoReturn:
+    fail(message, EXIT_USAGE)

@@ -19,6 +19,15 @@ STUCK = ("deadlock", "livelock")
 OUTCOMES = ("completed", "deadlock", "livelock", "timeout", "server_down", "error", "interrupted")
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped the run(s): `results` are those finished, then the interrupted one
+    (outcome `interrupted`, its counters as they were)."""
+
+    def __init__(self, results: list[RunResult]) -> None:
+        super().__init__("interrupted")
+        self.results = results
+
+
 def exit_status(outcome: str) -> int:
     if outcome == "completed":
         return EXIT_OK

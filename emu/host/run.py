@@ -16,6 +16,7 @@ person waited (`wall_s`).  The run:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +30,7 @@ from emu.host.diagnose import blocked_tasks, report_data, swap_reply_drops
 from emu.host.kernel import Kernel
 from emu.host.kmsg import collect_kmsg
 from emu.host.report import render_deadlock_report
-from emu.host.result import STUCK, RunResult, RunStatus, write_outputs
+from emu.host.result import STUCK, RunInterrupted, RunResult, RunStatus, write_outputs
 from emu.host.servers import local_server
 from emu.host.timeline import Recorder, Sample
 from emu.host.traffic import HostTraffic
@@ -39,6 +40,7 @@ from emu.kernel.clock import EmuClock, deterministic_scheduling
 from emu.mm.gfp import Policy
 from emu.swapdev import make_swap
 from emu.swapdev.endpoint import Endpoint, parse_server_url
+from emu.util.signals import is_interrupt
 
 Progress = Callable[[RunStatus], None]
 WALL_TIMEOUT_DEFAULT = 600.0
@@ -303,7 +305,20 @@ def run_host(sc: scen.Scenario, server: Endpoint, progress: Progress | None = No
             error = f"wall-clock limit of {wall_timeout:g} s reached (emulated time {clock.now:.3f} s)"
         elif outcome == "timeout":
             error = f"not finished within watchdog.timeout = {sc.watchdog.timeout:g} emulated seconds"
-    except Exception as e:
+    except BaseException as e:
+        if not is_interrupt(e):
+            if not isinstance(e, Exception):
+                raise
+        else:  # SIGINT/SIGTERM: the run unwound (its servers are stopped by our callers)
+            res = run.final if run.final is not None else run.result("interrupted")
+            res.outcome = "interrupted"
+            res.error = "interrupted"
+            res.server_events = list(run.server_events)
+            res.wall_s = res.clock["wall_s"] = round(perf_counter() - wall0, 3)
+            if out_dir is not None:
+                with contextlib.suppress(OSError):
+                    write_outputs(res, out_dir, f"{sc.backend}-{sc.policy}", run.recorder)
+            raise RunInterrupted([res]) from None
         outcome = "error"
         error = f"{type(e).__name__}: {e}"
         if isinstance(e, BaseExceptionGroup):
@@ -354,13 +369,19 @@ def run_matrix(base: scen.Scenario, backends: tuple[str, ...] | list[str], polic
             ref = max(rates) if rates else None
         results[(sc.backend, sc.policy)] = run_host(sc, server, progress, out_dir, reference_rate=ref, **kw)
 
-    for b in backends:
-        sc_b = base.replace(backend=b)
-        if base.server:
-            for p in order:
-                one(sc_b.replace(policy=p), parse_server_url(base.server))
-            continue
-        with local_server(b, base.host.swap) as sp:
-            for p in order:
-                one(sc_b.replace(policy=p), sp.server)
+    try:
+        for b in backends:
+            sc_b = base.replace(backend=b)
+            if base.server:
+                for p in order:
+                    one(sc_b.replace(policy=p), parse_server_url(base.server))
+                continue
+            with local_server(b, base.host.swap) as sp:
+                for p in order:
+                    one(sc_b.replace(policy=p), sp.server)
+    except RunInterrupted as e:
+        e.results = [results[(b, p)] for b in backends for p in policies if (b, p) in results] + e.results
+        raise
+    except KeyboardInterrupt:  # between runs (a server starting or stopping)
+        raise RunInterrupted([results[(b, p)] for b in backends for p in policies if (b, p) in results]) from None
     return [results[(b, p)] for b in backends for p in policies]
