@@ -54,8 +54,11 @@ def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ..
     from emu.host import run_matrix
     from emu.host.report import LiveProgress, results_table
     from emu.host.result import RunInterrupted
-    from emu.util.signals import is_interrupt, sigterm_as_interrupt
+    from emu.util.signals import exit_interrupted, is_interrupt, sigterm_as_interrupt
 
+    from emu.commands.run import announce_traffic_fallback
+
+    announce_traffic_fallback(base.traffic.profile)
     started = time.monotonic()
     interrupted: int | None = None
     with sigterm_as_interrupt() as sig:
@@ -99,7 +102,7 @@ def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ..
         click.echo(json.dumps(summary, indent=2))
     if interrupted is not None:
         click.echo(f"netswap: interrupted by {sig.name} after {len(results)} finished runs; servers stopped", err=True)
-        sys.exit(interrupted)
+        exit_interrupted(sig)
     if ok:
         console.print("[green]as expected:[/] `none` got stuck; `v12` and `pfmemalloc` completed with every page verified.")
     else:

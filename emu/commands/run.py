@@ -14,7 +14,7 @@ from rich.console import Console
 
 from emu import scenario as scen
 from emu.swapdev.endpoint import ServerURLError, check_backend_matches, parse_server_url
-from emu.util.signals import is_interrupt, sigterm_as_interrupt
+from emu.util.signals import exit_interrupted, is_interrupt, sigterm_as_interrupt
 from emu.util.units import parse_size
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STUCK = 0, 1, 2, 3
@@ -114,6 +114,7 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
 
     out = Path(out_dir) if out_dir else None
     check_outputs(json_out, out)  # before the run, not after it: a result is never lost
+    announce_traffic_fallback(sc.traffic.profile)
     with sigterm_as_interrupt() as sig:
         try:
             with LiveProgress(console, enabled=not quiet and not (json_out == "-" and not console.is_terminal)) as live:
@@ -131,9 +132,10 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
             click.echo(f"netswap: interrupted by {sig.name}{where}; servers stopped"
                        + (f", partial result in {json_out}" if partial is not None and json_out and json_out != "-" else ""),
                        err=True)
-            sys.exit(sig.exit_status)
-    print_result(console, result)
-    for ev in result.server_events:
+            exit_interrupted(sig)
+    if result.outcome != "error":  # a run that never got going has no table worth reading
+        print_result(console, result)
+    for ev in result.server_events if result.outcome != "error" else ():
         t = f"[{ev['t']:10.3f}] " if ev.get("t") is not None else ""
         console.print(f"{t}{ev['message']}", highlight=False, markup=False)
     if json_out:
@@ -152,6 +154,16 @@ def _write_json(json_out: str, result: Any) -> None:
             Path(json_out).write_text(payload + "\n")
         except OSError as e:
             fail(f"cannot write --json {json_out}: {e.strerror or e}")
+
+
+def announce_traffic_fallback(profile: str) -> None:
+    """Without CAP_NET_RAW (checked as a capability, not as uid 0) the background traffic is
+    plain UDP from 127.0.0.1: say so on stderr, and how to run instead (the JSON records it)."""
+    from emu.traffic.rawsend import have_cap_net_raw
+
+    if profile != "none" and not have_cap_net_raw():
+        click.echo("netswap: no CAP_NET_RAW: background traffic falls back to plain UDP from 127.0.0.1 "
+                   "(no spoofed sources, no IP fragments); run as root (sudo) for the full traffic", err=True)
 
 
 def check_outputs(json_out: str | None, out: Path | None) -> None:

@@ -320,10 +320,7 @@ def run_host(sc: scen.Scenario, server: Endpoint, progress: Progress | None = No
                     write_outputs(res, out_dir, f"{sc.backend}-{sc.policy}", run.recorder)
             raise RunInterrupted([res]) from None
         outcome = "error"
-        error = f"{type(e).__name__}: {e}"
-        if isinstance(e, BaseExceptionGroup):
-            leaves = _leaves(e)
-            error = "; ".join(f"{type(x).__name__}: {x}" for x in leaves[:3])
+        error = describe_failure(e, run.phase, run.server.url())
     res = run.final if run.final is not None else run.result(outcome)
     res.outcome = outcome
     res.error = error
@@ -333,6 +330,27 @@ def run_host(sc: scen.Scenario, server: Endpoint, progress: Progress | None = No
         write_outputs(res, out_dir, f"{sc.backend}-{sc.policy}", run.recorder,
                       run.verdict.at if run.verdict is not None and outcome in STUCK else None)
     return res
+
+
+def describe_failure(e: BaseException, phase: str, url: str) -> str:
+    """Why a run failed, in one line: the innermost errors (trio wraps them in groups), without
+    a class name where the message says it all, and where it happened."""
+    parts = []
+    for x in _leaves(e)[:3]:
+        msg = (str(x).strip().splitlines() or [""])[0]
+        if isinstance(x, ConnectionRefusedError):
+            msg = "connection refused (nothing listens there)"
+        elif isinstance(x, TimeoutError) and not msg:
+            msg = "timed out"
+        known = isinstance(x, (OSError, MemoryError)) or type(x).__name__ in ("NfsMountError", "ISCSIError",
+                                                                               "SessionRecoveryTimeout", "LoginError")
+        parts.append(msg if known and msg else f"{type(x).__name__}: {msg}")
+    what = "; ".join(parts)
+    if any(isinstance(x, MemoryError) for x in _leaves(e)) and phase in ("starting", "swapon"):
+        return f"host.ram is too small for this scenario ({what}); give it more RAM (--ram)"
+    if phase in ("starting", "swapon"):
+        return f"swapon on {url} failed: {what}"
+    return what
 
 
 def _leaves(eg: BaseException) -> list[BaseException]:
