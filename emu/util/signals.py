@@ -77,9 +77,13 @@ def is_interrupt(e: BaseException) -> bool:
 
 
 def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for a child netswap process that must not outlive this one."""
+    """The environment for a child netswap process that must not outlive this one.  Only from
+    the main thread: PR_SET_PDEATHSIG fires when the *thread* that forked the child ends."""
+    import threading
+
     out = dict(os.environ if env is None else env)
-    out[PARENT_ENV] = str(os.getpid())
+    if threading.current_thread() is threading.main_thread():
+        out[PARENT_ENV] = str(os.getpid())
     return out
 
 
