@@ -179,13 +179,21 @@ class HostRun:
                 return "completed"
             down = self.swap.link.down_since is not None
             v = self.dog.observe(now, self.progress(), blocked_tasks(), len(self.swap.inflight.ios),
-                                 self.reply_drops(), server_down=down)
+                                 self.reply_drops(), server_down=down or self._outage_io())
             if v is not None:
                 self.verdict = v
                 return v.kind
             if now >= deadline:
                 return "server_down" if down else "timeout"
             await trio.sleep(sc.watchdog.sample)
+
+    def _outage_io(self) -> bool:
+        """Is swap I/O that started before the server's last outage ended still in flight?"""
+        outages = self.swap.link.outages
+        if not outages:
+            return False
+        up = outages[-1][1]
+        return up is not None and any(io.started < up for io in self.swap.inflight.ios.values())
 
     async def _sampler(self, progress: Progress | None) -> None:
         """The timeline, from the first moment: one sample per `sample` emulated seconds."""

@@ -15,10 +15,10 @@ frame eats them again and no blocked task gets going.  Times are emulated second
   work behind the receive path.  (With no progress at all it is a deadlock.)
 - **server down** is neither: while the swap server is unreachable (refused, reset, or silent
   past the clock's grace; `emu.net.link.PeerLink.down_since`) no I/O can complete whatever the
-  memory policy, so the stall and livelock clocks are held, and stay held after it answers
-  again until the first progress (the requests sent during the outage wait for their backed-off
-  retransmission timers).  A run that ends with its server still down says so (`HostRun`:
-  outcome `server_down`).
+  memory policy, so the stall and livelock clocks are held; and after it answers again, while
+  swap I/O the outage caught is still in flight (requests sent while it was down wait for their
+  retransmission timers, backed off to seconds, as Linux's do).  A run that ends with its server
+  still down says so (`HostRun`: outcome `server_down`).
 
 `Watchdog` is a pure state machine, fed one `Observation` per sample.
 """
@@ -59,7 +59,6 @@ class Watchdog:
     _blocked_since: float | None = None
     best_rate: float = 0.0
     verdict: Verdict | None = None
-    _recovering: bool = False  # the swap server was down and no progress has been made since
     history: deque[tuple[float, int, int]] = field(default_factory=deque)  # (t, progress, reply drops)
 
     def observe(self, now: float, progress: int, blocked: Sequence[tuple[str, str, str]], inflight: int = 1,
@@ -67,14 +66,7 @@ class Watchdog:
         """Feed one sample; returns the verdict the first time one is reached."""
         if self.verdict is not None:
             return self.verdict
-        if server_down:
-            self._recovering = True
-        elif self._recovering and progress != self._last_progress_value:
-            self._recovering = False  # the first I/O completed since the server came back
-        if self._recovering:
-            # Not the host's fault: hold both clocks while the server is down, and after it is
-            # back until the first progress (requests sent during the outage wait for their
-            # retransmission timers, backed off up to seconds, before they are sent again).
+        if server_down:  # not the host's fault: hold both clocks (see the module docstring)
             self._last_progress_value = progress
             self._last_progress_at = now
             self._blocked_since = None
