@@ -33,7 +33,8 @@ def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ..
     verified. The host runs in emulated time, so the verdicts are the model's on any machine.
     Writes a PNG timeline and a report per run and summary.json into --out.
 
-    Exit status: 0 when every run had its expected outcome, 1 otherwise.
+    Exit status: 0 when every run had its expected outcome, 1 otherwise, 130/143 when
+    interrupted by SIGINT/SIGTERM (the runs finished so far are shown and in summary.json).
     """
     stream_tty = (sys.stderr if as_json else sys.stdout).isatty()
     console = Console(stderr=as_json, width=None if stream_tty else 140)

@@ -85,8 +85,12 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
     The host runs in emulated time: every rate and duration is the model's, the same on any
     machine, and the same scenario gives the same verdict every time.
 
+    A server that is killed and restarted mid-run is survived (hard NFS, iSCSI session
+    recovery); one that never comes back ends the run as `server_down`, never as a deadlock.
+
     Exit status: 0 completed, 3 stuck (deadlock or livelock; the report is printed), 2 usage
-    error, 1 other error (a timeout included).
+    error, 1 other error (a timeout or a server down included), 130/143 interrupted by
+    SIGINT/SIGTERM (servers stopped, the partial result written).
     """
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
     if list_scenarios:
