@@ -11,13 +11,14 @@ import click
 from rich.console import Console
 
 from emu import scenario as scen
+from emu.commands.run import OneLineCommand
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 DEMO_BACKENDS = scen.BACKENDS
 EXPECTED = {"none": ("deadlock", "livelock"), "v12": ("completed",), "pfmemalloc": ("completed",)}
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Folder for the PNG timelines, reports and summary.json (default: a new netswap-demo-<time> folder here).")
 @click.option("--backend", "backends", multiple=True, type=click.Choice(scen.BACKENDS), help="Backends to show (repeatable; default all three).")
 @click.option("--policy", "policies", multiple=True, type=click.Choice(scen.POLICIES), help="Policies to show (repeatable; default all three).")

@@ -54,7 +54,18 @@ def apply_overrides(sc: scen.Scenario, *, backend: str | None, policy: str | Non
     return scen.loads(scen.dumps(d), source=f"{sc.source} with command-line overrides")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+class OneLineCommand(click.Command):
+    """Option errors (click's three-line usage message) become one `netswap: error:` line, exit 2."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as e:
+            usage_fail(e.format_message())
+
+
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
                epilog="Shipped scenarios: " + ", ".join(scen.shipped()) + " (netswap run NAME).")
 @click.argument("scenario_file", required=False, metavar="[SCENARIO.toml]")
 @click.option("--backend", type=click.Choice(scen.BACKENDS), help="Swap storage: a swap file over NFS/UDP or NFS/TCP, or an iSCSI LUN.")
