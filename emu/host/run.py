@@ -140,11 +140,16 @@ class HostRun:
                 await nursery.start(user_space)
                 self.phase = "swapon"
                 await nursery.start(self.swap.run)
-                await k.mm.swapon(self.swap, sc.host.swap // sc.host.page_size)
-                un = user_nursery[0]
-                un.start_soon(self.workload.run)
-                self.phase = "running"
-                outcome = await self._watch(un)
+                # swapon is bounded by the run's deadline too (a server gone during it)
+                with trio.move_on_at(sc.watchdog.timeout) as swapon_scope:
+                    await k.mm.swapon(self.swap, sc.host.swap // sc.host.page_size)
+                if swapon_scope.cancelled_caught:
+                    outcome = "server_down" if self.swap.link.down_since is not None else "timeout"
+                else:
+                    un = user_nursery[0]
+                    un.start_soon(self.workload.run)
+                    self.phase = "running"
+                    outcome = await self._watch(un)
                 self.phase = outcome
                 now = trio.current_time()
                 self.sample(now)
