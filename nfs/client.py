@@ -258,7 +258,7 @@ class RpcClient:
             done.set()
 
     async def _reconnect(self) -> None:
-        """Connect, and while the server refuses (a restart: nothing listens yet) try again,
+        """Connect, and while the server refuses or resets (a restart) try again,
         backing off from REEST_MIN to REEST_MAX, for up to `timeo` seconds; then the callers get
         the error (a hard client's calls come back for another round, a soft one's time out).
         Linux's xs_connect backs off the same way (reestablish_timeout, from 3 s doubling to
@@ -276,10 +276,11 @@ class RpcClient:
                 return
             except Exception as e:  # handed to the callers waiting for this attempt
                 self._connect_error = e
-                if (self.connect_errors_fatal or self.closed or not _refused(e)
+                # refused (nothing listens yet), reset (a server dying or starting): try again
+                if (self.connect_errors_fatal or self.closed or not isinstance(e, OSError)
                         or trio.current_time() + delay > deadline):
                     return
-                log.debug("connect refused, again in %.2f s", delay)
+                log.debug("connect failed (%s), again in %.2f s", "refused" if _refused(e) else e, delay)
                 await trio.sleep(delay)
                 delay = min(delay * 2, REEST_MAX)
                 continue

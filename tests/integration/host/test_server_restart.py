@@ -75,7 +75,8 @@ def test_kill9_and_restart(server: RestartableServer, request: pytest.FixtureReq
     assert "reserve" in seen, "the server was never killed: the host swapped too little"
     assert not server.restart_error, server.restart_error
     assert server.starts == 2
-    assert res.outcome == "completed", (res.outcome, res.error, res.server_outages, res.report[:2000])
+    assert res.outcome == "completed", (res.outcome, res.error, res.server_outages, res.clock, res.server_events[:6],
+                                        res.swap_retransmits, res.traffic, res.report[:2000])
     assert res.integrity["mismatches"] == 0 and res.integrity["verified"] > 0, res.integrity
     assert res.pages_swapped_out > seen["pswpout"]  # swapping went on after the restart
     assert res.traffic["offered"] > 0  # with background traffic running
