@@ -69,6 +69,23 @@ class RestartableServer:
         self.proc.wait()
         self.killed_at = time.monotonic()
 
+    def hang_for(self, seconds: float) -> threading.Thread:
+        """A hung server: SIGSTOP now (it answers nothing, and nothing refuses or resets),
+        SIGCONT `seconds` later from a thread (the run goes on)."""
+        assert self.proc is not None
+        pid = self.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        self.killed_at = time.monotonic()
+
+        def later() -> None:
+            time.sleep(seconds)
+            os.kill(pid, signal.SIGCONT)
+            self.restarted_at = time.monotonic()
+
+        t = threading.Thread(target=later, daemon=True)
+        t.start()
+        return t
+
     def restart_later(self, delay: float) -> threading.Thread:
         """Start the server again `delay` wall seconds from now, in a thread (the run goes on)."""
         def later() -> None:

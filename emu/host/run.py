@@ -311,7 +311,7 @@ def run_host(sc: scen.Scenario, server: Endpoint, progress: Progress | None = No
             run.server_events = kmsg.events  # the same list: messages up to the result are in it
             outcome = trio.run(main, clock=clock)
         if outcome == "server_down":
-            since = run.swap.link.down_since or 0.0
+            since = run.swap.link.outages[-1][0] if run.swap.link.outages else 0.0
             error = (f"server {run.server.url()} not answering since t={since:.3f} s (emulated; "
                      f"{clock.now - since:.1f} s), still down when the run ended")
         elif run.wall_expired:

@@ -151,6 +151,11 @@ class Wire:
     def late(self, a: Awaited) -> None:
         """The clock gave up on `a` (emu.kernel.clock): a lost datagram, or a silent peer."""
         self.lost += 1
+        if self.link is not None and a in self.awaited.values():
+            # A peer silent for the whole grace is down: the other replies it owes will not come
+            # either, and waiting a grace for each in turn would freeze the host for minutes.
+            self.lost += len(self.awaited) - 1
+            self._forget_awaited()
         for tag, w in list(self.awaited.items()):
             if w is a:
                 del self.awaited[tag]

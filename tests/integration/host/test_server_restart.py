@@ -19,6 +19,7 @@ import pytest
 from emu import scenario as scen
 from emu.host import run_host
 from emu.host.result import RunStatus
+from emu.net.wire import GRACE_PEER
 from restart import RestartableServer
 
 KILL_AT_PAGES = 300
@@ -103,3 +104,23 @@ def test_server_never_returns(server: RestartableServer) -> None:
     assert res.stall is None and not res.report  # not a deadlock verdict
     assert "not answering since t=" in res.error, res.error
     assert res.server_outages and res.server_outages[-1]["up_at"] is None
+
+
+@pytest.mark.parametrize("server", ["nfs-udp"], indirect=True)
+def test_a_hung_server_past_the_grace(server: RestartableServer) -> None:
+    """SIGSTOP: no refusal, no reset, the replies simply stop. The clock waits its grace (10 wall
+    seconds) once for the peer as a whole, not once per reply owed, then follows the wall clock
+    until the server answers again (SIGCONT 2 s later)."""
+    seen: dict[str, int] = {}
+
+    def progress(st: RunStatus) -> None:
+        if "reserve" not in seen and st.pswpout >= KILL_AT_PAGES:
+            seen["reserve"] = st.reserve_size
+            server.hang_for(GRACE_PEER + 2.0)
+
+    res = run_host(tiny("nfs-udp", "v12"), server.endpoint, progress, wall_timeout=240)
+    assert res.outcome == "completed", (res.outcome, res.error, res.server_outages, res.clock)
+    assert res.integrity["mismatches"] == 0
+    assert res.clock["late"] >= 1 and res.server_outages and res.server_outages[-1]["up_at"] is not None
+    # one grace, not one per reply in flight (16 of them would be 160 s)
+    assert res.clock["wall_waited"] < 2 * GRACE_PEER + 10, res.clock
