@@ -148,3 +148,20 @@ def test_run_errors_are_one_line(args: list[str], status: int, says: str) -> Non
     assert len(lines) == 1 and lines[0].startswith("netswap: error: ") and says in lines[0], err
     assert time.monotonic() - t0 < 60  # bounded: never hangs in swapon
     assert descendants(p.pid) == []
+
+
+def test_without_cap_net_raw_the_fallback_is_announced_and_recorded(tmp_path: Path) -> None:
+    """Root without CAP_NET_RAW (capsh drops it): the capability decides, not the uid."""
+    import shutil
+
+    from peers import require_binary, require_root
+
+    require_root()
+    capsh = require_binary("capsh")["capsh"]
+    out = tmp_path / "r.json"
+    cmd = f"{sys.executable} -m emu run --backend iscsi --policy v12 -q --duration 0.05 --json {out}"
+    r = subprocess.run([capsh, "--drop=cap_net_raw", "--", "-c", cmd], env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert shutil.which(capsh) and "netswap: no CAP_NET_RAW: background traffic falls back to plain UDP" in r.stderr, r.stderr
+    traffic = json.loads(out.read_text())["traffic"]
+    assert traffic["generator"].startswith("ordinary UDP socket") and traffic["spoof"] is None, traffic
