@@ -334,13 +334,13 @@ def run_host(sc: scen.Scenario, server: Endpoint, progress: Progress | None = No
             raise RunInterrupted([res]) from None
         outcome = "error"
         error = describe_failure(e, run.phase, run.server.url())
-        since = run.swap.link.down_since
-        if since is not None and run.phase not in ("starting", "swapon"):
+        gone = run.swap.link.down_since
+        if gone is not None and run.phase not in ("starting", "swapon"):
             # the transport gave up on a server that is down (a soft timeout, iSCSI's
             # replacement_timeout): the swap I/O error is the outage's
             outcome = "server_down"
-            error = (f"server {run.server.url()} not answering since t={since:.3f} s (emulated; "
-                     f"{clock.now - since:.1f} s): {error}")
+            error = (f"server {run.server.url()} not answering since t={gone:.3f} s (emulated; "
+                     f"{clock.now - gone:.1f} s): {error}")
     res = run.final if run.final is not None else run.result(outcome)
     res.outcome = outcome
     res.error = error

@@ -18,7 +18,7 @@ import pytest
 
 from emu import scenario as scen
 from emu.host import run_host
-from emu.host.result import RunStatus
+from emu.host.result import RunResult, RunStatus
 from emu.net.wire import GRACE_PEER
 from restart import RestartableServer
 
@@ -54,7 +54,7 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             srv.stop()
 
 
-def run_with_kill(srv: RestartableServer, sc: scen.Scenario, down: float | None) -> tuple[object, dict[str, int]]:
+def run_with_kill(srv: RestartableServer, sc: scen.Scenario, down: float | None) -> tuple[RunResult, dict[str, int]]:
     seen: dict[str, int] = {}
 
     def progress(st: RunStatus) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from emu.swapdev.endpoint import NfsEndpoint
 from nfs.client import REEST_MAX, NfsClient
 from nfs.nfs3 import CreateMode, StableHow
 from restart import RestartableServer
@@ -27,6 +28,7 @@ async def test_a_write_in_flight_completes_on_the_restarted_server(proto: str) -
         await trio.to_thread.run_sync(srv.start)
         try:
             ep = srv.endpoint
+            assert isinstance(ep, NfsEndpoint)
             make = NfsClient.udp if proto == "udp" else NfsClient.tcp
             async with make("127.0.0.1", ep.nfsport, ep.mountport) as nfs:
                 root = await nfs.mount(ep.export)
@@ -34,8 +36,13 @@ async def test_a_write_in_flight_completes_on_the_restarted_server(proto: str) -
                 await nfs.write(fh, 0, b"a" * 4096, stable=StableHow.FILE_SYNC)
                 srv.kill9()
                 ready: list[float] = []
-                threading.Thread(target=lambda: (time.sleep(1.0), srv.start(), ready.append(time.monotonic())),
-                                 daemon=True).start()
+
+                def restart() -> None:
+                    time.sleep(1.0)
+                    srv.start()
+                    ready.append(time.monotonic())
+
+                threading.Thread(target=restart, daemon=True).start()
                 with trio.fail_after(30):
                     # the server is down: this write waits, then completes on the new server
                     await nfs.write(fh, 4096, b"b" * 4096, stable=StableHow.FILE_SYNC)
