@@ -117,6 +117,9 @@ def bench() -> None:
 
 
 def main() -> None:
+    from emu.util.signals import die_with_parent
+
+    die_with_parent()  # a server started by `netswap run` dies with it
     cli(prog_name="netswap")
 
 

@@ -65,6 +65,7 @@ UDP_MAX_IO = 32 * 1024
 UDP_MAX_CALL = 65507  # the largest UDP payload over IPv4
 TCP_MAX_IO = 1024 * 1024
 _LOST = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+REEST_MIN, REEST_MAX = 0.1, 3.0  # reconnect backoff while the server refuses (seconds)
 
 
 class NfsMountError(Exception):
@@ -99,19 +100,28 @@ def _refused(e: BaseException | None) -> bool:
 
 
 class _Conn:
-    def __init__(self, transport: Any, stream: bool, gen: int) -> None:
+    def __init__(self, transport: Any, stream: bool, gen: int, on_refused: Callable[[], None] | None = None) -> None:
         self.transport = transport
         self.stream = stream
         self.gen = gen
         self.dead = False
         self.send_lock = trio.StrictFIFOLock()
+        self.on_refused = on_refused
 
     async def send(self, msg: bytes | bytearray) -> None:
         if self.stream:
             async with self.send_lock:
                 await self.transport.send_all(record_mark(len(msg)) + msg)
-        else:
+            return
+        try:
             await self.transport.send(msg)
+        except ConnectionRefusedError:
+            # An earlier datagram's ICMP port unreachable, reported on this send: the server is
+            # down (restarting). The socket is fine; the datagram is lost like any other, and the
+            # request's retransmit timer sends it again (Linux's call_status delays and retries;
+            # closing and reopening the socket at each refusal would spin).
+            if self.on_refused is not None:
+                self.on_refused()
 
 
 class RpcClient:
@@ -243,18 +253,40 @@ class RpcClient:
             self._connect_wanted = trio.Event()
             c = self._conn
             if c is None or c.dead:
-                try:
-                    with trio.fail_after(max(self.core.policy.timeo, 1.0)):
-                        transport = await self._connect()
-                except trio.TooSlowError:
-                    self._connect_error = TimeoutError("connect timed out")
-                except Exception as e:  # handed to the callers waiting for this attempt
-                    self._connect_error = e
-                else:
-                    self._connect_error = None
-                    self._attach(transport)
+                await self._reconnect()
             done, self._connect_done = self._connect_done, trio.Event()
             done.set()
+
+    async def _reconnect(self) -> None:
+        """Connect, and while the server refuses or resets (a restart) try again,
+        backing off from REEST_MIN to REEST_MAX, for up to `timeo` seconds; then the callers get
+        the error (a hard client's calls come back for another round, a soft one's time out).
+        Linux's xs_connect backs off the same way (reestablish_timeout, from 3 s doubling to
+        5 min); we start lower and cap at 3 s so that a restarted server is found within
+        seconds. MOUNT (connect_errors_fatal) makes one attempt."""
+        timeo = max(self.core.policy.timeo, 1.0)
+        deadline = trio.current_time() + timeo
+        delay = REEST_MIN
+        while True:
+            try:
+                with trio.fail_after(timeo):
+                    transport = await self._connect()
+            except trio.TooSlowError:
+                self._connect_error = TimeoutError("connect timed out")
+                return
+            except Exception as e:  # handed to the callers waiting for this attempt
+                self._connect_error = e
+                # refused (nothing listens yet), reset (a server dying or starting): try again
+                if (self.connect_errors_fatal or self.closed or not isinstance(e, OSError)
+                        or trio.current_time() + delay > deadline):
+                    return
+                log.debug("connect failed (%s), again in %.2f s", "refused" if _refused(e) else e, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, REEST_MAX)
+                continue
+            self._connect_error = None
+            self._attach(transport)
+            return
 
     def _attach(self, transport: Any) -> None:
         assert self._nursery is not None
@@ -270,7 +302,7 @@ class RpcClient:
         self._gen += 1
         if self._gen > 1:
             self.core.stats.reconnects += 1
-        c = _Conn(transport, stream, self._gen)
+        c = _Conn(transport, stream, self._gen, self.core.refused)
         self._conn = c
         self._nursery.start_soon(self._reader, c)
 

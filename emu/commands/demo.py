@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 
 from emu import scenario as scen
+from emu.commands.run import OneLineCommand
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 DEMO_BACKENDS = scen.BACKENDS
@@ -40,7 +41,7 @@ def next_steps(out: Path, results: list, base: scen.Scenario) -> list[str]:
     return steps
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Folder for the PNG timelines, their CSV/JSON-lines data, reports, report.html and summary.json (default: a new netswap-demo-<time> folder here).")
 @click.option("--backend", "backends", multiple=True, type=click.Choice(scen.BACKENDS), help="Backends to show (repeatable; default all three).")
 @click.option("--policy", "policies", multiple=True, type=click.Choice(scen.POLICIES), help="Policies to show (repeatable; default all three).")
@@ -60,7 +61,9 @@ def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ..
 
     The result table and the next steps go to stdout, the live progress to stderr.
 
-    Exit status: 0 when every run reached the verdict the scenario expects ([expect]), 1 otherwise.
+    Exit status: 0 when every run reached the verdict the scenario expects ([expect]), 1 otherwise,
+    130/143 when interrupted by SIGINT/SIGTERM (the runs finished so far are shown and in
+    summary.json).
     """
     progress_console = Console(stderr=True, width=None if sys.stderr.isatty() else 100)
     console = progress_console if as_json else Console(width=None if sys.stdout.isatty() else 100)
@@ -70,7 +73,11 @@ def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ..
         progress_console.print(f"[red]error:[/] --scenario: {e}")
         sys.exit(EXIT_USAGE)
     out = Path(out_dir) if out_dir else Path.cwd() / time.strftime("netswap-demo-%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        click.echo(f"netswap: error: --out {out}: cannot create it: {e.strerror or e}", err=True)
+        sys.exit(EXIT_USAGE)
     backends = backends or DEMO_BACKENDS
     policies = policies or scen.POLICIES
 
@@ -78,28 +85,46 @@ def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ..
     from emu.host.html import render
     from emu.host.observe import Observe
     from emu.host.report import LiveProgress, results_table
+    from emu.host.result import RunInterrupted
     from emu.host.timeline import plot_summary
+    from emu.util.signals import exit_interrupted, is_interrupt, sigterm_as_interrupt
 
     def observe_for(sc: scen.Scenario) -> Observe | None:
         return Observe(pcap=out / f"{sc.backend}-{sc.policy}.pcapng") if pcap else None
 
+    from emu.commands.run import announce_traffic_fallback
+
+    announce_traffic_fallback(base.traffic.profile)
     started = time.monotonic()
-    with LiveProgress(progress_console) as live:
-        for b in backends:
-            for p in policies:
-                live.add_run(b, p)
+    interrupted: int | None = None
+    with sigterm_as_interrupt() as sig:
         try:
-            results = run_matrix(base, backends, policies, out_dir=out, progress=live.update, observe_for=observe_for)
-        except KeyboardInterrupt:
-            progress_console.print("[yellow]interrupted[/]")
-            sys.exit(130)
-        except Exception as e:  # noqa: BLE001
-            progress_console.print(f"[red]error:[/] {type(e).__name__}: {e}")
-            sys.exit(EXIT_ERROR)
+            with LiveProgress(progress_console) as live:
+                for b in backends:
+                    for p in policies:
+                        live.add_run(b, p)
+                results = run_matrix(base, backends, policies, out_dir=out, progress=live.update,
+                                     observe_for=observe_for)
+        except BaseException as e:
+            if not is_interrupt(e):
+                if not isinstance(e, Exception):
+                    raise
+                from emu.commands.run import one_line
+
+                click.echo(f"netswap: error: {one_line(e)}", err=True)
+                sys.exit(EXIT_ERROR)
+            # an interrupted demo still shows (and writes) the runs it finished
+            results = [r for r in e.results if r.outcome != "interrupted"] if isinstance(e, RunInterrupted) else []
+            interrupted = sig.exit_status
     elapsed = time.monotonic() - started
-    results_table(console, results, title=f"netswap demo — scenario {base.name}, {elapsed:.0f} s")
+    title = f"netswap demo — scenario {base.name}, {elapsed:.0f} s"
+    if interrupted is not None:
+        title += f" (interrupted by {sig.name}: {len(results)} of {len(backends) * len(policies)} runs finished)"
+    if results:
+        results_table(console, results, title=title)
     exp = base.expect
-    ok = all(exp.allows(r.policy, r.outcome) and r.integrity["mismatches"] == 0 for r in results)
+    ok = interrupted is None and all(exp.allows(r.policy, r.outcome) and r.integrity["mismatches"] == 0
+                                     for r in results)
     expected = {p: getattr(exp, p) for p in policies}
     summary_png = plot_summary([(r.backend, r.policy, r.outcome, r.timeline, (r.stall or {}).get("t"))
                                 for r in results if r.timeline is not None],
@@ -112,6 +137,7 @@ def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ..
         "expected": expected,
         "as_expected": ok,
         "files": {"report_html": str(out / "report.html"), "summary_png": str(summary_png)},
+        "interrupted": sig.name if interrupted is not None else None,
         "runs": runs_json,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -134,4 +160,7 @@ def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ..
         console.print(f"  {step}", markup=False, highlight=False, soft_wrap=True)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
+    if interrupted is not None:
+        click.echo(f"netswap: interrupted by {sig.name} after {len(results)} finished runs; servers stopped", err=True)
+        exit_interrupted(sig)
     sys.exit(EXIT_OK if ok else EXIT_ERROR)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
 
 from emu import scenario as scen
 from emu.swapdev.endpoint import ServerURLError, check_backend_matches, parse_server_url
+from emu.util.signals import exit_interrupted, is_interrupt, sigterm_as_interrupt
 from emu.util.units import format_size, parse_size
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STUCK = 0, 1, 2, 3
@@ -69,7 +73,18 @@ def apply_overrides(sc: scen.Scenario, *, backend: str | None, policy: str | Non
     return scen.loads(scen.dumps(d), source=f"{sc.source} with command-line overrides")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+class OneLineCommand(click.Command):
+    """Option errors (click's three-line usage message) become one `netswap: error:` line, exit 2."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as e:
+            usage_fail(e.format_message())
+
+
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
                epilog="Shipped scenarios: " + ", ".join(scen.shipped()) + " (netswap run NAME).")
 @click.argument("scenario_file", required=False, metavar="[SCENARIO.toml]")
 @click.option("--backend", type=click.Choice(scen.BACKENDS), help="Swap storage: a swap file over NFS/UDP or NFS/TCP, or an iSCSI LUN.")
@@ -113,8 +128,12 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
     The result (report and table) goes to stdout, progress and logs to stderr, so
     `netswap run > result.txt` keeps the result; with `--json -` stdout holds only the JSON.
 
+    A server that is killed and restarted mid-run is survived (hard NFS, iSCSI session
+    recovery); one that never comes back ends the run as `server_down`, never as a deadlock.
+
     Exit status: 0 completed, 3 stuck (deadlock or livelock; the report is printed), 2 usage
-    error, 1 other error (a timeout included).
+    error, 1 other error (a timeout or a server down included), 130/143 interrupted by
+    SIGINT/SIGTERM (servers stopped, the partial result written).
     """
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 100)
     json_stdout = json_out == "-"
@@ -128,14 +147,12 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
         sc = apply_overrides(sc, backend=backend, policy=policy, ram=ram, swap=swap, workload=workload,
                              traffic=traffic, duration=duration, server=server)
     except scen.ScenarioError as e:
-        console.print(f"[red]error:[/] {e}")
-        sys.exit(EXIT_USAGE)
+        usage_fail(str(e))
     if sc.server:
         try:
             check_backend_matches(sc.backend, parse_server_url(sc.server))
         except ServerURLError as e:
-            console.print(f"[red]error:[/] --server: {e}")
-            sys.exit(EXIT_USAGE)
+            usage_fail(f"--server: {e}")
     if print_scenario:
         click.echo(scen.dumps(sc), nl=False)
         return
@@ -143,6 +160,7 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
     from emu.host import run_scenario
     from emu.host.observe import Observe
     from emu.host.report import LiveProgress, print_result
+    from emu.host.result import RunInterrupted
 
     out = Path(out_dir) if out_dir else None
     observe = None
@@ -150,17 +168,31 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
         observe = Observe(pcap=Path(pcap) if pcap else None, pcap_snaplen=pcap_snaplen, pcap_ring=pcap_ring,
                           dropwatch=(lambda line: console.print(line, markup=False, highlight=False)) if dropwatch else None,
                           proc_dir=Path(proc_dir) if proc_dir else None)
-    try:
-        with LiveProgress(console, enabled=not quiet and not (json_out == "-" and not console.is_terminal)) as live:
-            live.add_run(sc.backend, sc.policy)
-            result = run_scenario(sc, progress=live.update, out_dir=out, wall_timeout=wall_timeout, observe=observe)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
-        sys.exit(130)
-    except Exception as e:  # noqa: BLE001 - a run that cannot start is exit 1 with its reason
-        console.print(f"[red]error:[/] {type(e).__name__}: {e}")
-        sys.exit(EXIT_ERROR)
-    print_result(result_console, result)
+    check_outputs(json_out, out)  # before the run, not after it: a result is never lost
+    announce_traffic_fallback(sc.traffic.profile)
+    with sigterm_as_interrupt() as sig:
+        try:
+            with LiveProgress(console, enabled=not quiet and not (json_out == "-" and not console.is_terminal)) as live:
+                live.add_run(sc.backend, sc.policy)
+                result = run_scenario(sc, progress=live.update, out_dir=out, wall_timeout=wall_timeout, observe=observe)
+        except BaseException as e:
+            if not is_interrupt(e):
+                if not isinstance(e, Exception):
+                    raise
+                fail(one_line(e))
+            partial = e.results[-1] if isinstance(e, RunInterrupted) and e.results else None
+            where = f" at t={partial.emulated_s:.3f} s (emulated)" if partial is not None else ""
+            if partial is not None and json_out:
+                _write_json(json_out, partial)
+            click.echo(f"netswap: interrupted by {sig.name}{where}; servers stopped"
+                       + (f", partial result in {json_out}" if partial is not None and json_out and json_out != "-" else ""),
+                       err=True)
+            exit_interrupted(sig)
+    if result.outcome != "error":  # a run that never got going has no table worth reading
+        print_result(result_console, result)
+    for ev in result.server_events if result.outcome != "error" else ():
+        t = f"[{ev['t']:10.3f}] " if ev.get("t") is not None else ""
+        console.print(f"{t}{ev['message']}", highlight=False, markup=False)
     if result.pcap:
         p = result.pcap
         console.print(f"pcap: {p['file']}: {p['frames_written']} frames ({p['rx_frames']} RX, {p['tx_frames']} TX"
@@ -169,11 +201,77 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
                       + (f"; iSCSI: {p['decode_as']} -r {p['file']} -Y iscsi" if p.get("decode_as") else ""),
                       markup=False, highlight=False, soft_wrap=True)
     if json_out:
-        payload = json.dumps(result.to_json(), indent=2)
-        if json_out == "-":
-            click.echo(payload)
-        else:
-            Path(json_out).write_text(payload + "\n")
+        _write_json(json_out, result)
     if result.error:
-        console.print(f"[red]error:[/] {result.error}")
+        click.echo(f"netswap: {'error: ' if result.outcome != 'server_down' else ''}{result.error}", err=True)
     sys.exit(result.exit_status)
+
+
+def _write_json(json_out: str, result: Any) -> None:
+    payload = json.dumps(result.to_json(), indent=2)
+    if json_out == "-":
+        click.echo(payload)
+    else:
+        try:
+            Path(json_out).write_text(payload + "\n")
+        except OSError as e:
+            fail(f"cannot write --json {json_out}: {e.strerror or e}")
+
+
+def announce_traffic_fallback(profile: str) -> None:
+    """Without CAP_NET_RAW (checked as a capability, not as uid 0) the background traffic is
+    plain UDP from 127.0.0.1: say so on stderr, and how to run instead (the JSON records it)."""
+    from emu.traffic.rawsend import have_cap_net_raw
+
+    if profile != "none" and not have_cap_net_raw():
+        click.echo("netswap: no CAP_NET_RAW: background traffic falls back to plain UDP from 127.0.0.1 "
+                   "(no spoofed sources, no IP fragments); run as root (sudo) for the full traffic", err=True)
+
+
+def check_outputs(json_out: str | None, out: Path | None) -> None:
+    """Output paths are checked (and --out made) before a run starts: exit 2 naming the flag."""
+    if json_out and json_out != "-":
+        p = Path(json_out)
+        parent = p.parent if str(p.parent) else Path(".")
+        if p.is_dir():
+            usage_fail(f"--json {json_out}: is a directory")
+        if not parent.is_dir():
+            usage_fail(f"--json {json_out}: directory {parent} does not exist")
+        if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+            usage_fail(f"--json {json_out}: not writable")
+    if out is not None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            usage_fail(f"--out {out}: cannot create it: {e.strerror or e}")
+        if not os.access(out, os.W_OK):
+            usage_fail(f"--out {out}: not writable")
+
+
+def one_line(e: BaseException) -> str:
+    """The reason a run could not start, in one line (the innermost errors of a group)."""
+    from emu.host.servers import ServerStartError
+
+    leaves = list(_leaves(e))
+    parts = []
+    for x in leaves[:3]:
+        msg = str(x).strip().splitlines()[0] if str(x).strip() else type(x).__name__
+        parts.append(msg if isinstance(x, (ServerStartError, OSError)) else f"{type(x).__name__}: {msg}")
+    return "; ".join(parts)
+
+
+def _leaves(e: BaseException) -> Iterator[BaseException]:
+    if isinstance(e, BaseExceptionGroup):
+        for x in e.exceptions:
+            yield from _leaves(x)
+    else:
+        yield e
+
+
+def fail(message: str, status: int = EXIT_ERROR) -> NoReturn:
+    click.echo(f"netswap: error: {message}", err=True)
+    sys.exit(status)
+
+
+def usage_fail(message: str) -> NoReturn:
+    fail(message, EXIT_USAGE)

@@ -14,7 +14,18 @@ from typing import Any
 # outcome -> exit status of `netswap run`
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STUCK = 0, 1, 2, 3
 STUCK = ("deadlock", "livelock")
-OUTCOMES = ("completed", "deadlock", "livelock", "timeout", "error")
+# server_down: the run ended while its swap server did not answer (an error, not a verdict on
+# the memory policy); interrupted: SIGINT/SIGTERM (exit 130/143, set by the command)
+OUTCOMES = ("completed", "deadlock", "livelock", "timeout", "server_down", "error", "interrupted")
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped the run(s): `results` are those finished, then the interrupted one
+    (outcome `interrupted`, its counters as they were)."""
+
+    def __init__(self, results: list[RunResult]) -> None:
+        super().__init__("interrupted")
+        self.results = results
 
 
 def exit_status(outcome: str) -> int:
@@ -42,6 +53,8 @@ class RunStatus:
     pswpin: int = 0
     drops: int = 0
     stalled_for: float = 0.0
+    reserve_size: int = 0  # pages (v12's reserve tree, pfmemalloc's min watermark)
+    server_down: bool = False  # the swap server is not answering (emu.net.link.PeerLink.down_since)
 
 
 @dataclass
@@ -76,6 +89,10 @@ class RunResult:
     socket_drops: dict[str, dict[str, int]] = field(default_factory=dict)  # per socket, per drop counter
     views: dict[str, str] = field(default_factory=dict)  # /proc texts at the end (meminfo, reserve_info, ...)
     pcap: dict[str, Any] = field(default_factory=dict)  # --pcap: what the file holds
+    # when the swap server was down (emulated seconds; up_at None: still down at the end), and
+    # what the transport said about it ("server 127.0.0.1 not responding, still trying", ...)
+    server_outages: list[dict[str, Any]] = field(default_factory=list)
+    server_events: list[dict[str, Any]] = field(default_factory=list)
     error: str = ""
     report: str = ""
     files: dict[str, str] = field(default_factory=dict)

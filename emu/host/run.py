@@ -16,6 +16,7 @@ person waited (`wall_s`).  The run:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -28,8 +29,9 @@ from emu import scenario as scen
 from emu.host.diagnose import blocked_tasks, report_data, swap_reply_drops
 from emu.host.kernel import Kernel
 from emu.host.observe import Observe, Observers, proc_views
+from emu.host.kmsg import collect_kmsg
 from emu.host.report import render_deadlock_report
-from emu.host.result import STUCK, RunResult, RunStatus, write_outputs
+from emu.host.result import STUCK, RunInterrupted, RunResult, RunStatus, write_outputs
 from emu.host.servers import local_server
 from emu.host.timeline import Recorder, Sample
 from emu.host.traffic import HostTraffic
@@ -39,6 +41,7 @@ from emu.kernel.clock import EmuClock, deterministic_scheduling
 from emu.mm.gfp import Policy
 from emu.swapdev import make_swap
 from emu.swapdev.endpoint import Endpoint, parse_server_url
+from emu.util.signals import is_interrupt
 
 Progress = Callable[[RunStatus], None]
 WALL_TIMEOUT_DEFAULT = 600.0
@@ -73,6 +76,7 @@ class HostRun:
         # --pcap, --dropwatch, --proc-dir: observers only (emu.host.observe); the tap is in place
         # before the kernel starts, so it sees every frame
         self.obs = Observers(observe, k, f"{sc.backend}/{sc.policy}") if observe is not None else None
+        self.server_events: list[dict[str, Any]] = []  # the transports' kernel messages (emu.host.kmsg)
 
     # ---- views -----------------------------------------------------------------------------------
 
@@ -101,7 +105,8 @@ class HostRun:
         k = self.kernel
         return RunStatus(self.sc.backend, self.sc.policy, self.phase, now, self.workload.done, self.workload.total,
                          k.zone.nr_free, k.zone.watermark_min, s.reserve_used if s else 0, k.vmstat["pswpout"],
-                         k.vmstat["pswpin"], sum(k.net.stat.drops().values()), self.dog.stalled_for(now))
+                         k.vmstat["pswpin"], sum(k.net.stat.drops().values()), self.dog.stalled_for(now),
+                         s.reserve_size if s else k.reserve_size(), self.swap.link.down_since is not None)
 
     # ---- the run ---------------------------------------------------------------------------------
 
@@ -139,11 +144,16 @@ class HostRun:
                 await nursery.start(user_space)
                 self.phase = "swapon"
                 await nursery.start(self.swap.run)
-                await k.mm.swapon(self.swap, sc.host.swap // sc.host.page_size)
-                un = user_nursery[0]
-                un.start_soon(self.workload.run)
-                self.phase = "running"
-                outcome = await self._watch(un)
+                # swapon is bounded by the run's deadline too (a server gone during it)
+                with trio.move_on_at(sc.watchdog.timeout) as swapon_scope:
+                    await k.mm.swapon(self.swap, sc.host.swap // sc.host.page_size)
+                if swapon_scope.cancelled_caught:
+                    outcome = "server_down" if self.swap.link.down_since is not None else "timeout"
+                else:
+                    un = user_nursery[0]
+                    un.start_soon(self.workload.run)
+                    self.phase = "running"
+                    outcome = await self._watch(un)
                 self.phase = outcome
                 now = trio.current_time()
                 self.sample(now)
@@ -156,7 +166,9 @@ class HostRun:
                 with trio.move_on_after(2):
                     await user_done.wait()
                 nursery.cancel_scope.cancel()
-        return "timeout" if self.wall_expired else outcome
+        if self.wall_expired:
+            return "server_down" if self.swap.link.down_since is not None else "timeout"
+        return outcome
 
     async def _watch(self, user: trio.Nursery) -> str:
         sc = self.sc
@@ -176,14 +188,23 @@ class HostRun:
                 user.start_soon(self.apps.listen, user)
             if self.workload.finished.is_set():
                 return "completed"
+            down = self.swap.link.down_since is not None
             v = self.dog.observe(now, self.progress(), blocked_tasks(), len(self.swap.inflight.ios),
-                                 self.reply_drops())
+                                 self.reply_drops(), server_down=down or self._outage_io())
             if v is not None:
                 self.verdict = v
                 return v.kind
             if now >= deadline:
-                return "timeout"
+                return "server_down" if down else "timeout"
             await trio.sleep(sc.watchdog.sample)
+
+    def _outage_io(self) -> bool:
+        """Is swap I/O that started before the server's last outage ended still in flight?"""
+        outages = self.swap.link.outages
+        if not outages:
+            return False
+        up = outages[-1][1]
+        return up is not None and any(io.started < up for io in self.swap.inflight.ios.values())
 
     async def _sampler(self, progress: Progress | None) -> None:
         """The timeline, from the first moment: one sample per `sample` emulated seconds."""
@@ -248,6 +269,9 @@ class HostRun:
         res.costs = sc.costs.to_json()
         res.clock = {"emulated_s": res.emulated_s, "cpu_busy_s": round(k.cpu.busy, 6), **self.clock.stats.to_json()}
         res.vmstat = {key: int(v) for key, v in vm.items() if v}
+        res.server_outages = [{"down_at": round(a, 6), "up_at": None if b is None else round(b, 6)}
+                              for a, b in self.swap.link.outages]
+        res.server_events = list(self.server_events)
         v = self.verdict
         if v is not None and outcome in STUCK:
             detail = ""
@@ -299,21 +323,44 @@ def run_host(sc: scen.Scenario, server: Endpoint, progress: Progress | None = No
                 await run.shutdown()
 
     try:
-        with deterministic_scheduling():
+        with deterministic_scheduling(), collect_kmsg() as kmsg:
+            run.server_events = kmsg.events  # the same list: messages up to the result are in it
             outcome = trio.run(main, clock=clock)
-        if run.wall_expired:
+        if outcome == "server_down":
+            since = run.swap.link.outages[-1][0] if run.swap.link.outages else 0.0
+            error = (f"server {run.server.url()} not answering since t={since:.3f} s (emulated; "
+                     f"{clock.now - since:.1f} s), still down when the run ended")
+        elif run.wall_expired:
             error = f"wall-clock limit of {wall_timeout:g} s reached (emulated time {clock.now:.3f} s)"
         elif outcome == "timeout":
             error = f"not finished within watchdog.timeout = {sc.watchdog.timeout:g} emulated seconds"
-    except Exception as e:
+    except BaseException as e:
+        if not is_interrupt(e):
+            if not isinstance(e, Exception):
+                raise
+        else:  # SIGINT/SIGTERM: the run unwound (its servers are stopped by our callers)
+            res = run.final if run.final is not None else run.result("interrupted")
+            res.outcome = "interrupted"
+            res.error = "interrupted"
+            res.server_events = list(run.server_events)
+            res.wall_s = res.clock["wall_s"] = round(perf_counter() - wall0, 3)
+            if out_dir is not None:
+                with contextlib.suppress(OSError):
+                    write_outputs(res, out_dir, f"{sc.backend}-{sc.policy}", run.recorder)
+            raise RunInterrupted([res]) from None
         outcome = "error"
-        error = f"{type(e).__name__}: {e}"
-        if isinstance(e, BaseExceptionGroup):
-            leaves = _leaves(e)
-            error = "; ".join(f"{type(x).__name__}: {x}" for x in leaves[:3])
+        error = describe_failure(e, run.phase, run.server.url())
+        gone = run.swap.link.down_since
+        if gone is not None and run.phase not in ("starting", "swapon"):
+            # the transport gave up on a server that is down (a soft timeout, iSCSI's
+            # replacement_timeout): the swap I/O error is the outage's
+            outcome = "server_down"
+            error = (f"server {run.server.url()} not answering since t={gone:.3f} s (emulated; "
+                     f"{clock.now - gone:.1f} s): {error}")
     res = run.final if run.final is not None else run.result(outcome)
     res.outcome = outcome
     res.error = error
+    res.server_events = list(run.server_events)
     res.wall_s = res.clock["wall_s"] = round(perf_counter() - wall0, 3)
     res.timeline = run.recorder
     if run.obs is not None and run.obs.tap is not None:
@@ -332,6 +379,27 @@ def run_host(sc: scen.Scenario, server: Endpoint, progress: Progress | None = No
         write_outputs(res, out_dir, f"{sc.backend}-{sc.policy}", run.recorder,
                       run.verdict.at if run.verdict is not None and outcome in STUCK else None)
     return res
+
+
+def describe_failure(e: BaseException, phase: str, url: str) -> str:
+    """Why a run failed, in one line: the innermost errors (trio wraps them in groups), without
+    a class name where the message says it all, and where it happened."""
+    parts = []
+    for x in _leaves(e)[:3]:
+        msg = (str(x).strip().splitlines() or [""])[0]
+        if isinstance(x, ConnectionRefusedError):
+            msg = "connection refused (nothing listens there)"
+        elif isinstance(x, TimeoutError) and not msg:
+            msg = "timed out"
+        known = isinstance(x, (OSError, MemoryError)) or type(x).__name__ in ("NfsMountError", "ISCSIError",
+                                                                               "SessionRecoveryTimeout", "LoginError")
+        parts.append(msg if known and msg else f"{type(x).__name__}: {msg}")
+    what = "; ".join(parts)
+    if any(isinstance(x, MemoryError) for x in _leaves(e)) and phase in ("starting", "swapon"):
+        return f"host.ram is too small for this scenario ({what}); give it more RAM (--ram)"
+    if phase in ("starting", "swapon"):
+        return f"swapon on {url} failed: {what}"
+    return what
 
 
 def _leaves(eg: BaseException) -> list[BaseException]:
@@ -370,13 +438,19 @@ def run_matrix(base: scen.Scenario, backends: tuple[str, ...] | list[str], polic
         obs = observe_for(sc) if observe_for is not None else None
         results[(sc.backend, sc.policy)] = run_host(sc, server, progress, out_dir, reference_rate=ref, observe=obs, **kw)
 
-    for b in backends:
-        sc_b = base.replace(backend=b)
-        if base.server:
-            for p in order:
-                one(sc_b.replace(policy=p), parse_server_url(base.server))
-            continue
-        with local_server(b, base.host.swap) as sp:
-            for p in order:
-                one(sc_b.replace(policy=p), sp.server)
+    try:
+        for b in backends:
+            sc_b = base.replace(backend=b)
+            if base.server:
+                for p in order:
+                    one(sc_b.replace(policy=p), parse_server_url(base.server))
+                continue
+            with local_server(b, base.host.swap) as sp:
+                for p in order:
+                    one(sc_b.replace(policy=p), sp.server)
+    except RunInterrupted as e:
+        e.results = [results[(b, p)] for b in backends for p in policies if (b, p) in results] + e.results
+        raise
+    except KeyboardInterrupt:  # between runs (a server starting or stopping)
+        raise RunInterrupted([results[(b, p)] for b in backends for p in policies if (b, p) in results]) from None
     return [results[(b, p)] for b in backends for p in policies]

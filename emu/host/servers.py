@@ -22,6 +22,7 @@ from pathlib import Path
 from emu.swapdev.endpoint import Endpoint, IscsiEndpoint, NfsEndpoint, backend_kind
 from emu.util.ports import port_open
 from emu.util.procs import stop_process
+from emu.util.signals import child_env
 
 DEFAULT_IQN = "iqn.2026-01.org.netswap:swap"
 
@@ -73,8 +74,10 @@ def _spawn(kind: str, workdir: Path, swap_bytes: int) -> ServerProcess:
         server = IscsiEndpoint("127.0.0.1", 0, DEFAULT_IQN, 0)
     fh = open(log, "wb")
     try:
+        # Its own session, so a Ctrl-C at the terminal reaches only us (we stop it in order);
+        # PR_SET_PDEATHSIG (emu.util.signals) so that it dies with us even if we are killed.
         proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=workdir, start_new_session=True)
+                                cwd=workdir, start_new_session=True, env=child_env())
     finally:
         fh.close()
     return ServerProcess(server, proc, workdir, log, ())

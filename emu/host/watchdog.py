@@ -13,6 +13,12 @@ frame eats them again and no blocked task gets going.  Times are emulated second
   over any earlier window), while swap replies were being dropped: the host creeps on replies
   that now and then win an skb, as Mogul and Ramakrishnan's receive livelock (1997) starves the
   work behind the receive path.  (With no progress at all it is a deadlock.)
+- **server down** is neither: while the swap server is unreachable (refused, reset, or silent
+  past the clock's grace; `emu.net.link.PeerLink.down_since`) no I/O can complete whatever the
+  memory policy, so the stall and livelock clocks are held; and after it answers again, while
+  swap I/O the outage caught is still in flight (requests sent while it was down wait for their
+  retransmission timers, backed off to seconds, as Linux's do).  A run that ends with its server
+  still down says so (`HostRun`: outcome `server_down`).
 
 `Watchdog` is a pure state machine, fed one `Observation` per sample.
 """
@@ -56,10 +62,16 @@ class Watchdog:
     history: deque[tuple[float, int, int]] = field(default_factory=deque)  # (t, progress, reply drops)
 
     def observe(self, now: float, progress: int, blocked: Sequence[tuple[str, str, str]], inflight: int = 1,
-                reply_drops: int = 0) -> Verdict | None:
+                reply_drops: int = 0, server_down: bool = False) -> Verdict | None:
         """Feed one sample; returns the verdict the first time one is reached."""
         if self.verdict is not None:
             return self.verdict
+        if server_down:  # not the host's fault: hold both clocks (see the module docstring)
+            self._last_progress_value = progress
+            self._last_progress_at = now
+            self._blocked_since = None
+            self.history.clear()
+            return None
         if self._last_progress_value is None or progress != self._last_progress_value:
             self._last_progress_value = progress
             self._last_progress_at = now

@@ -53,6 +53,20 @@ class PeerLink:
         self.tx_free = 0.0  # when the transmit queue is empty again (emulated time)
         self.requests = 0
         self.replies = 0
+        # Outages of the real peer (refused, reset, or silent past the clock's grace), in emulated
+        # time: set by the wires, read by the watchdog, which never calls an outage a deadlock.
+        self.down_since: float | None = None
+        self.outages: list[tuple[float, float | None]] = []  # (down at, up at or None)
+
+    def mark_down(self, now: float) -> None:
+        if self.down_since is None:
+            self.down_since = now
+            self.outages.append((now, None))
+
+    def mark_up(self, now: float) -> None:
+        if self.down_since is not None:
+            self.outages[-1] = (self.down_since, now)
+            self.down_since = None
 
     def depart(self, now: float, nbytes: int) -> float:
         """When `nbytes` queued now have left the NIC (frames go out one after the other)."""

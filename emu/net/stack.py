@@ -179,10 +179,12 @@ class NetStack:
                     await tsock.connect((host, port))
             except OSError as exc:
                 if self.clock is not None and link is not None and exc.errno in (errno.ECONNREFUSED, errno.ECONNRESET):
+                    link.mark_down(self.clock.now)
                     self.clock.peer_down(link.name)
                 raise
             if link is not None:
                 if self.clock is not None:
+                    link.mark_up(self.clock.current_time())
                     self.clock.peer_up(link.name)
                 await trio.sleep_until(t0 + link.rtt)
             sk_obj = await self.tcp_sk_cache.alloc_wait(GFP_KERNEL)  # sk_alloc

@@ -103,7 +103,10 @@ class Wire:
             return
         link.requests += 1
         departed = link.depart(now, len(data))
-        if framer is None or self.clock is None:
+        if framer is None or self.clock is None or link.down_since is not None:
+            # While the peer is down (refused, reset, silent) nothing is promised: the clock
+            # follows the wall clock and does not hold for a reply that may never come; what
+            # does come is seen when it arrives.
             return
         due = departed + link.rtt
         awaited = self.awaited
@@ -148,6 +151,11 @@ class Wire:
     def late(self, a: Awaited) -> None:
         """The clock gave up on `a` (emu.kernel.clock): a lost datagram, or a silent peer."""
         self.lost += 1
+        if self.link is not None and a in self.awaited.values():
+            # A peer silent for the whole grace is down: the other replies it owes will not come
+            # either, and waiting a grace for each in turn would freeze the host for minutes.
+            self.lost += len(self.awaited) - 1
+            self._forget_awaited()
         for tag, w in list(self.awaited.items()):
             if w is a:
                 del self.awaited[tag]
@@ -159,12 +167,21 @@ class Wire:
                 group[2] = None
         while self.fifo and self.fifo[0][1] >= len(self.fifo[0][0]):
             self.fifo.popleft()
-        if self.link is not None and self.clock is not None:
-            self.clock.peer_down(self.link.name)
+        self._peer_down()
+
+    def _peer_down(self) -> None:
+        link, clock = self.link, self.clock
+        if link is not None and clock is not None:
+            link.mark_down(clock.now)
+            clock.peer_down(link.name)
 
     def _peer_heard(self) -> None:
-        if self.link is not None and self.clock is not None and self.clock.realtime:
-            self.clock.peer_up(self.link.name)
+        link, clock = self.link, self.clock
+        if link is not None and clock is not None:
+            if link.down_since is not None:
+                link.mark_up(clock.current_time())
+            if clock.realtime:
+                clock.peer_up(link.name)
 
     def _forget_awaited(self) -> None:
         clock = self.clock
@@ -180,8 +197,7 @@ class Wire:
     def _peer_failed(self) -> None:
         """The real socket failed (refused, reset): nothing more will come on it."""
         self._forget_awaited()
-        if self.link is not None and self.clock is not None:
-            self.clock.peer_down(self.link.name)
+        self._peer_down()
 
     def stop(self) -> None:
         """The socket is closing: stop the watcher, stop awaiting anything from it."""
@@ -372,6 +388,10 @@ class TcpWire(Wire):
         if not data:
             self.nic.stat.wire_eof += 1
             self.eof = True
+            if self.awaited:
+                # The peer closed with requests unanswered (killed, restarting): their replies
+                # cannot come on this connection, so the clock stops holding for them at once.
+                self._peer_failed()
             self._end_of_stream()
             return False
         self.datagrams += 1

@@ -127,7 +127,7 @@ class TrafficSpec:
         if not (0 < self.duration <= MAX_DURATION):
             raise SpecError(f"duration must be > 0 and <= {MAX_DURATION:.0f} s: every flood stops by itself", "duration")
         if self.count is not None and self.count < 1:
-            raise SpecError("count must be >= 1 (or None: until the duration ends)", "count")
+            raise SpecError("count must be at least 1 (leave it out to send until the duration ends)", "count")
         size = DEFAULT_SIZE[profile] if self.size is None else self.size
         if not 1 <= size <= IPV4_MAX_PAYLOAD:
             raise SpecError(f"size must be 1..{IPV4_MAX_PAYLOAD} bytes", "size")
