@@ -30,6 +30,7 @@ import math
 import os
 import socket as pysocket
 import termios
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ import trio
 
 from nfs.auth import Squash
 from nfs.budget import ByteBudget, Share
+from nfs.clientstats import ClientStats
 from nfs.drc import DuplicateRequestCache
 from nfs.mount import MOUNT_PROGRAM, MOUNT_V3, MountProgram
 from nfs.nfs3 import NFS_PROGRAM, NFS_V3
@@ -182,6 +184,7 @@ class NfsServer:
             programs.append(self.portmap)
         self.svc = RpcService(programs, DuplicateRequestCache())
         self.stats = ServerStats()
+        self.clients = ClientStats()  # per client address: calls, bytes, service times
         self.ports: dict[str, int] = {}
         self._conns: dict[int, _Conn] = {}
         # (+4: the UDP sockets, and a connection being closed while its successor starts.)
@@ -387,6 +390,7 @@ class NfsServer:
         n = len(rec)
         reply: list[Buffer] | None = None
         host, port = conn.peer
+        t0 = time.perf_counter()
         try:
             if not conn.got_call and looks_like_call(rec):
                 conn.got_call = True
@@ -396,6 +400,7 @@ class NfsServer:
                 total = sum(len(b) for b in reply)
                 async with send_lock:
                     await send_iov(sock, [record_mark(total), *reply])
+                self.clients.record(host, n, total, time.perf_counter() - t0)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
             log.debug("%s:%d: reply not sent: %s", host, port, e)
         finally:
@@ -423,11 +428,14 @@ class NfsServer:
 
     async def _udp_call(self, sock: trio.socket.SocketType, data: bytes, addr: tuple[Any, ...], share: Share) -> None:
         try:
+            t0 = time.perf_counter()
             ctx = CallContext(str(addr[0]), int(addr[1]), "udp", max_reply=UDP_MAX_PAYLOAD)
             reply = await self.svc.dispatch(data, ctx)
             if reply is not None:
+                out = sum(len(b) for b in reply)
                 try:
                     await send_iov(sock, reply, addr)
+                    self.clients.record(ctx.host, len(data), out, time.perf_counter() - t0)
                 except OSError as e:
                     self.stats.udp_send_errors += 1
                     log.debug("udp sendmsg to %s: %s", addr, e)

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,9 +38,18 @@ class ServerProcess:
     workdir: Path
     log: Path
     ports: tuple[int, ...]
+    stats_path: Path | None = None  # nfs: where the server writes its per-client stats on exit
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def peak_rss_kib(self) -> int:
+        """The server's peak resident set (VmHWM), while it runs; 0 when it cannot be read."""
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        return 0
 
     def log_tail(self, n: int = 20) -> str:
         with contextlib.suppress(OSError):
@@ -56,7 +66,18 @@ _NFS_READY = re.compile(rb"netswap nfs ready: .* nfs_port=(\d+) mount_port=(\d+)
 _ISCSI_READY = re.compile(rb"iscsi target \S+ ready on [^:]+:(\d+)")
 
 
-def _spawn(kind: str, workdir: Path, swap_bytes: int) -> ServerProcess:
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the thread that started it dies (prctl
+    PR_SET_PDEATHSIG), so a sweep worker or a cluster that is killed leaves no server behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # not Linux: the server is still stopped on every normal exit
+        pass
+
+
+def _spawn(kind: str, workdir: Path, swap_bytes: int, luns: int = 1, stats_path: Path | None = None) -> ServerProcess:
     py = [sys.executable, "-m", "emu"]
     log = workdir / f"{kind}-server.log"
     if kind == "nfs":
@@ -64,20 +85,22 @@ def _spawn(kind: str, workdir: Path, swap_bytes: int) -> ServerProcess:
         export.mkdir(exist_ok=True)
         argv = [*py, "serve", "nfs", "--export", str(export), "--bind", "127.0.0.1",
                 "--port", "0", "--mount-port", "0"]
+        if stats_path is not None:
+            argv += ["--stats", str(stats_path)]
         server: Endpoint = NfsEndpoint("127.0.0.1", str(export), 0, 0)
     else:
-        lun = workdir / "lun0.img"
         size_mib = max(1, -(-swap_bytes // (1 << 20)))
-        argv = [*py, "serve", "iscsi", "--lun", str(lun), "--size", f"{size_mib}M", "--bind", "127.0.0.1",
+        lun_args = [a for i in range(luns) for a in ("--lun", str(workdir / f"lun{i}.img"))]  # one per host
+        argv = [*py, "serve", "iscsi", *lun_args, "--size", f"{size_mib}M", "--bind", "127.0.0.1",
                 "--port", "0", "--iqn", DEFAULT_IQN]
         server = IscsiEndpoint("127.0.0.1", 0, DEFAULT_IQN, 0)
     fh = open(log, "wb")
     try:
         proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=workdir, start_new_session=True)
+                                cwd=workdir, start_new_session=True, preexec_fn=_die_with_parent)
     finally:
         fh.close()
-    return ServerProcess(server, proc, workdir, log, ())
+    return ServerProcess(server, proc, workdir, log, (), stats_path if kind == "nfs" else None)
 
 
 def _ready(sp: ServerProcess) -> bool:
@@ -107,8 +130,10 @@ def _ready(sp: ServerProcess) -> bool:
 
 @contextlib.contextmanager
 def local_server(backend: str, swap_bytes: int, workdir: str | Path | None = None,
-                 timeout: float = 30.0) -> Iterator[ServerProcess]:
-    """Start our server for `backend` as a separate process; stop it on exit (even on error)."""
+                 timeout: float = 30.0, *, luns: int = 1, stats_path: Path | None = None) -> Iterator[ServerProcess]:
+    """Start our server for `backend` as a separate process; stop it on exit (even on error).
+    `luns`: iSCSI LUNs of `swap_bytes` each (one per host of a cluster); `stats_path`: NFS
+    per-client statistics, written there when the server stops."""
     with contextlib.ExitStack() as stack:
         if workdir is None:
             # tmpfs when there is one: the swap file's FILE_SYNC/FUA fsyncs cost microseconds there,
@@ -117,7 +142,7 @@ def local_server(backend: str, swap_bytes: int, workdir: str | Path | None = Non
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="netswap-srv-", dir=base))
         wd = Path(workdir)
         wd.mkdir(parents=True, exist_ok=True)
-        sp = _spawn(backend_kind(backend), wd, swap_bytes)
+        sp = _spawn(backend_kind(backend), wd, swap_bytes, luns, stats_path)
         try:
             deadline = time.monotonic() + timeout
             while not _ready(sp):
