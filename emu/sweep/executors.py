@@ -94,7 +94,7 @@ def dask_client(address: str, timeout: float = 20.0) -> Iterator[Any]:
     except ImportError:
         raise SchedulerError("--scheduler needs Dask: pip install 'netswap[dask]'") from None
     try:
-        client = Client(address, timeout=timeout, set_as_default=False)
+        client = Client(address, timeout=timeout)
     except (OSError, TimeoutError) as e:
         raise SchedulerError(f"cannot reach the Dask scheduler at {address}: {e}") from None
     try:
