@@ -121,7 +121,7 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
     from emu.host.report import LiveProgress, print_result
 
     out = Path(out_dir) if out_dir else None
-    if sc.cluster.hosts > 1:
+    if hosts is not None or sc.cluster.hosts > 1:  # --hosts 1: one host through the cluster's machinery
         _run_cluster(console, sc, out, json_out, wall_timeout, quiet)
     try:
         with LiveProgress(console, enabled=not quiet and not (json_out == "-" and not console.is_terminal)) as live:

@@ -103,9 +103,9 @@ def sweep(scenario_file: str, varies: tuple[str, ...], policies: list[str], repe
     console.print(f"netswap sweep: {len(runs)} runs ({len(runs) - len(todo)} done already), {where}; "
                   f"rows in {table.path}")
 
-    counts = {"finished": 0, "stuck": 0, "error": 0}
+    counts: dict[str, float] = {"finished": 0, "stuck": 0, "error": 0}
     progress = Progress(TextColumn("[bold]sweep[/]"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("stuck {task.fields[stuck]}  errors {task.fields[errors]}"),
+                        TextColumn("stuck {task.fields[stuck]:g}  errors {task.fields[errors]:g}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console,
                         disable=quiet or not console.is_terminal)
     bar = progress.add_task("runs", total=len(runs), completed=len(runs) - len(todo), stuck=0, errors=0)
@@ -113,11 +113,11 @@ def sweep(scenario_file: str, varies: tuple[str, ...], policies: list[str], repe
     def on_row(rid: str, result: dict[str, Any]) -> None:
         row = table.append(by_id[rid], result)
         counts["finished"] += 1
-        counts["stuck"] += int(row["stuck"] or 0)
+        counts["stuck"] += float(row["stuck"] or 0)
         counts["error"] += int(row["outcome"] == "error")
         progress.update(bar, advance=1, stuck=counts["stuck"], errors=counts["error"])
         if progress.disable and not quiet:
-            console.print(f"[{len(runs) - len(todo) + counts['finished']}/{len(runs)}] {rid}: {row['outcome']}"
+            console.print(f"[{len(runs) - len(todo) + int(counts['finished'])}/{len(runs)}] {rid}: {row['outcome']}"
                           f" (emulated {row['emulated_s']} s, wall {row['wall_s']} s)", markup=False, highlight=False)
 
     started = time.monotonic()
@@ -141,7 +141,7 @@ def sweep(scenario_file: str, varies: tuple[str, ...], policies: list[str], repe
 
     rows = table.current(runs)
     figure = plot(sw, rows, out_dir, title=f"netswap sweep {base.name}")
-    summary = _summary(sw, rows, counts["finished"], elapsed, nworkers, address, figure, table.path)
+    summary = _summary(sw, rows, int(counts["finished"]), elapsed, nworkers, address, figure, table.path)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(console, summary)
     if as_json:
@@ -155,7 +155,7 @@ def _summary(sw: Any, rows: list[dict[str, str]], finished: int, elapsed: float,
     per_policy = {}
     for p in sw.policies:
         mine = [r for r in rows if r["policy"] == p and r["outcome"] not in ("", "error")]
-        per_policy[p] = {"runs": len(mine), "stuck": sum(int(r["stuck"]) for r in mine),
+        per_policy[p] = {"runs": len(mine), "stuck": round(sum(float(r["stuck"]) for r in mine), 6),
                          "outcomes": {o: sum(r["outcome"] == o for r in mine) for o in sorted({r["outcome"] for r in mine})}}
     return {
         "scenario": sw.base.name, "vary": {v.key: v.labels() for v in sw.varies}, "policies": sw.policies,
@@ -174,7 +174,7 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
         t.add_column(c, justify="left" if c in ("policy", "outcomes") else "right")
     for p, d in s["per_policy"].items():
         frac = f"{d['stuck'] / d['runs']:.2f}" if d["runs"] else "-"
-        t.add_row(p, str(d["runs"]), str(d["stuck"]), frac, ", ".join(f"{k} {v}" for k, v in d["outcomes"].items()))
+        t.add_row(p, str(d["runs"]), f"{d['stuck']:g}", frac, ", ".join(f"{k} {v}" for k, v in d["outcomes"].items()))
     console.print(t)
-    console.print(f"{s['finished_now']} runs in {s['elapsed_s']:.0f} s on {s['executor']} ({s['workers']} workers): "
+    console.print(f"{s['finished_now']:g} runs in {s['elapsed_s']:.0f} s on {s['executor']} ({s['workers']} workers): "
                   f"{s['runs_per_minute']} runs/min; table {s['csv']}" + (f"; heatmap {s['heatmap']}" if s["heatmap"] else ""))

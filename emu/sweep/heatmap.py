@@ -13,13 +13,14 @@ from pathlib import Path
 from emu.sweep.spec import Sweep
 
 
-def stuck_grid(sweep: Sweep, rows: list[dict[str, str]], policy: str) -> tuple[list[list[int]], list[list[int]]]:
-    """(stuck, runs) per cell: [y][x] over the second key (y) and the first (x)."""
+def stuck_grid(sweep: Sweep, rows: list[dict[str, str]], policy: str) -> tuple[list[list[float]], list[list[int]]]:
+    """(stuck, runs) per cell: [y][x] over the second key (y) and the first (x).  A cluster's row
+    counts the share of its hosts that got stuck."""
     xs = sweep.varies[0].labels()
     ys = sweep.varies[1].labels() if len(sweep.varies) > 1 else [""]
     kx = sweep.keys[0]
     ky = sweep.keys[1] if len(sweep.keys) > 1 else None
-    stuck = [[0] * len(xs) for _ in ys]
+    stuck = [[0.0] * len(xs) for _ in ys]
     runs = [[0] * len(xs) for _ in ys]
     for r in rows:
         if r["policy"] != policy or r["outcome"] in ("", "error"):
@@ -27,7 +28,7 @@ def stuck_grid(sweep: Sweep, rows: list[dict[str, str]], policy: str) -> tuple[l
         i = xs.index(r[kx])
         j = ys.index(r[ky]) if ky else 0
         runs[j][i] += 1
-        stuck[j][i] += int(r["stuck"] or 0)
+        stuck[j][i] += float(r["stuck"] or 0)
     return stuck, runs
 
 
@@ -58,7 +59,7 @@ def plot(sweep: Sweep, rows: list[dict[str, str]], out: Path, title: str = "") -
             for i in range(len(xs)):
                 if runs[j][i]:
                     p = stuck[j][i] / runs[j][i]
-                    ax.text(i, j, f"{stuck[j][i]}/{runs[j][i]}", ha="center", va="center", fontsize=8,  # type: ignore[attr-defined]
+                    ax.text(i, j, f"{stuck[j][i]:g}/{runs[j][i]}", ha="center", va="center", fontsize=8,  # type: ignore[attr-defined]
                             color="white" if p > 0.6 else "black")
         return im
 

@@ -48,6 +48,22 @@ def row_of(res: Any) -> dict[str, Any]:
     }
 
 
+def cluster_row_of(cres: Any) -> dict[str, Any]:
+    """A cluster's row: `stuck` is the share of its hosts that got stuck (so the heatmap shows the
+    chance that a host is stuck), the outcome the worst of its hosts', counts summed."""
+    rows = [row_of(r) for r in cres.results]
+    order = ["completed", "livelock", "deadlock", "timeout", "error"]
+    worst = max((r["outcome"] for r in rows), key=lambda o: order.index(o) if o in order else len(order))
+    stalls = [r["stall_t"] for r in rows if r["stall_t"] != ""]
+    out: dict[str, Any] = {"outcome": worst, "stuck": round(cres.stuck / cres.hosts, 6),
+                           "stall_t": min(stalls) if stalls else "",
+                           "emulated_s": max(r["emulated_s"] for r in rows), "wall_s": cres.wall_s,
+                           "error": "; ".join(r["error"] for r in rows if r["error"])[:300]}
+    for c in ("drops", "swap_out", "swap_in", "retransmits", "late"):
+        out[c] = sum(int(r[c] or 0) for r in rows)
+    return out
+
+
 def run_point(p: dict[str, Any]) -> dict[str, Any]:
     """Run one point to its verdict; never raises (a run that cannot run is an `error` row)."""
     worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -55,9 +71,14 @@ def run_point(p: dict[str, Any]) -> dict[str, Any]:
         sc = scen.loads(p["scenario"], source=p.get("source", "<sweep>"))
         from emu.host.run import run_scenario
 
+        wall = float(p.get("wall_timeout", 600.0))
         with _RUN_LOCK:
-            res = run_scenario(sc, wall_timeout=float(p.get("wall_timeout", 600.0)))
-        row = row_of(res)
+            if sc.cluster.hosts > 1:  # a point may be a whole cluster: its hosts are processes of their own
+                from emu.host.cluster import run_cluster
+
+                row = cluster_row_of(run_cluster(sc, wall_timeout=wall))
+            else:
+                row = row_of(run_scenario(sc, wall_timeout=wall))
     except Exception as e:  # noqa: BLE001 - the row says why; the sweep goes on
         row = {c: "" for c in RESULT_COLUMNS}
         row.update(outcome="error", stuck=0, error=f"{type(e).__name__}: {e}"[:300])
