@@ -49,7 +49,8 @@ def plot_hosts(res: ClusterResult, path: Path) -> Path:
         ax.set_ylabel(f"{host_label(i)}\n{host_addr(i)}", fontsize=7, rotation=0, ha="right", va="center")
         ax.tick_params(labelsize=6)
         color = "red" if r is not None and r.stall else ("black" if outcome.startswith("completed") else "darkorange")
-        ax.text(0.995, 0.9, outcome, transform=ax.transAxes, ha="right", va="top", fontsize=7, color=color)
+        ax.text(0.985, 0.9, outcome, transform=ax.transAxes, ha="right", va="top", fontsize=7, color=color,
+                bbox={"facecolor": "white", "alpha": 0.85, "linewidth": 0})
         if k == 0:
             ax.legend(loc="upper left", fontsize=6, ncol=3)
     axes[-1][0].set_xlabel("emulated seconds (each host's own clock)")
