@@ -95,7 +95,7 @@ def dask_client(address: str, timeout: float = 20.0) -> Iterator[Any]:
         raise SchedulerError("--scheduler needs Dask: pip install 'netswap[dask]'") from None
     try:
         client = Client(address, timeout=timeout)
-    except (OSError, TimeoutError) as e:
+    except (OSError, TimeoutError, ValueError) as e:  # ValueError: not an address
         raise SchedulerError(f"cannot reach the Dask scheduler at {address}: {e}") from None
     try:
         yield client
