@@ -107,6 +107,22 @@ class WatchdogSection:
     sample: float = _f(0.01, "float", "seconds between timeline samples and watchdog checks", min=0.001, max=10.0)
 
 
+VERDICTS = ("completed", "deadlock", "livelock", "stuck", "any")  # stuck: deadlock or livelock
+
+
+@dataclass
+class ExpectSection:
+    """The verdict each policy should reach on this scenario (`netswap demo` checks them)."""
+
+    none: str = _f("stuck", "choice", "expected verdict under none (stuck: deadlock or livelock)", choices=VERDICTS)
+    v12: str = _f("completed", "choice", "expected verdict under v12", choices=VERDICTS)
+    pfmemalloc: str = _f("completed", "choice", "expected verdict under pfmemalloc", choices=VERDICTS)
+
+    def allows(self, policy: str, outcome: str) -> bool:
+        want = getattr(self, policy)
+        return want == "any" or outcome == want or (want == "stuck" and outcome in ("deadlock", "livelock"))
+
+
 @dataclass
 class ClusterSection:
     hosts: int = _f(1, "int", "emulated hosts, each its own process and loopback address (127.0.1.N), sharing one server", min=1, max=MAX_HOSTS)
@@ -125,10 +141,11 @@ class Scenario:
     traffic: TrafficSection = field(default_factory=TrafficSection)
     watchdog: WatchdogSection = field(default_factory=WatchdogSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
+    expect: ExpectSection = field(default_factory=ExpectSection)
     costs: Costs = field(default_factory=Costs)
     source: str = "<defaults>"
 
-    SECTIONS = ("host", "workload", "traffic", "watchdog", "cluster")
+    SECTIONS = ("host", "workload", "traffic", "watchdog", "cluster", "expect")
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "description": self.description, "backend": self.backend,

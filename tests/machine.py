@@ -22,12 +22,27 @@ CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 _groups = itertools.count()
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a live process has used so far, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cgroup_throttled(procs: Path) -> int:
+    """How many CFS periods the cgroup whose `cgroup.procs` is `procs` was throttled in."""
+    for line in (procs.parent / "cpu.stat").read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "nr_throttled":
+            return int(value)
+    raise LookupError(f"no nr_throttled in {procs.parent / 'cpu.stat'}")
+
+
 @contextlib.contextmanager
-def cpu_hogs(n: int = 2) -> Iterator[None]:
-    """`n` processes spinning on the CPU for as long as the block runs."""
+def cpu_hogs(n: int = 2) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """`n` processes spinning on the CPU for as long as the block runs (yielded, to measure)."""
     procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
     try:
-        yield
+        yield procs
     finally:
         for p in procs:
             p.kill()

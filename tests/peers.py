@@ -28,7 +28,7 @@ def require_binary(*names: str) -> dict[str, str]:
         else:
             found[name] = path
     if missing:
-        unavailable(f"needs {', '.join(missing)} (apt-get install tgt nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils libiscsi-bin tshark)")
+        unavailable(f"needs {', '.join(missing)} (apt-get install tgt nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils libiscsi-bin tshark chromium)")
     return found
 
 

@@ -25,7 +25,7 @@ from emu.bench.result import BenchResult, emit
 from emu.cli import CONTEXT
 from emu.traffic.profiles import IPV4_MAX_PAYLOAD
 
-GOAL = 0.5  # issue 5: the injector keeps at least half the pace of the plainest sender
+GOAL = 0.5  # the goal: the injector keeps at least half the pace of the plainest sender
 FRAG_SIZE = 4000  # UDP payload of a frag datagram: 3 fragments at a 1500-byte MTU (1480 + 1480 + 1048)
 FRAG_MTU = 1500
 FRAG_SPOOF = "127.32.0.0/16"  # outside the default 127.64.0.0/10: no leftover queue of another run meets ours

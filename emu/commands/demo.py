@@ -14,33 +14,60 @@ from emu import scenario as scen
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 DEMO_BACKENDS = scen.BACKENDS
-EXPECTED = {"none": ("deadlock", "livelock"), "v12": ("completed",), "pfmemalloc": ("completed",)}
+
+
+def next_steps(out: Path, results: list, base: scen.Scenario) -> list[str]:
+    """The footer: where the files are and the commands that dig deeper."""
+    steps = [f"xdg-open {out / 'report.html'}    # everything below in one page, works offline"]
+    for r in results:
+        if r.files.get("report"):
+            steps.append(f"less {r.files['report']}")
+    stuck = next((r for r in results if r.policy == "none"), results[0] if results else None)
+    if stuck is not None:
+        b = stuck.backend
+        shipped = base.source.endswith("(shipped)")
+        scen_arg = "" if base.name == "demo" and shipped else f"{base.name if shipped else base.source} "
+        pcap = stuck.files.get("pcap")
+        if pcap is None:
+            pcap = f"{b}-none.pcapng"
+            steps.append(f"netswap run {scen_arg}--backend {b} --policy none --pcap {pcap} --dropwatch")
+        steps.append(f"tshark -r {pcap} -Y 'frame.comment contains \"DROP\"' | head")
+        steps.append(f"netswap run {scen_arg}--backend {b} --policy v12 --proc-dir /tmp/{b}-v12 &  watch cat /tmp/{b}-v12/meminfo")
+        others = [r for r in results if r.backend == b and r.policy != "none"]
+        if others and stuck.files.get("json") and others[0].files.get("json"):
+            steps.append(f"netswap compare {stuck.files['json']} {others[0].files['json']}")
+    steps.append(f"column -s, -t < {out}/*-timeline.csv | less -S    # the data behind every plot")
+    return steps
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Folder for the PNG timelines, reports and summary.json (default: a new netswap-demo-<time> folder here).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Folder for the PNG timelines, their CSV/JSON-lines data, reports, report.html and summary.json (default: a new netswap-demo-<time> folder here).")
 @click.option("--backend", "backends", multiple=True, type=click.Choice(scen.BACKENDS), help="Backends to show (repeatable; default all three).")
 @click.option("--policy", "policies", multiple=True, type=click.Choice(scen.POLICIES), help="Policies to show (repeatable; default all three).")
-@click.option("--scenario", "scenario_file", metavar="SCENARIO", help="Scenario file or shipped name (default: demo).")
+@click.option("--scenario", "scenario_file", metavar="SCENARIO", help="Scenario file or shipped name (default: demo). Its [expect] table says which verdict each policy should reach.")
+@click.option("--pcap", is_flag=True, help="Also write each run's frames as pcapng into --out (BACKEND-POLICY.pcapng; see netswap run --pcap).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ...], scenario_file: str | None,
-         as_json: bool) -> None:
+         pcap: bool, as_json: bool) -> None:
     """Run the whole story: each policy over NFS/UDP, NFS/TCP and iSCSI, side by side.
 
     The same emulated host, the same workload and the same background traffic run under `none`
     (a vanilla kernel: the swap write's reply cannot be received and the host gets stuck), `v12`
     (the seed's memory reserve) and `pfmemalloc` (Linux 3.6), which complete with every page
     verified. The host runs in emulated time, so the verdicts are the model's on any machine.
-    Writes a PNG timeline and a report per run and summary.json into --out.
+    Writes per run a PNG timeline with its data (CSV, JSON lines), a JSON result and for a stuck
+    run its report, plus summary.png, summary.json and a self-contained report.html into --out.
 
-    Exit status: 0 when every run had its expected outcome, 1 otherwise.
+    The result table and the next steps go to stdout, the live progress to stderr.
+
+    Exit status: 0 when every run reached the verdict the scenario expects ([expect]), 1 otherwise.
     """
-    stream_tty = (sys.stderr if as_json else sys.stdout).isatty()
-    console = Console(stderr=as_json, width=None if stream_tty else 140)
+    progress_console = Console(stderr=True, width=None if sys.stderr.isatty() else 100)
+    console = progress_console if as_json else Console(width=None if sys.stdout.isatty() else 100)
     try:
         base = scen.load(scenario_file) if scenario_file else scen.default()
     except scen.ScenarioError as e:
-        console.print(f"[red]error:[/] --scenario: {e}")
+        progress_console.print(f"[red]error:[/] --scenario: {e}")
         sys.exit(EXIT_USAGE)
     out = Path(out_dir) if out_dir else Path.cwd() / time.strftime("netswap-demo-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
@@ -48,39 +75,63 @@ def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ..
     policies = policies or scen.POLICIES
 
     from emu.host import run_matrix
+    from emu.host.html import render
+    from emu.host.observe import Observe
     from emu.host.report import LiveProgress, results_table
+    from emu.host.timeline import plot_summary
+
+    def observe_for(sc: scen.Scenario) -> Observe | None:
+        return Observe(pcap=out / f"{sc.backend}-{sc.policy}.pcapng") if pcap else None
 
     started = time.monotonic()
-    with LiveProgress(console) as live:
+    with LiveProgress(progress_console) as live:
         for b in backends:
             for p in policies:
                 live.add_run(b, p)
         try:
-            results = run_matrix(base, backends, policies, out_dir=out, progress=live.update)
+            results = run_matrix(base, backends, policies, out_dir=out, progress=live.update, observe_for=observe_for)
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]")
+            progress_console.print("[yellow]interrupted[/]")
             sys.exit(130)
         except Exception as e:  # noqa: BLE001
-            console.print(f"[red]error:[/] {type(e).__name__}: {e}")
+            progress_console.print(f"[red]error:[/] {type(e).__name__}: {e}")
             sys.exit(EXIT_ERROR)
     elapsed = time.monotonic() - started
     results_table(console, results, title=f"netswap demo — scenario {base.name}, {elapsed:.0f} s")
-    ok = all(r.outcome in EXPECTED[r.policy] and r.integrity["mismatches"] == 0 for r in results)
+    exp = base.expect
+    ok = all(exp.allows(r.policy, r.outcome) and r.integrity["mismatches"] == 0 for r in results)
+    expected = {p: getattr(exp, p) for p in policies}
+    summary_png = plot_summary([(r.backend, r.policy, r.outcome, r.timeline, (r.stall or {}).get("t"))
+                                for r in results if r.timeline is not None],
+                               out / "summary.png", f"netswap demo — scenario {base.name}")
+    steps = next_steps(out, results, base)
+    runs_json = [r.to_json() for r in results]
     summary = {
         "scenario": base.name,
         "elapsed_s": round(elapsed, 2),
+        "expected": expected,
         "as_expected": ok,
-        "runs": [r.to_json() for r in results],
+        "files": {"report_html": str(out / "report.html"), "summary_png": str(summary_png)},
+        "runs": runs_json,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    exp_text = ", ".join(f"{p} {w}" for p, w in expected.items())
+    (out / "report.html").write_text(render(
+        runs_json, title=f"netswap demo — scenario {base.name}", summary_png=str(summary_png),
+        intro=f"{base.description} Expected: {exp_text}. "
+              f"{'Every run as expected.' if ok else 'NOT every run as expected.'} {elapsed:.0f} s wall.",
+        footer=steps))
     for r in results:
         stall = f" at t={r.stall['t']:.2f} s, free pages {r.stall['nr_free']}" if r.stall else ""
-        console.print(f"{r.backend}/{r.policy}: {r.outcome}{stall} — timeline {r.files.get('timeline', '-')}")
-    console.print(f"summary: {out / 'summary.json'}")
+        mark = "" if exp.allows(r.policy, r.outcome) else f"  (expected {getattr(exp, r.policy)})"
+        console.print(f"{r.backend}/{r.policy}: {r.outcome}{stall}{mark}", markup=False, highlight=False)
     if ok:
-        console.print("[green]as expected:[/] `none` got stuck; `v12` and `pfmemalloc` completed with every page verified.")
+        console.print(f"[green]as expected[/] ({exp_text}), every page verified.")
     else:
-        console.print("[red]NOT as expected[/]: see the table and the reports above.")
+        console.print(f"[red]NOT as expected[/] ({exp_text}): see the table and the reports.")
+    console.print("\n[bold]Next steps[/]")
+    for step in steps:
+        console.print(f"  {step}", markup=False, highlight=False, soft_wrap=True)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     sys.exit(EXIT_OK if ok else EXIT_ERROR)

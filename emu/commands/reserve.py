@@ -314,9 +314,9 @@ def reserve(
     console.print("[bold]/proc/reserve_info[/bold]", highlight=False)
     console.print(tree.reserve_info().rstrip(), highlight=False, markup=False)
     table = Table(title=f"reserve tree for {_fmt_kib(nr_pages, page_size)} RAM, {page_size}-byte pages")
-    for col in ("id", "node", "pages", "size", "limit", "unit", "inputs"):
-        table.add_column(col, justify="right" if col in ("id", "pages", "size", "limit") else "left",
-                         no_wrap=col != "inputs")
+    # the inputs of each term are listed under the table, so it fits 80 columns
+    for col in ("id", "node", "pages", "size", "limit", "unit"):
+        table.add_column(col, justify="right" if col in ("id", "pages", "size", "limit") else "left", no_wrap=True)
     for n in nodes:
         depth = 0
         p = n["parent"]
@@ -324,8 +324,14 @@ def reserve(
             depth += 1
             p = nodes[p - 1]["parent"]
         table.add_row(str(n["id"]), "  " * max(0, depth - 1) + n["name"], f"{n['pages']:,}",
-                      _fmt_kib(n["pages"], page_size), f"{n['limit']:,}", n["unit"], TERM_FLAGS.get(n["name"], ""))
+                      _fmt_kib(n["pages"], page_size), f"{n['limit']:,}", n["unit"])
     console.print(table)
+    console.print("[bold]inputs of each term[/bold] (every one a flag)", highlight=False)
+    for n in nodes:
+        flags = TERM_FLAGS.get(n["name"], "")
+        if flags and flags != "sum":
+            console.print(f"  {n['id']} {n['name']}: {' '.join(flags.split())}", highlight=False, markup=False,
+                          soft_wrap=True)
     console.print("[bold]how each term is computed[/bold]", highlight=False)
     for n in nodes:
         console.print(f"  {n['id']} {n['name']}: {n['formula']}", highlight=False, markup=False, soft_wrap=True)

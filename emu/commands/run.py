@@ -11,7 +11,7 @@ from rich.console import Console
 
 from emu import scenario as scen
 from emu.swapdev.endpoint import ServerURLError, check_backend_matches, parse_server_url
-from emu.util.units import parse_size
+from emu.util.units import format_size, parse_size
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STUCK = 0, 1, 2, 3
 
@@ -23,6 +23,25 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
         return parse_size(value)
     except ValueError as e:
         raise click.BadParameter(f"{value!r}: {e}", ctx, param) from None
+
+
+def _positive_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    n = _size(ctx, param, value)
+    if n is not None and n < 4096:
+        raise click.BadParameter(f"{value!r}: the ring must hold at least 4K", ctx, param)
+    return n
+
+
+def _writable_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Checked before the run, so that a run is never lost to a file that cannot be written."""
+    if value is None:
+        return None
+    parent = Path(value).resolve().parent
+    if not parent.is_dir():
+        raise click.BadParameter(f"{value!r}: no such directory {str(parent)!r}", ctx, param)
+    if Path(value).is_dir():
+        raise click.BadParameter(f"{value!r} is a directory", ctx, param)
+    return value
 
 
 def apply_overrides(sc: scen.Scenario, *, backend: str | None, policy: str | None, ram: int | None,
@@ -65,6 +84,15 @@ def apply_overrides(sc: scen.Scenario, *, backend: str | None, policy: str | Non
 @click.option("--server", metavar="URL", help="Swap to an external server: nfs://127.0.0.1/EXPORT?nfsport=P&mountport=Q or iscsi://127.0.0.1:PORT/IQN/LUN. Default: start ours.")
 @click.option("--json", "json_out", metavar="OUT", help="Write the result as JSON to OUT ('-' for stdout).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Write the timeline PNG, JSON and report into DIR.")
+@click.option("--pcap", "pcap", type=click.Path(dir_okay=False), callback=_writable_file, metavar="FILE",
+              help="Write every frame the emulated NIC saw (RX with its fate and drop reason as a packet comment, TX) as pcapng to FILE.")
+@click.option("--pcap-snaplen", type=click.IntRange(min=0), default=128, show_default=True, metavar="BYTES",
+              help="Keep only the first BYTES of each background frame (0: whole); swap traffic (SOCK_MEMALLOC sockets) stays whole.")
+@click.option("--pcap-ring", callback=lambda c, p, v: _positive_size(c, p, v), default="128M", show_default=True, metavar="SIZE",
+              help="The capture keeps the last SIZE of frames (a ring; older frames are left out and counted).")
+@click.option("--dropwatch", is_flag=True, help="Print drops per reason and per socket each emulated second (as dropwatch -l kas), on stderr.")
+@click.option("--proc-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Keep DIR/meminfo, vmstat, slabinfo, reserve_info, nstat and ss up to date (each wall second), for `watch cat DIR/meminfo`.")
 @click.option("--list-scenarios", is_flag=True, help="List the shipped scenarios and exit.")
 @click.option("--print-scenario", is_flag=True, help="Print the effective scenario as TOML and exit.")
 @click.option("--hosts", type=click.IntRange(1, scen.MAX_HOSTS), default=None, metavar="N",
@@ -73,7 +101,8 @@ def apply_overrides(sc: scen.Scenario, *, backend: str | None, policy: str | Non
 @click.option("-q", "--quiet", is_flag=True, help="No live progress.")
 def run(scenario_file: str | None, backend: str | None, policy: str | None, ram: int | None, swap: int | None,
         workload: str | None, traffic: str | None, duration: float | None, wall_timeout: float, server: str | None,
-        json_out: str | None, out_dir: str | None, list_scenarios: bool, print_scenario: bool, hosts: int | None,
+        json_out: str | None, out_dir: str | None, pcap: str | None, pcap_snaplen: int, pcap_ring: int,
+        dropwatch: bool, proc_dir: str | None, list_scenarios: bool, print_scenario: bool, hosts: int | None,
         quiet: bool) -> None:
     """Run one emulated host swapping to a real server under one policy.
 
@@ -85,6 +114,9 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
     The host runs in emulated time: every rate and duration is the model's, the same on any
     machine, and the same scenario gives the same verdict every time.
 
+    The result (report and table) goes to stdout, progress and logs to stderr, so
+    `netswap run > result.txt` keeps the result; with `--json -` stdout holds only the JSON.
+
     With --hosts N (or [cluster] hosts = N) N hosts run at once against one server, each its
     own process with its own address 127.0.1.i, swap file or LUN, clock and seed; the result is
     per host and for the cluster (completed, stuck, the server's calls, latency and RSS), with one
@@ -93,7 +125,9 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
     Exit status: 0 completed, 3 stuck (deadlock or livelock; the report is printed), 2 usage
     error, 1 other error (a timeout included).
     """
-    console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 100)
+    json_stdout = json_out == "-"
+    result_console = console if json_stdout else Console(width=None if sys.stdout.isatty() else 100)
     if list_scenarios:
         for name in scen.shipped():
             click.echo(f"{name}: {scen.load(name).description}")
@@ -118,22 +152,38 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
         return
 
     from emu.host import run_scenario
+    from emu.host.observe import Observe
     from emu.host.report import LiveProgress, print_result
 
     out = Path(out_dir) if out_dir else None
     if hosts is not None or sc.cluster.hosts > 1:  # --hosts 1: one host through the cluster's machinery
-        _run_cluster(console, sc, out, json_out, wall_timeout, quiet)
+        if pcap or dropwatch or proc_dir:
+            console.print("[red]error:[/] --pcap, --dropwatch and --proc-dir watch one host; not with a cluster (--hosts)")
+            sys.exit(EXIT_USAGE)
+        _run_cluster(console, result_console, sc, out, json_out, wall_timeout, quiet)
+    observe = None
+    if pcap or dropwatch or proc_dir:
+        observe = Observe(pcap=Path(pcap) if pcap else None, pcap_snaplen=pcap_snaplen, pcap_ring=pcap_ring,
+                          dropwatch=(lambda line: console.print(line, markup=False, highlight=False)) if dropwatch else None,
+                          proc_dir=Path(proc_dir) if proc_dir else None)
     try:
         with LiveProgress(console, enabled=not quiet and not (json_out == "-" and not console.is_terminal)) as live:
             live.add_run(sc.backend, sc.policy)
-            result = run_scenario(sc, progress=live.update, out_dir=out, wall_timeout=wall_timeout)
+            result = run_scenario(sc, progress=live.update, out_dir=out, wall_timeout=wall_timeout, observe=observe)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - a run that cannot start is exit 1 with its reason
         console.print(f"[red]error:[/] {type(e).__name__}: {e}")
         sys.exit(EXIT_ERROR)
-    print_result(console, result)
+    print_result(result_console, result)
+    if result.pcap:
+        p = result.pcap
+        console.print(f"pcap: {p['file']}: {p['frames_written']} frames ({p['rx_frames']} RX, {p['tx_frames']} TX"
+                      + (f"; the oldest {p['left_out']} left out of the {format_size(p['ring_bytes'])} ring" if p["left_out"] else "")
+                      + f"), written in {p['write_s']:.1f} s; try: tshark -r {p['file']} -Y 'frame.comment contains \"DROP\"'"
+                      + (f"; iSCSI: {p['decode_as']} -r {p['file']} -Y iscsi" if p.get("decode_as") else ""),
+                      markup=False, highlight=False, soft_wrap=True)
     if json_out:
         payload = json.dumps(result.to_json(), indent=2)
         if json_out == "-":
@@ -145,8 +195,8 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
     sys.exit(result.exit_status)
 
 
-def _run_cluster(console: Console, sc: scen.Scenario, out: Path | None, json_out: str | None, wall_timeout: float,
-                 quiet: bool) -> None:
+def _run_cluster(console: Console, result_console: Console, sc: scen.Scenario, out: Path | None, json_out: str | None,
+                 wall_timeout: float, quiet: bool) -> None:
     from emu.host.cluster import host_addr, host_label, run_cluster
     from emu.host.report import LiveProgress, cluster_table
 
@@ -162,7 +212,7 @@ def _run_cluster(console: Console, sc: scen.Scenario, out: Path | None, json_out
     except Exception as e:  # noqa: BLE001 - a cluster that cannot start is exit 1 with its reason
         console.print(f"[red]error:[/] {type(e).__name__}: {e}")
         sys.exit(EXIT_ERROR)
-    cluster_table(console, res)
+    cluster_table(result_console, res)
     if json_out:
         payload = json.dumps(res.to_json(), indent=2)
         if json_out == "-":

@@ -89,11 +89,10 @@ def _host_main(i: int, toml: str, source: str, server: Endpoint, out_dir: str | 
             last[0] = now
             q.put(("status", i, dataclasses.asdict(st)))
 
-    samples: list[Any] = []
     try:
         res = run_host(sc, server, progress, Path(out_dir) if out_dir else None, raw_traffic=raw_traffic,
-                       wall_timeout=wall_timeout, identity=host_identity(i, sc.backend), stem=host_label(i),
-                       samples_out=samples)
+                       wall_timeout=wall_timeout, identity=host_identity(i, sc.backend), stem=host_label(i))
+        samples = res.timeline.samples if res.timeline is not None else []
         step = max(1, len(samples) // SAMPLES_PER_HOST)
         q.put(("result", i, res.to_json(), [dataclasses.asdict(s) for s in samples[::step]]))
     except BaseException as e:  # noqa: BLE001 - the parent must hear of it, whatever it was

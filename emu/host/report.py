@@ -9,13 +9,17 @@ its mm and net; this module only lays it out, so the layout is tested without a 
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+
+from emu.net.dropmon import reason_table
 
 
 @dataclass
@@ -72,6 +76,54 @@ def _kb(pages: int, page_size: int = 4096) -> str:
     return f"{pages * page_size // 1024}kB"
 
 
+def _ranges(nums: list[int]) -> str:
+    """1,2,3,7 -> '1-3,7'."""
+    out: list[str] = []
+    nums = sorted(nums)
+    start = prev = nums[0]
+    for n in nums[1:] + [None]:  # type: ignore[list-item]
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        out.append(f"{start}-{prev}" if prev != start else str(start))
+        if n is not None:
+            start = prev = n
+    return ",".join(out)
+
+
+def group_tasks(tasks: list[tuple[int, str, str, str, str]]) -> list[tuple[list[int], str, str, str, str, str]]:
+    """Tasks with the same name (instance number aside), state, wait channel (its arguments aside)
+    and flags, as one line each, in order of first appearance: (pids, comm, state, wchan, flags,
+    what the grouped wait channels' arguments were)."""
+    groups: dict[tuple[str, str, str, str], tuple[list[int], list[str], list[str]]] = {}
+    for pid, comm, state, wchan, flags in tasks:
+        words = (wchan or "").split()
+        fixed = []
+        for w in words:
+            if any(c.isdigit() for c in w):
+                break
+            fixed.append(w)
+        base_wchan = " ".join(fixed) or (wchan or "")
+        base_comm = re.sub(r"\d+$", "", comm) or comm
+        key = (base_comm, state, base_wchan, flags)
+        g = groups.setdefault(key, ([], [], []))
+        g[0].append(pid)
+        g[1].append(comm)
+        g[2].append(" ".join(words[len(fixed):]))
+    out = []
+    for (base_comm, state, base_wchan, flags), (pids, comms, args) in groups.items():
+        if len(pids) == 1:
+            out.append((pids, comms[0], state, base_wchan + (" " + args[0] if args[0] else ""), flags, ""))
+            continue
+        comm = comms[0] if len(set(comms)) == 1 else base_comm
+        shown = [a for a in args if a]
+        detail = ""
+        if shown:
+            detail = f"{base_wchan} " + ", ".join(shown[:4]) + (f" ... ({len(shown)} in all)" if len(shown) > 4 else "")
+        out.append((pids, comm, state, base_wchan, flags, detail))
+    return out
+
+
 def render_deadlock_report(r: ReportData) -> str:
     L: list[str] = []
     bar = "=" * 100
@@ -94,7 +146,8 @@ def render_deadlock_report(r: ReportData) -> str:
     if r.pages_emerg or r.reserve_size:
         L.append(f"  reserve: {r.reserve_size} pages (pages_emerg {r.pages_emerg}), peak use {r.reserve_peak} pages")
     else:
-        L.append("  reserve: none reachable from the receive path under this policy")
+        L.append("  reserve: – (policy none: the receive path never reaches a reserve; "
+                 f"{r.reserve_peak} pages at most were held below min by PF_MEMALLOC tasks such as kswapd)")
     if r.reserve_info:
         L.append("/proc/reserve_info:")
         L.extend("  " + x for x in r.reserve_info.rstrip().splitlines())
@@ -128,18 +181,30 @@ def render_deadlock_report(r: ReportData) -> str:
     L.append(f"  swap transport {r.swap_sock or '?'}: requests retransmitted/reissued {r.swap_retransmits} times")
     reasons = {k: v for k, v in r.swap_sock_drops.items() if v}
     if reasons:
-        L.append("  replies to swap I/O dropped: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))
+        by_count = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))  # the main reason first
+        L.append("  replies to swap I/O dropped: " + ", ".join(f"{k} {v}" for k, v in by_count))
     else:
         L.append("  replies to swap I/O dropped: (none recorded per socket)")
     L.append("  host-wide drops: " + (", ".join(f"{k} {v}" for k, v in r.drops.items() if v) or "none"))
+    table = reason_table(r.drops)
+    if table:
+        L.append("\nDrops by reason (as `dropwatch -l kas` / `perf record -e skb:kfree_skb` would count them)")
+        L.append(f"  {'drop reason':<32} {'netswap counter':<16} {'kernel site':<24} {'frames':>10}")
+        for reason, counter, site, n in table:
+            L.append(f"  {reason:<32} {counter:<16} {site:<24} {n:>10}")
     if r.drops.get("rx_nomem"):
         L.append("  => replies cannot be received: the skb for them cannot be allocated (rx_nomem) because "
                  "free memory is at the GFP_ATOMIC floor and this policy gives the receive path no reserve.")
 
-    L.append("\nSysRq : Show Blocked State")
-    L.append(f"  {'pid':>5} {'task':<20} {'state':<20} {'wchan':<28} flags")
-    for pid, comm, state, wchan, flags in r.tasks:
-        L.append(f"  {pid:>5} {comm:<20} {state:<20} {wchan or '-':<28} {flags}")
+    L.append("\nSysRq : Show Blocked State  (identical tasks grouped: N x task)")
+    L.append(f"  {'pid':>9} {'task':<20} {'state':<20} {'wchan':<28} flags")
+    for pids, comm, state, wchan, flags, detail in group_tasks(r.tasks):
+        if len(pids) == 1:
+            L.append(f"  {pids[0]:>9} {comm:<20} {state:<20} {wchan or '-':<28} {flags}")
+        else:
+            who = f"{len(pids)} x {comm}"
+            L.append(f"  {'':>9} {who:<20} {state:<20} {wchan or '-':<28} {flags}")
+            L.append(f"  {'':>9}   pids {_ranges(pids)}" + (f"; {detail}" if detail else ""))
     if r.vmstat:
         keys = ("pgalloc", "pgfree", "pgscan_kswapd", "pgscan_direct", "pgsteal", "pswpout", "pswpin",
                 "pgmajfault", "allocstall", "pgscan_direct_throttle")
@@ -159,36 +224,66 @@ def _outcome_style(outcome: str) -> str:
 
 
 def print_result(console: Console, result: Any) -> None:
-    """One run's figures (and its deadlock report when it deadlocked)."""
+    """One run's figures (and its deadlock report when it got stuck), on the result's console."""
     if result.report:
         console.print(result.report, markup=False, highlight=False)
     results_table(console, [result], title=f"netswap run: {result.backend} / {result.policy}")
     if result.files:
         for what, path in result.files.items():
-            console.print(f"{what}: {path}")
+            console.print(f"{what}: {path}", markup=False, highlight=False)
 
 
-def results_table(console: Console, results: list[Any], title: str) -> None:
-    t = Table(title=title)
-    t.add_column("")
+def _reserve_cell(r: Any) -> str:
+    if r.policy == "none":
+        return "–¹"
+    return f"{r.reserve['size']}/{r.reserve['peak']}"
+
+
+def results_table(console: Console, results: list[Any], title: str, width: int = 80) -> None:
+    """The figures side by side, in tables that fit `width` columns (runs grouped by backend,
+    at most four to a table); notes below."""
+    label_w = 18
+    per_table = max(1, min(4, (width - label_w - 2) // 15))
+    groups: list[list[Any]] = []
     for r in results:
-        t.add_column(f"{r.backend}\n{r.policy}", justify="right")
+        if groups and groups[-1][0].backend == r.backend and len(groups[-1]) < per_table:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    notes: list[str] = []
+    for i, group in enumerate(groups):
+        _results_table(console, group, title if i == 0 else "")
+    if any(r.policy == "none" for r in results):
+        peaks = ", ".join(f"{r.backend} {r.reserve['peak']}" for r in results if r.policy == "none")
+        notes.append("¹ none: the receive path has no reserve (pages below min held by")
+        notes.append(f"  PF_MEMALLOC tasks such as kswapd peaked at: {peaks})")
+    notes.append("reserve: size/peak in pages; drops: frames (--dropwatch: per socket)")
+    for n in notes:
+        console.print(n, markup=False, highlight=False, soft_wrap=False, width=width)
+
+
+def _results_table(console: Console, results: list[Any], title: str) -> None:
+    t = Table(title=title or None, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    t.add_column("", no_wrap=True, max_width=18)
+    for r in results:
+        t.add_column(f"{r.backend}\n{r.policy}", justify="right", no_wrap=True)
     rows: list[tuple[str, Any]] = [
         ("outcome", lambda r: _outcome_style(r.outcome)),
         ("verdict at", lambda r: f"{(r.stall or {}).get('t', r.emulated_s):.3f} s"),
         ("wall time", lambda r: f"{r.wall_s:.1f} s"),
-        ("workload done", lambda r: f"{r.accesses_done}/{r.accesses_total}"),
-        ("pages swapped out", lambda r: str(r.pages_swapped_out)),
-        ("pages swapped in", lambda r: str(r.pages_swapped_in)),
+        ("workload done", lambda r: f"{100 * r.accesses_done // max(r.accesses_total, 1)}%"),
+        ("pages out / in", lambda r: f"{r.pages_swapped_out}/{r.pages_swapped_in}"),
         ("pages verified", lambda r: str(r.integrity["verified"])),
         ("mismatches", lambda r: ("[red]" if r.integrity["mismatches"] else "") + str(r.integrity["mismatches"])),
-        ("min free pages", lambda r: f"{r.min_free} (min wmark {r.wmark_min})"),
-        ("reserve size/peak", lambda r: f"{r.reserve['size']}/{r.reserve['peak']} pages"),
+        ("min free (wmark)", lambda r: f"{r.min_free} ({r.wmark_min})"),
+        ("reserve size/peak", _reserve_cell),
         ("swap retransmits", lambda r: str(r.swap_retransmits)),
     ]
     reasons = sorted({k for r in results for k, v in r.drops.items() if v})
+    if reasons:
+        rows.append(("drops (frames):", lambda r: ""))
     for k in reasons:
-        rows.append((f"drops: {k}", lambda r, k=k: str(r.drops.get(k, 0))))
+        rows.append((f"  {k}"[:18], lambda r, k=k: str(r.drops.get(k, 0))))
     rows.append(("emergency skbs", lambda r: str(r.emergency_skbs)))
     for label, fn in rows:
         t.add_row(label, *[fn(r) for r in results])
@@ -218,6 +313,16 @@ def cluster_table(console: Console, res: Any) -> None:
     console.print(line)
     for what, path in res.files.items():
         console.print(f"{what}: {path}")
+
+
+def _n(x: int) -> str:
+    """A count in at most 5 characters (12345, 123k, 12.3M)."""
+    x = int(x)
+    if x < 100_000:
+        return str(x)
+    if x < 10_000_000:
+        return f"{x // 1000}k"
+    return f"{x / 1e6:.1f}M" if x < 100_000_000 else f"{x // 1_000_000}M"
 
 
 # --- live progress ----------------------------------------------------------------------------
@@ -264,24 +369,30 @@ class LiveProgress:
 
     @staticmethod
     def _line(s: Any) -> str:
+        stall = f"{s.stalled_for:.1f}s" if s.phase not in ("completed",) else "-"
         return (f"{s.backend}/{s.policy} {s.phase} t={s.t:.3f}s work {s.done}/{s.total} free {s.nr_free} "
-                f"(min {s.wmark_min}) swpout {s.pswpout} swpin {s.pswpin} drops {s.drops} stall {s.stalled_for:.1f}s")
+                f"(min {s.wmark_min}) swpout {s.pswpout} swpin {s.pswpin} drops {s.drops} stall {stall}")
 
     def _render(self) -> Table:
-        t = Table(expand=False, title="netswap")
-        for c in ("backend", "policy", "phase", "t", "workload", "free/min", "reserve", "swpout", "swpin",
-                  "drops", "stalled"):
-            t.add_column(c, justify="left" if c in ("backend", "policy", "phase", "workload") else "right")
+        """One row per run, within 80 columns: the run on two lines, no bars."""
+        t = Table(expand=False, title="netswap (emulated time)", box=None, pad_edge=False, padding=(0, 1),
+                  show_edge=False)
+        for c, just in (("run", "left"), ("phase", "left"), ("t", "right"), ("work", "right"),
+                        ("free/min", "right"), ("resv", "right"), ("swap o/i", "right"), ("drops", "right"),
+                        ("stall", "right")):
+            t.add_column(c, justify=just, no_wrap=True)  # type: ignore[arg-type]
         for key in self.order:
             s = self.rows[key]
+            run = f"{key[0]}\n{key[1]}"
             if s is None:
-                t.add_row(key[0], key[1], "waiting", "", "", "", "", "", "", "", "")
+                t.add_row(run, "waiting", "", "", "", "", "", "", "")
                 continue
             frac = s.done / s.total if s.total else 0.0
-            width = 20
-            bar = "█" * int(frac * width) + "·" * (width - int(frac * width))
             phase = _outcome_style(s.phase) if s.phase in ("completed", "deadlock", "livelock") else s.phase
-            t.add_row(s.backend, s.policy, phase, f"{s.t:.3f}s", f"{bar} {frac:4.0%}",
-                      f"{s.nr_free}/{s.wmark_min}", f"{s.reserve_used}", f"{s.pswpout}", f"{s.pswpin}",
-                      f"{s.drops}", f"{s.stalled_for:.2f}s")
+            # stalled: how long the watchdog has seen no progress with tasks blocked; a run that
+            # completed was never stuck, so it shows none
+            stall = "–" if s.phase == "completed" or s.stalled_for <= 0 else f"{s.stalled_for:.1f}s"
+            resv = "–" if s.policy == "none" else f"{s.reserve_used}"
+            t.add_row(run, phase, f"{s.t:.2f}s", f"{frac:.0%}", f"{s.nr_free}/{s.wmark_min}", resv,
+                      f"{_n(s.pswpout)}/{_n(s.pswpin)}", _n(s.drops), stall)
         return t

@@ -73,12 +73,16 @@ class RunResult:
     costs: dict[str, float] = field(default_factory=dict)
     clock: dict[str, Any] = field(default_factory=dict)
     vmstat: dict[str, int] = field(default_factory=dict)
+    socket_drops: dict[str, dict[str, int]] = field(default_factory=dict)  # per socket, per drop counter
+    views: dict[str, str] = field(default_factory=dict)  # /proc texts at the end (meminfo, reserve_info, ...)
+    pcap: dict[str, Any] = field(default_factory=dict)  # --pcap: what the file holds
     error: str = ""
     report: str = ""
     files: dict[str, str] = field(default_factory=dict)
+    timeline: Any = field(default=None, repr=False)  # the Recorder (in memory only; files["timeline_*"] on disk)
 
     def to_json(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k != "report"}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("report", "timeline")}
         d["deadlock_report"] = self.report or None
         return d
 
@@ -88,16 +92,19 @@ class RunResult:
 
 
 def write_outputs(res: RunResult, out_dir: Path, stem: str, recorder: Any = None, verdict_at: float | None = None) -> None:
-    """The timeline PNG, the report (for a stuck run) and the JSON, into `out_dir`."""
-    from emu.host.timeline import plot
+    """The timeline (PNG, and its data as CSV and JSON lines), the report (for a stuck run) and
+    the JSON, into `out_dir`."""
+    from emu.host.timeline import plot, write_csv, write_jsonl
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if recorder is not None and recorder.samples:
         png = plot(recorder, out_dir / f"{stem}.png",
                    f"netswap {res.backend} / policy {res.policy}: {res.outcome} "
                    f"({res.pages_swapped_out} pages out, {res.pages_swapped_in} in)",
-                   deadlock_at=verdict_at)
+                   deadlock_at=verdict_at, policy=res.policy, verdict=res.outcome)
         res.files["timeline"] = str(png)
+        res.files["timeline_csv"] = str(write_csv(recorder, out_dir / f"{stem}-timeline.csv"))
+        res.files["timeline_jsonl"] = str(write_jsonl(recorder, out_dir / f"{stem}-timeline.jsonl"))
     if res.report:
         rp = out_dir / f"{stem}-{res.outcome}.txt"
         rp.write_text(res.report)

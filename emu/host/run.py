@@ -28,6 +28,7 @@ import trio
 from emu import scenario as scen
 from emu.host.diagnose import blocked_tasks, report_data, swap_reply_drops
 from emu.host.kernel import Kernel
+from emu.host.observe import Observe, Observers, proc_views
 from emu.host.report import render_deadlock_report
 from emu.host.result import STUCK, RunResult, RunStatus, write_outputs
 from emu.host.servers import local_server
@@ -58,7 +59,8 @@ class HostRun:
     """One host, one scenario, one server: assembled here, run by `main` under the host's clock."""
 
     def __init__(self, sc: scen.Scenario, server: Endpoint, clock: EmuClock, *, raw_traffic: bool = True,
-                 reference_rate: float | None = None, identity: HostIdentity | None = None) -> None:
+                 reference_rate: float | None = None, observe: Observe | None = None,
+                 identity: HostIdentity | None = None) -> None:
         self.sc = sc
         self.server = server
         self.clock = clock
@@ -81,6 +83,9 @@ class HostRun:
         self.verdict: Verdict | None = None
         self.wall_expired = False
         self.final: RunResult | None = None  # the result, read from the live kernel at the end
+        # --pcap, --dropwatch, --proc-dir: observers only (emu.host.observe); the tap is in place
+        # before the kernel starts, so it sees every frame
+        self.obs = Observers(observe, k, f"{sc.backend}/{sc.policy}") if observe is not None else None
 
     # ---- views -----------------------------------------------------------------------------------
 
@@ -156,6 +161,8 @@ class HostRun:
                 now = trio.current_time()
                 self.sample(now)
                 self.final = self.result(outcome)
+                if self.obs is not None:
+                    self.obs.stop(now, outcome)
                 if progress:
                     progress(self.status(now, self.recorder.samples[-1]))
                 user.cancel()
@@ -197,6 +204,8 @@ class HostRun:
         while True:
             now = trio.current_time()
             s = self.sample(now)
+            if self.obs is not None:
+                self.obs.tick(now, self.phase)
             if progress and now - last >= 0.1:
                 last = now
                 progress(self.status(now, s))
@@ -241,6 +250,14 @@ class HostRun:
         res.swap_retransmits = self.swap.retransmits()
         res.emergency_skbs = int(k.skbs_emergency())
         res.traffic = self.traffic.report() if self.traffic is not None else {"profile": "none"}
+        if self.traffic is not None:
+            socks = self.apps.socks
+            res.traffic["delivered"] = sum(sk.dgrams_read + len(sk.receive_queue) for sk in socks)
+            res.traffic["read_by_apps"] = sum(sk.dgrams_read for sk in socks)
+            res.traffic["delivered_bytes"] = sum(sk.bytes_read + sk.rx_queued_bytes for sk in socks)
+        res.socket_drops = {f"{sk.proto} {sk.local_str()} {sk.owner_name()}": {r: n for r, n in sk.rx_drops.items() if n}
+                            for sk in [*k.net.socks, *self.swap.sockets] if any(sk.rx_drops.values())}
+        res.views = proc_views(k)
         res.costs = sc.costs.to_json()
         res.clock = {"emulated_s": res.emulated_s, "cpu_busy_s": round(k.cpu.busy, 6), **self.clock.stats.to_json()}
         res.vmstat = {key: int(v) for key, v in vm.items() if v}
@@ -262,18 +279,18 @@ class HostRun:
 
 def run_host(sc: scen.Scenario, server: Endpoint, progress: Progress | None = None, out_dir: Path | None = None, *,
              raw_traffic: bool = True, reference_rate: float | None = None,
-             wall_timeout: float = WALL_TIMEOUT_DEFAULT, identity: HostIdentity | None = None,
-             stem: str | None = None, samples_out: list[Sample] | None = None) -> RunResult:
+             wall_timeout: float = WALL_TIMEOUT_DEFAULT, observe: Observe | None = None,
+             identity: HostIdentity | None = None, stem: str | None = None) -> RunResult:
     """Run one host to its verdict, in a `trio.run` of its own under its emulated clock.
 
     `raw_traffic=False` sends the background traffic as an unprivileged user would even when we
     are root.  `reference_rate`: the progress rate of the same scenario under a reserve policy,
     for the livelock verdict (default: this run's own best).  `identity`: the host's address (and
     initiator name) when it shares the server with others.  `stem`: the output files' name.
-    `samples_out` receives the run's timeline samples.
     """
     clock = EmuClock()
-    run = HostRun(sc, server, clock, raw_traffic=raw_traffic, reference_rate=reference_rate, identity=identity)
+    run = HostRun(sc, server, clock, raw_traffic=raw_traffic, reference_rate=reference_rate, observe=observe,
+                  identity=identity)
     wall0 = perf_counter()
     scope_box: list[trio.CancelScope] = []
     error = ""
@@ -314,8 +331,19 @@ def run_host(sc: scen.Scenario, server: Endpoint, progress: Progress | None = No
     res.outcome = outcome
     res.error = error
     res.wall_s = res.clock["wall_s"] = round(perf_counter() - wall0, 3)
-    if samples_out is not None:
-        samples_out.extend(run.recorder.samples)
+    res.timeline = run.recorder
+    if run.obs is not None and run.obs.tap is not None:
+        run.obs.tap.stop()
+        decode = ""
+        if sc.backend == "iscsi" and hasattr(server, "port"):
+            decode = f"tshark -d tcp.port=={server.port},iscsi"  # our target listens on a free port
+        res.pcap = run.obs.write_pcap(f"netswap run: backend {sc.backend}, policy {sc.policy}, scenario {sc.name}, "
+                                      f"server {server.url()}, outcome {res.outcome} at t={res.emulated_s:.3f} s "
+                                      f"(emulated; timestamps are the run's wall-clock start plus emulated time)"
+                                      + (f"; decode iSCSI with: {decode}" if decode else ""))
+        if decode:
+            res.pcap["decode_as"] = decode
+        res.files["pcap"] = str(res.pcap["file"])
     if out_dir is not None:
         write_outputs(res, out_dir, stem or f"{sc.backend}-{sc.policy}", run.recorder,
                       run.verdict.at if run.verdict is not None and outcome in STUCK else None)
@@ -341,7 +369,8 @@ def run_scenario(sc: scen.Scenario, progress: Progress | None = None, out_dir: P
 
 
 def run_matrix(base: scen.Scenario, backends: tuple[str, ...] | list[str], policies: tuple[str, ...] | list[str],
-               out_dir: Path | None = None, progress: Progress | None = None, **kw: Any) -> list[RunResult]:
+               out_dir: Path | None = None, progress: Progress | None = None,
+               observe_for: Callable[[scen.Scenario], Observe | None] | None = None, **kw: Any) -> list[RunResult]:
     """Each backend under each policy with the same workload and traffic; one server per backend.
 
     The reserve policies run first, so that `none` is judged for livelock against the progress
@@ -354,7 +383,8 @@ def run_matrix(base: scen.Scenario, backends: tuple[str, ...] | list[str], polic
         if sc.policy == "none":
             rates = [r.progress_rate for (b, p), r in results.items() if b == sc.backend and r.outcome == "completed"]
             ref = max(rates) if rates else None
-        results[(sc.backend, sc.policy)] = run_host(sc, server, progress, out_dir, reference_rate=ref, **kw)
+        obs = observe_for(sc) if observe_for is not None else None
+        results[(sc.backend, sc.policy)] = run_host(sc, server, progress, out_dir, reference_rate=ref, observe=obs, **kw)
 
     for b in backends:
         sc_b = base.replace(backend=b)

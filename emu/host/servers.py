@@ -106,7 +106,8 @@ def _spawn(kind: str, workdir: Path, swap_bytes: int, luns: int = 1, stats_path:
 def _ready(sp: ServerProcess) -> bool:
     """Whether the server printed its ready line; then `sp.server` and `sp.ports` name its ports."""
     if not sp.alive():
-        raise ServerStartError(f"{' '.join(map(str, sp.proc.args))} exited with status "
+        args = sp.proc.args if isinstance(sp.proc.args, list) else [sp.proc.args]
+        raise ServerStartError(f"{' '.join(map(str, args))} exited with status "
                                f"{sp.proc.returncode}:\n{sp.log_tail()}")
     try:
         text = sp.log.read_bytes()

@@ -24,8 +24,8 @@ lets trio wait for the socket.  So a reply is seen exactly when the model says, 
 wire holds early bytes until they are due) and no later (however long the real peer took: that
 wall time does not count).
 
-**Scheduling.**  With `deterministic_scheduling()`, trio runs each batch of runnable tasks in the
-order they became runnable instead of reversing half the batches at random; together with the
+**Scheduling.**  With `deterministic_scheduling()`, trio never reverses a batch of runnable
+tasks at random (it runs each batch from its end: the task made runnable last runs first); together with the
 above, the same scenario gives the same run, step for step, on a fast, slow or busy machine.
 """
 
@@ -52,7 +52,7 @@ class Source(Protocol):
 
     grace: float  # wall seconds to wait for an awaited input from it, at most
 
-    def pull(self) -> None: ...
+    def pull(self) -> object: ...
 
     def fileno(self) -> int: ...
 
@@ -301,8 +301,9 @@ class EmuClock(trio.abc.Clock):
 
 
 class _FifoRandom(random.Random):
-    """trio reverses a batch of runnable tasks when `random() < 0.5`: never, so batches run in
-    the order their tasks became runnable."""
+    """trio reverses a batch of runnable tasks when `random() < 0.5`: never.  trio then runs the
+    batch by popping from its end, so within a batch the task made runnable last runs first: one
+    fixed order (which one does not matter; that it never changes does)."""
 
     def random(self) -> float:
         return 1.0
@@ -351,7 +352,7 @@ def _event_set(self: trio.Event) -> None:
 def deterministic_scheduling() -> Iterator[None]:
     """Make trio's scheduling of the enclosed `trio.run` a function of the host's events only.
 
-    - Each batch of runnable tasks runs in the order its tasks became runnable: trio reverses
+    - Each batch of runnable tasks runs in one fixed order (from its end): trio reverses
       half the batches at random (the generator is `trio._core._run._r`), and under hypothesis
       (as under pytest) sorts and shuffles them instead (`_ALLOW_DETERMINISTIC_SCHEDULING`).
     - Timers that expire at the same emulated time wake their tasks in the order the tasks were

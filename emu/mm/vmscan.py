@@ -13,7 +13,7 @@ import trio
 
 from emu.mm.gfp import GFP_KERNEL, Gfp, Policy
 from emu.mm.page_alloc import OutOfMemory, Zone
-from emu.kernel.sched import TaskFlags, current, memalloc_noreclaim, task, waiting
+from emu.kernel.sched import Task, TaskFlags, current, memalloc_noreclaim, task, waiting
 
 if TYPE_CHECKING:
     from emu.mm.vm import Vm
@@ -196,7 +196,7 @@ class Kswapd:
 
     def __init__(self, mm: Vm) -> None:
         self.mm = mm
-        self.task = None
+        self.task: Task | None = None
         self.nr_runs = 0
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

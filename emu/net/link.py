@@ -24,14 +24,20 @@ Tag = object
 
 
 class Framer(Protocol):
-    """Requests and replies of one connection (stateful for a byte stream)."""
+    """Requests and replies of one connection (stateful for a byte stream).
+
+    `in_order`: whether replies must be delivered in stream order (iSCSI: StatSN), or may each be
+    placed by its own due time (RPC replies stand alone, matched by xid)."""
+
+    in_order: bool
 
     def sent(self, data: bytes | bytearray | memoryview) -> list[Tag]:
         """Tags of the requests that `data` completes and that expect a reply."""
         ...
 
-    def received(self, data: bytes | bytearray | memoryview) -> list[tuple[int, Tag | None]]:
-        """`data` cut at reply boundaries: (bytes, tag of the reply those bytes end, or None)."""
+    def received(self, data: bytes | bytearray | memoryview) -> list[tuple[int, Tag | None, bool]]:
+        """`data` cut at message boundaries: (bytes, tag of the reply the piece belongs to or None,
+        whether the piece ends its message)."""
         ...
 
 

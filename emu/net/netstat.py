@@ -26,6 +26,7 @@ DUP_FRAG = 6  # step 4: overlaps a fragment already queued
 NO_SOCKET = 7  # step 5
 PFMEMALLOC = 8  # step 6: a reserve skb for a socket that is not SOCK_MEMALLOC
 RCVBUFF = 9  # step 7: over the socket's receive buffer
+RESERVE_SKB = 16  # or'ed into a verdict in a capture trace (emu.net.capture): the skb came from the reserve
 
 # verdict -> (netswap counter, kernel drop reason or "" for frames that were not dropped)
 VERDICTS: tuple[tuple[str, str], ...] = (
@@ -94,6 +95,12 @@ class NetStat:
     def __init__(self) -> None:
         for name in COUNTERS:
             setattr(self, name, 0)
+
+    if TYPE_CHECKING:  # the counters are the slots named in COUNTERS, each an int
+
+        def __getattr__(self, name: str) -> int: ...
+
+        def __setattr__(self, name: str, value: int) -> None: ...
 
     def snapshot(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in COUNTERS}

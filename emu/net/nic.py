@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from emu.kernel.sched import TaskFlags, current, task
+from emu.kernel.sched import Task, TaskFlags, current, task
 
 if TYPE_CHECKING:
     from emu.kernel.clock import EmuClock
@@ -60,7 +60,7 @@ class Nic:
         self._sleep_until = math.inf
         self._nursery: trio.Nursery | None = None
         self._pending: list[Wire] = []
-        self.ksoftirqd = None
+        self.ksoftirqd: Task | None = None
 
     def irq_time(self, due: float) -> float:
         """When the NIC raises the interrupt for a frame due at `due` (coalescing)."""

@@ -37,12 +37,14 @@ from emu.net.netstat import (
     PFMEMALLOC,
     QUEUED,
     RCVBUFF,
+    RESERVE_SKB,
     VERDICTS,
 )
 from emu.net.skbuff import SKB_OVERHEAD, SkBuff
 
 if TYPE_CHECKING:
     from emu.kernel.cpu import Cpu
+    from emu.net.capture import PacketTap
     from emu.net.ipfrag import FragQueues
     from emu.net.netstat import NetStat
     from emu.net.route import RouteCache
@@ -133,6 +135,10 @@ class RxPath:
         self._port = -1
         self._port_sk: Sock | None = None
         self._ready: list[Sock] = []  # sockets something was queued on in this poll
+        # An observer (emu.net.capture.PacketTap, `--pcap`): None unless capturing.  Then `trace`
+        # gets one entry per frame where its verdict is counted (| RESERVE_SKB for a reserve skb).
+        self.tap: PacketTap | None = None
+        self.trace: list[int] | None = None
 
     # ---- the poll ---------------------------------------------------------------------------------
 
@@ -234,6 +240,9 @@ class RxPath:
                     if verdicts is not None:
                         verdicts.extend([v] * (j - i))
                     i = self._repeat_drop(v, frames, i, j, ln, sk)
+        if self.tap is not None:
+            self.tap.udp(frames, daddr, dport, sk, self.trace, self.now)  # type: ignore[arg-type]
+            self.trace.clear()  # type: ignore[union-attr]
 
     def _like_run(self, frames: list[tuple[float, bytes, str, int]], i: int, ln: int, daddr: str) -> int:
         """frames[i:j] are single frames of length `ln` whose routes are cached (from i+1 on;
@@ -278,6 +287,8 @@ class RxPath:
         self.frames += q
         self.nbytes += q * size
         self.counts[QUEUED] += q
+        if self.trace is not None:
+            self.trace.extend([QUEUED] * q)
         self.route_hits += q
         self.skbs_got += q
         if not sk.ready:
@@ -306,6 +317,8 @@ class RxPath:
         self.counts[v] += r
         name = VERDICTS[v][0]
         sk.rx_drops[name] = sk.rx_drops.get(name, 0) + r
+        if self.trace is not None:
+            self.trace.extend([v | RESERVE_SKB if v != NOMEM and v != MISSED and self._last_reserve else v] * r)
         if v != NOMEM and v != MISSED:
             # each repeat took an skb (from the array cache) and gave it back: it passed step 3
             self.route_hits += r
@@ -330,6 +343,8 @@ class RxPath:
             self.counts[v] += 1
             if v > FRAG_QUEUED:
                 self._drop(v, self._port_sk)
+            if self.trace is not None:
+                self.trace.append(v | RESERVE_SKB if v != NOMEM and v != MISSED and self._last_reserve else v)
             return v
         self.ip_id = ip_id = (self.ip_id + 1) & 0xFFFF
         key = (saddr, daddr, ip_id, IPPROTO_UDP)
@@ -341,6 +356,8 @@ class RxPath:
             self.counts[v] += 1
             if v > FRAG_QUEUED:
                 self._drop(v, self._port_sk)
+            if self.trace is not None:
+                self.trace.append(v | RESERVE_SKB if v != NOMEM and v != MISSED and self._last_reserve else v)
         return v
 
     def _udp_frame(self, size: int, payload: bytes | None, saddr: str, sport: int, daddr: str,
@@ -449,6 +466,8 @@ class RxPath:
         self.counts[v] += 1
         if v > FRAG_QUEUED:
             self._drop(v, sk)
+        if self.tap is not None:
+            self.tap.tcp(sk, chunk, v, v != NOMEM and v != MISSED and skb.memalloc != 0, self.now)  # type: ignore[union-attr]
         return v
 
     def _tcp_rcv(self, skb: SkBuff, sk: Sock) -> int:

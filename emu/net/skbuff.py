@@ -283,7 +283,7 @@ class SkbAllocator:
             for s in fl:
                 own -= s.truesize
                 self.free(s)
-            skb.frag_list = None
+            skb.frag_list = None  # type: ignore[misc]  # only an SkBuffX has a frag_list
         self.head_cache.free_obj(head)
         buf = skb.buf
         if buf.__class__ is Slab:
@@ -296,7 +296,7 @@ class SkbAllocator:
             self.rx_failed.clear()  # an ordinary object went back: try normally again
         charged = skb.charged
         if charged:
-            skb.charged = 0
+            skb.charged = 0  # type: ignore[misc]  # only an SkBuffX is charged
             self.skb_data.uncharge(charged)  # type: ignore[union-attr]  # freed first, then uncharged
 
     def free_queue(self, q: deque[SkBuff]) -> int:

@@ -74,6 +74,7 @@ class Sock:
         self.ready = False  # something was queued in the current poll (sk_data_ready pending)
         self.sk_obj: Any = None  # the struct sock's slab object
         self.bytes_read = 0
+        self.dgrams_read = 0  # skbs read by the owner (read_all)
 
     # ---- SOCK_MEMALLOC -------------------------------------------------------------------------
 
@@ -229,6 +230,7 @@ class Sock:
         if not q:
             return 0
         n = self.rx_queued_bytes
+        self.dgrams_read += len(q)
         truesize = self.skbs.free_queue(q)
         self.sk_rmem_alloc -= truesize
         self.rx_queued_bytes = 0

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from emu.mm.page_alloc import Zone
     from emu.mm.reserve import ReserveRoot
     from emu.mm.slab import Slabs
+    from emu.net.capture import PacketTap
     from emu.net.link import Framer, PeerLink
 
 __all__ = ["NetStack", "TcpListener", "app_reader", "serve_app_tcp"]
@@ -117,10 +118,17 @@ class NetStack:
                        tcp_rto_min=tcp_rto_min, tcp_rto_max=tcp_rto_max)
         self.tcp_chunk_truesize = self.mss + IP_HDR + TCP_HDR + SKB_OVERHEAD
         self.socks: list[Sock] = []
+        self.tap: PacketTap | None = None  # --pcap (emu.net.capture): an observer, None unless capturing
         self.closed_ports: dict[int, UdpWire] = {}
         self.listeners: list[TcpListener] = []
         self.udp_sk_cache = slabs.cache("UDP", SOCK_UDP)
         self.tcp_sk_cache = slabs.cache("TCP", SOCK_TCP)
+
+    def set_tap(self, tap: PacketTap | None) -> None:
+        """Capture every frame from now on (`--pcap`), or stop (None)."""
+        self.tap = tap
+        self.rx.tap = tap
+        self.rx.trace = [] if tap is not None else None
 
     # ---- running --------------------------------------------------------------------------------
 
@@ -378,6 +386,8 @@ class NetStack:
         wire = sk.wire
         if wire is not None and wire.link is not None:
             wire.sent(data, now)
+        if self.tap is not None:
+            self.tap.tx(sk, data, addr, now, self.mss)
 
     async def _send_blocked(self, sk: Sock, data: Any, addr: tuple[str, int] | None, partial: bool = False) -> None:
         """The real socket's send buffer is full: wait for it, a real operation the clock waits for."""

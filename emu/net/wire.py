@@ -230,15 +230,13 @@ class UdpWire(Wire):
     def __init__(self, nic: Nic, sock: Sock | None, raw: _socket.socket, **kw: Any) -> None:
         super().__init__(nic, sock, raw, **kw)
         self.laddr, self.lport = raw.getsockname()[:2]
-        self.buf = bytearray(65536)
         self.ring: collections.deque[tuple[float, bytes, str, int]] = collections.deque()
 
     def pull(self) -> bool:
         """Read everything the real socket holds into the ring; False if it was closed."""
         raw = self.raw
-        buf = self.buf
         ring = self.ring
-        recvfrom_into = raw.recvfrom_into
+        recvfrom = raw.recvfrom
         framer = self.framer
         fifo = self.fifo
         now = self.clock.now if self.clock is not None else trio.current_time()
@@ -246,7 +244,7 @@ class UdpWire(Wire):
         got = 0
         for _ in range(READ_MAX):
             try:
-                n, addr = recvfrom_into(buf)
+                data, addr = recvfrom(65536)  # one copy, into a bytes of the datagram's size
             except BlockingIOError:
                 break
             except OSError as exc:  # e.g. ECONNREFUSED queued by ICMP on a connected socket
@@ -256,7 +254,7 @@ class UdpWire(Wire):
                 if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                     self._peer_failed()
                 continue
-            data = bytes(buf[:n])
+            n = len(data)
             got += 1
             if framer is not None:
                 tag = framer.received(data)[0][1] if n else None

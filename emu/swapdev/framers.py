@@ -28,6 +28,8 @@ RPC_REPLY = 1
 class RpcDatagramFramer:
     """RPC over UDP: a datagram is a message; calls await the reply with their xid."""
 
+    in_order = False  # each datagram stands alone
+
     def sent(self, data: bytes | bytearray | memoryview) -> list[object]:
         if len(data) >= 8 and _U32.unpack_from(data, 4)[0] == RPC_CALL:
             return [_U32.unpack_from(data, 0)[0]]

@@ -18,20 +18,22 @@ from typing import TYPE_CHECKING, Any, Literal
 import trio
 
 from emu.kernel.sched import TaskFlags, memalloc_noreclaim, task
-from emu.mm.gfp import GFP_NOFS
+from emu.mm.gfp import GFP_NOWAIT, Gfp, Policy
 from emu.mm.reserve import kmalloc_objs_estimate
 from emu.mm.sizes import RPC_MAX_SLOT_TABLE, RPC_RQST
 from emu.mm.swap import SwapIOError
 from emu.net.reserve import tx_reserve_pages
-from emu.swapdev.buffers import HostBuffers
+from emu.swapdev.buffers import RpcBuffers
 from emu.swapdev.endpoint import NfsEndpoint
 from emu.swapdev.framers import RpcDatagramFramer, RpcStreamFramer
 from emu.swapdev.remote import RemoteSwap
 
 if TYPE_CHECKING:
     from emu.net.stack import NetStack
+    from emu.net.transport import EmuDatagram, EmuStream
 
 PREALLOC_CHUNK = 32 * 1024
+NFS_SLOTS = 16  # xprt_udp_slot_table_entries / tcp_slot_table_entries (RPC_DEF_SLOT_TABLE)
 PREALLOC_PARALLEL = 4
 
 
@@ -54,7 +56,12 @@ class NfsSwapFile(RemoteSwap):
         self.proto = proto
         self.stable = stable
         self.timeo = timeo
-        self.buffers = HostBuffers(net.slabs, GFP_NOFS, RPC_RQST) if net is not None and via_host else None
+        self.buffers: RpcBuffers | None = None
+        if net is not None and via_host:
+            # rpc_malloc's gfp: GFP_NOWAIT; 3.6 tags a swapper transport's tasks RPC_TASK_SWAPPER,
+            # which adds __GFP_MEMALLOC.  Otherwise the calling task's PF_MEMALLOC decides.
+            gfp = GFP_NOWAIT | Gfp.MEMALLOC if net.policy is Policy.PFMEMALLOC else GFP_NOWAIT
+            self.buffers = RpcBuffers(net.slabs, gfp, RPC_RQST, NFS_SLOTS)
         self.client: Any = None
         self.fh: bytes = b""
 
@@ -68,6 +75,7 @@ class NfsSwapFile(RemoteSwap):
             from nfs.transport import tcp_connect, udp_connect
 
             return await (udp_connect(host, port) if self.proto == "udp" else tcp_connect(host, port))
+        t: EmuDatagram | EmuStream
         if self.proto == "udp":
             t = await self.net.open_udp(host, port, memalloc=True, link=self.link, framer=RpcDatagramFramer())
         else:
@@ -89,10 +97,11 @@ class NfsSwapFile(RemoteSwap):
         from nfs.client import NfsClient
 
         self.page_size, self.nr_pages = page_size, nr_pages
-        kw: dict[str, Any] = {"proto": self.proto, "slots": 16, "server": self.server.host}
+        kw: dict[str, Any] = {"proto": self.proto, "slots": NFS_SLOTS, "server": self.server.host}
         if self.timeo is not None:
             kw["timeo"] = self.timeo
         if self.buffers is not None:
+            await self.buffers.fill_pool()
             kw["buffers"] = self.buffers
         self.client = NfsClient(self._connect, mount_connect=self._mount_connect, **kw)
         await self._nursery.start(self._hold, self.client)

@@ -9,7 +9,7 @@ rate, from the cost table), and adds its TX term to the v12 reserve tree while i
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import Literal, TYPE_CHECKING, Any
 
 import trio
 
@@ -32,7 +32,8 @@ class RemoteSwap:
         """`net` None (with via_host False): the same client over plain sockets, unemulated."""
         if net is None and via_host:
             raise ValueError("a swap device on the emulated host needs its network stack")
-        self.net = net  # type: ignore[assignment]
+        # Typed as present: every emulated path checks `via_host` first, and only those use it.
+        self.net: NetStack = net  # type: ignore[assignment]
         self.via_host = via_host
         costs = net.costs if net is not None else Costs()
         self.link = PeerLink(name, costs.peer_rtt, costs.link_rate)
@@ -41,7 +42,7 @@ class RemoteSwap:
         self.nr_pages = 0
         self.sockets: list[Any] = []  # every transport socket this device has used (reconnects)
         self.connects = 0
-        self._nursery: trio.Nursery | None = None
+        self._nursery: trio.Nursery = None  # type: ignore[assignment]  # set by run(), before any use
         self._done = trio.Event()
         self._reserve_pages = 0  # the TX term this device added to the v12 reserve
 
@@ -91,6 +92,12 @@ class RemoteSwap:
             b[:] = data[pos:pos + len(b)]
             pos += len(b)
 
+    async def swap_activate(self, nr_pages: int, page_size: int) -> None:
+        raise NotImplementedError
+
+    async def swap_rw(self, op: Literal["read", "write"], slot: int, bufs: list[memoryview]) -> None:
+        raise NotImplementedError
+
     async def swap_deactivate(self) -> None:
         await self.close()
 
@@ -104,6 +111,14 @@ class RemoteSwap:
         self._drop_client()
 
     def _drop_client(self) -> None:
+        raise NotImplementedError
+
+    def retransmits(self) -> int:
+        """Requests sent again (RPC retransmissions, reissued SCSI commands)."""
+        raise NotImplementedError
+
+    def sock_name(self) -> str:
+        """The transport's socket, as the report names it."""
         raise NotImplementedError
 
     def _sock_desc(self, plain: str) -> str:

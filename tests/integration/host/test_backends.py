@@ -8,6 +8,7 @@ this is the model's verdict, not a race with the machine (test_machine_independe
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -40,7 +41,8 @@ def check(res: RunResult, policy: str) -> None:
         assert res.stall["stalled_for"] >= scen.default().watchdog.stall
         r = res.report
         assert f"DEADLOCK — policy none, backend {res.backend}" in r
-        assert "replies to swap I/O dropped: rx_nomem" in r
+        # no skb for the replies: rx_nomem, or rx_missed (the ring could not be refilled in that poll)
+        assert re.search(r"replies to swap I/O dropped: [^\n]*rx_nomem", r)
         assert "GFP_ATOMIC floor" in r and "(reached)" in r
         assert "skbs queued on sockets" in r and " app0 " in r
         assert "IPv4 route cache:" in r and "IPv4 fragment queues:" in r and "slabinfo" in r

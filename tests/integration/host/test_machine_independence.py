@@ -14,12 +14,19 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from collections.abc import Iterator
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from machine import cpu_hogs, cpu_quota, run_limited, start_limited
+from machine import (
+    cgroup_throttled,
+    cpu_hogs,
+    cpu_quota,
+    cpu_seconds,
+    run_limited,
+    start_limited,
+)
 
 BACKENDS = ("nfs-udp", "nfs-tcp", "iscsi")
 POLICIES = ("none", "v12")
@@ -45,17 +52,18 @@ def netswap_run(backend: str, policy: str, out: Path) -> dict[str, Any]:
 
 def netswap_runs(jobs: list[tuple[str, str]], tmp: Path, quota: float | None) -> dict[tuple[str, str], dict[str, Any]]:
     """The runs side by side, each (with the server it starts) in a cgroup of its own limited
-    to `quota` of one CPU (None: unlimited)."""
+    to `quota` of one CPU (None: unlimited).  Each result notes how often its cgroup was throttled."""
     with contextlib.ExitStack() as stack:
         started = []
         for b, p in jobs:
             procs = stack.enter_context(cpu_quota(quota)) if quota is not None else None
             out = tmp / f"{b}-{p}.json"
-            started.append(((b, p), out, start_limited(argv(b, p, out), procs)))
+            started.append(((b, p), out, procs, start_limited(argv(b, p, out), procs)))
         results = {}
-        for key, out, proc in started:
+        for key, out, procs, proc in started:
             stdout, stderr = proc.communicate(timeout=WALL_LIMIT)
             results[key] = load(out, proc.returncode, stdout, stderr)
+            results[key]["throttled"] = cgroup_throttled(procs) if procs is not None else None
     return results
 
 
@@ -99,16 +107,21 @@ def test_slow_and_busy_machines_give_the_same_verdicts(idle: dict[tuple[str, str
                                                        tmp_path: Path) -> None:
     hogs, quota, side_by_side = CONDITIONS[name]
     results: dict[tuple[str, str], dict[str, Any]] = {}
-    with cpu_hogs(hogs):
+    with cpu_hogs(hogs) as hog_procs:
+        t0 = time.monotonic()
         for i in range(0, len(JOBS), side_by_side):
             results |= netswap_runs(JOBS[i:i + side_by_side], tmp_path, quota)
+        hog_share = sum(cpu_seconds(h.pid) for h in hog_procs) / (time.monotonic() - t0)
     for (b, p), res in results.items():
         check_expected(res, p)
         check_same(res, idle[b, p])
-    # The machine really was slower: the same runs took longer on the wall clock.
-    slow = sum(r["wall_s"] for r in results.values())
-    fast = sum(idle[k]["wall_s"] for k in results)
-    assert slow > 1.3 * fast, (slow, fast)
+    # The condition really held (measured, not assumed; the idle runs' wall time is no baseline on
+    # a shared machine): the hogs kept taking CPU all along, and the quota did throttle the runs
+    # (a run on an already overloaded machine may never reach its quota, hence any, not all).
+    if hogs:
+        assert hog_share > 0.1, hog_share
+    if quota is not None:
+        assert any(r["throttled"] > 0 for r in results.values()), {k: r["throttled"] for k, r in results.items()}
 
 
 def test_the_cgroup_quota_really_throttles() -> None:

@@ -6,6 +6,7 @@ deadlock under `none`, completion under `v12`."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -35,7 +36,8 @@ def test_plain_udp_traffic_still_deadlocks_none(nfs_udp: ServerProcess) -> None:
     assert res.integrity["mismatches"] == 0
     assert res.drops["rx_nomem"] > 0
     assert res.stall is not None and res.stall["nr_free"] <= res.atomic_floor and res.stall["inflight"] > 0
-    assert "replies to swap I/O dropped: rx_nomem" in res.report
+    # no skb for the replies: rx_nomem, or rx_missed (the ring could not be refilled in that poll)
+    assert re.search(r"replies to swap I/O dropped: [^\n]*rx_nomem", res.report)
 
 
 def test_plain_udp_traffic_completes_v12(nfs_udp: ServerProcess) -> None:

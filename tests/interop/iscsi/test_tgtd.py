@@ -1,4 +1,4 @@
-"""Our initiator against tgtd (DESIGN §9 recipe; LUN 1 is the disk), with and without digests."""
+"""Our initiator against tgtd (tgtadm recipe in emu/peers/iscsi.py; LUN 1 is the disk), with and without digests."""
 
 from __future__ import annotations
 

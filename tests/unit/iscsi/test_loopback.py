@@ -359,11 +359,13 @@ class SlowSyncLun(DiskLun):
     def __init__(self, *a: object, **kw: object) -> None:
         super().__init__(*a, **kw)  # type: ignore[arg-type]
         self.synced: list[float] = []
+        self.started = 0  # fsyncs begun
         self.fast_sync = False  # always in a worker thread
 
     def fsync(self) -> None:
         import time
 
+        self.started += 1
         time.sleep(0.2)  # runs in a worker thread: the event loop keeps going meanwhile
         super().fsync()
         self.synced.append(time.monotonic())
@@ -396,7 +398,9 @@ async def test_answers_wait_for_fsync_in_order_while_one_fsync_covers_many_write
             done.append("write")
 
         async def read() -> None:
-            await trio.sleep(0.05)  # issued while the first fsync runs
+            with trio.fail_after(30):
+                while not lun.started:  # issued while the first fsync runs, however slow the machine
+                    await trio.sleep(0.005)
             await ini.read(0, 1)
             done.append("read")
 

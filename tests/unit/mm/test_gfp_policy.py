@@ -1,4 +1,4 @@
-"""DESIGN §2: the allocator's decision for every policy x context x gfp, and its effect."""
+"""The allocator's decision for every policy x context x gfp, and its effect."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ MODIFIERS = {
     "|__GFP_MEMALLOC|__GFP_NOMEMALLOC": Gfp.MEMALLOC | Gfp.NOMEMALLOC,
 }
 
-# The table of DESIGN §2, written out: which contexts get ALLOC_NO_WATERMARKS with a plain gfp.
+# The policy table (README, "Allocation"), written out: which contexts get ALLOC_NO_WATERMARKS with a plain gfp.
 ENTITLED_PLAIN = {
     # 2.6.22: PF_MEMALLOC tasks and OOM victims, never in interrupt or softirq.
     Policy.NONE: {"PF_MEMALLOC", "TIF_MEMDIE", "kswapd"},

@@ -29,6 +29,7 @@ from emu.mm.gfp import GFP_ATOMIC, Policy
 from emu.mm.page_alloc import Page, Zone
 from emu.mm.reserve import ReserveRoot
 from emu.mm.slab import Slabs
+from emu.net.capture import PacketTap
 from emu.net.netstat import MISSED, NOMEM, QUEUED, VERDICTS
 from emu.net.sock import Sock
 from emu.net.stack import NetStack
@@ -184,8 +185,10 @@ def phases(h: Host, case: str) -> Iterator[tuple[str, list[tuple[Any, ...]]]]:
         yield "mixed again", udp(s1, [5000, 100] * 10, sources=3) + udp(s0, [2000] * 10)
 
 
-def run(policy: str, case: str, per_poll: int) -> list[tuple[str, dict[str, Any], list[int]]]:
+def run(policy: str, case: str, per_poll: int, tap: PacketTap | None = None) -> list[tuple[str, dict[str, Any], list[int]]]:
     h = Host(policy, memalloc=case in ("reserve-drop", "mixed"))
+    if tap is not None:
+        h.net.set_tap(tap)
     out = []
     try:
         for i, (name, frames) in enumerate(phases(h, case)):
@@ -275,3 +278,19 @@ def test_readers_are_woken_and_the_cpu_charged_once_per_poll() -> None:
         assert len(woken) == 3
     finally:
         h.close()
+
+
+@pytest.mark.parametrize("policy,case", PARAMS)
+def test_a_capture_sees_every_counted_verdict_and_changes_nothing(policy: str, case: str) -> None:
+    """--pcap's tap on the same polls: the same state, and one frame per counted verdict."""
+    tap = PacketTap()
+    seen = run(policy, case, BATCH, tap)
+    assert [(p, st, v) for p, st, v in seen] == [(p, st, v) for p, st, v in run(policy, case, BATCH)]
+    last = seen[-1][1]["stat"]  # (state() counts rx_missed in rx_nomem)
+    counts = list(tap.counts)
+    counts[NOMEM] += counts[MISSED]
+    counts[MISSED] = 0
+    for v, (name, _) in enumerate(VERDICTS):
+        assert counts[v] == last.get(name, 0), name
+    assert tap.reserve_frames == last.get("skbs_emergency", 0)
+    assert tap.rx_frames == last["frames"] == len(tap.ring)
