@@ -184,6 +184,7 @@ def _section_line(text: str, section: str) -> int | None:
 
 def _convert(value: Any, meta: dict[str, Any]) -> Any:
     kind = meta["kind"]
+    v: Any
     if kind == "size":
         try:
             v = parse_size(value)

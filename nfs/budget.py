@@ -36,6 +36,7 @@ class ByteBudget:
         self.waits = 0  # times a reader had to wait for bytes
         self.holders = 0  # shares holding bytes now
         self._changed = trio.Event()
+        self._waiting = 0  # tasks waiting for _changed (no one waiting: nothing to wake)
 
     def fair_share(self, holding: bool) -> int:
         """What one share may hold when `holders` (itself included) divide the limit."""
@@ -54,8 +55,16 @@ class ByteBudget:
         return r, held - r
 
     def _wake(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        if self._waiting:
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def _wait(self) -> None:
+        self._waiting += 1
+        try:
+            await self._changed.wait()
+        finally:
+            self._waiting -= 1
 
 
 class Share:
@@ -104,7 +113,7 @@ class Share:
             if not waited:
                 self.budget.waits += 1
                 waited = True
-            await self.budget._changed.wait()
+            await self.budget._wait()
         await trio.lowlevel.checkpoint_if_cancelled()
 
     def release(self, n: int) -> None:
@@ -123,7 +132,7 @@ class Share:
 
     async def start_call(self) -> None:
         while self.calls >= self.max_calls:
-            await self.budget._changed.wait()
+            await self.budget._wait()
         self.calls += 1
 
     def end_call(self, nbytes: int) -> None:

@@ -39,12 +39,13 @@ from nfs.nfs3 import (
 from nfs.nfs3xdr import (
     NFS3_PROCEDURES, AccessArgs, AccessRes, Attr, CommitArgs, CommitRes, CreateArgs, CreateRes, DirOpArgs, Entry3,
     FhArgs, FsinfoRes, FsstatRes, GetattrRes, LinkArgs, LinkRes, LookupRes, MkdirArgs, MknodArgs, NfsTime,
-    NullRes, PathconfRes, ReadArgs, ReaddirArgs, ReaddirplusArgs, ReaddirRes, ReadlinkRes, ReadRes, RenameArgs,
+    NullRes, PathconfRes, ProcXdr, ReadArgs, ReaddirArgs, ReaddirplusArgs, ReaddirRes, ReadlinkRes, ReadRes, RenameArgs,
     RenameRes, Sattr3, SetattrArgs, StatAttr, SymlinkArgs, WccAttr, WccData, WccRes, WriteArgs, WriteRes, entry_size,
 )
 from nfs.store import Export, check_name, errno_to_stat, proc_path
-from nfs.svc import Buffer, CallContext, FileSegment, peer_address
-from nfs.xdr import Packer, Unpacker
+from nfs.svc import Buffer, CallContext, peer_address
+from nfs.writeback import DEFAULT_WRITE_BEHIND, WriteBehind, start_writeback
+from nfs.xdr import Packer, Unpacker, XdrError
 
 # UNSTABLE WRITEs up to this size (the largest wtmax) are copied into the page cache on the event
 # loop, as knfsd copies them in the nfsd thread that took the call: a thread hop per call cost
@@ -73,6 +74,32 @@ def _write_sync(fd: int, mv: memoryview, offset: int, sync: Callable[[int], None
     _pwrite_all(fd, mv, offset)
     if sync is not None:
         sync(fd)
+
+
+class _Later(Exception):
+    """call_nowait: this call must wait (a walk of the export, a sync): leave it to `call`."""
+
+
+def _write_now(a: WriteArgs) -> bool:
+    return a.stable == StableHow.UNSTABLE and a.count <= INLINE_WRITE
+
+
+def _object(a: Any) -> bytes:
+    return a.object  # type: ignore[no-any-return]
+
+
+def _file(a: Any) -> bytes:
+    return a.file  # type: ignore[no-any-return]
+
+
+def _dir(a: Any) -> bytes:
+    return a.dir  # type: ignore[no-any-return]
+
+
+def _encode(xdr: ProcXdr[Any, Any], res: object) -> list[Buffer]:
+    p = Packer()
+    xdr.encode_res(p, res)
+    return p.iov()  # type: ignore[return-value]
 
 
 def valid_sattr(a: Sattr3) -> None:
@@ -155,7 +182,8 @@ class NfsProgram:
     name = "NFS3"
 
     def __init__(self, export: Export, allow: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
-                 max_io: int = 1024 * 1024, udp_max_io: int = 32 * 1024, squash: Squash | None = None) -> None:
+                 max_io: int = 1024 * 1024, udp_max_io: int = 32 * 1024, squash: Squash | None = None,
+                 write_behind: int = DEFAULT_WRITE_BEHIND) -> None:
         self.export = export
         self.squash = squash or Squash()
         self._walkers = trio.CapacityLimiter(2)
@@ -167,6 +195,7 @@ class NfsProgram:
         # The write verifier: new at every start, so clients know to resend uncommitted data.
         self.verifier = os.urandom(8)
         self.fsid = export.fsid
+        self.write_behind = WriteBehind(write_behind)
         self._procs: dict[int, Callable[[Any, CallContext], Awaitable[Any]]] = {
             Proc.NULL: self.null, Proc.GETATTR: self.getattr, Proc.SETATTR: self.setattr,
             Proc.LOOKUP: self.lookup, Proc.ACCESS: self.access, Proc.READLINK: self.readlink, Proc.READ: self.read,
@@ -175,6 +204,13 @@ class NfsProgram:
             Proc.LINK: self.link, Proc.READDIR: self.readdir, Proc.READDIRPLUS: self.readdirplus,
             Proc.FSSTAT: self.fsstat, Proc.FSINFO: self.fsinfo, Proc.PATHCONF: self.pathconf,
             Proc.COMMIT: self.commit,
+        }
+        # What call_nowait may run: (the handle of the arguments, the procedure once it is resolved).
+        self._now: dict[int, tuple[Callable[[Any], bytes], Callable[[Any, CallContext, str, os.stat_result], Any]]] = {
+            Proc.GETATTR: (_object, self._getattr), Proc.LOOKUP: (_dir, self._lookup),
+            Proc.ACCESS: (_object, self._access), Proc.READ: (_file, self._read), Proc.WRITE: (_file, self._write),
+            Proc.FSSTAT: (_object, self._fsstat), Proc.FSINFO: (_object, self._fsinfo),
+            Proc.PATHCONF: (_object, self._pathconf),
         }
 
     def has_proc(self, vers: int, proc: int) -> bool:
@@ -194,9 +230,43 @@ class NfsProgram:
             res = xdr.res(e.status)
         except OSError as e:
             res = xdr.res(errno_to_stat(e))
-        p = Packer()
-        xdr.encode_res(p, res)
-        return p.iov()  # type: ignore[return-value]
+        return _encode(xdr, res)
+
+    def call_nowait(self, vers: int, proc: int, args: Unpacker,
+                    ctx: CallContext) -> Callable[[], list[Buffer]] | None:
+        """The call, ready to run without waiting: a procedure whose only wait is a handle
+        lookup that needs no walk of the export (and a WRITE that needs no sync), checked and
+        decoded, nothing done yet; None otherwise (or on any failure: `call` then answers it
+        the same way), with `args` left as they were."""
+        now = self._now.get(proc)
+        if now is None:
+            return None
+        fh_of, impl = now
+        pos = args.pos
+        xdr = NFS3_PROCEDURES[proc]
+        try:
+            a = xdr.decode_args(args)
+            self._check_allowed(ctx.host)
+            if proc == Proc.WRITE and not _write_now(a):
+                raise _Later
+            _, _, hit = self.export.resolve_cached(fh_of(a))
+            if hit is None:
+                raise _Later
+        except (_Later, XdrError, Nfs3Error, OSError):
+            args.pos = pos
+            return None
+        path, st = hit
+
+        def run() -> list[Buffer]:
+            try:
+                res = impl(a, ctx, path, st)
+            except Nfs3Error as e:
+                res = xdr.res(e.status)
+            except OSError as e:
+                res = xdr.res(errno_to_stat(e))
+            return _encode(xdr, res)
+
+        return run
 
     def _check_allowed(self, host: str) -> None:
         ok = self._allowed.get(host)
@@ -272,7 +342,9 @@ class NfsProgram:
         return NullRes()
 
     async def getattr(self, a: FhArgs, ctx: CallContext) -> GetattrRes:
-        _, st = await self._resolve(a.object)
+        return self._getattr(a, ctx, *await self._resolve(a.object))
+
+    def _getattr(self, a: FhArgs, ctx: CallContext, path: str, st: os.stat_result) -> GetattrRes:
         return GetattrRes(_OK, self._attr(st))
 
     async def setattr(self, a: SetattrArgs, ctx: CallContext) -> WccRes:
@@ -338,7 +410,9 @@ class NfsProgram:
                      follow_symlinks=follow)
 
     async def lookup(self, a: DirOpArgs, ctx: CallContext) -> LookupRes:
-        dpath, dst = await self._resolve(a.dir)
+        return self._lookup(a, ctx, *await self._resolve(a.dir))
+
+    def _lookup(self, a: DirOpArgs, ctx: CallContext, dpath: str, dst: os.stat_result) -> LookupRes:
         dattr = self._attr(dst)
         try:
             path = self.export.child_path(dpath, dst, a.name)
@@ -353,7 +427,9 @@ class NfsProgram:
         return LookupRes(_OK, self._handle_of(path, st), self._attr(st), dattr)
 
     async def access(self, a: AccessArgs, ctx: CallContext) -> AccessRes:
-        _, st = await self._resolve(a.object)
+        return self._access(a, ctx, *await self._resolve(a.object))
+
+    def _access(self, a: AccessArgs, ctx: CallContext, path: str, st: os.stat_result) -> AccessRes:
         return AccessRes(_OK, self._attr(st), a.access & self._access_bits(st, ctx))
 
     def _access_bits(self, st: os.stat_result, ctx: CallContext) -> int:
@@ -382,7 +458,9 @@ class NfsProgram:
         return ReadlinkRes(_OK, self._attr(st), target)
 
     async def read(self, a: ReadArgs, ctx: CallContext) -> ReadRes:
-        path, st = await self._resolve(a.file)
+        return self._read(a, ctx, *await self._resolve(a.file))
+
+    def _read(self, a: ReadArgs, ctx: CallContext, path: str, st: os.stat_result) -> ReadRes:
         if not pystat.S_ISREG(st.st_mode):
             raise Nfs3Error(Stat.NFS3ERR_ISDIR if pystat.S_ISDIR(st.st_mode) else Stat.NFS3ERR_INVAL)
         check(st, self._who(ctx), MAY_READ, owner_override=True)
@@ -393,42 +471,70 @@ class NfsProgram:
         offset = a.offset
         n = max(0, min(count, st.st_size - offset))
         eof = offset + n >= st.st_size
-        data: Buffer
-        if ctx.transport == "udp" or n < 65536:
-            data = os.pread(fd, n, offset) if n else b""
-            if len(data) < n:  # the file shrank since the fstat
-                n = len(data)
-                eof = True
-        else:
-            data = FileSegment(fd, offset, n)  # sent with sendfile(2)
+        # Read into memory and sent with the reply's header in one sendmsg, as ganesha does: on
+        # loopback that beat sendfile(2) of the page-cache pages by 0.1 ms per 1 MiB READ (0.79
+        # against 0.91 ms, medians of 1000 calls each, interleaved, on the 2-core VM).
+        data = os.pread(fd, n, offset) if n else b""
+        if len(data) < n:  # the file shrank since the fstat
+            n = len(data)
+            eof = True
         return ReadRes(_OK, self._attr(st), n, eof, data)
 
     async def write(self, a: WriteArgs, ctx: CallContext) -> WriteRes:
         path, st = await self._resolve(a.file)
+        if _write_now(a):
+            return self._write(a, ctx, path, st)
+        pre, fd, mv = self._write_checks(a, ctx, path, st)
+        sync = None if a.stable == StableHow.UNSTABLE else os.fsync if a.stable == StableHow.FILE_SYNC else os.fdatasync
+        # Big writes (and any sync) in a worker thread, on our own dup of the fd (the export's
+        # fd cache may close its copy meanwhile): the event loop keeps serving.
+        own = os.dup(fd)
+        try:
+            await trio.to_thread.run_sync(_write_sync, own, mv, a.offset, sync)
+            st = os.fstat(own)
+        finally:
+            os.close(own)
+        return WriteRes(_OK, WccData(pre, self._attr(st)), a.count, a.stable, self.verifier)
+
+    def _write(self, a: WriteArgs, ctx: CallContext, path: str, st: os.stat_result) -> WriteRes:
+        """An UNSTABLE WRITE up to INLINE_WRITE: a copy into the page cache, on the event loop."""
+        pre, fd, mv = self._write_checks(a, ctx, path, st)
+        _pwrite_all(fd, mv, a.offset)
+        if self.write_behind.wrote(st.st_ino, len(mv)):
+            self._start_writeback(fd, st.st_ino)
+        return WriteRes(_OK, WccData(pre, self._attr(os.fstat(fd))), a.count, a.stable, self.verifier)
+
+    def _start_writeback(self, fd: int, ino: int) -> None:
+        """Start the file's writeback in a worker thread (the block layer may make it wait),
+        without waiting for it: nfs/writeback.py."""
+        own = os.dup(fd)
+
+        async def run() -> None:
+            # (a system task: whatever happens here must not end the server)
+            try:
+                await trio.to_thread.run_sync(start_writeback, own)
+            except OSError:
+                pass  # (the COMMIT's fsync reports what went wrong with the data)
+            finally:
+                self.write_behind.done(ino)
+                with contextlib.suppress(OSError):
+                    os.close(own)
+
+        trio.lowlevel.spawn_system_task(run)
+
+    def _write_checks(self, a: WriteArgs, ctx: CallContext, path: str,
+                      st: os.stat_result) -> tuple[WccAttr, int, memoryview]:
+        """A WRITE's checks (permission, size) in knfsd's order; its pre-op attributes, the
+        file's fd and the data to write."""
         pre = WccAttr.from_stat(st)
         if pystat.S_ISREG(st.st_mode):
             check(st, self._who(ctx), MAY_WRITE, owner_override=True)
         fd = self.export.fd(path, st)
-        count, offset, stable = a.count, a.offset, a.stable
-        if offset + count > MAX_FILE_SIZE:
+        if a.offset + a.count > MAX_FILE_SIZE:
             raise Nfs3Error(Stat.NFS3ERR_FBIG)
         data = a.data
         assert isinstance(data, memoryview)
-        mv = data[:count] if count != len(data) else data
-        sync = None if stable == StableHow.UNSTABLE else os.fsync if stable == StableHow.FILE_SYNC else os.fdatasync
-        if count <= INLINE_WRITE and sync is None:
-            _pwrite_all(fd, mv, offset)
-            st = os.fstat(fd)
-        else:
-            # Big writes (and any sync) in a worker thread, on our own dup of the fd (the
-            # export's fd cache may close its copy meanwhile): the event loop keeps serving.
-            own = os.dup(fd)
-            try:
-                await trio.to_thread.run_sync(_write_sync, own, mv, offset, sync)
-                st = os.fstat(own)
-            finally:
-                os.close(own)
-        return WriteRes(_OK, WccData(pre, self._attr(st)), count, stable, self.verifier)
+        return pre, fd, data[: a.count] if a.count != len(data) else data
 
     # -- making objects --------------------------------------------------------------------
 
@@ -693,19 +799,25 @@ class NfsProgram:
     # -- the file system -------------------------------------------------------------------
 
     async def fsstat(self, a: FhArgs, ctx: CallContext) -> FsstatRes:
-        path, st = await self._resolve(a.object)
+        return self._fsstat(a, ctx, *await self._resolve(a.object))
+
+    def _fsstat(self, a: FhArgs, ctx: CallContext, path: str, st: os.stat_result) -> FsstatRes:
         v = os.statvfs(path)
         return FsstatRes(_OK, self._attr(st), v.f_blocks * v.f_frsize, v.f_bfree * v.f_frsize,
                          v.f_bavail * v.f_frsize, v.f_files, v.f_ffree, v.f_favail, 0)
 
     async def fsinfo(self, a: FhArgs, ctx: CallContext) -> FsinfoRes:
-        _, st = await self._resolve(a.object)
+        return self._fsinfo(a, ctx, *await self._resolve(a.object))
+
+    def _fsinfo(self, a: FhArgs, ctx: CallContext, path: str, st: os.stat_result) -> FsinfoRes:
         io = self.udp_max_io if ctx.transport == "udp" else self.max_io
         return FsinfoRes(_OK, self._attr(st), io, io, 4096, io, io, 4096, min(io, 64 * 1024), MAX_FILE_SIZE,
                          NfsTime(0, 1), FSF3_LINK | FSF3_SYMLINK | FSF3_HOMOGENEOUS | FSF3_CANSETTIME)
 
     async def pathconf(self, a: FhArgs, ctx: CallContext) -> PathconfRes:
-        _, st = await self._resolve(a.object)
+        return self._pathconf(a, ctx, *await self._resolve(a.object))
+
+    def _pathconf(self, a: FhArgs, ctx: CallContext, path: str, st: os.stat_result) -> PathconfRes:
         return PathconfRes(_OK, self._attr(st), linkmax=32000, name_max=NAME_MAX)
 
     async def commit(self, a: CommitArgs, ctx: CallContext) -> CommitRes:
@@ -716,6 +828,7 @@ class NfsProgram:
             return CommitRes(status, WccData(pre, self._attr(st)))
         fd = self.export.fd(path, st)
         await _sync(fd, os.fsync)  # offset and count: the whole file is committed
+        self.write_behind.synced(st.st_ino)
         return CommitRes(_OK, WccData(pre, self._attr(os.fstat(fd))), self.verifier)
 
 

@@ -2,9 +2,15 @@
 
 Every service port (NFS, MOUNT, optional portmap) is served on both UDP and TCP, and every port
 answers every program (as knfsd's and ganesha's ports do for NULL probes). One task per TCP
-connection reads records (each capped by `max_record`; a bigger one closes that connection only)
-and runs each call in its own task. Memory is bounded server-wide: every connection and UDP
-socket draws from one `ByteBudget` (nfs/budget.py) of `max_buffered` bytes: a record's bytes are
+connection reads records (each capped by `max_record`; a bigger one closes that connection only).
+A call that needs no waiting (`RpcService.try_now`: a READ, an UNSTABLE WRITE, a GETATTR, ...
+with a known handle) is run and answered by that task itself, as an nfsd thread runs a call to
+its end, when no other reply is being sent on the connection; every other call runs in its own
+task, so a sync or a walk of the export holds up no other call (UDP sockets alike). The drivers
+call plain non-blocking sockets and wait through trio only when a call would block.
+
+Memory is bounded server-wide: every connection and UDP socket draws from one `ByteBudget`
+(nfs/budget.py) of `max_buffered` bytes: a record's bytes are
 charged as they are read (a mark alone costs nothing, and a record's buffer grows only as its
 bytes arrive), each connection within its fair share of the budget, and freed when the reply
 has gone. Past the budget a reader stops reading, so TCP flow control holds the client back;
@@ -15,8 +21,8 @@ seconds (not `idle_timeout`), so partial records cannot hold the budget.
 Connections are closed when idle for `idle_timeout` (knfsd: 6 minutes) or when they send no RPC
 call within `first_call_timeout` of connecting; at `max_connections` the connection idle the
 longest is closed to make room for the new one (knfsd's svc_check_conn_limits), so idle peers
-cannot lock clients out. Replies go out with `sendmsg` scatter-gather, READ data with
-sendfile(2), so it is never copied into a bigger message.
+cannot lock clients out. Replies go out with `sendmsg` scatter-gather (READ data with its header
+in one call), never copied into a bigger message.
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ from nfs.nfsd import NfsProgram
 from nfs.portmap import IPPROTO_TCP, IPPROTO_UDP, PMAP_PROGRAM, PMAP_V2, Mapping, PortmapProgram
 from nfs.record import DEFAULT_MAX_RECORD, BufferPool, RecordDecoder, RecordTooLarge, record_mark
 from nfs.store import Export, default_state_dir, load_key
-from nfs.svc import Buffer, CallContext, FileSegment, RpcProgram, RpcService, close_segments, materialize
+from nfs.svc import Buffer, CallContext, FileSegment, Pending, RpcProgram, RpcService, close_segments, materialize
+from nfs.writeback import DEFAULT_WRITE_BEHIND
 
 log = logging.getLogger("netswap.nfs.server")
 
@@ -56,6 +63,7 @@ UDP_MAX_PAYLOAD = 65507
 _SCRATCH = 16 * 1024  # small reads: record marks and small calls
 _SOCK_BUF = 4 * 1024 * 1024
 _MAX_LOWAT = 1024 * 1024  # a 1 MiB WRITE wakes the server once (the kernel grows the rcvbuf for it)
+_MAX_UNYIELDING = 16  # calls a reading task answers in a row before the other tasks get a turn
 
 
 @dataclass
@@ -82,6 +90,7 @@ class ServerConfig:
     idle_timeout: float = 360.0  # close a connection idle this long (knfsd: 6 minutes)
     record_timeout: float = 5.0  # ... or whose record body stalls this long
     first_call_timeout: float = 5.0  # ... or one that sent no RPC call this long after connecting
+    write_behind: int = DEFAULT_WRITE_BEHIND  # start a file's writeback every this many UNSTABLE bytes (0: never)
 
 
 @dataclass
@@ -95,9 +104,10 @@ class ServerStats:
     stalled_records: int = 0  # connections closed because a record body stopped coming
     udp_datagrams: int = 0
     udp_send_errors: int = 0
+    calls_now: int = 0  # calls run and answered by the reading task itself (no task of their own)
 
 
-def _readable(sock: trio.socket.SocketType) -> int:
+def _readable(sock: pysocket.socket) -> int:
     """Bytes waiting in a socket's receive queue (FIONREAD)."""
     buf = array.array("i", [0])
     fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
@@ -117,13 +127,11 @@ class ListenError(OSError):
         return str(self.strerror)
 
 
-async def send_iov(sock: trio.socket.SocketType, bufs: Sequence[Buffer], addr: object = None) -> None:
-    """Send every buffer, in order: one datagram to `addr`, or onto a stream socket, handling
-    partial sends; file segments go by sendfile(2)."""
+async def send_stream(sock: pysocket.socket, bufs: Sequence[Buffer]) -> None:
+    """Send every buffer, in order, onto a non-blocking stream socket, handling partial sends:
+    memory by sendmsg (scatter-gather), file segments by sendfile(2). It waits (through trio)
+    only when the socket is full, so a reply that fits costs no trip through the event loop."""
     try:
-        if addr is not None:
-            await sock.sendmsg([memoryview(b).cast("B") for b in materialize(list(bufs)) if len(b)], [], 0, addr)
-            return
         views: list[memoryview] = []
         for b in bufs:
             if isinstance(b, FileSegment):
@@ -137,10 +145,29 @@ async def send_iov(sock: trio.socket.SocketType, bufs: Sequence[Buffer], addr: o
         close_segments(list(bufs))
 
 
-async def _send_views(sock: trio.socket.SocketType, views: list[memoryview], more: bool = False) -> None:
+async def send_datagram(sock: pysocket.socket, bufs: Sequence[Buffer], addr: Any) -> None:
+    """Send the buffers as one datagram to `addr` from a non-blocking socket (waiting for room
+    in its send buffer if need be); file segments are read into it."""
+    try:
+        views = [memoryview(b).cast("B") for b in materialize(list(bufs)) if len(b)]
+        while True:
+            try:
+                sock.sendmsg(views, [], 0, addr)
+                return
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+    finally:
+        close_segments(list(bufs))
+
+
+async def _send_views(sock: pysocket.socket, views: list[memoryview], more: bool = False) -> None:
     flags = pysocket.MSG_MORE if more else 0
     while views:
-        n = await sock.sendmsg(views, [], flags)
+        try:
+            n = sock.sendmsg(views, [], flags)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
         while n:
             first = len(views[0])
             if n >= first:
@@ -151,7 +178,7 @@ async def _send_views(sock: trio.socket.SocketType, views: list[memoryview], mor
                 n = 0
 
 
-async def _sendfile(sock: trio.socket.SocketType, seg: FileSegment) -> None:
+async def _sendfile(sock: pysocket.socket, seg: FileSegment) -> None:
     offset, left = seg.offset, seg.count
     while left:
         try:
@@ -164,7 +191,20 @@ async def _sendfile(sock: trio.socket.SocketType, seg: FileSegment) -> None:
             return
         offset += n
         left -= n
-        await trio.lowlevel.checkpoint_if_cancelled()
+
+
+def _own(tsock: trio.socket.SocketType) -> pysocket.socket:
+    """The plain non-blocking socket under a trio one: the drivers call it directly (a call
+    that succeeds costs no checkpoint) and wait through trio.lowlevel only when it would block.
+    Close it with `_close`."""
+    sock = pysocket.socket(fileno=tsock.detach())
+    sock.setblocking(False)
+    return sock
+
+
+def _close(sock: pysocket.socket) -> None:
+    trio.lowlevel.notify_closing(sock)
+    sock.close()
 
 
 class NfsServer:
@@ -176,7 +216,8 @@ class NfsServer:
         self.export = Export(config.export, key)
         names = [self.export.root, *config.names]
         self.pool = BufferPool(8)  # record buffers, shared by the connections
-        self.nfs = NfsProgram(self.export, config.allow, max_io=config.max_io, squash=config.squash)
+        self.nfs = NfsProgram(self.export, config.allow, max_io=config.max_io, squash=config.squash,
+                              write_behind=config.write_behind)
         self.mount = MountProgram(self.export, names, config.allow)
         self.portmap = PortmapProgram() if config.portmap_port is not None else None
         programs: list[RpcProgram] = [self.nfs, self.mount]
@@ -277,7 +318,8 @@ class NfsServer:
         del self._conns[id(victim)]  # (its task ends soon; the new connection takes its place)
         return True
 
-    async def _tcp_conn(self, sock: trio.socket.SocketType, peer: tuple[Any, ...]) -> None:
+    async def _tcp_conn(self, tsock: trio.socket.SocketType, peer: tuple[Any, ...]) -> None:
+        sock = _own(tsock)
         sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
         # Room for a whole 1 MiB WRITE or READ in flight: a window that autotuning grows only
         # step by step stalled the client's send in the middle of each big call.
@@ -294,6 +336,7 @@ class NfsServer:
         lowat = 1
         charged = 0  # bytes of dec.received already charged to the budget
         pending = scratch_mv[:0]  # bytes read into the scratch buffer, not yet fed to the decoder
+        unyielding = 0  # calls answered in a row without letting the other tasks run
         try:
             with conn.scope:
                 conn.arm()
@@ -315,32 +358,52 @@ class NfsServer:
                                 charged -= len(rec)
                                 await conn.share.start_call()
                                 conn.arm()
-                                calls.start_soon(self._tcp_call, sock, send_lock, dec, rec, conn)
+                                await self._tcp_record(sock, send_lock, dec, rec, conn, calls)
+                                unyielding += 1
+                                if unyielding >= _MAX_UNYIELDING:
+                                    unyielding = 0
+                                    await trio.lowlevel.checkpoint()
                                 continue
                             if not pending and dec.frag_left >= _SCRATCH:
                                 # Inside a big fragment: receive straight into the record, once
-                                # the kernel says a good part of it is there (SO_RCVLOWAT). What
-                                # is there is charged (and its buffer grown) before it is read.
+                                # the kernel says a good part of it is there (SO_RCVLOWAT; often
+                                # it is all there already: then no wait, no trip through trio).
+                                # What is there is charged (and its buffer grown) before it is read.
                                 lo = min(dec.frag_left, _MAX_LOWAT)
-                                if lo != lowat:
-                                    sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, lo)
-                                    lowat = lo
-                                with trio.move_on_after(self.config.record_timeout / 2) as waited:
-                                    await trio.lowlevel.wait_readable(sock)
-                                if waited.cancelled_caught:
-                                    # Below the low-water mark the bytes wait in the kernel: if
-                                    # more came, the record is slow, not stalled.
-                                    if (queued := _readable(sock)) > conn.queued:
-                                        conn.queued = queued
-                                        conn.touch()
-                                    continue
+                                queued = _readable(sock)
+                                if queued < lo:
+                                    if lo != lowat:
+                                        sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, lo)
+                                        lowat = lo
+                                    unyielding = 0
+                                    with trio.move_on_after(self.config.record_timeout / 2) as waited:
+                                        await trio.lowlevel.wait_readable(sock)
+                                    queued = _readable(sock)
+                                    if waited.cancelled_caught:
+                                        # Below the low-water mark the bytes wait in the kernel:
+                                        # if more came, the record is slow, not stalled.
+                                        if queued > conn.queued:
+                                            conn.queued = queued
+                                            conn.touch()
+                                        continue
+                                else:
+                                    unyielding += 1
+                                    if unyielding >= _MAX_UNYIELDING:
+                                        unyielding = 0
+                                        await trio.lowlevel.checkpoint()
                                 conn.queued = 0
-                                want = min(dec.frag_left, max(_readable(sock), 1))
+                                want = min(dec.frag_left, max(queued, 1))
                                 await conn.charge(want)
                                 buf = dec.get_buffer(hint=want)
                                 assert buf is not None
-                                with buf, buf[:want] as chunk:
-                                    n = await sock.recv_into(chunk)
+                                try:
+                                    with buf, buf[:want] as chunk:
+                                        n = sock.recv_into(chunk)
+                                except BlockingIOError:
+                                    n = -1
+                                if n < 0:  # (the bytes FIONREAD saw went elsewhere: wait again)
+                                    conn.share.release(want)
+                                    continue
                                 conn.share.release(want - n)
                                 if n == 0:
                                     return
@@ -353,7 +416,12 @@ class NfsServer:
                                         lowat = 1
                                     # A small read: marks and small calls, which stay in the
                                     # scratch buffer until the marks' bytes have been charged.
-                                    n = await sock.recv_into(scratch)
+                                    try:
+                                        n = sock.recv_into(scratch)
+                                    except BlockingIOError:
+                                        unyielding = 0
+                                        await trio.lowlevel.wait_readable(sock)
+                                        continue
                                     if n == 0:
                                         return  # the calls in flight still get their replies
                                     pending = scratch_mv[:n]
@@ -383,23 +451,61 @@ class NfsServer:
         finally:
             self._conns.pop(id(conn), None)
             conn.share.close()
-            sock.close()
+            _close(sock)
 
-    async def _tcp_call(self, sock: trio.socket.SocketType, send_lock: trio.StrictFIFOLock, dec: RecordDecoder,
-                        rec: memoryview, conn: _Conn) -> None:
+    async def _tcp_record(self, sock: pysocket.socket, send_lock: trio.StrictFIFOLock, dec: RecordDecoder,
+                          rec: memoryview, conn: _Conn, calls: trio.Nursery) -> None:
+        """A call that arrived: answered here and now when it needs no waiting and no other
+        reply is being sent (knfsd's nfsd thread runs a call to its end), else in a task of its
+        own, so a call that waits (a sync, a walk of the export) holds up no other."""
+        host, port = conn.peer
+        t0 = time.perf_counter()  # the call's service time starts (per-client statistics)
+        if not conn.got_call and looks_like_call(rec):
+            conn.got_call = True
+        ctx = CallContext(host, port, "tcp")
+        p = self.svc.begin(rec, ctx)
+        reply: list[Buffer] | None
+        if send_lock.locked():
+            reply = None
+        elif isinstance(p, Pending):
+            reply = self.svc.try_now(p, ctx)
+        else:
+            reply = p
+            p = None
+        if reply is None and p is not None:
+            calls.start_soon(self._tcp_call, sock, send_lock, dec, rec, conn, p, ctx, t0)
+            return
+        self.stats.calls_now += 1
+        n = len(rec)
+        try:
+            dec.recycle(rec)  # nothing refers to the call any more: reuse its buffer
+            if reply is not None:
+                send_lock.acquire_nowait()  # (free: nothing ran since it was seen free)
+                total = sum(len(b) for b in reply)
+                try:
+                    await send_stream(sock, [record_mark(total), *reply])
+                finally:
+                    send_lock.release()
+                self.clients.record(host, n, total, time.perf_counter() - t0)
+        finally:
+            if reply is not None:
+                close_segments(reply)  # (already closed if it was sent)
+            conn.share.end_call(n)
+            conn.touch()
+
+    async def _tcp_call(self, sock: pysocket.socket, send_lock: trio.StrictFIFOLock, dec: RecordDecoder,
+                        rec: memoryview, conn: _Conn, p: Pending | list[Buffer] | None, ctx: CallContext,
+                        t0: float) -> None:
         n = len(rec)
         reply: list[Buffer] | None = None
         host, port = conn.peer
-        t0 = time.perf_counter()
         try:
-            if not conn.got_call and looks_like_call(rec):
-                conn.got_call = True
-            reply = await self.svc.dispatch(rec, CallContext(host, port, "tcp"))
+            reply = await self.svc.finish(p, ctx) if isinstance(p, Pending) else p
             dec.recycle(rec)  # nothing refers to the call any more: reuse its buffer
             if reply is not None:
                 total = sum(len(b) for b in reply)
                 async with send_lock:
-                    await send_iov(sock, [record_mark(total), *reply])
+                    await send_stream(sock, [record_mark(total), *reply])
                 self.clients.record(host, n, total, time.perf_counter() - t0)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
             log.debug("%s:%d: reply not sent: %s", host, port, e)
@@ -409,36 +515,72 @@ class NfsServer:
             conn.share.end_call(n)
             conn.touch()
 
-    async def _udp_loop(self, sock: trio.socket.SocketType) -> None:
+    async def _udp_loop(self, tsock: trio.socket.SocketType) -> None:
+        sock = _own(tsock)
         share = self.budget.share(self.config.inflight_bytes, self.config.max_inflight * 4)
+        unyielding = 0
         try:
             async with trio.open_nursery() as calls:
                 while True:
                     try:
-                        data, addr = await sock.recvfrom(UDP_MAX_PAYLOAD + 1)
+                        data, addr = sock.recvfrom(UDP_MAX_PAYLOAD + 1)
+                    except BlockingIOError:
+                        unyielding = 0
+                        await trio.lowlevel.wait_readable(sock)
+                        continue
                     except OSError as e:  # e.g. ECONNREFUSED from an earlier ICMP error
                         log.debug("udp recvfrom: %s", e)
                         continue
                     self.stats.udp_datagrams += 1
                     await share.acquire(len(data))
                     await share.start_call()
-                    calls.start_soon(self._udp_call, sock, data, addr, share)
+                    # As over TCP: answered here when the call needs no waiting, else in a task.
+                    t0 = time.perf_counter()
+                    ctx = CallContext(str(addr[0]), int(addr[1]), "udp", max_reply=UDP_MAX_PAYLOAD)
+                    try:
+                        p = self.svc.begin(data, ctx)
+                        reply = self.svc.try_now(p, ctx) if isinstance(p, Pending) else p
+                    except Exception:  # a bug must cost this call, never the server
+                        log.exception("udp call from %s failed", addr)
+                        share.end_call(len(data))
+                        continue
+                    if reply is None and isinstance(p, Pending):
+                        calls.start_soon(self._udp_call, sock, data, addr, share, p, ctx, t0)
+                        continue
+                    self.stats.calls_now += 1
+                    try:
+                        if reply is not None:
+                            out = sum(len(b) for b in reply)
+                            if await self._udp_send(sock, reply, addr):
+                                self.clients.record(ctx.host, len(data), out, time.perf_counter() - t0)
+                    finally:
+                        share.end_call(len(data))
+                    unyielding += 1
+                    if unyielding >= _MAX_UNYIELDING:
+                        unyielding = 0
+                        await trio.lowlevel.checkpoint()
         finally:
             share.close()
+            _close(sock)
 
-    async def _udp_call(self, sock: trio.socket.SocketType, data: bytes, addr: tuple[Any, ...], share: Share) -> None:
+    async def _udp_send(self, sock: pysocket.socket, reply: list[Buffer], addr: Any) -> bool:
+        """Send a reply; whether it went."""
         try:
-            t0 = time.perf_counter()
-            ctx = CallContext(str(addr[0]), int(addr[1]), "udp", max_reply=UDP_MAX_PAYLOAD)
-            reply = await self.svc.dispatch(data, ctx)
+            await send_datagram(sock, reply, addr)
+        except (OSError, trio.BusyResourceError) as e:  # (the latter: another reply waits for room)
+            self.stats.udp_send_errors += 1
+            log.debug("udp sendmsg to %s: %s", addr, e)
+            return False
+        return True
+
+    async def _udp_call(self, sock: pysocket.socket, data: bytes, addr: tuple[Any, ...], share: Share,
+                        p: Pending, ctx: CallContext, t0: float) -> None:
+        try:
+            reply = await self.svc.finish(p, ctx)
             if reply is not None:
                 out = sum(len(b) for b in reply)
-                try:
-                    await send_iov(sock, reply, addr)
+                if await self._udp_send(sock, reply, addr):
                     self.clients.record(ctx.host, len(data), out, time.perf_counter() - t0)
-                except OSError as e:
-                    self.stats.udp_send_errors += 1
-                    log.debug("udp sendmsg to %s: %s", addr, e)
         except Exception:  # a bug must cost this call, never the server
             log.exception("udp call from %s failed", addr)
         finally:
@@ -495,7 +637,8 @@ class _Conn:
             deadline = min(deadline, self.opened + self.first_call_timeout)
         elif not self.share.calls and not self.dec.in_record:
             deadline = self.last_active + self.idle_timeout
-        self.scope.deadline = deadline
+        if deadline != self.scope.deadline:  # (setting it costs trio a deadline-heap update)
+            self.scope.deadline = deadline
 
     def touch(self) -> None:
         self.last_active = trio.current_time()
@@ -514,4 +657,4 @@ def parse_allow(values: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress
     return [ipaddress.ip_network(v, strict=False) for v in values]
 
 
-__all__ = ["ListenError", "NfsServer", "ServerConfig", "parse_allow", "send_iov"]
+__all__ = ["ListenError", "NfsServer", "ServerConfig", "parse_allow", "send_datagram", "send_stream"]

@@ -9,6 +9,11 @@ progress (over TCP it first waits for the original's reply, which the client, ha
 reconnected, can only get this way). Handlers signal undecodable arguments by raising
 `XdrError` -> GARBAGE_ARGS; any other exception becomes SYSTEM_ERR and is counted, never
 crashing the server.
+
+A driver may split `dispatch` in two: `begin` checks the header; `try_now` runs the call at once
+when its program can do it without waiting (`call_nowait`: a READ or an UNSTABLE WRITE whose
+handle is known), so the common call costs no task and no trip through the event loop; the rest
+go to `finish`, in a task. Both give the same replies, reply cache included.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -114,6 +119,9 @@ class RpcProgram(Protocol):
 
     async def call(self, vers: int, proc: int, args: Unpacker, ctx: CallContext) -> list[Buffer]: ...
 
+    # Optional: `call_nowait(vers, proc, args, ctx) -> Callable[[], list[Buffer]] | None`, the
+    # call ready to run without waiting, or None (nothing done, `args` as they were).
+
 
 @dataclass
 class SvcStats:
@@ -151,6 +159,16 @@ class RateLimit:
         return missed
 
 
+@dataclass(slots=True)
+class Pending:
+    """A call whose header passed (`RpcService.begin`), to run: its header, its arguments
+    (an unpacker at their start) and its program."""
+
+    hdr: CallHeader
+    args: Unpacker
+    prog: RpcProgram
+
+
 class RpcService:
     def __init__(self, programs: Sequence[RpcProgram], drc: DuplicateRequestCache | None = None) -> None:
         self.programs = {p.prog: p for p in programs}
@@ -159,6 +177,8 @@ class RpcService:
         self.drc_wait = 30.0  # how long a TCP duplicate waits for its original
         self.stats = SvcStats()
         self.log_limit = RateLimit(burst=10, interval=5.0)
+        self._names: dict[tuple[int, int], str] = {}  # (prog, proc) -> its stats name
+        self._creds: dict[bytes, AuthSys] = {}  # AUTH_SYS credential body -> decoded
 
     def _wake(self, key: DrcKey) -> None:
         ev = self._in_progress.pop(key, None)
@@ -166,6 +186,15 @@ class RpcService:
             ev.set()
 
     async def dispatch(self, msg: bytes | bytearray | memoryview, ctx: CallContext) -> list[Buffer] | None:
+        p = self.begin(msg, ctx)
+        if not isinstance(p, Pending):
+            return p
+        return await self.finish(p, ctx)
+
+    def begin(self, msg: bytes | bytearray | memoryview, ctx: CallContext) -> list[Buffer] | Pending | None:
+        """Check a call's header: its final reply (a denial, PROG_UNAVAIL, ...), None to drop
+        it, or the call to run: `try_now(p)` runs it at once if it needs no waiting, otherwise
+        `await finish(p)` (a driver may do the latter in a task of its own)."""
         try:
             hdr, args = decode_call(msg)
         except RpcVersionMismatch as e:
@@ -177,11 +206,19 @@ class RpcService:
         xid = hdr.xid
         ctx.header = hdr
         if hdr.cred.flavor == AuthFlavor.AUTH_SYS:
-            try:
-                ctx.cred = AuthSys.from_auth(hdr.cred)
-            except XdrError:
-                self.stats.auth_errors += 1
-                return [encode_reply_denied(xid, RejectStat.AUTH_ERROR, AuthStat.AUTH_BADCRED)]
+            # A client sends the same credential call after call: decoded once (it is a pure
+            # function of its bytes, and AuthSys is immutable), kept in a small bounded table.
+            cred = self._creds.get(hdr.cred.body)
+            if cred is None:
+                try:
+                    cred = AuthSys.from_auth(hdr.cred)
+                except XdrError:
+                    self.stats.auth_errors += 1
+                    return [encode_reply_denied(xid, RejectStat.AUTH_ERROR, AuthStat.AUTH_BADCRED)]
+                if len(self._creds) >= 256:
+                    self._creds.clear()
+                self._creds[hdr.cred.body] = cred
+            ctx.cred = cred
         elif hdr.cred.flavor != AuthFlavor.AUTH_NONE:
             self.stats.auth_errors += 1
             return [encode_reply_denied(xid, RejectStat.AUTH_ERROR, AuthStat.AUTH_BADCRED)]
@@ -199,6 +236,36 @@ class RpcService:
         if not prog.has_proc(hdr.vers, hdr.proc):
             self.stats.proc_unavail += 1
             return [encode_reply_accepted(xid, AcceptStat.PROC_UNAVAIL)]
+        return Pending(hdr, args, prog)
+
+    def try_now(self, p: Pending, ctx: CallContext) -> list[Buffer] | None:
+        """Run the call now if the program can do it without waiting (knfsd's nfsd thread runs
+        a call to its end; here that saves the event loop a task and its wake-ups per call);
+        None, with nothing done, when it must be awaited with `finish`."""
+        nowait = getattr(p.prog, "call_nowait", None)
+        if nowait is None:
+            return None
+        hdr, args = p.hdr, p.args
+        body = args.buf[args.pos :]  # (the reply cache's checksum covers the arguments: before they are decoded)
+        run = nowait(hdr.vers, hdr.proc, args, ctx)
+        if run is None:
+            return None
+        key = None
+        if p.prog.non_idempotent(hdr.vers, hdr.proc):
+            key = self.drc.key(hdr.xid, ctx.host, hdr.prog, hdr.vers, hdr.proc, body)
+            if key in self._in_progress:
+                return None  # the original is running: finish() drops or waits, as the rules say
+            state, cached = self.drc.lookup(key)
+            if state is DrcState.DONE:
+                assert cached is not None
+                return [cached]
+            # NEW: run() ends before anything else runs, so no duplicate can see it in progress.
+        return self._complete(p, run, key)
+
+    async def finish(self, p: Pending, ctx: CallContext) -> list[Buffer] | None:
+        """Run a call that `begin` accepted, waiting as it needs (the reply cache, a sync)."""
+        hdr, args, prog = p.hdr, p.args, p.prog
+        xid = hdr.xid
         key = None
         if prog.non_idempotent(hdr.vers, hdr.proc):
             key = self.drc.key(xid, ctx.host, hdr.prog, hdr.vers, hdr.proc, args.buf[args.pos :])
@@ -218,10 +285,30 @@ class RpcService:
             if state is DrcState.IN_PROGRESS:
                 return None
             self._in_progress[key] = trio.Event()
-        reply: list[Buffer]
         try:
             body = await prog.call(hdr.vers, hdr.proc, args, ctx)
-            reply = [reply_header(xid), *body]
+        except BaseException as e:
+            if not isinstance(e, Exception):
+                if key is not None:
+                    self.drc.done(key, None)
+                    self._wake(key)
+                raise
+            return self._complete(p, None, key, e)
+        return self._complete(p, lambda: body, key)
+
+    def _complete(self, p: Pending, run: Callable[[], list[Buffer]] | None, key: DrcKey | None,
+                  failed: Exception | None = None) -> list[Buffer]:
+        """The reply of a call that ran (`run` gives its body) or failed: GARBAGE_ARGS for
+        undecodable arguments, SYSTEM_ERR (counted, rate-limited traceback) for a bug; kept in
+        the reply cache if the procedure is non-idempotent."""
+        hdr = p.hdr
+        xid = hdr.xid
+        reply: list[Buffer]
+        try:
+            if failed is not None:
+                raise failed
+            assert run is not None
+            reply = [reply_header(xid), *run()]
         except XdrError as e:
             self.stats.garbage_args += 1
             log.debug("xid %#x: GARBAGE_ARGS (%s)", xid, e)
@@ -231,7 +318,7 @@ class RpcService:
             # A bug a client can trigger at will must not flood the log: tracebacks are rate
             # limited (printk_ratelimit), the rest counted and summarised.
             if (missed := self.log_limit.allow()) is not None:
-                log.exception("xid %#x: %s proc %d failed%s", xid, prog.name, hdr.proc,
+                log.exception("xid %#x: %s proc %d failed%s", xid, p.prog.name, hdr.proc,
                               f" ({missed} more such failures not logged)" if missed else "")
             reply = [encode_reply_accepted(xid, AcceptStat.SYSTEM_ERR)]
         except BaseException:
@@ -242,6 +329,9 @@ class RpcService:
         if key is not None:
             self.drc.done(key, b"".join(materialize(reply)))
             self._wake(key)
-        name = f"{prog.name}.{hdr.proc}"
-        self.stats.by_proc[name] = self.stats.by_proc.get(name, 0) + 1
+        by_proc = self.stats.by_proc
+        name = self._names.get((p.prog.prog, hdr.proc))
+        if name is None:
+            name = self._names[(p.prog.prog, hdr.proc)] = f"{p.prog.name}.{hdr.proc}"
+        by_proc[name] = by_proc.get(name, 0) + 1
         return reply

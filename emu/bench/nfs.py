@@ -1,11 +1,14 @@
-"""`netswap bench nfs`: libnfs `nfs-cp` of a big file into and out of netswap's NFS server, against
-nfs-ganesha on the same machine in the same run.
+"""`netswap bench nfs`: a big file copied into and out of netswap's NFS server, over TCP and over
+UDP, against nfs-ganesha on the same machine in the same run.
 
-Figures: MB/s of `nfs-cp local -> nfs://ours` (WRITE UNSTABLE + COMMIT) and `nfs-cp nfs://ours ->
-local` (READ); baselines: the same copies with nfs-ganesha (VFS FSAL). Each round runs all four
-copies, the servers in alternating order, after an unmeasured warm-up round; the median counts.
-Every copy is checked byte for byte. Note: nfs-cp sends one 1 MiB call at a time, so the figures
-are latency-bound, and on a busy machine they vary a lot from round to round.
+Figures: MB/s of each copy; baselines: the same copy with nfs-ganesha (VFS FSAL). Over TCP the
+copies are libnfs's `nfs-cp local -> nfs://server` (1 MiB WRITEs, UNSTABLE, then COMMIT) and back
+(1 MiB READs). libnfs's tools speak NFS over TCP only, so over UDP the client is netswap's own
+(nfs/client.py, the emulated host's), one 32 KiB call at a time as nfs-cp sends one at a time:
+UNSTABLE WRITEs and one COMMIT at the end, and READs. Each round runs every copy, the servers in
+alternating order, after an unmeasured warm-up round; the median counts. Every copy is checked
+byte for byte. The figures are latency-bound (one call in flight), so on a busy machine they vary a
+lot from round to round: compare the ratios, measured side by side.
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+import trio
+
 from emu.bench.result import BenchResult, emit
-from emu.peers.nfs import Served, TestbedError, ganesha, libnfs, netswap_server, real_fs_dir
+from emu.peers.nfs import H, Served, TestbedError, ganesha, libnfs, netswap_server, real_fs_dir
 from emu.util.units import parse_size
 
 MB = 1_000_000
@@ -37,6 +43,52 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+async def _udp_cp_in(srv: Served, src: Path, name: str) -> None:
+    """Our client over UDP: the file into the server (UNSTABLE WRITEs in wsize pieces, one at a
+    time, then one COMMIT: all the data is kept until then, as nfs-cp does)."""
+    from nfs.client import NfsClient
+    from nfs.nfs3 import CreateMode, StableHow
+
+    size = src.stat().st_size
+    async with NfsClient.udp(H, srv.nfs_port, srv.mount_port, max_uncommitted=size + 1) as c:
+        root = await c.mount(srv.export_path)
+        fh, _ = await c.create(root, name, mode=0o644, how=CreateMode.GUARDED)
+        with open(src, "rb") as f:
+            off = 0
+            while chunk := f.read(c.wsize):
+                await c.write(fh, off, chunk, StableHow.UNSTABLE)
+                off += len(chunk)
+        await c.commit(fh)
+        await c.umount()
+
+
+async def _udp_cp_out(srv: Served, name: str, dst: Path) -> None:
+    """Our client over UDP: the file out of the server, READs of rsize one at a time."""
+    from nfs.client import NfsClient
+
+    async with NfsClient.udp(H, srv.nfs_port, srv.mount_port) as c:
+        root = await c.mount(srv.export_path)
+        fh, _ = await c.lookup(root, name)
+        with open(dst, "wb") as f:
+            off = 0
+            while True:
+                res = await c.read_once(fh, off, c.rsize)
+                f.write(res.data)  # type: ignore[arg-type]
+                off += len(res.data)
+                if res.eof or not res.data:
+                    break
+        await c.umount()
+
+
+def _udp_cp(fn: Any, *args: Any) -> float:
+    t0 = time.perf_counter()
+    try:
+        trio.run(fn, *args)
+    except Exception as e:
+        raise click.ClickException(f"copy over UDP failed: {e}") from None
+    return time.perf_counter() - t0
+
+
 def _cp(src: str, dst: str) -> float:
     t0 = time.perf_counter()
     r = libnfs("nfs-cp", src, dst, timeout=600)
@@ -47,17 +99,22 @@ def _cp(src: str, dst: str) -> float:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--size", default="256M", show_default=True, help="File size to copy (e.g. 64M, 1G).")
+@click.option("--size", default="256M", show_default=True, help="File size to copy over TCP (e.g. 64M, 1G).")
+@click.option("--udp-size", default="32M", show_default=True,
+              help="File size to copy over UDP (32 KiB calls: 32 times as many as over TCP); 0: no UDP rows.")
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1, 20),
-              help="Rounds of the four copies (servers in alternating order); the median counts.")
+              help="Rounds of every copy (in and out, each transport; servers in alternating order); the median counts.")
 @click.option("--warmup/--no-warmup", default=True, show_default=True,
               help="One unmeasured round first (page cache and both servers warm).")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="Where the files and exports go (default: a temporary directory).")
-@click.option("--goal", default=0.5, show_default=True, type=float, help="Ratio our/ganesha to meet (warned about).")
+@click.option("--goal", default=1.0, show_default=True, type=float,
+              help="Ratio our/ganesha each row should meet (a row below it is warned about).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: a list of {figure, baseline, ratio, ...}.")
-def bench_nfs(size: str, rounds: int, warmup: bool, directory: Path | None, goal: float, as_json: bool) -> None:
-    """nfs-cp a file into and out of netswap's NFS server and nfs-ganesha; MB/s and ratios.
+def bench_nfs(size: str, udp_size: str, rounds: int, warmup: bool, directory: Path | None, goal: float,
+              as_json: bool) -> None:
+    """Copy a file into and out of netswap's NFS server and nfs-ganesha, over TCP (libnfs's
+    nfs-cp) and UDP (netswap's client); MB/s and a ratio ours/ganesha per row.
 
     Needs root and the Debian peers nfs-ganesha, nfs-ganesha-vfs, rpcbind and libnfs-utils.
     """
@@ -67,66 +124,90 @@ def bench_nfs(size: str, rounds: int, warmup: bool, directory: Path | None, goal
             raise ValueError("must be above 0")
     except ValueError as e:
         raise click.BadParameter(f"{size!r}: {e}", param_hint="--size") from None
+    try:
+        udp_bytes = parse_size(udp_size)
+        if udp_bytes < 0:
+            raise ValueError("must be 0 or above")
+    except ValueError as e:
+        raise click.BadParameter(f"{udp_size!r}: {e}", param_hint="--udp-size") from None
     if os.geteuid() != 0:
         raise click.ClickException("needs root (nfs-ganesha and rpcbind run as root)")
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix="netswap-bench-nfs-") as d:
         base = Path(d)
         src = base / "source.bin"
-        with open(src, "wb") as f:
-            left = nbytes
-            while left:
-                n = min(left, 1 << 22)
-                f.write(os.urandom(n))
-                left -= n
+        udp_src = base / "source-udp.bin"
+        for path, want in ((src, nbytes), (udp_src, udp_bytes)):
+            with open(path, "wb") as f:
+                left = want
+                while left:
+                    n = min(left, 1 << 22)
+                    f.write(os.urandom(n))
+                    left -= n
         digest = _sha256(src)
-        times: dict[str, list[float]] = {"ours_in": [], "ganesha_in": [], "ours_out": [], "ganesha_out": []}
+        udp_digest = _sha256(udp_src)
+        protos = ["tcp", "udp"] if udp_bytes else ["tcp"]
+        times: dict[str, list[float]] = {f"{who}_{way}_{proto}": [] for who in ("ours", "ganesha")
+                                         for way in ("in", "out") for proto in protos}
         try:
             with contextlib.ExitStack() as stack:
                 # Both exports on the same kind of filesystem (tmpfs if we are on overlayfs).
                 ours_export = stack.enter_context(real_fs_dir(base / "ours" / "export",
-                                                              f"{3 * nbytes // (1 << 20) + 64}m"))
+                                                              f"{3 * (nbytes + udp_bytes) // (1 << 20) + 64}m"))
                 ours = stack.enter_context(netswap_server(ours_export, base / "ours" / "state"))
-                gan = stack.enter_context(ganesha(base / "ganesha", tmpfs_size=f"{3 * nbytes // (1 << 20) + 64}m"))
+                gan = stack.enter_context(ganesha(base / "ganesha", tmpfs_size=f"{3 * (nbytes + udp_bytes) // (1 << 20) + 64}m"))
                 servers: dict[str, Served] = {"ours": ours, "ganesha": gan}
                 progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                     TimeElapsedColumn(), console=console, transient=True, disable=as_json)
                 first = -1 if warmup else 0
                 with progress:
-                    bar = progress.add_task(f"nfs-cp {size}", total=(rounds - first) * 4)
+                    bar = progress.add_task(f"copies of {size}", total=(rounds - first) * 4 * len(protos))
                     for r in range(first, rounds):
                         order = list(servers.items())
                         if r % 2:
                             order.reverse()
-                        for name, srv in order:
-                            label = "warm-up" if r < 0 else f"round {r + 1}"
-                            progress.update(bar, description=f"{label}: into {name}")
-                            remote = srv.url(f"bench-{r + 1}.bin")
-                            t_in = _cp(str(src), remote)
-                            if _sha256(srv.export / f"bench-{r + 1}.bin") != digest:
-                                raise click.ClickException(f"the copy into {name} is not byte-identical")
-                            progress.advance(bar)
-                            progress.update(bar, description=f"{label}: out of {name}")
-                            local = base / f"back-{name}.bin"
-                            t_out = _cp(remote, str(local))
-                            if _sha256(local) != digest:
-                                raise click.ClickException(f"the copy out of {name} is not byte-identical")
-                            local.unlink()
-                            (srv.export / f"bench-{r + 1}.bin").unlink()
-                            progress.advance(bar)
-                            if r >= 0:
-                                times[f"{name}_in"].append(t_in)
-                                times[f"{name}_out"].append(t_out)
+                        for proto in protos:
+                            for name, srv in order:
+                                label = f"{'warm-up' if r < 0 else f'round {r + 1}'} {proto.upper()}"
+                                fname = f"bench-{proto}-{r + 1}.bin"
+                                local = base / f"back-{name}.bin"
+                                expect = digest if proto == "tcp" else udp_digest
+                                progress.update(bar, description=f"{label}: into {name}")
+                                if proto == "tcp":
+                                    t_in = _cp(str(src), srv.url(fname))
+                                else:
+                                    t_in = _udp_cp(_udp_cp_in, srv, udp_src, fname)
+                                if _sha256(srv.export / fname) != expect:
+                                    raise click.ClickException(f"the copy into {name} ({proto}) is not byte-identical")
+                                progress.advance(bar)
+                                progress.update(bar, description=f"{label}: out of {name}")
+                                if proto == "tcp":
+                                    t_out = _cp(srv.url(fname), str(local))
+                                else:
+                                    t_out = _udp_cp(_udp_cp_out, srv, fname, local)
+                                if _sha256(local) != expect:
+                                    raise click.ClickException(f"the copy out of {name} ({proto}) is not byte-identical")
+                                local.unlink()
+                                (srv.export / fname).unlink()
+                                progress.advance(bar)
+                                if r >= 0:
+                                    times[f"{name}_in_{proto}"].append(t_in)
+                                    times[f"{name}_out_{proto}"].append(t_out)
         except TestbedError as e:
             raise click.ClickException(str(e)) from None
     med = {k: statistics.median(v) for k, v in times.items()}
     results = []
-    for way, what in (("in", "nfs-cp into the server (WRITE + COMMIT)"), ("out", "nfs-cp out of the server (READ)")):
-        results.append(BenchResult(
-            name=f"{what}, {size}", unit="MB/s", figure=nbytes / med[f"ours_{way}"] / MB,
-            baseline=nbytes / med[f"ganesha_{way}"] / MB, baseline_name="nfs-ganesha 4.3 VFS",
-            extra={"bytes": nbytes, "rounds": rounds, "seconds_ours": times[f"ours_{way}"],
-                   "seconds_ganesha": times[f"ganesha_{way}"], "goal_ratio": goal}))
+    for proto in protos:
+        n = nbytes if proto == "tcp" else udp_bytes
+        tool, call = ("nfs-cp", "1 MiB") if proto == "tcp" else ("netswap client", "32 KiB")
+        for way, what in (("in", f"into: {tool}, {call} WRITEs + COMMIT"), ("out", f"out of: {tool}, {call} READs")):
+            results.append(BenchResult(
+                name=f"{proto.upper()} {what}, {size if proto == 'tcp' else udp_size}", unit="MB/s",
+                figure=n / med[f"ours_{way}_{proto}"] / MB, baseline=n / med[f"ganesha_{way}_{proto}"] / MB,
+                baseline_name="nfs-ganesha 4.3 VFS",
+                extra={"transport": proto, "direction": way, "bytes": n, "rounds": rounds,
+                       "seconds_ours": times[f"ours_{way}_{proto}"],
+                       "seconds_ganesha": times[f"ganesha_{way}_{proto}"], "goal_ratio": goal}))
     emit(results, as_json)
     for res in results:
         if res.ratio < goal:

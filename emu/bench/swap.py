@@ -231,7 +231,7 @@ def bench_swap(backend: str, ram: str, pages: int, swap_cluster: int, server: st
     sc = _scenario(backend, ram_b, pages, swap_cluster)
     nr_slots = sc.host.swap // 4096
 
-    def measure(srv: Any) -> tuple[dict[str, float], dict[str, float]]:
+    def measure(srv: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         console.print(f"[bold]bench swap[/]: {backend}, {pages} pages through a {ram} emulated host ...")
         emu_r = emulated(sc, srv, pages)
         console.print("baseline: the same client over plain sockets ...")

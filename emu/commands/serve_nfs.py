@@ -97,6 +97,16 @@ def _max_buffered(ctx: click.Context, param: click.Parameter, value: str) -> int
     return n
 
 
+def _write_behind(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        n = parse_size(value)
+    except ValueError as e:
+        usage(f"--write-behind {value!r}: {e}")
+    if n < 0:
+        usage(f"--write-behind {value!r}: must be 0 (never) or more ({SIZE_HELP})")
+    return n
+
+
 def check_ports(port: int, mount_port: int, portmap_port: int | None) -> None:
     named = [("--port", port), ("--mount-port", mount_port)]
     if portmap_port is not None:
@@ -140,6 +150,9 @@ def check_ports(port: int, mount_port: int, portmap_port: int | None) -> None:
               help="Close a TCP connection whose record body stalls this many seconds.")
 @click.option("--max-connections", default=256, show_default=True, type=click.IntRange(1),
               help="TCP connections at once; past it the one idle the longest is closed.")
+@click.option("--write-behind", default="4M", show_default=True, callback=_write_behind,
+              help="Start writing a file's dirty pages to disk every this many bytes of UNSTABLE "
+                   f"WRITEs, so the COMMIT that follows has little left to wait for; 0: never ({SIZE_HELP}).")
 @click.option("--stats", "stats_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="On exit, write per-client calls, bytes and service-time percentiles as JSON to this file.")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
@@ -147,7 +160,7 @@ def serve_nfs(export: Path, bind: str, port: int, mount_port: int, portmap_port:
               allow: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network], names: tuple[str, ...],
               state_dir: Path | None, max_record: int, root_squash: bool, anonuid: int, anongid: int,
               max_buffered: int, idle_timeout: float, record_timeout: float, max_connections: int,
-              stats_path: Path | None, verbose: int) -> None:
+              write_behind: int, stats_path: Path | None, verbose: int) -> None:
     """Serve a directory (--export) over MOUNT v3 and NFSv3, on UDP and TCP.
 
     Prints one ready line naming its ports, then serves until SIGINT or SIGTERM. File handles
@@ -168,7 +181,7 @@ def serve_nfs(export: Path, bind: str, port: int, mount_port: int, portmap_port:
                           allow=allow, state_dir=state_dir, names=names, max_record=max_record,
                           squash=Squash(root_squash, anonuid, anongid), max_buffered=max_buffered,
                           idle_timeout=idle_timeout, record_timeout=record_timeout,
-                          max_connections=max_connections)
+                          max_connections=max_connections, write_behind=write_behind)
     try:
         server = NfsServer(config)
     except OSError as e:
@@ -201,8 +214,9 @@ def serve_nfs(export: Path, bind: str, port: int, mount_port: int, portmap_port:
         raise CliError(failed[0])
     if stats_path is not None:
         tmp = stats_path.with_name(stats_path.name + ".tmp")
-        tmp.write_text(json.dumps({"clients": server.clients.to_json(), "latency": server.clients.total().summary(), "calls": server.svc.stats.calls,
-                                   "drc_hits": server.svc.drc.stats.hits}, indent=1) + "\n")
+        tmp.write_text(json.dumps({"clients": server.clients.to_json(), "latency": server.clients.total().summary(),
+                                   "calls": server.svc.stats.calls, "drc_hits": server.svc.drc.stats.hits},
+                                  indent=1) + "\n")
         tmp.replace(stats_path)
     st, drc, srv = server.svc.stats, server.svc.drc.stats, server.stats
     click.echo(f"netswap nfs: stopped after {st.calls} calls ({srv.tcp_connections} TCP connections, "

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from emu.kernel.clock import EmuClock
@@ -71,7 +71,7 @@ class Costs:
     @classmethod
     def describe(cls) -> list[tuple[str, float, str, str, str]]:
         """(name, default, unit, what, source) for each entry: the documented table."""
-        return [(f.name, f.default, f.metadata["unit"], f.metadata["help"], f.metadata["source"])
+        return [(f.name, cast(float, f.default), f.metadata["unit"], f.metadata["help"], f.metadata["source"])
                 for f in dataclasses.fields(cls)]
 
     def replace(self, **changes: float) -> Costs:

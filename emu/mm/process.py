@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import struct
 import zlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from emu.mm.page_alloc import Page
 from emu.mm.sizes import K
@@ -167,9 +167,10 @@ class Process:
             if pte.__class__ is Page:  # raced with another fault
                 page = pte
             else:
-                page = await mm.swapin(self, page_no, pte)
-                if page is None:
+                got = await mm.swapin(self, page_no, cast(int, pte))
+                if got is None:
                     continue  # the pte changed while we slept: look again
+                page = got
             if self.pte[page_no] is not page:
                 self._map(page_no, page)
             page.PG_referenced = True
@@ -214,7 +215,7 @@ class Process:
                 self.rss -= 1
                 mm.zone.state["nr_anon_pages"] -= 1
             else:
-                mm.release_swap_entry(pte)
+                mm.release_swap_entry(cast(int, pte))
                 self.nr_swapents -= 1
             self.pte[page_no] = None
         if self in mm.processes:

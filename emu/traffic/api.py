@@ -68,11 +68,12 @@ def open_senders(spec: TrafficSpec, stats: InjectStats) -> Any:
     profile = Profile(spec.profile)
     targets = spec.targets
     assert spec.size is not None
+    size: int = spec.size  # narrowed for the closures below
     net = spec.spoof_network()
     sources = spread_sources(net, spec.distinct) if net is not None else [spec.host]
 
     def tcp() -> TcpStreams:
-        streams = TcpStreams(targets, spec.connections, spec.size if profile is Profile.TCP_STREAM else 16384, sources if net is not None else None)
+        streams = TcpStreams(targets, spec.connections, size if profile is Profile.TCP_STREAM else 16384, sources if net is not None else None)
         stats.connections, stats.refused = len(streams.conns), len(streams.refused)
         if streams.refused:
             stats.notes.append(f"{len(streams.refused)} TCP connection(s) failed, e.g. {streams.refused[0]}")

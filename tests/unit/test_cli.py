@@ -33,3 +33,9 @@ def test_unknown_subcommand_is_a_usage_error() -> None:
 def test_python_dash_m_emu() -> None:
     out = subprocess.run([sys.executable, "-m", "emu", "--help"], capture_output=True, text=True, check=True)
     assert "netswap" in out.stdout
+
+
+def test_bench_nfs_sizes_are_checked_before_anything_runs() -> None:
+    for option, value in (("--size", "12Q"), ("--size", "0"), ("--udp-size", "12Q")):
+        result = CliRunner().invoke(cli, ["bench", "nfs", option, value])
+        assert result.exit_code == 2 and option in result.output, result.output

@@ -156,7 +156,7 @@ async def test_no_throttle_under_other_policies(make_host, swapfile: str,
     for policy in ("none", "v12"):
         h = await make_host(swapfile + policy, ram=2 << 20, policy=policy, kswapd=False)
         _squeeze(h.zone, h.zone.watermark_min // 2)
-        with task("p") as t:
+        with task("p"):
             t0 = trio.current_time()
             # Nothing to reclaim, swap present: one round waits (congestion_wait), never throttled.
             await h.mm.vmscan.direct_reclaim(h.zone, GFP_KERNEL, 0)
