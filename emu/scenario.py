@@ -29,6 +29,8 @@ BACKENDS = ("nfs-udp", "nfs-tcp", "iscsi")
 POLICIES = ("none", "v12", "pfmemalloc")
 WORKLOADS = ("sequential", "random", "hotcold")
 TRAFFIC_PROFILES = ("none", "udp-flood", "frag", "mixed")
+CLUSTER_TRAFFIC = ("split", "each")
+MAX_HOSTS = 64  # 127.0.1.1 .. 127.0.1.64
 DEFAULT_SCENARIO = "demo"
 
 class ScenarioError(ValueError):
@@ -65,6 +67,7 @@ class HostSection:
     ipfrag_low_thresh: int = _f(196608, "int", "net.ipv4.ipfrag_low_thresh in bytes", min=0, max=1 << 30)
     ipfrag_time: float = _f(30.0, "float", "net.ipv4.ipfrag_time in seconds", min=0.1, max=3600.0)
     rmem_default: int = _f(212992, "int", "net.core.rmem_default (socket receive buffer)", min=2048, max=1 << 30)
+    reserve_scale: float = _f(1.0, "float", "v12: the emergency pool is this factor of what the reserve tree asks for (below 1: smaller than writeout needs)", min=0.0, max=4.0)
 
 
 @dataclass
@@ -121,6 +124,12 @@ class ExpectSection:
 
 
 @dataclass
+class ClusterSection:
+    hosts: int = _f(1, "int", "emulated hosts, each its own process and loopback address (127.0.1.N), sharing one server", min=1, max=MAX_HOSTS)
+    traffic: str = _f("split", "choice", "split: traffic.rate is the cluster's total, shared evenly by the hosts; each: every host gets traffic.rate", choices=CLUSTER_TRAFFIC)
+
+
+@dataclass
 class Scenario:
     name: str = "demo"
     description: str = ""
@@ -131,11 +140,12 @@ class Scenario:
     workload: WorkloadSection = field(default_factory=WorkloadSection)
     traffic: TrafficSection = field(default_factory=TrafficSection)
     watchdog: WatchdogSection = field(default_factory=WatchdogSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
     expect: ExpectSection = field(default_factory=ExpectSection)
     costs: Costs = field(default_factory=Costs)
     source: str = "<defaults>"
 
-    SECTIONS = ("host", "workload", "traffic", "watchdog", "expect")
+    SECTIONS = ("host", "workload", "traffic", "watchdog", "cluster", "expect")
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "description": self.description, "backend": self.backend,
@@ -343,3 +353,55 @@ def dumps(sc: Scenario) -> str:
     for name, _, unit, help, _ in Costs.describe():
         out.append(f"{name} = {getattr(sc.costs, name)!r}  # {unit}: {help}")
     return "\n".join(out) + "\n"
+
+
+# --- one key at a time (sweeps, the cluster) ---------------------------------------------------
+
+_TOP_CHOICES = {"backend": BACKENDS, "policy": POLICIES}
+
+
+def key_meta(dotted: str) -> dict[str, Any]:
+    """The schema entry of `section.key` (`kind`, bounds, `help`), or of a top-level choice key.
+    Raises KeyError with the known keys when there is no such key."""
+    if dotted in _TOP_CHOICES:
+        return {"kind": "choice", "choices": _TOP_CHOICES[dotted], "help": dotted}
+    section, _, key = dotted.partition(".")
+    if section == "costs":
+        if key not in Costs.names():
+            raise KeyError(f"unknown key {dotted!r}; known costs: " + ", ".join(Costs.names()))
+        return {"kind": "float", "min": 0.0, "help": f"cost {key}", "positive": True}
+    known = {f.name: f for f in fields(globals()[section.capitalize() + "Section"])} if section in Scenario.SECTIONS else {}
+    if key not in known:
+        keys = [f"{s}.{f.name}" for s in Scenario.SECTIONS for f in fields(type(getattr(Scenario(), s)))]
+        raise KeyError(f"unknown key {dotted!r}; known keys: " + ", ".join([*_TOP_CHOICES, *keys, "costs.NAME"]))
+    return dict(known[key].metadata)
+
+
+def set_values(sc: Scenario, values: dict[str, Any], source: str | None = None) -> Scenario:
+    """A copy of `sc` with each `section.key` set to its value, validated as a file would be (the
+    bounds, the choices and the cross-checks); a bad value raises ScenarioError naming the key."""
+    d = loads(dumps(sc), source=sc.source)
+    src = source or f"{sc.source} with {', '.join(f'{k}={v}' for k, v in values.items())}"
+    for dotted, value in values.items():
+        try:
+            meta = key_meta(dotted)
+        except KeyError as e:
+            raise ScenarioError(src, None, dotted, value, str(e.args[0])) from None
+        section, _, key = dotted.partition(".")
+        if section == "costs":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ScenarioError(src, None, dotted, value, "expected a positive number")
+            d.costs = d.costs.replace(**{key: float(value)})
+            continue
+        if not key:
+            if value not in meta["choices"]:
+                raise ScenarioError(src, None, dotted, value, "expected one of " + ", ".join(meta["choices"]))
+            setattr(d, dotted, value)
+            continue
+        try:
+            setattr(getattr(d, section), key, _convert(value, meta))
+        except ValueError as e:
+            raise ScenarioError(src, None, dotted, value, f"expected {e} ({meta['help']})") from None
+    out = loads(dumps(d), source=src)
+    out.source = sc.source
+    return out

@@ -36,6 +36,7 @@ import math
 import os
 import socket as pysocket
 import termios
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ import trio
 
 from nfs.auth import Squash
 from nfs.budget import ByteBudget, Share
+from nfs.clientstats import ClientStats
 from nfs.drc import DuplicateRequestCache
 from nfs.mount import MOUNT_PROGRAM, MOUNT_V3, MountProgram
 from nfs.nfs3 import NFS_PROGRAM, NFS_V3
@@ -223,6 +225,7 @@ class NfsServer:
             programs.append(self.portmap)
         self.svc = RpcService(programs, DuplicateRequestCache())
         self.stats = ServerStats()
+        self.clients = ClientStats()  # per client address: calls, bytes, service times
         self.ports: dict[str, int] = {}
         self._conns: dict[int, _Conn] = {}
         # (+4: the UDP sockets, and a connection being closed while its successor starts.)
@@ -456,6 +459,7 @@ class NfsServer:
         reply is being sent (knfsd's nfsd thread runs a call to its end), else in a task of its
         own, so a call that waits (a sync, a walk of the export) holds up no other."""
         host, port = conn.peer
+        t0 = time.perf_counter()  # the call's service time starts (per-client statistics)
         if not conn.got_call and looks_like_call(rec):
             conn.got_call = True
         ctx = CallContext(host, port, "tcp")
@@ -469,7 +473,7 @@ class NfsServer:
             reply = p
             p = None
         if reply is None and p is not None:
-            calls.start_soon(self._tcp_call, sock, send_lock, dec, rec, conn, p, ctx)
+            calls.start_soon(self._tcp_call, sock, send_lock, dec, rec, conn, p, ctx, t0)
             return
         self.stats.calls_now += 1
         n = len(rec)
@@ -477,10 +481,12 @@ class NfsServer:
             dec.recycle(rec)  # nothing refers to the call any more: reuse its buffer
             if reply is not None:
                 send_lock.acquire_nowait()  # (free: nothing ran since it was seen free)
+                total = sum(len(b) for b in reply)
                 try:
-                    await send_stream(sock, [record_mark(sum(len(b) for b in reply)), *reply])
+                    await send_stream(sock, [record_mark(total), *reply])
                 finally:
                     send_lock.release()
+                self.clients.record(host, n, total, time.perf_counter() - t0)
         finally:
             if reply is not None:
                 close_segments(reply)  # (already closed if it was sent)
@@ -488,7 +494,8 @@ class NfsServer:
             conn.touch()
 
     async def _tcp_call(self, sock: pysocket.socket, send_lock: trio.StrictFIFOLock, dec: RecordDecoder,
-                        rec: memoryview, conn: _Conn, p: Pending | list[Buffer] | None, ctx: CallContext) -> None:
+                        rec: memoryview, conn: _Conn, p: Pending | list[Buffer] | None, ctx: CallContext,
+                        t0: float) -> None:
         n = len(rec)
         reply: list[Buffer] | None = None
         host, port = conn.peer
@@ -499,6 +506,7 @@ class NfsServer:
                 total = sum(len(b) for b in reply)
                 async with send_lock:
                     await send_stream(sock, [record_mark(total), *reply])
+                self.clients.record(host, n, total, time.perf_counter() - t0)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
             log.debug("%s:%d: reply not sent: %s", host, port, e)
         finally:
@@ -527,6 +535,7 @@ class NfsServer:
                     await share.acquire(len(data))
                     await share.start_call()
                     # As over TCP: answered here when the call needs no waiting, else in a task.
+                    t0 = time.perf_counter()
                     ctx = CallContext(str(addr[0]), int(addr[1]), "udp", max_reply=UDP_MAX_PAYLOAD)
                     try:
                         p = self.svc.begin(data, ctx)
@@ -536,12 +545,14 @@ class NfsServer:
                         share.end_call(len(data))
                         continue
                     if reply is None and isinstance(p, Pending):
-                        calls.start_soon(self._udp_call, sock, data, addr, share, p, ctx)
+                        calls.start_soon(self._udp_call, sock, data, addr, share, p, ctx, t0)
                         continue
                     self.stats.calls_now += 1
                     try:
                         if reply is not None:
-                            await self._udp_send(sock, reply, addr)
+                            out = sum(len(b) for b in reply)
+                            if await self._udp_send(sock, reply, addr):
+                                self.clients.record(ctx.host, len(data), out, time.perf_counter() - t0)
                     finally:
                         share.end_call(len(data))
                     unyielding += 1
@@ -552,19 +563,24 @@ class NfsServer:
             share.close()
             _close(sock)
 
-    async def _udp_send(self, sock: pysocket.socket, reply: list[Buffer], addr: Any) -> None:
+    async def _udp_send(self, sock: pysocket.socket, reply: list[Buffer], addr: Any) -> bool:
+        """Send a reply; whether it went."""
         try:
             await send_datagram(sock, reply, addr)
         except (OSError, trio.BusyResourceError) as e:  # (the latter: another reply waits for room)
             self.stats.udp_send_errors += 1
             log.debug("udp sendmsg to %s: %s", addr, e)
+            return False
+        return True
 
     async def _udp_call(self, sock: pysocket.socket, data: bytes, addr: tuple[Any, ...], share: Share,
-                        p: Pending, ctx: CallContext) -> None:
+                        p: Pending, ctx: CallContext, t0: float) -> None:
         try:
             reply = await self.svc.finish(p, ctx)
             if reply is not None:
-                await self._udp_send(sock, reply, addr)
+                out = sum(len(b) for b in reply)
+                if await self._udp_send(sock, reply, addr):
+                    self.clients.record(ctx.host, len(data), out, time.perf_counter() - t0)
         except Exception:  # a bug must cost this call, never the server
             log.exception("udp call from %s failed", addr)
         finally:

@@ -110,11 +110,15 @@ class OneLineCommand(click.Command):
               help="Keep DIR/meminfo, vmstat, slabinfo, reserve_info, nstat and ss up to date (each wall second), for `watch cat DIR/meminfo`.")
 @click.option("--list-scenarios", is_flag=True, help="List the shipped scenarios and exit.")
 @click.option("--print-scenario", is_flag=True, help="Print the effective scenario as TOML and exit.")
+@click.option("--hosts", type=click.IntRange(1, scen.MAX_HOSTS), default=None, metavar="N",
+              help="Run N hosts at once, each its own process on 127.0.1.1..N, sharing one server "
+                   "([cluster] hosts in a scenario).")
 @click.option("-q", "--quiet", is_flag=True, help="No live progress.")
 def run(scenario_file: str | None, backend: str | None, policy: str | None, ram: int | None, swap: int | None,
         workload: str | None, traffic: str | None, duration: float | None, wall_timeout: float, server: str | None,
         json_out: str | None, out_dir: str | None, pcap: str | None, pcap_snaplen: int, pcap_ring: int,
-        dropwatch: bool, proc_dir: str | None, list_scenarios: bool, print_scenario: bool, quiet: bool) -> None:
+        dropwatch: bool, proc_dir: str | None, list_scenarios: bool, print_scenario: bool, hosts: int | None,
+        quiet: bool) -> None:
     """Run one emulated host swapping to a real server under one policy.
 
     Without SCENARIO.toml it runs the demo's scenario (its workload and background traffic), so
@@ -131,6 +135,11 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
     A server that is killed and restarted mid-run is survived (hard NFS, iSCSI session
     recovery); one that never comes back ends the run as `server_down`, never as a deadlock.
 
+    With --hosts N (or [cluster] hosts = N) N hosts run at once against one server, each its
+    own process with its own address 127.0.1.i, swap file or LUN, clock and seed; the result is
+    per host and for the cluster (completed, stuck, the server's calls, latency and RSS), with one
+    timeline figure, a row per host, in --out.
+
     Exit status: 0 completed, 3 stuck (deadlock or livelock; the report is printed), 2 usage
     error, 1 other error (a timeout or a server down included), 130/143 interrupted by
     SIGINT/SIGTERM (servers stopped, the partial result written).
@@ -146,6 +155,8 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
         sc = scen.load(scenario_file) if scenario_file else scen.default()
         sc = apply_overrides(sc, backend=backend, policy=policy, ram=ram, swap=swap, workload=workload,
                              traffic=traffic, duration=duration, server=server)
+        if hosts is not None:
+            sc = scen.set_values(sc, {"cluster.hosts": hosts}, source=f"{sc.source} with --hosts {hosts}")
     except scen.ScenarioError as e:
         usage_fail(str(e))
     if sc.server:
@@ -163,6 +174,11 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
     from emu.host.result import RunInterrupted
 
     out = Path(out_dir) if out_dir else None
+    if hosts is not None or sc.cluster.hosts > 1:  # --hosts 1: one host through the cluster's machinery
+        if pcap or dropwatch or proc_dir:
+            console.print("[red]error:[/] --pcap, --dropwatch and --proc-dir watch one host; not with a cluster (--hosts)")
+            sys.exit(EXIT_USAGE)
+        _run_cluster(console, result_console, sc, out, json_out, wall_timeout, quiet)
     observe = None
     if pcap or dropwatch or proc_dir:
         observe = Observe(pcap=Path(pcap) if pcap else None, pcap_snaplen=pcap_snaplen, pcap_ring=pcap_ring,
@@ -275,3 +291,33 @@ def fail(message: str, status: int = EXIT_ERROR) -> NoReturn:
 
 def usage_fail(message: str) -> NoReturn:
     fail(message, EXIT_USAGE)
+
+
+def _run_cluster(console: Console, result_console: Console, sc: scen.Scenario, out: Path | None, json_out: str | None,
+                 wall_timeout: float, quiet: bool) -> None:
+    from emu.host.cluster import host_addr, host_label, run_cluster
+    from emu.host.report import LiveProgress, cluster_table
+
+    n = sc.cluster.hosts
+    try:
+        with LiveProgress(console, enabled=not quiet and not (json_out == "-" and not console.is_terminal)) as live:
+            for i in range(1, n + 1):
+                live.add_run(f"{host_label(i)} {host_addr(i)}", sc.policy)
+            res = run_cluster(sc, progress=live.update, out_dir=out, wall_timeout=wall_timeout)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - a cluster that cannot start is exit 1 with its reason
+        console.print(f"[red]error:[/] {type(e).__name__}: {e}")
+        sys.exit(EXIT_ERROR)
+    cluster_table(result_console, res)
+    if json_out:
+        payload = json.dumps(res.to_json(), indent=2)
+        if json_out == "-":
+            click.echo(payload)
+        else:
+            Path(json_out).write_text(payload + "\n")
+    for r in res.results:
+        if r.error:
+            console.print(f"[red]error:[/] {r.error}")
+    sys.exit(res.exit_status)

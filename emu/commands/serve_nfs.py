@@ -7,6 +7,7 @@ and 1 for anything else (a port in use, an export that cannot be opened); no tra
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import math
 import signal
@@ -152,12 +153,14 @@ def check_ports(port: int, mount_port: int, portmap_port: int | None) -> None:
 @click.option("--write-behind", default="4M", show_default=True, callback=_write_behind,
               help="Start writing a file's dirty pages to disk every this many bytes of UNSTABLE "
                    f"WRITEs, so the COMMIT that follows has little left to wait for; 0: never ({SIZE_HELP}).")
+@click.option("--stats", "stats_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="On exit, write per-client calls, bytes and service-time percentiles as JSON to this file.")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 def serve_nfs(export: Path, bind: str, port: int, mount_port: int, portmap_port: int | None,
               allow: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network], names: tuple[str, ...],
               state_dir: Path | None, max_record: int, root_squash: bool, anonuid: int, anongid: int,
               max_buffered: int, idle_timeout: float, record_timeout: float, max_connections: int,
-              write_behind: int, verbose: int) -> None:
+              write_behind: int, stats_path: Path | None, verbose: int) -> None:
     """Serve a directory (--export) over MOUNT v3 and NFSv3, on UDP and TCP.
 
     Prints one ready line naming its ports, then serves until SIGINT or SIGTERM. File handles
@@ -209,6 +212,12 @@ def serve_nfs(export: Path, bind: str, port: int, mount_port: int, portmap_port:
     trio.run(main)
     if failed:
         raise CliError(failed[0])
+    if stats_path is not None:
+        tmp = stats_path.with_name(stats_path.name + ".tmp")
+        tmp.write_text(json.dumps({"clients": server.clients.to_json(), "latency": server.clients.total().summary(),
+                                   "calls": server.svc.stats.calls, "drc_hits": server.svc.drc.stats.hits},
+                                  indent=1) + "\n")
+        tmp.replace(stats_path)
     st, drc, srv = server.svc.stats, server.svc.drc.stats, server.stats
     click.echo(f"netswap nfs: stopped after {st.calls} calls ({srv.tcp_connections} TCP connections, "
                f"{srv.udp_datagrams} UDP datagrams); reply cache hits {drc.hits}, garbage args "

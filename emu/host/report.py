@@ -290,6 +290,31 @@ def _results_table(console: Console, results: list[Any], title: str) -> None:
     console.print(t)
 
 
+def cluster_table(console: Console, res: Any) -> None:
+    """A cluster's result: a row per host, then the cluster and its server."""
+    from emu.host.cluster import host_addr, host_label
+
+    t = Table(title=f"netswap cluster: {res.hosts} hosts, {res.backend} / {res.policy}, traffic {res.traffic}")
+    for c in ("host", "outcome", "verdict at", "pages out", "pages in", "drops", "retransmits", "wall"):
+        t.add_column(c, justify="left" if c in ("host", "outcome") else "right")
+    for i, r in enumerate(res.results, 1):
+        t.add_row(f"{host_label(i)} {host_addr(i)}", _outcome_style(r.outcome),
+                  f"{(r.stall or {}).get('t', r.emulated_s):.3f} s", str(r.pages_swapped_out), str(r.pages_swapped_in),
+                  str(sum(r.drops.values())), str(r.swap_retransmits), f"{r.wall_s:.1f} s")
+    console.print(t)
+    s = res.server_stats
+    lat = s.get("latency_s")
+    line = (f"cluster: {res.completed} completed, {res.stuck} stuck of {res.hosts} in {res.wall_s:.1f} s wall; "
+            f"server: {s.get('swap_MiB_per_wall_s', 0)} MiB/s of swap, peak RSS {s.get('rss_peak_kib', 0) / 1024:.1f} MiB")
+    if lat:
+        line += (f", {s.get('calls', 0)} calls ({s.get('calls_per_wall_s', 0)}/s) from {len(s.get('clients', {}))} "
+                 f"clients, service time p50 {lat['p50_s'] * 1e3:.3f} ms p90 {lat['p90_s'] * 1e3:.3f} ms "
+                 f"p99 {lat['p99_s'] * 1e3:.3f} ms max {lat['max_s'] * 1e3:.1f} ms")
+    console.print(line)
+    for what, path in res.files.items():
+        console.print(f"{what}: {path}")
+
+
 def _n(x: int) -> str:
     """A count in at most 5 characters (12345, 123k, 12.3M)."""
     x = int(x)

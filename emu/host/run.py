@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -47,18 +48,30 @@ Progress = Callable[[RunStatus], None]
 WALL_TIMEOUT_DEFAULT = 600.0
 
 
+@dataclass(frozen=True)
+class HostIdentity:
+    """Who a host is to its server: its loopback address (every socket it opens is bound to it)
+    and, on iSCSI, its initiator name.  One host alone is 127.0.0.1 with the initiator's default
+    name; the hosts of a cluster are 127.0.1.N and `iqn.2026-01.org.netswap:hostN`."""
+
+    addr: str = "127.0.0.1"
+    initiator_name: str | None = None
+
+
 class HostRun:
     """One host, one scenario, one server: assembled here, run by `main` under the host's clock."""
 
     def __init__(self, sc: scen.Scenario, server: Endpoint, clock: EmuClock, *, raw_traffic: bool = True,
-                 reference_rate: float | None = None, observe: Observe | None = None) -> None:
+                 reference_rate: float | None = None, observe: Observe | None = None,
+                 identity: HostIdentity | None = None) -> None:
         self.sc = sc
         self.server = server
         self.clock = clock
+        self.identity = identity or HostIdentity()
         self.policy = Policy(sc.policy)
-        self.kernel = Kernel(sc.host, self.policy, sc.costs, clock)
+        self.kernel = Kernel(sc.host, self.policy, sc.costs, clock, local_addr=self.identity.addr)
         k = self.kernel
-        self.swap = make_swap(sc.backend, server, k.net)
+        self.swap = make_swap(sc.backend, server, k.net, initiator_name=self.identity.initiator_name)
         self.workload = Workload(k.mm, k.cpu, sc.workload, sc.host.page_size)
         self.apps = Apps(k.mm, k.net, sc.traffic)
         self.traffic: HostTraffic | None = None
@@ -290,15 +303,18 @@ class HostRun:
 
 def run_host(sc: scen.Scenario, server: Endpoint, progress: Progress | None = None, out_dir: Path | None = None, *,
              raw_traffic: bool = True, reference_rate: float | None = None,
-             wall_timeout: float = WALL_TIMEOUT_DEFAULT, observe: Observe | None = None) -> RunResult:
+             wall_timeout: float = WALL_TIMEOUT_DEFAULT, observe: Observe | None = None,
+             identity: HostIdentity | None = None, stem: str | None = None) -> RunResult:
     """Run one host to its verdict, in a `trio.run` of its own under its emulated clock.
 
     `raw_traffic=False` sends the background traffic as an unprivileged user would even when we
     are root.  `reference_rate`: the progress rate of the same scenario under a reserve policy,
-    for the livelock verdict (default: this run's own best).
+    for the livelock verdict (default: this run's own best).  `identity`: the host's address (and
+    initiator name) when it shares the server with others.  `stem`: the output files' name.
     """
     clock = EmuClock()
-    run = HostRun(sc, server, clock, raw_traffic=raw_traffic, reference_rate=reference_rate, observe=observe)
+    run = HostRun(sc, server, clock, raw_traffic=raw_traffic, reference_rate=reference_rate, observe=observe,
+                  identity=identity)
     wall0 = perf_counter()
     scope_box: list[trio.CancelScope] = []
     error = ""
@@ -376,7 +392,7 @@ def run_host(sc: scen.Scenario, server: Endpoint, progress: Progress | None = No
             res.pcap["decode_as"] = decode
         res.files["pcap"] = str(res.pcap["file"])
     if out_dir is not None:
-        write_outputs(res, out_dir, f"{sc.backend}-{sc.policy}", run.recorder,
+        write_outputs(res, out_dir, stem or f"{sc.backend}-{sc.policy}", run.recorder,
                       run.verdict.at if run.verdict is not None and outcome in STUCK else None)
     return res
 

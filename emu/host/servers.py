@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,9 +39,18 @@ class ServerProcess:
     workdir: Path
     log: Path
     ports: tuple[int, ...]
+    stats_path: Path | None = None  # nfs: where the server writes its per-client stats on exit
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def peak_rss_kib(self) -> int:
+        """The server's peak resident set (VmHWM), while it runs; 0 when it cannot be read."""
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        return 0
 
     def log_tail(self, n: int = 20) -> str:
         with contextlib.suppress(OSError):
@@ -57,7 +67,7 @@ _NFS_READY = re.compile(rb"netswap nfs ready: .* nfs_port=(\d+) mount_port=(\d+)
 _ISCSI_READY = re.compile(rb"iscsi target \S+ ready on [^:]+:(\d+)")
 
 
-def _spawn(kind: str, workdir: Path, swap_bytes: int) -> ServerProcess:
+def _spawn(kind: str, workdir: Path, swap_bytes: int, luns: int = 1, stats_path: Path | None = None) -> ServerProcess:
     py = [sys.executable, "-m", "emu"]
     log = workdir / f"{kind}-server.log"
     if kind == "nfs":
@@ -65,11 +75,13 @@ def _spawn(kind: str, workdir: Path, swap_bytes: int) -> ServerProcess:
         export.mkdir(exist_ok=True)
         argv = [*py, "serve", "nfs", "--export", str(export), "--bind", "127.0.0.1",
                 "--port", "0", "--mount-port", "0"]
+        if stats_path is not None:
+            argv += ["--stats", str(stats_path)]
         server: Endpoint = NfsEndpoint("127.0.0.1", str(export), 0, 0)
     else:
-        lun = workdir / "lun0.img"
         size_mib = max(1, -(-swap_bytes // (1 << 20)))
-        argv = [*py, "serve", "iscsi", "--lun", str(lun), "--size", f"{size_mib}M", "--bind", "127.0.0.1",
+        lun_args = [a for i in range(luns) for a in ("--lun", str(workdir / f"lun{i}.img"))]  # one per host
+        argv = [*py, "serve", "iscsi", *lun_args, "--size", f"{size_mib}M", "--bind", "127.0.0.1",
                 "--port", "0", "--iqn", DEFAULT_IQN]
         server = IscsiEndpoint("127.0.0.1", 0, DEFAULT_IQN, 0)
     fh = open(log, "wb")
@@ -80,7 +92,7 @@ def _spawn(kind: str, workdir: Path, swap_bytes: int) -> ServerProcess:
                                 cwd=workdir, start_new_session=True, env=child_env())
     finally:
         fh.close()
-    return ServerProcess(server, proc, workdir, log, ())
+    return ServerProcess(server, proc, workdir, log, (), stats_path if kind == "nfs" else None)
 
 
 def _ready(sp: ServerProcess) -> bool:
@@ -111,8 +123,10 @@ def _ready(sp: ServerProcess) -> bool:
 
 @contextlib.contextmanager
 def local_server(backend: str, swap_bytes: int, workdir: str | Path | None = None,
-                 timeout: float = 30.0) -> Iterator[ServerProcess]:
-    """Start our server for `backend` as a separate process; stop it on exit (even on error)."""
+                 timeout: float = 30.0, *, luns: int = 1, stats_path: Path | None = None) -> Iterator[ServerProcess]:
+    """Start our server for `backend` as a separate process; stop it on exit (even on error).
+    `luns`: iSCSI LUNs of `swap_bytes` each (one per host of a cluster); `stats_path`: NFS
+    per-client statistics, written there when the server stops."""
     with contextlib.ExitStack() as stack:
         if workdir is None:
             # tmpfs when there is one: the swap file's FILE_SYNC/FUA fsyncs cost microseconds there,
@@ -121,7 +135,7 @@ def local_server(backend: str, swap_bytes: int, workdir: str | Path | None = Non
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="netswap-srv-", dir=base))
         wd = Path(workdir)
         wd.mkdir(parents=True, exist_ok=True)
-        sp = _spawn(backend_kind(backend), wd, swap_bytes)
+        sp = _spawn(backend_kind(backend), wd, swap_bytes, luns, stats_path)
         try:
             deadline = time.monotonic() + timeout
             while not _ready(sp):

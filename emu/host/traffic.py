@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from emu.net.stack import NetStack
     from emu.scenario import TrafficSection
 
-HOST = "127.0.0.1"
 TICK = 0.001  # the generator sends each emulated millisecond's messages together, ahead of time
 MIXED_FRAG_SHARE = 0.25  # mixed: 6 plain datagrams to 2 fragmented ones (its TCP share needs TCP listeners)
 
@@ -66,7 +65,8 @@ class HostTraffic:
     def build(self) -> None:
         """Build the packets (scapy, real time: no emulated time passes) and open the socket."""
         tr = self.tr
-        targets = [Target(HOST, p) for p in self.ports]
+        host = self.net.local_addr  # the host's own address (127.0.1.N in a cluster)
+        targets = [Target(host, p) for p in self.ports]
         if self.privileged:
             sources = spread_sources(ipaddress.ip_network(tr.spoof, strict=False), tr.distinct)  # type: ignore[arg-type]
             if self._frag_share < 1:
@@ -77,9 +77,9 @@ class HostTraffic:
             self.generator = "emu.traffic (scapy, raw socket: spoofed sources, IP fragments)"
         else:
             if self._frag_share < 1:
-                self._plain = [Datagram((payload(tr.size),), (HOST, p), p) for p in self.ports]
+                self._plain = [Datagram((payload(tr.size),), (host, p), p) for p in self.ports]
             if self._frag_share > 0:
-                self._frag = [Datagram((payload(tr.frag_size),), (HOST, p), p) for p in self.ports]
+                self._frag = [Datagram((payload(tr.frag_size),), (host, p), p) for p in self.ports]
             self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
             self.generator = "ordinary UDP socket (no CAP_NET_RAW: no spoofed sources)"

@@ -170,6 +170,7 @@ class NetStack:
         try:
             raw.setblocking(False)
             raw.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            raw.bind((self.local_addr, 0))  # the host's own address: hosts sharing a server are told apart
             tsock = trio.socket.from_stdlib_socket(raw)
             try:
                 if self.clock is not None:

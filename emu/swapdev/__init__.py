@@ -19,8 +19,9 @@ if TYPE_CHECKING:
     from emu.net.stack import NetStack
 
 
-def make_swap(backend: str, endpoint: Endpoint, net: NetStack) -> RemoteSwap:
-    """The swap storage for a backend (nfs-udp, nfs-tcp, iscsi) on a server, over `net`."""
+def make_swap(backend: str, endpoint: Endpoint, net: NetStack, *, initiator_name: str | None = None) -> RemoteSwap:
+    """The swap storage for a backend (nfs-udp, nfs-tcp, iscsi) on a server, over `net`.
+    `initiator_name`: the iSCSI initiator's IQN (hosts sharing a target need one each)."""
     if backend in ("nfs-udp", "nfs-tcp"):
         from emu.swapdev.nfs import NfsSwapFile
 
@@ -31,4 +32,4 @@ def make_swap(backend: str, endpoint: Endpoint, net: NetStack) -> RemoteSwap:
 
     if not isinstance(endpoint, IscsiEndpoint):
         raise ValueError(f"backend iscsi needs an iSCSI server, not {endpoint.url()}")
-    return IscsiSwapLun(net, endpoint)
+    return IscsiSwapLun(net, endpoint, initiator_name=initiator_name)

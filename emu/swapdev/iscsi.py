@@ -35,9 +35,11 @@ class IscsiSwapLun(RemoteSwap):
     fs_backed = False  # a block device: GFP_NOFS reclaim may write to it (GFP_NOIO may not)
 
     def __init__(self, net: NetStack | None, server: IscsiEndpoint, *, durability: Literal["fua", "sync_cache"] = "fua",
-                 via_host: bool = True, command_timeout: float | None = None, queue_depth: int = 16) -> None:
+                 via_host: bool = True, command_timeout: float | None = None, queue_depth: int = 16,
+                 initiator_name: str | None = None) -> None:
         super().__init__(net, server.url(), via_host=via_host)
         self.server = server
+        self.initiator_name = initiator_name
         self.durability = durability
         self.command_timeout = command_timeout
         # The SCSI device queue depth, 16 like the NFS transport's RPC slot table (open-iscsi: 32):
@@ -65,6 +67,8 @@ class IscsiSwapLun(RemoteSwap):
         kw: dict[str, Any] = {"lun": self.server.lun, "command_timeout": self.command_timeout}
         if self.buffers is not None:
             kw["buffers"] = self.buffers
+        if self.initiator_name:
+            kw["initiator_name"] = self.initiator_name
         self.ini = Initiator(self._connect, self.server.iqn, **kw)
         await self._nursery.start(self._hold, self.ini)
         self.block_size = self.ini.block_size

@@ -26,6 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "emu.peers": {"emu.util", "nfs", "iscsi"},
     "emu.host": {"emu.kernel", "emu.mm", "emu.net", "emu.swapdev", "emu.traffic", "emu.util", "emu.scenario",
                  "emu.peers"},
+    "emu.sweep": {"emu.host", "emu.scenario", "emu.util"},
     # the top: commands, benchmarks and the CLI may use everything
     "emu.commands": {"*"},
     "emu.bench": {"*"},
