@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
