@@ -126,9 +126,10 @@ def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ..
     ok = interrupted is None and all(exp.allows(r.policy, r.outcome) and r.integrity["mismatches"] == 0
                                      for r in results)
     expected = {p: getattr(exp, p) for p in policies}
-    summary_png = plot_summary([(r.backend, r.policy, r.outcome, r.timeline, (r.stall or {}).get("t"))
-                                for r in results if r.timeline is not None],
-                               out / "summary.png", f"netswap demo — scenario {base.name}")
+    rows = [(r.backend, r.policy, r.outcome, r.timeline, (r.stall or {}).get("t"))
+            for r in results if r.timeline is not None]
+    # an interrupted demo may have finished no run: no figure then
+    summary_png = plot_summary(rows, out / "summary.png", f"netswap demo — scenario {base.name}") if rows else None
     steps = next_steps(out, results, base)
     runs_json = [r.to_json() for r in results]
     summary = {
@@ -136,14 +137,14 @@ def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ..
         "elapsed_s": round(elapsed, 2),
         "expected": expected,
         "as_expected": ok,
-        "files": {"report_html": str(out / "report.html"), "summary_png": str(summary_png)},
+        "files": {"report_html": str(out / "report.html"), "summary_png": str(summary_png) if summary_png else None},
         "interrupted": sig.name if interrupted is not None else None,
         "runs": runs_json,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     exp_text = ", ".join(f"{p} {w}" for p, w in expected.items())
     (out / "report.html").write_text(render(
-        runs_json, title=f"netswap demo — scenario {base.name}", summary_png=str(summary_png),
+        runs_json, title=f"netswap demo — scenario {base.name}", summary_png=str(summary_png) if summary_png else None,
         intro=f"{base.description} Expected: {exp_text}. "
               f"{'Every run as expected.' if ok else 'NOT every run as expected.'} {elapsed:.0f} s wall.",
         footer=steps))
