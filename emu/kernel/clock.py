@@ -118,7 +118,7 @@ class EmuClock(trio.abc.Clock):
     # ---- trio.abc.Clock ----------------------------------------------------------------------
 
     def start_clock(self) -> None:
-        pass
+        """Nothing to start: emulated time begins at 0 and moves only by the model's work."""
 
     def current_time(self) -> float:
         if self._rt_wall is not None:

@@ -26,7 +26,7 @@ H = "127.0.0.1"
 
 
 class TestbedError(RuntimeError):
-    pass
+    """A real peer could not be set up (a daemon missing, not starting, not answering)."""
 
 
 def fs_type(path: Path) -> str:

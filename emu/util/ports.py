@@ -8,7 +8,7 @@ LOOPBACK = "127.0.0.1"
 
 
 class NoFreePortError(OSError):
-    pass
+    """No port was free on the address after 100 tries."""
 
 
 def free_port(host: str = LOOPBACK, *, udp_too: bool = False, avoid: set[int] | frozenset[int] = frozenset()) -> int:
