@@ -25,6 +25,7 @@ through `SkbAllocator`.
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from emu.kernel.sched import memalloc_noreclaim
@@ -59,6 +60,7 @@ MSS_DEFAULT = MTU_DEFAULT - IP_HDR - TCP_HDR  # 1448
 IPPROTO_UDP = 17
 
 _NV = len(VERDICTS)
+_DATA, _SADDR = itemgetter(1), itemgetter(2)  # of a wire's (due, data, saddr, sport)
 
 
 def ip_fragments(ip_payload: int, mtu: int = MTU_DEFAULT) -> tuple[tuple[int, int, bool], ...]:
@@ -209,6 +211,7 @@ class RxPath:
         routes = self.routes
         i = 0
         n = len(frames)
+        fast = True
         while i < n:
             _, data, saddr, sport = frames[i]
             ln = len(data)
@@ -218,10 +221,21 @@ class RxPath:
                     verdicts.append(v)
                 i += 1
                 continue
-            j = self._like_run(frames, i, ln, daddr)
+            if not self.ring_ok:  # step 1 failed in this poll: the rest is missed, touching nothing
+                j = i + 1
+                while j < n and len(frames[j][1]) == ln:
+                    j += 1
+                if verdicts is not None:
+                    verdicts.extend([MISSED] * (j - i))
+                i = self._repeat_drop(MISSED, frames, i, j, ln, sk)
+                continue
+            j = self._like_run(frames, i, ln, daddr, fast)
+            fast = j == n  # a failed fast check is not tried again in this call (bounded cost)
             version = routes.version
             while i < j:
-                if j - i > 1 and self.ring_ok:
+                if not self.ring_ok:
+                    break  # the rest of the run is missed (above)
+                if j - i > 1:
                     q = self._accept_run(frames, i, j, ln, sk, daddr)
                     if q:
                         if verdicts is not None:
@@ -244,14 +258,23 @@ class RxPath:
             self.tap.udp(frames, daddr, dport, sk, self.trace, self.now)  # type: ignore[arg-type]
             self.trace.clear()  # type: ignore[union-attr]
 
-    def _like_run(self, frames: list[tuple[float, bytes, str, int]], i: int, ln: int, daddr: str) -> int:
+    def _like_run(self, frames: list[tuple[float, bytes, str, int]], i: int, ln: int, daddr: str,
+                  fast: bool = True) -> int:
         """frames[i:j] are single frames of length `ln` whose routes are cached (from i+1 on;
-        their last use is this poll)."""
+        their last use is this poll).  `fast`: first try whether that holds for all the rest."""
         rtable = self.rtable
         now = self.now
+        n = len(frames)
+        rest = frames[i + 1:] if fast else None
+        # the common case at C speed: all the same length, from sources whose routes are cached
+        if fast and rest and set(map(len, map(_DATA, rest))) == {ln}:
+            routes = [rtable.get((saddr, daddr)) for saddr in set(map(_SADDR, rest))]
+            if None not in routes:
+                for rt in routes:
+                    rt.lastuse = now  # type: ignore[union-attr]
+                return n
         last = None
         j = i + 1
-        n = len(frames)
         while j < n:
             f = frames[j]
             if len(f[1]) != ln:
@@ -278,12 +301,12 @@ class RxPath:
         k = min(j - i, sk.rcv_room(truesize))
         if k <= 0:
             return 0
-        skbs = self.skbs.rx_bulk(size, k, frames[i:i + k], ln)
-        q = len(skbs)
-        if not q:
+        run = self.skbs.rx_bulk(size, k, frames[i:i + k], ln)
+        if run is None:
             return 0
+        q = len(run)
         rt.lastuse = self.now
-        sk.queue_rcv_list(skbs, truesize, ln)
+        sk.queue_rcv_run(run)
         self.frames += q
         self.nbytes += q * size
         self.counts[QUEUED] += q

@@ -18,7 +18,6 @@ TX skbs use the socket's `sk_allocation` and may sleep in reclaim (`tx`).
 
 from __future__ import annotations
 
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from emu.mm.gfp import GFP_ATOMIC, Gfp, Policy
@@ -48,15 +47,17 @@ class SkBuff:
     charged = 0
     frag_list: list[SkBuff] | None = None
 
-    def __init__(self, size: int, head: Slab, buf: Any, memalloc: int = 0) -> None:
-        self.len = size
+    def __init__(self, size: int, head: Slab, buf: Any, memalloc: int = 0, data: Any = None,
+                 saddr: str = "", sport: int = 0, length: int = -1) -> None:
+        # `length` (the payload) defaults to `size`; one call fills a received frame's skb
+        self.len = size if length < 0 else length
         self.truesize = size + SKB_OVERHEAD
         self.head = head
         self.buf = buf
         self.memalloc = memalloc
-        self.data: Any = None
-        self.saddr = ""
-        self.sport = 0
+        self.data = data
+        self.saddr = saddr
+        self.sport = sport
 
     @property
     def emergency(self) -> bool:
@@ -88,6 +89,53 @@ class SkBuffX(SkBuff):
         self.frag_list = None
 
 
+class SkbRun:
+    """A run of like RX skbs accepted together (`SkbAllocator.rx_bulk`): ordinary, one size, their
+    head objects in `heads` and data buffers in `bufs` (both slab objects, as an SkBuff's), the
+    frames they carry in `frames` ((due, data, saddr, sport) each, as the wire read them).
+
+    The skbs are real (their memory is allocated and charged like any other's); only the Python
+    object per skb is left out, which a reader that frees the whole queue never needs.  `skb(i)`
+    makes the SkBuff of one of them for a reader that takes them one at a time.  `start` is how
+    many were already taken from the front."""
+
+    __slots__ = ("size", "payload", "frames", "heads", "bufs", "start")
+
+    memalloc = 0  # never from the reserve (rx_bulk's precondition)
+
+    def __init__(self, size: int, payload: int, frames: list[tuple[float, bytes, str, int]],
+                 heads: list[Slab], bufs: list[Slab]) -> None:
+        self.size = size
+        self.payload = payload
+        self.frames = frames
+        self.heads = heads
+        self.bufs = bufs
+        self.start = 0
+
+    def __len__(self) -> int:
+        return len(self.heads) - self.start
+
+    @property
+    def truesize(self) -> int:
+        """The truesize of the skbs still in the run."""
+        return len(self) * (self.size + SKB_OVERHEAD)
+
+    def skb(self, i: int) -> SkBuff:
+        _, data, saddr, sport = self.frames[i]
+        return SkBuff(self.size, self.heads[i], self.bufs[i], 0, data, saddr, sport, self.payload)
+
+    def popleft(self) -> SkBuff:
+        skb = self.skb(self.start)
+        self.start += 1
+        return skb
+
+    def skbs(self) -> list[SkBuff]:
+        """The SkBuffs of what is left (the run is then empty)."""
+        out = [self.skb(i) for i in range(self.start, len(self.heads))]
+        self.start = len(self.heads)
+        return out
+
+
 def attach_frag_list(head: SkBuff, rest: list[SkBuff], payload: Any) -> SkBuffX:
     """ip_frag_reasm: the first fragment becomes the datagram, the others hang off it."""
     skb = head if isinstance(head, SkBuffX) else _promote(head)
@@ -98,13 +146,6 @@ def attach_frag_list(head: SkBuff, rest: list[SkBuff], payload: Any) -> SkBuffX:
             skb.memalloc = s.memalloc
     skb.data = payload
     skb.len = len(payload)
-    return skb
-
-
-def _rx_skb(size: int, head: Slab, buf: Slab, frame: tuple[float, bytes, str, int], payload: int) -> SkBuff:
-    skb = SkBuff(size, head, buf)
-    skb.len = payload
-    _, skb.data, skb.saddr, skb.sport = frame
     return skb
 
 
@@ -183,19 +224,18 @@ class SkbAllocator:
             self.rx_allocated += 1
         return skb
 
-    def rx_bulk(self, size: int, n: int, frames: list[tuple[float, bytes, str, int]] | None = None,
-                payload: int = 0) -> list[SkBuff]:
-        """Up to `n` RX skbs of `size` at once (kmem_cache_alloc_bulk): exactly the skbs `n` calls
-        of `rx` would give, as long as each would be an ordinary GFP_ATOMIC skb whose objects come
-        from what the caches hold or from new slabs the page allocator's fast path gives (above the
-        low watermark: no watermark decision, no kswapd wakeup, no reserve).  Fewer (or none) when
-        that no longer holds: the caller takes the next one with `rx`.  With `frames` ((due,
-        data, saddr, sport) each), the skbs carry them, `payload` bytes each."""
+    def rx_bulk(self, size: int, n: int, frames: list[tuple[float, bytes, str, int]], payload: int) -> SkbRun | None:
+        """Up to `n` RX skbs of `size` at once (kmem_cache_alloc_bulk), carrying `frames[:n]`
+        ((due, data, saddr, sport) each, `payload` bytes): exactly the skbs `n` calls of `rx`
+        would give, as long as each would be an ordinary GFP_ATOMIC skb whose objects come from
+        what the caches hold or from new slabs the page allocator's fast path gives (above the
+        low watermark: no watermark decision, no kswapd wakeup, no reserve).  Fewer (or None) when
+        that no longer holds: the caller takes the next one with `rx`."""
         if self.memalloc_socks and self.policy is not Policy.NONE:
-            return []
+            return None
         cache = self.data_cache(size)
         if cache is None:
-            return []
+            return None
         heads = self.head_cache
         h_avail = heads.partial_avail(n)
         d_avail = cache.partial_avail(n)
@@ -208,15 +248,12 @@ class SkbAllocator:
                 q -= max(1, (q - max(h_avail, d_avail)) // 2) if q > max(h_avail, d_avail) else 1
             q = max(q, min(n, h_avail, d_avail))
         if not q:
-            return []
-        if frames is None:
-            out = list(map(SkBuff, [size] * q, heads.alloc_fast(q), cache.alloc_fast(q)))
-        else:  # filled at once with the frames' payload and source
-            out = list(map(_rx_skb, [size] * q, heads.alloc_fast(q), cache.alloc_fast(q), frames[:q], [payload] * q))
+            return None
+        run = SkbRun(size, payload, frames if q == len(frames) else frames[:q], heads.alloc_fast(q), cache.alloc_fast(q))
         self.live += q
         self.live_truesize += q * (size + SKB_OVERHEAD)
         self.rx_allocated += q
-        return out
+        return run
 
     def _rx_reserve(self, size: int) -> SkBuff | None:
         if self.policy is Policy.PFMEMALLOC:
@@ -299,34 +336,32 @@ class SkbAllocator:
             skb.charged = 0  # type: ignore[misc]  # only an SkBuffX is charged
             self.skb_data.uncharge(charged)  # type: ignore[union-attr]  # freed first, then uncharged
 
-    def free_queue(self, q: deque[SkBuff]) -> int:
-        """kfree_skb() of every skb on a socket's receive queue (its owner read them all);
-        returns their truesize.  When they are all plain skbs with their data in one kmalloc
-        cache (a flood's), they are freed in bulk (kmem_cache_free_bulk); else one by one."""
-        items = list(q)
-        q.clear()
-        if not items:
-            return 0
-        SkB = SkBuff
-        cache = items[0].buf.cache if items[0].buf.__class__ is Slab else None
-        if cache is None or not all(s.__class__ is SkB and s.head is not None and s.buf.__class__ is Slab
-                                    and s.buf.cache is cache for s in items):
-            truesize = 0
-            for skb in items:
-                truesize += skb.truesize
-                self.free(skb)  # the general case (and its double-free check)
-            return truesize
-        truesize = sum(s.truesize for s in items)
-        heads = [s.head for s in items]
-        bufs = [s.buf for s in items]
-        for s in items:
-            s.head = None  # type: ignore[assignment]
-        self.head_cache.free_bulk(heads)
-        cache.free_bulk(bufs)
-        self.live -= len(items)
-        self.live_truesize -= truesize
-        if self.rx_failed and not all(s.memalloc for s in items):
-            self.rx_failed.clear()  # an ordinary object went back: try normally again
+    def free_queue(self, items: list[SkBuff | SkbRun]) -> int:
+        """kfree_skb() of every skb of a socket's receive queue (`SkbQueue.take_all`: its owner
+        read them all); returns their truesize.  Runs of like skbs (a flood's) are freed in bulk
+        (kmem_cache_free_bulk); single skbs one by one, in queue order."""
+        truesize = 0
+        rx_failed = self.rx_failed
+        for item in items:
+            if item.__class__ is SkbRun:
+                run: SkbRun = item  # type: ignore[assignment]
+                n = len(run)
+                if not n:
+                    continue
+                start = run.start
+                heads, bufs = run.heads, run.bufs
+                run.start = len(heads)  # a double free finds nothing left
+                self.head_cache.free_bulk(heads[start:] if start else heads)
+                bufs[start].cache.free_bulk(bufs[start:] if start else bufs)
+                ts = n * (run.size + SKB_OVERHEAD)
+                self.live -= n
+                self.live_truesize -= ts
+                truesize += ts
+                if rx_failed:
+                    rx_failed.clear()  # an ordinary object went back: try normally again
+            else:
+                truesize += item.truesize
+                self.free(item)  # type: ignore[arg-type]
         return truesize
 
 

@@ -16,7 +16,6 @@ while its owner's pages are resident.
 
 from __future__ import annotations
 
-import collections
 import socket as _socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -25,7 +24,8 @@ import trio
 
 from emu.mm.gfp import GFP_KERNEL, GFP_NOIO, Gfp, Policy
 from emu.net.netstat import PFMEMALLOC, QUEUED, RCVBUFF
-from emu.net.skbuff import SkBuff
+from emu.net.skb_queue import SkbQueue
+from emu.net.skbuff import SKB_OVERHEAD, SkBuff, SkbRun
 
 if TYPE_CHECKING:
     from emu.net.stack import NetStack
@@ -54,7 +54,7 @@ class Sock:
         # Every drop of a frame for this socket, by reason, before demux included (diagnostics:
         # the emulator's wire knows whose frame it was even when the kernel would not).
         self.rx_drops: dict[str, int] = {}
-        self.receive_queue: collections.deque[SkBuff] = collections.deque()
+        self.receive_queue = SkbQueue()
         self.rx_queued_bytes = 0
         self.head_off = 0  # bytes of receive_queue[0] already read (TCP)
         self.memalloc = False  # SOCK_MEMALLOC / SOCK_VMIO
@@ -124,13 +124,13 @@ class Sock:
         free = self.sk_rcvbuf - self.sk_rmem_alloc - truesize
         return 0 if free <= 0 else (free - 1) // truesize + 1
 
-    def queue_rcv_list(self, skbs: list[SkBuff], truesize: int, payload: int) -> None:
-        """Step 8 for ordinary skbs of one truesize that `rcv_room` said fit (a run of like
-        frames taken together): the same as `queue_rcv_skb` for each."""
-        self.receive_queue.extend(skbs)
-        n = len(skbs)
-        self.sk_rmem_alloc += n * truesize
-        self.rx_queued_bytes += n * payload
+    def queue_rcv_run(self, run: SkbRun) -> None:
+        """Step 8 for a run of ordinary skbs that `rcv_room` said fit (like frames taken
+        together): the same as `queue_rcv_skb` for each."""
+        self.receive_queue.append_run(run)
+        n = len(run)
+        self.sk_rmem_alloc += n * (run.size + SKB_OVERHEAD)
+        self.rx_queued_bytes += n * run.payload
 
     def data_ready(self) -> None:
         """sk_data_ready: wake the readers (once per poll, not per skb)."""
@@ -153,7 +153,7 @@ class Sock:
         return max(0, free // per) * self.net.mss
 
     def rx_emergency_skbs(self) -> int:
-        return sum(1 for s in self.receive_queue if s.memalloc)
+        return self.receive_queue.memalloc_skbs()
 
     # ---- readers --------------------------------------------------------------------------------
 
@@ -211,7 +211,7 @@ class Sock:
         n = 0
         q = self.receive_queue
         while q and n < max_bytes:
-            skb = q[0]
+            skb = q.peek()
             off = self.head_off
             take = min(skb.len - off, max_bytes - n)
             out.append(skb.data[off:off + take])
@@ -231,7 +231,7 @@ class Sock:
             return 0
         n = self.rx_queued_bytes
         self.dgrams_read += len(q)
-        truesize = self.skbs.free_queue(q)
+        truesize = self.skbs.free_queue(q.take_all())
         self.sk_rmem_alloc -= truesize
         self.rx_queued_bytes = 0
         self.head_off = 0

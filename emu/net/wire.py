@@ -256,6 +256,8 @@ class UdpWire(Wire):
         framer = self.framer
         fifo = self.fifo
         now = self.clock.now if self.clock is not None else trio.current_time()
+        if framer is None and not fifo:
+            return self._pull_now(now)
         last = ring[-1][0] if ring else 0.0
         got = 0
         for _ in range(READ_MAX):
@@ -286,6 +288,33 @@ class UdpWire(Wire):
             else:
                 last = due
                 ring.append((due, data, addr[0], addr[1]))
+        if got:
+            self.datagrams += got
+            self._arrived()
+        return True
+
+    def _pull_now(self, now: float) -> bool:
+        """`pull` for a wire whose datagrams are all due when read (traffic, applications'
+        sockets): the ring stays in due order by itself, so each datagram is only appended."""
+        raw = self.raw
+        recvfrom = raw.recvfrom
+        ring = self.ring
+        append = ring.append
+        before = len(ring)
+        for _ in range(READ_MAX):
+            try:
+                data, (saddr, sport) = recvfrom(65536)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if raw.fileno() == -1:
+                    return False
+                self.nic.stat.wire_errors += 1
+                if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    self._peer_failed()
+                continue
+            append((now, data, saddr, sport))
+        got = len(ring) - before
         if got:
             self.datagrams += got
             self._arrived()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from collections import deque
 
 import pytest
 
@@ -14,6 +13,7 @@ from emu.mm.reserve import ReserveRoot
 from emu.mm.sizes import IPQ, SKB_HEAD, SKB_SHARED_INFO
 from emu.mm.slab import Slabs
 from emu.net.netstat import FRAG_NOMEM
+from emu.net.skb_queue import SkbQueue
 from emu.net.skbuff import SkBuff, SkbAllocator, SkBuffX
 from emu.net.sock import Sock
 from emu.net.stack import NetStack
@@ -263,7 +263,7 @@ def test_free_queue_frees_what_single_frees_would(policy: str) -> None:
         if net.reserve is not None:
             net.reserve.connect()
         net.skbs.memalloc_socks = 1
-        q: deque[SkBuff] = deque()
+        q = SkbQueue()
         pages = hog(net.zone)
         with softirq():  # short of memory: reserve skbs (none: no skb at all)
             late = [net.skbs.rx(size) for size in (100, 1400, 600)]
@@ -271,7 +271,8 @@ def test_free_queue_frees_what_single_frees_would(policy: str) -> None:
             assert late == [None, None, None]
         else:
             assert all(s is not None and s.memalloc for s in late)
-            q.extend(late)  # type: ignore[arg-type]
+            for s in late:
+                q.append(s)  # type: ignore[arg-type]
         net.zone.free_pages(pages)
         with softirq():  # memory back: ordinary skbs, from other slabs
             for size in (100, 1400, 100, 9000, 600, 1400):
@@ -280,7 +281,7 @@ def test_free_queue_frees_what_single_frees_would(policy: str) -> None:
                 q.append(skb)
         truesize = sum(s.truesize for s in q)
         if bulk:
-            assert net.skbs.free_queue(q) == truesize and not q
+            assert net.skbs.free_queue(q.take_all()) == truesize and not q
         else:
             while q:
                 net.skbs.free(q.popleft())
