@@ -295,7 +295,8 @@ def usage_fail(message: str) -> NoReturn:
 
 def _run_cluster(console: Console, result_console: Console, sc: scen.Scenario, out: Path | None, json_out: str | None,
                  wall_timeout: float, quiet: bool) -> None:
-    from emu.host.cluster import host_addr, host_label, run_cluster
+    from emu.host.cluster import run_cluster
+    from emu.host.identity import host_addr, host_label
     from emu.host.report import LiveProgress, cluster_table
 
     n = sc.cluster.hosts

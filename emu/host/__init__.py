@@ -7,7 +7,7 @@ its verdict, the result and its rendering.
 
 from __future__ import annotations
 
+from emu.host.launch import run_host, run_matrix, run_scenario
 from emu.host.result import RunResult, RunStatus, exit_status
-from emu.host.run import run_host, run_matrix, run_scenario
 
 __all__ = ["RunResult", "RunStatus", "exit_status", "run_host", "run_matrix", "run_scenario"]

@@ -35,22 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from emu import scenario as scen
+from emu.host.identity import host_addr, host_identity, host_label
 from emu.host.result import STUCK, RunResult, RunStatus
-from emu.host.run import WALL_TIMEOUT_DEFAULT, HostIdentity, Progress
+from emu.host.run import WALL_TIMEOUT_DEFAULT, Progress
 from emu.host.servers import local_server
 from emu.swapdev.endpoint import Endpoint, IscsiEndpoint, NfsEndpoint, parse_server_url
 
-CLUSTER_NET = "127.0.1."  # host i is 127.0.1.i; 127.0.0.1 stays the lone host's address
-IQN_PREFIX = "iqn.2026-01.org.netswap:host"
 SAMPLES_PER_HOST = 1500  # the timeline points a host sends back for the cluster's figure
-
-
-def host_addr(i: int) -> str:
-    return f"{CLUSTER_NET}{i}"
-
-
-def host_label(i: int) -> str:
-    return f"host{i}"
 
 
 def host_scenario(sc: scen.Scenario, i: int) -> scen.Scenario:
@@ -68,17 +59,13 @@ def host_endpoint(server: Endpoint, i: int) -> Endpoint:
     return dataclasses.replace(server, lun=server.lun + i - 1)
 
 
-def host_identity(i: int, backend: str) -> HostIdentity:
-    return HostIdentity(host_addr(i), f"{IQN_PREFIX}{i}" if backend == "iscsi" else None)
-
-
 # ---- one host, in its own process ----------------------------------------------------------------
 
 
 def _host_main(i: int, toml: str, source: str, server: Endpoint, out_dir: str | None, raw_traffic: bool,
                wall_timeout: float, q: Any) -> None:
     """Host i's process: run to its verdict, streaming its status, then send its result."""
-    from emu.host.run import run_host
+    from emu.host.launch import run_host
 
     sc = scen.loads(toml, source=source)
     last = [0.0]

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from emu.host.identity import host_addr, host_label
+
 if TYPE_CHECKING:
     from emu.host.cluster import ClusterResult
 
@@ -20,8 +22,6 @@ def plot_hosts(res: ClusterResult, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from emu.host.cluster import host_addr, host_label
 
     n = res.hosts
     fig, axes = plt.subplots(n, 1, figsize=(10, 0.9 + 1.15 * n), sharex=True, squeeze=False, layout="constrained")

@@ -14,10 +14,10 @@ import trio
 
 from emu.kernel.cpu import Costs, Cpu
 from emu.mm.gfp import Policy
-from emu.mm.vm import Vm
 from emu.mm.page_alloc import Zone
 from emu.mm.reserve import ReserveRoot
 from emu.mm.slab import Slabs
+from emu.mm.vm import Vm
 from emu.mm.vmstat import VmStat
 from emu.net.stack import NetStack
 

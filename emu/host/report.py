@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from emu.host.identity import host_addr, host_label
 from emu.net.dropmon import reason_table
 
 
@@ -292,8 +293,6 @@ def _results_table(console: Console, results: list[Any], title: str) -> None:
 
 def cluster_table(console: Console, res: Any) -> None:
     """A cluster's result: a row per host, then the cluster and its server."""
-    from emu.host.cluster import host_addr, host_label
-
     t = Table(title=f"netswap cluster: {res.hosts} hosts, {res.backend} / {res.policy}, traffic {res.traffic}")
     for c in ("host", "outcome", "verdict at", "pages out", "pages in", "drops", "retransmits", "wall"):
         t.add_column(c, justify="left" if c in ("host", "outcome") else "right")

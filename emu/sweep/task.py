@@ -69,7 +69,7 @@ def run_point(p: dict[str, Any]) -> dict[str, Any]:
     worker = f"{socket.gethostname()}:{os.getpid()}"
     try:
         sc = scen.loads(p["scenario"], source=p.get("source", "<sweep>"))
-        from emu.host.run import run_scenario
+        from emu.host.launch import run_scenario
 
         wall = float(p.get("wall_timeout", 600.0))
         with _RUN_LOCK:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from emu import scenario as scen
 from emu.host.cluster import run_cluster
-from emu.host.run import run_scenario
+from emu.host.launch import run_scenario
 
 TINY = Path(__file__).parents[1] / "sweep" / "tiny.toml"
 VERDICTS = ("completed", "deadlock", "livelock")

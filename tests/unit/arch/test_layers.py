@@ -55,11 +55,19 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def imports(path: Path) -> list[tuple[int, str]]:
+def imports(path: Path, *, typing_only: bool = True) -> list[tuple[int, str]]:
+    """Every import of ours in `path` (`typing_only=False`: not those under TYPE_CHECKING)."""
     tree = ast.parse(path.read_text(), str(path))
     me = module_name(path)
     out = []
+    skip: set[int] = set()
+    if not typing_only:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                skip.update(id(n) for n in ast.walk(node))
     for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -98,6 +106,53 @@ def test_imports_follow_the_dependency_rule(path: Path) -> None:
             continue
         bad.append(f"{path.relative_to(ROOT)}:{line}: {me} imports {name} ({target})")
     assert not bad, "\n".join(bad)
+
+
+def import_cycles(sources: list[Path], *, typing_only: bool = False) -> list[list[str]]:
+    """Modules that import each other, directly or through others, when the code runs (imports
+    inside functions count; those under TYPE_CHECKING do not: annotations only)."""
+    mods = {module_name(p): p for p in sources}
+    graph = {m: sorted({n for _, n in imports(p, typing_only=typing_only) if n in mods and n != m})
+             for m, p in mods.items()}
+    order: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        order[v] = low[v] = len(order)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in order:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], order[w])
+        if low[v] == order[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for m in graph:
+        if m not in order:
+            visit(m)
+    return cycles
+
+
+def test_no_import_cycles() -> None:
+    assert import_cycles(SOURCES) == []
+
+
+def test_the_cycle_check_finds_one() -> None:
+    # run.py calls collect.py, which names HostRun in annotations only (under TYPE_CHECKING)
+    pair = [ROOT / "emu" / "host" / "run.py", ROOT / "emu" / "host" / "collect.py"]
+    assert import_cycles(pair) == []
+    assert import_cycles(pair, typing_only=True) == [["emu.host.collect", "emu.host.run"]]
 
 
 def test_the_rule_catches_a_violation(tmp_path: Path) -> None:
