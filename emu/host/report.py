@@ -297,15 +297,15 @@ def cluster_table(console: Console, res: Any) -> None:
     t = Table(title=f"netswap cluster: {res.hosts} hosts, {res.backend} / {res.policy}, traffic {res.traffic}")
     clients = res.server_stats.get("clients", {})
     for c in ("host", "outcome", "verdict at", "pages out", "pages in", "drops", "retransmits", "wall",
-              *(("server calls", "p50 / p99 ms") if clients else ())):
-        t.add_column(c, justify="left" if c in ("host", "outcome") else "right")
+              *(("server calls\np50/p99 ms",) if clients else ())):
+        t.add_column(c, justify="left" if c in ("host", "outcome") else "right", no_wrap=c.startswith("server"))
     for i, r in enumerate(res.results, 1):
         seen = clients.get(host_addr(i))  # the server's view of this host (its address)
-        server = (str(seen["calls"]), f"{seen['p50_s'] * 1e3:.2f} / {seen['p99_s'] * 1e3:.2f}") if seen else ("-", "-")
+        server = f"{seen['calls']} {seen['p50_s'] * 1e3:.2f}/{seen['p99_s'] * 1e3:.2f}" if seen else "-"
         t.add_row(f"{host_label(i)} {host_addr(i)}", _outcome_style(r.outcome),
                   f"{(r.stall or {}).get('t', r.emulated_s):.3f} s", str(r.pages_swapped_out), str(r.pages_swapped_in),
                   str(sum(r.drops.values())), str(r.swap_retransmits), f"{r.wall_s:.1f} s",
-                  *(server if clients else ()))
+                  *((server,) if clients else ()))
     console.print(t)
     s = res.server_stats
     lat = s.get("latency_s")
