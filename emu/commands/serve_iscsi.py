@@ -156,6 +156,10 @@ def serve_iscsi(lun_paths: tuple[Path, ...], size: int | None, block_size: str, 
     iscsi://127.0.0.1:3260/IQN/LUN. Prints one ready line on stdout once it listens.
     """
     bs = int(block_size)
+    if stats_path is not None:  # found out now, not after hours of serving
+        where = stats_path.parent
+        if not where.is_dir() or not os.access(where, os.W_OK):
+            usage(f"--stats {stats_path}: {where} is not a directory this process can write to")
     if len(set(p.resolve() for p in lun_paths)) != len(lun_paths):
         usage("--lun: the same file is given twice")
     for path in lun_paths:

@@ -157,3 +157,12 @@ def test_serve_stats_file_with_libiscsi(tmp_path: Path) -> None:
     assert c["initiators"] == {name: c["calls"]} and c["calls"] >= 2 and js["calls"] == c["calls"]
     assert 0 < c["latency"]["p50_s"] <= c["latency"]["p99_s"] <= c["latency"]["max_s"]
     assert js["target"]["logins"] == 2
+
+
+def test_serve_stats_to_an_unwritable_place_is_a_usage_error(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "emu", "serve", "iscsi", "--lun", str(tmp_path / "lun0.img"),
+                        "--size", "1M", "--port", "0", "--stats", str(tmp_path / "no" / "such" / "stats.json")],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("netswap: error: --stats ") and not (tmp_path / "lun0.img").exists()
