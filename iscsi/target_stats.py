@@ -24,12 +24,20 @@ LOW = 1e-6  # 1 us
 DECADES = 8  # up to 100 s
 NBUCKETS = BUCKETS_PER_DECADE * DECADES + 2  # + below LOW, + above the top
 MAX_INITIATOR_NAMES = 64  # per address; further names count under "other"
+# Below 1 ms a table indexed by the time in tenths of a microsecond gives the bucket: a list
+# index instead of a log10 (0.4 us a call, most of what counting cost per answer).  A value is
+# bucketed as its 0.1 us floor is: a sample within 0.1 us above an edge lands one bucket low.
+TABLE_STEP = 1e-7
+TABLE_LEN = 10_000
 
 
 def bucket_of(seconds: float) -> int:
     if seconds < LOW:
         return 0
     return min(1 + int(math.log10(seconds / LOW) * BUCKETS_PER_DECADE), NBUCKETS - 1)
+
+
+_TABLE = [bucket_of(i * TABLE_STEP) for i in range(TABLE_LEN)]
 
 
 def bucket_upper(b: int) -> float:
@@ -46,7 +54,8 @@ class Histogram:
 
     def add(self, seconds: float, k: int = 1) -> None:
         """`k` samples of `seconds` (the commands answered by one write that arrived in one read)."""
-        self.counts[bucket_of(seconds)] += k
+        i = int(seconds * 1e7)
+        self.counts[_TABLE[i] if 0 <= i < TABLE_LEN else bucket_of(seconds)] += k
         self.n += k
         self.total += seconds * k
         if seconds > self.max:
@@ -96,14 +105,13 @@ class ClientStat:
         time, so nearly always this is one histogram update for the whole batch."""
         n = len(arrivals)
         self.calls += n
-        self.initiators[name] = self.initiators.get(name, 0) + n
+        self.initiators[name] += n  # `login` put the name there
         first = arrivals[0]
-        lat = self.latency
-        if arrivals[-1] == first and arrivals.count(first) == n:
-            lat.add(sent - first, n)
+        if n == 1 or (arrivals[-1] == first and arrivals.count(first) == n):
+            self.latency.add(sent - first, n)
             return
         for t, k in Counter(arrivals).items():
-            lat.add(sent - t, k)
+            self.latency.add(sent - t, k)
 
 
 class TargetStats:
