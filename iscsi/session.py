@@ -2,6 +2,8 @@
 
 `receive(pdu)` appends encoded PDUs to `out`; the driver sends them, after an fsync when
 `sync_needed` says so (FUA writes and SYNCHRONIZE CACHE answer only once the data is on disk).
+For service times the driver sets `now` (when the bytes being fed arrived) and takes `done`: the
+arrival time of each SCSI command answered since, in the order of their answers.
 Commands outside the CmdSN window are silently ignored; commands ahead of ExpCmdSN wait (bounded by
 the window) until the gap fills. `TargetCore` is what the sessions of one target share: its LUNs,
 its sessions, and the resets that reach all of them.
@@ -125,6 +127,7 @@ class WriteTask:
     r2t_sn: int = 0
     error: bool = False
     error_asc: tuple[int, int] = S.DATA_PHASE_ERROR  # the sense the failed write is answered with
+    arrived: float = 0.0  # the driver's `now` when its command arrived
 
 
 class TargetSession:
@@ -142,6 +145,10 @@ class TargetSession:
         self.out: list[bytes] = []
         self.sync_luns: set[DiskLun] = set()
         self.closing = False
+        self.now = 0.0  # the driver's time of the input being received (for `done` only)
+        self.done: list[float] = []  # arrival times of the SCSI commands answered, for the driver
+        self.cmd_at = 0.0  # arrival time of the command being handled
+        self.pending_at: dict[int, float] = {}  # CmdSN -> arrival time of a queued command
         # CmdSN -> command waiting for an earlier CmdSN; None marks an aborted one, a slot the
         # sequence still steps past (deleting it would stall ExpCmdSN for good).
         self.pending: dict[int, Pdu | None] = {}
@@ -193,6 +200,7 @@ class TargetSession:
             sd = sense.fixed()
             data = struct.pack(">H", len(sd)) + sd
         self._emit(self._pdu(Op.SCSI_RSP, F_FINAL | resid_flags, 0, status, len(data), bytes(8), itt, 0, w36=exp_data_sn, w44=resid), data)
+        self.done.append(self.cmd_at)
 
     # --- input ------------------------------------------------------------------------------------
 
@@ -201,6 +209,7 @@ class TargetSession:
         if bhs[0] == 0x01 and bhs[32] in _FAST_OPS and not self.pending and self._fast(bhs, pdu.data):
             return
         op = bhs[0] & 0x3F
+        self.cmd_at = self.now
         handler = self.dispatch.get(op)
         if handler is None:
             if op == Op.DATA_OUT:
@@ -236,6 +245,7 @@ class TargetSession:
                     self.write_buffered += n
                     self.core.write_buffered += n
                 self.pending[cmd_sn] = pdu
+                self.pending_at[cmd_sn] = self.now
         else:
             self.stats["ignored"] += 1  # outside [ExpCmdSN, MaxCmdSN]: silently ignored
 
@@ -289,12 +299,14 @@ class TargetSession:
         else:  # SCSI Response, GOOD
             hdr = BHS.pack(0x21, F_FINAL, 0, 0, 0, _LUN0, itt, 0, sn, exp, max_cmd_sn, 0, 0, 0)
             frame(self.out, hdr, b"", header_digest=self.hd, data_digest=self.dd)
+        self.done.append(self.now)
         return True
 
     def _drain_pending(self) -> None:
         pending = self.pending
         while self.exp_cmd_sn in pending:
             pdu = pending.pop(self.exp_cmd_sn)
+            self.cmd_at = self.pending_at.pop(self.exp_cmd_sn, self.now)
             self.exp_cmd_sn = (self.exp_cmd_sn + 1) & MASK
             if pdu is not None:  # None: aborted while queued, its CmdSN counts as received
                 self._release_queued(pdu)
@@ -389,7 +401,8 @@ class TargetSession:
             self.scsi_response(itt, Status.TASK_SET_FULL)
             return
         p = self.params
-        task = WriteTask(itt, struct.unpack_from(">I", bhs, 24)[0], lun_no, cdb, edtl, spdtl, bytearray(edtl))
+        task = WriteTask(itt, struct.unpack_from(">I", bhs, 24)[0], lun_no, cdb, edtl, spdtl, bytearray(edtl),
+                         arrived=self.cmd_at)
         if imm:
             n = min(len(imm), edtl)  # beyond the EDTL: not part of the transfer (residuals)
             task.buf[:n] = imm[:n]
@@ -409,6 +422,7 @@ class TargetSession:
 
     def _advance_write(self, task: WriteTask) -> None:
         """Solicit the next burst with an R2T, or execute the write once all data is in."""
+        self.cmd_at = task.arrived  # its answer's service time runs from its command's arrival
         if task.error:
             self._drop_write(task)
             self.scsi_response(task.itt, Status.CHECK_CONDITION, S.Sense(S.SenseKey.ABORTED_COMMAND, *task.error_asc))
@@ -508,6 +522,7 @@ class TargetSession:
                           self._status_sn(), self.exp_cmd_sn, self.max_cmd_sn, 0, 0, resid),
                 data,
             )
+            self.done.append(self.cmd_at)
             return
         # Several PDUs: each at most MaxRecvDataSegmentLength, and F closes every Data-In
         # sequence of MaxBurstLength bytes (RFC 7143 §13.14); status rides on the very last.
@@ -527,6 +542,7 @@ class TargetSession:
             self._emit(bhs, chunk)
             off = end
             sn += 1
+        self.done.append(self.cmd_at)
 
     # --- NOP, TMF, Text, Logout -------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -141,17 +142,24 @@ def describe_listen_error(bind: str, port: int, e: OSError) -> str:
               help="Seconds between target NOP-In pings on a session (0 disables).")
 @click.option("--login-timeout", type=click.FloatRange(0.1, 3600), default=LOGIN_TIMEOUT, show_default=True,
               help="Seconds a connection may take to log in before it is closed.")
+@click.option("--stats", "stats_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="On exit, write per-client SCSI commands, bytes, initiator names and service-time "
+                   "percentiles as JSON to this file.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Log logins (initiator, ISID, negotiated keys), rejects, protocol errors and resets to stderr.")
 def serve_iscsi(lun_paths: tuple[Path, ...], size: int | None, block_size: str, thin: bool, bind: str, port: int, iqn: str,
                 allow: tuple[str, ...], chap: tuple[str, str] | None, nop_interval: float, login_timeout: float,
-                verbose: bool) -> None:
+                stats_path: Path | None, verbose: bool) -> None:
     """Serve files as the disk LUNs 0, 1, ... of one iSCSI (RFC 7143) target until SIGINT or SIGTERM.
 
     libiscsi's tools, iscsi-test-cu, Linux open-iscsi and netswap's own initiator can log in:
     iscsi://127.0.0.1:3260/IQN/LUN. Prints one ready line on stdout once it listens.
     """
     bs = int(block_size)
+    if stats_path is not None:  # found out now, not after hours of serving
+        where = stats_path.parent
+        if not where.is_dir() or not os.access(where, os.W_OK):
+            usage(f"--stats {stats_path}: {where} is not a directory this process can write to")
     if len(set(p.resolve() for p in lun_paths)) != len(lun_paths):
         usage("--lun: the same file is given twice")
     for path in lun_paths:
@@ -161,6 +169,7 @@ def serve_iscsi(lun_paths: tuple[Path, ...], size: int | None, block_size: str, 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s")
     failed: list[str] = []
+    served: list[Target] = []
 
     async def main() -> None:
         # Signals are caught before the ready line, so a stop right after it is always clean.
@@ -178,6 +187,7 @@ def serve_iscsi(lun_paths: tuple[Path, ...], size: int | None, block_size: str, 
             try:
                 target = Target(iqn, luns, allow_initiators=list(allow) or None, chap=chap, nop_interval=nop_interval,
                                 login_timeout=login_timeout)
+                served.append(target)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(target.serve_listeners, listeners)
                     host, real_port = listeners[0].socket.getsockname()[:2]
@@ -195,6 +205,18 @@ def serve_iscsi(lun_paths: tuple[Path, ...], size: int | None, block_size: str, 
     trio.run(main)
     if failed:
         raise CliError(failed[0])
+    if stats_path is not None and served:
+        write_stats(served[0], stats_path)
+
+
+def write_stats(target: Target, path: Path) -> None:
+    """The target's per-client statistics as JSON, written whole (a reader never sees half)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps({**target.clients.to_json(), "target": dict(target.stats)}, indent=1) + "\n")
+        tmp.replace(path)
+    except OSError as e:
+        raise CliError(f"--stats {path}: cannot write it: {e.strerror or e}") from None
 
 
 def open_luns(paths: tuple[Path, ...], size: int | None, block_size: int, thin: bool,

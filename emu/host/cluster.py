@@ -18,8 +18,9 @@ With no retransmissions and `clock.late == 0` on every host, each host's run is 
 scenario, as a lone host's is.
 
 The result (`ClusterResult`) is each host's RunResult, the counts of completed and stuck hosts,
-and the server as the clients never see it: its calls, throughput, service-time percentiles (our
-NFS server's `--stats`; wall clock, for people) and its peak RSS.
+and the server as the clients never see it: its calls, throughput, service-time percentiles overall
+and per host (our NFS server's RPC calls or our iSCSI target's SCSI commands, from its `--stats`;
+wall clock, for people) and its peak RSS.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def _server_summary(stats: dict[str, Any], rss_kib: int, results: list[RunResult
                            "swap_MiB_per_wall_s": round(pages * page_size / (1 << 20) / wall_s, 3) if wall_s else 0.0}
     clients = stats.get("clients")
     if clients is None:
-        out["note"] = "per-client calls and latency: our NFS server's --stats (not measured for iSCSI)"
+        out["note"] = "per-client calls and latency: our own server's --stats (not available from another server)"
         return out
     lat = stats.get("latency", {})
     out.update({
@@ -150,9 +151,12 @@ def _server_summary(stats: dict[str, Any], rss_kib: int, results: list[RunResult
         "bytes_out": sum(c["bytes_out"] for c in clients.values()),
         "latency_s": {k: round(v, 7) for k, v in lat.items() if k != "calls"},
         "clients": {addr: {"calls": c["calls"], "p50_s": round(c["latency"]["p50_s"], 7),
-                           "p99_s": round(c["latency"]["p99_s"], 7)} for addr, c in clients.items()},
-        "drc_hits": stats.get("drc_hits", 0),
+                           "p99_s": round(c["latency"]["p99_s"], 7),
+                           **({"initiators": c["initiators"]} if "initiators" in c else {})}
+                    for addr, c in clients.items()},
     })
+    if "drc_hits" in stats:  # NFS: retransmissions answered from the reply cache
+        out["drc_hits"] = stats["drc_hits"]
     return out
 
 

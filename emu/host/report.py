@@ -294,12 +294,17 @@ def _results_table(console: Console, results: list[Any], title: str) -> None:
 def cluster_table(console: Console, res: Any) -> None:
     """A cluster's result: a row per host, then the cluster and its server."""
     t = Table(title=f"netswap cluster: {res.hosts} hosts, {res.backend} / {res.policy}, traffic {res.traffic}")
-    for c in ("host", "outcome", "verdict at", "pages out", "pages in", "drops", "retransmits", "wall"):
-        t.add_column(c, justify="left" if c in ("host", "outcome") else "right")
+    clients = res.server_stats.get("clients", {})
+    for c in ("host", "outcome", "verdict at", "pages out", "pages in", "drops", "retransmits", "wall",
+              *(("server calls\np50/p99 ms",) if clients else ())):
+        t.add_column(c, justify="left" if c in ("host", "outcome") else "right", no_wrap=c.startswith("server"))
     for i, r in enumerate(res.results, 1):
+        seen = clients.get(host_addr(i))  # the server's view of this host (its address)
+        server = f"{seen['calls']} {seen['p50_s'] * 1e3:.2f}/{seen['p99_s'] * 1e3:.2f}" if seen else "-"
         t.add_row(f"{host_label(i)} {host_addr(i)}", _outcome_style(r.outcome),
                   f"{(r.stall or {}).get('t', r.emulated_s):.3f} s", str(r.pages_swapped_out), str(r.pages_swapped_in),
-                  str(sum(r.drops.values())), str(r.swap_retransmits), f"{r.wall_s:.1f} s")
+                  str(sum(r.drops.values())), str(r.swap_retransmits), f"{r.wall_s:.1f} s",
+                  *((server,) if clients else ()))
     console.print(t)
     s = res.server_stats
     lat = s.get("latency_s")

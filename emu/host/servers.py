@@ -38,7 +38,7 @@ class ServerProcess:
     workdir: Path
     log: Path
     ports: tuple[int, ...]
-    stats_path: Path | None = None  # nfs: where the server writes its per-client stats on exit
+    stats_path: Path | None = None  # where the server writes its per-client stats on exit
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -82,6 +82,8 @@ def _spawn(kind: str, workdir: Path, swap_bytes: int, luns: int = 1, stats_path:
         lun_args = [a for i in range(luns) for a in ("--lun", str(workdir / f"lun{i}.img"))]  # one per host
         argv = [*py, "serve", "iscsi", *lun_args, "--size", f"{size_mib}M", "--bind", "127.0.0.1",
                 "--port", "0", "--iqn", DEFAULT_IQN]
+        if stats_path is not None:
+            argv += ["--stats", str(stats_path)]
         server = IscsiEndpoint("127.0.0.1", 0, DEFAULT_IQN, 0)
     fh = open(log, "wb")
     try:
@@ -91,7 +93,7 @@ def _spawn(kind: str, workdir: Path, swap_bytes: int, luns: int = 1, stats_path:
                                 cwd=workdir, start_new_session=True, env=child_env())
     finally:
         fh.close()
-    return ServerProcess(server, proc, workdir, log, (), stats_path if kind == "nfs" else None)
+    return ServerProcess(server, proc, workdir, log, (), stats_path)
 
 
 def _ready(sp: ServerProcess) -> bool:
@@ -124,8 +126,8 @@ def _ready(sp: ServerProcess) -> bool:
 def local_server(backend: str, swap_bytes: int, workdir: str | Path | None = None,
                  timeout: float = 30.0, *, luns: int = 1, stats_path: Path | None = None) -> Iterator[ServerProcess]:
     """Start our server for `backend` as a separate process; stop it on exit (even on error).
-    `luns`: iSCSI LUNs of `swap_bytes` each (one per host of a cluster); `stats_path`: NFS
-    per-client statistics, written there when the server stops."""
+    `luns`: iSCSI LUNs of `swap_bytes` each (one per host of a cluster); `stats_path`: the
+    server's per-client statistics, written there when it stops."""
     with contextlib.ExitStack() as stack:
         if workdir is None:
             # tmpfs when there is one: the swap file's FILE_SYNC/FUA fsyncs cost microseconds there,
