@@ -54,7 +54,9 @@ from nfs.nfsd import NfsProgram
 from nfs.portmap import IPPROTO_TCP, IPPROTO_UDP, PMAP_PROGRAM, PMAP_V2, Mapping, PortmapProgram
 from nfs.record import DEFAULT_MAX_RECORD, BufferPool, RecordDecoder, RecordTooLarge, record_mark
 from nfs.store import Export, default_state_dir, load_key
-from nfs.svc import Buffer, CallContext, FileSegment, Pending, RpcProgram, RpcService, close_segments, materialize
+from nfs.svc import (
+    STREAM_MAX_REPLY, Buffer, CallContext, FileSegment, Pending, RpcProgram, RpcService, close_segments, materialize,
+)
 from nfs.writeback import DEFAULT_WRITE_BEHIND
 
 log = logging.getLogger("netswap.nfs.server")
@@ -462,19 +464,20 @@ class NfsServer:
         t0 = time.perf_counter()  # the call's service time starts (per-client statistics)
         if not conn.got_call and looks_like_call(rec):
             conn.got_call = True
-        ctx = CallContext(host, port, "tcp")
-        p = self.svc.begin(rec, ctx)
-        reply: list[Buffer] | None
-        if send_lock.locked():
-            reply = None
-        elif isinstance(p, Pending):
-            reply = self.svc.try_now(p, ctx)
-        else:
-            reply = p
-            p = None
-        if reply is None and p is not None:
-            calls.start_soon(self._tcp_call, sock, send_lock, dec, rec, conn, p, ctx, t0)
-            return
+        reply = None if send_lock.locked() else self.svc.try_fast(rec, host, "tcp", STREAM_MAX_REPLY)
+        if reply is None:
+            ctx = CallContext(host, port, "tcp")
+            p = self.svc.begin(rec, ctx)
+            if send_lock.locked():
+                reply = None
+            elif isinstance(p, Pending):
+                reply = self.svc.try_now(p, ctx)
+            else:
+                reply = p
+                p = None
+            if reply is None and p is not None:
+                calls.start_soon(self._tcp_call, sock, send_lock, dec, rec, conn, p, ctx, t0)
+                return
         self.stats.calls_now += 1
         n = len(rec)
         try:
@@ -532,29 +535,35 @@ class NfsServer:
                         log.debug("udp recvfrom: %s", e)
                         continue
                     self.stats.udp_datagrams += 1
-                    await share.acquire(len(data))
-                    await share.start_call()
-                    # As over TCP: answered here when the call needs no waiting, else in a task.
+                    n = len(data)
+                    if not share.try_start_call(n):
+                        await share.acquire(n)
+                        await share.start_call()
+                    # As over TCP: answered here when the call needs no waiting (the hot calls
+                    # by `try_fast`, in one pass), else in a task.
                     t0 = time.perf_counter()
-                    ctx = CallContext(str(addr[0]), int(addr[1]), "udp", max_reply=UDP_MAX_PAYLOAD)
+                    host = str(addr[0])
                     try:
-                        p = self.svc.begin(data, ctx)
-                        reply = self.svc.try_now(p, ctx) if isinstance(p, Pending) else p
+                        reply = self.svc.try_fast(data, host, "udp", UDP_MAX_PAYLOAD)
+                        if reply is None:
+                            ctx = CallContext(host, int(addr[1]), "udp", max_reply=UDP_MAX_PAYLOAD)
+                            p = self.svc.begin(data, ctx)
+                            reply = self.svc.try_now(p, ctx) if isinstance(p, Pending) else p
+                            if reply is None and isinstance(p, Pending):
+                                calls.start_soon(self._udp_call, sock, data, addr, share, p, ctx, t0)
+                                continue
                     except Exception:  # a bug must cost this call, never the server
                         log.exception("udp call from %s failed", addr)
-                        share.end_call(len(data))
-                        continue
-                    if reply is None and isinstance(p, Pending):
-                        calls.start_soon(self._udp_call, sock, data, addr, share, p, ctx, t0)
+                        share.end_call(n)
                         continue
                     self.stats.calls_now += 1
                     try:
                         if reply is not None:
                             out = sum(len(b) for b in reply)
                             if await self._udp_send(sock, reply, addr):
-                                self.clients.record(ctx.host, len(data), out, time.perf_counter() - t0)
+                                self.clients.record(host, n, out, time.perf_counter() - t0)
                     finally:
-                        share.end_call(len(data))
+                        share.end_call(n)
                     unyielding += 1
                     if unyielding >= _MAX_UNYIELDING:
                         unyielding = 0
