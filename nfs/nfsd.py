@@ -218,6 +218,7 @@ class NfsProgram:
         self.verifier = os.urandom(8)
         self.fsid = export.fsid
         self.write_behind = WriteBehind(write_behind)
+        self.loop_token: trio.lowlevel.TrioToken | None = None  # the event loop's (set by the server)
         self._procs: dict[int, Callable[[Any, CallContext], Awaitable[Any]]] = {
             Proc.NULL: self.null, Proc.GETATTR: self.getattr, Proc.SETATTR: self.setattr,
             Proc.LOOKUP: self.lookup, Proc.ACCESS: self.access, Proc.READLINK: self.readlink, Proc.READ: self.read,
@@ -615,7 +616,14 @@ class NfsProgram:
                 with contextlib.suppress(OSError):
                     os.close(own)
 
-        trio.lowlevel.spawn_system_task(run)
+        try:
+            trio.lowlevel.spawn_system_task(run)
+        except RuntimeError:  # not on the event loop's thread (a UDP service thread): the loop starts it
+            if self.loop_token is None:
+                self.write_behind.done(ino)
+                os.close(own)
+                return
+            self.loop_token.run_sync_soon(trio.lowlevel.spawn_system_task, run)
 
     def _write_checks(self, a: WriteArgs, ctx: CallContext, path: str,
                       st: os.stat_result) -> tuple[WccAttr, int, memoryview]:

@@ -28,6 +28,7 @@ in one call), never copied into a bigger message.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import fcntl
 import ipaddress
@@ -36,6 +37,7 @@ import math
 import os
 import socket as pysocket
 import termios
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -66,6 +68,8 @@ _SCRATCH = 16 * 1024  # small reads: record marks and small calls
 _SOCK_BUF = 4 * 1024 * 1024
 _MAX_LOWAT = 1024 * 1024  # a 1 MiB WRITE wakes the server once (the kernel grows the rcvbuf for it)
 _MAX_UNYIELDING = 16  # calls a reading task answers in a row before the other tasks get a turn
+_CORE_WAIT = 0.002  # how long a UDP service thread waits for the event loop to let go of the core
+_MAX_HANDOFFS = 64  # datagrams a UDP service thread may have handed to the event loop, not yet taken
 
 
 @dataclass
@@ -107,6 +111,8 @@ class ServerStats:
     udp_datagrams: int = 0
     udp_send_errors: int = 0
     calls_now: int = 0  # calls run and answered by the reading task itself (no task of their own)
+    udp_thread_calls: int = 0  # of which by a UDP socket's service thread
+    udp_dropped: int = 0  # datagrams dropped: the event loop behind by _MAX_HANDOFFS, or the byte budget full
 
 
 def _readable(sock: pysocket.socket) -> int:
@@ -154,12 +160,27 @@ async def send_datagram(sock: pysocket.socket, bufs: Sequence[Buffer], addr: Any
         views = [memoryview(b).cast("B") for b in materialize(list(bufs)) if len(b)]
         while True:
             try:
-                sock.sendmsg(views, [], 0, addr)
+                sock.sendmsg(views, [], pysocket.MSG_DONTWAIT, addr)  # (the socket may be a blocking one)
                 return
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(sock)
     finally:
         close_segments(list(bufs))
+
+
+def _send_datagram_now(sock: pysocket.socket, bufs: Sequence[Buffer], addr: Any, stats: ServerStats) -> bool:
+    """Send a reply datagram without waiting; whether it went (a full send buffer, rare on a
+    datagram socket, loses it like the network would: the client retransmits)."""
+    try:
+        sock.sendmsg([memoryview(b).cast("B") for b in materialize(list(bufs)) if len(b)], [],
+                     pysocket.MSG_DONTWAIT, addr)
+    except OSError as e:
+        stats.udp_send_errors += 1
+        log.debug("udp sendmsg to %s: %s", addr, e)
+        return False
+    finally:
+        close_segments(list(bufs))
+    return True
 
 
 async def _send_views(sock: pysocket.socket, views: list[memoryview], more: bool = False) -> None:
@@ -236,6 +257,8 @@ class NfsServer:
                              f"{config.max_record} after {config.max_connections + 4} connection reserves of "
                              f"{config.conn_reserve}")
         self.budget = ByteBudget(config.max_buffered, config.conn_reserve, config.max_connections + 4)
+        self._core = threading.Lock()  # the sans-IO core's: the event loop's, or a UDP service thread's
+        self._stats_lock = threading.Lock()  # (counts the service threads make without the core lock)
 
     @property
     def verifier(self) -> bytes:
@@ -281,11 +304,19 @@ class NfsServer:
                                          (MOUNT_PROGRAM, MOUNT_V3, "mount")):
                     for prot in (IPPROTO_TCP, IPPROTO_UDP):
                         self.portmap.set(Mapping(prog, vers, prot, self.ports[name]))
-            async with trio.open_nursery() as nursery:
-                for _, tcp, udp in socks:
-                    nursery.start_soon(self._accept_loop, tcp, nursery)
-                    nursery.start_soon(self._udp_loop, udp)
-                task_status.started(dict(self.ports))
+            self.nfs.loop_token = trio.lowlevel.current_trio_token()
+            self._core.acquire()  # (free: no service thread runs yet)
+            core = _CoreLock(self._core)
+            trio.lowlevel.add_instrument(core)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for _, tcp, udp in socks:
+                        nursery.start_soon(self._accept_loop, tcp, nursery)
+                        await nursery.start(self._udp_loop, udp)
+                    task_status.started(dict(self.ports))
+            finally:
+                trio.lowlevel.remove_instrument(core)
+                self._core.release()
         finally:
             for _, tcp, udp in socks:
                 tcp.close()
@@ -518,59 +549,115 @@ class NfsServer:
             conn.share.end_call(n)
             conn.touch()
 
-    async def _udp_loop(self, tsock: trio.socket.SocketType) -> None:
+    async def _udp_loop(self, tsock: trio.socket.SocketType, *,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """A UDP socket: its service thread reads it (blocking) and answers the hot calls itself;
+        the rest come here (`_udp_dispatch`), to be answered as over TCP."""
         sock = _own(tsock)
-        share = self.budget.share(self.config.inflight_bytes, self.config.max_inflight * 4)
-        unyielding = 0
+        sock.setblocking(True)  # (the thread blocks in recvfrom; the loop sends with MSG_DONTWAIT)
+        u = _UdpSocket(sock, self.budget.share(self.config.inflight_bytes, self.config.max_inflight * 4),
+                       trio.lowlevel.current_trio_token())
+        thread = threading.Thread(target=self._udp_thread, args=(u,), name=f"nfsd-udp-{sock.getsockname()[1]}",
+                                  daemon=True)
         try:
             async with trio.open_nursery() as calls:
-                while True:
-                    try:
-                        data, addr = sock.recvfrom(UDP_MAX_PAYLOAD + 1)
-                    except BlockingIOError:
-                        unyielding = 0
-                        await trio.lowlevel.wait_readable(sock)
-                        continue
-                    except OSError as e:  # e.g. ECONNREFUSED from an earlier ICMP error
-                        log.debug("udp recvfrom: %s", e)
-                        continue
-                    self.stats.udp_datagrams += 1
-                    n = len(data)
-                    if not share.try_start_call(n):
-                        await share.acquire(n)
-                        await share.start_call()
-                    # As over TCP: answered here when the call needs no waiting (the hot calls
-                    # by `try_fast`, in one pass), else in a task.
-                    t0 = time.perf_counter()
-                    host = str(addr[0])
-                    try:
-                        reply = self.svc.try_fast(data, host, "udp", UDP_MAX_PAYLOAD)
-                        if reply is None:
-                            ctx = CallContext(host, int(addr[1]), "udp", max_reply=UDP_MAX_PAYLOAD)
-                            p = self.svc.begin(data, ctx)
-                            reply = self.svc.try_now(p, ctx) if isinstance(p, Pending) else p
-                            if reply is None and isinstance(p, Pending):
-                                calls.start_soon(self._udp_call, sock, data, addr, share, p, ctx, t0)
-                                continue
-                    except Exception:  # a bug must cost this call, never the server
-                        log.exception("udp call from %s failed", addr)
-                        share.end_call(n)
-                        continue
-                    self.stats.calls_now += 1
-                    try:
-                        if reply is not None:
-                            out = sum(len(b) for b in reply)
-                            if await self._udp_send(sock, reply, addr):
-                                self.clients.record(host, n, out, time.perf_counter() - t0)
-                    finally:
-                        share.end_call(n)
-                    unyielding += 1
-                    if unyielding >= _MAX_UNYIELDING:
-                        unyielding = 0
-                        await trio.lowlevel.checkpoint()
+                u.calls = calls
+                thread.start()
+                task_status.started()
+                await trio.sleep_forever()
         finally:
-            share.close()
+            u.closed = True
+            with contextlib.suppress(OSError):
+                sock.shutdown(pysocket.SHUT_RDWR)  # (wakes the thread's recvfrom; ENOTCONN for UDP)
+            if thread.is_alive():
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(thread.join, 5.0)
+            u.share.close()
             _close(sock)
+
+    def _udp_thread(self, u: _UdpSocket) -> None:
+        """An nfsd thread for a UDP socket: it waits in recvfrom (no trip through the event loop
+        per call) and answers the hot calls (`try_fast`: READ, UNSTABLE WRITE) with the core lock
+        held, which the event loop lets go of only while it waits for I/O; a call needing more,
+        or one that comes while the loop runs, is handed to the loop (at most _MAX_HANDOFFS
+        waiting: past that, datagrams are dropped as a full socket queue drops them, and the
+        client retransmits). A call answered here holds its one datagram while it runs: no
+        buffering beyond that, so it is not charged to the byte budget."""
+        sock, core = u.sock, self._core
+        while not u.closed:
+            try:
+                data, addr = sock.recvfrom(UDP_MAX_PAYLOAD + 1)
+            except OSError as e:  # e.g. ECONNREFUSED from an earlier ICMP error
+                log.debug("udp recvfrom: %s", e)
+                continue
+            if u.closed or addr is None:
+                return
+            if core.acquire(timeout=_CORE_WAIT):
+                try:
+                    if self._udp_now(u, data, addr):
+                        continue
+                except Exception:  # a bug must cost this call, never the server
+                    log.exception("udp call from %s failed", addr)
+                    continue
+                finally:
+                    core.release()
+            if not u.handoffs.acquire(blocking=False):
+                with self._stats_lock:
+                    self.stats.udp_dropped += 1
+                continue
+            try:
+                u.token.run_sync_soon(self._udp_dispatch, u, data, addr)
+            except trio.RunFinishedError:
+                return
+
+    def _udp_now(self, u: _UdpSocket, data: bytes, addr: Any) -> bool:
+        """In the service thread, with the core lock held: answer a hot call; False if it is
+        not one (nothing done)."""
+        t0 = time.perf_counter()
+        host = str(addr[0])
+        reply = self.svc.try_fast(data, host, "udp", UDP_MAX_PAYLOAD)
+        if reply is None:
+            return False
+        self.stats.udp_datagrams += 1
+        self.stats.calls_now += 1
+        self.stats.udp_thread_calls += 1
+        out = sum(len(b) for b in reply)
+        if _send_datagram_now(sock=u.sock, bufs=reply, addr=addr, stats=self.stats):
+            self.clients.record(host, len(data), out, time.perf_counter() - t0)
+        return True
+
+    def _udp_dispatch(self, u: _UdpSocket, data: bytes, addr: Any) -> None:
+        """On the event loop: a datagram the service thread handed over. Charged to the byte
+        budget (dropped if it is full: the client retransmits) and answered here when it needs
+        no waiting, else in a task."""
+        u.handoffs.release()
+        if u.closed or u.calls is None:
+            return
+        self.stats.udp_datagrams += 1
+        n = len(data)
+        if not u.share.try_start_call(n):
+            with self._stats_lock:
+                self.stats.udp_dropped += 1
+            return
+        t0 = time.perf_counter()
+        host = str(addr[0])
+        try:
+            reply = self.svc.try_fast(data, host, "udp", UDP_MAX_PAYLOAD)
+            if reply is None:
+                ctx = CallContext(host, int(addr[1]), "udp", max_reply=UDP_MAX_PAYLOAD)
+                p = self.svc.begin(data, ctx)
+                reply = self.svc.try_now(p, ctx) if isinstance(p, Pending) else p
+                if reply is None and isinstance(p, Pending):
+                    u.calls.start_soon(self._udp_call, u.sock, data, addr, u.share, p, ctx, t0)
+                    return
+            if reply is not None:
+                self.stats.calls_now += 1
+                out = sum(len(b) for b in reply)
+                if _send_datagram_now(sock=u.sock, bufs=reply, addr=addr, stats=self.stats):
+                    self.clients.record(host, n, out, time.perf_counter() - t0)
+        except Exception:  # a bug must cost this call, never the server
+            log.exception("udp call from %s failed", addr)
+        u.share.end_call(n)
 
     async def _udp_send(self, sock: pysocket.socket, reply: list[Buffer], addr: Any) -> bool:
         """Send a reply; whether it went."""
@@ -601,6 +688,33 @@ class NfsServer:
         return {"buffered": self.budget.used, "high_water": self.budget.high_water, "limit": self.budget.limit,
                 "decoder_bytes": sum(c.dec.allocated for c in self._conns.values()),
                 "budget_waits": self.budget.waits, "connections": len(self._conns)}
+
+
+class _UdpSocket:
+    """A UDP socket's state, shared by its service thread and the event loop."""
+
+    def __init__(self, sock: pysocket.socket, share: Share, token: trio.lowlevel.TrioToken) -> None:
+        self.sock = sock
+        self.share = share
+        self.token = token
+        self.handoffs = threading.BoundedSemaphore(_MAX_HANDOFFS)  # datagrams handed to the loop, not yet taken
+        self.calls: trio.Nursery | None = None
+        self.closed = False
+
+
+class _CoreLock(trio.abc.Instrument):
+    """The event loop holds the core lock while it runs and lets go of it only while it waits
+    for I/O, so a UDP service thread that takes it has the sans-IO core (reply cache, handle
+    and fd caches, statistics) to itself, and never waits for it."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.lock = lock
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.lock.release()
+
+    def after_io_wait(self, timeout: float) -> None:
+        self.lock.acquire()
 
 
 class _Conn:

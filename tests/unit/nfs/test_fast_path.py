@@ -8,6 +8,7 @@ import ipaddress
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -101,10 +102,10 @@ def test_write_behind_bookkeeping() -> None:
     assert small.started == 1
 
 
-@pytest.mark.parametrize("every", [1 << 20, 0])
+@pytest.mark.parametrize(("every", "proto"), [(1 << 20, "tcp"), (0, "tcp"), (1 << 20, "udp")])
 async def test_write_behind_starts_writeback_and_commit_still_syncs(tmp_path: Path, export_dir: Path,
                                                                    monkeypatch: pytest.MonkeyPatch,
-                                                                   every: int) -> None:
+                                                                   every: int, proto: str) -> None:
     loop_thread = threading.get_ident()
     started: list[tuple[int, bool]] = []
     synced: list[int] = []
@@ -124,7 +125,8 @@ async def test_write_behind_starts_writeback_and_commit_still_syncs(tmp_path: Pa
         server = NfsServer(ServerConfig(export=export_dir, port=0, mount_port=0, state_dir=tmp_path / "s",
                                         write_behind=every))
         ports = await n.start(server.serve)
-        async with NfsClient.tcp(H, ports["nfs"], ports["mount"], hard=False, timeo=3.0) as c:
+        ctor = NfsClient.tcp if proto == "tcp" else NfsClient.udp  # (over UDP: from a service thread)
+        async with ctor(H, ports["nfs"], ports["mount"], hard=False, timeo=3.0) as c:
             root = await c.mount(str(export_dir))
             fh, attr = await c.create(root, "big")
             assert attr is not None
@@ -303,3 +305,95 @@ def test_a_share_starts_a_call_without_waiting_only_within_its_limits() -> None:
     share.end_call(4000)
     share.end_call(100)
     assert (share.calls, share.held, budget.used) == (0, 0, 0)
+
+
+async def test_udp_service_threads_and_the_event_loop_share_the_core(tmp_path: Path, export_dir: Path) -> None:
+    """UDP clients (answered by the socket's service thread, or by the loop when it is busy)
+    and TCP clients (the loop) at once, on the same files: every byte lands, every read is
+    right, and the threads are gone once the server is."""
+    async with trio.open_nursery() as n:
+        server = NfsServer(ServerConfig(export=export_dir, port=0, mount_port=0, state_dir=tmp_path / "s"))
+        ports = await n.start(server.serve)
+        assert sum(t.name.startswith("nfsd-udp-") for t in threading.enumerate()) == 2  # NFS, MOUNT
+
+        async def worker(proto: str, i: int) -> None:
+            ctor = NfsClient.tcp if proto == "tcp" else NfsClient.udp
+            async with ctor(H, ports["nfs"], ports["mount"], hard=False, timeo=5.0) as c:
+                root = await c.mount(str(export_dir))
+                fh, _ = await c.create(root, f"{proto}{i}")
+                data = os.urandom(300_000)
+                for off in range(0, len(data), 20_000):
+                    await c.write(fh, off, data[off : off + 20_000], UNSTABLE)
+                    assert (await c.getattr(fh)).size >= off  # (not a hot call: the loop answers)
+                await c.commit(fh)
+                assert await c.read(fh, 0, len(data)) == data
+                assert (export_dir / f"{proto}{i}").read_bytes() == data
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as w:
+                for i in range(3):
+                    w.start_soon(worker, "udp", i)
+                    w.start_soon(worker, "tcp", i)
+        assert server.svc.stats.system_err == 0 and server.stats.udp_dropped == 0
+        n.cancel_scope.cancel()
+    assert not [t for t in threading.enumerate() if t.name.startswith("nfsd-udp-")]
+
+
+async def test_hot_calls_over_udp_are_answered_by_the_service_thread(tmp_path: Path, export_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the event loop idle (the client is another thread), READs and UNSTABLE WRITEs are
+    answered by the socket's service thread, the right bytes; the writeback a WRITE there
+    starts is started by the loop, in a worker thread."""
+    started: list[int] = []
+    real_start = nfsd.start_writeback
+
+    def start(fd: int) -> None:
+        real_start(fd)
+        started.append(threading.get_ident())
+
+    monkeypatch.setattr(nfsd, "start_writeback", start)
+    (export_dir / "f").write_bytes(b"")
+    async with trio.open_nursery() as n:
+        server = NfsServer(ServerConfig(export=export_dir, port=0, mount_port=0, state_dir=tmp_path / "s",
+                                        write_behind=4 + 4 * 32768))  # (started by the 4th WRITE below)
+        ports = await n.start(server.serve)
+        async with NfsClient.udp(H, ports["nfs"], ports["mount"], hard=False, timeo=3.0) as c:
+            fh, _ = await c.lookup(await c.mount(str(export_dir)), "f")
+            await c.write(fh, 0, b"warm", UNSTABLE)  # (the first: its handle is resolved, its fd opened)
+        cred = AuthSys().to_auth()
+        data = os.urandom(32768)
+
+        counted: list[int] = []
+
+        def client() -> list[bytes]:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(5)
+            s.connect((H, ports["nfs"]))
+            s.send(_call(99, Proc.READ, ReadArgs(fh, 0, 4), cred))  # (its credential is new: the loop's)
+            s.recv(65536)
+            for _ in range(500):  # until the loop waits for I/O (then it has let go of the core lock)
+                if not server._core.locked():
+                    break
+                time.sleep(0.01)
+            counted.append(server.stats.udp_thread_calls)
+            out = []
+            for i in range(4):
+                s.send(_call(100 + i, Proc.WRITE, WriteArgs(fh, i * 32768, 32768, UNSTABLE, data), cred))
+                out.append(s.recv(65536))
+            s.send(_call(200, Proc.READ, ReadArgs(fh, 32768, 32768), cred))
+            out.append(s.recv(65536))
+            s.close()
+            return out
+
+        replies = await trio.to_thread.run_sync(client)
+        # (the loop sleeps until the 4th WRITE hands it the writeback to start: the READ may
+        # then find it awake, and be handed to it)
+        assert server.stats.udp_thread_calls - counted[0] >= 4
+        assert [NFS3_PROCEDURES[Proc.WRITE].decode_res(Unpacker(r[24:])).count for r in replies[:4]] == [32768] * 4
+        assert bytes(NFS3_PROCEDURES[Proc.READ].decode_res(Unpacker(replies[4][24:])).data) == data
+        with trio.fail_after(5):
+            while not started:
+                await trio.sleep(0.01)
+        n.cancel_scope.cancel()
+    assert (export_dir / "f").read_bytes() == data * 4
+    assert threading.get_ident() not in started  # (in a worker thread, not the loop's)
