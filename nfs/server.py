@@ -4,10 +4,21 @@ Every service port (NFS, MOUNT, optional portmap) is served on both UDP and TCP,
 answers every program (as knfsd's and ganesha's ports do for NULL probes). One task per TCP
 connection reads records (each capped by `max_record`; a bigger one closes that connection only).
 A call that needs no waiting (`RpcService.try_now`: a READ, an UNSTABLE WRITE, a GETATTR, ...
-with a known handle) is run and answered by that task itself, as an nfsd thread runs a call to
-its end, when no other reply is being sent on the connection; every other call runs in its own
-task, so a sync or a walk of the export holds up no other call (UDP sockets alike). The drivers
-call plain non-blocking sockets and wait through trio only when a call would block.
+with a known handle; READ and UNSTABLE WRITE in one pass by `RpcService.try_fast`) is run and
+answered by that task itself, as an nfsd thread runs a call to its end, when no other reply is
+being sent on the connection; every other call runs in its own task, so a sync or a walk of the
+export holds up no other call. The drivers call plain non-blocking sockets and wait through trio
+only when a call would block.
+
+Each UDP socket has a service thread (knfsd's nfsd threads, ganesha's workers): it waits in a
+blocking recvfrom, so a call costs no trip through the event loop, and answers READ and
+UNSTABLE WRITE itself (`try_fast`) with the *core lock* held. The event loop holds that lock
+whenever it runs and lets go of it only while it waits for I/O (`_CoreLock`, a trio
+instrument), so the sans-IO core never runs in two threads at once and the loop never waits
+for a thread longer than one call. Any other call, or one that finds the loop busy for
+`_CORE_WAIT`, is handed to the loop (`_udp_dispatch`), charged to the byte budget there and
+answered as over TCP; at most `_MAX_HANDOFFS` datagrams wait to be handed over (then they are
+dropped, as a full socket queue drops them: UDP clients retransmit).
 
 Memory is bounded server-wide: every connection and UDP socket draws from one `ByteBudget`
 (nfs/budget.py) of `max_buffered` bytes: a record's bytes are
