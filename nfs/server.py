@@ -626,14 +626,21 @@ class NfsServer:
         not one (nothing done)."""
         t0 = time.perf_counter()
         host = str(addr[0])
-        reply = self.svc.try_fast(data, host, "udp", UDP_MAX_PAYLOAD)
+        sent: list[bool] = []
+
+        def send(reply: list[Buffer]) -> None:  # (the reply goes before the reply cache is kept)
+            sent.append(_send_datagram_now(sock=u.sock, bufs=reply, addr=addr, stats=self.stats))
+
+        reply = self.svc.try_fast(data, host, "udp", UDP_MAX_PAYLOAD, send)
         if reply is None:
             return False
         self.stats.udp_datagrams += 1
         self.stats.calls_now += 1
         self.stats.udp_thread_calls += 1
         out = sum(len(b) for b in reply)
-        if _send_datagram_now(sock=u.sock, bufs=reply, addr=addr, stats=self.stats):
+        if not sent:  # (a reply from the reply cache)
+            send(reply)
+        if sent[0]:
             self.clients.record(host, len(data), out, time.perf_counter() - t0)
         return True
 

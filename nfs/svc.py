@@ -308,10 +308,13 @@ class RpcService:
         return self._complete(xid, prog, hdr.proc, lambda: body, key)
 
     def _complete(self, xid: int, prog: RpcProgram, proc: int, run: Callable[[], list[Buffer]] | None,
-                  key: DrcKey | None, failed: Exception | None = None) -> list[Buffer]:
+                  key: DrcKey | None, failed: Exception | None = None,
+                  send: Callable[[list[Buffer]], object] | None = None) -> list[Buffer]:
         """The reply of a call that ran (`run` gives its body) or failed: GARBAGE_ARGS for
         undecodable arguments, SYSTEM_ERR (counted, rate-limited traceback) for a bug; kept in
-        the reply cache if the procedure is non-idempotent."""
+        the reply cache if the procedure is non-idempotent. `send`, if given, gets the reply
+        first (the cache and the statistics are kept after it has gone, off the caller's wait;
+        nothing else can run in between)."""
         reply: list[Buffer]
         try:
             if failed is not None:
@@ -335,6 +338,8 @@ class RpcService:
                 self.drc.done(key, None)
                 self._wake(key)
             raise
+        if send is not None:
+            send(reply)
         if key is not None:
             self.drc.done(key, b"".join(materialize(reply)))
             self._wake(key)
@@ -345,13 +350,15 @@ class RpcService:
         by_proc[name] = by_proc.get(name, 0) + 1
         return reply
 
-    def try_fast(self, msg: bytes | bytearray | memoryview, host: str, transport: str,
-                 max_reply: int) -> list[Buffer] | None:
+    def try_fast(self, msg: bytes | bytearray | memoryview, host: str, transport: str, max_reply: int,
+                 send: Callable[[list[Buffer]], object] | None = None) -> list[Buffer] | None:
         """`begin` and `try_now` in one pass for the hot calls (a program's `call_fast`: READ
         and UNSTABLE WRITE), read with fixed layouts: a CALL of RPC version 2, an AUTH_SYS
         credential already seen (or AUTH_NONE), a verifier of a known flavor. The same reply,
         reply cache and statistics as the usual way; None, with nothing done, for any other
-        call or anything unusual (the usual way then answers it)."""
+        call or anything unusual (the usual way then answers it). With `send`, a reply that ran
+        is handed to it before the reply cache and statistics are kept (a reply from the cache
+        is only returned)."""
         mv = msg if isinstance(msg, memoryview) else memoryview(msg)
         n = len(mv)
         if n < 40:
@@ -392,4 +399,4 @@ class RpcService:
                 return [cached]
         else:
             self.stats.calls += 1
-        return self._complete(xid, prog, proc, run, key)
+        return self._complete(xid, prog, proc, run, key, send=send)
