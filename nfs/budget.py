@@ -130,6 +130,13 @@ class Share:
         b.shared_used -= s0 - s1
         b._wake()
 
+    def try_start_call(self, n: int) -> bool:
+        """`acquire(n)` and `start_call()` if both can be had now, without waiting."""
+        if self.calls >= self.max_calls or not self.try_acquire(n):
+            return False
+        self.calls += 1
+        return True
+
     async def start_call(self) -> None:
         while self.calls >= self.max_calls:
             await self.budget._wait()

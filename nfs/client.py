@@ -727,11 +727,13 @@ class NfsClient:
         if n > self.commits.max_bytes:
             self.forced_sync_writes += 1
             return StableHow.FILE_SYNC
-        for fh in self.commits.files():
-            if self.commits.room(n + self._unstable_inflight):
-                break
-            self.forced_commits += 1
-            await self.commit(fh)
+        if not self.commits.room(n + self._unstable_inflight):
+            # (files() sums every kept write: only when a COMMIT is needed, not at every write)
+            for fh in self.commits.files():
+                if self.commits.room(n + self._unstable_inflight):
+                    break
+                self.forced_commits += 1
+                await self.commit(fh)
         if not self.commits.room(n + self._unstable_inflight):
             self.forced_sync_writes += 1  # (other tasks' unstable writes still in flight)
             return StableHow.FILE_SYNC

@@ -131,15 +131,25 @@ class StatAttr:
         self.st, self.fsid = st, fsid
 
     def pack(self, p: Packer) -> None:
-        st = self.st
-        mode = st.st_mode
-        a, m, c = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
-        p.buf += _FATTR.pack(ftype(mode), mode & 0o7777, st.st_nlink, st.st_uid, st.st_gid, st.st_size,
-                             st.st_blocks * 512, os.major(st.st_rdev), os.minor(st.st_rdev), self.fsid, st.st_ino,
-                             _sec(a), a % 1_000_000_000, _sec(m), m % 1_000_000_000, _sec(c), c % 1_000_000_000)
+        p.buf += fattr3_bytes(self.st, self.fsid)
 
     def fattr(self) -> Fattr3:
         return Fattr3.from_stat(self.st, self.fsid)
+
+
+def fattr3_bytes(st: os.stat_result, fsid: int) -> bytes:
+    """The fattr3 of an lstat (or fstat), encoded."""
+    mode = st.st_mode
+    a, m, c = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+    return _FATTR.pack(ftype(mode), mode & 0o7777, st.st_nlink, st.st_uid, st.st_gid, st.st_size,
+                       st.st_blocks * 512, os.major(st.st_rdev), os.minor(st.st_rdev), fsid, st.st_ino,
+                       _sec(a), a % 1_000_000_000, _sec(m), m % 1_000_000_000, _sec(c), c % 1_000_000_000)
+
+
+def wcc_attr_bytes(st: os.stat_result) -> bytes:
+    """The wcc_attr (size, mtime, ctime) of an lstat, encoded."""
+    m, c = st.st_mtime_ns, st.st_ctime_ns
+    return _WCC_ATTR.pack(st.st_size, _sec(m), m % 1_000_000_000, _sec(c), c % 1_000_000_000)
 
 
 Attr = Fattr3 | StatAttr

@@ -41,8 +41,10 @@ from nfs.nfs3xdr import (
     FhArgs, FsinfoRes, FsstatRes, GetattrRes, LinkArgs, LinkRes, LookupRes, MkdirArgs, MknodArgs, NfsTime,
     NullRes, PathconfRes, ProcXdr, ReadArgs, ReaddirArgs, ReaddirplusArgs, ReaddirRes, ReadlinkRes, ReadRes, RenameArgs,
     RenameRes, Sattr3, SetattrArgs, StatAttr, SymlinkArgs, WccAttr, WccData, WccRes, WriteArgs, WriteRes, entry_size,
+    fattr3_bytes, wcc_attr_bytes,
 )
-from nfs.store import Export, check_name, errno_to_stat, proc_path
+from nfs.store import FH_SIZE, Export, check_name, errno_to_stat, proc_path
+from nfs.rpc import AuthSys
 from nfs.svc import Buffer, CallContext, peer_address
 from nfs.writeback import DEFAULT_WRITE_BEHIND, WriteBehind, start_writeback
 from nfs.xdr import Packer, Unpacker, XdrError
@@ -52,6 +54,16 @@ from nfs.xdr import Packer, Unpacker, XdrError
 # more CPU (GIL and wake-ups) than the copy. Syncs (FILE_SYNC, DATA_SYNC, COMMIT) go to threads.
 INLINE_WRITE = 1024 * 1024
 _OK = Stat.NFS3_OK
+# The hot path's fixed layouts (nfs3xdr's codecs give the same bytes: tests/unit/nfs/test_fast_path.py).
+_U32 = struct.Struct(">I")
+_FH_HEAD = 4 + FH_SIZE  # a handle of ours: its length, then its bytes (44, no padding)
+_READ_TAIL = struct.Struct(">QI")  # offset, count
+_WRITE_TAIL = struct.Struct(">QIII")  # offset, count, stable, data length
+_READ_OK = struct.Struct(">III")  # count, eof, data length
+_WRITE_OK = struct.Struct(">II")  # count, committed
+_TRUE = b"\0\0\0\1"
+_OK_TRUE = b"\0\0\0\0" + _TRUE  # NFS3_OK, then an attribute follows
+_PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
 
 
 async def _sync(fd: int, how: Callable[[int], None]) -> None:
@@ -78,6 +90,15 @@ def _write_sync(fd: int, mv: memoryview, offset: int, sync: Callable[[int], None
 
 class _Later(Exception):
     """call_nowait: this call must wait (a walk of the export, a sync): leave it to `call`."""
+
+
+def _may(st: os.stat_result, who: Cred, want: int) -> bool:
+    """`check` with owner override (READ and WRITE), as a truth value."""
+    try:
+        check(st, who, want, owner_override=True)
+    except Nfs3Error:
+        return False
+    return True
 
 
 def _write_now(a: WriteArgs) -> bool:
@@ -190,12 +211,14 @@ class NfsProgram:
         self._as_root = os.geteuid() == 0  # new files are given to their creator (needs root)
         self.allow = list(allow)
         self._allowed: dict[str, bool] = {}  # host -> in --allow (parsing addresses per call is slow)
+        self._whos: dict[int, tuple[AuthSys | None, Cred]] = {}  # id(credential) -> (it, its effective cred)
         self.max_io = max_io
         self.udp_max_io = udp_max_io
         # The write verifier: new at every start, so clients know to resend uncommitted data.
         self.verifier = os.urandom(8)
         self.fsid = export.fsid
         self.write_behind = WriteBehind(write_behind)
+        self.loop_token: trio.lowlevel.TrioToken | None = None  # the event loop's (set by the server)
         self._procs: dict[int, Callable[[Any, CallContext], Awaitable[Any]]] = {
             Proc.NULL: self.null, Proc.GETATTR: self.getattr, Proc.SETATTR: self.setattr,
             Proc.LOOKUP: self.lookup, Proc.ACCESS: self.access, Proc.READLINK: self.readlink, Proc.READ: self.read,
@@ -267,6 +290,79 @@ class NfsProgram:
             return _encode(xdr, res)
 
         return run
+
+    def call_fast(self, proc: int, msg: memoryview, pos: int, host: str, transport: str, max_reply: int,
+                  cred: AuthSys | None) -> Callable[[], list[Buffer]] | None:
+        """`call_nowait` for the hot calls, from the raw message: a READ, or an UNSTABLE WRITE
+        of at most INLINE_WRITE bytes, whose arguments start at `msg[pos]`, of an allowed host,
+        on a file whose handle and fd are known (`Export.open_file`) and that the caller may
+        read or write. Decoded with fixed layouts (no Unpacker, no argument objects), answered
+        with the same bytes as `call`. None, with nothing done, for anything else (a failure
+        included): the caller then goes the usual way, which answers it."""
+        if proc != Proc.READ and proc != Proc.WRITE:
+            return None
+        end = pos + _FH_HEAD
+        if len(msg) < end + 12 or _U32.unpack_from(msg, pos)[0] != FH_SIZE or not self._allowed.get(host):
+            return None
+        hit = self.export.open_file(bytes(msg[pos + 4 : end]))
+        if hit is None:
+            return None
+        fd, st = hit
+        if not pystat.S_ISREG(st.st_mode):
+            return None
+        who = self._who_fast(cred)
+        fsid = self.fsid
+        if proc == Proc.READ:
+            offset, count = _READ_TAIL.unpack_from(msg, end)
+            if not _may(st, who, MAY_READ):
+                return None
+            limit = self.udp_max_io if transport == "udp" else self.max_io
+            count = min(count, limit, max(0, max_reply - 256))
+
+            def read() -> list[Buffer]:
+                n = max(0, min(count, st.st_size - offset))
+                eof = offset + n >= st.st_size
+                data = os.pread(fd, n, offset) if n else b""
+                if len(data) < n:  # the file shrank since the fstat
+                    n = len(data)
+                    eof = True
+                head = _OK_TRUE + fattr3_bytes(st, fsid) + _READ_OK.pack(n, eof, n)
+                return [head, data, _PAD[n & 3]] if n & 3 else [head, data]
+
+            return read
+        if len(msg) < end + 20:
+            return None
+        offset, count, stable, dlen = _WRITE_TAIL.unpack_from(msg, end)
+        start = end + 20
+        if (stable != StableHow.UNSTABLE or count > dlen or count > INLINE_WRITE or len(msg) < start + dlen + (-dlen & 3)
+                or offset + count > MAX_FILE_SIZE or not _may(st, who, MAY_WRITE)):
+            return None
+        data = msg[start : start + count]
+
+        def write() -> list[Buffer]:
+            pre = wcc_attr_bytes(st)
+            try:
+                _pwrite_all(fd, data, offset)
+                if self.write_behind.wrote(st.st_ino, count):
+                    self._start_writeback(fd, st.st_ino)
+                post = os.fstat(fd)
+            except OSError as e:
+                return _encode(NFS3_PROCEDURES[Proc.WRITE], WriteRes(errno_to_stat(e)))
+            return [_OK_TRUE + pre + _TRUE + fattr3_bytes(post, fsid) + _WRITE_OK.pack(count, stable) + self.verifier]
+
+        return write
+
+    def _who_fast(self, cred: AuthSys | None) -> Cred:
+        """effective_cred, kept for the credential objects the RPC layer hands out again."""
+        key = id(cred)
+        hit = self._whos.get(key)
+        if hit is not None and hit[0] is cred:
+            return hit[1]
+        who = effective_cred(cred, self.squash)
+        if len(self._whos) >= 256:
+            self._whos.clear()
+        self._whos[key] = (cred, who)
+        return who
 
     def _check_allowed(self, host: str) -> None:
         ok = self._allowed.get(host)
@@ -520,7 +616,14 @@ class NfsProgram:
                 with contextlib.suppress(OSError):
                     os.close(own)
 
-        trio.lowlevel.spawn_system_task(run)
+        try:
+            trio.lowlevel.spawn_system_task(run)
+        except RuntimeError:  # not on the event loop's thread (a UDP service thread): the loop starts it
+            if self.loop_token is None:
+                self.write_behind.done(ino)
+                os.close(own)
+                return
+            self.loop_token.run_sync_soon(trio.lowlevel.spawn_system_task, run)
 
     def _write_checks(self, a: WriteArgs, ctx: CallContext, path: str,
                       st: os.stat_result) -> tuple[WccAttr, int, memoryview]:

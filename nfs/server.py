@@ -4,10 +4,21 @@ Every service port (NFS, MOUNT, optional portmap) is served on both UDP and TCP,
 answers every program (as knfsd's and ganesha's ports do for NULL probes). One task per TCP
 connection reads records (each capped by `max_record`; a bigger one closes that connection only).
 A call that needs no waiting (`RpcService.try_now`: a READ, an UNSTABLE WRITE, a GETATTR, ...
-with a known handle) is run and answered by that task itself, as an nfsd thread runs a call to
-its end, when no other reply is being sent on the connection; every other call runs in its own
-task, so a sync or a walk of the export holds up no other call (UDP sockets alike). The drivers
-call plain non-blocking sockets and wait through trio only when a call would block.
+with a known handle; READ and UNSTABLE WRITE in one pass by `RpcService.try_fast`) is run and
+answered by that task itself, as an nfsd thread runs a call to its end, when no other reply is
+being sent on the connection; every other call runs in its own task, so a sync or a walk of the
+export holds up no other call. The drivers call plain non-blocking sockets and wait through trio
+only when a call would block.
+
+Each UDP socket has a service thread (knfsd's nfsd threads, ganesha's workers): it waits in a
+blocking recvfrom, so a call costs no trip through the event loop, and answers READ and
+UNSTABLE WRITE itself (`try_fast`) with the *core lock* held. The event loop holds that lock
+whenever it runs and lets go of it only while it waits for I/O (`_CoreLock`, a trio
+instrument), so the sans-IO core never runs in two threads at once and the loop never waits
+for a thread longer than one call. Any other call, or one that finds the loop busy for
+`_CORE_WAIT`, is handed to the loop (`_udp_dispatch`), charged to the byte budget there and
+answered as over TCP; at most `_MAX_HANDOFFS` datagrams wait to be handed over (then they are
+dropped, as a full socket queue drops them: UDP clients retransmit).
 
 Memory is bounded server-wide: every connection and UDP socket draws from one `ByteBudget`
 (nfs/budget.py) of `max_buffered` bytes: a record's bytes are
@@ -28,6 +39,7 @@ in one call), never copied into a bigger message.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import fcntl
 import ipaddress
@@ -36,6 +48,7 @@ import math
 import os
 import socket as pysocket
 import termios
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,7 +67,9 @@ from nfs.nfsd import NfsProgram
 from nfs.portmap import IPPROTO_TCP, IPPROTO_UDP, PMAP_PROGRAM, PMAP_V2, Mapping, PortmapProgram
 from nfs.record import DEFAULT_MAX_RECORD, BufferPool, RecordDecoder, RecordTooLarge, record_mark
 from nfs.store import Export, default_state_dir, load_key
-from nfs.svc import Buffer, CallContext, FileSegment, Pending, RpcProgram, RpcService, close_segments, materialize
+from nfs.svc import (
+    STREAM_MAX_REPLY, Buffer, CallContext, FileSegment, Pending, RpcProgram, RpcService, close_segments, materialize,
+)
 from nfs.writeback import DEFAULT_WRITE_BEHIND
 
 log = logging.getLogger("netswap.nfs.server")
@@ -64,6 +79,8 @@ _SCRATCH = 16 * 1024  # small reads: record marks and small calls
 _SOCK_BUF = 4 * 1024 * 1024
 _MAX_LOWAT = 1024 * 1024  # a 1 MiB WRITE wakes the server once (the kernel grows the rcvbuf for it)
 _MAX_UNYIELDING = 16  # calls a reading task answers in a row before the other tasks get a turn
+_CORE_WAIT = 0.002  # how long a UDP service thread waits for the event loop to let go of the core
+_MAX_HANDOFFS = 64  # datagrams a UDP service thread may have handed to the event loop, not yet taken
 
 
 @dataclass
@@ -105,6 +122,8 @@ class ServerStats:
     udp_datagrams: int = 0
     udp_send_errors: int = 0
     calls_now: int = 0  # calls run and answered by the reading task itself (no task of their own)
+    udp_thread_calls: int = 0  # of which by a UDP socket's service thread
+    udp_dropped: int = 0  # datagrams dropped: the event loop behind by _MAX_HANDOFFS, or the byte budget full
 
 
 def _readable(sock: pysocket.socket) -> int:
@@ -152,12 +171,27 @@ async def send_datagram(sock: pysocket.socket, bufs: Sequence[Buffer], addr: Any
         views = [memoryview(b).cast("B") for b in materialize(list(bufs)) if len(b)]
         while True:
             try:
-                sock.sendmsg(views, [], 0, addr)
+                sock.sendmsg(views, [], pysocket.MSG_DONTWAIT, addr)  # (the socket may be a blocking one)
                 return
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(sock)
     finally:
         close_segments(list(bufs))
+
+
+def _send_datagram_now(sock: pysocket.socket, bufs: Sequence[Buffer], addr: Any, stats: ServerStats) -> bool:
+    """Send a reply datagram without waiting; whether it went (a full send buffer, rare on a
+    datagram socket, loses it like the network would: the client retransmits)."""
+    try:
+        sock.sendmsg([memoryview(b).cast("B") for b in materialize(list(bufs)) if len(b)], [],
+                     pysocket.MSG_DONTWAIT, addr)
+    except OSError as e:
+        stats.udp_send_errors += 1
+        log.debug("udp sendmsg to %s: %s", addr, e)
+        return False
+    finally:
+        close_segments(list(bufs))
+    return True
 
 
 async def _send_views(sock: pysocket.socket, views: list[memoryview], more: bool = False) -> None:
@@ -234,6 +268,8 @@ class NfsServer:
                              f"{config.max_record} after {config.max_connections + 4} connection reserves of "
                              f"{config.conn_reserve}")
         self.budget = ByteBudget(config.max_buffered, config.conn_reserve, config.max_connections + 4)
+        self._core = threading.Lock()  # the sans-IO core's: the event loop's, or a UDP service thread's
+        self._stats_lock = threading.Lock()  # (counts the service threads make without the core lock)
 
     @property
     def verifier(self) -> bytes:
@@ -279,11 +315,19 @@ class NfsServer:
                                          (MOUNT_PROGRAM, MOUNT_V3, "mount")):
                     for prot in (IPPROTO_TCP, IPPROTO_UDP):
                         self.portmap.set(Mapping(prog, vers, prot, self.ports[name]))
-            async with trio.open_nursery() as nursery:
-                for _, tcp, udp in socks:
-                    nursery.start_soon(self._accept_loop, tcp, nursery)
-                    nursery.start_soon(self._udp_loop, udp)
-                task_status.started(dict(self.ports))
+            self.nfs.loop_token = trio.lowlevel.current_trio_token()
+            self._core.acquire()  # (free: no service thread runs yet)
+            core = _CoreLock(self._core)
+            trio.lowlevel.add_instrument(core)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for _, tcp, udp in socks:
+                        nursery.start_soon(self._accept_loop, tcp, nursery)
+                        await nursery.start(self._udp_loop, udp)
+                    task_status.started(dict(self.ports))
+            finally:
+                trio.lowlevel.remove_instrument(core)
+                self._core.release()
         finally:
             for _, tcp, udp in socks:
                 tcp.close()
@@ -462,19 +506,20 @@ class NfsServer:
         t0 = time.perf_counter()  # the call's service time starts (per-client statistics)
         if not conn.got_call and looks_like_call(rec):
             conn.got_call = True
-        ctx = CallContext(host, port, "tcp")
-        p = self.svc.begin(rec, ctx)
-        reply: list[Buffer] | None
-        if send_lock.locked():
-            reply = None
-        elif isinstance(p, Pending):
-            reply = self.svc.try_now(p, ctx)
-        else:
-            reply = p
-            p = None
-        if reply is None and p is not None:
-            calls.start_soon(self._tcp_call, sock, send_lock, dec, rec, conn, p, ctx, t0)
-            return
+        reply = None if send_lock.locked() else self.svc.try_fast(rec, host, "tcp", STREAM_MAX_REPLY)
+        if reply is None:
+            ctx = CallContext(host, port, "tcp")
+            p = self.svc.begin(rec, ctx)
+            if send_lock.locked():
+                reply = None
+            elif isinstance(p, Pending):
+                reply = self.svc.try_now(p, ctx)
+            else:
+                reply = p
+                p = None
+            if reply is None and p is not None:
+                calls.start_soon(self._tcp_call, sock, send_lock, dec, rec, conn, p, ctx, t0)
+                return
         self.stats.calls_now += 1
         n = len(rec)
         try:
@@ -515,53 +560,122 @@ class NfsServer:
             conn.share.end_call(n)
             conn.touch()
 
-    async def _udp_loop(self, tsock: trio.socket.SocketType) -> None:
+    async def _udp_loop(self, tsock: trio.socket.SocketType, *,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """A UDP socket: its service thread reads it (blocking) and answers the hot calls itself;
+        the rest come here (`_udp_dispatch`), to be answered as over TCP."""
         sock = _own(tsock)
-        share = self.budget.share(self.config.inflight_bytes, self.config.max_inflight * 4)
-        unyielding = 0
+        sock.setblocking(True)  # (the thread blocks in recvfrom; the loop sends with MSG_DONTWAIT)
+        u = _UdpSocket(sock, self.budget.share(self.config.inflight_bytes, self.config.max_inflight * 4),
+                       trio.lowlevel.current_trio_token())
+        thread = threading.Thread(target=self._udp_thread, args=(u,), name=f"nfsd-udp-{sock.getsockname()[1]}",
+                                  daemon=True)
         try:
             async with trio.open_nursery() as calls:
-                while True:
-                    try:
-                        data, addr = sock.recvfrom(UDP_MAX_PAYLOAD + 1)
-                    except BlockingIOError:
-                        unyielding = 0
-                        await trio.lowlevel.wait_readable(sock)
-                        continue
-                    except OSError as e:  # e.g. ECONNREFUSED from an earlier ICMP error
-                        log.debug("udp recvfrom: %s", e)
-                        continue
-                    self.stats.udp_datagrams += 1
-                    await share.acquire(len(data))
-                    await share.start_call()
-                    # As over TCP: answered here when the call needs no waiting, else in a task.
-                    t0 = time.perf_counter()
-                    ctx = CallContext(str(addr[0]), int(addr[1]), "udp", max_reply=UDP_MAX_PAYLOAD)
-                    try:
-                        p = self.svc.begin(data, ctx)
-                        reply = self.svc.try_now(p, ctx) if isinstance(p, Pending) else p
-                    except Exception:  # a bug must cost this call, never the server
-                        log.exception("udp call from %s failed", addr)
-                        share.end_call(len(data))
-                        continue
-                    if reply is None and isinstance(p, Pending):
-                        calls.start_soon(self._udp_call, sock, data, addr, share, p, ctx, t0)
-                        continue
-                    self.stats.calls_now += 1
-                    try:
-                        if reply is not None:
-                            out = sum(len(b) for b in reply)
-                            if await self._udp_send(sock, reply, addr):
-                                self.clients.record(ctx.host, len(data), out, time.perf_counter() - t0)
-                    finally:
-                        share.end_call(len(data))
-                    unyielding += 1
-                    if unyielding >= _MAX_UNYIELDING:
-                        unyielding = 0
-                        await trio.lowlevel.checkpoint()
+                u.calls = calls
+                thread.start()
+                task_status.started()
+                await trio.sleep_forever()
         finally:
-            share.close()
+            u.closed = True
+            with contextlib.suppress(OSError):
+                sock.shutdown(pysocket.SHUT_RDWR)  # (wakes the thread's recvfrom; ENOTCONN for UDP)
+            if thread.is_alive():
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(thread.join, 5.0)
+            u.share.close()
             _close(sock)
+
+    def _udp_thread(self, u: _UdpSocket) -> None:
+        """An nfsd thread for a UDP socket: it waits in recvfrom (no trip through the event loop
+        per call) and answers the hot calls (`try_fast`: READ, UNSTABLE WRITE) with the core lock
+        held, which the event loop lets go of only while it waits for I/O; a call needing more,
+        or one that comes while the loop runs, is handed to the loop (at most _MAX_HANDOFFS
+        waiting: past that, datagrams are dropped as a full socket queue drops them, and the
+        client retransmits). A call answered here holds its one datagram while it runs: no
+        buffering beyond that, so it is not charged to the byte budget."""
+        sock, core = u.sock, self._core
+        while not u.closed:
+            try:
+                data, addr = sock.recvfrom(UDP_MAX_PAYLOAD + 1)
+            except OSError as e:  # e.g. ECONNREFUSED from an earlier ICMP error
+                log.debug("udp recvfrom: %s", e)
+                continue
+            if u.closed or addr is None:
+                return
+            if core.acquire(timeout=_CORE_WAIT):
+                try:
+                    if self._udp_now(u, data, addr):
+                        continue
+                except Exception:  # a bug must cost this call, never the server
+                    log.exception("udp call from %s failed", addr)
+                    continue
+                finally:
+                    core.release()
+            if not u.handoffs.acquire(blocking=False):
+                with self._stats_lock:
+                    self.stats.udp_dropped += 1
+                continue
+            try:
+                u.token.run_sync_soon(self._udp_dispatch, u, data, addr)
+            except trio.RunFinishedError:
+                return
+
+    def _udp_now(self, u: _UdpSocket, data: bytes, addr: Any) -> bool:
+        """In the service thread, with the core lock held: answer a hot call; False if it is
+        not one (nothing done)."""
+        t0 = time.perf_counter()
+        host = str(addr[0])
+        sent: list[bool] = []
+
+        def send(reply: list[Buffer]) -> None:  # (the reply goes before the reply cache is kept)
+            sent.append(_send_datagram_now(sock=u.sock, bufs=reply, addr=addr, stats=self.stats))
+
+        reply = self.svc.try_fast(data, host, "udp", UDP_MAX_PAYLOAD, send)
+        if reply is None:
+            return False
+        self.stats.udp_datagrams += 1
+        self.stats.calls_now += 1
+        self.stats.udp_thread_calls += 1
+        out = sum(len(b) for b in reply)
+        if not sent:  # (a reply from the reply cache)
+            send(reply)
+        if sent[0]:
+            self.clients.record(host, len(data), out, time.perf_counter() - t0)
+        return True
+
+    def _udp_dispatch(self, u: _UdpSocket, data: bytes, addr: Any) -> None:
+        """On the event loop: a datagram the service thread handed over. Charged to the byte
+        budget (dropped if it is full: the client retransmits) and answered here when it needs
+        no waiting, else in a task."""
+        u.handoffs.release()
+        if u.closed or u.calls is None:
+            return
+        self.stats.udp_datagrams += 1
+        n = len(data)
+        if not u.share.try_start_call(n):
+            with self._stats_lock:
+                self.stats.udp_dropped += 1
+            return
+        t0 = time.perf_counter()
+        host = str(addr[0])
+        try:
+            reply = self.svc.try_fast(data, host, "udp", UDP_MAX_PAYLOAD)
+            if reply is None:
+                ctx = CallContext(host, int(addr[1]), "udp", max_reply=UDP_MAX_PAYLOAD)
+                p = self.svc.begin(data, ctx)
+                reply = self.svc.try_now(p, ctx) if isinstance(p, Pending) else p
+                if reply is None and isinstance(p, Pending):
+                    u.calls.start_soon(self._udp_call, u.sock, data, addr, u.share, p, ctx, t0)
+                    return
+            if reply is not None:
+                self.stats.calls_now += 1
+                out = sum(len(b) for b in reply)
+                if _send_datagram_now(sock=u.sock, bufs=reply, addr=addr, stats=self.stats):
+                    self.clients.record(host, n, out, time.perf_counter() - t0)
+        except Exception:  # a bug must cost this call, never the server
+            log.exception("udp call from %s failed", addr)
+        u.share.end_call(n)
 
     async def _udp_send(self, sock: pysocket.socket, reply: list[Buffer], addr: Any) -> bool:
         """Send a reply; whether it went."""
@@ -592,6 +706,33 @@ class NfsServer:
         return {"buffered": self.budget.used, "high_water": self.budget.high_water, "limit": self.budget.limit,
                 "decoder_bytes": sum(c.dec.allocated for c in self._conns.values()),
                 "budget_waits": self.budget.waits, "connections": len(self._conns)}
+
+
+class _UdpSocket:
+    """A UDP socket's state, shared by its service thread and the event loop."""
+
+    def __init__(self, sock: pysocket.socket, share: Share, token: trio.lowlevel.TrioToken) -> None:
+        self.sock = sock
+        self.share = share
+        self.token = token
+        self.handoffs = threading.BoundedSemaphore(_MAX_HANDOFFS)  # datagrams handed to the loop, not yet taken
+        self.calls: trio.Nursery | None = None
+        self.closed = False
+
+
+class _CoreLock(trio.abc.Instrument):
+    """The event loop holds the core lock while it runs and lets go of it only while it waits
+    for I/O, so a UDP service thread that takes it has the sans-IO core (reply cache, handle
+    and fd caches, statistics) to itself, and never waits for it."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.lock = lock
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.lock.release()
+
+    def after_io_wait(self, timeout: float) -> None:
+        self.lock.acquire()
 
 
 class _Conn:

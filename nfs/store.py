@@ -37,6 +37,7 @@ log = logging.getLogger("netswap.nfs.store")
 FH_MAGIC = b"NSW1"
 _FH_BODY = struct.Struct(">4sQQQ")
 FH_SIZE = _FH_BODY.size + 16  # 44
+_MAX_KNOWN = 4096  # verified handles remembered
 
 
 def default_state_dir() -> Path:
@@ -98,6 +99,7 @@ class Export:
         self._paths: dict[int, str] = {st.st_ino: self.root}  # ino -> absolute path inside root
         self._parents: dict[int, int] = {st.st_ino: st.st_ino}
         self._fds: OrderedDict[int, int] = OrderedDict()  # ino -> fd, LRU
+        self._known: dict[bytes, tuple[int, int]] = {}  # handles that verified -> (ino, parent ino)
         # Inodes a walk of the export did not find: later calls with their handles are STALE
         # at once instead of walking the whole export again (until the inode is seen again).
         self._gone: OrderedDict[int, None] = OrderedDict()
@@ -121,7 +123,11 @@ class Export:
         return self.make_fh(st.st_ino, parent_ino)
 
     def decode_fh(self, fh: bytes) -> tuple[int, int]:
-        """(ino, parent ino) of a handle this export minted; BADHANDLE otherwise."""
+        """(ino, parent ino) of a handle this export minted; BADHANDLE otherwise. Handles that
+        verified are remembered (a bounded table), so a client's next calls cost no MAC."""
+        known = self._known.get(fh)
+        if known is not None:
+            return known
         if len(fh) != FH_SIZE or fh[:4] != FH_MAGIC:
             raise Nfs3Error(Stat.NFS3ERR_BADHANDLE, "not one of our handles")
         body = fh[: _FH_BODY.size]
@@ -130,6 +136,9 @@ class Export:
         _, fsid, ino, parent = _FH_BODY.unpack(body)
         if fsid != self.fsid:
             raise Nfs3Error(Stat.NFS3ERR_STALE, "handle of another export")
+        if len(self._known) >= _MAX_KNOWN:
+            self._known.clear()
+        self._known[bytes(fh)] = (ino, parent)
         return ino, parent
 
     def same_export(self, a: bytes, b: bytes) -> None:
@@ -326,6 +335,25 @@ class Export:
             _, old = self._fds.popitem(last=False)
             os.close(old)
         return fd
+
+    def open_file(self, fh: bytes) -> tuple[int, os.stat_result] | None:
+        """The hot path's resolve (READ and WRITE): the cached fd of the regular file a known
+        handle names and its fstat, or None (then resolve as usual). No lstat or statx of its
+        path: the fd was opened through a path that resolved inside the export, and it stays on
+        that inode, as knfsd's open-file cache does. A file with no link left is not served
+        here, so a removed file's handle goes the usual way and is STALE."""
+        known = self._known.get(fh)
+        if known is None:
+            return None
+        ino = known[0]
+        fd = self._fds.get(ino)
+        if fd is None:
+            return None
+        st = os.fstat(fd)
+        if st.st_nlink == 0:
+            return None
+        self._fds.move_to_end(ino)
+        return fd, st
 
     def close_ino(self, ino: int) -> None:
         fd = self._fds.pop(ino, None)

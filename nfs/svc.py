@@ -22,10 +22,11 @@ import ipaddress
 import logging
 import math
 import os
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -37,6 +38,13 @@ from nfs.rpc import (
 from nfs.xdr import Unpacker, XdrError
 
 log = logging.getLogger("netswap.nfs.svc")
+
+STREAM_MAX_REPLY = 4 * 1024 * 1024  # the largest reply over TCP (a record)
+_FAST_HEAD = struct.Struct(">8I")  # xid, CALL, rpcvers, prog, vers, proc, credential flavor and length
+_TWO = struct.Struct(">II")
+_MAX_AUTH = 400  # MAX_AUTH_BYTES
+_AUTH_NONE = 0
+_AUTH_SYS = 1
 
 
 
@@ -100,7 +108,7 @@ class CallContext:
     transport: str  # "tcp" or "udp"
     header: CallHeader | None = None
     cred: AuthSys | None = None
-    max_reply: int = 4 * 1024 * 1024  # UDP: what fits in one datagram
+    max_reply: int = STREAM_MAX_REPLY  # UDP: what fits in one datagram
 
 
 class RpcProgram(Protocol):
@@ -179,6 +187,9 @@ class RpcService:
         self.log_limit = RateLimit(burst=10, interval=5.0)
         self._names: dict[tuple[int, int], str] = {}  # (prog, proc) -> its stats name
         self._creds: dict[bytes, AuthSys] = {}  # AUTH_SYS credential body -> decoded
+        # The programs with a hot path (`call_fast(proc, msg, pos, host, transport, max_reply,
+        # cred)`: the call ready to run, or None).
+        self._fast: dict[int, Any] = {p.prog: p for p in programs if callable(getattr(p, "call_fast", None))}
 
     def _wake(self, key: DrcKey) -> None:
         ev = self._in_progress.pop(key, None)
@@ -260,7 +271,7 @@ class RpcService:
                 assert cached is not None
                 return [cached]
             # NEW: run() ends before anything else runs, so no duplicate can see it in progress.
-        return self._complete(p, run, key)
+        return self._complete(p.hdr.xid, p.prog, p.hdr.proc, run, key)
 
     async def finish(self, p: Pending, ctx: CallContext) -> list[Buffer] | None:
         """Run a call that `begin` accepted, waiting as it needs (the reply cache, a sync)."""
@@ -293,16 +304,17 @@ class RpcService:
                     self.drc.done(key, None)
                     self._wake(key)
                 raise
-            return self._complete(p, None, key, e)
-        return self._complete(p, lambda: body, key)
+            return self._complete(xid, prog, hdr.proc, None, key, e)
+        return self._complete(xid, prog, hdr.proc, lambda: body, key)
 
-    def _complete(self, p: Pending, run: Callable[[], list[Buffer]] | None, key: DrcKey | None,
-                  failed: Exception | None = None) -> list[Buffer]:
+    def _complete(self, xid: int, prog: RpcProgram, proc: int, run: Callable[[], list[Buffer]] | None,
+                  key: DrcKey | None, failed: Exception | None = None,
+                  send: Callable[[list[Buffer]], object] | None = None) -> list[Buffer]:
         """The reply of a call that ran (`run` gives its body) or failed: GARBAGE_ARGS for
         undecodable arguments, SYSTEM_ERR (counted, rate-limited traceback) for a bug; kept in
-        the reply cache if the procedure is non-idempotent."""
-        hdr = p.hdr
-        xid = hdr.xid
+        the reply cache if the procedure is non-idempotent. `send`, if given, gets the reply
+        first (the cache and the statistics are kept after it has gone, off the caller's wait;
+        nothing else can run in between)."""
         reply: list[Buffer]
         try:
             if failed is not None:
@@ -318,7 +330,7 @@ class RpcService:
             # A bug a client can trigger at will must not flood the log: tracebacks are rate
             # limited (printk_ratelimit), the rest counted and summarised.
             if (missed := self.log_limit.allow()) is not None:
-                log.exception("xid %#x: %s proc %d failed%s", xid, p.prog.name, hdr.proc,
+                log.exception("xid %#x: %s proc %d failed%s", xid, prog.name, proc,
                               f" ({missed} more such failures not logged)" if missed else "")
             reply = [encode_reply_accepted(xid, AcceptStat.SYSTEM_ERR)]
         except BaseException:
@@ -326,12 +338,65 @@ class RpcService:
                 self.drc.done(key, None)
                 self._wake(key)
             raise
+        if send is not None:
+            send(reply)
         if key is not None:
             self.drc.done(key, b"".join(materialize(reply)))
             self._wake(key)
         by_proc = self.stats.by_proc
-        name = self._names.get((p.prog.prog, hdr.proc))
+        name = self._names.get((prog.prog, proc))
         if name is None:
-            name = self._names[(p.prog.prog, hdr.proc)] = f"{p.prog.name}.{hdr.proc}"
+            name = self._names[(prog.prog, proc)] = f"{prog.name}.{proc}"
         by_proc[name] = by_proc.get(name, 0) + 1
         return reply
+
+    def try_fast(self, msg: bytes | bytearray | memoryview, host: str, transport: str, max_reply: int,
+                 send: Callable[[list[Buffer]], object] | None = None) -> list[Buffer] | None:
+        """`begin` and `try_now` in one pass for the hot calls (a program's `call_fast`: READ
+        and UNSTABLE WRITE), read with fixed layouts: a CALL of RPC version 2, an AUTH_SYS
+        credential already seen (or AUTH_NONE), a verifier of a known flavor. The same reply,
+        reply cache and statistics as the usual way; None, with nothing done, for any other
+        call or anything unusual (the usual way then answers it). With `send`, a reply that ran
+        is handed to it before the reply cache and statistics are kept (a reply from the cache
+        is only returned)."""
+        mv = msg if isinstance(msg, memoryview) else memoryview(msg)
+        n = len(mv)
+        if n < 40:
+            return None
+        xid, mtype, rpcvers, prog_no, vers, proc, flavor, clen = _FAST_HEAD.unpack_from(mv, 0)
+        prog = self._fast.get(prog_no)
+        if mtype != 0 or rpcvers != 2 or prog is None or vers not in prog.versions or clen > _MAX_AUTH:
+            return None
+        pos = 32 + clen + (-clen & 3)
+        if flavor == _AUTH_SYS:
+            cred = self._creds.get(bytes(mv[32 : 32 + clen]))
+            if cred is None:
+                return None
+        elif flavor == _AUTH_NONE:
+            cred = None
+        else:
+            return None
+        if n < pos + 8:
+            return None
+        vflavor, vlen = _TWO.unpack_from(mv, pos)
+        if (vflavor != _AUTH_NONE and vflavor != _AUTH_SYS) or vlen > _MAX_AUTH:
+            return None
+        pos += 8 + vlen + (-vlen & 3)
+        if n < pos:
+            return None
+        run = prog.call_fast(proc, mv, pos, host, transport, max_reply, cred)
+        if run is None:
+            return None
+        key = None
+        if prog.non_idempotent(vers, proc):
+            key = self.drc.key(xid, host, prog_no, vers, proc, mv[pos:])
+            if key in self._in_progress:
+                return None  # (begin/finish drop or wait, as the rules say)
+            self.stats.calls += 1
+            state, cached = self.drc.lookup(key)
+            if state is DrcState.DONE:
+                assert cached is not None
+                return [cached]
+        else:
+            self.stats.calls += 1
+        return self._complete(xid, prog, proc, run, key, send=send)

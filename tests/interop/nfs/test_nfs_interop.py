@@ -73,9 +73,11 @@ def test_libnfs_tools_against_our_server_and_tshark_finds_nothing_malformed(tmp_
     # Nothing malformed, and no warning but those that are TCP's and libnfs's, not the protocol's:
     # libnfs ends its connections with a reset (RST from the client's port), a 1 MiB WRITE or
     # READ fills a TCP window (flow control doing its job), and on a loaded machine the kernel's
-    # TCP may retransmit spuriously, which the receiver answers with a D-SACK.
+    # TCP may retransmit spuriously, which the receiver answers with a D-SACK, and the capture on
+    # lo may see a segment sent from one CPU before one sent earlier from the other (tshark:
+    # "Out-Of-Order"; it happens against the previous server version as well, about 1 run in 5).
     theirs = (f"(tcp.flags.reset == 1 && (tcp.dstport == {srv.nfs_port} || tcp.dstport == {srv.mount_port}))"
-              f" || tcp.analysis.window_full || tcp.analysis.spurious_retransmission"
+              f" || tcp.analysis.window_full || tcp.analysis.spurious_retransmission || tcp.analysis.out_of_order"
               f" || tcp.analysis.retransmission || tcp.options.sack.dsack || {CAPTURE_LOSS}")
     bad = subprocess.run(["tshark", "-r", str(cap), *_decode_as(srv.nfs_port, srv.mount_port), "-Y",
                           f"_ws.malformed || (_ws.expert.severity >= warning && !({theirs}))"],
