@@ -19,8 +19,12 @@ without a second copy of the steps: the route of the last source, the socket of 
 the RX skb allocator's memo of failed ordinary attempts, the slab array caches (an skb dropped in a
 poll is reused by the next frame of the same poll, as SLAB's per-CPU array cache does), the CPU
 charged once, and counters summed per poll.  Every drop is also counted on the socket the frame
-was for (`Sock.rx_drops`), before demux included: the kernel could not know it, the emulator can.  Steps 6-8 are `Sock.queue_rcv_skb`; skb memory is only ever touched
-through `SkbAllocator`.
+was for (`Sock.rx_drops`), before demux included: the kernel could not know it, the emulator
+can.  Steps 6-8 are `Sock.queue_rcv_skb`; skb memory is only ever touched through
+`SkbAllocator`.  A run of like frames (same source and port, ordinary skbs, all accepted) takes
+the steps once for the run: `SkbAllocator.rx_bulk` gives an `SkbRun` (the frames' sizes and
+data as arrays, no object per frame) and `Sock.queue_rcv_run` queues it whole; every count and
+every byte charged is what the frames one by one would have given.
 """
 
 from __future__ import annotations
