@@ -26,28 +26,6 @@ if TYPE_CHECKING:
     from emu.scenario import HostSection
 
 
-class ScaledReserveRoot(ReserveRoot):
-    """v12's reserve tree with its emergency pool (`pages_emerg`) set to `scale` times what the tree
-    asks for, while every node keeps its limit: below 1, the subsystems may charge more than the
-    pool holds, the case the seed excludes ("this assumes the amount of memory needed for
-    writeout is smaller than the provided reserve"); `host.reserve_scale` sweeps find where the
-    cure stops being enough."""
-
-    def __init__(self, zone: Zone, scale: float) -> None:
-        self.scale = scale
-        super().__init__(zone)
-
-    def _root_changed(self, delta: int) -> None:
-        if self.zone is None:
-            return
-        old = self.zone.pages_emerg
-        self.zone.pages_emerg = int(self.root.pages * self.scale)
-        if self.zone.pages_emerg < old:
-            self.zone.kick_free_progress()
-        elif self.zone.pages_emerg > old:
-            self.zone.wakeup_kswapd()
-
-
 class Kernel:
     def __init__(self, host: HostSection, policy: Policy, costs: Costs, clock: EmuClock | None, *,
                  local_addr: str = "127.0.0.1") -> None:
@@ -58,8 +36,7 @@ class Kernel:
         self.slabs = Slabs(zone)
         self.reserve: ReserveRoot | None = None
         if policy is Policy.V12:
-            scale = getattr(host, "reserve_scale", 1.0)
-            self.reserve = ReserveRoot(zone) if scale == 1.0 else ScaledReserveRoot(zone, scale)
+            self.reserve = ReserveRoot(zone, scale=host.reserve_scale)
         # 2.6.22's swap_writepage writes one page at a time: over NFS one WRITE per page, on the
         # LUN one bio (no elevator here to merge them); `swap_cluster` raises that.
         self.mm = Vm(zone, self.slabs, self.reserve, self.vmstat, max_io_pages=host.swap_cluster, cpu=self.cpu)

@@ -16,10 +16,12 @@ taken below the watermarks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from emu.mm.gfp import Gfp
 from emu.mm.sizes import K
 from emu.mm.slab import (
     kmalloc_estimate,
@@ -29,7 +31,8 @@ from emu.mm.slab import (
 )
 
 if TYPE_CHECKING:
-    from emu.mm.page_alloc import Zone
+    from emu.mm.page_alloc import Page, Zone
+    from emu.mm.slab import KmemCache, SlabObj, Slabs
 
 __all__ = [
     "MemReserve",
@@ -51,9 +54,6 @@ class ReserveError(MemoryError):
     """The reserve cannot be set to that size (it does not fit in RAM)."""
 
 
-# ---- sizing (pure) -----------------------------------------------------------------------------
-
-
 # ---- the tree ----------------------------------------------------------------------------------
 
 
@@ -71,7 +71,9 @@ class MemReserve:
         self.inputs: dict[str, Any] = {}  # what the size was computed from (for the table)
         self.nr_charge_fail = 0
         self._waitq: trio.Event | None = None
-        self._on_root_change: Any = None  # root only: callback(delta_pages)
+        # root only, set by ReserveRoot: told of every change of the pool; asked before it grows
+        self._on_root_change: Callable[[int], None] | None = None
+        self._check_fits: Callable[[int], None] | None = None
         if parent is not None:
             parent.connect(self)
 
@@ -114,9 +116,8 @@ class MemReserve:
 
     def _check_grow(self, pages: int) -> None:
         root = self.root()
-        check = getattr(root, "_check_fits", None)
-        if pages > 0 and check is not None:
-            check(root.pages + pages)
+        if pages > 0 and root._check_fits is not None:
+            root._check_fits(root.pages + pages)
 
     def _add(self, pages: int, limit: int) -> None:
         self._check_grow(pages)
@@ -233,9 +234,15 @@ class ReserveRoot:
     Subsystems hang their own nodes under `root` (the network stack its RX/TX tree, a swap
     transport its TX pages); mm knows only the tree.  With a zone, `zone.pages_emerg` follows the
     root's pages, and a reserve that would not fit in RAM is refused (`ReserveError`).
+
+    `scale` sets the emergency pool to that factor of what the tree asks for, while every node
+    keeps its limit: below 1 the subsystems may charge more than the pool holds, the case the
+    seed excludes ("this assumes the amount of memory needed for writeout is smaller than the
+    provided reserve"); sweeps of `host.reserve_scale` find where the cure stops being enough.
     """
 
-    def __init__(self, zone: Zone | None = None, *, ram_bytes: int | None = None, page_size: int | None = None) -> None:
+    def __init__(self, zone: Zone | None = None, *, ram_bytes: int | None = None, page_size: int | None = None,
+                 scale: float = 1.0) -> None:
         if zone is not None:
             page_size = zone.page_size
             ram_bytes = zone.nr_pages * zone.page_size
@@ -246,13 +253,16 @@ class ReserveRoot:
         for name, value in (("ram_bytes", ram_bytes), ("page_size", page_size)):
             if value <= 0:
                 raise ValueError(f"{name} must be positive, not {value}")
+        if scale < 0:
+            raise ValueError(f"reserve scale must not be negative, not {scale}")
         self.zone = zone
+        self.scale = scale
         self.page_size = page_size
         self.ram_bytes = ram_bytes
         self.nr_pages = ram_bytes // page_size
         self.root = MemReserve("total reserve")
         self.root._on_root_change = self._root_changed
-        self.root._check_fits = self._check_fits  # type: ignore[attr-defined]
+        self.root._check_fits = self._check_fits
 
     def _check_fits(self, new_root_pages: int) -> None:
         if new_root_pages >= self.nr_pages:
@@ -268,12 +278,15 @@ class ReserveRoot:
             )
 
     def _root_changed(self, delta: int) -> None:
-        if self.zone is not None:
-            self.zone.pages_emerg = self.root.pages
-            if delta < 0:
-                self.zone.kick_free_progress()
-            else:
-                self.zone.wakeup_kswapd()
+        zone = self.zone
+        if zone is None:
+            return
+        old = zone.pages_emerg
+        zone.pages_emerg = int(self.root.pages * self.scale)
+        if zone.pages_emerg < old:
+            zone.kick_free_progress()  # pages freed to the zone's ordinary use
+        elif zone.pages_emerg > old:
+            zone.wakeup_kswapd()  # the watermarks rose
 
     @property
     def pages(self) -> int:
@@ -303,10 +316,8 @@ class ReserveRoot:
 # node for the charge; one that may not fails.  `emerg` tells the caller to free with the uncharge.
 
 
-def alloc_pages_reserve(zone: Zone, gfp: Any, order: int, res: MemReserve | None) -> tuple[list[Any] | None, bool]:
+def alloc_pages_reserve(zone: Zone, gfp: Gfp, order: int, res: MemReserve | None) -> tuple[list[Page] | None, bool]:
     """__alloc_pages_reserve() without sleeping: (pages or None, charged to `res`)."""
-    from emu.mm.gfp import Gfp
-
     pages = zone.alloc_pages(Gfp(gfp) | Gfp.NOMEMALLOC, order)
     if pages is not None or not zone.entitled(gfp):
         return pages, False
@@ -318,10 +329,8 @@ def alloc_pages_reserve(zone: Zone, gfp: Any, order: int, res: MemReserve | None
     return pages, pages is not None and res is not None
 
 
-async def alloc_pages_reserve_wait(zone: Zone, gfp: Any, order: int, res: MemReserve) -> tuple[list[Any], bool]:
+async def alloc_pages_reserve_wait(zone: Zone, gfp: Gfp, order: int, res: MemReserve) -> tuple[list[Page], bool]:
     """As alloc_pages_reserve, waiting on the node for the charge (callers with __GFP_WAIT)."""
-    from emu.mm.gfp import Gfp
-
     pages, emerg = alloc_pages_reserve(zone, gfp, order, res)
     if pages is not None:
         return pages, emerg
@@ -339,17 +348,15 @@ async def alloc_pages_reserve_wait(zone: Zone, gfp: Any, order: int, res: MemRes
     return pages, True
 
 
-def free_pages_reserve(zone: Zone, pages: list[Any], res: MemReserve | None, emerg: bool) -> None:
+def free_pages_reserve(zone: Zone, pages: list[Page], res: MemReserve | None, emerg: bool) -> None:
     """Free first, then uncharge: memory is present when a later charge succeeds."""
     zone.free_pages(pages)
     if emerg and res is not None:
         res.uncharge(len(pages))
 
 
-def kmalloc_reserve(slabs: Any, size: int, gfp: Any, res: MemReserve | None) -> tuple[Any, bool]:
+def kmalloc_reserve(slabs: Slabs, size: int, gfp: Gfp, res: MemReserve | None) -> tuple[SlabObj | None, bool]:
     """___kmalloc_reserve() without sleeping: (object or None, charged to `res` in bytes)."""
-    from emu.mm.gfp import Gfp
-
     obj = slabs.kmalloc(size, Gfp(gfp) | Gfp.NOMEMALLOC)
     if obj is not None or not slabs.zone.entitled(gfp):
         return obj, False
@@ -361,14 +368,15 @@ def kmalloc_reserve(slabs: Any, size: int, gfp: Any, res: MemReserve | None) -> 
     return obj, obj is not None and res is not None
 
 
-def kfree_reserve(slabs: Any, obj: Any, res: MemReserve | None, emerg: bool) -> None:
+def kfree_reserve(slabs: Slabs, obj: SlabObj, res: MemReserve | None, emerg: bool) -> None:
     size = obj.size
     slabs.kfree(obj)
     if emerg and res is not None:
         res.kmalloc_uncharge(size)
 
 
-def kmem_cache_alloc_reserve(cache: Any, gfp: Any, res: MemReserve | None, amount: int = 1) -> tuple[Any, bool] | None:
+def kmem_cache_alloc_reserve(cache: KmemCache, gfp: Gfp, res: MemReserve | None,
+                             amount: int = 1) -> tuple[SlabObj, bool] | None:
     """kmem_cache_alloc_reserve() without sleeping: an object of `cache` with `gfp`; one carved
     from the reserve is charged `amount` (objects or bytes) to `res`, and refused if `res` is
     full.  Returns (object, charged) or None."""
@@ -383,7 +391,8 @@ def kmem_cache_alloc_reserve(cache: Any, gfp: Any, res: MemReserve | None, amoun
     return obj, False
 
 
-def kmem_cache_free_reserve(cache: Any, obj: Any, res: MemReserve | None, charged: bool, amount: int = 1) -> None:
+def kmem_cache_free_reserve(cache: KmemCache, obj: SlabObj, res: MemReserve | None, charged: bool,
+                            amount: int = 1) -> None:
     """Free first, then uncharge."""
     cache.free(obj)
     if charged and res is not None:

@@ -11,6 +11,7 @@ to `gc_thresh`, at most once per interval.  A spoofed-source flood therefore gro
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -116,6 +117,26 @@ class RouteCache:
         self.version += 1
         stat.route_entries_created += 1
         return e
+
+    def hit(self, saddr: str, daddr: str, now: float) -> bool:
+        """ip_route_input's cache hit, uncounted (the receive path sums its hits per poll): True
+        and the entry marked used if (saddr, daddr) is cached; False and nothing touched if not."""
+        e = self.table.get((saddr, daddr))
+        if e is None:
+            return False
+        e.lastuse = now
+        return True
+
+    def hit_all(self, saddrs: Iterable[str], daddr: str, now: float) -> bool:
+        """`hit` for every source in `saddrs`, all or nothing: if one is not cached, none is
+        marked used and the answer is False."""
+        table = self.table
+        entries = [table.get((saddr, daddr)) for saddr in saddrs]
+        if None in entries:
+            return False
+        for e in entries:
+            e.lastuse = now  # type: ignore[union-attr]
+        return True
 
     def garbage_collect(self, now: float) -> int:
         """rt_garbage_collect: free entries idle > ip_rt_gc_min_interval, oldest first, to gc_thresh."""

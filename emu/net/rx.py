@@ -187,7 +187,7 @@ class RxPath:
     def _drop(self, v: int, sk: Sock | None) -> int:
         """Count a drop on the socket the frame was for (diagnostics, before demux included)."""
         if sk is not None:
-            sk.rx_drops[VERDICTS[v][0]] = sk.rx_drops.get(VERDICTS[v][0], 0) + 1
+            sk.count_drops(VERDICTS[v][0])
         return v
 
     # ---- UDP ----------------------------------------------------------------------------------
@@ -266,17 +266,14 @@ class RxPath:
                   fast: bool = True) -> int:
         """frames[i:j] are single frames of length `ln` whose routes are cached (from i+1 on;
         their last use is this poll).  `fast`: first try whether that holds for all the rest."""
-        rtable = self.rtable
+        routes = self.routes
         now = self.now
         n = len(frames)
         rest = frames[i + 1:] if fast else None
         # the common case at C speed: all the same length, from sources whose routes are cached
-        if fast and rest and set(map(len, map(_DATA, rest))) == {ln}:
-            routes = [rtable.get((saddr, daddr)) for saddr in set(map(_SADDR, rest))]
-            if None not in routes:
-                for rt in routes:
-                    rt.lastuse = now  # type: ignore[union-attr]
-                return n
+        if fast and rest and set(map(len, map(_DATA, rest))) == {ln} \
+                and routes.hit_all(set(map(_SADDR, rest)), daddr, now):
+            return n
         last = None
         j = i + 1
         while j < n:
@@ -285,10 +282,8 @@ class RxPath:
                 break
             saddr = f[2]
             if saddr != last:
-                rt = rtable.get((saddr, daddr))
-                if rt is None:
+                if not routes.hit(saddr, daddr, now):
                     break
-                rt.lastuse = now
                 last = saddr
             j += 1
         return j
@@ -297,9 +292,9 @@ class RxPath:
                     daddr: str) -> int:
         """Queue frames[i:j] at once as far as the socket's room and the slabs' free objects go;
         returns how many (0: the first frame goes the single way)."""
-        rt = self.rtable.get((frames[i][2], daddr))
-        if rt is None:
-            return 0
+        saddr = frames[i][2]
+        if (saddr, daddr) not in self.rtable:
+            return 0  # step 3 would allocate a route: the single way
         size = ln + IP_HDR + UDP_HDR
         truesize = size + SKB_OVERHEAD
         k = min(j - i, sk.rcv_room(truesize))
@@ -309,7 +304,7 @@ class RxPath:
         if run is None:
             return 0
         q = len(run)
-        rt.lastuse = self.now
+        self.routes.hit(saddr, daddr, self.now)
         sk.queue_rcv_run(run)
         self.frames += q
         self.nbytes += q * size
@@ -342,20 +337,16 @@ class RxPath:
         self.frames += r
         self.nbytes += r * (ln + IP_HDR + UDP_HDR)
         self.counts[v] += r
-        name = VERDICTS[v][0]
-        sk.rx_drops[name] = sk.rx_drops.get(name, 0) + r
+        sk.count_drops(VERDICTS[v][0], r, after_demux=v == PFMEMALLOC or v == RCVBUFF)
         if self.trace is not None:
             self.trace.extend([v | RESERVE_SKB if v != NOMEM and v != MISSED and self._last_reserve else v] * r)
         if v != NOMEM and v != MISSED:
             # each repeat took an skb (from the array cache) and gave it back: it passed step 3
             self.route_hits += r
             self.skbs_got += r
-            self.skbs.rx_allocated += r
+            self.skbs.rx_repeated(r, self._last_reserve)
             if self._last_reserve:
                 self.skbs_reserve += r
-                self.skbs.rx_reserve += r
-            if v == PFMEMALLOC or v == RCVBUFF:
-                sk.sk_drops += r
         return j
 
     def udp(self, data: bytes, saddr: str, sport: int, daddr: str, dport: int) -> int:
@@ -391,25 +382,45 @@ class RxPath:
                    dport: int, frag: tuple[tuple[str, str, int, int], int, int, bool] | None) -> int:
         self.frames += 1
         self.nbytes += size
-        if not self.ring_ok:  # step 1
-            return MISSED
-        skb = self.skbs.rx(size)
-        if skb is None:
-            self.ring_ok = False
-            return NOMEM
-        self.skbs_got += 1
+        skb = self._skb_rx(size, payload, saddr, sport, None if payload is None or frag is not None else len(payload))
+        if isinstance(skb, int):
+            return skb
         self._last_reserve = skb.memalloc != 0
-        if skb.memalloc:
-            self.skbs_reserve += 1
-        if frag is None:
-            skb.len = len(payload)  # type: ignore[arg-type]  # the datagram's payload
-        skb.data = payload
-        skb.saddr = saddr
-        skb.sport = sport
         if skb.memalloc:  # step 2
             with memalloc_noreclaim():
                 return self._ip_rcv(skb, saddr, daddr, dport, frag)
         return self._ip_rcv(skb, saddr, daddr, dport, frag)
+
+    def _skb_rx(self, size: int, data: bytes | None, saddr: str, sport: int, length: int | None) -> SkBuff | int:
+        """Step 1, for every frame: an RX skb of `size` carrying `data` (`length` payload bytes;
+        None: a fragment's, set by reassembly), or the verdict MISSED / NOMEM."""
+        if not self.ring_ok:
+            return MISSED
+        skb = self.skbs.rx(size)
+        if skb is None:
+            self.ring_ok = False  # an RX ring that could not be refilled: the rest of the poll is missed
+            return NOMEM
+        self.skbs_got += 1
+        if skb.memalloc:
+            self.skbs_reserve += 1
+        if length is not None:
+            skb.len = length
+        skb.data = data
+        skb.saddr = saddr
+        skb.sport = sport
+        return skb
+
+    def _deliver(self, skb: SkBuff, sk: Sock) -> int:
+        """Steps 6-8 (`Sock.queue_rcv_skb`) for a frame of either protocol; a queued one marks its
+        socket for the poll's wake-up."""
+        v = sk.queue_rcv_skb(skb)
+        if v == QUEUED:
+            if skb.memalloc:
+                self.emergency_queued += 1
+            if not sk.ready:
+                sk.ready = True
+                self._ready.append(sk)
+        return v
 
     def _ip_rcv(self, skb: SkBuff, saddr: str, daddr: str, dport: int,
                 frag: tuple[tuple[str, str, int, int], int, int, bool] | None) -> int:
@@ -434,25 +445,13 @@ class RxPath:
         if sk is None:
             self.skbs.free(skb)
             return NO_SOCKET
-        v = sk.queue_rcv_skb(skb)  # steps 6-8
-        if v == QUEUED:
-            if skb.memalloc:
-                self.emergency_queued += 1
-            if not sk.ready:
-                sk.ready = True
-                self._ready.append(sk)
-        return v
+        return self._deliver(skb, sk)
 
     def _route(self, skb: SkBuff, saddr: str, daddr: str) -> bool:
         """Step 3: ip_route_input.  The last hit is remembered for the poll: a flood comes from
         a few sources, and within one poll nothing else changes the cache."""
         key = (saddr, daddr)
-        if key == self._rt_key:
-            self.route_hits += 1
-            return True
-        rt = self.rtable.get(key)
-        if rt is not None:
-            rt.lastuse = self.now
+        if key == self._rt_key or self.routes.hit(saddr, daddr, self.now):
             self.route_hits += 1
             self._rt_key = key
             return True
@@ -470,31 +469,21 @@ class RxPath:
         size = len(chunk) + IP_HDR + TCP_HDR
         self.frames += 1
         self.nbytes += size
-        if not self.ring_ok:  # step 1
-            v = MISSED
+        skb = self._skb_rx(size, chunk, sk.raddr, sk.rport, len(chunk))  # step 1
+        reserve = False
+        if isinstance(skb, int):
+            v = skb
+        elif skb.memalloc:  # step 2
+            reserve = True
+            with memalloc_noreclaim():
+                v = self._tcp_rcv(skb, sk)
         else:
-            skb = self.skbs.rx(size)
-            if skb is None:
-                self.ring_ok = False
-                v = NOMEM
-            else:
-                self.skbs_got += 1
-                if skb.memalloc:
-                    self.skbs_reserve += 1
-                skb.len = len(chunk)
-                skb.data = chunk
-                skb.saddr = sk.raddr
-                skb.sport = sk.rport
-                if skb.memalloc:  # step 2
-                    with memalloc_noreclaim():
-                        v = self._tcp_rcv(skb, sk)
-                else:
-                    v = self._tcp_rcv(skb, sk)
+            v = self._tcp_rcv(skb, sk)
         self.counts[v] += 1
         if v > FRAG_QUEUED:
             self._drop(v, sk)
         if self.tap is not None:
-            self.tap.tcp(sk, chunk, v, v != NOMEM and v != MISSED and skb.memalloc != 0, self.now)  # type: ignore[union-attr]
+            self.tap.tcp(sk, chunk, v, reserve, self.now)
         return v
 
     def _tcp_rcv(self, skb: SkBuff, sk: Sock) -> int:
@@ -503,11 +492,4 @@ class RxPath:
         if self.tcp_table.get((sk.lport, sk.raddr, sk.rport)) is not sk:  # step 5
             self.skbs.free(skb)
             return NO_SOCKET
-        v = sk.queue_rcv_skb(skb)  # steps 6-8
-        if v == QUEUED:
-            if skb.memalloc:
-                self.emergency_queued += 1
-            if not sk.ready:
-                sk.ready = True
-                self._ready.append(sk)
-        return v
+        return self._deliver(skb, sk)

@@ -224,6 +224,13 @@ class SkbAllocator:
             self.rx_allocated += 1
         return skb
 
+    def rx_repeated(self, n: int, reserve: bool) -> None:
+        """`n` more RX skbs were taken and given back as the last one was (a repeated drop
+        counted at once by the receive path): the counts `rx` would have kept."""
+        self.rx_allocated += n
+        if reserve:
+            self.rx_reserve += n
+
     def rx_bulk(self, size: int, n: int, frames: list[tuple[float, bytes, str, int]], payload: int) -> SkbRun | None:
         """Up to `n` RX skbs of `size` at once (kmem_cache_alloc_bulk), carrying `frames[:n]`
         ((due, data, saddr, sport) each, `payload` bytes): exactly the skbs `n` calls of `rx`
@@ -262,18 +269,20 @@ class SkbAllocator:
                 skb.memalloc = SkBuff.PFMEMALLOC
                 self.rx_reserve += 1
             return skb
+        # v12's __alloc_skb: the ordinary attempt has failed (rx); charge the data to the skb
+        # reserve with the tree's kmalloc accounting (kmalloc_reserve's mem_reserve_kmalloc_charge)
+        # and take both objects below the watermarks, or neither.
         node = self.skb_data
-        charge = roundup_pow_of_two(size + SKB_SHARED_INFO)
-        if node is not None and not node.charge(charge):
+        if node is not None and not node.kmalloc_charge(size + SKB_SHARED_INFO):
             return None
         got = self._try(size, _ATOMIC_EMERGENCY)
         if got is None:
             if node is not None:
-                node.uncharge(charge)
+                node.kmalloc_uncharge(size + SKB_SHARED_INFO)
             return None
         skb = _promote(got)
         skb.memalloc = SkBuff.EMERGENCY
-        skb.charged = charge if node is not None else 0
+        skb.charged = roundup_pow_of_two(size + SKB_SHARED_INFO) if node is not None else 0
         self.rx_reserve += 1
         return skb
 

@@ -119,6 +119,13 @@ class Sock:
         self.rx_queued_bytes += skb.len
         return QUEUED
 
+    def count_drops(self, reason: str, n: int = 1, *, after_demux: bool = False) -> None:
+        """`n` frames for this socket dropped for `reason` by the receive path (`after_demux`:
+        by steps 6-7, which the kernel counts in sk_drops too)."""
+        self.rx_drops[reason] = self.rx_drops.get(reason, 0) + n
+        if after_demux:
+            self.sk_drops += n
+
     def rcv_room(self, truesize: int) -> int:
         """How many ordinary skbs of `truesize` step 7 would still queue, one after the other."""
         free = self.sk_rcvbuf - self.sk_rmem_alloc - truesize
