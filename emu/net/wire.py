@@ -379,7 +379,7 @@ class TcpWire(Wire):
         self._seg = bytearray()  # the segment being cut
         self._reply_off = 0  # bytes of the current reply read so far
         self._reply: list[tuple[float, bytes, bool]] = []  # its segments, while it is incomplete
-        self._in_order = getattr(self.framer, "in_order", True)
+        self._in_order = self.framer.in_order if self.framer is not None else True  # a plain stream is in order
         self._last_due = 0.0  # stream order
         self.rto = nic.tcp_rto_min
         self.reoffer_at: float | None = None  # a segment is held until then
