@@ -17,8 +17,10 @@ whenever it runs and lets go of it only while it waits for I/O (`_CoreLock`, a t
 instrument), so the sans-IO core never runs in two threads at once and the loop never waits
 for a thread longer than one call. Any other call, or one that finds the loop busy for
 `_CORE_WAIT`, is handed to the loop (`_udp_dispatch`), charged to the byte budget there and
-answered as over TCP; at most `_MAX_HANDOFFS` datagrams wait to be handed over (then they are
-dropped, as a full socket queue drops them: UDP clients retransmit).
+answered as over TCP. At most `_MAX_HANDOFFS` datagrams are handed over and not yet admitted
+(the socket's calls running at once are bounded as a connection's are); past that the thread
+stops reading, and the socket's own queue (4 MiB) holds the rest, as it holds calls while all
+of knfsd's threads are busy: the kernel drops only when that queue is full.
 
 Memory is bounded server-wide: every connection and UDP socket draws from one `ByteBudget`
 (nfs/budget.py) of `max_buffered` bytes: a record's bytes are
@@ -123,7 +125,6 @@ class ServerStats:
     udp_send_errors: int = 0
     calls_now: int = 0  # calls run and answered by the reading task itself (no task of their own)
     udp_thread_calls: int = 0  # of which by a UDP socket's service thread
-    udp_dropped: int = 0  # datagrams dropped: the event loop behind by _MAX_HANDOFFS, or the byte budget full
 
 
 def _readable(sock: pysocket.socket) -> int:
@@ -269,7 +270,6 @@ class NfsServer:
                              f"{config.conn_reserve}")
         self.budget = ByteBudget(config.max_buffered, config.conn_reserve, config.max_connections + 4)
         self._core = threading.Lock()  # the sans-IO core's: the event loop's, or a UDP service thread's
-        self._stats_lock = threading.Lock()  # (counts the service threads make without the core lock)
 
     @property
     def verifier(self) -> bytes:
@@ -591,8 +591,8 @@ class NfsServer:
         per call) and answers the hot calls (`try_fast`: READ, UNSTABLE WRITE) with the core lock
         held, which the event loop lets go of only while it waits for I/O; a call needing more,
         or one that comes while the loop runs, is handed to the loop (at most _MAX_HANDOFFS
-        waiting: past that, datagrams are dropped as a full socket queue drops them, and the
-        client retransmits). A call answered here holds its one datagram while it runs: no
+        handed over and not yet admitted: past that the thread waits, and the socket's queue
+        holds what comes). A call answered here holds its one datagram while it runs: no
         buffering beyond that, so it is not charged to the byte budget."""
         sock, core = u.sock, self._core
         while not u.closed:
@@ -612,10 +612,9 @@ class NfsServer:
                     continue
                 finally:
                     core.release()
-            if not u.handoffs.acquire(blocking=False):
-                with self._stats_lock:
-                    self.stats.udp_dropped += 1
-                continue
+            while not u.handoffs.acquire(timeout=0.1):
+                if u.closed:
+                    return
             try:
                 u.token.run_sync_soon(self._udp_dispatch, u, data, addr)
             except trio.RunFinishedError:
@@ -645,18 +644,38 @@ class NfsServer:
         return True
 
     def _udp_dispatch(self, u: _UdpSocket, data: bytes, addr: Any) -> None:
-        """On the event loop: a datagram the service thread handed over. Charged to the byte
-        budget (dropped if it is full: the client retransmits) and answered here when it needs
-        no waiting, else in a task."""
-        u.handoffs.release()
+        """On the event loop: a datagram the service thread handed over. Admitted to the
+        socket's calls and charged to the byte budget, then answered here when it needs no
+        waiting, else in a task. If the socket's calls or bytes are at their limit, it waits
+        for room in a task, still counted as handed over (so the thread stops reading)."""
         if u.closed or u.calls is None:
+            u.handoffs.release()
             return
         self.stats.udp_datagrams += 1
-        n = len(data)
-        if not u.share.try_start_call(n):
-            with self._stats_lock:
-                self.stats.udp_dropped += 1
+        if not u.share.try_start_call(len(data)):
+            u.calls.start_soon(self._udp_admit, u, data, addr)
             return
+        u.handoffs.release()
+        self._udp_run(u, data, addr)
+
+    async def _udp_admit(self, u: _UdpSocket, data: bytes, addr: Any) -> None:
+        """A handed-over datagram waits for room among the socket's calls, as a TCP record
+        waits for its connection's."""
+        try:
+            await u.share.acquire(len(data))
+            try:
+                await u.share.start_call()
+            except BaseException:
+                u.share.release(len(data))
+                raise
+        finally:
+            u.handoffs.release()
+        self._udp_run(u, data, addr)
+
+    def _udp_run(self, u: _UdpSocket, data: bytes, addr: Any) -> None:
+        """An admitted datagram (its call started, its bytes charged): answered now or in a task."""
+        assert u.calls is not None
+        n = len(data)
         t0 = time.perf_counter()
         host = str(addr[0])
         try:

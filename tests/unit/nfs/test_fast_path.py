@@ -338,7 +338,7 @@ async def test_udp_service_threads_and_the_event_loop_share_the_core(tmp_path: P
                 for i in range(3):
                     w.start_soon(worker, "udp", i)
                     w.start_soon(worker, "tcp", i)
-        assert server.svc.stats.system_err == 0 and server.stats.udp_dropped == 0
+        assert server.svc.stats.system_err == 0
         n.cancel_scope.cancel()
     assert not [t for t in threading.enumerate() if t.name.startswith("nfsd-udp-")]
 
