@@ -84,7 +84,8 @@ def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ..
     from emu.host import run_matrix
     from emu.host.html import render
     from emu.host.observe import Observe
-    from emu.host.report import LiveProgress, results_table
+    from emu.host.progress import LiveProgress
+    from emu.host.report import results_table
     from emu.host.result import RunInterrupted
     from emu.host.timeline import plot_summary
     from emu.util.signals import exit_interrupted, is_interrupt, sigterm_as_interrupt

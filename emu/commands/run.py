@@ -170,7 +170,8 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
 
     from emu.host import run_scenario
     from emu.host.observe import Observe
-    from emu.host.report import LiveProgress, print_result
+    from emu.host.progress import LiveProgress
+    from emu.host.report import print_result
     from emu.host.result import RunInterrupted
 
     out = Path(out_dir) if out_dir else None
@@ -297,7 +298,8 @@ def _run_cluster(console: Console, result_console: Console, sc: scen.Scenario, o
                  wall_timeout: float, quiet: bool) -> None:
     from emu.host.cluster import run_cluster
     from emu.host.identity import host_addr, host_label
-    from emu.host.report import LiveProgress, cluster_table
+    from emu.host.progress import LiveProgress
+    from emu.host.report import cluster_table
 
     n = sc.cluster.hosts
     try:

@@ -7,7 +7,8 @@ from __future__ import annotations
 from rich.console import Console
 
 from emu import scenario as scen
-from emu.host.report import LiveProgress, ReportData, group_tasks, render_deadlock_report, results_table
+from emu.host.progress import LiveProgress
+from emu.host.report import ReportData, group_tasks, render_deadlock_report, results_table
 from emu.host.result import RunResult, RunStatus
 from emu.host.timeline import Recorder, Sample, columns, plotted_columns, rows
 
