@@ -36,7 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from emu import scenario as scen
+from emu.host.cluster_timeline import plot_hosts
 from emu.host.identity import host_addr, host_identity, host_label
+from emu.host.launch import run_host
 from emu.host.result import STUCK, RunResult, RunStatus
 from emu.host.run import WALL_TIMEOUT_DEFAULT, Progress
 from emu.host.servers import local_server
@@ -66,8 +68,6 @@ def host_endpoint(server: Endpoint, i: int) -> Endpoint:
 def _host_main(i: int, toml: str, source: str, server: Endpoint, out_dir: str | None, raw_traffic: bool,
                wall_timeout: float, q: Any) -> None:
     """Host i's process: run to its verdict, streaming its status, then send its result."""
-    from emu.host.launch import run_host
-
     sc = scen.loads(toml, source=source)
     last = [0.0]
 
@@ -181,8 +181,6 @@ def run_cluster(sc: scen.Scenario, progress: Progress | None = None, out_dir: Pa
     res.wall_s = round(wall, 3)
     res.server_stats = _server_summary(stats, rss, res.results, wall, sc.host.page_size)
     if out_dir is not None:
-        from emu.host.cluster_timeline import plot_hosts
-
         out_dir.mkdir(parents=True, exist_ok=True)
         png = plot_hosts(res, out_dir / "cluster.png")
         res.files["timeline"] = str(png)

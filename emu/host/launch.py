@@ -26,7 +26,7 @@ from emu.host.result import STUCK, RunInterrupted, RunResult, write_outputs
 from emu.host.run import WALL_TIMEOUT_DEFAULT, HostRun, Progress
 from emu.host.servers import local_server
 from emu.kernel.clock import EmuClock, deterministic_scheduling
-from emu.swapdev.endpoint import Endpoint, parse_server_url
+from emu.swapdev.endpoint import Endpoint, IscsiEndpoint, parse_server_url
 from emu.util.signals import is_interrupt
 
 
@@ -111,7 +111,7 @@ def run_host(sc: scen.Scenario, server: Endpoint, progress: Progress | None = No
     if run.obs is not None and run.obs.tap is not None:
         run.obs.tap.stop()
         decode = ""
-        if sc.backend == "iscsi" and hasattr(server, "port"):
+        if isinstance(server, IscsiEndpoint):
             decode = f"tshark -d tcp.port=={server.port},iscsi"  # our target listens on a free port
         res.pcap = run.obs.write_pcap(f"netswap run: backend {sc.backend}, policy {sc.policy}, scenario {sc.name}, "
                                       f"server {server.url()}, outcome {res.outcome} at t={res.emulated_s:.3f} s "

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from emu.host.timeline import plot, write_csv, write_jsonl
+
 # outcome -> exit status of `netswap run`
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STUCK = 0, 1, 2, 3
 STUCK = ("deadlock", "livelock")
@@ -111,8 +113,6 @@ class RunResult:
 def write_outputs(res: RunResult, out_dir: Path, stem: str, recorder: Any = None, verdict_at: float | None = None) -> None:
     """The timeline (PNG, and its data as CSV and JSON lines), the report (for a stuck run) and
     the JSON, into `out_dir`."""
-    from emu.host.timeline import plot, write_csv, write_jsonl
-
     out_dir.mkdir(parents=True, exist_ok=True)
     if recorder is not None and recorder.samples:
         png = plot(recorder, out_dir / f"{stem}.png",
