@@ -63,6 +63,9 @@ class HostSection:
     swap_cluster: int = _f(1, "int", "pages per swap write I/O (1: swap_writepage, one page per WRITE)", min=1, max=64)
     mtu: int = _f(1500, "int", "NIC MTU", min=576, max=65535)
     route_max_size: int = _f(0, "int", "net.ipv4.route.max_size (0 = derived from RAM)", min=0, max=1 << 24)
+    # The stack's defaults, written out (a scenario may not import emu.net): emu.net.ipfrag's
+    # IPFRAG_HIGH_THRESH, IPFRAG_LOW_THRESH, IPFRAG_TIME and emu.net.sock's RMEM_DEFAULT;
+    # tests/unit/net/test_scenario_defaults.py keeps them equal.
     ipfrag_high_thresh: int = _f(262144, "int", "net.ipv4.ipfrag_high_thresh in bytes", min=4096, max=1 << 30)
     ipfrag_low_thresh: int = _f(196608, "int", "net.ipv4.ipfrag_low_thresh in bytes", min=0, max=1 << 30)
     ipfrag_time: float = _f(30.0, "float", "net.ipv4.ipfrag_time in seconds", min=0.1, max=3600.0)
