@@ -13,6 +13,7 @@ import click
 from rich.console import Console
 
 from emu import scenario as scen
+from emu.mm.gfp import Policy
 from emu.swapdev.endpoint import ServerURLError, check_backend_matches, parse_server_url
 from emu.util.signals import exit_interrupted, is_interrupt, sigterm_as_interrupt
 from emu.util.units import format_size, parse_size
@@ -57,7 +58,7 @@ def apply_overrides(sc: scen.Scenario, *, backend: str | None, policy: str | Non
     if backend:
         d.backend = backend
     if policy:
-        d.policy = policy
+        d.policy = Policy(policy)
     if ram is not None:
         d.host.ram = ram
     if swap is not None:

@@ -42,6 +42,7 @@ from emu.host.launch import run_host
 from emu.host.result import STUCK, RunResult, RunStatus
 from emu.host.run import WALL_TIMEOUT_DEFAULT, Progress
 from emu.host.servers import local_server
+from emu.mm.gfp import Policy
 from emu.swapdev.endpoint import Endpoint, IscsiEndpoint, NfsEndpoint, parse_server_url
 
 SAMPLES_PER_HOST = 1500  # the timeline points a host sends back for the cluster's figure
@@ -94,7 +95,7 @@ def _host_main(i: int, toml: str, source: str, server: Endpoint, out_dir: str | 
 class ClusterResult:
     hosts: int
     backend: str
-    policy: str
+    policy: Policy
     server: str
     traffic: str
     results: list[RunResult] = field(default_factory=list)
@@ -125,7 +126,7 @@ class ClusterResult:
         return 3 if self.stuck else 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"hosts": self.hosts, "backend": self.backend, "policy": self.policy, "server": self.server,
+        return {"hosts": self.hosts, "backend": self.backend, "policy": self.policy.value, "server": self.server,
                 "traffic": self.traffic, "completed": self.completed, "stuck": self.stuck,
                 "outcomes": self.outcomes, "wall_s": self.wall_s, "server_stats": self.server_stats,
                 "files": self.files,
@@ -250,6 +251,7 @@ def _run_hosts(sc: scen.Scenario, server: Endpoint, progress: Progress | None, o
 def _from_json(d: dict[str, Any]) -> RunResult:
     names = {f.name for f in dataclasses.fields(RunResult)}
     r = RunResult(**{k: v for k, v in d.items() if k in names})
+    r.policy = Policy(d["policy"])  # its JSON names it
     r.report = d.get("deadlock_report") or ""
     return r
 

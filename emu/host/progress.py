@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from emu.host.report import outcome_style
+from emu.host.result import RunStatus
+from emu.mm.gfp import Policy
 
 
 def _n(x: int) -> str:
@@ -28,8 +29,8 @@ class LiveProgress:
     def __init__(self, console: Console, enabled: bool = True) -> None:
         self.console = console
         self.enabled = enabled and console.is_terminal
-        self.rows: dict[tuple[str, str], Any] = {}
-        self.order: list[tuple[str, str]] = []
+        self.rows: dict[tuple[str, Policy], RunStatus | None] = {}
+        self.order: list[tuple[str, Policy]] = []
         self._live: Live | None = None
         self._last_plain = 0.0
         self.plain = enabled and not console.is_terminal
@@ -45,13 +46,13 @@ class LiveProgress:
             self._live.update(self._render())
             self._live.__exit__(None, None, None)
 
-    def add_run(self, backend: str, policy: str) -> None:
+    def add_run(self, backend: str, policy: Policy) -> None:
         key = (backend, policy)
         if key not in self.rows:
             self.order.append(key)
             self.rows[key] = None
 
-    def update(self, status: Any) -> None:
+    def update(self, status: RunStatus) -> None:
         key = (status.backend, status.policy)
         self.add_run(*key)
         self.rows[key] = status
@@ -62,7 +63,7 @@ class LiveProgress:
             self.console.print(self._line(status), markup=False, highlight=False)
 
     @staticmethod
-    def _line(s: Any) -> str:
+    def _line(s: RunStatus) -> str:
         stall = f"{s.stalled_for:.1f}s" if s.phase not in ("completed",) else "-"
         return (f"{s.backend}/{s.policy} {s.phase} t={s.t:.3f}s work {s.done}/{s.total} free {s.nr_free} "
                 f"(min {s.wmark_min}) swpout {s.pswpout} swpin {s.pswpin} drops {s.drops} stall {stall}")
@@ -86,7 +87,7 @@ class LiveProgress:
             # stalled: how long the watchdog has seen no progress with tasks blocked; a run that
             # completed was never stuck, so it shows none
             stall = "–" if s.phase == "completed" or s.stalled_for <= 0 else f"{s.stalled_for:.1f}s"
-            resv = "–" if s.policy == "none" else f"{s.reserve_used}"
+            resv = "–" if s.policy is Policy.NONE else f"{s.reserve_used}"
             t.add_row(run, phase, f"{s.t:.2f}s", f"{frac:.0%}", f"{s.nr_free}/{s.wmark_min}", resv,
                       f"{_n(s.pswpout)}/{_n(s.pswpin)}", _n(s.drops), stall)
         return t

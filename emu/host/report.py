@@ -10,15 +10,22 @@ its mm and net; this module only lays it out, so the layout is tested without a 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from emu.host.identity import host_addr, host_label
+from emu.host.result import RunResult
+from emu.mm.gfp import Policy
 from emu.net.dropmon import reason_table
+
+
+if TYPE_CHECKING:
+    from emu.host.cluster import ClusterResult  # cluster -> launch -> collect -> report at run time
 
 
 @dataclass
@@ -35,7 +42,7 @@ class InflightIO:
 
 @dataclass
 class ReportData:
-    policy: str
+    policy: Policy
     backend: str
     server: str
     t: float
@@ -222,7 +229,7 @@ def outcome_style(outcome: str) -> str:
             "livelock": "[bold red]livelock[/]"}.get(outcome, f"[yellow]{outcome}[/]")
 
 
-def print_result(console: Console, result: Any) -> None:
+def print_result(console: Console, result: RunResult) -> None:
     """One run's figures (and its deadlock report when it got stuck), on the result's console."""
     if result.report:
         console.print(result.report, markup=False, highlight=False)
@@ -232,18 +239,18 @@ def print_result(console: Console, result: Any) -> None:
             console.print(f"{what}: {path}", markup=False, highlight=False)
 
 
-def _reserve_cell(r: Any) -> str:
-    if r.policy == "none":
+def _reserve_cell(r: RunResult) -> str:
+    if r.policy is Policy.NONE:
         return "–¹"
     return f"{r.reserve['size']}/{r.reserve['peak']}"
 
 
-def results_table(console: Console, results: list[Any], title: str, width: int = 80) -> None:
+def results_table(console: Console, results: list[RunResult], title: str, width: int = 80) -> None:
     """The figures side by side, in tables that fit `width` columns (runs grouped by backend,
     at most four to a table); notes below."""
     label_w = 18
     per_table = max(1, min(4, (width - label_w - 2) // 15))
-    groups: list[list[Any]] = []
+    groups: list[list[RunResult]] = []
     for r in results:
         if groups and groups[-1][0].backend == r.backend and len(groups[-1]) < per_table:
             groups[-1].append(r)
@@ -252,8 +259,8 @@ def results_table(console: Console, results: list[Any], title: str, width: int =
     notes: list[str] = []
     for i, group in enumerate(groups):
         _results_table(console, group, title if i == 0 else "")
-    if any(r.policy == "none" for r in results):
-        peaks = ", ".join(f"{r.backend} {r.reserve['peak']}" for r in results if r.policy == "none")
+    if any(r.policy is Policy.NONE for r in results):
+        peaks = ", ".join(f"{r.backend} {r.reserve['peak']}" for r in results if r.policy is Policy.NONE)
         notes.append("¹ none: the receive path has no reserve (pages below min held by")
         notes.append(f"  PF_MEMALLOC tasks such as kswapd peaked at: {peaks})")
     notes.append("reserve: size/peak in pages; drops: frames (--dropwatch: per socket)")
@@ -261,12 +268,12 @@ def results_table(console: Console, results: list[Any], title: str, width: int =
         console.print(n, markup=False, highlight=False, soft_wrap=False, width=width)
 
 
-def _results_table(console: Console, results: list[Any], title: str) -> None:
+def _results_table(console: Console, results: list[RunResult], title: str) -> None:
     t = Table(title=title or None, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
     t.add_column("", no_wrap=True, max_width=18)
     for r in results:
         t.add_column(f"{r.backend}\n{r.policy}", justify="right", no_wrap=True)
-    rows: list[tuple[str, Any]] = [
+    rows: list[tuple[str, Callable[[RunResult], str]]] = [
         ("outcome", lambda r: outcome_style(r.outcome)),
         ("verdict at", lambda r: f"{(r.stall or {}).get('t', r.emulated_s):.3f} s"),
         ("wall time", lambda r: f"{r.wall_s:.1f} s"),
@@ -281,15 +288,19 @@ def _results_table(console: Console, results: list[Any], title: str) -> None:
     reasons = sorted({k for r in results for k, v in r.drops.items() if v})
     if reasons:
         rows.append(("drops (frames):", lambda r: ""))
+
+    def drops_of(reason: str) -> Callable[[RunResult], str]:
+        return lambda r: str(r.drops.get(reason, 0))
+
     for k in reasons:
-        rows.append((f"  {k}"[:18], lambda r, k=k: str(r.drops.get(k, 0))))
+        rows.append((f"  {k}"[:18], drops_of(k)))
     rows.append(("emergency skbs", lambda r: str(r.emergency_skbs)))
     for label, fn in rows:
         t.add_row(label, *[fn(r) for r in results])
     console.print(t)
 
 
-def cluster_table(console: Console, res: Any) -> None:
+def cluster_table(console: Console, res: ClusterResult) -> None:
     """A cluster's result: a row per host, then the cluster and its server."""
     t = Table(title=f"netswap cluster: {res.hosts} hosts, {res.backend} / {res.policy}, traffic {res.traffic}")
     clients = res.server_stats.get("clients", {})
