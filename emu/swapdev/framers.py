@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 
-from iscsi.pdu import BHS_LEN, F_FINAL, F_STATUS, RESERVED_TAG, Op, pdu_length
+from iscsi.pdu import BHS_LEN, F_FINAL, F_STATUS, RESERVED_TAG, Op, bhs_itt, pdu_length
 
 _U32 = struct.Struct(">I")
 
@@ -148,7 +148,7 @@ class _PduParser:
                 bhs = self.bhs
                 self.bhs = b""
                 self.left = pdu_length(bhs, header_digest=self.hd, data_digest=self.dd) - BHS_LEN
-                itt = _U32.unpack_from(bhs, 16)[0]
+                itt = bhs_itt(bhs)
                 self.tag, self.final = classify(bhs[0] & 0x3F, bhs[1], itt)  # type: ignore[operator]
                 if self.left == 0:
                     out.append((pos - start, self.tag, self.final))
