@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from emu.kernel.cpu import Costs
+from emu.mm.gfp import Policy
 from emu.util.units import format_size, parse_size
 
 BACKENDS = ("nfs-udp", "nfs-tcp", "iscsi")
-POLICIES = ("none", "v12", "pfmemalloc")
+POLICIES = tuple(p.value for p in Policy)  # none, v12, pfmemalloc: the names TOML and the CLI use
 WORKLOADS = ("sequential", "random", "hotcold")
 TRAFFIC_PROFILES = ("none", "udp-flood", "frag", "mixed")
 CLUSTER_TRAFFIC = ("split", "each")
@@ -63,6 +64,9 @@ class HostSection:
     swap_cluster: int = _f(1, "int", "pages per swap write I/O (1: swap_writepage, one page per WRITE)", min=1, max=64)
     mtu: int = _f(1500, "int", "NIC MTU", min=576, max=65535)
     route_max_size: int = _f(0, "int", "net.ipv4.route.max_size (0 = derived from RAM)", min=0, max=1 << 24)
+    # The stack's defaults, written out (a scenario may not import emu.net): emu.net.ipfrag's
+    # IPFRAG_HIGH_THRESH, IPFRAG_LOW_THRESH, IPFRAG_TIME and emu.net.sock's RMEM_DEFAULT;
+    # tests/unit/net/test_scenario_defaults.py keeps them equal.
     ipfrag_high_thresh: int = _f(262144, "int", "net.ipv4.ipfrag_high_thresh in bytes", min=4096, max=1 << 30)
     ipfrag_low_thresh: int = _f(196608, "int", "net.ipv4.ipfrag_low_thresh in bytes", min=0, max=1 << 30)
     ipfrag_time: float = _f(30.0, "float", "net.ipv4.ipfrag_time in seconds", min=0.1, max=3600.0)
@@ -118,8 +122,13 @@ class ExpectSection:
     v12: str = _f("completed", "choice", "expected verdict under v12", choices=VERDICTS)
     pfmemalloc: str = _f("completed", "choice", "expected verdict under pfmemalloc", choices=VERDICTS)
 
-    def allows(self, policy: str, outcome: str) -> bool:
-        want = getattr(self, policy)
+    def wants(self, policy: Policy) -> str:
+        """The verdict expected under `policy`."""
+        want: str = getattr(self, policy.value)
+        return want
+
+    def allows(self, policy: Policy, outcome: str) -> bool:
+        want = self.wants(policy)
         return want == "any" or outcome == want or (want == "stuck" and outcome in ("deadlock", "livelock"))
 
 
@@ -134,7 +143,7 @@ class Scenario:
     name: str = "demo"
     description: str = ""
     backend: str = "nfs-udp"
-    policy: str = "none"
+    policy: Policy = Policy.NONE
     server: str = ""
     host: HostSection = field(default_factory=HostSection)
     workload: WorkloadSection = field(default_factory=WorkloadSection)
@@ -147,9 +156,12 @@ class Scenario:
 
     SECTIONS = ("host", "workload", "traffic", "watchdog", "cluster", "expect")
 
+    def __post_init__(self) -> None:
+        self.policy = Policy(self.policy)  # `replace(policy="v12")`: a name from the CLI or a sweep
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "description": self.description, "backend": self.backend,
-                             "policy": self.policy, "server": self.server}
+                             "policy": self.policy.value, "server": self.server}
         for s in self.SECTIONS:
             d[s] = dataclasses.asdict(getattr(self, s))
         d["costs"] = self.costs.to_json()
@@ -259,7 +271,7 @@ def loads(text: str, source: str = "<string>") -> Scenario:
             if not isinstance(value, str) or (choices and value not in choices):
                 exp = "one of " + ", ".join(choices) if choices else "a string"
                 raise ScenarioError(source, _line_of(text, None, key), key, value, "expected " + exp)
-            setattr(sc, key, value)
+            setattr(sc, key, Policy(value) if key == "policy" else value)
         else:
             raise ScenarioError(source, _line_of(text, None, key), key, value,
                                 "unknown key; known: " + ", ".join([*top, *Scenario.SECTIONS, "costs"]))
@@ -343,7 +355,8 @@ def _toml_value(v: Any, kind: str | None = None) -> str:
 def dumps(sc: Scenario) -> str:
     out = []
     for key in ("name", "description", "backend", "policy", "server"):
-        out.append(f"{key} = {_toml_value(getattr(sc, key))}")
+        v = getattr(sc, key)
+        out.append(f"{key} = {_toml_value(v.value if isinstance(v, Policy) else v)}")
     for s in Scenario.SECTIONS:
         out.append(f"\n[{s}]")
         obj = getattr(sc, s)
@@ -396,7 +409,7 @@ def set_values(sc: Scenario, values: dict[str, Any], source: str | None = None) 
         if not key:
             if value not in meta["choices"]:
                 raise ScenarioError(src, None, dotted, value, "expected one of " + ", ".join(meta["choices"]))
-            setattr(d, dotted, value)
+            setattr(d, dotted, Policy(value) if dotted == "policy" else value)
             continue
         try:
             setattr(getattr(d, section), key, _convert(value, meta))

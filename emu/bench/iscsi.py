@@ -35,6 +35,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from emu.bench.result import BenchResult, emit
 from emu.cli import CONTEXT
 from emu.peers import iscsi as peer
+from emu.util.procs import stop_process
 from emu.util.units import SIZE_HELP, parse_size
 from iscsi.initiator import Initiator
 
@@ -48,16 +49,15 @@ def iscsi_perf(url: str, seconds: float, in_flight: int, blocks: int) -> float:
     exe = shutil.which("iscsi-perf")
     if exe is None:
         raise click.ClickException("iscsi-perf not found (apt-get install libiscsi-bin)")
-    proc = subprocess.Popen([exe, "-m", str(in_flight), "-b", str(blocks), url], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    try:
-        time.sleep(seconds)
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: it never fills while we sleep
+        proc = subprocess.Popen([exe, "-m", str(in_flight), "-b", str(blocks), url], stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            time.sleep(seconds)
+        finally:
+            stop_process(proc, grace=10, sig=signal.SIGINT)  # it prints its averages on SIGINT
+        log.seek(0)
+        out = log.read()
     found = _IOPS.findall(out)
     if not found:
         raise click.ClickException(f"iscsi-perf against {url} reported nothing: {out[-300:].decode(errors='replace')}")

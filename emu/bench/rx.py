@@ -26,6 +26,7 @@ from rich.progress import Progress
 
 from emu.bench.result import BenchResult, emit
 from emu.cli import CONTEXT
+from emu.mm.gfp import Policy
 
 MODES = ("accept", "drop-rcvbuf", "drop-nomem", "drop-reserve")
 
@@ -107,7 +108,7 @@ async def bare_drain(size: int, frames: int, batch: int, real_rcvbuf: int) -> fl
     return rate
 
 
-async def stage(mode: str, size: int, frames: int, batch: int, policy: str, real_rcvbuf: int) -> tuple[float, dict[str, int]]:
+async def stage(mode: str, size: int, frames: int, batch: int, policy: Policy, real_rcvbuf: int) -> tuple[float, dict[str, int]]:
     """The receive stage on one path; returns (frames/s, counters)."""
     from emu.mm.gfp import GFP_ATOMIC
     from emu.mm.page_alloc import Zone
@@ -118,7 +119,7 @@ async def stage(mode: str, size: int, frames: int, batch: int, policy: str, real
 
     zone = Zone(64 << 20, policy=policy)
     slabs = Slabs(zone)
-    reserve = ReserveRoot(zone) if policy == "v12" else None
+    reserve = ReserveRoot(zone) if policy is Policy.V12 else None
     net = NetStack(zone, slabs, reserve=reserve, batch=batch, real_rcvbuf=real_rcvbuf)
     async with trio.open_nursery() as nursery:
         await nursery.start(net.run)
@@ -145,7 +146,7 @@ async def stage(mode: str, size: int, frames: int, batch: int, policy: str, real
 @click.option("--frames", type=int, default=100_000, show_default=True, help="Frames per measurement.")
 @click.option("--size", type=int, default=200, show_default=True, help="UDP payload bytes (one frame each; must fit the MTU).")
 @click.option("--batch", type=int, default=64, show_default=True, help="Datagrams drained per wakeup (both sides).")
-@click.option("--policy", type=click.Choice(["none", "v12", "pfmemalloc"]), default="none", show_default=True,
+@click.option("--policy", "policy_name", type=click.Choice([p.value for p in Policy]), default="none", show_default=True,
               help="Reserve policy of the emulated host.")
 @click.option("--mode", "modes", type=click.Choice(MODES), multiple=True,
               help="Path to measure (repeatable; default: all that apply). accept: queued and read; "
@@ -153,13 +154,14 @@ async def stage(mode: str, size: int, frames: int, batch: int, policy: str, real
                    "drop-reserve: reserve skbs dropped at step 6 (v12, pfmemalloc).")
 @click.option("--repeat", type=int, default=3, show_default=True, help="Measurements of each; the best counts (the machine is shared).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def bench_rx(frames: int, size: int, batch: int, policy: str, modes: tuple[str, ...], repeat: int, as_json: bool) -> None:
+def bench_rx(frames: int, size: int, batch: int, policy_name: str, modes: tuple[str, ...], repeat: int, as_json: bool) -> None:
     """Receive stage frames/s (accept and drop paths) vs a bare trio batch-drain loop, same run.
 
     Each measurement pre-fills a real loopback UDP socket with datagrams and times the drain (CPU
     time of the draining thread), so neither the sender's speed nor the neighbours' load matter.
     Goal: ratio >= 0.6 on every path.
     """
+    policy = Policy(policy_name)
     if frames < 1:
         raise click.BadParameter("must be >= 1", param_hint="--frames")
     if not 0 <= size <= 1500 - 28:
@@ -168,8 +170,8 @@ def bench_rx(frames: int, size: int, batch: int, policy: str, modes: tuple[str, 
         raise click.BadParameter("must be >= 1", param_hint="--batch")
     if repeat < 1:
         raise click.BadParameter("must be >= 1", param_hint="--repeat")
-    modes = modes or tuple(m for m in MODES if m != "drop-reserve" or policy != "none")
-    if policy == "none" and "drop-reserve" in modes:
+    modes = modes or tuple(m for m in MODES if m != "drop-reserve" or policy is not Policy.NONE)
+    if policy is Policy.NONE and "drop-reserve" in modes:
         raise click.BadParameter("drop-reserve needs --policy v12 or pfmemalloc", param_hint="--mode")
     real_rcvbuf = 64 << 20
     console = Console(stderr=True)

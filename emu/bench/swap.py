@@ -28,6 +28,7 @@ import trio
 
 from emu import scenario as scen
 from emu.bench.result import BenchResult, emit
+from emu.mm.gfp import Policy
 
 RSS_SLACK = 64 << 20
 QUEUE_DEPTH = 16  # the NFS transport's RPC slot table, the iSCSI LUN's queue depth
@@ -42,7 +43,7 @@ def _vm_hwm() -> int:
 
 
 def _scenario(backend: str, ram: int, pages: int, swap_cluster: int = 1) -> scen.Scenario:
-    sc = scen.default().replace(backend=backend, policy="pfmemalloc")
+    sc = scen.default().replace(backend=backend, policy=Policy.PFMEMALLOC)
     sc.host.ram = ram
     sc.host.min_free_kbytes = 0
     sc.host.swap_cluster = swap_cluster
@@ -65,11 +66,10 @@ def emulated(sc: scen.Scenario, server: Any, pages: int) -> dict[str, Any]:
 async def _emulated(sc: scen.Scenario, server: Any, pages: int, clock: Any) -> dict[str, Any]:
     from emu.host.kernel import Kernel
     from emu.kernel.sched import task
-    from emu.mm.gfp import Policy
     from emu.mm.process import Process
     from emu.swapdev import make_swap
 
-    kernel = Kernel(sc.host, Policy(sc.policy), sc.costs, clock)
+    kernel = Kernel(sc.host, sc.policy, sc.costs, clock)
     storage = make_swap(sc.backend, server, kernel.net)
     out: dict[str, Any] = {}
     async with trio.open_nursery() as n:

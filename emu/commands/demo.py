@@ -12,6 +12,7 @@ from rich.console import Console
 
 from emu import scenario as scen
 from emu.commands.run import OneLineCommand
+from emu.mm.gfp import Policy
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 DEMO_BACKENDS = scen.BACKENDS
@@ -23,7 +24,7 @@ def next_steps(out: Path, results: list, base: scen.Scenario) -> list[str]:
     for r in results:
         if r.files.get("report"):
             steps.append(f"less {r.files['report']}")
-    stuck = next((r for r in results if r.policy == "none"), results[0] if results else None)
+    stuck = next((r for r in results if r.policy is Policy.NONE), results[0] if results else None)
     if stuck is not None:
         b = stuck.backend
         shipped = base.source.endswith("(shipped)")
@@ -34,7 +35,7 @@ def next_steps(out: Path, results: list, base: scen.Scenario) -> list[str]:
             steps.append(f"netswap run {scen_arg}--backend {b} --policy none --pcap {pcap} --dropwatch")
         steps.append(f"tshark -r {pcap} -Y 'frame.comment contains \"DROP\"' | head")
         steps.append(f"netswap run {scen_arg}--backend {b} --policy v12 --proc-dir /tmp/{b}-v12 &  watch cat /tmp/{b}-v12/meminfo")
-        others = [r for r in results if r.backend == b and r.policy != "none"]
+        others = [r for r in results if r.backend == b and r.policy is not Policy.NONE]
         if others and stuck.files.get("json") and others[0].files.get("json"):
             steps.append(f"netswap compare {stuck.files['json']} {others[0].files['json']}")
     steps.append(f"column -s, -t < {out}/*-timeline.csv | less -S    # the data behind every plot")
@@ -44,11 +45,11 @@ def next_steps(out: Path, results: list, base: scen.Scenario) -> list[str]:
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Folder for the PNG timelines, their CSV/JSON-lines data, reports, report.html and summary.json (default: a new netswap-demo-<time> folder here).")
 @click.option("--backend", "backends", multiple=True, type=click.Choice(scen.BACKENDS), help="Backends to show (repeatable; default all three).")
-@click.option("--policy", "policies", multiple=True, type=click.Choice(scen.POLICIES), help="Policies to show (repeatable; default all three).")
+@click.option("--policy", "policy_names", multiple=True, type=click.Choice(scen.POLICIES), help="Policies to show (repeatable; default all three).")
 @click.option("--scenario", "scenario_file", metavar="SCENARIO", help="Scenario file or shipped name (default: demo). Its [expect] table says which verdict each policy should reach.")
 @click.option("--pcap", is_flag=True, help="Also write each run's frames as pcapng into --out (BACKEND-POLICY.pcapng; see netswap run --pcap).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ...], scenario_file: str | None,
+def demo(out_dir: str | None, backends: tuple[str, ...], policy_names: tuple[str, ...], scenario_file: str | None,
          pcap: bool, as_json: bool) -> None:
     """Run the whole story: each policy over NFS/UDP, NFS/TCP and iSCSI, side by side.
 
@@ -79,12 +80,13 @@ def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ..
         click.echo(f"netswap: error: --out {out}: cannot create it: {e.strerror or e}", err=True)
         sys.exit(EXIT_USAGE)
     backends = backends or DEMO_BACKENDS
-    policies = policies or scen.POLICIES
+    policies = tuple(Policy(p) for p in policy_names or scen.POLICIES)
 
     from emu.host import run_matrix
     from emu.host.html import render
     from emu.host.observe import Observe
-    from emu.host.report import LiveProgress, results_table
+    from emu.host.progress import LiveProgress
+    from emu.host.report import results_table
     from emu.host.result import RunInterrupted
     from emu.host.timeline import plot_summary
     from emu.util.signals import exit_interrupted, is_interrupt, sigterm_as_interrupt
@@ -125,7 +127,7 @@ def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ..
     exp = base.expect
     ok = interrupted is None and all(exp.allows(r.policy, r.outcome) and r.integrity["mismatches"] == 0
                                      for r in results)
-    expected = {p: getattr(exp, p) for p in policies}
+    expected = {p.value: exp.wants(p) for p in policies}
     rows = [(r.backend, r.policy, r.outcome, r.timeline, (r.stall or {}).get("t"))
             for r in results if r.timeline is not None]
     # an interrupted demo may have finished no run: no figure then
@@ -150,7 +152,7 @@ def demo(out_dir: str | None, backends: tuple[str, ...], policies: tuple[str, ..
         footer=steps))
     for r in results:
         stall = f" at t={r.stall['t']:.2f} s, free pages {r.stall['nr_free']}" if r.stall else ""
-        mark = "" if exp.allows(r.policy, r.outcome) else f"  (expected {getattr(exp, r.policy)})"
+        mark = "" if exp.allows(r.policy, r.outcome) else f"  (expected {exp.wants(r.policy)})"
         console.print(f"{r.backend}/{r.policy}: {r.outcome}{stall}{mark}", markup=False, highlight=False)
     if ok:
         console.print(f"[green]as expected[/] ({exp_text}), every page verified.")

@@ -159,7 +159,7 @@ def explain(tree: HostReserve) -> dict[str, str]:
 @click.option("--rpc-slot-table", default=RPC_MAX_SLOT_TABLE, show_default=True, type=int, help="RPC slots per transport (RPC_MAX_SLOT_TABLE).")
 @click.option("--rpc-rqst-size", default=RPC_RQST, show_default=True, type=int, help="Bytes of one struct rpc_rqst (kmalloc'ed).")
 @click.option("--min-free-kbytes", type=int, default=None, help="vm.min_free_kbytes for the watermarks shown. Default: Linux's int_sqrt(lowmem_kb*16).")
-@click.option("--policy", type=click.Choice([p.value for p in Policy]), default="v12", show_default=True,
+@click.option("--policy", "policy_name", type=click.Choice([p.value for p in Policy]), default="v12", show_default=True,
               help="v12 sizes the tree; pfmemalloc (3.6) has no tree: its reserve is the min watermark; none has no reserve for RX.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def reserve(
@@ -173,7 +173,7 @@ def reserve(
     rpc_slot_table: int,
     rpc_rqst_size: int,
     min_free_kbytes: int | None,
-    policy: str,
+    policy_name: str,
     as_json: bool,
 ) -> None:
     """Size the v12 memory reserve tree and print it as /proc/reserve_info does.
@@ -189,6 +189,7 @@ def reserve(
       netswap reserve --ram 16M --json          # what a 16 MiB emulated host reserves
       netswap reserve --ram 8G --route-max-size 100000   # the field fix for a huge route cache
     """
+    policy = Policy(policy_name)
     if page_size < 512 or page_size > 65536 or page_size & (page_size - 1):
         raise click.BadParameter(f"{page_size}: must be a power of two from 512 to 65536", param_hint="--page-size")
     for flag, value, minimum in (
@@ -243,7 +244,7 @@ def reserve(
 
     pages_min = mfk * 1024 // page_size
     wm = {"min": pages_min, "low": pages_min + pages_min // 4, "high": pages_min + pages_min // 2}
-    if policy == "v12" and tree.root.pages + wm["high"] >= nr_pages:
+    if policy is Policy.V12 and tree.root.pages + wm["high"] >= nr_pages:
         raise click.BadParameter(
             f"the reserve ({_fmt_kib(tree.root.pages, page_size)}) plus the high watermark "
             f"({_fmt_kib(wm['high'], page_size)}) does not fit in RAM ({_fmt_kib(nr_pages, page_size)}); "
@@ -267,10 +268,10 @@ def reserve(
         for i, p, n in tree.nodes()
     ]
     total = tree.root.pages
-    if policy == "v12":
+    if policy is Policy.V12:
         reserve_pages = total
         meaning = "pages_emerg: above every watermark, reachable only with ALLOC_NO_WATERMARKS"
-    elif policy == "pfmemalloc":
+    elif policy is Policy.PFMEMALLOC:
         reserve_pages = wm["min"]
         meaning = "no accounting: the reserve is the min watermark (raise vm.min_free_kbytes)"
     else:
@@ -289,7 +290,7 @@ def reserve(
             "rpc_slot_table": rpc_slot_table,
             "rpc_rqst_size": rpc_rqst_size,
             "min_free_kbytes": mfk,
-            "policy": policy,
+            "policy": policy.value,
         },
         "route_hash": {
             "buckets": tree.route.buckets,
@@ -343,7 +344,7 @@ def reserve(
         soft_wrap=True,
     )
     console.print(f"policy {policy}: reserve {reserve_pages:,} pages: {meaning}", highlight=False, soft_wrap=True)
-    if policy == "v12":
+    if policy is Policy.V12:
         console.print(
             f"with pages_emerg the zone keeps min/low/high at {wm['min'] + total}/{wm['low'] + total}/"
             f"{wm['high'] + total} pages free for everyone not entitled to the reserve",

@@ -13,6 +13,7 @@ import click
 from rich.console import Console
 
 from emu import scenario as scen
+from emu.mm.gfp import Policy
 from emu.swapdev.endpoint import ServerURLError, check_backend_matches, parse_server_url
 from emu.util.signals import exit_interrupted, is_interrupt, sigterm_as_interrupt
 from emu.util.units import format_size, parse_size
@@ -57,7 +58,7 @@ def apply_overrides(sc: scen.Scenario, *, backend: str | None, policy: str | Non
     if backend:
         d.backend = backend
     if policy:
-        d.policy = policy
+        d.policy = Policy(policy)
     if ram is not None:
         d.host.ram = ram
     if swap is not None:
@@ -170,7 +171,8 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
 
     from emu.host import run_scenario
     from emu.host.observe import Observe
-    from emu.host.report import LiveProgress, print_result
+    from emu.host.progress import LiveProgress
+    from emu.host.report import print_result
     from emu.host.result import RunInterrupted
 
     out = Path(out_dir) if out_dir else None
@@ -297,7 +299,8 @@ def _run_cluster(console: Console, result_console: Console, sc: scen.Scenario, o
                  wall_timeout: float, quiet: bool) -> None:
     from emu.host.cluster import run_cluster
     from emu.host.identity import host_addr, host_label
-    from emu.host.report import LiveProgress, cluster_table
+    from emu.host.progress import LiveProgress
+    from emu.host.report import cluster_table
 
     n = sc.cluster.hosts
     try:

@@ -12,7 +12,7 @@ import logging
 import math
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -87,24 +87,21 @@ def _idle(ctx: click.Context, param: click.Parameter, value: float) -> float:
     return value
 
 
-def _max_buffered(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    try:
-        n = parse_size(value)
-    except ValueError as e:
-        usage(f"--max-buffered {value!r}: {e}")
-    if n <= 0:
-        usage(f"--max-buffered {value!r}: must be above 0 ({SIZE_HELP})")
-    return n
+def _size_at_least(minimum: int, expected: str) -> Callable[[click.Context, click.Parameter, str], int]:
+    """A size option's callback: a size (SIZE_HELP) of at least `minimum` bytes, else a usage
+    error that names the option and says what was `expected`."""
 
+    def check(ctx: click.Context, param: click.Parameter, value: str) -> int:
+        flag = param.opts[0]
+        try:
+            n = parse_size(value)
+        except ValueError as e:
+            usage(f"{flag} {value!r}: {e}")
+        if n < minimum:
+            usage(f"{flag} {value!r}: {expected} ({SIZE_HELP})")
+        return n
 
-def _write_behind(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    try:
-        n = parse_size(value)
-    except ValueError as e:
-        usage(f"--write-behind {value!r}: {e}")
-    if n < 0:
-        usage(f"--write-behind {value!r}: must be 0 (never) or more ({SIZE_HELP})")
-    return n
+    return check
 
 
 def check_ports(port: int, mount_port: int, portmap_port: int | None) -> None:
@@ -142,7 +139,7 @@ def check_ports(port: int, mount_port: int, portmap_port: int | None) -> None:
               help="uid of AUTH_NONE callers and of squashed root.")
 @click.option("--anongid", default=65534, show_default=True, type=click.IntRange(0, 0xFFFF_FFFF),
               help="gid of AUTH_NONE callers and of squashed root.")
-@click.option("--max-buffered", default="64M", show_default=True, callback=_max_buffered,
+@click.option("--max-buffered", default="64M", show_default=True, callback=_size_at_least(1, "must be above 0"),
               help=f"Cap on the bytes of calls held over all connections ({SIZE_HELP}).")
 @click.option("--idle-timeout", default=360.0, show_default=True, type=float, callback=_idle,
               help="Close a TCP connection idle this many seconds (knfsd: 6 minutes).")
@@ -150,7 +147,7 @@ def check_ports(port: int, mount_port: int, portmap_port: int | None) -> None:
               help="Close a TCP connection whose record body stalls this many seconds.")
 @click.option("--max-connections", default=256, show_default=True, type=click.IntRange(1),
               help="TCP connections at once; past it the one idle the longest is closed.")
-@click.option("--write-behind", default="4M", show_default=True, callback=_write_behind,
+@click.option("--write-behind", default="4M", show_default=True, callback=_size_at_least(0, "must be 0 (never) or more"),
               help="Start writing a file's dirty pages to disk every this many bytes of UNSTABLE "
                    f"WRITEs, so the COMMIT that follows has little left to wait for; 0: never ({SIZE_HELP}).")
 @click.option("--stats", "stats_path", type=click.Path(dir_okay=False, path_type=Path), default=None,

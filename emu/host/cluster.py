@@ -36,10 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from emu import scenario as scen
+from emu.host.cluster_timeline import plot_hosts
 from emu.host.identity import host_addr, host_identity, host_label
+from emu.host.launch import run_host
 from emu.host.result import STUCK, RunResult, RunStatus
 from emu.host.run import WALL_TIMEOUT_DEFAULT, Progress
 from emu.host.servers import local_server
+from emu.mm.gfp import Policy
 from emu.swapdev.endpoint import Endpoint, IscsiEndpoint, NfsEndpoint, parse_server_url
 
 SAMPLES_PER_HOST = 1500  # the timeline points a host sends back for the cluster's figure
@@ -66,8 +69,6 @@ def host_endpoint(server: Endpoint, i: int) -> Endpoint:
 def _host_main(i: int, toml: str, source: str, server: Endpoint, out_dir: str | None, raw_traffic: bool,
                wall_timeout: float, q: Any) -> None:
     """Host i's process: run to its verdict, streaming its status, then send its result."""
-    from emu.host.launch import run_host
-
     sc = scen.loads(toml, source=source)
     last = [0.0]
 
@@ -94,7 +95,7 @@ def _host_main(i: int, toml: str, source: str, server: Endpoint, out_dir: str | 
 class ClusterResult:
     hosts: int
     backend: str
-    policy: str
+    policy: Policy
     server: str
     traffic: str
     results: list[RunResult] = field(default_factory=list)
@@ -125,7 +126,7 @@ class ClusterResult:
         return 3 if self.stuck else 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"hosts": self.hosts, "backend": self.backend, "policy": self.policy, "server": self.server,
+        return {"hosts": self.hosts, "backend": self.backend, "policy": self.policy.value, "server": self.server,
                 "traffic": self.traffic, "completed": self.completed, "stuck": self.stuck,
                 "outcomes": self.outcomes, "wall_s": self.wall_s, "server_stats": self.server_stats,
                 "files": self.files,
@@ -181,8 +182,6 @@ def run_cluster(sc: scen.Scenario, progress: Progress | None = None, out_dir: Pa
     res.wall_s = round(wall, 3)
     res.server_stats = _server_summary(stats, rss, res.results, wall, sc.host.page_size)
     if out_dir is not None:
-        from emu.host.cluster_timeline import plot_hosts
-
         out_dir.mkdir(parents=True, exist_ok=True)
         png = plot_hosts(res, out_dir / "cluster.png")
         res.files["timeline"] = str(png)
@@ -252,6 +251,7 @@ def _run_hosts(sc: scen.Scenario, server: Endpoint, progress: Progress | None, o
 def _from_json(d: dict[str, Any]) -> RunResult:
     names = {f.name for f in dataclasses.fields(RunResult)}
     r = RunResult(**{k: v for k, v in d.items() if k in names})
+    r.policy = Policy(d["policy"])  # its JSON names it
     r.report = d.get("deadlock_report") or ""
     return r
 

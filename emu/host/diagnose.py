@@ -47,7 +47,7 @@ def report_data(kernel: Kernel, swap: RemoteSwap | None, *, backend: str, server
     tasks = [(task.pid, task.comm, task.state, task.wchan, str(task.flags)) for task in all_tasks()
              if task.state != "X" and (is_blocked(task.state) or task.comm == "kswapd0")]
     return ReportData(
-        policy=str(kernel.policy), backend=backend, server=server, t=t, stalled_for=stalled_for,
+        policy=kernel.policy, backend=backend, server=server, t=t, stalled_for=stalled_for,
         nr_pages=z.nr_pages, nr_free=z.nr_free, wmark_min=z.watermark_min, wmark_low=z.watermark_low,
         wmark_high=z.watermark_high, atomic_floor=z.atomic_floor(), pages_emerg=z.pages_emerg,
         reserve_size=kernel.reserve_size(), reserve_peak=reserve_peak,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -26,7 +26,8 @@ from emu.host.result import STUCK, RunInterrupted, RunResult, write_outputs
 from emu.host.run import WALL_TIMEOUT_DEFAULT, HostRun, Progress
 from emu.host.servers import local_server
 from emu.kernel.clock import EmuClock, deterministic_scheduling
-from emu.swapdev.endpoint import Endpoint, parse_server_url
+from emu.mm.gfp import Policy
+from emu.swapdev.endpoint import Endpoint, IscsiEndpoint, parse_server_url
 from emu.util.signals import is_interrupt
 
 
@@ -111,7 +112,7 @@ def run_host(sc: scen.Scenario, server: Endpoint, progress: Progress | None = No
     if run.obs is not None and run.obs.tap is not None:
         run.obs.tap.stop()
         decode = ""
-        if sc.backend == "iscsi" and hasattr(server, "port"):
+        if isinstance(server, IscsiEndpoint):
             decode = f"tshark -d tcp.port=={server.port},iscsi"  # our target listens on a free port
         res.pcap = run.obs.write_pcap(f"netswap run: backend {sc.backend}, policy {sc.policy}, scenario {sc.name}, "
                                       f"server {server.url()}, outcome {res.outcome} at t={res.emulated_s:.3f} s "
@@ -165,19 +166,19 @@ def run_scenario(sc: scen.Scenario, progress: Progress | None = None, out_dir: P
         return run_host(sc, sp.server, progress, out_dir, **kw)
 
 
-def run_matrix(base: scen.Scenario, backends: tuple[str, ...] | list[str], policies: tuple[str, ...] | list[str],
+def run_matrix(base: scen.Scenario, backends: Sequence[str], policies: Sequence[Policy],
                out_dir: Path | None = None, progress: Progress | None = None,
                observe_for: Callable[[scen.Scenario], Observe | None] | None = None, **kw: Any) -> list[RunResult]:
     """Each backend under each policy with the same workload and traffic; one server per backend.
 
     The reserve policies run first, so that `none` is judged for livelock against the progress
     rate the same scenario reaches with a reserve.  Results come back in the order asked for."""
-    order = sorted(policies, key=lambda p: p == "none")
-    results: dict[tuple[str, str], RunResult] = {}
+    order = sorted(policies, key=lambda p: p is Policy.NONE)
+    results: dict[tuple[str, Policy], RunResult] = {}
 
     def one(sc: scen.Scenario, server: Endpoint) -> None:
         ref = None
-        if sc.policy == "none":
+        if sc.policy is Policy.NONE:
             rates = [r.progress_rate for (b, p), r in results.items() if b == sc.backend and r.outcome == "completed"]
             ref = max(rates) if rates else None
         obs = observe_for(sc) if observe_for is not None else None

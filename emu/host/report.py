@@ -1,4 +1,4 @@
-"""What a run shows: live progress, the result table, and the deadlock report.
+"""What a run shows: the result tables and the deadlock report (live progress: `emu.host.progress`).
 
 The deadlock report is SysRq-M and SysRq-T together, written for a kernel engineer:
 free pages against each watermark and the reserve; who holds memory (skbs queued per socket,
@@ -10,17 +10,22 @@ its mm and net; this module only lays it out, so the layout is tested without a 
 from __future__ import annotations
 
 import re
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Console
-from rich.live import Live
 from rich.table import Table
 
 from emu.host.identity import host_addr, host_label
+from emu.host.result import RunResult
+from emu.mm.gfp import Policy
 from emu.net.dropmon import reason_table
+
+
+if TYPE_CHECKING:
+    from emu.host.cluster import ClusterResult  # cluster -> launch -> collect -> report at run time
 
 
 @dataclass
@@ -37,7 +42,7 @@ class InflightIO:
 
 @dataclass
 class ReportData:
-    policy: str
+    policy: Policy
     backend: str
     server: str
     t: float
@@ -219,12 +224,12 @@ def render_deadlock_report(r: ReportData) -> str:
 # --- results ----------------------------------------------------------------------------------
 
 
-def _outcome_style(outcome: str) -> str:
+def outcome_style(outcome: str) -> str:
     return {"completed": "[green]completed[/]", "deadlock": "[bold red]deadlock[/]",
             "livelock": "[bold red]livelock[/]"}.get(outcome, f"[yellow]{outcome}[/]")
 
 
-def print_result(console: Console, result: Any) -> None:
+def print_result(console: Console, result: RunResult) -> None:
     """One run's figures (and its deadlock report when it got stuck), on the result's console."""
     if result.report:
         console.print(result.report, markup=False, highlight=False)
@@ -234,18 +239,18 @@ def print_result(console: Console, result: Any) -> None:
             console.print(f"{what}: {path}", markup=False, highlight=False)
 
 
-def _reserve_cell(r: Any) -> str:
-    if r.policy == "none":
+def _reserve_cell(r: RunResult) -> str:
+    if r.policy is Policy.NONE:
         return "–¹"
     return f"{r.reserve['size']}/{r.reserve['peak']}"
 
 
-def results_table(console: Console, results: list[Any], title: str, width: int = 80) -> None:
+def results_table(console: Console, results: list[RunResult], title: str, width: int = 80) -> None:
     """The figures side by side, in tables that fit `width` columns (runs grouped by backend,
     at most four to a table); notes below."""
     label_w = 18
     per_table = max(1, min(4, (width - label_w - 2) // 15))
-    groups: list[list[Any]] = []
+    groups: list[list[RunResult]] = []
     for r in results:
         if groups and groups[-1][0].backend == r.backend and len(groups[-1]) < per_table:
             groups[-1].append(r)
@@ -254,8 +259,8 @@ def results_table(console: Console, results: list[Any], title: str, width: int =
     notes: list[str] = []
     for i, group in enumerate(groups):
         _results_table(console, group, title if i == 0 else "")
-    if any(r.policy == "none" for r in results):
-        peaks = ", ".join(f"{r.backend} {r.reserve['peak']}" for r in results if r.policy == "none")
+    if any(r.policy is Policy.NONE for r in results):
+        peaks = ", ".join(f"{r.backend} {r.reserve['peak']}" for r in results if r.policy is Policy.NONE)
         notes.append("¹ none: the receive path has no reserve (pages below min held by")
         notes.append(f"  PF_MEMALLOC tasks such as kswapd peaked at: {peaks})")
     notes.append("reserve: size/peak in pages; drops: frames (--dropwatch: per socket)")
@@ -263,13 +268,13 @@ def results_table(console: Console, results: list[Any], title: str, width: int =
         console.print(n, markup=False, highlight=False, soft_wrap=False, width=width)
 
 
-def _results_table(console: Console, results: list[Any], title: str) -> None:
+def _results_table(console: Console, results: list[RunResult], title: str) -> None:
     t = Table(title=title or None, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
     t.add_column("", no_wrap=True, max_width=18)
     for r in results:
         t.add_column(f"{r.backend}\n{r.policy}", justify="right", no_wrap=True)
-    rows: list[tuple[str, Any]] = [
-        ("outcome", lambda r: _outcome_style(r.outcome)),
+    rows: list[tuple[str, Callable[[RunResult], str]]] = [
+        ("outcome", lambda r: outcome_style(r.outcome)),
         ("verdict at", lambda r: f"{(r.stall or {}).get('t', r.emulated_s):.3f} s"),
         ("wall time", lambda r: f"{r.wall_s:.1f} s"),
         ("workload done", lambda r: f"{100 * r.accesses_done // max(r.accesses_total, 1)}%"),
@@ -283,15 +288,19 @@ def _results_table(console: Console, results: list[Any], title: str) -> None:
     reasons = sorted({k for r in results for k, v in r.drops.items() if v})
     if reasons:
         rows.append(("drops (frames):", lambda r: ""))
+
+    def drops_of(reason: str) -> Callable[[RunResult], str]:
+        return lambda r: str(r.drops.get(reason, 0))
+
     for k in reasons:
-        rows.append((f"  {k}"[:18], lambda r, k=k: str(r.drops.get(k, 0))))
+        rows.append((f"  {k}"[:18], drops_of(k)))
     rows.append(("emergency skbs", lambda r: str(r.emergency_skbs)))
     for label, fn in rows:
         t.add_row(label, *[fn(r) for r in results])
     console.print(t)
 
 
-def cluster_table(console: Console, res: Any) -> None:
+def cluster_table(console: Console, res: ClusterResult) -> None:
     """A cluster's result: a row per host, then the cluster and its server."""
     t = Table(title=f"netswap cluster: {res.hosts} hosts, {res.backend} / {res.policy}, traffic {res.traffic}")
     clients = res.server_stats.get("clients", {})
@@ -301,7 +310,7 @@ def cluster_table(console: Console, res: Any) -> None:
     for i, r in enumerate(res.results, 1):
         seen = clients.get(host_addr(i))  # the server's view of this host (its address)
         server = f"{seen['calls']} {seen['p50_s'] * 1e3:.2f}/{seen['p99_s'] * 1e3:.2f}" if seen else "-"
-        t.add_row(f"{host_label(i)} {host_addr(i)}", _outcome_style(r.outcome),
+        t.add_row(f"{host_label(i)} {host_addr(i)}", outcome_style(r.outcome),
                   f"{(r.stall or {}).get('t', r.emulated_s):.3f} s", str(r.pages_swapped_out), str(r.pages_swapped_in),
                   str(sum(r.drops.values())), str(r.swap_retransmits), f"{r.wall_s:.1f} s",
                   *((server,) if clients else ()))
@@ -317,86 +326,3 @@ def cluster_table(console: Console, res: Any) -> None:
     console.print(line)
     for what, path in res.files.items():
         console.print(f"{what}: {path}")
-
-
-def _n(x: int) -> str:
-    """A count in at most 5 characters (12345, 123k, 12.3M)."""
-    x = int(x)
-    if x < 100_000:
-        return str(x)
-    if x < 10_000_000:
-        return f"{x // 1000}k"
-    return f"{x / 1e6:.1f}M" if x < 100_000_000 else f"{x // 1_000_000}M"
-
-
-# --- live progress ----------------------------------------------------------------------------
-
-
-class LiveProgress:
-    """A rich live table with one row per run: phase, workload progress, memory, swap, drops."""
-
-    def __init__(self, console: Console, enabled: bool = True) -> None:
-        self.console = console
-        self.enabled = enabled and console.is_terminal
-        self.rows: dict[tuple[str, str], Any] = {}
-        self.order: list[tuple[str, str]] = []
-        self._live: Live | None = None
-        self._last_plain = 0.0
-        self.plain = enabled and not console.is_terminal
-
-    def __enter__(self) -> "LiveProgress":
-        if self.enabled:
-            self._live = Live(self._render(), console=self.console, refresh_per_second=8, transient=False)
-            self._live.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._live is not None:
-            self._live.update(self._render())
-            self._live.__exit__(None, None, None)
-
-    def add_run(self, backend: str, policy: str) -> None:
-        key = (backend, policy)
-        if key not in self.rows:
-            self.order.append(key)
-            self.rows[key] = None
-
-    def update(self, status: Any) -> None:
-        key = (status.backend, status.policy)
-        self.add_run(*key)
-        self.rows[key] = status
-        if self._live is not None:
-            self._live.update(self._render())
-        elif self.plain and (time.monotonic() - self._last_plain > 2.0 or status.phase in ("completed", "deadlock", "livelock")):
-            self._last_plain = time.monotonic()
-            self.console.print(self._line(status), markup=False, highlight=False)
-
-    @staticmethod
-    def _line(s: Any) -> str:
-        stall = f"{s.stalled_for:.1f}s" if s.phase not in ("completed",) else "-"
-        return (f"{s.backend}/{s.policy} {s.phase} t={s.t:.3f}s work {s.done}/{s.total} free {s.nr_free} "
-                f"(min {s.wmark_min}) swpout {s.pswpout} swpin {s.pswpin} drops {s.drops} stall {stall}")
-
-    def _render(self) -> Table:
-        """One row per run, within 80 columns: the run on two lines, no bars."""
-        t = Table(expand=False, title="netswap (emulated time)", box=None, pad_edge=False, padding=(0, 1),
-                  show_edge=False)
-        for c, just in (("run", "left"), ("phase", "left"), ("t", "right"), ("work", "right"),
-                        ("free/min", "right"), ("resv", "right"), ("swap o/i", "right"), ("drops", "right"),
-                        ("stall", "right")):
-            t.add_column(c, justify=just, no_wrap=True)  # type: ignore[arg-type]
-        for key in self.order:
-            s = self.rows[key]
-            run = f"{key[0]}\n{key[1]}"
-            if s is None:
-                t.add_row(run, "waiting", "", "", "", "", "", "", "")
-                continue
-            frac = s.done / s.total if s.total else 0.0
-            phase = _outcome_style(s.phase) if s.phase in ("completed", "deadlock", "livelock") else s.phase
-            # stalled: how long the watchdog has seen no progress with tasks blocked; a run that
-            # completed was never stuck, so it shows none
-            stall = "–" if s.phase == "completed" or s.stalled_for <= 0 else f"{s.stalled_for:.1f}s"
-            resv = "–" if s.policy == "none" else f"{s.reserve_used}"
-            t.add_row(run, phase, f"{s.t:.2f}s", f"{frac:.0%}", f"{s.nr_free}/{s.wmark_min}", resv,
-                      f"{_n(s.pswpout)}/{_n(s.pswpin)}", _n(s.drops), stall)
-        return t

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from emu.host.timeline import Recorder, plot, write_csv, write_jsonl
+from emu.mm.gfp import Policy
+
 # outcome -> exit status of `netswap run`
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STUCK = 0, 1, 2, 3
 STUCK = ("deadlock", "livelock")
@@ -41,7 +44,7 @@ class RunStatus:
     """A snapshot for the live progress table."""
 
     backend: str
-    policy: str
+    policy: Policy
     phase: str
     t: float = 0.0  # emulated seconds since the run began
     done: int = 0
@@ -60,7 +63,7 @@ class RunStatus:
 @dataclass
 class RunResult:
     outcome: str  # one of OUTCOMES
-    policy: str
+    policy: Policy
     backend: str
     server: str
     ram: int
@@ -96,10 +99,11 @@ class RunResult:
     error: str = ""
     report: str = ""
     files: dict[str, str] = field(default_factory=dict)
-    timeline: Any = field(default=None, repr=False)  # the Recorder (in memory only; files["timeline_*"] on disk)
+    timeline: Recorder | None = field(default=None, repr=False)  # in memory only; files["timeline_*"] on disk
 
     def to_json(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k not in ("report", "timeline")}
+        d["policy"] = self.policy.value
         d["deadlock_report"] = self.report or None
         return d
 
@@ -108,11 +112,10 @@ class RunResult:
         return exit_status(self.outcome)
 
 
-def write_outputs(res: RunResult, out_dir: Path, stem: str, recorder: Any = None, verdict_at: float | None = None) -> None:
+def write_outputs(res: RunResult, out_dir: Path, stem: str, recorder: Recorder | None = None,
+                  verdict_at: float | None = None) -> None:
     """The timeline (PNG, and its data as CSV and JSON lines), the report (for a stuck run) and
     the JSON, into `out_dir`."""
-    from emu.host.timeline import plot, write_csv, write_jsonl
-
     out_dir.mkdir(parents=True, exist_ok=True)
     if recorder is not None and recorder.samples:
         png = plot(recorder, out_dir / f"{stem}.png",

@@ -33,7 +33,6 @@ from emu.host.traffic import HostTraffic
 from emu.host.userspace import Apps, Workload
 from emu.host.watchdog import Verdict, Watchdog
 from emu.kernel.clock import EmuClock
-from emu.mm.gfp import Policy
 from emu.swapdev import make_swap
 from emu.swapdev.endpoint import Endpoint
 
@@ -51,7 +50,7 @@ class HostRun:
         self.server = server
         self.clock = clock
         self.identity = identity or HostIdentity()
-        self.policy = Policy(sc.policy)
+        self.policy = sc.policy
         self.kernel = Kernel(sc.host, self.policy, sc.costs, clock, local_addr=self.identity.addr)
         k = self.kernel
         self.swap = make_swap(sc.backend, server, k.net, initiator_name=self.identity.initiator_name)
@@ -127,7 +126,7 @@ class HostRun:
                 user_nursery: list[trio.Nursery] = []
                 user_done = trio.Event()
 
-                async def user_space(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                async def user_space(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
                     try:
                         with user:
                             async with trio.open_nursery() as un:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,25 +66,34 @@ _NFS_READY = re.compile(rb"netswap nfs ready: .* nfs_port=(\d+) mount_port=(\d+)
 _ISCSI_READY = re.compile(rb"iscsi target \S+ ready on [^:]+:(\d+)")
 
 
-def _spawn(kind: str, workdir: Path, swap_bytes: int, luns: int = 1, stats_path: Path | None = None) -> ServerProcess:
+def spawn_server(kind: str, workdir: Path, swap_bytes: int, luns: int = 1, stats_path: Path | None = None, *,
+                 ports: tuple[int, ...] | None = None, state_dir: Path | None = None, extra: Sequence[str] = (),
+                 log: Path | None = None) -> ServerProcess:
+    """Start `netswap serve nfs|iscsi` in `workdir` (its export or its LUN files there); ready when
+    `wait_ready` returns.  `ports`: where to listen ((nfs, mount) or (iscsi,); none: ports it
+    picks); `state_dir`: the NFS server's state kept across restarts; `extra`: more options;
+    `log`: its output (a fresh file per start: the ready line is looked for there)."""
     py = [sys.executable, "-m", "emu"]
-    log = workdir / f"{kind}-server.log"
+    log = log or workdir / f"{kind}-server.log"
     if kind == "nfs":
+        nfsport, mountport = ports or (0, 0)
         export = workdir / "export"
         export.mkdir(exist_ok=True)
         argv = [*py, "serve", "nfs", "--export", str(export), "--bind", "127.0.0.1",
-                "--port", "0", "--mount-port", "0"]
-        if stats_path is not None:
-            argv += ["--stats", str(stats_path)]
-        server: Endpoint = NfsEndpoint("127.0.0.1", str(export), 0, 0)
+                "--port", str(nfsport), "--mount-port", str(mountport)]
+        if state_dir is not None:
+            argv += ["--state-dir", str(state_dir)]
+        server: Endpoint = NfsEndpoint("127.0.0.1", str(export), nfsport, mountport)
     else:
+        (port,) = ports or (0,)
         size_mib = max(1, -(-swap_bytes // (1 << 20)))
         lun_args = [a for i in range(luns) for a in ("--lun", str(workdir / f"lun{i}.img"))]  # one per host
         argv = [*py, "serve", "iscsi", *lun_args, "--size", f"{size_mib}M", "--bind", "127.0.0.1",
-                "--port", "0", "--iqn", DEFAULT_IQN]
-        if stats_path is not None:
-            argv += ["--stats", str(stats_path)]
-        server = IscsiEndpoint("127.0.0.1", 0, DEFAULT_IQN, 0)
+                "--port", str(port), "--iqn", DEFAULT_IQN]
+        server = IscsiEndpoint("127.0.0.1", port, DEFAULT_IQN, 0)
+    if stats_path is not None:
+        argv += ["--stats", str(stats_path)]
+    argv += extra
     fh = open(log, "wb")
     try:
         # Its own session, so a Ctrl-C at the terminal reaches only us (we stop it in order);
@@ -122,6 +131,16 @@ def _ready(sp: ServerProcess) -> bool:
     return all(port_open(p) for p in sp.ports)
 
 
+def wait_ready(sp: ServerProcess, timeout: float = 30.0) -> None:
+    """Until the server is ready (`sp.server` then names its ports); ServerStartError if it exits
+    or is not ready within `timeout` wall seconds."""
+    deadline = time.monotonic() + timeout
+    while not _ready(sp):
+        if time.monotonic() > deadline:
+            raise ServerStartError(f"server not ready after {timeout:.0f} s:\n{sp.log_tail()}")
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def local_server(backend: str, swap_bytes: int, workdir: str | Path | None = None,
                  timeout: float = 30.0, *, luns: int = 1, stats_path: Path | None = None) -> Iterator[ServerProcess]:
@@ -136,13 +155,9 @@ def local_server(backend: str, swap_bytes: int, workdir: str | Path | None = Non
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="netswap-srv-", dir=base))
         wd = Path(workdir)
         wd.mkdir(parents=True, exist_ok=True)
-        sp = _spawn(backend_kind(backend), wd, swap_bytes, luns, stats_path)
+        sp = spawn_server(backend_kind(backend), wd, swap_bytes, luns, stats_path)
         try:
-            deadline = time.monotonic() + timeout
-            while not _ready(sp):
-                if time.monotonic() > deadline:
-                    raise ServerStartError(f"server not ready after {timeout:.0f} s:\n{sp.log_tail()}")
-                time.sleep(0.05)
+            wait_ready(sp, timeout)
             yield sp
         finally:
             sp.stop()

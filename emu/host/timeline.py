@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from emu.mm.gfp import Policy
+
 
 @dataclass
 class Sample:
@@ -145,12 +147,12 @@ def read_jsonl(path: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plotted_columns(rec: Recorder, policy: str = "") -> list[str]:
+def plotted_columns(rec: Recorder, policy: Policy | None = None) -> list[str]:
     """The columns `plot` draws, in order (each line of the PNG is one of them)."""
     cols = ["nr_free", "wmark_high", "wmark_low", "wmark_min", "atomic_floor"]
-    if policy != "pfmemalloc" and any(x.reserve_size for x in rec.samples):
+    if policy is not Policy.PFMEMALLOC and any(x.reserve_size for x in rec.samples):
         cols.append("reserve_size")  # under pfmemalloc it is the min watermark: drawn as that
-    if policy != "none":
+    if policy is not Policy.NONE:
         cols.append("reserve_used")
     cols += ["pswpout_per_s", "pswpin_per_s"]
     cols += [f"drops_{r}_per_s" for r in rec.reasons() if any(x.drops.get(r) for x in rec.samples)]
@@ -163,12 +165,12 @@ def _zoom_top(rec: Recorder) -> float:
     return top * 1.6
 
 
-def _free_panel(ax: Any, rec: Recorder, table: list[dict[str, float | int]], policy: str, zoom: bool) -> None:
+def _free_panel(ax: Any, rec: Recorder, table: list[dict[str, float | int]], policy: Policy | None, zoom: bool) -> None:
     t = [r["t_s"] for r in table]
     ax.plot(t, [r["nr_free"] for r in table], color="black", lw=1.4, label="free pages", zorder=5)
     ax.step(t, [r["wmark_high"] for r in table], where="post", color="tab:green", ls="--", lw=1, label="high")
     ax.step(t, [r["wmark_low"] for r in table], where="post", color="tab:olive", ls="--", lw=1, label="low")
-    min_label = "min (= pfmemalloc reserve)" if policy == "pfmemalloc" else "min"
+    min_label = "min (= pfmemalloc reserve)" if policy is Policy.PFMEMALLOC else "min"
     ax.step(t, [r["wmark_min"] for r in table], where="post", color="tab:red", ls="--", lw=1.2, label=min_label)
     ax.step(t, [r["atomic_floor"] for r in table], where="post", color="tab:purple", ls=":", lw=1.2,
             label="GFP_ATOMIC floor")
@@ -176,7 +178,7 @@ def _free_panel(ax: Any, rec: Recorder, table: list[dict[str, float | int]], pol
         if "reserve_size" in plotted_columns(rec, policy):
             ax.step(t, [r["reserve_size"] for r in table], where="post", color="darkorange", ls="-", lw=2.2,
                     label="reserve size (pages_emerg)")
-        if policy != "none":
+        if policy is not Policy.NONE:
             ax.fill_between(t, 0, [r["reserve_used"] for r in table], step="post", facecolor="orange", alpha=0.6,
                             edgecolor="darkorange", hatch="///", lw=0.8, label="reserve in use", zorder=4)
         ax.set_ylim(0, _zoom_top(rec))
@@ -186,7 +188,7 @@ def _free_panel(ax: Any, rec: Recorder, table: list[dict[str, float | int]], pol
         ax.set_ylabel("free pages")
 
 
-def plot(rec: Recorder, path: Path, title: str, deadlock_at: float | None = None, policy: str = "",
+def plot(rec: Recorder, path: Path, title: str, deadlock_at: float | None = None, policy: Policy | None = None,
          verdict: str = "deadlock") -> Path:
     import matplotlib
 
@@ -205,7 +207,7 @@ def plot(rec: Recorder, path: Path, title: str, deadlock_at: float | None = None
         _free_panel(ax0, rec, table, policy, zoom=False)
         ax0.set_title("free pages, whole zone", fontsize=8, loc="left")
         _free_panel(ax1, rec, table, policy, zoom=True)
-        ax1.set_title("near the watermarks" + ("" if policy != "none" else "  (policy none: no reserve)"),
+        ax1.set_title("near the watermarks" + ("" if policy is not Policy.NONE else "  (policy none: no reserve)"),
                       fontsize=8, loc="left")
         ax2.plot(t, [r["pswpout_per_s"] for r in table], color="tab:blue", lw=1, label="pswpout/s")
         ax2.plot(t, [r["pswpin_per_s"] for r in table], color="tab:cyan", lw=1, label="pswpin/s")
@@ -234,7 +236,7 @@ def plot(rec: Recorder, path: Path, title: str, deadlock_at: float | None = None
     return path
 
 
-def plot_summary(runs: list[tuple[str, str, str, Recorder, float | None]], path: Path, title: str) -> Path:
+def plot_summary(runs: list[tuple[str, Policy, str, Recorder, float | None]], path: Path, title: str) -> Path:
     """One figure for a demo: (backend, policy, outcome, recorder, verdict time) each, in a grid
     of backends (rows) by policies (columns), each the zoomed free-pages panel."""
     import matplotlib

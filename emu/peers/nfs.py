@@ -178,13 +178,7 @@ def capture(port_filter: str, out: Path, iface: str = "lo") -> Iterator[Path]:
         yield out
         time.sleep(0.3)  # let the last packets reach the capture
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, grace=10, sig=signal.SIGINT)  # dumpcap writes out what it holds on SIGINT
 
 
 def libnfs(tool: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:

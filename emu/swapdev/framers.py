@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import struct
 
-from iscsi.pdu import pdu_length
+from iscsi.pdu import BHS_LEN, F_FINAL, F_STATUS, RESERVED_TAG, Op, bhs_itt, pdu_length
 
 _U32 = struct.Struct(">I")
-BHS = 48
 
 
 RPC_CALL = 0
@@ -115,12 +114,10 @@ class RpcStreamFramer:
         return [(n, xid if kind == RPC_REPLY else None, end) for n, xid, kind, end in self._in.feed(data)]
 
 
-# iSCSI opcodes (RFC 7143 §11.2.1.2)
-_AWAITING_REQUESTS = {0x00, 0x01, 0x02, 0x03, 0x04, 0x06}  # NOP-Out, SCSI Command, TMF, Login, Text, Logout
-_DATA_OUT = 0x05
-_FINAL_RESPONSES = {0x20, 0x21, 0x22, 0x23, 0x24, 0x26, 0x31}  # NOP-In, Response, TMF/Login/Text/Logout resp, R2T
-_DATA_IN = 0x25
-_NO_TAG = 0xFFFFFFFF
+# the requests that await a response, and the responses that end an exchange (RFC 7143 §11.2.1.2)
+_AWAITING_REQUESTS = frozenset({Op.NOP_OUT, Op.SCSI_CMD, Op.TASK_MGMT_REQ, Op.LOGIN_REQ, Op.TEXT_REQ, Op.LOGOUT_REQ})
+_FINAL_RESPONSES = frozenset({Op.NOP_IN, Op.SCSI_RSP, Op.TASK_MGMT_RSP, Op.LOGIN_RSP, Op.TEXT_RSP, Op.LOGOUT_RSP,
+                              Op.R2T})
 
 
 class _PduParser:
@@ -142,16 +139,16 @@ class _PduParser:
         while pos < n:
             start = pos
             if self.left == 0:
-                take = min(BHS - len(self.bhs), n - pos)
+                take = min(BHS_LEN - len(self.bhs), n - pos)
                 self.bhs += bytes(mv[pos:pos + take])
                 pos += take
-                if len(self.bhs) < BHS:
+                if len(self.bhs) < BHS_LEN:
                     out.append((pos - start, None, False))
                     break
                 bhs = self.bhs
                 self.bhs = b""
-                self.left = pdu_length(bhs, header_digest=self.hd, data_digest=self.dd) - BHS
-                itt = _U32.unpack_from(bhs, 16)[0]
+                self.left = pdu_length(bhs, header_digest=self.hd, data_digest=self.dd) - BHS_LEN
+                itt = bhs_itt(bhs)
                 self.tag, self.final = classify(bhs[0] & 0x3F, bhs[1], itt)  # type: ignore[operator]
                 if self.left == 0:
                     out.append((pos - start, self.tag, self.final))
@@ -164,17 +161,17 @@ class _PduParser:
 
 
 def _request(op: int, flags: int, itt: int) -> tuple[int | None, bool]:
-    if itt == _NO_TAG:
+    if itt == RESERVED_TAG:
         return None, False
-    if op in _AWAITING_REQUESTS or (op == _DATA_OUT and flags & 0x80):
+    if op in _AWAITING_REQUESTS or (op == Op.DATA_OUT and flags & F_FINAL):
         return itt, True
     return itt, False
 
 
 def _response(op: int, flags: int, itt: int) -> tuple[int | None, bool]:
-    if itt == _NO_TAG:
+    if itt == RESERVED_TAG:
         return None, False
-    if op in _FINAL_RESPONSES or (op == _DATA_IN and flags & 0x01):
+    if op in _FINAL_RESPONSES or (op == Op.DATA_IN and flags & F_STATUS):
         return itt, True
     return itt, False
 

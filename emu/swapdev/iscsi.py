@@ -24,6 +24,7 @@ from emu.swapdev.buffers import HostBuffers
 from emu.swapdev.endpoint import IscsiEndpoint
 from emu.swapdev.framers import IscsiFramer
 from emu.swapdev.remote import RemoteSwap
+from iscsi.initiator import Initiator, ISCSIError, ScsiError
 
 if TYPE_CHECKING:
     from emu.net.stack import NetStack
@@ -61,8 +62,6 @@ class IscsiSwapLun(RemoteSwap):
         return st
 
     async def swap_activate(self, nr_pages: int, page_size: int) -> None:
-        from iscsi.initiator import Initiator
-
         self.page_size, self.nr_pages = page_size, nr_pages
         kw: dict[str, Any] = {"lun": self.server.lun, "command_timeout": self.command_timeout}
         if self.buffers is not None:
@@ -93,8 +92,6 @@ class IscsiSwapLun(RemoteSwap):
             await self._rw(op, slot, bufs, lba, nblocks)
 
     async def _rw(self, op: str, slot: int, bufs: list[memoryview], lba: int, nblocks: int) -> None:
-        from iscsi.initiator import ISCSIError, ScsiError
-
         try:
             self._submit()
             if op == "write":
@@ -122,8 +119,9 @@ class IscsiSwapLun(RemoteSwap):
         """Session recoveries (reissued commands) and TCP re-offers of held response chunks."""
         if self.ini is not None:
             self._last_reissued = int(self.ini.reissued)
-        wire = getattr(self.sock, "wire", None)
-        return self._last_reissued + int(getattr(wire, "reoffers", 0))
+        sk = self.sock  # None until the first connect, and when not via the host (no wire)
+        wire = sk.wire if sk is not None else None  # a TcpWire once connected
+        return self._last_reissued + (wire.reoffers if wire is not None else 0)
 
     def sock_name(self) -> str:
         return self._sock_desc("iscsi (plain socket)")

@@ -27,6 +27,9 @@ from emu.swapdev.buffers import RpcBuffers
 from emu.swapdev.endpoint import NfsEndpoint
 from emu.swapdev.framers import RpcDatagramFramer, RpcStreamFramer
 from emu.swapdev.remote import RemoteSwap
+from nfs.client import NfsClient
+from nfs.nfs3 import CreateMode, Nfs3Error, StableHow, Stat
+from nfs.transport import tcp_connect, udp_connect
 
 if TYPE_CHECKING:
     from emu.net.stack import NetStack
@@ -72,8 +75,6 @@ class NfsSwapFile(RemoteSwap):
         host, port = self.server.host, self.server.nfsport
         self.connects += 1
         if not self.via_host:
-            from nfs.transport import tcp_connect, udp_connect
-
             return await (udp_connect(host, port) if self.proto == "udp" else tcp_connect(host, port))
         t: EmuDatagram | EmuStream
         if self.proto == "udp":
@@ -86,16 +87,12 @@ class NfsSwapFile(RemoteSwap):
     async def _mount_connect(self) -> Any:
         host, port = self.server.host, self.server.mountport
         if not self.via_host:
-            from nfs.transport import tcp_connect, udp_connect
-
             return await (udp_connect(host, port) if self.proto == "udp" else tcp_connect(host, port))
         if self.proto == "udp":
             return await self.net.open_udp(host, port, link=self.link, framer=RpcDatagramFramer())
         return await self.net.connect_tcp(host, port, link=self.link, framer=RpcStreamFramer())
 
     async def swap_activate(self, nr_pages: int, page_size: int) -> None:
-        from nfs.client import NfsClient
-
         self.page_size, self.nr_pages = page_size, nr_pages
         kw: dict[str, Any] = {"proto": self.proto, "slots": NFS_SLOTS, "server": self.server.host}
         if self.timeo is not None:
@@ -109,8 +106,6 @@ class NfsSwapFile(RemoteSwap):
             await self._activate(nr_pages, page_size)
 
     async def _activate(self, nr_pages: int, page_size: int) -> None:
-        from nfs.nfs3 import CreateMode, Nfs3Error, Stat
-
         root = await self.client.mount(self.server.export)
         name = self.server.swapfile
         try:
@@ -133,8 +128,6 @@ class NfsSwapFile(RemoteSwap):
     async def _preallocate(self, size: int) -> None:
         """Write every block once (no holes), as mkswap + dd would. FILE_SYNC: UNSTABLE data would
         be held by the client until a COMMIT (to resend it if the server restarts)."""
-        from nfs.nfs3 import StableHow
-
         zero = bytes(PREALLOC_CHUNK)
         offsets = list(range(0, size, PREALLOC_CHUNK))
 
@@ -148,8 +141,6 @@ class NfsSwapFile(RemoteSwap):
                 n.start_soon(worker, i)
 
     async def swap_rw(self, op: Literal["read", "write"], slot: int, bufs: list[memoryview]) -> None:
-        from nfs.nfs3 import Nfs3Error, StableHow
-
         if self.client is None:
             raise SwapIOError("NFS swap file not active")
         if slot < 0 or slot + len(bufs) > self.nr_pages:

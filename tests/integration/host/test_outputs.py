@@ -7,22 +7,24 @@ from __future__ import annotations
 from rich.console import Console
 
 from emu import scenario as scen
-from emu.host.report import LiveProgress, ReportData, group_tasks, render_deadlock_report, results_table
+from emu.host.progress import LiveProgress
+from emu.host.report import ReportData, group_tasks, render_deadlock_report, results_table
 from emu.host.result import RunResult, RunStatus
 from emu.host.timeline import Recorder, Sample, columns, plotted_columns, rows
+from emu.mm.gfp import Policy
 
 
-def _result(backend: str, policy: str, outcome: str) -> RunResult:
+def _result(backend: str, policy: Policy, outcome: str) -> RunResult:
     r = RunResult(outcome, policy, backend, "nfs://127.0.0.1/x", 12 << 20, 4096)
     r.drops = {"rx_nomem": 123456, "rx_missed": 1234567, "pfmemalloc_drop": 0, "rcvbuf_full": 33082}
-    r.reserve = {"size": 0 if policy == "none" else 874, "peak": 34}
+    r.reserve = {"size": 0 if policy is Policy.NONE else 874, "peak": 34}
     r.pages_swapped_out, r.pages_swapped_in, r.accesses_total, r.accesses_done = 12345, 6789, 131072, 131072
     r.min_free, r.wmark_min, r.emulated_s, r.wall_s = 96, 256, 12.345678, 123.4
     return r
 
 
 def test_demo_table_fits_80_columns_with_a_note_for_none() -> None:
-    results = [_result(b, p, "deadlock" if p == "none" else "completed") for b in scen.BACKENDS for p in scen.POLICIES]
+    results = [_result(b, p, "deadlock" if p is Policy.NONE else "completed") for b in scen.BACKENDS for p in Policy]
     con = Console(width=80, record=True, color_system=None)
     results_table(con, results, "netswap demo — scenario demo, 95 s")
     text = con.export_text()
@@ -38,9 +40,9 @@ def test_live_table_fits_80_columns_and_completed_runs_show_no_stall() -> None:
     con = Console(width=80, record=True, color_system=None, force_terminal=True)
     live = LiveProgress(con)
     for b in scen.BACKENDS:
-        for p in scen.POLICIES:
+        for p in Policy:
             live.add_run(b, p)
-            live.rows[(b, p)] = RunStatus(b, p, "completed" if p != "none" else "deadlock", 12.3456, 131072,
+            live.rows[(b, p)] = RunStatus(b, p, "completed" if p is not Policy.NONE else "deadlock", 12.3456, 131072,
                                           131072, 1234, 256, 12, 123456, 65432, 12345678, 0.1)
     con.print(live._render())
     text = con.export_text()
@@ -58,7 +60,7 @@ def test_blocked_tasks_are_grouped_as_sysrq_t_would() -> None:
     g = group_tasks(tasks)
     assert [(len(p), c, w) for p, c, _, w, _, _ in g] == [
         (1, "kswapd0", "congestion_wait"), (4, "workload", "congestion_wait"), (256, "kswapio", "swap_rw write")]
-    r = ReportData(policy="none", backend="nfs-udp", server="x", t=2.0, stalled_for=1.5, nr_pages=3072, nr_free=96,
+    r = ReportData(policy=Policy.NONE, backend="nfs-udp", server="x", t=2.0, stalled_for=1.5, nr_pages=3072, nr_free=96,
                    wmark_min=256, wmark_low=320, wmark_high=384, atomic_floor=96, pages_emerg=0, reserve_size=0,
                    reserve_peak=34, drops={"rx_nomem": 12, "rx_missed": 1350, "pfmemalloc_drop": 0}, tasks=tasks)
     text = render_deadlock_report(r)
@@ -79,15 +81,17 @@ def test_rates_do_not_spike_at_a_last_sample_just_after_another() -> None:
     assert max(r["drops_rx_nomem_per_s"] for r in table[1:]) <= 1000  # over 0.01 s, not 5 drops / 1e-6 s
     assert abs(table[50]["pswpout_per_s"] - 1000) < 1e-6
     assert list(table[0]) == columns(rec)
-    assert set(plotted_columns(rec, "none")) <= set(columns(rec)) and "reserve_used" not in plotted_columns(rec, "none")
+    assert set(plotted_columns(rec, Policy.NONE)) <= set(columns(rec))
+    assert "reserve_used" not in plotted_columns(rec, Policy.NONE)
 
 
 def test_scenarios_state_the_expected_verdicts() -> None:
     quiet, demo = scen.load("quiet").expect, scen.load("demo").expect
-    assert all(quiet.allows(p, "completed") for p in scen.POLICIES)
-    assert not quiet.allows("none", "deadlock")
-    assert demo.allows("none", "deadlock") and demo.allows("none", "livelock") and not demo.allows("none", "completed")
-    assert demo.allows("v12", "completed") and not demo.allows("pfmemalloc", "deadlock")
+    assert all(quiet.allows(p, "completed") for p in Policy)
+    assert not quiet.allows(Policy.NONE, "deadlock")
+    assert (demo.allows(Policy.NONE, "deadlock") and demo.allows(Policy.NONE, "livelock")
+            and not demo.allows(Policy.NONE, "completed"))
+    assert demo.allows(Policy.V12, "completed") and not demo.allows(Policy.PFMEMALLOC, "deadlock")
     bad = '[expect]\nnone = "finished"\n'
     try:
         scen.loads(bad, "x.toml")

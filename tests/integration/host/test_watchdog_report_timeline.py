@@ -7,6 +7,7 @@ from pathlib import Path
 from emu.host.report import InflightIO, ReportData, render_deadlock_report
 from emu.host.timeline import Recorder, Sample, plot
 from emu.host.watchdog import Watchdog
+from emu.mm.gfp import Policy
 
 BLOCKED = [("workload0", "D reclaim", "shrink_page_list")]
 
@@ -86,7 +87,7 @@ def test_livelock_reference_defaults_to_the_runs_own_best_window() -> None:
 
 def _report() -> ReportData:
     return ReportData(
-        policy="none", backend="nfs-udp", server="nfs://127.0.0.1/x?nfsport=1&mountport=2", t=9.5,
+        policy=Policy.NONE, backend="nfs-udp", server="nfs://127.0.0.1/x?nfsport=1&mountport=2", t=9.5,
         stalled_for=4.0, nr_pages=3072, nr_free=42, wmark_min=110, wmark_low=137, wmark_high=165,
         atomic_floor=42, pages_emerg=0, reserve_size=0, reserve_peak=0,
         socket_holders=[("udp 127.0.0.1:9001 app0", 200, 819200, False), ("udp 127.0.0.1:800 nfs", 0, 0, True)],

@@ -4,56 +4,35 @@
 from __future__ import annotations
 
 import functools
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import trio
 
+from emu.host.servers import ServerProcess, spawn_server, wait_ready
 from emu.kernel.sched import TaskFlags, task
 from emu.mm.gfp import GFP_NOFS, GFP_NOIO
 from emu.mm.sizes import ISCSI_TASK, RPC_RQST
 from emu.swapdev.buffers import HostBuffers
+from emu.swapdev.endpoint import IscsiEndpoint, NfsEndpoint
 from iscsi.initiator import Initiator
 from nfs.client import NfsClient
 from nfs.nfs3 import CreateMode, StableHow
 
-NETSWAP = [sys.executable, "-m", "emu"]
-
-
-async def start(nursery: trio.Nursery, argv: list[str], pattern: str) -> tuple[trio.Process, re.Match[str]]:
-    """Start a server process and wait for its ready line (which must match `pattern`)."""
-    proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    buf = b""
-    with trio.fail_after(20):
-        while b"\n" not in buf:
-            chunk = await proc.stdout.receive_some(4096)
-            if not chunk:
-                raise RuntimeError(f"{argv} exited before its ready line")
-            buf += chunk
-    m = re.search(pattern, buf.decode())
-    assert m, buf
-    return proc, m
-
 
 async def test_clients_over_emulated_stack_against_netswap_servers(make_net, tmp_path: Path) -> None:
     net = await make_net("v12", ram=32 << 20)
-    export = tmp_path / "export"
-    export.mkdir()
-    procs: list[trio.Process] = []
+    servers: list[ServerProcess] = []
     try:
         async with trio.open_nursery() as n:
-            nfsd, m = await start(n, [*NETSWAP, "serve", "nfs", "--export", str(export), "--port", "0",
-                                      "--mount-port", "0", "--state-dir", str(tmp_path / "state")],
-                                  r"nfs_port=(\d+) mount_port=(\d+)")
-            procs.append(nfsd)
-            nfs_port, mount_port = int(m.group(1)), int(m.group(2))
-            tgt, m = await start(n, [*NETSWAP, "serve", "iscsi", "--lun", str(tmp_path / "disk.img"), "--size",
-                                     "4M", "--block-size", "4096", "--port", "0", "--nop-interval", "0"],
-                                 r"target (\S+) ready on [\d.]+:(\d+)")
-            procs.append(tgt)
-            iqn, iscsi_port = m.group(1), int(m.group(2))
+            servers.append(spawn_server("nfs", tmp_path, 0, state_dir=tmp_path / "state"))
+            # 4 KiB blocks (a page per block), no NOP-In pings
+            servers.append(spawn_server("iscsi", tmp_path, 4 << 20, extra=("--block-size", "4096", "--nop-interval", "0")))
+            for sp in servers:
+                await trio.to_thread.run_sync(wait_ready, sp)
+            nfsd, tgt = servers[0].server, servers[1].server
+            assert isinstance(nfsd, NfsEndpoint) and isinstance(tgt, IscsiEndpoint)
+            export, nfs_port, mount_port = Path(nfsd.export), nfsd.nfsport, nfsd.mountport
+            iqn, iscsi_port = tgt.iqn, tgt.port
 
             data = bytes(range(256)) * 256  # 64 KiB
             buffers = HostBuffers(net.slabs, GFP_NOFS, RPC_RQST)  # rpc_rqst + header buffers
@@ -73,12 +52,8 @@ async def test_clients_over_emulated_stack_against_netswap_servers(make_net, tmp
                 assert await ini.read(0, len(data) // 4096) == data
             n.cancel_scope.cancel()
     finally:
-        for p in procs:
-            p.terminate()
-            with trio.move_on_after(5):
-                await p.wait()
-            if p.returncode is None:
-                p.kill()
+        for sp in servers:
+            sp.stop()
     assert (export / "swapfile").read_bytes() == data
     assert net.stat.frag_reassembled > 0 and net.stat.tx_skbs > 0
     assert buffers.peak > 0 and iscsi_buffers.peak > 0  # the requests were paid for in host memory

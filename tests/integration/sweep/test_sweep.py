@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from emu.util.procs import stop_process
+
 HERE = Path(__file__).parent
 TINY = HERE / "tiny.toml"
 NETSWAP = [sys.executable, "-m", "emu"]
@@ -119,14 +121,7 @@ def dask_cluster(tmp_path: Path) -> Iterator[dict[str, Any]]:
             yield {"address": address, "procs": procs, "client": client, "dir": tmp_path}
     finally:
         for p in reversed(list(procs.values())):
-            if p.poll() is None:
-                p.terminate()
-        for p in procs.values():
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+            stop_process(p, grace=15)
         for f in logs:
             f.close()
 
@@ -176,19 +171,18 @@ def test_resume_after_sigint(tmp_path: Path) -> None:
     out = tmp_path / "resume"
     args = [*NETSWAP, "sweep", str(TINY), "--vary", "traffic.rate=1000,2000,65000", "--policy", "none",
             "--out", str(out), "--workers", "1", "-q", "--json"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    err = tmp_path / "resume-stderr.txt"  # a file, not a pipe: it never fills while the sweep runs
+    with open(err, "w") as fh:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=fh, text=True, env=env())
     try:
         deadline = time.monotonic() + 180
         while not ((out / "runs.csv").exists() and len(rows(out)) >= 1):
-            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline and proc.poll() is None, err.read_text()[-3000:]
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, stderr[-3000:]
+        status = stop_process(proc, grace=60, sig=signal.SIGINT)  # Ctrl-C: the sweep keeps what it finished
+    stderr = err.read_text()
+    assert status == 130, stderr[-3000:]
     assert "run the same command again" in stderr
     before = rows(out)
     assert 1 <= len(before) < 3

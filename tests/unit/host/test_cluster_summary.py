@@ -14,6 +14,7 @@ from emu.host.cluster import ClusterResult, _server_summary
 from emu.host.identity import IQN_PREFIX, host_addr
 from emu.host.report import cluster_table
 from emu.host.result import RunResult
+from emu.mm.gfp import Policy
 from iscsi.target_stats import TargetStats
 
 
@@ -23,7 +24,7 @@ def test_iscsi_server_summary_per_host() -> None:
         st, name = stats.login(host_addr(i), f"{IQN_PREFIX}{i}")
         st.answered(name, [0.0] * n, lat)
     js = json.loads(json.dumps(stats.to_json()))  # as read back from the file
-    results = [RunResult("completed", "v12", "iscsi", "iscsi://127.0.0.1:3260/iqn/0", 4 << 20, 4096,
+    results = [RunResult("completed", Policy.V12, "iscsi", "iscsi://127.0.0.1:3260/iqn/0", 4 << 20, 4096,
                          pages_swapped_out=100, pages_swapped_in=50) for _ in range(2)]
     s = _server_summary(js, 30_000, results, 2.0, 4096)
     assert (s["calls"], s["calls_per_wall_s"]) == (350, 175.0)
@@ -31,7 +32,7 @@ def test_iscsi_server_summary_per_host() -> None:
     assert s["clients"]["127.0.1.2"]["calls"] == 50
     assert 100e-6 <= s["clients"]["127.0.1.1"]["p99_s"] < 2e-3 <= s["clients"]["127.0.1.2"]["p50_s"]
     assert s["latency_s"]["p50_s"] < s["latency_s"]["p99_s"] and "drc_hits" not in s and "note" not in s
-    res = ClusterResult(2, "iscsi", "v12", "iscsi://127.0.0.1:3260/iqn/0", "split", results, wall_s=2.0,
+    res = ClusterResult(2, "iscsi", Policy.V12, "iscsi://127.0.0.1:3260/iqn/0", "split", results, wall_s=2.0,
                         server_stats=s)
     console = Console(record=True, width=200)
     cluster_table(console, res)

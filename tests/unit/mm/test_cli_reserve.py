@@ -8,17 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from emu.cli import cli
-
-PUBLISHED = """\
-1:0 "total reserve" 6232K 0/278581
-2:1 "total network reserve" 6232K 0/278581
-3:2 "network TX reserve" 212K 0/53
-4:3 "protocol TX pages" 212K 0/53
-5:2 "network RX reserve" 6020K 0/278528
-6:5 "IPv4 route cache" 5508K 0/16384
-7:5 "SKB data reserve" 512K 0/262144
-8:7 "IPv4 fragment cache" 512K 0/262144
-"""
+from reserve_sample import PUBLISHED
 
 
 def run(*args: str) -> tuple[int, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import signal
 import socket
 import struct
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from emu.util.procs import stop_process
 from nfs.client import NfsClient
 from nfs.nfs3 import FILE_SYNC, NFS_PROGRAM, UNSTABLE, CreateMode, Proc
 from nfs.record import LAST_FRAG
@@ -192,12 +192,9 @@ def test_cli_ready_line_and_clean_stop(tmp_path: Path) -> None:
         assert m, line
         with socket.create_connection((H, int(m.group(1))), timeout=5):
             pass
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(timeout=10) == 0
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        status = stop_process(p, grace=10)  # SIGTERM
+    assert status == 0
 
 
 async def test_client_resetting_its_connection_mid_call_does_not_stop_the_server(nfs_server) -> None:  # type: ignore[no-untyped-def]
