@@ -1,14 +1,18 @@
 """The NFS server's trio driver: sockets in, `RpcService.dispatch` in the middle, sockets out.
 
 Every service port (NFS, MOUNT, optional portmap) is served on both UDP and TCP, and every port
-answers every program (as knfsd's and ganesha's ports do for NULL probes). One task per TCP
-connection reads records (each capped by `max_record`; a bigger one closes that connection only).
-A call that needs no waiting (`RpcService.try_now`: a READ, an UNSTABLE WRITE, a GETATTR, ...
-with a known handle; READ and UNSTABLE WRITE in one pass by `RpcService.try_fast`) is run and
-answered by that task itself, as an nfsd thread runs a call to its end, when no other reply is
-being sent on the connection; every other call runs in its own task, so a sync or a walk of the
-export holds up no other call. The drivers call plain non-blocking sockets and wait through trio
-only when a call would block.
+answers every program (as knfsd's and ganesha's ports do for NULL probes). Each TCP connection
+has a service thread (`_tcp_thread`, knfsd's and ganesha's design): it waits for the
+connection's bytes in poll(2), reassembles records (RFC 5531 record marking, each capped by
+`max_record`; a bigger one closes that connection only) and answers READ and UNSTABLE WRITE
+itself (`RpcService.try_fast`) with the core lock held (below), when no other reply is being
+sent on the connection, so a hot call costs no trip through the event loop. Every other call is
+handed to the loop in a task of its own (answered at once when it needs no waiting,
+`RpcService.try_now`; else a sync or a walk of the export holds up no other call). The
+connection's task on the loop keeps its timers, waits for the byte budget or a call slot when
+the thread needs one, and closes the socket (which ends the thread) when the connection ends.
+The loop's drivers call plain non-blocking sockets and wait through trio only when a call would
+block.
 
 Each UDP socket has a service thread (knfsd's nfsd threads, ganesha's workers): it waits in a
 blocking recvfrom, so a call costs no trip through the event loop, and answers READ and
@@ -79,7 +83,6 @@ UDP_MAX_PAYLOAD = 65507
 _SCRATCH = 16 * 1024  # small reads: record marks and small calls
 _SOCK_BUF = 4 * 1024 * 1024
 _MAX_LOWAT = 1024 * 1024  # a 1 MiB WRITE wakes the server once (the kernel grows the rcvbuf for it)
-_MAX_UNYIELDING = 16  # calls a reading task answers in a row before the other tasks get a turn
 _CORE_WAIT = 0.002  # how long a UDP service thread waits for the event loop to let go of the core
 _MAX_HANDOFFS = 64  # datagrams a UDP service thread may have handed to the event loop, not yet taken
 
@@ -122,7 +125,7 @@ class ServerStats:
     stalled_records: int = 0  # connections closed because a record body stopped coming
     udp_datagrams: int = 0
     udp_send_errors: int = 0
-    calls_now: int = 0  # calls run and answered by the reading task itself (no task of their own)
+    calls_now: int = 0  # calls run to their end at once, needing no waiting (a service thread's, or the loop's)
     udp_thread_calls: int = 0  # of which by a UDP socket's service thread
     tcp_thread_calls: int = 0  # of which by a TCP connection's service thread
     udp_dropped: int = 0  # datagrams dropped: the event loop behind by _MAX_HANDOFFS, or the byte budget full
