@@ -67,6 +67,12 @@ def _tcp_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("nfsd-tcp-")]
 
 
+async def _all_closed(server: NfsServer) -> None:
+    """Until every connection's thread has ended and its task has let go of it."""
+    while _tcp_threads() or server.buffer_stats()["connections"]:
+        await trio.sleep(0.01)
+
+
 @asynccontextmanager
 async def serving(tmp_path: Path, export_dir: Path, **kw: Any) -> AsyncIterator[tuple[NfsServer, int, bytes]]:
     """A server, and the handle of an empty file `f` in its export."""
@@ -115,8 +121,7 @@ async def test_hot_calls_over_tcp_are_answered_by_the_connection_thread(tmp_path
 
         with trio.fail_after(20):
             replies = await trio.to_thread.run_sync(client)
-            while _tcp_threads():
-                await trio.sleep(0.01)
+            await _all_closed(server)
         assert _res(Proc.GETATTR, replies[0]).status == Stat.NFS3_OK
         assert [_res(Proc.WRITE, r).count for r in replies[1:5]] == [50_000] * 4
         assert bytes(_res(Proc.READ, replies[5]).data) == data
@@ -190,8 +195,7 @@ async def test_records_over_the_budget_wait_and_oversized_ones_close(tmp_path: P
         with trio.fail_after(20):
             replies = await trio.to_thread.run_sync(client)
             assert await trio.to_thread.run_sync(oversized) == b""
-            while _tcp_threads():
-                await trio.sleep(0.01)
+            await _all_closed(server)
         assert sorted(_res(Proc.WRITE, r).count for r in replies) == [60_000] * 6
         assert server.budget.high_water <= 150_000 + 4  # (a share's cap; the marks cost nothing)
         assert server.stats.oversized_records == 1
@@ -220,8 +224,7 @@ async def test_garbage_and_a_peer_gone_mid_record_cost_nothing(tmp_path: Path, e
 
         with trio.fail_after(20):
             reply = await trio.to_thread.run_sync(client)
-            while _tcp_threads():
-                await trio.sleep(0.01)
+            await _all_closed(server)
         assert _res(Proc.READ, reply).status == Stat.NFS3_OK
         assert server.budget.used == 0 and server.buffer_stats()["connections"] == 0
         assert server.svc.stats.system_err == 0
