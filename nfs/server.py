@@ -1,14 +1,18 @@
 """The NFS server's trio driver: sockets in, `RpcService.dispatch` in the middle, sockets out.
 
 Every service port (NFS, MOUNT, optional portmap) is served on both UDP and TCP, and every port
-answers every program (as knfsd's and ganesha's ports do for NULL probes). One task per TCP
-connection reads records (each capped by `max_record`; a bigger one closes that connection only).
-A call that needs no waiting (`RpcService.try_now`: a READ, an UNSTABLE WRITE, a GETATTR, ...
-with a known handle; READ and UNSTABLE WRITE in one pass by `RpcService.try_fast`) is run and
-answered by that task itself, as an nfsd thread runs a call to its end, when no other reply is
-being sent on the connection; every other call runs in its own task, so a sync or a walk of the
-export holds up no other call. The drivers call plain non-blocking sockets and wait through trio
-only when a call would block.
+answers every program (as knfsd's and ganesha's ports do for NULL probes). Each TCP connection
+has a service thread (`_tcp_thread`, knfsd's and ganesha's design): it waits for the
+connection's bytes in poll(2), reassembles records (RFC 5531 record marking, each capped by
+`max_record`; a bigger one closes that connection only) and answers READ and UNSTABLE WRITE
+itself (`RpcService.try_fast`) with the core lock held (below), when no other reply is being
+sent on the connection, so a hot call costs no trip through the event loop. Every other call is
+handed to the loop in a task of its own (answered at once when it needs no waiting,
+`RpcService.try_now`; else a sync or a walk of the export holds up no other call). The
+connection's task on the loop keeps its timers, waits for the byte budget or a call slot when
+the thread needs one, and closes the socket (which ends the thread) when the connection ends.
+The loop's drivers call plain non-blocking sockets and wait through trio only when a call would
+block.
 
 Each UDP socket has a service thread (knfsd's nfsd threads, ganesha's workers): it waits in a
 blocking recvfrom, so a call costs no trip through the event loop, and answers READ and
@@ -48,6 +52,7 @@ import ipaddress
 import logging
 import math
 import os
+import select
 import socket as pysocket
 import termios
 import threading
@@ -80,7 +85,6 @@ UDP_MAX_PAYLOAD = 65507
 _SCRATCH = 16 * 1024  # small reads: record marks and small calls
 _SOCK_BUF = 4 * 1024 * 1024
 _MAX_LOWAT = 1024 * 1024  # a 1 MiB WRITE wakes the server once (the kernel grows the rcvbuf for it)
-_MAX_UNYIELDING = 16  # calls a reading task answers in a row before the other tasks get a turn
 _CORE_WAIT = 0.002  # how long a UDP service thread waits for the event loop to let go of the core
 _MAX_HANDOFFS = 64  # datagrams a UDP service thread may have handed to the event loop, not yet taken
 
@@ -123,8 +127,9 @@ class ServerStats:
     stalled_records: int = 0  # connections closed because a record body stopped coming
     udp_datagrams: int = 0
     udp_send_errors: int = 0
-    calls_now: int = 0  # calls run and answered by the reading task itself (no task of their own)
+    calls_now: int = 0  # calls run to their end at once, needing no waiting (a service thread's, or the loop's)
     udp_thread_calls: int = 0  # of which by a UDP socket's service thread
+    tcp_thread_calls: int = 0  # of which by a TCP connection's service thread
 
 
 def _readable(sock: pysocket.socket) -> int:
@@ -363,6 +368,10 @@ class NfsServer:
         return True
 
     async def _tcp_conn(self, tsock: trio.socket.SocketType, peer: tuple[Any, ...]) -> None:
+        """A TCP connection: its service thread (`_tcp_thread`) reads the records and answers
+        the hot calls; this task keeps the connection's timers (`_Conn.arm`, re-armed every
+        tick from what the thread saw), runs the calls the thread hands over, and closes the
+        socket (which ends the thread) when a timer fires, the server stops or the thread ends."""
         sock = _own(tsock)
         sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
         # Room for a whole 1 MiB WRITE or READ in flight: a window that autotuning grows only
@@ -370,115 +379,26 @@ class NfsServer:
         sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVBUF, _SOCK_BUF)
         sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_SNDBUF, _SOCK_BUF)
         dec = RecordDecoder(self.config.max_record, self.pool)
-        scratch = bytearray(_SCRATCH)
-        scratch_mv = memoryview(scratch)
         host, port = str(peer[0]), int(peer[1])
         conn = _Conn((host, port), self.budget.share(self.config.inflight_bytes, self.config.max_inflight), dec,
                      trio.current_time(), self.config)
         self._conns[id(conn)] = conn
-        send_lock = trio.StrictFIFOLock()
-        lowat = 1
-        charged = 0  # bytes of dec.received already charged to the budget
-        pending = scratch_mv[:0]  # bytes read into the scratch buffer, not yet fed to the decoder
-        unyielding = 0  # calls answered in a row without letting the other tasks run
+        t = _TcpStream(sock, conn, trio.lowlevel.current_trio_token(), trio.lowlevel.current_clock())
+        thread = threading.Thread(target=self._tcp_thread, args=(t,), name=f"nfsd-tcp-{host}:{port}", daemon=True)
+        cfg = self.config
+        tick = min(1.0, cfg.record_timeout / 4, cfg.first_call_timeout / 4, cfg.idle_timeout / 4)
         try:
             with conn.scope:
                 conn.arm()
                 async with trio.open_nursery() as calls:
-                    try:
-                        while True:
-                            # What arrived is charged (a mark alone costs nothing); past the
-                            # budget, or this connection's fair share of it, reading stops until
-                            # it is covered: TCP flow control holds the client back.
-                            owed = dec.received - charged
-                            if owed > 0:
-                                await conn.charge(owed)
-                                charged += owed
-                            rec = dec.next_record()
-                            if rec is not None:
-                                # Calls of one connection run concurrently (a FILE_SYNC write's
-                                # fsync does not hold up the next READ), within its share; the
-                                # record's bytes stay charged until its reply has gone.
-                                charged -= len(rec)
-                                await conn.share.start_call()
-                                conn.arm()
-                                await self._tcp_record(sock, send_lock, dec, rec, conn, calls)
-                                unyielding += 1
-                                if unyielding >= _MAX_UNYIELDING:
-                                    unyielding = 0
-                                    await trio.lowlevel.checkpoint()
-                                continue
-                            if not pending and dec.frag_left >= _SCRATCH:
-                                # Inside a big fragment: receive straight into the record, once
-                                # the kernel says a good part of it is there (SO_RCVLOWAT; often
-                                # it is all there already: then no wait, no trip through trio).
-                                # What is there is charged (and its buffer grown) before it is read.
-                                lo = min(dec.frag_left, _MAX_LOWAT)
-                                queued = _readable(sock)
-                                if queued < lo:
-                                    if lo != lowat:
-                                        sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, lo)
-                                        lowat = lo
-                                    unyielding = 0
-                                    with trio.move_on_after(self.config.record_timeout / 2) as waited:
-                                        await trio.lowlevel.wait_readable(sock)
-                                    queued = _readable(sock)
-                                    if waited.cancelled_caught:
-                                        # Below the low-water mark the bytes wait in the kernel:
-                                        # if more came, the record is slow, not stalled.
-                                        if queued > conn.queued:
-                                            conn.queued = queued
-                                            conn.touch()
-                                        continue
-                                else:
-                                    unyielding += 1
-                                    if unyielding >= _MAX_UNYIELDING:
-                                        unyielding = 0
-                                        await trio.lowlevel.checkpoint()
-                                conn.queued = 0
-                                want = min(dec.frag_left, max(queued, 1))
-                                await conn.charge(want)
-                                buf = dec.get_buffer(hint=want)
-                                assert buf is not None
-                                try:
-                                    with buf, buf[:want] as chunk:
-                                        n = sock.recv_into(chunk)
-                                except BlockingIOError:
-                                    n = -1
-                                if n < 0:  # (the bytes FIONREAD saw went elsewhere: wait again)
-                                    conn.share.release(want)
-                                    continue
-                                conn.share.release(want - n)
-                                if n == 0:
-                                    return
-                                charged += n
-                                dec.commit(n)
-                            else:
-                                if not pending:
-                                    if lowat != 1:
-                                        sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, 1)
-                                        lowat = 1
-                                    # A small read: marks and small calls, which stay in the
-                                    # scratch buffer until the marks' bytes have been charged.
-                                    try:
-                                        n = sock.recv_into(scratch)
-                                    except BlockingIOError:
-                                        unyielding = 0
-                                        await trio.lowlevel.wait_readable(sock)
-                                        continue
-                                    if n == 0:
-                                        return  # the calls in flight still get their replies
-                                    pending = scratch_mv[:n]
-                                    conn.touch()
-                                pending = pending[dec.feed(pending, stop_after_mark=True):]
-                                continue
-                            conn.touch()
-                    except RecordTooLarge as e:
-                        self.stats.oversized_records += 1
-                        log.warning("%s:%d: %s; closing the connection", host, port, e)
+                    t.calls = calls
+                    thread.start()
+                    while not t.ended.is_set():
+                        with trio.move_on_after(tick):
+                            await t.ended.wait()
+                        conn.arm()  # (the thread moved last_active and the record state on)
+                    if t.oversized:
                         calls.cancel_scope.cancel()
-                    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                        log.debug("%s:%d: connection ended: %s", host, port, e)
             if conn.scope.cancelled_caught and not conn.evicted_by(self._conns):
                 if not conn.got_call:
                     self.stats.tcp_no_call_closed += 1
@@ -493,64 +413,310 @@ class NfsServer:
         except Exception:  # a bug must cost this connection, never the server
             log.exception("%s:%d: connection failed", host, port)
         finally:
+            t.closing = True
+            with contextlib.suppress(OSError):
+                sock.shutdown(pysocket.SHUT_RDWR)  # (wakes the thread: its recv sees the end)
+            if thread.is_alive():
+                with trio.CancelScope(shield=True):
+                    await t.ended.wait()
+                thread.join()
             self._conns.pop(id(conn), None)
             conn.share.close()
             _close(sock)
 
-    async def _tcp_record(self, sock: pysocket.socket, send_lock: trio.StrictFIFOLock, dec: RecordDecoder,
-                          rec: memoryview, conn: _Conn, calls: trio.Nursery) -> None:
-        """A call that arrived: answered here and now when it needs no waiting and no other
-        reply is being sent (knfsd's nfsd thread runs a call to its end), else in a task of its
-        own, so a call that waits (a sync, a walk of the export) holds up no other."""
+    # -- the TCP service thread ------------------------------------------------------------------
+
+    def _count_oversized(self) -> None:
+        self.stats.oversized_records += 1
+
+    def _tcp_thread(self, t: _TcpStream) -> None:
+        """An nfsd thread for a TCP connection (knfsd's and ganesha's design): it waits for the
+        connection's bytes itself (poll(2), no trip through the event loop per call), feeds the
+        record decoder (RFC 5531 record marking), charges what arrived to the byte budget as the
+        event loop did, and answers READ and UNSTABLE WRITE (`try_fast`) with the core lock held
+        when no other reply is being sent on the connection; every other call is handed to the
+        loop (`_tcp_handoff`). Whenever it would wait for the budget or a call slot, the loop
+        waits for it (`_tcp_wait`), so the budget's rules stay the loop's. Its end (the peer's,
+        a bad record, the loop closing the socket) is told to the loop by `t.ended`."""
+        sock, core, conn, dec = t.sock, self._core, t.conn, t.conn.dec
+        host, port = conn.peer
+        scratch = bytearray(_SCRATCH)
+        scratch_mv = memoryview(scratch)
+        pending = scratch_mv[:0]  # bytes read into the scratch buffer, not yet fed to the decoder
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        lowat = 1
+        try:
+            while not t.closing:
+                # Under the core lock: what arrived is decoded and charged, whole records run.
+                with core:
+                    pending = pending[dec.feed(pending, stop_after_mark=True):] if pending else pending
+                    wait = self._tcp_records(t)
+                    body = not pending and dec.frag_left >= _SCRATCH
+                if wait is not None:
+                    if not self._tcp_wait(t, wait):
+                        return
+                    if wait[0] == "charge":
+                        with core:
+                            t.charged += wait[1]
+                    continue
+                if t.unsent:
+                    if not self._tcp_finish_send(t):
+                        return
+                    continue
+                if pending:
+                    continue
+                if body:
+                    # Inside a big fragment: receive straight into the record, once the kernel
+                    # says a good part of it is there (SO_RCVLOWAT); what is there is charged
+                    # (and the record's buffer grown) before it is read.
+                    lo = min(dec.frag_left, _MAX_LOWAT)
+                    queued = _readable(sock)
+                    if queued < lo:
+                        if lo != lowat:
+                            sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, lo)
+                            lowat = lo
+                        if not poller.poll(self.config.record_timeout / 2 * 1000):
+                            # Below the low-water mark the bytes wait in the kernel: if more
+                            # came, the record is slow, not stalled.
+                            queued = _readable(sock)
+                            if queued > conn.queued:
+                                conn.queued = queued
+                                conn.last_active = t.clock.current_time()
+                            continue
+                        queued = _readable(sock)
+                    conn.queued = 0
+                    with core:
+                        want = min(dec.frag_left, max(queued, 1))
+                        if not conn.share.try_acquire(want):
+                            wait = ("charge", want)
+                        else:
+                            buf = dec.get_buffer(hint=want)
+                    if wait is not None:
+                        if not self._tcp_wait(t, wait):
+                            return
+                        with core:
+                            buf = dec.get_buffer(hint=want)
+                    assert buf is not None
+                    try:
+                        with buf, buf[:want] as chunk:
+                            n = sock.recv_into(chunk)
+                    except BlockingIOError:
+                        n = -1
+                    with core:
+                        if n < 0:  # (the bytes FIONREAD saw went elsewhere: wait again)
+                            self._share_release(t, want)
+                            continue
+                        self._share_release(t, want - n)
+                        if n == 0:
+                            return
+                        t.charged += n
+                        dec.commit(n)
+                    conn.last_active = t.clock.current_time()
+                    continue
+                # A small read: marks and small calls, which stay in the scratch buffer until
+                # the marks' bytes have been charged.
+                if lowat != 1:
+                    sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVLOWAT, 1)
+                    lowat = 1
+                try:
+                    n = sock.recv_into(scratch)
+                except BlockingIOError:
+                    poller.poll(1000)  # (the loop's shutdown of the socket wakes it at once)
+                    continue
+                if n == 0:
+                    return  # the calls in flight still get their replies
+                pending = scratch_mv[:n]
+                conn.last_active = t.clock.current_time()
+        except RecordTooLarge as e:
+            with contextlib.suppress(trio.RunFinishedError):  # (counted by the loop: no core lock here)
+                t.token.run_sync_soon(self._count_oversized)
+            log.warning("%s:%d: %s; closing the connection", host, port, e)
+            t.oversized = True
+        except OSError as e:
+            log.debug("%s:%d: connection ended: %s", host, port, e)
+        except BaseException:  # a bug must cost this connection, never the server
+            log.exception("%s:%d: connection's service thread failed", host, port)
+            t.oversized = True  # (closes it, calls and all)
+        finally:
+            with contextlib.suppress(trio.RunFinishedError):
+                t.token.run_sync_soon(t.ended.set)
+
+    def _tcp_records(self, t: _TcpStream) -> tuple[str, int] | None:
+        """With the core lock held: charge what arrived, and run every whole record (answered
+        here, or handed to the loop). What the thread must wait for first, if anything."""
+        conn, dec = t.conn, t.conn.dec
+        while True:
+            owed = dec.received - t.charged
+            if owed > 0:
+                if not conn.share.try_acquire(owed):
+                    return ("charge", owed)
+                t.charged += owed
+            if t.held is None:
+                rec = dec.next_record()
+                if rec is None:
+                    return None
+                t.charged -= len(rec)  # (the record's bytes stay charged until its reply has gone)
+                if conn.share.calls >= conn.share.max_calls:
+                    t.held = rec
+                    return ("slot", 0)
+                conn.share.calls += 1
+            else:
+                rec, t.held = t.held, None  # (its call slot was taken by the loop)
+            self._tcp_call_now(t, rec)
+            if t.unsent:
+                return None  # (the rest of its reply goes first)
+
+    def _tcp_call_now(self, t: _TcpStream, rec: memoryview) -> None:
+        """With the core lock held: answer a hot call here, or hand it to the loop."""
+        conn = t.conn
         host, port = conn.peer
         t0 = time.perf_counter()  # the call's service time starts (per-client statistics)
+        conn.last_active = t.clock.current_time()
         if not conn.got_call and looks_like_call(rec):
             conn.got_call = True
-        reply = None if send_lock.locked() else self.svc.try_fast(rec, host, "tcp", STREAM_MAX_REPLY)
+        reply = None
+        if not t.send_lock.locked() and not t.sending:
+            reply = self.svc.try_fast(rec, host, "tcp", STREAM_MAX_REPLY)
         if reply is None:
-            ctx = CallContext(host, port, "tcp")
-            p = self.svc.begin(rec, ctx)
-            if send_lock.locked():
-                reply = None
-            elif isinstance(p, Pending):
-                reply = self.svc.try_now(p, ctx)
-            else:
-                reply = p
-                p = None
-            if reply is None and p is not None:
-                calls.start_soon(self._tcp_call, sock, send_lock, dec, rec, conn, p, ctx, t0)
-                return
+            t.token.run_sync_soon(self._tcp_handoff, t, rec, t0)
+            return
         self.stats.calls_now += 1
+        self.stats.tcp_thread_calls += 1
         n = len(rec)
+        conn.dec.recycle(rec)  # nothing refers to the call any more: reuse its buffer
         try:
-            dec.recycle(rec)  # nothing refers to the call any more: reuse its buffer
-            if reply is not None:
-                send_lock.acquire_nowait()  # (free: nothing ran since it was seen free)
-                total = sum(len(b) for b in reply)
-                try:
-                    await send_stream(sock, [record_mark(total), *reply])
-                finally:
-                    send_lock.release()
-                self.clients.record(host, n, total, time.perf_counter() - t0)
+            views = [memoryview(b).cast("B") for b in materialize(reply) if len(b)]
+            total = sum(len(v) for v in views)
+            views.insert(0, memoryview(record_mark(total)))
+            try:
+                sent = t.sock.sendmsg(views, [], pysocket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            left = _drop_sent(views, sent)
+            if left:  # (the socket is full: the thread sends the rest without the core lock)
+                t.unsent = left
+                t.sending = True
+            self.clients.record(host, n, total, time.perf_counter() - t0)
+        except OSError as e:
+            log.debug("%s:%d: reply not sent: %s", host, port, e)
         finally:
-            if reply is not None:
-                close_segments(reply)  # (already closed if it was sent)
-            conn.share.end_call(n)
-            conn.touch()
+            close_segments(reply)
+            self._share_end_call(t, n)
 
-    async def _tcp_call(self, sock: pysocket.socket, send_lock: trio.StrictFIFOLock, dec: RecordDecoder,
-                        rec: memoryview, conn: _Conn, p: Pending | list[Buffer] | None, ctx: CallContext,
-                        t0: float) -> None:
+    def _tcp_finish_send(self, t: _TcpStream) -> bool:
+        """Without the core lock: the rest of a reply the socket had no room for; whether the
+        connection is still good."""
+        views = t.unsent
+        ok = True
+        poller = select.poll()
+        poller.register(t.sock.fileno(), select.POLLOUT)
+        try:
+            while views and not t.closing:
+                try:
+                    views = _drop_sent(views, t.sock.sendmsg(views, [], pysocket.MSG_DONTWAIT))
+                except BlockingIOError:
+                    poller.poll(1000)
+        except OSError as e:
+            log.debug("%s:%d: reply not sent: %s", *t.conn.peer, e)
+            ok = False
+        with self._core:
+            t.unsent = []
+            t.sending = False
+            if t.send_waiter is not None:
+                t.token.run_sync_soon(t.send_waiter.set)
+        return ok and not t.closing
+
+    def _tcp_wait(self, t: _TcpStream, what: tuple[str, int]) -> bool:
+        """Without the core lock: wait for the loop to charge bytes to the connection's share
+        (`charge`) or start a call in it (`slot`), as the loop's reader did; False if the
+        connection closes meanwhile."""
+        done = threading.Event()
+        ok: list[bool] = []
+        kind, n = what
+
+        async def waiter() -> None:
+            try:
+                if kind == "charge":
+                    await t.conn.charge(n)
+                else:
+                    await t.conn.share.start_call()
+                ok.append(True)
+            finally:
+                done.set()
+
+        def spawn() -> None:
+            try:
+                assert t.calls is not None
+                t.calls.start_soon(waiter)
+            except RuntimeError:  # (the connection's nursery is closing)
+                done.set()
+
+        try:
+            t.token.run_sync_soon(spawn)
+        except trio.RunFinishedError:
+            return False
+        while not done.wait(0.5):
+            if t.closing:
+                return False
+        return bool(ok) and not t.closing
+
+    def _share_release(self, t: _TcpStream, n: int) -> None:
+        """With the core lock held, in the thread: give bytes back (waking any task waiting for
+        the budget is the loop's: trio's events are not to be set from another thread)."""
+        if self.budget._waiting:
+            t.token.run_sync_soon(t.conn.share.release, n)
+        else:
+            t.conn.share.release(n)
+
+    def _share_end_call(self, t: _TcpStream, n: int) -> None:
+        if self.budget._waiting:
+            t.token.run_sync_soon(self._loop_end_call, t, n)
+        else:
+            t.conn.share.end_call(n)
+
+    def _loop_end_call(self, t: _TcpStream, n: int) -> None:
+        t.conn.share.end_call(n)
+        t.conn.touch()
+
+    def _tcp_handoff(self, t: _TcpStream, rec: memoryview, t0: float) -> None:
+        """On the event loop: a call the thread did not answer gets a task (its call slot and
+        bytes were taken by the thread)."""
+        try:
+            assert t.calls is not None
+            t.calls.start_soon(self._tcp_call, t, rec, t0)
+        except RuntimeError:  # (the connection is closing: the call goes with it)
+            t.conn.dec.recycle(rec)
+            t.conn.share.end_call(len(rec))
+
+    async def _tcp_call(self, t: _TcpStream, rec: memoryview, t0: float) -> None:
+        """A call handed over by the thread: run to its end (at once when it needs no waiting,
+        `try_now`), its reply sent when no other is being sent on the connection."""
+        conn = t.conn
         n = len(rec)
         reply: list[Buffer] | None = None
         host, port = conn.peer
         try:
-            reply = await self.svc.finish(p, ctx) if isinstance(p, Pending) else p
-            dec.recycle(rec)  # nothing refers to the call any more: reuse its buffer
+            ctx = CallContext(host, port, "tcp")
+            p = self.svc.begin(rec, ctx)
+            if isinstance(p, Pending):
+                reply = self.svc.try_now(p, ctx)
+                if reply is None:
+                    reply = await self.svc.finish(p, ctx)
+                else:
+                    self.stats.calls_now += 1
+            else:
+                reply = p
+                self.stats.calls_now += 1
+            conn.dec.recycle(rec)  # nothing refers to the call any more: reuse its buffer
             if reply is not None:
                 total = sum(len(b) for b in reply)
-                async with send_lock:
-                    await send_stream(sock, [record_mark(total), *reply])
+                async with t.send_lock:
+                    while t.sending:  # (the thread is sending the rest of a reply)
+                        t.send_waiter = trio.Event()
+                        await t.send_waiter.wait()
+                    t.send_waiter = None
+                    await send_stream(t.sock, [record_mark(total), *reply])
                 self.clients.record(host, n, total, time.perf_counter() - t0)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
             log.debug("%s:%d: reply not sent: %s", host, port, e)
@@ -725,6 +891,40 @@ class NfsServer:
         return {"buffered": self.budget.used, "high_water": self.budget.high_water, "limit": self.budget.limit,
                 "decoder_bytes": sum(c.dec.allocated for c in self._conns.values()),
                 "budget_waits": self.budget.waits, "connections": len(self._conns)}
+
+
+def _drop_sent(views: list[memoryview], n: int) -> list[memoryview]:
+    """What is left of an iovec after a (partial) send of n bytes."""
+    i = 0
+    while i < len(views) and n >= len(views[i]):
+        n -= len(views[i])
+        i += 1
+    left = views[i:]
+    if left and n:
+        left[0] = left[0][n:]
+    return left
+
+
+class _TcpStream:
+    """A TCP connection's state shared by its service thread and the event loop (changed under
+    the core lock, or by one side only)."""
+
+    def __init__(self, sock: pysocket.socket, conn: _Conn, token: trio.lowlevel.TrioToken,
+                 clock: trio.abc.Clock) -> None:
+        self.sock = sock
+        self.conn = conn
+        self.token = token
+        self.clock = clock  # (the loop's clock, read by the thread for the connection's timers)
+        self.calls: trio.Nursery | None = None
+        self.send_lock = trio.StrictFIFOLock()  # a reply being sent by the loop
+        self.sending = False  # the thread is sending the rest of a reply (`unsent`)
+        self.unsent: list[memoryview] = []
+        self.send_waiter: trio.Event | None = None  # a loop task waiting for `sending` to end
+        self.charged = 0  # bytes of the decoder's `received` already charged to the budget
+        self.held: memoryview | None = None  # a record waiting for a call slot
+        self.ended = trio.Event()  # the thread has ended (set on the loop)
+        self.closing = False  # the loop is closing the connection
+        self.oversized = False  # the thread ended on a bad record: its calls go too
 
 
 class _UdpSocket:

@@ -46,7 +46,9 @@ async def test_big_writes_and_walks_run_in_worker_threads(tmp_path: Path, export
 
     def pwrite(fd: int, data: object, offset: int) -> int:
         n = real_pwrite(fd, data, offset)  # type: ignore[arg-type]
-        threads.append(("pwrite", n, threading.get_ident() == loop_thread))
+        # inline: on the event loop or in the connection's service thread, not a worker thread
+        inline = threading.get_ident() == loop_thread or threading.current_thread().name.startswith("nfsd-tcp-")
+        threads.append(("pwrite", n, inline))
         return n
 
     monkeypatch.setattr(os, "pwrite", pwrite)

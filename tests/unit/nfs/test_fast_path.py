@@ -43,9 +43,12 @@ async def test_calls_that_need_no_waiting_are_answered_without_a_task(tmp_path: 
             data = os.urandom(20_000)
             before = server.stats.calls_now
             assert (await c.write(fh, 0, data, UNSTABLE)).count == len(data)
+            in_thread = server.stats.tcp_thread_calls
             assert await c.read(fh, 0, len(data)) == data
             assert (await c.getattr(fh)).size == len(data)
             assert server.stats.calls_now - before == 3  # each answered by the reading task
+            if proto == "tcp":  # the READ by the connection's service thread (the GETATTR by the loop)
+                assert server.stats.tcp_thread_calls - in_thread == 1
             before = server.stats.calls_now
             await c.write(fh, 0, data[::-1], FILE_SYNC)  # waits for its fsync: in a task
             await c.commit(fh)

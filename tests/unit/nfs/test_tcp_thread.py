@@ -1,0 +1,272 @@
+"""A TCP connection's service thread (nfs/server.py `_tcp_thread`): it answers READ and UNSTABLE
+WRITE itself with the replies the usual way gives, hands every other call to the event loop,
+reassembles records however the bytes are split, keeps to the byte budget, survives garbage and
+a peer gone mid-record, and no thread outlives its connection or the server. Real loopback
+sockets; the clients are blocking sockets in another thread, so the event loop is idle while
+they wait (as with a client in another process)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from nfs.nfs3 import FILE_SYNC, NFS_PROGRAM, UNSTABLE, Proc, Stat
+from nfs.nfs3xdr import NFS3_PROCEDURES, FhArgs, ReadArgs, WriteArgs
+from nfs.record import LAST_FRAG
+from nfs.rpc import AuthSys, OpaqueAuth, encode_call
+from nfs.server import NfsServer, ServerConfig
+from nfs.xdr import Packer, Unpacker
+
+H = "127.0.0.1"
+
+
+def _call(xid: int, proc: Proc, args: object, cred: OpaqueAuth) -> bytes:
+    p = Packer()
+    NFS3_PROCEDURES[proc].encode_args(p, args)
+    return bytes(encode_call(xid, NFS_PROGRAM, 3, proc, b"".join(p.iov()), cred))  # type: ignore[arg-type]
+
+
+def _rec(msg: bytes) -> bytes:
+    return struct.pack(">I", LAST_FRAG | len(msg)) + msg
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = s.recv(n - len(out))
+        if not chunk:
+            raise EOFError(f"connection closed after {len(out)} of {n} bytes")
+        out += chunk
+    return bytes(out)
+
+
+def _recv_record(s: socket.socket) -> bytes:
+    out = b""
+    while True:
+        (mark,) = struct.unpack(">I", _recv_exact(s, 4))
+        out += _recv_exact(s, mark & 0x7FFF_FFFF)
+        if mark & LAST_FRAG:
+            return out
+
+
+def _res(proc: Proc, reply: bytes) -> Any:
+    return NFS3_PROCEDURES[proc].decode_res(Unpacker(reply[24:]))
+
+
+def _tcp_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("nfsd-tcp-")]
+
+
+async def _all_closed(server: NfsServer) -> None:
+    """Until every connection's thread has ended and its task has let go of it."""
+    while _tcp_threads() or server.buffer_stats()["connections"]:
+        await trio.sleep(0.01)
+
+
+@asynccontextmanager
+async def serving(tmp_path: Path, export_dir: Path, **kw: Any) -> AsyncIterator[tuple[NfsServer, int, bytes]]:
+    """A server, and the handle of an empty file `f` in its export."""
+    (export_dir / "f").write_bytes(b"")
+    async with trio.open_nursery() as n:
+        server = NfsServer(ServerConfig(export=export_dir, port=0, mount_port=0, state_dir=tmp_path / "s", **kw))
+        ports = await n.start(server.serve)
+        fh = server.export.fh_for(str(export_dir / "f"), os.lstat(export_dir / "f"), server.export.root_ino)
+        yield server, ports["nfs"], fh
+        n.cancel_scope.cancel()
+
+
+def _connect(port: int) -> socket.socket:
+    s = socket.create_connection((H, port), timeout=10)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+async def test_hot_calls_over_tcp_are_answered_by_the_connection_thread(tmp_path: Path, export_dir: Path) -> None:
+    """READ and UNSTABLE WRITE from the connection's service thread, the right bytes; a
+    GETATTR and a FILE_SYNC WRITE from the loop; the thread is gone with the connection."""
+    cred = AuthSys().to_auth()
+    data = os.urandom(200_000)
+    async with serving(tmp_path, export_dir) as (server, port, fh):
+        counted: list[int] = []
+
+        def client() -> list[bytes]:
+            with _connect(port) as s:
+                out = []
+                s.sendall(_rec(_call(1, Proc.GETATTR, FhArgs(fh), cred)))  # (its credential is new: the loop's)
+                out.append(_recv_record(s))
+                assert len(_tcp_threads()) == 1
+                s.sendall(_rec(_call(2, Proc.WRITE, WriteArgs(fh, 0, 4, UNSTABLE, b"warm"), cred)))
+                _recv_record(s)  # (the first: its handle is resolved, its fd opened, maybe by the loop)
+                counted.append(server.stats.tcp_thread_calls)
+                for i in range(4):
+                    piece = data[i * 50_000 : (i + 1) * 50_000]
+                    s.sendall(_rec(_call(10 + i, Proc.WRITE, WriteArgs(fh, i * 50_000, len(piece), UNSTABLE, piece),
+                                         cred)))
+                    out.append(_recv_record(s))
+                s.sendall(_rec(_call(20, Proc.READ, ReadArgs(fh, 0, len(data)), cred)))
+                out.append(_recv_record(s))
+                s.sendall(_rec(_call(21, Proc.WRITE, WriteArgs(fh, 0, 5, FILE_SYNC, b"hello"), cred)))
+                out.append(_recv_record(s))
+                return out
+
+        with trio.fail_after(20):
+            replies = await trio.to_thread.run_sync(client)
+            await _all_closed(server)
+        assert _res(Proc.GETATTR, replies[0]).status == Stat.NFS3_OK
+        assert [_res(Proc.WRITE, r).count for r in replies[1:5]] == [50_000] * 4
+        assert bytes(_res(Proc.READ, replies[5]).data) == data
+        assert _res(Proc.WRITE, replies[6]).committed == FILE_SYNC
+        assert server.stats.tcp_thread_calls - counted[0] == 5  # the four UNSTABLE WRITEs and the READ
+        assert server.budget.used == 0 and server.svc.stats.system_err == 0
+    assert (export_dir / "f").read_bytes() == b"hello" + data[5:]
+
+
+async def test_a_record_split_across_reads_is_served(tmp_path: Path, export_dir: Path) -> None:
+    """The thread reassembles records however the stream is cut: a mark in two pieces, a body
+    in pieces small and big, two fragments, and two records in one send."""
+    cred = AuthSys().to_auth()
+    data = os.urandom(100_000)
+    async with serving(tmp_path, export_dir) as (server, port, fh):
+        def client() -> list[bytes]:
+            with _connect(port) as s:
+                out = []
+                warm = _rec(_call(1, Proc.GETATTR, FhArgs(fh), cred))
+                s.sendall(warm)
+                out.append(_recv_record(s))
+                rec = _rec(_call(2, Proc.WRITE, WriteArgs(fh, 0, len(data), UNSTABLE, data), cred))
+                prev = 0
+                for cut in (2, 4, 11, 3000, 20_000, 60_000, len(rec)):  # (2: inside the mark)
+                    s.sendall(rec[prev:cut])
+                    time.sleep(0.02)  # (each piece in a read of its own, most likely; any split is right)
+                    prev = cut
+                out.append(_recv_record(s))
+                call = _call(3, Proc.READ, ReadArgs(fh, 0, len(data)), cred)
+                s.sendall(struct.pack(">I", 50) + call[:50])  # two fragments: the first not the last
+                time.sleep(0.02)
+                s.sendall(_rec(call[50:]) + _rec(_call(4, Proc.READ, ReadArgs(fh, 7, 9), cred)))
+                out.append(_recv_record(s))
+                out.append(_recv_record(s))
+                return out
+
+        with trio.fail_after(20):
+            replies = await trio.to_thread.run_sync(client)
+        assert _res(Proc.WRITE, replies[1]).count == len(data)
+        assert bytes(_res(Proc.READ, replies[2]).data) == data
+        assert bytes(_res(Proc.READ, replies[3]).data) == data[7:16]
+        assert server.budget.used == 0
+
+
+@pytest.mark.parametrize("max_inflight", [1, 4])  # (1: they wait for a call slot; 4: for bytes)
+async def test_records_over_the_budget_wait_and_oversized_ones_close(tmp_path: Path, export_dir: Path,
+                                                                     max_inflight: int) -> None:
+    """Records pipelined past a connection's share (bytes or calls) wait for it (the thread
+    hands the wait to the loop) and are all served, the share never exceeded; a record bigger than max_record
+    closes its connection (and its thread) before its body is read, and no other."""
+    cred = AuthSys().to_auth()
+    pieces = [os.urandom(60_000) for _ in range(6)]
+    async with serving(tmp_path, export_dir, inflight_bytes=150_000, max_inflight=max_inflight,
+                       max_record=256 * 1024) as (server, port, fh):
+        def client() -> list[bytes]:
+            with _connect(port) as s:
+                s.sendall(_rec(_call(1, Proc.GETATTR, FhArgs(fh), cred)))
+                _recv_record(s)
+                # FILE_SYNC WRITEs (each waits for its fsync, in a task) all sent at once: 360 KB
+                # against a share of 150 KB.
+                s.sendall(b"".join(_rec(_call(10 + i, Proc.WRITE,
+                                              WriteArgs(fh, i * 60_000, 60_000, FILE_SYNC, p), cred))
+                                   for i, p in enumerate(pieces)))
+                return [_recv_record(s) for _ in pieces]
+
+        def oversized() -> bytes:
+            with _connect(port) as s:
+                s.sendall(struct.pack(">I", LAST_FRAG | (1 << 20)) + b"x" * 1000)
+                return s.recv(100)  # b"": closed
+
+        with trio.fail_after(20):
+            replies = await trio.to_thread.run_sync(client)
+            assert await trio.to_thread.run_sync(oversized) == b""
+            await _all_closed(server)
+        assert sorted(_res(Proc.WRITE, r).count for r in replies) == [60_000] * 6
+        assert server.budget.high_water <= 150_000 + 4  # (a share's cap; the marks cost nothing)
+        assert server.stats.oversized_records == 1
+        assert server.budget.used == 0
+    assert (export_dir / "f").read_bytes() == b"".join(pieces)
+
+
+async def test_garbage_and_a_peer_gone_mid_record_cost_nothing(tmp_path: Path, export_dir: Path) -> None:
+    """A record of garbage is answered (or dropped) and the connection goes on; a peer that
+    closes in the middle of a record (in its mark, or its body) leaves no bytes charged and no
+    thread behind; the server serves on."""
+    cred = AuthSys().to_auth()
+    async with serving(tmp_path, export_dir) as (server, port, fh):
+        def client() -> bytes:
+            for cut in (2, 4 + 30_000):  # in the mark; in a body
+                with _connect(port) as s:
+                    s.sendall((struct.pack(">I", LAST_FRAG | 70_000) + os.urandom(70_000))[:cut])
+                    time.sleep(0.05)
+            with _connect(port) as s:
+                s.sendall(_rec(os.urandom(300)) + _rec(b"\0" * 3))  # garbage: no crash, no reply needed
+                s.sendall(_rec(_call(5, Proc.READ, ReadArgs(fh, 0, 10), cred)))
+                while True:
+                    r = _recv_record(s)
+                    if r[:4] == struct.pack(">I", 5):
+                        return r
+
+        with trio.fail_after(20):
+            reply = await trio.to_thread.run_sync(client)
+            await _all_closed(server)
+        assert _res(Proc.READ, reply).status == Stat.NFS3_OK
+        assert server.budget.used == 0 and server.buffer_stats()["connections"] == 0
+        assert server.svc.stats.system_err == 0
+
+
+async def test_no_thread_outlives_the_server(tmp_path: Path, export_dir: Path) -> None:
+    """Stopping the server with connections open (idle, mid-record, waiting for a reply it
+    is reading slowly) ends every connection's service thread."""
+    cred = AuthSys().to_auth()
+    before = set(threading.enumerate())
+    (export_dir / "big").write_bytes(os.urandom(1 << 20))
+    socks: list[socket.socket] = []
+    async with serving(tmp_path, export_dir) as (server, port, fh):
+        big = server.export.fh_for(str(export_dir / "big"), os.lstat(export_dir / "big"), server.export.root_ino)
+
+        def open_them() -> None:
+            for _ in range(2):
+                socks.append(_connect(port))
+            slow = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting: a small window)
+            slow.connect((H, port))
+            socks.append(slow)
+            socks[0].sendall(_rec(_call(1, Proc.GETATTR, FhArgs(fh), cred)))
+            _recv_record(socks[0])  # idle after a call
+            socks[1].sendall(struct.pack(">I", LAST_FRAG | 50_000) + b"y" * 20_000)  # mid-record
+            socks[2].sendall(_rec(_call(2, Proc.READ, ReadArgs(big, 0, 1), cred)))
+            _recv_record(socks[2])  # (its fd opened: the READs below are the thread's)
+            for i in range(8):  # 8 MiB of READ replies it does not read: the server's sends fill up
+                socks[2].sendall(_rec(_call(10 + i, Proc.READ, ReadArgs(big, 0, 1 << 20), cred)))
+
+        with trio.fail_after(10):
+            await trio.to_thread.run_sync(open_them)
+            while len(_tcp_threads()) < 3:
+                await trio.sleep(0.01)
+            while not server.stats.tcp_thread_calls:  # (its reply only partly sent: the thread sends the rest)
+                await trio.sleep(0.01)
+            await trio.sleep(0.1)
+    try:
+        assert not _tcp_threads()
+        assert not [t for t in set(threading.enumerate()) - before if t.name.startswith("nfsd-")]
+        socks[1].settimeout(5)
+        assert socks[1].recv(100) == b""  # closed by the server
+    finally:
+        for s in socks:
+            s.close()
