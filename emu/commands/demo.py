@@ -11,7 +11,7 @@ import click
 from rich.console import Console
 
 from emu import scenario as scen
-from emu.commands.run import OneLineCommand
+from emu.util.cli import OneLineCommand
 from emu.mm.gfp import Policy
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2

@@ -24,18 +24,7 @@ from emu.mm.slab import calculate_slab_order, hwcache_align, kmalloc_size_class
 from emu.net.ipfrag import IPFRAG_HIGH_THRESH
 from emu.net.reserve import NetReserve, tx_reserve_pages
 from emu.swapdev.nfs import rpc_reserve_pages
-from emu.util.units import parse_size
-
-def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        size = parse_size(value)
-    except ValueError as e:
-        raise click.BadParameter(f"{value!r}: {e}", ctx, param) from None
-    if size <= 0:
-        raise click.BadParameter(f"{value!r}: must be positive", ctx, param)
-    return size
+from emu.util.cli import size_option
 
 
 # Which flags feed each node of the tree (aggregates are sums of their children).
@@ -146,7 +135,7 @@ def explain(tree: HostReserve) -> dict[str, str]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--ram", default="128M", show_default=True, callback=_size_option, metavar="SIZE",
+@click.option("--ram", default="128M", show_default=True, callback=size_option(1, "must be positive"), metavar="SIZE",
               help="RAM of the host (sizes the route hash). 128M is the era's machine of the published sample.")
 @click.option("--page-size", default=4096, show_default=True, type=int, help="PAGE_SIZE in bytes (a power of two, 512..65536).")
 @click.option("--route-max-size", type=int, default=None, metavar="N",

@@ -15,26 +15,11 @@ from rich.console import Console
 from emu import scenario as scen
 from emu.mm.gfp import Policy
 from emu.swapdev.endpoint import ServerURLError, check_backend_matches, parse_server_url
+from emu.util.cli import OneLineCommand, size_option
 from emu.util.signals import exit_interrupted, is_interrupt, sigterm_as_interrupt
-from emu.util.units import format_size, parse_size
+from emu.util.units import format_size
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STUCK = 0, 1, 2, 3
-
-
-def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except ValueError as e:
-        raise click.BadParameter(f"{value!r}: {e}", ctx, param) from None
-
-
-def _positive_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    n = _size(ctx, param, value)
-    if n is not None and n < 4096:
-        raise click.BadParameter(f"{value!r}: the ring must hold at least 4K", ctx, param)
-    return n
 
 
 def _writable_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -74,24 +59,13 @@ def apply_overrides(sc: scen.Scenario, *, backend: str | None, policy: str | Non
     return scen.loads(scen.dumps(d), source=f"{sc.source} with command-line overrides")
 
 
-class OneLineCommand(click.Command):
-    """Option errors (click's three-line usage message) become one `netswap: error:` line, exit 2."""
-
-    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
-                     **extra: Any) -> click.Context:
-        try:
-            return super().make_context(info_name, args, parent, **extra)
-        except click.UsageError as e:
-            usage_fail(e.format_message())
-
-
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
                epilog="Shipped scenarios: " + ", ".join(scen.shipped()) + " (netswap run NAME).")
 @click.argument("scenario_file", required=False, metavar="[SCENARIO.toml]")
 @click.option("--backend", type=click.Choice(scen.BACKENDS), help="Swap storage: a swap file over NFS/UDP or NFS/TCP, or an iSCSI LUN.")
 @click.option("--policy", type=click.Choice(scen.POLICIES), help="none (vanilla 2.6.22), v12 (the seed's reserve), pfmemalloc (Linux 3.6).")
-@click.option("--ram", callback=_size, metavar="SIZE", help="Emulated RAM, e.g. 12M.")
-@click.option("--swap", callback=_size, metavar="SIZE", help="Swap size, e.g. 64M.")
+@click.option("--ram", callback=size_option(), metavar="SIZE", help="Emulated RAM, e.g. 12M.")
+@click.option("--swap", callback=size_option(), metavar="SIZE", help="Swap size, e.g. 64M.")
 @click.option("--workload", type=click.Choice(scen.WORKLOADS), help="Access pattern of the workload processes.")
 @click.option("--traffic", type=click.Choice(scen.TRAFFIC_PROFILES), help="Background traffic profile.")
 @click.option("--duration", type=click.FloatRange(min=0.01), metavar="S", help="Stop the run after S emulated seconds at most (watchdog.timeout).")
@@ -104,7 +78,7 @@ class OneLineCommand(click.Command):
               help="Write every frame the emulated NIC saw (RX with its fate and drop reason as a packet comment, TX) as pcapng to FILE.")
 @click.option("--pcap-snaplen", type=click.IntRange(min=0), default=128, show_default=True, metavar="BYTES",
               help="Keep only the first BYTES of each background frame (0: whole); swap traffic (SOCK_MEMALLOC sockets) stays whole.")
-@click.option("--pcap-ring", callback=lambda c, p, v: _positive_size(c, p, v), default="128M", show_default=True, metavar="SIZE",
+@click.option("--pcap-ring", callback=size_option(4096, "the ring must hold at least 4K"), default="128M", show_default=True, metavar="SIZE",
               help="The capture keeps the last SIZE of frames (a ring; older frames are left out and counted).")
 @click.option("--dropwatch", is_flag=True, help="Print drops per reason and per socket each emulated second (as dropwatch -l kas), on stderr.")
 @click.option("--proc-dir", type=click.Path(file_okay=False), metavar="DIR",

@@ -9,7 +9,6 @@ nothing behind.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import json
 import logging
 import os
@@ -17,69 +16,20 @@ import re
 import signal
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
 
 import click
 import trio
 
-from emu.util.units import SIZE_HELP, format_size, parse_size
+from emu.util.cli import CliError, OneLineCommand, loopback_bind, size_option, usage
+from emu.util.units import SIZE_HELP, format_size
 from iscsi.lun import BLOCK_SIZES, DiskLun
 from iscsi.target import LOGIN_TIMEOUT, Target
 
 DEFAULT_IQN = "iqn.2024-01.org.netswap:disk"
 DEFAULT_SIZE = 64 << 20  # for a LUN file that does not exist yet
-EXIT_ERROR = 1
-EXIT_USAGE = 2
 _IQN = re.compile(r"^(iqn\.\d{4}-\d{2}\.[^ ]+|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
 _ERRNO_WORDS = {errno.EADDRINUSE: "address in use", errno.EACCES: "permission denied",
                 errno.EADDRNOTAVAIL: "address not available"}
-
-
-class CliError(click.ClickException):
-    """A failure told in one line: `netswap: error: <message>`."""
-
-    exit_code = EXIT_ERROR
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"netswap: error: {self.format_message()}", err=True)
-
-
-class CliUsageError(CliError):
-    exit_code = EXIT_USAGE
-
-
-def usage(message: str) -> NoReturn:
-    raise CliUsageError(message)
-
-
-class OneLineCommand(click.Command):
-    """Click's own option errors (several lines of usage) become one `netswap: error:` line."""
-
-    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
-                     **extra: Any) -> click.Context:
-        try:
-            return super().make_context(info_name, args, parent, **extra)
-        except click.UsageError as e:
-            usage(e.format_message())
-
-
-def _bind(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    try:
-        addr = ipaddress.ip_address(value)
-    except ValueError:
-        usage(f"--bind {value}: not an IP address")
-    if not addr.is_loopback:
-        usage(f"--bind {value}: not a loopback address; the target serves loopback only (127.0.0.0/8 or ::1)")
-    return value
-
-
-def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except ValueError as e:
-        usage(f"--size {value}: {e}")
 
 
 def _chap(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, str] | None:
@@ -122,14 +72,14 @@ def describe_listen_error(bind: str, port: int, e: OSError) -> str:
 @click.command("iscsi", cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--lun", "lun_paths", required=True, multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Backing file of the next LUN (repeatable: LUN 0, 1, ...); created if missing.")
-@click.option("--size", callback=_size, default=None,
+@click.option("--size", callback=size_option(), default=None,
               help=f"Size of each LUN ({SIZE_HELP}); a smaller file is grown, never shrunk. "
                    f"Default: {format_size(DEFAULT_SIZE)} for a new file, else the file's size.")
 @click.option("--block-size", type=click.Choice([str(b) for b in BLOCK_SIZES]), default="512", show_default=True,
               help="Logical block size in bytes.")
 @click.option("--thin", is_flag=True, help="Thin provisioning: UNMAP and WRITE SAME with UNMAP punch holes in the "
                                            "file; GET LBA STATUS reports them.")
-@click.option("--bind", default="127.0.0.1", show_default=True, callback=_bind,
+@click.option("--bind", default="127.0.0.1", show_default=True, callback=loopback_bind,
               help="Loopback address to listen on (127.0.0.0/8 or ::1).")
 @click.option("--port", type=click.IntRange(0, 65535), default=3260, show_default=True,
               help="TCP port (0 picks a free one; the ready line says which).")

@@ -12,49 +12,18 @@ import logging
 import math
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 import trio
 
-from emu.util.units import SIZE_HELP, parse_size
+from emu.util.cli import CliError, CliUsageError, OneLineCommand, loopback_bind, size_option, usage
+from emu.util.units import SIZE_HELP
 from nfs.auth import Squash
 from nfs.server import ListenError, NfsServer, ServerConfig, parse_allow
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-
-
-class CliError(click.ClickException):
-    """A failure told in one line: `netswap: error: <message>` (exit 1)."""
-
-    exit_code = EXIT_ERROR
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"netswap: error: {self.format_message()}", err=True)
-
-
-class CliUsageError(CliError):
-    """A bad option, told in one line (exit 2)."""
-
-    exit_code = EXIT_USAGE
-
-
-def usage(message: str) -> NoReturn:
-    raise CliUsageError(message)
-
-
-class OneLineCommand(click.Command):
-    """Option errors (click's multi-line usage message) become one `netswap: error:` line."""
-
-    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
-                     **extra: Any) -> click.Context:
-        try:
-            return super().make_context(info_name, args, parent, **extra)
-        except click.UsageError as e:
-            usage(e.format_message())
 
 
 def _cidr(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[Any]:
@@ -70,38 +39,10 @@ def _port(ctx: click.Context, param: click.Parameter, value: int | None) -> int 
     return value
 
 
-def _bind(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    try:
-        addr = ipaddress.ip_address(value)
-    except ValueError:
-        usage(f"--bind {value}: not an IP address")
-    if not addr.is_loopback:
-        usage(f"--bind {value}: not a loopback address; the server listens on loopback only "
-              "(127.0.0.0/8 or ::1)")
-    return value
-
-
 def _idle(ctx: click.Context, param: click.Parameter, value: float) -> float:
     if not math.isfinite(value) or value <= 0:
         usage(f"--idle-timeout {value}: must be a number of seconds above 0")
     return value
-
-
-def _size_at_least(minimum: int, expected: str) -> Callable[[click.Context, click.Parameter, str], int]:
-    """A size option's callback: a size (SIZE_HELP) of at least `minimum` bytes, else a usage
-    error that names the option and says what was `expected`."""
-
-    def check(ctx: click.Context, param: click.Parameter, value: str) -> int:
-        flag = param.opts[0]
-        try:
-            n = parse_size(value)
-        except ValueError as e:
-            usage(f"{flag} {value!r}: {e}")
-        if n < minimum:
-            usage(f"{flag} {value!r}: {expected} ({SIZE_HELP})")
-        return n
-
-    return check
 
 
 def check_ports(port: int, mount_port: int, portmap_port: int | None) -> None:
@@ -118,7 +59,7 @@ def check_ports(port: int, mount_port: int, portmap_port: int | None) -> None:
                context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--export", "export", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Directory to export. Clients mount it by its absolute path (or a --name alias).")
-@click.option("--bind", default="127.0.0.1", show_default=True, callback=_bind,
+@click.option("--bind", default="127.0.0.1", show_default=True, callback=loopback_bind,
               help="Loopback address to listen on (127.0.0.0/8 or ::1).")
 @click.option("--port", default=2049, show_default=True, type=int, callback=_port,
               help="NFS port (UDP and TCP); 0 picks a free one.")
@@ -139,7 +80,7 @@ def check_ports(port: int, mount_port: int, portmap_port: int | None) -> None:
               help="uid of AUTH_NONE callers and of squashed root.")
 @click.option("--anongid", default=65534, show_default=True, type=click.IntRange(0, 0xFFFF_FFFF),
               help="gid of AUTH_NONE callers and of squashed root.")
-@click.option("--max-buffered", default="64M", show_default=True, callback=_size_at_least(1, "must be above 0"),
+@click.option("--max-buffered", default="64M", show_default=True, callback=size_option(1, "must be above 0"),
               help=f"Cap on the bytes of calls held over all connections ({SIZE_HELP}).")
 @click.option("--idle-timeout", default=360.0, show_default=True, type=float, callback=_idle,
               help="Close a TCP connection idle this many seconds (knfsd: 6 minutes).")
@@ -147,7 +88,7 @@ def check_ports(port: int, mount_port: int, portmap_port: int | None) -> None:
               help="Close a TCP connection whose record body stalls this many seconds.")
 @click.option("--max-connections", default=256, show_default=True, type=click.IntRange(1),
               help="TCP connections at once; past it the one idle the longest is closed.")
-@click.option("--write-behind", default="4M", show_default=True, callback=_size_at_least(0, "must be 0 (never) or more"),
+@click.option("--write-behind", default="4M", show_default=True, callback=size_option(0, "must be 0 (never) or more"),
               help="Start writing a file's dirty pages to disk every this many bytes of UNSTABLE "
                    f"WRITEs, so the COMMIT that follows has little left to wait for; 0: never ({SIZE_HELP}).")
 @click.option("--stats", "stats_path", type=click.Path(dir_okay=False, path_type=Path), default=None,

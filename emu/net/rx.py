@@ -357,25 +357,24 @@ class RxPath:
             self._port_sk = self.udp_table.get(dport)
         n = len(data)
         if n <= self.max_single:
-            v = self._udp_frame(n + IP_HDR + UDP_HDR, data, saddr, sport, daddr, dport, None)
-            self.counts[v] += 1
-            if v > FRAG_QUEUED:
-                self._drop(v, self._port_sk)
-            if self.trace is not None:
-                self.trace.append(v | RESERVE_SKB if v != NOMEM and v != MISSED and self._last_reserve else v)
-            return v
+            return self._tally(self._udp_frame(n + IP_HDR + UDP_HDR, data, saddr, sport, daddr, dport, None))
         self.ip_id = ip_id = (self.ip_id + 1) & 0xFFFF
         key = (saddr, daddr, ip_id, IPPROTO_UDP)
         v = QUEUED
         for off, length, more in ip_fragments(n + UDP_HDR, self.mtu):
             self.stat.frags += 1
             frag = (key, off, length, more)
-            v = self._udp_frame(length + IP_HDR, data if off == 0 else None, saddr, sport, daddr, dport, frag)
-            self.counts[v] += 1
-            if v > FRAG_QUEUED:
-                self._drop(v, self._port_sk)
-            if self.trace is not None:
-                self.trace.append(v | RESERVE_SKB if v != NOMEM and v != MISSED and self._last_reserve else v)
+            v = self._tally(self._udp_frame(length + IP_HDR, data if off == 0 else None, saddr, sport, daddr,
+                                            dport, frag))
+        return v
+
+    def _tally(self, v: int) -> int:
+        """One UDP frame's verdict counted (a drop on the socket it was for) and traced."""
+        self.counts[v] += 1
+        if v > FRAG_QUEUED:
+            self._drop(v, self._port_sk)
+        if self.trace is not None:
+            self.trace.append(v | RESERVE_SKB if v != NOMEM and v != MISSED and self._last_reserve else v)
         return v
 
     def _udp_frame(self, size: int, payload: bytes | None, saddr: str, sport: int, daddr: str,

@@ -194,11 +194,7 @@ class NetStack:
             raise
         sk = self._adopt_tcp(raw, owner, rcvbuf, sk_obj, link=link, framer=framer)
         if memalloc:
-            try:
-                sk.sk_set_memalloc()
-            except BaseException:
-                sk.close()
-                raise
+            _set_memalloc(sk)
         return EmuStream(sk)
 
     async def open_app_tcp_listener(self, port: int = 0, owner: Any = None, *, rcvbuf: int | None = None,
@@ -241,11 +237,7 @@ class NetStack:
             raise
         self._hash_udp(sk, link=link, framer=framer)
         if memalloc:
-            try:
-                sk.sk_set_memalloc()
-            except BaseException:
-                sk.close()
-                raise
+            _set_memalloc(sk)
         return EmuDatagram(sk)
 
     def reserve_udp_port(self, port: int = 0, addr: str | None = None) -> _socket.socket:
@@ -550,3 +542,12 @@ def _drain(raw: _socket.socket) -> None:
             raw.recv(65536)
         except (BlockingIOError, InterruptedError):
             return
+
+
+def _set_memalloc(sk: Sock) -> None:
+    """sk_set_memalloc on a new socket; if the reserve cannot take it, the socket is closed."""
+    try:
+        sk.sk_set_memalloc()
+    except BaseException:
+        sk.close()
+        raise
