@@ -734,7 +734,7 @@ class NfsServer:
         sock = _own(tsock)
         sock.setblocking(True)  # (the thread blocks in recvfrom; the loop sends with MSG_DONTWAIT)
         u = _UdpSocket(sock, self.budget.share(self.config.inflight_bytes, self.config.max_inflight * 4),
-                       trio.lowlevel.current_trio_token())
+                       trio.lowlevel.current_trio_token(), self.stats)
         thread = threading.Thread(target=self._udp_thread, args=(u,), name=f"nfsd-udp-{sock.getsockname()[1]}",
                                   daemon=True)
         try:
@@ -794,17 +794,21 @@ class NfsServer:
 
     def _udp_now(self, u: _UdpSocket, data: memoryview, addr: Any) -> bool:
         """In the service thread, with the core lock held: answer a hot call; False if it is
-        not one (nothing done)."""
+        not one (nothing done). The reply goes before the reply cache and the statistics are
+        kept (`_UdpSocket.send`), off the client's wait."""
         t0 = time.perf_counter()
         host = addr[0]
-        reply = self.svc.try_fast(data, host, "udp", UDP_MAX_PAYLOAD)
+        u.addr, u.sent = addr, None
+        reply = self.svc.try_fast(data, host, "udp", UDP_MAX_PAYLOAD, u.send)
         if reply is None:
             return False
         stats = self.stats
         stats.udp_datagrams += 1
         stats.calls_now += 1
         stats.udp_thread_calls += 1
-        if _send_datagram_now(u.sock, reply, addr, stats):
+        if u.sent is None:  # (a reply from the reply cache)
+            u.send(reply)
+        if u.sent:
             self.clients.record(host, len(data), sum(map(len, reply)), time.perf_counter() - t0)
         return True
 
@@ -929,13 +933,21 @@ class _TcpStream:
 class _UdpSocket:
     """A UDP socket's state, shared by its service thread and the event loop."""
 
-    def __init__(self, sock: pysocket.socket, share: Share, token: trio.lowlevel.TrioToken) -> None:
+    def __init__(self, sock: pysocket.socket, share: Share, token: trio.lowlevel.TrioToken,
+                 stats: ServerStats) -> None:
         self.sock = sock
         self.share = share
         self.token = token
         self.handoffs = threading.BoundedSemaphore(_MAX_HANDOFFS)  # datagrams handed to the loop, not yet taken
         self.calls: trio.Nursery | None = None
         self.closed = False
+        self.stats = stats
+        self.addr: Any = None  # the thread's call: its sender, and whether its reply went
+        self.sent: bool | None = None
+
+    def send(self, reply: list[Buffer]) -> None:
+        """The service thread's reply to its call's sender."""
+        self.sent = _send_datagram_now(self.sock, reply, self.addr, self.stats)
 
 
 class _CoreLock(trio.abc.Instrument):
