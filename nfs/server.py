@@ -188,15 +188,16 @@ async def send_datagram(sock: pysocket.socket, bufs: Sequence[Buffer], addr: Any
 def _send_datagram_now(sock: pysocket.socket, bufs: Sequence[Buffer], addr: Any, stats: ServerStats) -> bool:
     """Send a reply datagram without waiting; whether it went (a full send buffer, rare on a
     datagram socket, loses it like the network would: the client retransmits)."""
+    segments = FileSegment in map(type, bufs)
     try:
-        sock.sendmsg([memoryview(b).cast("B") for b in materialize(list(bufs)) if len(b)], [],
-                     pysocket.MSG_DONTWAIT, addr)
+        sock.sendmsg(materialize(list(bufs)) if segments else bufs, [], pysocket.MSG_DONTWAIT, addr)  # type: ignore[arg-type]
     except OSError as e:
         stats.udp_send_errors += 1
         log.debug("udp sendmsg to %s: %s", addr, e)
         return False
     finally:
-        close_segments(list(bufs))
+        if segments:
+            close_segments(list(bufs))
     return True
 
 
@@ -733,7 +734,7 @@ class NfsServer:
         sock = _own(tsock)
         sock.setblocking(True)  # (the thread blocks in recvfrom; the loop sends with MSG_DONTWAIT)
         u = _UdpSocket(sock, self.budget.share(self.config.inflight_bytes, self.config.max_inflight * 4),
-                       trio.lowlevel.current_trio_token())
+                       trio.lowlevel.current_trio_token(), self.stats)
         thread = threading.Thread(target=self._udp_thread, args=(u,), name=f"nfsd-udp-{sock.getsockname()[1]}",
                                   daemon=True)
         try:
@@ -758,12 +759,16 @@ class NfsServer:
         held, which the event loop lets go of only while it waits for I/O; a call needing more,
         or one that comes while the loop runs, is handed to the loop (at most _MAX_HANDOFFS
         handed over and not yet admitted: past that the thread waits, and the socket's queue
-        holds what comes). A call answered here holds its one datagram while it runs: no
-        buffering beyond that, so it is not charged to the byte budget."""
+        holds what comes). A call answered here holds its one datagram while it runs, in the
+        thread's own receive buffer (as an nfsd thread's rq_pages: nothing is allocated per
+        datagram); no buffering beyond that, so it is not charged to the byte budget. A
+        datagram handed over is copied out of it."""
         sock, core = u.sock, self._core
+        buf = bytearray(UDP_MAX_PAYLOAD + 1)
+        view = memoryview(buf)
         while not u.closed:
             try:
-                data, addr = sock.recvfrom(UDP_MAX_PAYLOAD + 1)
+                n, addr = sock.recvfrom_into(buf)
             except OSError as e:  # e.g. ECONNREFUSED from an earlier ICMP error
                 log.debug("udp recvfrom: %s", e)
                 continue
@@ -771,13 +776,14 @@ class NfsServer:
                 return
             if core.acquire(timeout=_CORE_WAIT):
                 try:
-                    if self._udp_now(u, data, addr):
+                    if self._udp_now(u, view[:n], addr):
                         continue
                 except Exception:  # a bug must cost this call, never the server
                     log.exception("udp call from %s failed", addr)
                     continue
                 finally:
                     core.release()
+            data = bytes(view[:n])
             while not u.handoffs.acquire(timeout=0.1):
                 if u.closed:
                     return
@@ -786,27 +792,24 @@ class NfsServer:
             except trio.RunFinishedError:
                 return
 
-    def _udp_now(self, u: _UdpSocket, data: bytes, addr: Any) -> bool:
+    def _udp_now(self, u: _UdpSocket, data: memoryview, addr: Any) -> bool:
         """In the service thread, with the core lock held: answer a hot call; False if it is
-        not one (nothing done)."""
+        not one (nothing done). The reply goes before the reply cache and the statistics are
+        kept (`_UdpSocket.send`), off the client's wait."""
         t0 = time.perf_counter()
-        host = str(addr[0])
-        sent: list[bool] = []
-
-        def send(reply: list[Buffer]) -> None:  # (the reply goes before the reply cache is kept)
-            sent.append(_send_datagram_now(sock=u.sock, bufs=reply, addr=addr, stats=self.stats))
-
-        reply = self.svc.try_fast(data, host, "udp", UDP_MAX_PAYLOAD, send)
+        host = addr[0]
+        u.addr, u.sent = addr, None
+        reply = self.svc.try_fast(data, host, "udp", UDP_MAX_PAYLOAD, u.send)
         if reply is None:
             return False
-        self.stats.udp_datagrams += 1
-        self.stats.calls_now += 1
-        self.stats.udp_thread_calls += 1
-        out = sum(len(b) for b in reply)
-        if not sent:  # (a reply from the reply cache)
-            send(reply)
-        if sent[0]:
-            self.clients.record(host, len(data), out, time.perf_counter() - t0)
+        stats = self.stats
+        stats.udp_datagrams += 1
+        stats.calls_now += 1
+        stats.udp_thread_calls += 1
+        if u.sent is None:  # (a reply from the reply cache)
+            u.send(reply)
+        if u.sent:
+            self.clients.record(host, len(data), sum(map(len, reply)), time.perf_counter() - t0)
         return True
 
     def _udp_dispatch(self, u: _UdpSocket, data: bytes, addr: Any) -> None:
@@ -930,13 +933,21 @@ class _TcpStream:
 class _UdpSocket:
     """A UDP socket's state, shared by its service thread and the event loop."""
 
-    def __init__(self, sock: pysocket.socket, share: Share, token: trio.lowlevel.TrioToken) -> None:
+    def __init__(self, sock: pysocket.socket, share: Share, token: trio.lowlevel.TrioToken,
+                 stats: ServerStats) -> None:
         self.sock = sock
         self.share = share
         self.token = token
         self.handoffs = threading.BoundedSemaphore(_MAX_HANDOFFS)  # datagrams handed to the loop, not yet taken
         self.calls: trio.Nursery | None = None
         self.closed = False
+        self.stats = stats
+        self.addr: Any = None  # the thread's call: its sender, and whether its reply went
+        self.sent: bool | None = None
+
+    def send(self, reply: list[Buffer]) -> None:
+        """The service thread's reply to its call's sender."""
+        self.sent = _send_datagram_now(self.sock, reply, self.addr, self.stats)
 
 
 class _CoreLock(trio.abc.Instrument):

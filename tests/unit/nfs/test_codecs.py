@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -15,7 +18,7 @@ from nfs.nfs3xdr import (
     DirOpArgs, Entry3, Fattr3, FhArgs, FsinfoRes, FsstatRes, GetattrRes, LinkArgs, LinkRes, LookupRes, MkdirArgs,
     MknodArgs, NfsTime, NullRes, PathconfRes, ReadArgs, ReaddirArgs, ReaddirplusArgs, ReaddirRes, ReadlinkRes,
     ReadRes, RenameArgs, RenameRes, Sattr3, SetattrArgs, SymlinkArgs, WccAttr, WccData, WccRes, WriteArgs,
-    WriteRes,
+    WriteRes, fattr3_bytes, wcc_attr_bytes,
 )
 from nfs.record import LAST_FRAG, RecordDecoder, RecordTooLarge, encode_record
 from nfs.rpc import (
@@ -71,6 +74,29 @@ def test_fattr3_is_84_bytes_and_round_trips() -> None:
     bad[3] = 9  # no such ftype3
     with pytest.raises(XdrError):
         Fattr3.unpack(Unpacker(bad))
+
+
+def test_the_reply_encoders_give_the_codec_bytes_for_every_file_type(tmp_path: Path) -> None:
+    """fattr3_bytes and wcc_attr_bytes (the encoders every reply runs, written out for speed)
+    give exactly what Fattr3 and WccAttr encode, for each file type, times before 1970 and
+    past 2106 (seconds wrap to 32 bits), and a device number."""
+    (tmp_path / "reg").write_bytes(b"x" * 5000)
+    (tmp_path / "dir").mkdir()
+    os.symlink("reg", tmp_path / "lnk")
+    os.mkfifo(tmp_path / "fifo")
+    with socket.socket(socket.AF_UNIX) as sk:
+        sk.bind(str(tmp_path / "sock"))
+        os.utime(tmp_path / "reg", ns=(-1_500_000_001, 5_000_000_000_123_456_789))
+        paths = [tmp_path / n for n in ("reg", "dir", "lnk", "fifo", "sock")] + [Path("/dev/null")]
+        for path in paths:
+            st_ = os.lstat(path)
+            p = Packer()
+            Fattr3.from_stat(st_, 7).pack(p)
+            assert fattr3_bytes(st_, 7) == bytes(p.buf), path
+            p = Packer()
+            WccAttr.from_stat(st_).pack(p)
+            assert wcc_attr_bytes(st_) == bytes(p.buf), path
+    assert Fattr3.unpack(Unpacker(fattr3_bytes(os.lstat("/dev/null"), 7))).rdev == (1, 3)
 
 
 def test_sattr3_round_trips() -> None:
