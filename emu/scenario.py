@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from emu.kernel.cpu import Costs
-from emu.mm.gfp import Policy
+from emu.kernel.policy import Policy
 from emu.util.units import format_size, parse_size
 
 BACKENDS = ("nfs-udp", "nfs-tcp", "iscsi")

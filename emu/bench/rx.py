@@ -26,7 +26,7 @@ from rich.progress import Progress
 
 from emu.bench.result import BenchResult, emit
 from emu.cli import CONTEXT
-from emu.mm.gfp import Policy
+from emu.kernel.policy import Policy
 
 MODES = ("accept", "drop-rcvbuf", "drop-nomem", "drop-reserve")
 

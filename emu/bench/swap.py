@@ -28,7 +28,7 @@ import trio
 
 from emu import scenario as scen
 from emu.bench.result import BenchResult, emit
-from emu.mm.gfp import Policy
+from emu.kernel.policy import Policy
 
 RSS_SLACK = 64 << 20
 QUEUE_DEPTH = 16  # the NFS transport's RPC slot table, the iSCSI LUN's queue depth

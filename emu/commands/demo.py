@@ -12,7 +12,7 @@ from rich.console import Console
 
 from emu import scenario as scen
 from emu.util.cli import OneLineCommand
-from emu.mm.gfp import Policy
+from emu.kernel.policy import Policy
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 DEMO_BACKENDS = scen.BACKENDS

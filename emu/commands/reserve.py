@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from emu.mm.gfp import Policy
+from emu.kernel.policy import Policy
 from emu.mm.page_alloc import default_min_free_kbytes
 from emu.mm.reserve import (
     ReserveError,

@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 
 from emu import scenario as scen
-from emu.mm.gfp import Policy
+from emu.kernel.policy import Policy
 from emu.swapdev.endpoint import ServerURLError, check_backend_matches, parse_server_url
 from emu.util.cli import OneLineCommand, size_option
 from emu.util.signals import exit_interrupted, is_interrupt, sigterm_as_interrupt

@@ -42,7 +42,7 @@ from emu.host.launch import run_host
 from emu.host.result import STUCK, RunResult, RunStatus
 from emu.host.run import WALL_TIMEOUT_DEFAULT, Progress
 from emu.host.servers import local_server
-from emu.mm.gfp import Policy
+from emu.kernel.policy import Policy
 from emu.swapdev.endpoint import Endpoint, IscsiEndpoint, NfsEndpoint, parse_server_url
 
 SAMPLES_PER_HOST = 1500  # the timeline points a host sends back for the cluster's figure

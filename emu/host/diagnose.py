@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from emu.host.report import InflightIO, ReportData
 from emu.host.watchdog import is_blocked
 from emu.kernel.sched import all_tasks
-from emu.mm.gfp import Policy
+from emu.kernel.policy import Policy
 from emu.mm.sizes import DST_ENTRY
 
 if TYPE_CHECKING:

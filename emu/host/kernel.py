@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from emu.kernel.cpu import Costs, Cpu
-from emu.mm.gfp import Policy
+from emu.kernel.policy import Policy
 from emu.mm.page_alloc import Zone
 from emu.mm.reserve import ReserveRoot
 from emu.mm.slab import Slabs

@@ -26,7 +26,7 @@ from emu.host.result import STUCK, RunInterrupted, RunResult, write_outputs
 from emu.host.run import WALL_TIMEOUT_DEFAULT, HostRun, Progress
 from emu.host.servers import local_server
 from emu.kernel.clock import EmuClock, deterministic_scheduling
-from emu.mm.gfp import Policy
+from emu.kernel.policy import Policy
 from emu.swapdev.endpoint import Endpoint, IscsiEndpoint, parse_server_url
 from emu.util.signals import is_interrupt
 

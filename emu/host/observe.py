@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from emu.mm.gfp import Policy
+from emu.kernel.policy import Policy
 from emu.net.capture import PacketTap
 from emu.net.dropmon import DropMonitor
 

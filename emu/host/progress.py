@@ -10,7 +10,7 @@ from rich.table import Table
 
 from emu.host.report import outcome_style
 from emu.host.result import RunStatus
-from emu.mm.gfp import Policy
+from emu.kernel.policy import Policy
 
 
 def _n(x: int) -> str:

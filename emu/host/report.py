@@ -20,7 +20,7 @@ from rich.table import Table
 
 from emu.host.identity import host_addr, host_label
 from emu.host.result import RunResult
-from emu.mm.gfp import Policy
+from emu.kernel.policy import Policy
 from emu.net.dropmon import reason_table
 
 

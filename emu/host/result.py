@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from emu.host.timeline import Recorder, plot, write_csv, write_jsonl
-from emu.mm.gfp import Policy
+from emu.kernel.policy import Policy
 
 # outcome -> exit status of `netswap run`
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STUCK = 0, 1, 2, 3

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from emu.mm.gfp import Policy
+from emu.kernel.policy import Policy
 
 
 @dataclass

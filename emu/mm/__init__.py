@@ -2,8 +2,7 @@
 
 One file per concept, named as the kernel names it:
 
-- `gfp.py`         Gfp flags, GFP_* masks, Policy (none / v12 / pfmemalloc)
-- `sched.py`       the task context `current` (PF_MEMALLOC, TIF_MEMDIE, softirq), task(), waiting()
+- `gfp.py`         Gfp flags, GFP_* masks
 - `sizes.py`       object sizes of the kernel structures (sk_buff, dst_entry, ipq, rpc_rqst ...)
 - `page_alloc.py`  Page, Zone (watermarks, alloc_pages, alloc_pages_wait), gfp_to_alloc_flags
 - `slab.py`        SLAB geometry and estimates, KmemCache, Slabs, kmalloc/kfree

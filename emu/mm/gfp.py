@@ -1,4 +1,4 @@
-"""GFP flags (get-free-page modifiers) and the reserve policies.
+"""GFP flags (get-free-page modifiers).
 
 Bit values follow 2.6.22's include/linux/gfp.h where the flag existed then; __GFP_MEMALLOC is 3.6's
 value and __GFP_EMERGENCY (the v12 series' flag) sits in a bit that was free at the time.
@@ -60,14 +60,3 @@ def gfp_name(gfp: Gfp) -> str:
             best, best_bits = name, bin(mask).count("1")
     rest = Gfp(gfp & ~GFP_NAMES[best])
     return best if not rest else f"{best}|{rest}"
-
-
-class Policy(str, enum.Enum):
-    """Which kernel's reserve design the emulated host runs."""
-
-    NONE = "none"  # vanilla ~2.6.22
-    V12 = "v12"  # Zijlstra's swap-over-network series, v12 (2007)
-    PFMEMALLOC = "pfmemalloc"  # Mel Gorman's design, merged in Linux 3.6
-
-    def __str__(self) -> str:
-        return self.value

@@ -15,7 +15,8 @@ from typing import Any, Protocol
 
 import trio
 
-from emu.mm.gfp import Gfp, Policy, gfp_name
+from emu.mm.gfp import Gfp, gfp_name
+from emu.kernel.policy import Policy
 from emu.kernel.sched import Task, TaskFlags, current, waiting
 from emu.mm.vmstat import VmStat
 

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from emu.mm.gfp import GFP_KERNEL, Gfp, Policy
+from emu.mm.gfp import GFP_KERNEL, Gfp
+from emu.kernel.policy import Policy
 from emu.mm.page_alloc import OutOfMemory, Zone
 from emu.kernel.sched import Task, TaskFlags, current, memalloc_noreclaim, task, waiting
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from emu.mm.gfp import GFP_ATOMIC, Gfp, Policy
+from emu.mm.gfp import GFP_ATOMIC, Gfp
+from emu.kernel.policy import Policy
 from emu.mm.sizes import KMALLOC_MAX_CACHE_SIZE, SKB_HEAD, SKB_SHARED_INFO
 from emu.mm.slab import KmemCache, Slab, Slabs, roundup_pow_of_two
 

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from emu.mm.gfp import GFP_KERNEL, GFP_NOIO, Gfp, Policy
+from emu.mm.gfp import GFP_KERNEL, GFP_NOIO, Gfp
+from emu.kernel.policy import Policy
 from emu.net.netstat import PFMEMALLOC, QUEUED, RCVBUFF
 from emu.net.skb_queue import SkbQueue
 from emu.net.skbuff import SKB_OVERHEAD, SkBuff, SkbRun

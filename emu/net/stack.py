@@ -27,7 +27,8 @@ import trio
 
 from emu.kernel.cpu import Cpu
 from emu.kernel.sched import TaskFlags, softirq, task
-from emu.mm.gfp import GFP_ATOMIC, GFP_KERNEL, Policy
+from emu.mm.gfp import GFP_ATOMIC, GFP_KERNEL
+from emu.kernel.policy import Policy
 from emu.mm.sizes import SOCK_TCP, SOCK_UDP
 from emu.net.ipfrag import IPFRAG_HIGH_THRESH, IPFRAG_LOW_THRESH, IPFRAG_TIME, FragQueues
 from emu.net.netstat import NetStat, ss, ss_rows

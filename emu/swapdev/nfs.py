@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import trio
 
 from emu.kernel.sched import TaskFlags, memalloc_noreclaim, task
-from emu.mm.gfp import GFP_NOWAIT, Gfp, Policy
+from emu.mm.gfp import GFP_NOWAIT, Gfp
+from emu.kernel.policy import Policy
 from emu.mm.reserve import kmalloc_objs_estimate
 from emu.mm.sizes import RPC_MAX_SLOT_TABLE, RPC_RQST
 from emu.mm.swap import SwapIOError

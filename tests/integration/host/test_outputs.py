@@ -11,7 +11,7 @@ from emu.host.progress import LiveProgress
 from emu.host.report import ReportData, group_tasks, render_deadlock_report, results_table
 from emu.host.result import RunResult, RunStatus
 from emu.host.timeline import Recorder, Sample, columns, plotted_columns, rows
-from emu.mm.gfp import Policy
+from emu.kernel.policy import Policy
 
 
 def _result(backend: str, policy: Policy, outcome: str) -> RunResult:

@@ -7,7 +7,7 @@ from pathlib import Path
 from emu.host.report import InflightIO, ReportData, render_deadlock_report
 from emu.host.timeline import Recorder, Sample, plot
 from emu.host.watchdog import Watchdog
-from emu.mm.gfp import Policy
+from emu.kernel.policy import Policy
 
 BLOCKED = [("workload0", "D reclaim", "shrink_page_list")]
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import trio
 
-from emu.mm.gfp import Policy
+from emu.kernel.policy import Policy
 from emu.mm.page_alloc import Zone
 from emu.mm.reserve import ReserveRoot
 from emu.mm.slab import Slabs

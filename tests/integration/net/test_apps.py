@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from emu.mm.gfp import Policy
+from emu.kernel.policy import Policy
 from emu.mm.vm import Vm
 from emu.mm.page_alloc import Zone
 from emu.mm.process import Process

@@ -22,7 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "emu.mm": {"emu.kernel"},
     "emu.net": {"emu.kernel", "emu.mm"},
     "emu.swapdev": {"emu.kernel", "emu.mm", "emu.net", "nfs", "iscsi"},
-    "emu.scenario": {"emu.kernel", "emu.mm", "emu.util"},  # emu.mm: the Policy enum
+    "emu.scenario": {"emu.kernel", "emu.util"},
     "emu.peers": {"emu.util", "nfs", "iscsi"},
     "emu.host": {"emu.kernel", "emu.mm", "emu.net", "emu.swapdev", "emu.traffic", "emu.util", "emu.scenario",
                  "emu.peers"},

@@ -14,7 +14,7 @@ from emu.host.cluster import ClusterResult, _server_summary
 from emu.host.identity import IQN_PREFIX, host_addr
 from emu.host.report import cluster_table
 from emu.host.result import RunResult
-from emu.mm.gfp import Policy
+from emu.kernel.policy import Policy
 from iscsi.target_stats import TargetStats
 
 

@@ -15,9 +15,9 @@ from emu.mm.gfp import (
     GFP_NOIO,
     GFP_NOWAIT,
     Gfp,
-    Policy,
     gfp_name,
 )
+from emu.kernel.policy import Policy
 from emu.mm.page_alloc import AllocFlags, Page, Zone, gfp_to_alloc_flags
 from emu.kernel.sched import Task, TaskFlags, current, softirq, task
 

@@ -6,7 +6,8 @@ import pytest
 import trio
 import trio.testing
 
-from emu.mm.gfp import GFP_ATOMIC, GFP_HIGHUSER, GFP_KERNEL, GFP_NOWAIT, Gfp, Policy
+from emu.mm.gfp import GFP_ATOMIC, GFP_HIGHUSER, GFP_KERNEL, GFP_NOWAIT, Gfp
+from emu.kernel.policy import Policy
 from emu.mm.page_alloc import AllocFlags, OutOfMemory, Page, Zone, default_min_free_kbytes
 from emu.kernel.sched import TaskFlags, task
 

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from emu.kernel.sched import TaskFlags, task
-from emu.mm.gfp import GFP_ATOMIC, GFP_KERNEL, GFP_NOIO, Policy
+from emu.mm.gfp import GFP_ATOMIC, GFP_KERNEL, GFP_NOIO
+from emu.kernel.policy import Policy
 from emu.mm.page_alloc import Zone
 from emu.mm.reserve import (
     MemReserve,

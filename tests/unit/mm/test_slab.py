@@ -10,7 +10,8 @@ import trio
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from emu.mm.gfp import GFP_ATOMIC, GFP_KERNEL, GFP_NOWAIT, Gfp, Policy
+from emu.mm.gfp import GFP_ATOMIC, GFP_KERNEL, GFP_NOWAIT, Gfp
+from emu.kernel.policy import Policy
 from emu.mm.page_alloc import Page, Zone
 from emu.kernel.sched import TaskFlags, current, softirq, task
 from emu.mm.slab import (

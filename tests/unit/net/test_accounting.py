@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from emu.kernel.sched import softirq
-from emu.mm.gfp import GFP_ATOMIC, Policy
+from emu.mm.gfp import GFP_ATOMIC
+from emu.kernel.policy import Policy
 from emu.mm.page_alloc import Zone
 from emu.mm.reserve import ReserveRoot
 from emu.mm.sizes import IPQ

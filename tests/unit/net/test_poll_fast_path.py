@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 
 from emu.kernel.sched import softirq
-from emu.mm.gfp import GFP_ATOMIC, Policy
+from emu.mm.gfp import GFP_ATOMIC
+from emu.kernel.policy import Policy
 from emu.mm.page_alloc import Page, Zone
 from emu.mm.reserve import ReserveRoot
 from emu.mm.slab import Slabs

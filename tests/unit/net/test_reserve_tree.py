@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from emu.mm.gfp import Policy
+from emu.kernel.policy import Policy
 from emu.mm.page_alloc import Zone
 from emu.mm.reserve import ReserveError, ReserveRoot, kmalloc_estimate, kmem_estimate
 from emu.mm.slab import Slabs

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from emu.kernel.sched import softirq
-from emu.mm.gfp import GFP_ATOMIC, Policy
+from emu.mm.gfp import GFP_ATOMIC
+from emu.kernel.policy import Policy
 from emu.mm.page_alloc import Zone
 from emu.mm.sizes import IPQ
 from emu.mm.slab import Slabs

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from emu.kernel.sched import softirq
-from emu.mm.gfp import Policy
+from emu.kernel.policy import Policy
 from emu.mm.page_alloc import Zone
 from emu.mm.sizes import SKB_HEAD, SKB_SHARED_INFO
 from emu.mm.slab import Slabs

@@ -7,7 +7,8 @@ import socket
 import pytest
 
 from emu.kernel.sched import TaskFlags, softirq, task
-from emu.mm.gfp import GFP_ATOMIC, GFP_KERNEL, Policy
+from emu.mm.gfp import GFP_ATOMIC, GFP_KERNEL
+from emu.kernel.policy import Policy
 from emu.mm.page_alloc import Zone
 from emu.mm.reserve import ReserveRoot
 from emu.mm.sizes import IPQ, SKB_HEAD, SKB_SHARED_INFO

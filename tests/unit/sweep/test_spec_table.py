@@ -10,7 +10,7 @@ import pytest
 from emu import scenario as scen
 from emu.host.kernel import Kernel
 from emu.kernel.cpu import Costs
-from emu.mm.gfp import Policy
+from emu.kernel.policy import Policy
 from emu.mm.reserve import MemReserve
 from emu.sweep.spec import Sweep, SweepSpecError, parse_vary
 from emu.sweep.table import RunTable, SweepDirError
