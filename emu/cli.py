@@ -68,7 +68,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
     cls=LazyGroup,
     context_settings=CONTEXT,
     lazy={
-        "demo": LazyCommand("emu.commands.demo:demo", "Run the whole story: each policy over NFS/UDP and iSCSI, side by side."),
+        "demo": LazyCommand("emu.commands.demo:demo", "Run the whole story: each policy over NFS/UDP, NFS/TCP and iSCSI, side by side."),
         "run": LazyCommand("emu.commands.run:run", "Run one emulated host swapping to a real server under one policy."),
         "sweep": LazyCommand("emu.commands.sweep:sweep", "Run a scenario over a grid of its keys: P(stuck) heatmaps, CSV, resumable."),
         "reserve": LazyCommand("emu.commands.reserve:reserve", "Size the v12 memory reserve tree, as /proc/reserve_info shows it."),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -210,6 +211,8 @@ def _convert(value: Any, meta: dict[str, Any]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError("a number")
         v = float(value)
+        if not math.isfinite(v):  # (NaN passes every < and > test below)
+            raise ValueError("a finite number")
     elif kind == "bool":
         if not isinstance(value, bool):
             raise ValueError("true or false")
@@ -292,7 +295,7 @@ def _costs(table: Any, text: str, source: str) -> Costs:
         if k not in known:
             raise ScenarioError(source, line, dotted, v, "unknown key; known keys: " + ", ".join(known))
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
-            raise ScenarioError(source, line, dotted, v, f"expected a positive number of {units[k]}")
+            raise ScenarioError(source, line, dotted, v, "expected a positive number of " + ("seconds" if units[k] == "s" else units[k]))
         changes[k] = float(v)
     return Costs().replace(**changes)
 
@@ -402,8 +405,8 @@ def set_values(sc: Scenario, values: dict[str, Any], source: str | None = None) 
             raise ScenarioError(src, None, dotted, value, str(e.args[0])) from None
         section, _, key = dotted.partition(".")
         if section == "costs":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ScenarioError(src, None, dotted, value, "expected a positive number")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ScenarioError(src, None, dotted, value, "expected a positive finite number")
             d.costs = d.costs.replace(**{key: float(value)})
             continue
         if not key:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import click
 from rich import box
 from rich.console import Console
 from rich.table import Table
+
+from emu.util.cli import OneLineCommand, usage
 
 EXIT_OK, EXIT_USAGE = 0, 2
 PER_TABLE = 4  # runs per table: a label column and four runs fit 80 columns
@@ -21,7 +24,7 @@ def _cell(v: object) -> str:
     return "-" if v is None else str(v)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("results", nargs=-1, required=True, metavar="RUN.json RUN.json [...]")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default="netswap-compare.png", show_default=True,
               metavar="FILE", help="The figure with the runs overlaid (free pages, pages out, drops over emulated time).")
@@ -43,10 +46,17 @@ def compare(results: tuple[str, ...], plot_path: str, all_rows: bool, as_json: b
     try:
         runs = load_runs(list(results))
     except CompareError as e:
-        raise click.UsageError(str(e)) from None
+        usage(str(e))
+    plot = Path(plot_path)
+    if plot.suffix.lower() not in (".png", ".svg", ".pdf"):
+        usage(f"--plot {plot_path}: expected a .png, .svg or .pdf file")
+    if not plot.parent.is_dir():
+        usage(f"--plot {plot_path}: directory {plot.parent} does not exist")
+    if not os.access(plot.parent, os.W_OK):
+        usage(f"--plot {plot_path}: directory {plot.parent} is not writable")
     labels = [chr(ord("A") + i) if i < 26 else f"R{i}" for i in range(len(runs))]
     rows = differences([r for _, r in runs], all_rows)
-    png, drawn = plot_overlay(runs, labels, Path(plot_path))
+    png, drawn = plot_overlay(runs, labels, plot)
     if as_json:
         click.echo(json.dumps({"runs": {lab: p for lab, (p, _) in zip(labels, runs)},
                                "rows": {k: dict(zip(labels, v)) for k, v in rows}, "figure": str(png)}, indent=2))

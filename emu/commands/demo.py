@@ -38,7 +38,9 @@ def next_steps(out: Path, results: list, base: scen.Scenario) -> list[str]:
         others = [r for r in results if r.backend == b and r.policy is not Policy.NONE]
         if others and stuck.files.get("json") and others[0].files.get("json"):
             steps.append(f"netswap compare {stuck.files['json']} {others[0].files['json']}")
-    steps.append(f"column -s, -t < {out}/*-timeline.csv | less -S    # the data behind every plot")
+    first = results[0].files.get("timeline_csv") if results else None
+    if first:  # (one file: a redirect from a glob of several is an error in bash)
+        steps.append(f"column -s, -t < {first} | less -S    # the data behind every plot")
     return steps
 
 

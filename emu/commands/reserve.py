@@ -24,7 +24,7 @@ from emu.mm.slab import calculate_slab_order, hwcache_align, kmalloc_size_class
 from emu.net.ipfrag import IPFRAG_HIGH_THRESH
 from emu.net.reserve import NetReserve, tx_reserve_pages
 from emu.swapdev.nfs import rpc_reserve_pages
-from emu.util.cli import size_option
+from emu.util.cli import OneLineCommand, size_option
 
 
 # Which flags feed each node of the tree (aggregates are sums of their children).
@@ -134,7 +134,7 @@ def explain(tree: HostReserve) -> dict[str, str]:
     }
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--ram", default="128M", show_default=True, callback=size_option(1, "must be positive"), metavar="SIZE",
               help="RAM of the host (sizes the route hash). 128M is the era's machine of the published sample.")
 @click.option("--page-size", default=4096, show_default=True, type=int, help="PAGE_SIZE in bytes (a power of two, 512..65536).")

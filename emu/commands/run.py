@@ -15,7 +15,7 @@ from rich.console import Console
 from emu import scenario as scen
 from emu.kernel.policy import Policy
 from emu.swapdev.endpoint import ServerURLError, check_backend_matches, parse_server_url
-from emu.util.cli import OneLineCommand, size_option
+from emu.util.cli import OneLineCommand, Seconds, size_option
 from emu.util.signals import exit_interrupted, is_interrupt, sigterm_as_interrupt
 from emu.util.units import format_size
 
@@ -68,8 +68,8 @@ def apply_overrides(sc: scen.Scenario, *, backend: str | None, policy: str | Non
 @click.option("--swap", callback=size_option(), metavar="SIZE", help="Swap size, e.g. 64M.")
 @click.option("--workload", type=click.Choice(scen.WORKLOADS), help="Access pattern of the workload processes.")
 @click.option("--traffic", type=click.Choice(scen.TRAFFIC_PROFILES), help="Background traffic profile.")
-@click.option("--duration", type=click.FloatRange(min=0.01), metavar="S", help="Stop the run after S emulated seconds at most (watchdog.timeout).")
-@click.option("--wall-timeout", type=click.FloatRange(min=1.0), default=600.0, show_default=True, metavar="S",
+@click.option("--duration", type=Seconds(min=0.01), metavar="S", help="Give the run at most S emulated seconds to finish (watchdog.timeout); a run still going then ends with outcome timeout, exit 1.")
+@click.option("--wall-timeout", type=Seconds(min=1.0), default=600.0, show_default=True, metavar="S",
               help="Safety net: give up after S seconds of wall-clock time (outcome timeout, exit 1).")
 @click.option("--server", metavar="URL", help="Swap to an external server: nfs://127.0.0.1/EXPORT?nfsport=P&mountport=Q or iscsi://127.0.0.1:PORT/IQN/LUN. Default: start ours.")
 @click.option("--json", "json_out", metavar="OUT", help="Write the result as JSON to OUT ('-' for stdout).")

@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 import trio
 
-from emu.util.cli import CliError, OneLineCommand, loopback_bind, size_option, usage
+from emu.util.cli import CliError, OneLineCommand, Seconds, loopback_bind, size_option, usage
 from emu.util.units import SIZE_HELP, format_size
 from iscsi.lun import BLOCK_SIZES, DiskLun
 from iscsi.target import LOGIN_TIMEOUT, Target
@@ -88,9 +88,9 @@ def describe_listen_error(bind: str, port: int, e: OSError) -> str:
               help="Only these initiator names may log in (repeatable). Default: any.")
 @click.option("--chap", callback=_chap, default=None, metavar="USER:SECRET",
               help="Require one-way CHAP (MD5) with this user and secret.")
-@click.option("--nop-interval", type=click.FloatRange(0), default=30.0, show_default=True,
+@click.option("--nop-interval", type=Seconds(0), default=30.0, show_default=True,
               help="Seconds between target NOP-In pings on a session (0 disables).")
-@click.option("--login-timeout", type=click.FloatRange(0.1, 3600), default=LOGIN_TIMEOUT, show_default=True,
+@click.option("--login-timeout", type=Seconds(0.1, 3600), default=LOGIN_TIMEOUT, show_default=True,
               help="Seconds a connection may take to log in before it is closed.")
 @click.option("--stats", "stats_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="On exit, write per-client SCSI commands, bytes, initiator names and service-time "

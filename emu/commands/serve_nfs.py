@@ -41,7 +41,7 @@ def _port(ctx: click.Context, param: click.Parameter, value: int | None) -> int 
 
 def _idle(ctx: click.Context, param: click.Parameter, value: float) -> float:
     if not math.isfinite(value) or value <= 0:
-        usage(f"--idle-timeout {value}: must be a number of seconds above 0")
+        usage(f"{param.opts[0]} {value}: must be a number of seconds above 0")
     return value
 
 

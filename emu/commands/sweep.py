@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from emu import scenario as scen
+from emu.util.cli import OneLineCommand, Seconds, usage
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -30,7 +31,7 @@ def _policies(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
     return out
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("scenario_file", metavar="SCENARIO")
 @click.option("--vary", "varies", multiple=True, metavar="KEY=VALUES",
               help="A scenario key and its values: a..b:n (n evenly spaced), a..b:n:log, a..b (every integer) "
@@ -46,7 +47,7 @@ def _policies(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
 @click.option("--scheduler", metavar="tcp://HOST:8786", default=None,
               help="Run every point as a task on this Dask distributed scheduler (default: "
                    "$DASK_SCHEDULER_ADDRESS, else the local pool).")
-@click.option("--wall-timeout", type=click.FloatRange(min=1.0), default=600.0, show_default=True, metavar="S",
+@click.option("--wall-timeout", type=Seconds(min=1.0), default=600.0, show_default=True, metavar="S",
               help="Safety net per run, in wall-clock seconds (outcome timeout).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -86,7 +87,7 @@ def sweep(scenario_file: str, varies: tuple[str, ...], policies: list[str], repe
         sw = Sweep(base, [parse_vary(v) for v in varies], policies, repeat)
         sw.check()
     except SweepSpecError as e:
-        raise click.UsageError(str(e)) from None
+        usage(str(e))
     table = RunTable(out_dir, sw)
     try:
         table.open()
@@ -176,5 +177,5 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
         frac = f"{d['stuck'] / d['runs']:.2f}" if d["runs"] else "-"
         t.add_row(p, str(d["runs"]), f"{d['stuck']:g}", frac, ", ".join(f"{k} {v}" for k, v in d["outcomes"].items()))
     console.print(t)
-    console.print(f"{s['finished_now']:g} runs in {s['elapsed_s']:.0f} s on {s['executor']} ({s['workers']} workers): "
+    console.print(f"{s['finished_now']:g} runs in {s['elapsed_s']:.0f} s on {s['executor']} ({s['workers']} worker{'' if s['workers'] == 1 else 's'}): "
                   f"{s['runs_per_minute']} runs/min; table {s['csv']}" + (f"; heatmap {s['heatmap']}" if s["heatmap"] else ""))

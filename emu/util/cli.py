@@ -7,6 +7,7 @@ a bad option reads the same everywhere and never prints click's three-line usage
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -82,3 +83,16 @@ def loopback_bind(ctx: click.Context, param: click.Parameter, value: str) -> str
         usage(f"--bind {value}: not a loopback address; the server listens on loopback only "
               "(127.0.0.0/8 or ::1)")
     return value
+
+
+class Seconds(click.FloatRange):
+    """A duration option: a finite number of seconds within the range (click's FloatRange lets
+    NaN through, since NaN fails every comparison, and NaN would disable a timer silently)."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return v

@@ -176,3 +176,10 @@ def test_compare_two_real_runs(observed: Observed, tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "emu", "compare", a, str(tmp_path / "missing.json")],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "missing.json: cannot read" in bad.stderr
+    assert bad.stderr.startswith("netswap: error: ") and len(bad.stderr.splitlines()) == 1
+    for plot, says in ((tmp_path / "cmp.txt", "expected a .png, .svg or .pdf"),
+                       (tmp_path / "nodir" / "cmp.png", "does not exist")):
+        r = subprocess.run([sys.executable, "-m", "emu", "compare", a, b, "--plot", str(plot)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "nodir").exists() and not (tmp_path / "cmp.txt").exists()

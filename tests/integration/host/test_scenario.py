@@ -46,6 +46,8 @@ def test_round_trip_through_a_file(tmp_path: Path) -> None:
         ('policy = "v13"\n', 1, "policy", "v13"),
         ('[host]\nbogus = 1\n', 2, "host.bogus", "1"),
         ('[watchdog]\nstall = -1\n', 2, "watchdog.stall", "-1"),
+        ('[watchdog]\nstall = nan\n', 2, "watchdog.stall", "nan"),  # NaN fails every bound test
+        ('[traffic]\napp_period = inf\n', 2, "traffic.app_period", "inf"),
         ('[host]\nram = "12M"\nmin_free_kbytes = 9000\n', 3, "host.min_free_kbytes", "9000"),
         ('[traffic]\nrate = -5\n', 2, "traffic.rate", "-5"),
         ('[traffic]\napps = 2\napp_period = "soon"\n', 3, "traffic.app_period", "soon"),

@@ -55,6 +55,8 @@ def test_ready_line_and_clean_stop(tmp_path: Path, sig: signal.Signals) -> None:
         (["--block-size", "999"], "'--block-size'"),
         (["--bind", "0.0.0.0"], "--bind 0.0.0.0: not a loopback address"),
         (["--bind", "localhost:99"], "--bind localhost:99: not an IP address"),
+        (["--login-timeout", "nan"], "'nan' is not a finite number of seconds"),
+        (["--nop-interval", "nan"], "'nan' is not a finite number of seconds"),
     ],
 )
 def test_usage_errors_exit_2_in_one_line_and_create_nothing(tmp_path: Path, args: list[str], message: str) -> None:

@@ -19,6 +19,7 @@ NETSWAP = [sys.executable, "-m", "emu", "serve", "nfs"]
     (["--port", "5000", "--mount-port", "5000"], 2, "--port and --mount-port are both 5000"),
     (["--idle-timeout", "nan"], 2, "--idle-timeout nan: must be a number of seconds above 0"),
     (["--idle-timeout", "-1"], 2, "--idle-timeout -1.0: must be"),
+    (["--record-timeout", "nan"], 2, "--record-timeout nan: must be"),
     (["--max-buffered", "12Q"], 2, "--max-buffered 12Q: expected a size"),
     (["--allow", "not-a-cidr"], 2, "--allow"),
     (["--write-behind", "4Q"], 2, "--write-behind 4Q: expected a size"),
