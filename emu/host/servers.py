@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -141,6 +142,33 @@ def wait_ready(sp: ServerProcess, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+SERVER_DIR_PREFIX = "netswap-srv-"  # + the owning process's pid + "-": see reap_stale_server_dirs
+
+
+def reap_stale_server_dirs(base: str | Path) -> list[Path]:
+    """Remove the server directories in `base` whose owning process is gone (a run killed by
+    SIGKILL, a sweep worker killed mid-run): on tmpfs their swap files hold RAM until reboot.
+    A directory whose owner still runs (or whose pid was reused) is left alone."""
+    gone = []
+    for d in Path(base).glob(f"{SERVER_DIR_PREFIX}*-*"):
+        pid = d.name[len(SERVER_DIR_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        gone.append(d)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's
+    return True
+
+
 @contextlib.contextmanager
 def local_server(backend: str, swap_bytes: int, workdir: str | Path | None = None,
                  timeout: float = 30.0, *, luns: int = 1, stats_path: Path | None = None) -> Iterator[ServerProcess]:
@@ -152,7 +180,9 @@ def local_server(backend: str, swap_bytes: int, workdir: str | Path | None = Non
             # tmpfs when there is one: the swap file's FILE_SYNC/FUA fsyncs cost microseconds there,
             # so the runs measure the emulated host, not the disk.
             base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="netswap-srv-", dir=base))
+            reap_stale_server_dirs(base or tempfile.gettempdir())
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{SERVER_DIR_PREFIX}{os.getpid()}-",
+                                                                      dir=base))
         wd = Path(workdir)
         wd.mkdir(parents=True, exist_ok=True)
         sp = spawn_server(backend_kind(backend), wd, swap_bytes, luns, stats_path)
