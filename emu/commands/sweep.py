@@ -15,8 +15,9 @@ from rich.table import Table
 
 from emu import scenario as scen
 from emu.util.cli import OneLineCommand, Seconds, usage
+from emu.util.signals import sigterm_as_interrupt
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
 def _policies(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[str]:
@@ -67,10 +68,10 @@ def sweep(scenario_file: str, varies: tuple[str, ...], policies: list[str], repe
     local pool, on a Dask worker anywhere, and on a busy machine. Runs execute on a local pool
     of processes (one per core), or, with --scheduler or $DASK_SCHEDULER_ADDRESS, as tasks of a
     Dask distributed cluster (install netswap[dask]; a task whose worker dies is run again).
-    Interrupted (Ctrl-C) and restarted with the same --out, the sweep runs only what is missing.
+    Interrupted (Ctrl-C or SIGTERM) and restarted with the same --out, the sweep runs only what is missing.
 
     Exit status: 0 every run has a verdict, 1 some could not run (outcome error), 2 usage error,
-    130 interrupted.
+    130 interrupted (143 by SIGTERM).
     """
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
@@ -123,7 +124,7 @@ def sweep(scenario_file: str, varies: tuple[str, ...], policies: list[str], repe
 
     started = time.monotonic()
     try:
-        with progress:
+        with sigterm_as_interrupt() as interrupts, progress:  # SIGTERM: stop the workers, as Ctrl-C does
             if address:
                 nworkers = run_dask(payloads, on_row, address, sw.fingerprint())
             elif payloads:
@@ -135,7 +136,7 @@ def sweep(scenario_file: str, varies: tuple[str, ...], policies: list[str], repe
         done = sum(table.done(r.run_id) for r in runs)
         console.print(f"[yellow]interrupted[/]: {done} of {len(runs)} runs are in {table.path}; "
                       "run the same command again to finish the rest")
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(interrupts.exit_status)
     elapsed = time.monotonic() - started
 
     from emu.sweep.heatmap import plot

@@ -8,6 +8,7 @@ clock), the heatmap matches the table, an interrupted sweep keeps its rows and r
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -191,3 +192,37 @@ def test_resume_after_sigint(tmp_path: Path) -> None:
     after = check_complete(out, 3)
     assert after[: len(before)] == before  # the rows written before the interrupt are kept as they were
     assert json.loads(r.stdout)["finished_now"] == 3 - len(before)  # and only the rest ran
+
+
+def test_sigterm_stops_the_workers_and_keeps_the_rows(tmp_path: Path) -> None:
+    out = tmp_path / "term"
+    args = [*NETSWAP, "sweep", str(TINY), "--vary", "traffic.rate=1000,2000,65000", "--policy", "none",
+            "--out", str(out), "--workers", "1", "-q"]
+    err = tmp_path / "term-stderr.txt"
+    with open(err, "w") as fh:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=fh, text=True, env=env())
+    try:
+        deadline = time.monotonic() + 180
+        while not ((out / "runs.csv").exists() and len(rows(out)) >= 1):
+            assert time.monotonic() < deadline and proc.poll() is None, err.read_text()[-3000:]
+            time.sleep(0.2)
+        workers = _children(proc.pid)
+        assert workers, "no pool worker found"
+    finally:
+        status = stop_process(proc, grace=60, sig=signal.SIGTERM)  # as a service manager stops it
+    stderr = err.read_text()
+    assert status == 143, stderr[-3000:]
+    assert "run the same command again" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert 1 <= len(rows(out)) < 3
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):  # no worker left orphaned
+        assert time.monotonic() < deadline, [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+        time.sleep(0.1)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            kids += [int(c) for c in (task / "children").read_text().split()]
+    return kids
