@@ -36,7 +36,8 @@ def compare(results: tuple[str, ...], plot_path: str, all_rows: bool, as_json: b
 
     Prints a table of the figures that differ (runs named A, B, ... with a legend, at most four
     per table so it fits 80 columns) and writes one figure with the runs' timelines overlaid,
-    read from the *-timeline.jsonl files beside the results.
+    read from the *-timeline.jsonl files the results name (as written, relative to the
+    result's folder, or beside it).
 
     Exit status: 0, or 2 when a file is missing or not a run result.
     """

@@ -84,7 +84,10 @@ def _timeline_of(path: str, r: dict[str, Any]) -> list[dict[str, float]] | None:
     p = (r.get("files") or {}).get("timeline_jsonl")
     if not p:
         return None
-    cand = [Path(p), Path(path.split("#")[0]).parent / Path(p).name]
+    # As written (relative to where the run was started), relative to the result's folder (the
+    # run was started there), or beside the result.
+    here = Path(path.split("#")[0]).parent
+    cand = [Path(p), here / p, here / Path(p).name]
     for c in cand:
         if c.is_file():
             return read_jsonl(c)
