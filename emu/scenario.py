@@ -276,7 +276,7 @@ def loads(text: str, source: str = "<string>") -> Scenario:
                 raise ScenarioError(source, _line_of(text, None, key), key, value, "expected " + exp)
             setattr(sc, key, Policy(value) if key == "policy" else value)
         else:
-            raise ScenarioError(source, _line_of(text, None, key), key, value,
+            raise ScenarioError(source, _line_of(text, None, key) or _section_line(text, key), key, value,
                                 "unknown key; known: " + ", ".join([*top, *Scenario.SECTIONS, "costs"]))
     _cross_check(sc, text)
     return sc
@@ -322,13 +322,14 @@ def load(path: str | Path) -> Scenario:
     """Load a scenario file, or a shipped one by name (`demo`, `tiny` ...)."""
     p = Path(path)
     if not p.exists() and not str(path).endswith(".toml"):
-        shipped = resources.files("emu").joinpath("scenarios", f"{path}.toml")
-        if shipped.is_file():
-            return loads(shipped.read_text(), source=f"{path}.toml (shipped)")
+        bundled = resources.files("emu").joinpath("scenarios", f"{path}.toml")
+        if bundled.is_file():
+            return loads(bundled.read_text(), source=f"{path}.toml (shipped)")
     try:
         text = p.read_text()
     except OSError as e:
-        raise ScenarioError(str(path), None, "<file>", str(path), f"cannot read: {e.strerror}") from None
+        hint = "" if p.exists() or "/" in str(path) else f" (shipped scenarios: {', '.join(shipped())})"
+        raise ScenarioError(str(path), None, "<file>", str(path), f"cannot read: {e.strerror}{hint}") from None
     return loads(text, source=str(path))
 
 

@@ -126,3 +126,14 @@ def test_run_refuses_bad_costs_and_rates_with_exit_2(tmp_path: Path, body: str) 
     r = subprocess.run([sys.executable, "-m", "emu", "run", str(p)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     assert f"{p}:2: " in r.stderr.replace("\n", "")
+
+
+def test_unknown_name_lists_the_shipped_scenarios_and_unknown_section_has_its_line(tmp_path: Path) -> None:
+    with pytest.raises(scen.ScenarioError) as ei:
+        scen.load("no-such-scenario")
+    assert "cannot read" in str(ei.value) and "shipped scenarios: " in str(ei.value) and "demo" in str(ei.value)
+    p = tmp_path / "typo.toml"
+    p.write_text('name = "x"\n\n[hots]\nram = "8M"\n')
+    with pytest.raises(scen.ScenarioError) as ei:
+        scen.load(p)
+    assert str(ei.value).startswith(f"{p}:3: hots = "), str(ei.value)
