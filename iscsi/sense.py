@@ -57,6 +57,11 @@ MODE_PARAMETERS_CHANGED = (0x2A, 0x01)
 RESERVATIONS_PREEMPTED = (0x2A, 0x03)
 RESERVATIONS_RELEASED = (0x2A, 0x04)
 REGISTRATIONS_PREEMPTED = (0x2A, 0x05)
+# Their names for messages: `LOGICAL UNIT NOT SUPPORTED` says more than 0x25/0x00.
+ASC_NAMES: dict[tuple[int, int], str] = {
+    v: k.replace("_", " ") for k, v in dict(globals()).items()
+    if k.isupper() and isinstance(v, tuple) and len(v) == 2 and all(isinstance(x, int) for x in v)
+}
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,8 @@ class Sense:
             key = SenseKey(self.key).name
         except ValueError:
             key = f"0x{self.key:x}"
-        return f"{key} ASC/ASCQ 0x{self.asc:02x}/0x{self.ascq:02x}"
+        name = ASC_NAMES.get((self.asc, self.ascq))
+        return f"{key} ASC/ASCQ 0x{self.asc:02x}/0x{self.ascq:02x}" + (f" ({name})" if name else "")
 
 
 def illegal_request(ascq_pair: tuple[int, int], field_pointer: int | None = None) -> Sense:
