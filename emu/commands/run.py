@@ -71,7 +71,7 @@ def apply_overrides(sc: scen.Scenario, *, backend: str | None, policy: str | Non
 @click.option("--duration", type=Seconds(min=0.01), metavar="S", help="Give the run at most S emulated seconds to finish (watchdog.timeout); a run still going then ends with outcome timeout, exit 1.")
 @click.option("--wall-timeout", type=Seconds(min=1.0), default=600.0, show_default=True, metavar="S",
               help="Safety net: give up after S seconds of wall-clock time (outcome timeout, exit 1).")
-@click.option("--server", metavar="URL", help="Swap to an external server: nfs://127.0.0.1/EXPORT?nfsport=P&mountport=Q or iscsi://127.0.0.1:PORT/IQN/LUN. Default: start ours.")
+@click.option("--server", metavar="URL", help="Swap to an external server: nfs://127.0.0.1/EXPORT?nfsport=P&mountport=Q or iscsi://127.0.0.1:PORT/IQN/LUN (the backend follows the scheme unless --backend is given). Default: start ours.")
 @click.option("--json", "json_out", metavar="OUT", help="Write the result as JSON to OUT ('-' for stdout).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Write the timeline PNG, JSON and report into DIR.")
 @click.option("--pcap", "pcap", type=click.Path(dir_okay=False), callback=_writable_file, metavar="FILE",
@@ -128,6 +128,10 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
         return
     try:
         sc = scen.load(scenario_file) if scenario_file else scen.default()
+        if server and backend is None:  # the URL's scheme picks the backend (NFS keeps the scenario's transport)
+            scheme = server.partition("://")[0].lower()
+            if scheme == "iscsi" or (scheme == "nfs" and sc.backend == "iscsi"):
+                backend = "iscsi" if scheme == "iscsi" else "nfs-udp"
         sc = apply_overrides(sc, backend=backend, policy=policy, ram=ram, swap=swap, workload=workload,
                              traffic=traffic, duration=duration, server=server)
         if hosts is not None:

@@ -45,3 +45,18 @@ def test_bad_urls(url: str, needle: str) -> None:
     with pytest.raises(ServerURLError, match=None) as ei:
         parse_server_url(url)
     assert needle in str(ei.value)
+
+
+@pytest.mark.parametrize(("scenario", "url", "backend"), [
+    ("small", "iscsi://127.0.0.1:3260/iqn.2024-01.org.netswap:disk/0", "iscsi"),
+    ("iscsi-random", "nfs://127.0.0.1/x?nfsport=2049&mountport=20048", "nfs-udp"),
+    ("nfs-tcp", "nfs://127.0.0.1/x?nfsport=2049&mountport=20048", "nfs-tcp"),  # NFS keeps its transport
+])
+def test_the_server_urls_scheme_picks_the_backend(scenario: str, url: str, backend: str) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "emu", "run", scenario, "--server", url, "--print-scenario"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f'backend = "{backend}"' in r.stdout.splitlines()
