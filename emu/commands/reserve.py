@@ -149,7 +149,7 @@ def explain(tree: HostReserve) -> dict[str, str]:
 @click.option("--rpc-rqst-size", default=RPC_RQST, show_default=True, type=int, help="Bytes of one struct rpc_rqst (kmalloc'ed).")
 @click.option("--min-free-kbytes", type=int, default=None, help="vm.min_free_kbytes for the watermarks shown. Default: Linux's int_sqrt(lowmem_kb*16).")
 @click.option("--policy", "policy_name", type=click.Choice([p.value for p in Policy]), default="v12", show_default=True,
-              help="v12 sizes the tree; pfmemalloc (3.6) has no tree: its reserve is the min watermark; none has no reserve for RX.")
+              help="Whose reserve the last line states. v12 sizes this tree; pfmemalloc (3.6) has none (the tree is shown for comparison; its reserve is the min watermark); none reserves nothing for RX.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def reserve(
     ram: int,

@@ -28,7 +28,8 @@ def _writable_file(ctx: click.Context, param: click.Parameter, value: str | None
         return None
     parent = Path(value).resolve().parent
     if not parent.is_dir():
-        raise click.BadParameter(f"{value!r}: no such directory {str(parent)!r}", ctx, param)
+        raise click.BadParameter(f"{value!r}: {str(parent)!r} is not a directory" if parent.exists()
+                                 else f"{value!r}: no such directory {str(parent)!r}", ctx, param)
     if Path(value).is_dir():
         raise click.BadParameter(f"{value!r} is a directory", ctx, param)
     return value
@@ -56,7 +57,10 @@ def apply_overrides(sc: scen.Scenario, *, backend: str | None, policy: str | Non
         d.watchdog.timeout = duration
     if server is not None:
         d.server = server
-    return scen.loads(scen.dumps(d), source=f"{sc.source} with command-line overrides")
+    try:
+        return scen.loads(scen.dumps(d), source=f"{sc.source} with command-line overrides")
+    except scen.ScenarioError as e:  # (its line would be one of the regenerated text: meaningless)
+        raise scen.ScenarioError(e.source, None, e.key, e.value, e.expected) from None
 
 
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
@@ -232,7 +236,8 @@ def check_outputs(json_out: str | None, out: Path | None) -> None:
         if p.is_dir():
             usage_fail(f"--json {json_out}: is a directory")
         if not parent.is_dir():
-            usage_fail(f"--json {json_out}: directory {parent} does not exist")
+            usage_fail(f"--json {json_out}: {parent} is not a directory" if parent.exists()
+                       else f"--json {json_out}: directory {parent} does not exist")
         if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
             usage_fail(f"--json {json_out}: not writable")
     if out is not None:

@@ -138,6 +138,9 @@ def test_an_interrupted_demo_shows_the_runs_it_finished(tmp_path: Path) -> None:
     (["--backend", "iscsi", "--server", "nfs://127.0.0.1/x"], 2, "--server"),
     (["--backend", "iscsi", "--ram", "3M"], 1, "host.ram is too small"),
     (["--ram", "12Q"], 2, "12Q"),
+    (["--json", "/etc/passwd/r.json"], 2, "--json /etc/passwd/r.json: /etc/passwd is not a directory"),
+    (["--swap", "0"], 2, "with command-line overrides: host.swap = '0'"),  # no line of a generated text
+    (["--duration", "nan"], 2, "'nan' is not a finite number of seconds"),
 ])
 def test_run_errors_are_one_line(args: list[str], status: int, says: str) -> None:
     t0 = time.monotonic()
