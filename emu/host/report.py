@@ -302,11 +302,13 @@ def _results_table(console: Console, results: list[RunResult], title: str) -> No
 
 def cluster_table(console: Console, res: ClusterResult) -> None:
     """A cluster's result: a row per host, then the cluster and its server."""
-    t = Table(title=f"netswap cluster: {res.hosts} hosts, {res.backend} / {res.policy}, traffic {res.traffic}")
+    # Compact (no vertical rules, one space between columns) so that 16 hosts fit 80 columns.
+    t = Table(title=f"netswap cluster: {res.hosts} hosts, {res.backend} / {res.policy}, traffic {res.traffic}",
+              box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0))
     clients = res.server_stats.get("clients", {})
-    for c in ("host", "outcome", "verdict at", "pages out", "pages in", "drops", "retransmits", "wall",
+    for c in ("host", "outcome", "verdict\nat", "pages\nout", "pages\nin", "drops", "re-\ntrans", "wall",
               *(("server calls\np50/p99 ms",) if clients else ())):
-        t.add_column(c, justify="left" if c in ("host", "outcome") else "right", no_wrap=c.startswith("server"))
+        t.add_column(c, justify="left" if c in ("host", "outcome") else "right", no_wrap=True)
     for i, r in enumerate(res.results, 1):
         seen = clients.get(host_addr(i))  # the server's view of this host (its address)
         server = f"{seen['calls']} {seen['p50_s'] * 1e3:.2f}/{seen['p99_s'] * 1e3:.2f}" if seen else "-"
@@ -317,12 +319,13 @@ def cluster_table(console: Console, res: ClusterResult) -> None:
     console.print(t)
     s = res.server_stats
     lat = s.get("latency_s")
-    line = (f"cluster: {res.completed} completed, {res.stuck} stuck of {res.hosts} in {res.wall_s:.1f} s wall; "
-            f"server: {s.get('swap_MiB_per_wall_s', 0)} MiB/s of swap, peak RSS {s.get('rss_peak_kib', 0) / 1024:.1f} MiB")
+    console.print(f"cluster: {res.completed} completed, {res.stuck} stuck of {res.hosts} in {res.wall_s:.1f} s wall")
+    console.print(f"server: {s.get('swap_MiB_per_wall_s', 0)} MiB/s of swap, peak RSS "
+                  f"{s.get('rss_peak_kib', 0) / 1024:.1f} MiB")
     if lat:
-        line += (f", {s.get('calls', 0)} calls ({s.get('calls_per_wall_s', 0)}/s) from {len(s.get('clients', {}))} "
-                 f"clients, service time p50 {lat['p50_s'] * 1e3:.3f} ms p90 {lat['p90_s'] * 1e3:.3f} ms "
-                 f"p99 {lat['p99_s'] * 1e3:.3f} ms max {lat['max_s'] * 1e3:.1f} ms")
-    console.print(line)
+        console.print(f"server: {s.get('calls', 0)} calls ({s.get('calls_per_wall_s', 0)}/s) from "
+                      f"{len(s.get('clients', {}))} clients")
+        console.print(f"server service time: p50 {lat['p50_s'] * 1e3:.3f} ms, p90 {lat['p90_s'] * 1e3:.3f} ms, "
+                      f"p99 {lat['p99_s'] * 1e3:.3f} ms, max {lat['max_s'] * 1e3:.1f} ms")
     for what, path in res.files.items():
         console.print(f"{what}: {path}")

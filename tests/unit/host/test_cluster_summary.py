@@ -40,3 +40,4 @@ def test_iscsi_server_summary_per_host() -> None:
     p50 = s["clients"]["127.0.1.2"]["p50_s"] * 1e3
     assert "300 0.10/0.10" in text and f"50 {p50:.2f}/{p50:.2f}" in text, text
     assert "350 calls (175.0/s) from 2 clients" in text
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= 80, text  # the README's promise
