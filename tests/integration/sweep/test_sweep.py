@@ -168,11 +168,15 @@ def test_dask_worker_killed_mid_sweep(dask_cluster: dict[str, Any], local_rows: 
         assert {c: r[c] for c in MODEL_COLUMNS} == {c: by_id[r["run_id"]][c] for c in MODEL_COLUMNS}
 
 
-def test_resume_after_sigint(tmp_path: Path) -> None:
-    out = tmp_path / "resume"
+def _interrupt_after_a_row(tmp_path: Path, name: str, sig: signal.Signals,
+                           *extra: str) -> tuple[list[str], Path, int | None, str, list[int]]:
+    """Start a 3-point sweep on one worker, send `sig` once its first row is written; returns
+    (args, out dir, exit status, stderr, the pool's worker pids as they were)."""
+    out = tmp_path / name
     args = [*NETSWAP, "sweep", str(TINY), "--vary", "traffic.rate=1000,2000,65000", "--policy", "none",
-            "--out", str(out), "--workers", "1", "-q", "--json"]
-    err = tmp_path / "resume-stderr.txt"  # a file, not a pipe: it never fills while the sweep runs
+            "--out", str(out), "--workers", "1", "-q", *extra]
+    err = tmp_path / f"{name}-stderr.txt"  # a file, not a pipe: it never fills while the sweep runs
+    workers: list[int] = []
     with open(err, "w") as fh:
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=fh, text=True, env=env())
     try:
@@ -180,9 +184,14 @@ def test_resume_after_sigint(tmp_path: Path) -> None:
         while not ((out / "runs.csv").exists() and len(rows(out)) >= 1):
             assert time.monotonic() < deadline and proc.poll() is None, err.read_text()[-3000:]
             time.sleep(0.2)
+        workers = _children(proc.pid)
     finally:
-        status = stop_process(proc, grace=60, sig=signal.SIGINT)  # Ctrl-C: the sweep keeps what it finished
-    stderr = err.read_text()
+        status = stop_process(proc, grace=60, sig=sig)
+    return args, out, status, err.read_text(), workers
+
+
+def test_resume_after_sigint(tmp_path: Path) -> None:
+    args, out, status, stderr, _ = _interrupt_after_a_row(tmp_path, "resume", signal.SIGINT, "--json")  # Ctrl-C
     assert status == 130, stderr[-3000:]
     assert "run the same command again" in stderr
     before = rows(out)
@@ -195,22 +204,8 @@ def test_resume_after_sigint(tmp_path: Path) -> None:
 
 
 def test_sigterm_stops_the_workers_and_keeps_the_rows(tmp_path: Path) -> None:
-    out = tmp_path / "term"
-    args = [*NETSWAP, "sweep", str(TINY), "--vary", "traffic.rate=1000,2000,65000", "--policy", "none",
-            "--out", str(out), "--workers", "1", "-q"]
-    err = tmp_path / "term-stderr.txt"
-    with open(err, "w") as fh:
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=fh, text=True, env=env())
-    try:
-        deadline = time.monotonic() + 180
-        while not ((out / "runs.csv").exists() and len(rows(out)) >= 1):
-            assert time.monotonic() < deadline and proc.poll() is None, err.read_text()[-3000:]
-            time.sleep(0.2)
-        workers = _children(proc.pid)
-        assert workers, "no pool worker found"
-    finally:
-        status = stop_process(proc, grace=60, sig=signal.SIGTERM)  # as a service manager stops it
-    stderr = err.read_text()
+    _, out, status, stderr, workers = _interrupt_after_a_row(tmp_path, "term", signal.SIGTERM)  # a service manager
+    assert workers, "no pool worker found"
     assert status == 143, stderr[-3000:]
     assert "run the same command again" in stderr and "Traceback" not in stderr, stderr[-3000:]
     assert 1 <= len(rows(out)) < 3
