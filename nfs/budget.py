@@ -49,11 +49,6 @@ class ByteBudget:
     def share(self, cap: int, max_calls: int) -> Share:
         return Share(self, cap, max_calls)
 
-    def _split(self, held: int) -> tuple[int, int]:
-        """(reserve part, shared part) of a share holding `held` bytes."""
-        r = min(held, self.reserve)
-        return r, held - r
-
     def _wake(self) -> None:
         if self._waiting:
             self._changed.set()
@@ -78,30 +73,31 @@ class Share:
         self.calls = 0
         self.closed = False
 
-    def _fits(self, n: int) -> bool:
-        b = self.budget
-        if self.held and self.held + n > min(self.cap, b.fair_share(True)):
-            return False  # (an idle share always gets its first bytes, within the limits below)
-        r0, s0 = b._split(self.held)
-        r1, s1 = b._split(self.held + n)
-        return (b.reserve_used + r1 - r0 <= b.reserve_limit
-                and b.shared_used + s1 - s0 <= b.shared_limit
-                and b.used + n <= b.limit)
-
     def try_acquire(self, n: int) -> bool:
+        """Charge n bytes if the budget (and this share's cap) has room now. A share's first
+        `reserve` bytes come from the reserve pool, the rest from the shared pool."""
         if n <= 0:
             return True
-        if not self._fits(n):
-            return False
         b = self.budget
-        r0, s0 = b._split(self.held)
-        if not self.held:
+        held = self.held
+        new = held + n
+        # (an idle share always gets its first bytes, within the pools' limits)
+        if held and new > min(self.cap, b.fair_share(True)):
+            return False
+        reserve = b.reserve
+        d_res = (new if new < reserve else reserve) - (held if held < reserve else reserve)
+        d_shared = n - d_res
+        if (b.reserve_used + d_res > b.reserve_limit or b.shared_used + d_shared > b.shared_limit
+                or b.reserve_used + b.shared_used + n > b.limit):
+            return False
+        if not held:
             b.holders += 1
-        self.held += n
-        r1, s1 = b._split(self.held)
-        b.reserve_used += r1 - r0
-        b.shared_used += s1 - s0
-        b.high_water = max(b.high_water, b.used)
+        self.held = new
+        b.reserve_used += d_res
+        b.shared_used += d_shared
+        used = b.reserve_used + b.shared_used
+        if used > b.high_water:
+            b.high_water = used
         return True
 
     async def acquire(self, n: int) -> None:
@@ -119,16 +115,22 @@ class Share:
     def release(self, n: int) -> None:
         if n <= 0:
             return
-        n = min(n, self.held)
         b = self.budget
-        r0, s0 = b._split(self.held)
-        self.held -= n
-        if not self.held:
+        held = self.held
+        if n > held:
+            n = held
+            if not n:
+                return
+        new = held - n
+        reserve = b.reserve
+        d_res = (held if held < reserve else reserve) - (new if new < reserve else reserve)
+        self.held = new
+        if not new:
             b.holders -= 1
-        r1, s1 = b._split(self.held)
-        b.reserve_used -= r0 - r1
-        b.shared_used -= s0 - s1
-        b._wake()
+        b.reserve_used -= d_res
+        b.shared_used -= n - d_res
+        if b._waiting:
+            b._wake()
 
     def try_start_call(self, n: int) -> bool:
         """`acquire(n)` and `start_call()` if both can be had now, without waiting."""

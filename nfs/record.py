@@ -78,6 +78,7 @@ class RecordDecoder:
         self._rec_len = 0  # bytes of payload already in _rec
         self._in_frag = False
         self._ready: list[memoryview] = []
+        self._ready_bytes = 0  # payload bytes of the records in _ready
 
     # -- the state machine ------------------------------------------------------------------
 
@@ -111,6 +112,7 @@ class RecordDecoder:
         self._in_frag = False
         if self._last:
             self._ready.append(memoryview(self._rec)[: self._rec_len])
+            self._ready_bytes += self._rec_len
             self._rec = bytearray()
             self._rec_len = 0
 
@@ -124,21 +126,27 @@ class RecordDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview, stop_after_mark: bool = False) -> int:
         """Take bytes from the stream; returns how many were taken. With `stop_after_mark` it
-        stops right after a record mark (before that fragment's payload), so the driver can
-        charge the bytes the mark announced before any of them is buffered."""
+        stops right after a record mark whose fragment's payload is not all in `data` (before
+        that payload), so the driver can charge the bytes the mark announced before any more of
+        them is buffered (a payload that is all there already is in memory: it is taken)."""
         mv = memoryview(data)
         total = len(mv)
         while len(mv):
             if not self._in_frag:
-                need = 4 - len(self._mark)
-                self._mark += mv[:need]
-                mv = mv[need:]
-                if len(self._mark) == 4:
+                if not self._mark and len(mv) >= 4:  # (a whole mark: the usual case)
+                    mark = _MARK.unpack_from(mv)[0]
+                    mv = mv[4:]
+                else:
+                    need = 4 - len(self._mark)
+                    self._mark += mv[:need]
+                    mv = mv[need:]
+                    if len(self._mark) < 4:
+                        continue
                     mark = _MARK.unpack(self._mark)[0]
                     self._mark.clear()
-                    self._start_fragment(mark)
-                    if stop_after_mark and self._in_frag:
-                        break
+                self._start_fragment(mark)
+                if stop_after_mark and self._in_frag and self._frag_left > len(mv):
+                    break
                 continue
             take = min(self._frag_left, len(mv))
             self._ensure(take)
@@ -178,19 +186,23 @@ class RecordDecoder:
     def next_record(self) -> memoryview | None:
         """The next complete record: a view of a buffer owned by the caller from now on (give it
         back with recycle() once nothing refers to it)."""
-        return self._ready.pop(0) if self._ready else None
+        if not self._ready:
+            return None
+        rec = self._ready.pop(0)
+        self._ready_bytes -= len(rec)
+        return rec
 
     @property
     def buffered(self) -> int:
         """Payload bytes held: received but not yet handed out, plus records handed out by
         next_record() that were not recycled are the caller's."""
-        return self._rec_len + len(self._mark) + sum(len(r) for r in self._ready)
+        return self._rec_len + len(self._mark) + self._ready_bytes
 
     @property
     def received(self) -> int:
         """Payload bytes that arrived for the record being assembled and the records ready to
         hand out: what a byte budget charges (a mark alone announces, it costs nothing)."""
-        return self._rec_len + sum(len(r) for r in self._ready)
+        return self._rec_len + self._ready_bytes
 
     @property
     def frag_left(self) -> int:
@@ -206,7 +218,7 @@ class RecordDecoder:
     def reserved(self) -> int:
         """Bytes the marks seen so far announced for the record being assembled and the records
         ready to hand out: what a byte budget must cover before they are read."""
-        return self._rec_len + (self._frag_left if self._in_frag else 0) + sum(len(r) for r in self._ready)
+        return self._rec_len + (self._frag_left if self._in_frag else 0) + self._ready_bytes
 
     @property
     def allocated(self) -> int:

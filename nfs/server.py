@@ -51,7 +51,6 @@ import fcntl
 import ipaddress
 import logging
 import math
-import os
 import select
 import socket as pysocket
 import termios
@@ -74,9 +73,7 @@ from nfs.nfsd import NfsProgram
 from nfs.portmap import IPPROTO_TCP, IPPROTO_UDP, PMAP_PROGRAM, PMAP_V2, Mapping, PortmapProgram
 from nfs.record import DEFAULT_MAX_RECORD, BufferPool, RecordDecoder, RecordTooLarge, record_mark
 from nfs.store import Export, default_state_dir, load_key
-from nfs.svc import (
-    STREAM_MAX_REPLY, Buffer, CallContext, FileSegment, Pending, RpcProgram, RpcService, close_segments, materialize,
-)
+from nfs.svc import STREAM_MAX_REPLY, Buffer, CallContext, Pending, RpcProgram, RpcService
 from nfs.writeback import DEFAULT_WRITE_BEHIND
 
 log = logging.getLogger("netswap.nfs.server")
@@ -153,85 +150,40 @@ class ListenError(OSError):
 
 
 async def send_stream(sock: pysocket.socket, bufs: Sequence[Buffer]) -> None:
-    """Send every buffer, in order, onto a non-blocking stream socket, handling partial sends:
-    memory by sendmsg (scatter-gather), file segments by sendfile(2). It waits (through trio)
-    only when the socket is full, so a reply that fits costs no trip through the event loop."""
-    try:
-        views: list[memoryview] = []
-        for b in bufs:
-            if isinstance(b, FileSegment):
-                await _send_views(sock, views, more=True)
-                views = []
-                await _sendfile(sock, b)
-            elif len(b):
-                views.append(memoryview(b).cast("B"))
-        await _send_views(sock, views)
-    finally:
-        close_segments(list(bufs))
+    """Send every buffer, in order, onto a non-blocking stream socket (scatter-gather), handling
+    partial sends. It waits (through trio) only when the socket is full, so a reply that fits
+    costs no trip through the event loop."""
+    views = [memoryview(b).cast("B") for b in bufs if len(b)]
+    while views:
+        try:
+            n = sock.sendmsg(views, [], pysocket.MSG_DONTWAIT)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        views = _drop_sent(views, n)
 
 
 async def send_datagram(sock: pysocket.socket, bufs: Sequence[Buffer], addr: Any) -> None:
     """Send the buffers as one datagram to `addr` from a non-blocking socket (waiting for room
-    in its send buffer if need be); file segments are read into it."""
-    try:
-        views = [memoryview(b).cast("B") for b in materialize(list(bufs)) if len(b)]
-        while True:
-            try:
-                sock.sendmsg(views, [], pysocket.MSG_DONTWAIT, addr)  # (the socket may be a blocking one)
-                return
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
-    finally:
-        close_segments(list(bufs))
+    in its send buffer if need be)."""
+    while True:
+        try:
+            sock.sendmsg(bufs, [], pysocket.MSG_DONTWAIT, addr)  # (the socket may be a blocking one)
+            return
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
 
 
 def _send_datagram_now(sock: pysocket.socket, bufs: Sequence[Buffer], addr: Any, stats: ServerStats) -> bool:
     """Send a reply datagram without waiting; whether it went (a full send buffer, rare on a
     datagram socket, loses it like the network would: the client retransmits)."""
-    segments = FileSegment in map(type, bufs)
     try:
-        sock.sendmsg(materialize(list(bufs)) if segments else bufs, [], pysocket.MSG_DONTWAIT, addr)  # type: ignore[arg-type]
+        sock.sendmsg(bufs, [], pysocket.MSG_DONTWAIT, addr)
     except OSError as e:
         stats.udp_send_errors += 1
         log.debug("udp sendmsg to %s: %s", addr, e)
         return False
-    finally:
-        if segments:
-            close_segments(list(bufs))
     return True
-
-
-async def _send_views(sock: pysocket.socket, views: list[memoryview], more: bool = False) -> None:
-    flags = pysocket.MSG_MORE if more else 0
-    while views:
-        try:
-            n = sock.sendmsg(views, [], flags)
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-            continue
-        while n:
-            first = len(views[0])
-            if n >= first:
-                n -= first
-                views.pop(0)
-            else:
-                views[0] = views[0][n:]
-                n = 0
-
-
-async def _sendfile(sock: pysocket.socket, seg: FileSegment) -> None:
-    offset, left = seg.offset, seg.count
-    while left:
-        try:
-            n = os.sendfile(sock.fileno(), seg.fd, offset, left)
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-            continue
-        if n == 0:  # the file shrank under us: keep the record intact with zeros
-            await _send_views(sock, [memoryview(bytes(left))])
-            return
-        offset += n
-        left -= n
 
 
 def _own(tsock: trio.socket.SocketType) -> pysocket.socket:
@@ -569,41 +521,30 @@ class NfsServer:
                 return None  # (the rest of its reply goes first)
 
     def _tcp_call_now(self, t: _TcpStream, rec: memoryview) -> None:
-        """With the core lock held: answer a hot call here, or hand it to the loop."""
+        """With the core lock held: answer a hot call here (its reply goes before the reply
+        cache and the statistics are kept, `_tcp_send`), or hand it to the loop."""
         conn = t.conn
-        host, port = conn.peer
         t0 = time.perf_counter()  # the call's service time starts (per-client statistics)
         conn.last_active = t.clock.current_time()
         if not conn.got_call and looks_like_call(rec):
             conn.got_call = True
         reply = None
         if not t.send_lock.locked() and not t.sending:
-            reply = self.svc.try_fast(rec, host, "tcp", STREAM_MAX_REPLY)
+            t.reply_bytes = -1
+            reply = self.svc.try_fast(rec, conn.peer[0], "tcp", STREAM_MAX_REPLY, t.send)
         if reply is None:
             t.token.run_sync_soon(self._tcp_handoff, t, rec, t0)
             return
-        self.stats.calls_now += 1
-        self.stats.tcp_thread_calls += 1
+        if t.reply_bytes < 0:  # (a reply from the reply cache)
+            t.send(reply)
+        stats = self.stats
+        stats.calls_now += 1
+        stats.tcp_thread_calls += 1
         n = len(rec)
         conn.dec.recycle(rec)  # nothing refers to the call any more: reuse its buffer
-        try:
-            views = [memoryview(b).cast("B") for b in materialize(reply) if len(b)]
-            total = sum(len(v) for v in views)
-            views.insert(0, memoryview(record_mark(total)))
-            try:
-                sent = t.sock.sendmsg(views, [], pysocket.MSG_DONTWAIT)
-            except BlockingIOError:
-                sent = 0
-            left = _drop_sent(views, sent)
-            if left:  # (the socket is full: the thread sends the rest without the core lock)
-                t.unsent = left
-                t.sending = True
-            self.clients.record(host, n, total, time.perf_counter() - t0)
-        except OSError as e:
-            log.debug("%s:%d: reply not sent: %s", host, port, e)
-        finally:
-            close_segments(reply)
-            self._share_end_call(t, n)
+        if t.reply_bytes > 0:
+            self.clients.record(conn.peer[0], n, t.reply_bytes, time.perf_counter() - t0)
+        self._share_end_call(t, n)
 
     def _tcp_finish_send(self, t: _TcpStream) -> bool:
         """Without the core lock: the rest of a reply the socket had no room for; whether the
@@ -722,8 +663,6 @@ class NfsServer:
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
             log.debug("%s:%d: reply not sent: %s", host, port, e)
         finally:
-            if reply is not None:
-                close_segments(reply)  # (already closed if it was sent)
             conn.share.end_call(n)
             conn.touch()
 
@@ -928,6 +867,27 @@ class _TcpStream:
         self.ended = trio.Event()  # the thread has ended (set on the loop)
         self.closing = False  # the loop is closing the connection
         self.oversized = False  # the thread ended on a bad record: its calls go too
+        self.reply_bytes = 0  # the thread's call: bytes of its reply sent (0: failed, -1: none yet)
+
+    def send(self, reply: list[Buffer]) -> None:
+        """With the core lock held, in the service thread: a reply, record mark first, as far
+        as the socket takes it now; the rest (`unsent`) the thread sends without the lock."""
+        total = 0
+        for b in reply:
+            total += len(b)
+        bufs = [record_mark(total), *reply]
+        try:
+            try:
+                sent = self.sock.sendmsg(bufs, [], pysocket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            if sent < total + 4:
+                self.unsent = _drop_sent([memoryview(b).cast("B") for b in bufs if len(b)], sent)
+                self.sending = True
+            self.reply_bytes = total
+        except OSError as e:
+            log.debug("%s:%d: reply not sent: %s", *self.conn.peer, e)
+            self.reply_bytes = 0
 
 
 class _UdpSocket:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
-import os
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -48,43 +47,7 @@ _AUTH_SYS = 1
 
 
 
-class FileSegment:
-    """`count` bytes of an open file at `offset`, as one element of a reply iovec: a stream
-    driver sends it with sendfile(2) (no copy through user space), a datagram driver reads it.
-    It owns a dup of the fd, so the export's fd cache may close its own meanwhile."""
-
-    __slots__ = ("fd", "offset", "count")
-
-    def __init__(self, fd: int, offset: int, count: int) -> None:
-        self.fd = os.dup(fd)
-        self.offset = offset
-        self.count = count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def read(self) -> bytes:
-        data = os.pread(self.fd, self.count, self.offset) if self.count else b""
-        return data + bytes(self.count - len(data))  # a file that shrank meanwhile reads as zeros
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-Buffer = bytes | bytearray | memoryview | FileSegment
-
-
-def close_segments(bufs: list[Buffer]) -> None:
-    for b in bufs:
-        if isinstance(b, FileSegment):
-            b.close()
-
-
-def materialize(bufs: list[Buffer]) -> list[bytes | bytearray | memoryview]:
-    """The iovec with file segments read into memory (for datagrams and the reply cache)."""
-    return [b.read() if isinstance(b, FileSegment) else b for b in bufs]
+Buffer = bytes | bytearray | memoryview  # one element of a reply's iovec
 
 
 def peer_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -341,7 +304,7 @@ class RpcService:
         if send is not None:
             send(reply)
         if key is not None:
-            self.drc.done(key, b"".join(materialize(reply)))
+            self.drc.done(key, b"".join(reply))
             self._wake(key)
         by_proc = self.stats.by_proc
         name = self._names.get((prog.prog, proc))
