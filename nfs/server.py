@@ -522,7 +522,7 @@ class NfsServer:
 
     def _tcp_call_now(self, t: _TcpStream, rec: memoryview) -> None:
         """With the core lock held: answer a hot call here (its reply goes before the reply
-        cache and the statistics are kept, `_tcp_send`), or hand it to the loop."""
+        cache and the statistics are kept, `_TcpStream.send`), or hand it to the loop."""
         conn = t.conn
         t0 = time.perf_counter()  # the call's service time starts (per-client statistics)
         conn.last_active = t.clock.current_time()
