@@ -218,7 +218,7 @@ def bench_swap(backend: str, ram: str, pages: int, swap_cluster: int, server: st
     from rich.console import Console
 
     from emu.host.servers import local_server
-    from emu.swapdev.endpoint import ServerURLError, check_backend_matches, parse_server_url
+    from emu.swapdev.endpoint import ServerURLError, server_for_backend
     from emu.util.units import parse_size
 
     console = Console(stderr=True)
@@ -240,8 +240,7 @@ def bench_swap(backend: str, ram: str, pages: int, swap_cluster: int, server: st
 
     if server:
         try:
-            srv = parse_server_url(server)
-            check_backend_matches(backend, srv)
+            srv = server_for_backend(backend, server)
         except ServerURLError as e:
             raise click.BadParameter(str(e), param_hint="--server") from None
         emu_r, base_r = measure(srv)

@@ -19,7 +19,7 @@ from emu.mm.reserve import (
     ReserveError,
     ReserveRoot,
 )
-from emu.mm.sizes import DST_ENTRY, RPC_MAX_SLOT_TABLE, RPC_RQST
+from emu.mm.sizes import DST_ENTRY, RPC_MAX_SLOT_TABLE, RPC_MIN_SLOT_TABLE, RPC_RQST
 from emu.mm.slab import calculate_slab_order, hwcache_align, kmalloc_size_class
 from emu.net.ipfrag import IPFRAG_HIGH_THRESH
 from emu.net.reserve import NetReserve, tx_reserve_pages
@@ -145,7 +145,7 @@ def explain(tree: HostReserve) -> dict[str, str]:
               help="net.ipv4.ipfrag_high_thresh in bytes.")
 @click.option("--nfs-swappers", default=1, show_default=True, type=int, help="NFS swap transports (each adds RPC_RESERVE_PAGES).")
 @click.option("--iscsi-sessions", default=0, show_default=True, type=int, help="iSCSI swap sessions (each adds TX_RESERVE_PAGES).")
-@click.option("--rpc-slot-table", default=RPC_MAX_SLOT_TABLE, show_default=True, type=int, help="RPC slots per transport (RPC_MAX_SLOT_TABLE).")
+@click.option("--rpc-slot-table", default=RPC_MAX_SLOT_TABLE, show_default=True, type=int, help="RPC slots per transport, 2..128 (RPC_MIN_SLOT_TABLE..RPC_MAX_SLOT_TABLE).")
 @click.option("--rpc-rqst-size", default=RPC_RQST, show_default=True, type=int, help="Bytes of one struct rpc_rqst (kmalloc'ed).")
 @click.option("--min-free-kbytes", type=int, default=None, help="vm.min_free_kbytes for the watermarks shown. Default: Linux's int_sqrt(lowmem_kb*16).")
 @click.option("--policy", "policy_name", type=click.Choice([p.value for p in Policy]), default="v12", show_default=True,
@@ -188,10 +188,12 @@ def reserve(
         ("--ipfrag-high-thresh", ipfrag_high_thresh, 0),
         ("--nfs-swappers", nfs_swappers, 0),
         ("--iscsi-sessions", iscsi_sessions, 0),
-        ("--rpc-slot-table", rpc_slot_table, 0),
     ):
         if value < minimum:
             raise click.BadParameter(f"{value}: must be >= {minimum}", param_hint=flag)
+    if not RPC_MIN_SLOT_TABLE <= rpc_slot_table <= RPC_MAX_SLOT_TABLE:  # sunrpc's slot_table_entries range
+        raise click.BadParameter(f"{rpc_slot_table}: a transport has {RPC_MIN_SLOT_TABLE} to {RPC_MAX_SLOT_TABLE} slots",
+                                 param_hint="--rpc-slot-table")
     if dst_entry_size > page_size * 8:
         raise click.BadParameter(f"{dst_entry_size}: larger than a slab can hold", param_hint="--dst-entry-size")
     if rpc_rqst_size > 8192:

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from emu import scenario as scen
 from emu.kernel.policy import Policy
-from emu.swapdev.endpoint import ServerURLError, check_backend_matches, parse_server_url
+from emu.swapdev.endpoint import ServerURLError, server_for_backend
 from emu.util.cli import OneLineCommand, Seconds, size_option
 from emu.util.signals import exit_interrupted, is_interrupt, sigterm_as_interrupt
 from emu.util.units import format_size
@@ -144,7 +144,7 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
         usage_fail(str(e))
     if sc.server:
         try:
-            check_backend_matches(sc.backend, parse_server_url(sc.server))
+            server_for_backend(sc.backend, sc.server)
         except ServerURLError as e:
             usage_fail(f"--server: {e}")
     if print_scenario:

@@ -60,7 +60,7 @@ class LiveProgress:
             self._live.update(self._render())
         elif self.plain and (time.monotonic() - self._last_plain > 2.0 or status.phase in ("completed", "deadlock", "livelock")):
             self._last_plain = time.monotonic()
-            self.console.print(self._line(status), markup=False, highlight=False)
+            self.console.print(self._line(status), markup=False, highlight=False, soft_wrap=True)
 
     @staticmethod
     def _line(s: RunStatus) -> str:

@@ -232,11 +232,12 @@ def outcome_style(outcome: str) -> str:
 def print_result(console: Console, result: RunResult) -> None:
     """One run's figures (and its deadlock report when it got stuck), on the result's console."""
     if result.report:
-        console.print(result.report, markup=False, highlight=False)
+        # (already laid out in lines: never re-wrapped at the console's width, e.g. 100 in a file)
+        console.print(result.report, markup=False, highlight=False, soft_wrap=True)
     results_table(console, [result], title=f"netswap run: {result.backend} / {result.policy}")
     if result.files:
         for what, path in result.files.items():
-            console.print(f"{what}: {path}", markup=False, highlight=False)
+            console.print(f"{what}: {path}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _reserve_cell(r: RunResult) -> str:

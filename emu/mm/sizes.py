@@ -25,7 +25,8 @@ SOCK_TCP = 1600  # struct tcp_sock
 # Sun RPC / NFS client.
 RPC_RQST = 424  # struct rpc_rqst: a size-512 kmalloc object (8 per page, off-slab)
 RPC_TASK = 256
-RPC_MAX_SLOT_TABLE = 128  # RPC_MAX_SLOT_TABLE: slots per transport
+RPC_MIN_SLOT_TABLE = 2  # RPC_MIN_SLOT_TABLE: the least slots sunrpc's slot_table_entries sysctl takes
+RPC_MAX_SLOT_TABLE = 128  # RPC_MAX_SLOT_TABLE: slots per transport (and that sysctl's most)
 
 # iSCSI initiator.
 ISCSI_TASK = 384  # struct iscsi_task + its PDU header buffer

@@ -117,8 +117,11 @@ def backend_kind(backend: str) -> str:
     return "iscsi" if backend == "iscsi" else "nfs"
 
 
-def check_backend_matches(backend: str, server: Endpoint) -> None:
-    if backend_kind(backend) == "nfs" and not isinstance(server, NfsEndpoint):
-        raise ServerURLError(f"backend {backend} needs an nfs:// server, got {server.url()}")
-    if backend == "iscsi" and not isinstance(server, IscsiEndpoint):
-        raise ServerURLError(f"backend iscsi needs an iscsi:// server, got {server.url()}")
+def server_for_backend(backend: str, url: str) -> Endpoint:
+    """`url` parsed for `backend`: a scheme of the other kind is named first (before any detail
+    of the URL that the right scheme would not even ask for)."""
+    scheme = urlsplit(url).scheme
+    want = backend_kind(backend)
+    if scheme in ("nfs", "iscsi") and scheme != want:
+        raise ServerURLError(f"backend {backend} needs an {want}:// server, got {url}")
+    return parse_server_url(url)

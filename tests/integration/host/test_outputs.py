@@ -8,7 +8,7 @@ from rich.console import Console
 
 from emu import scenario as scen
 from emu.host.progress import LiveProgress
-from emu.host.report import ReportData, group_tasks, render_deadlock_report, results_table
+from emu.host.report import ReportData, group_tasks, print_result, render_deadlock_report, results_table
 from emu.host.result import RunResult, RunStatus
 from emu.host.timeline import Recorder, Sample, columns, plotted_columns, rows
 from emu.kernel.policy import Policy
@@ -51,6 +51,25 @@ def test_live_table_fits_80_columns_and_completed_runs_show_no_stall() -> None:
     v12 = next(line for line in text.splitlines() if "completed" in line)
     assert v12.rstrip().endswith("–")  # a completed run never stalled
     assert "0.1s" in text  # the stuck ones say for how long
+
+
+def test_report_and_progress_lines_are_not_rewrapped_in_a_file() -> None:
+    """Output to a file gets a console 100 wide: the deadlock report (laid out in its own lines),
+    the file paths and the progress lines keep their lines whole; the tables fit."""
+    r = _result("nfs-udp", Policy.NONE, "deadlock")
+    r.report = "deadlock: " + " ".join(f"word{i}" for i in range(40)) + "\nsecond line"
+    r.files = {"timeline": "/a/very/long/path/" + "x" * 120 + "/timeline.csv"}
+    con = Console(width=100, record=True, color_system=None, force_terminal=False)
+    print_result(con, r)
+    live = LiveProgress(con)
+    assert live.plain
+    live.update(RunStatus("nfs-udp", Policy.NONE, "deadlock", 12.3456, 131072, 131072, 1234, 256, 12, 123456, 65432,
+                          12345678, 0.1))
+    lines = con.export_text().splitlines()
+    assert r.report.splitlines()[0] in lines and "second line" in lines
+    assert f"timeline: {r.files['timeline']}" in lines
+    assert sum(1 for line in lines if "deadlock" in line and "nfs-udp" in line) >= 1
+    assert all(len(line) <= 100 for line in lines if line.strip().startswith(("│", "┃", "─", "━")))
 
 
 def test_blocked_tasks_are_grouped_as_sysrq_t_would() -> None:

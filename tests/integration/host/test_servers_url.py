@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from emu.swapdev.endpoint import IscsiEndpoint, NfsEndpoint, ServerURLError, check_backend_matches, parse_server_url
+from emu.swapdev.endpoint import IscsiEndpoint, NfsEndpoint, ServerURLError, parse_server_url, server_for_backend
 
 
 def test_nfs_url() -> None:
@@ -19,9 +19,12 @@ def test_iscsi_url() -> None:
     s = parse_server_url("iscsi://127.0.0.1:3261/iqn.2024-01.test:tgt/1")
     assert s == IscsiEndpoint("127.0.0.1", 3261, "iqn.2024-01.test:tgt", 1)
     assert parse_server_url("iscsi://127.0.0.1/iqn.2024-01.test:tgt/0").port == 3260
-    check_backend_matches("iscsi", s)
-    with pytest.raises(ServerURLError):
-        check_backend_matches("nfs-udp", s)
+    assert server_for_backend("iscsi", s.url()) == s
+    with pytest.raises(ServerURLError, match="nfs-udp needs an nfs:// server"):
+        server_for_backend("nfs-udp", s.url())
+    # The wrong scheme is named before what only the right one would ask for (NFS's ports).
+    with pytest.raises(ServerURLError, match="iscsi needs an iscsi:// server"):
+        server_for_backend("iscsi", "nfs://127.0.0.1/x")
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,8 @@ def test_policy_views() -> None:
         (["--nfs-swappers", "-1"], "--nfs-swappers"),
         (["--route-max-size", "-5"], "--route-max-size"),
         (["--dst-entry-size", "0"], "--dst-entry-size"),
+        (["--rpc-slot-table", "0"], "--rpc-slot-table"),  # (no slot: the transport could send nothing)
+        (["--rpc-slot-table", "129"], "--rpc-slot-table"),
         (["--policy", "v13"], "--policy"),
         (["--min-free-kbytes", "999999"], "--min-free-kbytes"),
     ],
