@@ -21,8 +21,9 @@ import trio
 from iscsi import scsi
 from iscsi import target as target_mod
 from iscsi.lun import DiskLun
-from iscsi.pdu import BHS_LEN, F_FINAL, F_WRITE, SCSI_CMD_BHS, Op, Pdu, PduReader, encode_text, frame
+from iscsi.pdu import BHS_LEN, F_FINAL, F_WRITE, SCSI_CMD_BHS, Op, Pdu, frame
 from iscsi.target import ANSWER_BATCH, Target
+from unit.iscsi.raw import raw_login
 
 IQN = "iqn.2024-01.test:batches"
 COMMANDS = 2 * ANSWER_BATCH + 3  # two full batches and a remainder
@@ -51,22 +52,6 @@ class WatchedLun(DiskLun):
             threading.Event().wait(0.05)
         super().fsync()
         self.recorder.add("fsync_end")
-
-
-async def _login(stream: trio.SocketStream) -> tuple[PduReader, int, int]:
-    """A raw login; returns the reader, the first CmdSN and ExpStatSN."""
-    req = Pdu.new(Op.LOGIN_REQ, 0x87, immediate=True, itt=1, data=encode_text([
-        ("InitiatorName", "iqn.x:batches"), ("TargetName", IQN), ("HeaderDigest", "None"), ("DataDigest", "None"),
-        ("ImmediateData", "Yes")]))
-    req.bhs[8:14] = os.urandom(6)
-    await stream.send_all(req.encode())
-    reader = PduReader()
-    while (rsp := reader.next()) is None:
-        reader.feed(await stream.receive_some(65536))
-    assert rsp.opcode == Op.LOGIN_RSP and rsp.bhs[36] == 0
-    stat_sn = int.from_bytes(rsp.bhs[24:28], "big")
-    exp_cmd_sn = int.from_bytes(rsp.bhs[28:32], "big")
-    return reader, exp_cmd_sn, (stat_sn + 1) & 0xFFFFFFFF
 
 
 def _watch(monkeypatch: pytest.MonkeyPatch, rec: Recorder, socket_fds: set[int]) -> None:
@@ -109,7 +94,8 @@ async def test_fua_answers_go_out_in_batches_each_after_an_fsync_covering_it(
         port = listeners[0].socket.getsockname()[1]
         with trio.fail_after(30):
             s = await trio.open_tcp_stream("127.0.0.1", port)
-            reader, cmd_sn, exp_stat_sn = await _login(s)
+            raw = await raw_login(s, IQN, "iqn.x:batches", (("ImmediateData", "Yes"),))
+            reader, cmd_sn, exp_stat_sn = raw.reader, raw.cmd_sn, raw.exp_stat_sn
             _watch(monkeypatch, rec, socket_fds)
             out: list[bytes] = []
             for i, page in enumerate(pages):  # one block each, FUA, all of its data immediate

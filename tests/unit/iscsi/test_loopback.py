@@ -16,9 +16,10 @@ import trio
 from iscsi.initiator import Initiator, ISCSIError, ScsiError, SessionRecoveryTimeout, discover
 from iscsi.login import LoginError, LoginStatus
 from iscsi.lun import DiskLun
-from iscsi.pdu import Op, Pdu, PduReader, encode_text
+from iscsi.pdu import Op, Pdu
 from iscsi.sense import SenseKey
 from iscsi.target import Target
+from unit.iscsi.raw import raw_login
 
 IQN = "iqn.2024-01.test:loop"
 
@@ -161,17 +162,6 @@ async def test_discovery(served: Served) -> None:
     assert found == [(IQN, f"127.0.0.1:{served.port},1")]
 
 
-async def _raw_login(stream: trio.SocketStream) -> PduReader:
-    req = Pdu.new(Op.LOGIN_REQ, 0x87, immediate=True, itt=1, data=encode_text([("InitiatorName", "iqn.x:raw"), ("TargetName", IQN), ("HeaderDigest", "None"), ("DataDigest", "None")]))
-    req.bhs[8:14] = os.urandom(6)
-    await stream.send_all(req.encode())
-    reader = PduReader()
-    while (rsp := reader.next()) is None:
-        reader.feed(await stream.receive_some(65536))
-    assert rsp.opcode == Op.LOGIN_RSP and rsp.bhs[36] == 0
-    return reader
-
-
 async def test_bad_input_never_disturbs_other_sessions(served: Served) -> None:
     async with served.initiator() as ini:
         data = os.urandom(4096)
@@ -185,7 +175,7 @@ async def test_bad_input_never_disturbs_other_sessions(served: Served) -> None:
         await s.aclose()
         # 2) an oversized data segment after login: Reject (carrying the header), then closed
         s = await served.connect()
-        reader = await _raw_login(s)
+        reader = (await raw_login(s, IQN)).reader
         huge = Pdu.new(Op.SCSI_CMD, 0x80, itt=5)
         hdr = bytearray(huge.encode())
         hdr[5:8] = (1 << 24 - 1).to_bytes(3, "big")  # 8 MiB claimed, never sent
@@ -200,7 +190,7 @@ async def test_bad_input_never_disturbs_other_sessions(served: Served) -> None:
         await s.aclose()
         # 3) a login PDU out of order in the full feature phase: Reject, session lives on
         s = await served.connect()
-        reader = await _raw_login(s)
+        reader = (await raw_login(s, IQN)).reader
         again = Pdu.new(Op.LOGIN_REQ, 0x87, immediate=True, itt=2)
         await s.send_all(again.encode())
         while (p := reader.next()) is None:
@@ -268,7 +258,7 @@ async def test_fuzzed_pdus_after_login_never_take_the_target_down(served: Served
         await ini.write(0, data)
         for round_ in range(40):
             s = await served.connect()
-            await _raw_login(s)
+            await raw_login(s, IQN)
             blob = b""
             for _ in range(20):
                 bhs = bytearray(rng.randbytes(48))
