@@ -22,12 +22,6 @@ CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 _groups = itertools.count()
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) a live process has used so far, from /proc/PID/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def cgroup_throttled(procs: Path) -> int:
     """How many CFS periods the cgroup whose `cgroup.procs` is `procs` was throttled in."""
     for line in (procs.parent / "cpu.stat").read_text().splitlines():

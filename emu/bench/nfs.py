@@ -1,7 +1,8 @@
 """`netswap bench nfs`: a big file copied into and out of netswap's NFS server, over TCP and over
 UDP, against nfs-ganesha on the same machine in the same run.
 
-Figures: MB/s of each copy; baselines: the same copy with nfs-ganesha (VFS FSAL). Over TCP the
+Figures: MB/s of each copy; baselines: the same copy with nfs-ganesha (VFS FSAL). Beside them,
+each server's own CPU time per copy (its process's utime + stime, all threads). Over TCP the
 copies are libnfs's `nfs-cp local -> nfs://server` (1 MiB WRITEs, UNSTABLE, then COMMIT) and back
 (1 MiB READs). libnfs's tools speak NFS over TCP only, so over UDP the client is netswap's own
 (nfs/client.py, the emulated host's), one 32 KiB call at a time as nfs-cp sends one at a time:
@@ -25,11 +26,13 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 import trio
 
 from emu.bench.result import BenchResult, emit
 from emu.peers.nfs import H, Served, TestbedError, ganesha, libnfs, netswap_server, real_fs_dir
+from emu.util.procs import cpu_seconds
 from emu.util.units import parse_size
 
 MB = 1_000_000
@@ -149,6 +152,7 @@ def bench_nfs(size: str, udp_size: str, rounds: int, warmup: bool, directory: Pa
         protos = ["tcp", "udp"] if udp_bytes else ["tcp"]
         times: dict[str, list[float]] = {f"{who}_{way}_{proto}": [] for who in ("ours", "ganesha")
                                          for way in ("in", "out") for proto in protos}
+        cpu: dict[str, list[float]] = {k: [] for k in times}  # each server's own CPU seconds per copy
         try:
             with contextlib.ExitStack() as stack:
                 # Both exports on the same kind of filesystem (tmpfs if we are on overlayfs).
@@ -173,18 +177,22 @@ def bench_nfs(size: str, udp_size: str, rounds: int, warmup: bool, directory: Pa
                                 local = base / f"back-{name}.bin"
                                 expect = digest if proto == "tcp" else udp_digest
                                 progress.update(bar, description=f"{label}: into {name}")
+                                c0 = cpu_seconds(srv.proc.pid)
                                 if proto == "tcp":
                                     t_in = _cp(str(src), srv.url(fname))
                                 else:
                                     t_in = _udp_cp(_udp_cp_in, srv, udp_src, fname)
+                                c_in = cpu_seconds(srv.proc.pid) - c0
                                 if _sha256(srv.export / fname) != expect:
                                     raise click.ClickException(f"the copy into {name} ({proto}) is not byte-identical")
                                 progress.advance(bar)
                                 progress.update(bar, description=f"{label}: out of {name}")
+                                c0 = cpu_seconds(srv.proc.pid)
                                 if proto == "tcp":
                                     t_out = _cp(srv.url(fname), str(local))
                                 else:
                                     t_out = _udp_cp(_udp_cp_out, srv, fname, local)
+                                c_out = cpu_seconds(srv.proc.pid) - c0
                                 if _sha256(local) != expect:
                                     raise click.ClickException(f"the copy out of {name} ({proto}) is not byte-identical")
                                 local.unlink()
@@ -193,6 +201,8 @@ def bench_nfs(size: str, udp_size: str, rounds: int, warmup: bool, directory: Pa
                                 if r >= 0:
                                     times[f"{name}_in_{proto}"].append(t_in)
                                     times[f"{name}_out_{proto}"].append(t_out)
+                                    cpu[f"{name}_in_{proto}"].append(c_in)
+                                    cpu[f"{name}_out_{proto}"].append(c_out)
         except TestbedError as e:
             raise click.ClickException(str(e)) from None
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -207,8 +217,25 @@ def bench_nfs(size: str, udp_size: str, rounds: int, warmup: bool, directory: Pa
                 baseline_name="nfs-ganesha 4.3 VFS",
                 extra={"transport": proto, "direction": way, "bytes": n, "rounds": rounds,
                        "seconds_ours": times[f"ours_{way}_{proto}"],
-                       "seconds_ganesha": times[f"ganesha_{way}_{proto}"], "goal_ratio": goal}))
+                       "seconds_ganesha": times[f"ganesha_{way}_{proto}"],
+                       "server_cpu_s_ours": [round(c, 3) for c in cpu[f"ours_{way}_{proto}"]],
+                       "server_cpu_s_ganesha": [round(c, 3) for c in cpu[f"ganesha_{way}_{proto}"]], "goal_ratio": goal}))
     emit(results, as_json)
+    if not as_json:
+        # What each server itself spent (its process's CPU time, all threads), apart from the
+        # client's: the MB/s are latency-bound and swing with the machine's load, this less so.
+        t = Table(title="server CPU per copy (median of the rounds; /proc/PID/stat, 10 ms steps)")
+        for col in ("copy", "ours", "nfs-ganesha", "ganesha/ours"):
+            t.add_column(col, justify="left" if col == "copy" else "right")
+        for res in results:
+            ours_ms = statistics.median(res.extra["server_cpu_s_ours"]) * 1e3
+            gan_ms = statistics.median(res.extra["server_cpu_s_ganesha"]) * 1e3
+            t.add_row(res.name, f"{ours_ms:,.0f} ms", f"{gan_ms:,.0f} ms", f"{gan_ms / ours_ms:.2f}" if ours_ms and gan_ms else "-")
+        out = Console()
+        out.print(t)
+        out.print("ganesha/ours above 1: ours spent less. Writeback our write-behind starts (sync_file_range) "
+                  "runs in our process and counts; the kernel's flusher threads, which write back "
+                  "ganesha's data, are in neither.", soft_wrap=True)
     for res in results:
         if res.ratio < goal:
             console.print(f"[yellow]warning:[/] {res.name}: ratio {res.ratio:.2f} is below the goal {goal}")

@@ -28,10 +28,11 @@ from machine import (
     cgroup_throttled,
     cpu_hogs,
     cpu_quota,
-    cpu_seconds,
     run_limited,
     start_limited,
 )
+
+from emu.util.procs import cpu_seconds
 
 BACKENDS = ("nfs-udp", "nfs-tcp", "iscsi")
 POLICIES = ("none", "v12")
