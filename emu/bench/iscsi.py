@@ -6,6 +6,7 @@ load changes), each figure the median of its rounds:
 - random 4 KiB writes with FUA, and random 4 KiB writes each followed by a SYNCHRONIZE CACHE of
   its range: iscsi-perf cannot write, so netswap's own initiator drives both targets the same way,
   16 commands in flight (the emulated host's queue depth).
+Beside the IOPS: each target's own CPU time per operation (its process, all threads).
 Both targets serve a fresh file-backed LUN on loopback, in the same directory: /dev/shm by default
 (tmpfs, as the emulated host's LUN), so the figures are the targets' own costs; `--dir` on a disk
 measures the disk's fsync as well (where tgtd's FUA is a sync_file_range of the range, and ours an
@@ -25,17 +26,18 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import click
 import trio
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from emu.bench.result import BenchResult, emit
 from emu.cli import CONTEXT
 from emu.peers import iscsi as peer
-from emu.util.procs import stop_process
+from emu.util.procs import cpu_seconds, stop_process
 from emu.util.units import SIZE_HELP, parse_size
 from iscsi.initiator import Initiator
 
@@ -108,6 +110,8 @@ class Workload:
     run: Callable[[peer.Daemon, float], float]
     ours: list[float]
     tgtd: list[float]
+    ours_cpu: list[float] = field(default_factory=list)  # the target's own CPU µs per operation, per run
+    tgtd_cpu: list[float] = field(default_factory=list)
 
 
 @click.command(context_settings=CONTEXT)
@@ -156,21 +160,38 @@ def bench_iscsi(seconds: float, rounds: int, in_flight: int, write_depth: int, s
                     for r in range(rounds):
                         for w in workloads:
                             # Interleaved, and the order flips every round: both targets see the same machine.
-                            order = [(ours, w.ours), (tgt, w.tgtd)]
-                            for daemon, runs in order if r % 2 == 0 else reversed(order):
+                            order = [(ours, w.ours, w.ours_cpu), (tgt, w.tgtd, w.tgtd_cpu)]
+                            for daemon, runs, cpus in order if r % 2 == 0 else reversed(order):
                                 who = "netswap" if daemon is ours else "tgtd"
                                 progress.update(bar, description=f"round {r + 1}/{rounds}: {w.name} vs {who}")
-                                runs.append(w.run(daemon, per_run))
+                                c0 = cpu_seconds(daemon.proc.pid)
+                                ops_per_s = w.run(daemon, per_run)
+                                cpu = cpu_seconds(daemon.proc.pid) - c0
+                                runs.append(ops_per_s)
+                                # (operations: about the rate times the run's length)
+                                cpus.append(round(cpu / (ops_per_s * per_run) * 1e6, 2) if ops_per_s else 0.0)
                                 progress.update(bar, advance=1)
             except (FileNotFoundError, peer.PeerError) as e:
                 raise click.ClickException(f"could not start the targets: {e}") from None
     results = [
         BenchResult(name=w.name, unit="IOPS", figure=statistics.median(w.ours), baseline=statistics.median(w.tgtd),
                     baseline_name="tgtd", extra={"seconds": seconds, "rounds": rounds, "goal_ratio": GOAL, "dir": where,
-                                                 "netswap_runs": w.ours, "tgtd_runs": w.tgtd})
+                                                 "netswap_runs": w.ours, "tgtd_runs": w.tgtd,
+                                                 "netswap_cpu_us_per_op": w.ours_cpu, "tgtd_cpu_us_per_op": w.tgtd_cpu})
         for w in workloads
     ]
     emit(results, as_json)
+    if not as_json:
+        # Each target's own CPU time (its process, all threads) per operation: less exposed to
+        # the machine's load than the IOPS, which the initiators' CPU shares bound.
+        t = Table(title="target CPU per operation (median of the rounds; /proc/PID/stat, 10 ms steps)")
+        for col in ("workload", "netswap", "tgtd", "tgtd/netswap"):
+            t.add_column(col, justify="left" if col == "workload" else "right")
+        for w in workloads:
+            o, g = statistics.median(w.ours_cpu), statistics.median(w.tgtd_cpu)
+            t.add_row(w.name, f"{o:.1f} µs", f"{g:.1f} µs", f"{g / o:.2f}" if o and g else "-")
+        Console().print(t)
+        Console().print("tgtd/netswap above 1: ours spent less per operation.", soft_wrap=True)
     if not as_json:
         for res in results:
             if res.ratio < GOAL:
