@@ -301,11 +301,13 @@ class RpcService:
                 self.drc.done(key, None)
                 self._wake(key)
             raise
-        if send is not None:
-            send(reply)
-        if key is not None:
-            self.drc.done(key, b"".join(reply))
-            self._wake(key)
+        try:
+            if send is not None:
+                send(reply)
+        finally:  # (the reply cache never keeps a call in progress, whatever the sender did)
+            if key is not None:
+                self.drc.done(key, b"".join(reply))
+                self._wake(key)
         by_proc = self.stats.by_proc
         name = self._names.get((prog.prog, proc))
         if name is None:
