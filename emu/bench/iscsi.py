@@ -44,6 +44,7 @@ from iscsi.initiator import Initiator
 _IOPS = re.compile(rb"iops average (\d+)")
 GOAL = 1.0
 PAGE = 4096
+MIN_RUN = 2.0  # seconds per workload run: iscsi-perf prints no average for less than a second (login included)
 
 
 def iscsi_perf(url: str, seconds: float, in_flight: int, blocks: int) -> float:
@@ -129,17 +130,21 @@ def bench_iscsi(seconds: float, rounds: int, in_flight: int, write_depth: int, s
                 as_json: bool) -> None:
     """Our target vs tgtd: 4 KiB reads (iscsi-perf), random 4 KiB writes with FUA and with
     SYNCHRONIZE CACHE (netswap's initiator driving both). Prints IOPS and our/tgtd ratios (goal:
-    >= 1.0). Needs root for tgtd."""
+    >= 1.0), and each target's own CPU time per operation. Needs root for tgtd."""
     try:
         nbytes = parse_size(size)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--size'") from None
     if nbytes < 1 << 20 or nbytes % PAGE:
         raise click.BadParameter("at least 1M, a whole number of 4 KiB pages", param_hint="'--size'")
+    per_run = seconds / rounds
+    if per_run < MIN_RUN:
+        raise click.BadParameter(f"{seconds:g} s over {rounds} rounds is {per_run:.2g} s per run; iscsi-perf reports "
+                                 f"its average only after whole seconds of reads: give at least {MIN_RUN:g} s per "
+                                 f"round (--seconds {MIN_RUN * rounds:g} for {rounds} rounds)", param_hint="'--seconds'")
     if os.geteuid() != 0:
         raise click.ClickException("tgtd needs root: run as root (sudo)")
     console = Console(stderr=True)
-    per_run = seconds / rounds
     workloads = [
         Workload(f"iscsi-perf 4 KiB reads, {in_flight} in flight",
                  lambda d, s: iscsi_perf(d.url(), s, in_flight, PAGE // 512), [], []),

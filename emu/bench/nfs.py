@@ -117,7 +117,8 @@ def _cp(src: str, dst: str) -> float:
 def bench_nfs(size: str, udp_size: str, rounds: int, warmup: bool, directory: Path | None, goal: float,
               as_json: bool) -> None:
     """Copy a file into and out of netswap's NFS server and nfs-ganesha, over TCP (libnfs's
-    nfs-cp) and UDP (netswap's client); MB/s and a ratio ours/ganesha per row.
+    nfs-cp) and UDP (netswap's client); MB/s and a ratio ours/ganesha per row, and each server's
+    own CPU time per copy.
 
     Needs root and the Debian peers nfs-ganesha, nfs-ganesha-vfs, rpcbind and libnfs-utils.
     """

@@ -39,3 +39,10 @@ def test_bench_nfs_sizes_are_checked_before_anything_runs() -> None:
     for option, value in (("--size", "12Q"), ("--size", "0"), ("--udp-size", "12Q")):
         result = CliRunner().invoke(cli, ["bench", "nfs", option, value])
         assert result.exit_code == 2 and option in result.output, result.output
+
+
+def test_bench_iscsi_refuses_runs_too_short_for_iscsi_perf() -> None:
+    """Split over the rounds, each run must last long enough for iscsi-perf to print an average
+    (it printed nothing for 0.33 s runs, and the bench failed after starting both targets)."""
+    result = CliRunner().invoke(cli, ["bench", "iscsi", "--seconds", "3", "--rounds", "3"])
+    assert result.exit_code == 2 and "--seconds" in result.output and "--seconds 6" in result.output, result.output
