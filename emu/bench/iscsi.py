@@ -32,9 +32,8 @@ import click
 import trio
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from emu.bench.result import BenchResult, emit
+from emu.bench.result import BenchResult, emit, emit_cpu
 from emu.cli import CONTEXT
 from emu.peers import iscsi as peer
 from emu.util.procs import cpu_seconds, stop_process
@@ -189,15 +188,9 @@ def bench_iscsi(seconds: float, rounds: int, in_flight: int, write_depth: int, s
     if not as_json:
         # Each target's own CPU time (its process, all threads) per operation: less exposed to
         # the machine's load than the IOPS, which the initiators' CPU shares bound.
-        t = Table(title="target CPU per operation (median of the rounds; /proc/PID/stat, 10 ms steps)")
-        for col in ("workload", "netswap", "tgtd", "tgtd/netswap"):
-            t.add_column(col, justify="left" if col == "workload" else "right")
-        for w in workloads:
-            o, g = statistics.median(w.ours_cpu), statistics.median(w.tgtd_cpu)
-            t.add_row(w.name, f"{o:.1f} µs", f"{g:.1f} µs", f"{g / o:.2f}" if o and g else "-")
-        Console().print(t)
-        Console().print("tgtd/netswap above 1: ours spent less per operation.", soft_wrap=True)
-    if not as_json:
+        emit_cpu([(w.name, w.ours_cpu, w.tgtd_cpu) for w in workloads],
+                 "target CPU per operation (median of the rounds; /proc/PID/stat, 10 ms steps)", "workload",
+                 "netswap", "tgtd", "µs", ".1f", "tgtd/netswap above 1: ours spent less per operation.")
         for res in results:
             if res.ratio < GOAL:
                 console.print(f"[yellow]{res.name}: ratio {res.ratio:.2f} is below the goal of {GOAL}[/yellow]")

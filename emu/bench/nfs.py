@@ -26,11 +26,10 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 import trio
 
-from emu.bench.result import BenchResult, emit
+from emu.bench.result import BenchResult, emit, emit_cpu
 from emu.peers.nfs import H, Served, TestbedError, ganesha, libnfs, netswap_server, real_fs_dir
 from emu.util.procs import cpu_seconds
 from emu.util.units import parse_size
@@ -225,18 +224,13 @@ def bench_nfs(size: str, udp_size: str, rounds: int, warmup: bool, directory: Pa
     if not as_json:
         # What each server itself spent (its process's CPU time, all threads), apart from the
         # client's: the MB/s are latency-bound and swing with the machine's load, this less so.
-        t = Table(title="server CPU per copy (median of the rounds; /proc/PID/stat, 10 ms steps)")
-        for col in ("copy", "ours", "nfs-ganesha", "ganesha/ours"):
-            t.add_column(col, justify="left" if col == "copy" else "right")
-        for res in results:
-            ours_ms = statistics.median(res.extra["server_cpu_s_ours"]) * 1e3
-            gan_ms = statistics.median(res.extra["server_cpu_s_ganesha"]) * 1e3
-            t.add_row(res.name, f"{ours_ms:,.0f} ms", f"{gan_ms:,.0f} ms", f"{gan_ms / ours_ms:.2f}" if ours_ms and gan_ms else "-")
-        out = Console()
-        out.print(t)
-        out.print("ganesha/ours above 1: ours spent less. Writeback our write-behind starts (sync_file_range) "
-                  "runs in our process and counts; the kernel's flusher threads, which write back "
-                  "ganesha's data, are in neither.", soft_wrap=True)
+        emit_cpu([(r.name, [c * 1e3 for c in r.extra["server_cpu_s_ours"]],
+                   [c * 1e3 for c in r.extra["server_cpu_s_ganesha"]]) for r in results],
+                 "server CPU per copy (median of the rounds; /proc/PID/stat, 10 ms steps)", "copy", "ours",
+                 "nfs-ganesha", "ms", ",.0f",
+                 "nfs-ganesha/ours above 1: ours spent less. Writeback our write-behind starts (sync_file_range) "
+                 "runs in our process and counts; the kernel's flusher threads, which write back "
+                 "ganesha's data, are in neither.")
     for res in results:
         if res.ratio < goal:
             console.print(f"[yellow]warning:[/] {res.name}: ratio {res.ratio:.2f} is below the goal {goal}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -52,3 +53,18 @@ def emit(results: list[BenchResult], as_json: bool, console: Console | None = No
             f"{r.ratio:.2f}",
         )
     console.print(table)
+
+
+def emit_cpu(rows: list[tuple[str, list[float], list[float]]], title: str, first: str, ours: str, theirs: str,
+             unit: str, fmt: str, note: str) -> None:
+    """Each server's own CPU cost beside a benchmark's figures: a row per figure with the
+    medians of its rounds (`ours`, `theirs`) and theirs/ours (above 1: ours spent less)."""
+    t = Table(title=title)
+    for col in (first, ours, theirs, f"{theirs}/{ours}"):
+        t.add_column(col, justify="left" if col == first else "right")
+    for name, o_runs, t_runs in rows:
+        o, g = statistics.median(o_runs), statistics.median(t_runs)
+        t.add_row(name, f"{o:{fmt}} {unit}", f"{g:{fmt}} {unit}", f"{g / o:.2f}" if o and g else "-")
+    console = Console()
+    console.print(t)
+    console.print(note, soft_wrap=True)

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from emu import scenario as scen
 from emu.kernel.policy import Policy
-from emu.swapdev.endpoint import ServerURLError, server_for_backend
+from emu.swapdev.endpoint import ServerURLError, backend_for_url, server_for_backend
 from emu.util.cli import OneLineCommand, Seconds, size_option
 from emu.util.signals import exit_interrupted, is_interrupt, sigterm_as_interrupt
 from emu.util.units import format_size
@@ -132,10 +132,8 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
         return
     try:
         sc = scen.load(scenario_file) if scenario_file else scen.default()
-        if server and backend is None:  # the URL's scheme picks the backend (NFS keeps the scenario's transport)
-            scheme = server.partition("://")[0].lower()
-            if scheme == "iscsi" or (scheme == "nfs" and sc.backend == "iscsi"):
-                backend = "iscsi" if scheme == "iscsi" else "nfs-udp"
+        if server and backend is None:  # the URL's scheme picks the backend
+            backend = backend_for_url(server, sc.backend)
         sc = apply_overrides(sc, backend=backend, policy=policy, ram=ram, swap=swap, workload=workload,
                              traffic=traffic, duration=duration, server=server)
         if hosts is not None:

@@ -125,3 +125,15 @@ def server_for_backend(backend: str, url: str) -> Endpoint:
     if scheme in ("nfs", "iscsi") and scheme != want:
         raise ServerURLError(f"backend {backend} needs an {want}:// server, got {url}")
     return parse_server_url(url)
+
+
+def backend_for_url(url: str, backend: str) -> str:
+    """The backend a server URL implies when none was asked for: iscsi:// is iSCSI, nfs:// keeps
+    an NFS `backend`'s transport (NFS/UDP if `backend` was iSCSI); another scheme changes nothing
+    (server_for_backend then says what is wrong)."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "iscsi":
+        return "iscsi"
+    if scheme == "nfs" and backend == "iscsi":
+        return "nfs-udp"
+    return backend
