@@ -886,8 +886,13 @@ class _TcpStream:
                 self.sending = True
             self.reply_bytes = total
         except OSError as e:
+            # (A reset or broken connection; or EFAULT, a READ's file cut short under its
+            # mapping, nfs/filemap.py.) A TCP client recovers a lost reply only by reconnecting
+            # (it sends its calls again then): end the connection.
             log.debug("%s:%d: reply not sent: %s", *self.conn.peer, e)
             self.reply_bytes = 0
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(pysocket.SHUT_RDWR)
 
 
 class _UdpSocket:

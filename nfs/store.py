@@ -29,6 +29,7 @@ import struct
 from collections import OrderedDict
 from pathlib import Path
 
+from nfs.filemap import FileMaps
 from nfs.mntid import fd_mount_id, mount_id
 from nfs.nfs3 import NAME_MAX, Nfs3Error, Stat
 
@@ -99,6 +100,7 @@ class Export:
         self._paths: dict[int, str] = {st.st_ino: self.root}  # ino -> absolute path inside root
         self._parents: dict[int, int] = {st.st_ino: st.st_ino}
         self._fds: OrderedDict[int, int] = OrderedDict()  # ino -> fd, LRU
+        self.maps = FileMaps()  # mappings of the cached fds' files, for big READs (dropped with their fd)
         self._known: dict[bytes, tuple[int, int]] = {}  # handles that verified -> (ino, parent ino)
         # Inodes a walk of the export did not find: later calls with their handles are STALE
         # at once instead of walking the whole export again (until the inode is seen again).
@@ -288,9 +290,7 @@ class Export:
             self._gone.popitem(last=False)
         self._paths.pop(ino, None)
         self._parents.pop(ino, None)
-        fd = self._fds.pop(ino, None)
-        if fd is not None:
-            os.close(fd)
+        self.close_ino(ino)
 
     # -- names -----------------------------------------------------------------------------
 
@@ -332,7 +332,8 @@ class Export:
             raise Nfs3Error(Stat.NFS3ERR_STALE)
         self._fds[ino] = fd
         while len(self._fds) > self.max_open:
-            _, old = self._fds.popitem(last=False)
+            old_ino, old = self._fds.popitem(last=False)
+            self.maps.drop(old_ino)
             os.close(old)
         return fd
 
@@ -356,11 +357,13 @@ class Export:
         return fd, st
 
     def close_ino(self, ino: int) -> None:
+        self.maps.drop(ino)
         fd = self._fds.pop(ino, None)
         if fd is not None:
             os.close(fd)
 
     def close(self) -> None:
+        self.maps.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

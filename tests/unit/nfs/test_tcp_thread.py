@@ -272,3 +272,89 @@ async def test_no_thread_outlives_the_server(tmp_path: Path, export_dir: Path) -
     finally:
         for s in socks:
             s.close()
+
+
+async def test_big_reads_go_from_the_page_cache_and_see_the_file_as_it_is(tmp_path: Path, export_dir: Path) -> None:
+    """READs of 64 KiB and more are sent from a mapping of the file (nfs/filemap.py): the right
+    bytes, a write seen by the next READ, a file cut short seen as shorter (eof), not a fault."""
+    cred = AuthSys().to_auth()
+    data = bytearray(os.urandom(3 << 20))
+    (export_dir / "big").write_bytes(data)
+    async with serving(tmp_path, export_dir) as (server, port, _):
+        big = server.export.fh_for(str(export_dir / "big"), os.lstat(export_dir / "big"), server.export.root_ino)
+
+        def read(s: socket.socket, xid: int, offset: int, count: int) -> Any:
+            s.sendall(_rec(_call(xid, Proc.READ, ReadArgs(big, offset, count), cred)))
+            return _res(Proc.READ, _recv_record(s))
+
+        def client() -> list[Any]:
+            with _connect(port) as s:
+                out = [read(s, 1, 0, 4096)]  # (the first: its handle resolved, its fd opened)
+                out += [read(s, 2, 0, 1 << 20), read(s, 3, (1 << 20) + 5, 1 << 20)]
+                os.pwrite(os.open(export_dir / "big", os.O_WRONLY), b"new bytes", 100)
+                out.append(read(s, 4, 0, 1 << 20))
+                os.truncate(export_dir / "big", (1 << 20) + 300_000)
+                out += [read(s, 5, 1 << 20, 1 << 20), read(s, 6, 2 << 20, 1 << 20)]
+                return out
+
+        with trio.fail_after(20):
+            r = await trio.to_thread.run_sync(client)
+            await _all_closed(server)
+        assert all(x.status == Stat.NFS3_OK for x in r)
+        assert bytes(r[1].data) == data[: 1 << 20] and not r[1].eof
+        assert bytes(r[2].data) == data[(1 << 20) + 5 : (2 << 20) + 5]
+        data[100:109] = b"new bytes"
+        assert bytes(r[3].data) == data[: 1 << 20]
+        assert bytes(r[4].data) == data[1 << 20 : (1 << 20) + 300_000] and r[4].eof
+        assert r[5].count == 0 and r[5].eof
+        assert server.export.maps.mapped >= 1
+        assert server.svc.stats.system_err == 0
+
+
+async def test_a_file_cut_short_while_its_read_is_being_sent_ends_the_connection(
+        tmp_path: Path, export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A READ's reply waits half sent (the client reads slowly) while the file is truncated
+    under the mapping it is sent from: the rest cannot be sent (EFAULT), so the connection is
+    closed mid-record (the client reconnects and asks again); the server serves on."""
+    monkeypatch.setattr("nfs.server._SOCK_BUF", 64 * 1024)  # (a send buffer far smaller than the reply)
+    cred = AuthSys().to_auth()
+    (export_dir / "big").write_bytes(os.urandom(2 << 20))
+    async with serving(tmp_path, export_dir) as (server, port, _):
+        big = server.export.fh_for(str(export_dir / "big"), os.lstat(export_dir / "big"), server.export.root_ino)
+        read = lambda xid, off: _rec(_call(xid, Proc.READ, ReadArgs(big, off, 1 << 20), cred))  # noqa: E731
+
+        def client() -> tuple[str, Any]:
+            with _connect(port) as s:
+                s.sendall(read(1, 0))
+                _recv_record(s)  # (the first: its handle resolved, its fd opened)
+            with server._core:
+                before = server.stats.tcp_thread_calls
+            slow = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting: a small window)
+            slow.settimeout(10)
+            slow.connect((H, port))
+            with slow:
+                slow.sendall(read(2, 0))
+                deadline = time.monotonic() + 10  # (a bound for a broken server, not a timing)
+                while True:  # until the thread has answered it: the reply is half sent
+                    with server._core:
+                        if server.stats.tcp_thread_calls > before:
+                            break
+                    assert time.monotonic() < deadline, "the READ was not answered by the thread"
+                    time.sleep(0.005)
+                os.truncate(export_dir / "big", 0)
+                try:
+                    _recv_record(slow)
+                    outcome = "whole"
+                except EOFError as e:
+                    outcome = str(e)
+            with _connect(port) as s:
+                s.sendall(read(3, 0))
+                return outcome, _res(Proc.READ, _recv_record(s))
+
+        with trio.fail_after(30):
+            outcome, after = await trio.to_thread.run_sync(client)
+            await _all_closed(server)
+        assert outcome.startswith("connection closed after"), outcome
+        assert after.status == Stat.NFS3_OK and after.count == 0 and after.eof
+        assert server.svc.stats.system_err == 0

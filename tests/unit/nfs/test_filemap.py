@@ -1,0 +1,115 @@
+"""The mappings big READs are sent from (nfs/filemap.py): the right bytes, one mapping per file
+until a READ reaches past it, none kept after its fd is closed, a bounded number, and the
+kernel's behaviour the design rests on: a file cut short under a mapping makes sendmsg fail
+with EFAULT (no SIGBUS)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from nfs.filemap import FileMaps
+from nfs.store import Export
+
+
+def test_views_have_the_files_bytes_and_are_remapped_only_when_it_grew(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    data = os.urandom(300_000)
+    path.write_bytes(data)
+    maps = FileMaps()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        st = os.fstat(fd)
+        assert bytes(maps.view(st.st_ino, fd, st.st_size, 0, 100_000) or b"") == data[:100_000]
+        assert bytes(maps.view(st.st_ino, fd, st.st_size, 200_000, 100_000) or b"") == data[200_000:]
+        assert maps.mapped == 1 and len(maps) == 1
+        more = os.urandom(70_000)
+        os.pwrite(fd, more, 300_000)
+        st = os.fstat(fd)
+        assert bytes(maps.view(st.st_ino, fd, st.st_size, 250_000, 120_000) or b"") == data[250_000:] + more
+        assert maps.mapped == 2
+        # A write through the fd shows in the mapping: it is the page cache itself.
+        os.pwrite(fd, b"x" * 10, 0)
+        assert bytes(maps.view(st.st_ino, fd, st.st_size, 0, 10) or b"") == b"x" * 10
+        assert maps.mapped == 2
+        maps.drop(st.st_ino)
+        assert len(maps) == 0
+        assert maps.view(st.st_ino, fd, st.st_size, 0, 10) is not None and maps.mapped == 3
+    finally:
+        os.close(fd)
+
+
+def test_an_empty_file_gives_no_view_and_the_number_of_mappings_is_bounded(tmp_path: Path) -> None:
+    maps = FileMaps(max_maps=3)
+    fds = []
+    try:
+        for i in range(6):
+            p = tmp_path / f"f{i}"
+            p.write_bytes(b"" if i == 0 else os.urandom(8192))
+            fds.append(os.open(p, os.O_RDONLY))
+            st = os.fstat(fds[-1])
+            view = maps.view(st.st_ino, fds[-1], st.st_size, 0, min(10, st.st_size))
+            assert (view is None) == (i == 0)
+        assert len(maps) == 3  # the three most recent
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_the_export_drops_a_files_mapping_with_its_fd(tmp_path: Path) -> None:
+    root = tmp_path / "export"
+    root.mkdir()
+    export = Export(root, b"k" * 32, max_open=2)
+    sts = []
+    for i in range(3):
+        p = root / f"f{i}"
+        p.write_bytes(os.urandom(100_000))
+        sts.append(os.lstat(p))
+    fd0 = export.fd(str(root / "f0"), sts[0])
+    assert export.maps.view(sts[0].st_ino, fd0, sts[0].st_size, 0, 100_000) is not None
+    assert len(export.maps) == 1
+    export.fd(str(root / "f1"), sts[1])
+    export.fd(str(root / "f2"), sts[2])  # f0's fd is the least recently used: closed
+    assert len(export.maps) == 0
+    fd1 = export.fd(str(root / "f1"), sts[1])
+    assert export.maps.view(sts[1].st_ino, fd1, sts[1].st_size, 0, 10) is not None
+    export.close_ino(sts[1].st_ino)
+    assert len(export.maps) == 0
+    export.close()
+
+
+def test_a_file_cut_short_under_a_view_makes_sendmsg_fail_with_efault(tmp_path: Path) -> None:
+    """In a process of its own (a SIGBUS would kill it, not the test run): sendmsg from a view
+    of pages the file no longer has sends what it copied, then fails with EFAULT; the process
+    lives on."""
+    script = textwrap.dedent("""
+        import errno, os, socket, sys
+        from nfs.filemap import FileMaps
+        path = sys.argv[1]
+        with open(path, "wb") as f:
+            f.write(os.urandom(1 << 20))
+        fd = os.open(path, os.O_RDONLY)
+        st = os.fstat(fd)
+        view = FileMaps().view(st.st_ino, fd, st.st_size, 0, 1 << 20)
+        ls = socket.create_server(("127.0.0.1", 0))
+        c = socket.create_connection(ls.getsockname())
+        s, _ = ls.accept()
+        os.truncate(path, 100_000)
+        try:
+            s.sendmsg([b"head", view[:4096]])  # (pages still in the file)
+            sent = s.sendmsg([b"head", view[50_000:300_000]], [], socket.MSG_DONTWAIT)
+            assert 4 < sent < 4 + 250_000, sent
+            s.sendmsg([view[200_000:300_000]], [], socket.MSG_DONTWAIT)
+        except OSError as e:
+            assert e.errno == errno.EFAULT, e
+            print("EFAULT after", sent)
+        else:
+            sys.exit("no error")
+    """)
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "f")], capture_output=True, text=True,
+                       timeout=60, cwd=Path(__file__).resolve().parents[3])
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert r.stdout.startswith("EFAULT after"), r.stdout
