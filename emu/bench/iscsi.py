@@ -33,7 +33,7 @@ import trio
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from emu.bench.result import BenchResult, emit, emit_cpu
+from emu.bench.result import BenchResult, emit, emit_cpu, round_ratios
 from emu.cli import CONTEXT
 from emu.peers import iscsi as peer
 from emu.util.procs import cpu_seconds, stop_process
@@ -179,12 +179,12 @@ def bench_iscsi(seconds: float, rounds: int, in_flight: int, write_depth: int, s
                 raise click.ClickException(f"could not start the targets: {e}") from None
     results = [
         BenchResult(name=w.name, unit="IOPS", figure=statistics.median(w.ours), baseline=statistics.median(w.tgtd),
-                    baseline_name="tgtd", extra={"seconds": seconds, "rounds": rounds, "goal_ratio": GOAL, "dir": where,
+                    baseline_name="tgtd", rounds=round_ratios(w.ours, w.tgtd, higher_is_better=True), extra={"seconds": seconds, "rounds": rounds, "goal_ratio": GOAL, "dir": where,
                                                  "netswap_runs": w.ours, "tgtd_runs": w.tgtd,
                                                  "netswap_cpu_us_per_op": w.ours_cpu, "tgtd_cpu_us_per_op": w.tgtd_cpu})
         for w in workloads
     ]
-    emit(results, as_json)
+    emit(results, as_json, goal=GOAL)
     if not as_json:
         # Each target's own CPU time (its process, all threads) per operation: less exposed to
         # the machine's load than the IOPS, which the initiators' CPU shares bound.

@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import trio
 
-from emu.bench.result import BenchResult, emit, emit_cpu
+from emu.bench.result import BenchResult, emit, emit_cpu, round_ratios
 from emu.peers.nfs import H, Served, TestbedError, ganesha, libnfs, netswap_server, real_fs_dir
 from emu.util.procs import cpu_seconds
 from emu.util.units import parse_size
@@ -215,12 +215,13 @@ def bench_nfs(size: str, udp_size: str, rounds: int, warmup: bool, directory: Pa
                 name=f"{proto.upper()} {what}, {size if proto == 'tcp' else udp_size}", unit="MB/s",
                 figure=n / med[f"ours_{way}_{proto}"] / MB, baseline=n / med[f"ganesha_{way}_{proto}"] / MB,
                 baseline_name="nfs-ganesha 4.3 VFS",
+                rounds=round_ratios(times[f"ours_{way}_{proto}"], times[f"ganesha_{way}_{proto}"], higher_is_better=False),
                 extra={"transport": proto, "direction": way, "bytes": n, "rounds": rounds,
                        "seconds_ours": times[f"ours_{way}_{proto}"],
                        "seconds_ganesha": times[f"ganesha_{way}_{proto}"],
                        "server_cpu_s_ours": [round(c, 3) for c in cpu[f"ours_{way}_{proto}"]],
                        "server_cpu_s_ganesha": [round(c, 3) for c in cpu[f"ganesha_{way}_{proto}"]], "goal_ratio": goal}))
-    emit(results, as_json)
+    emit(results, as_json, goal=goal)
     if not as_json:
         # What each server itself spent (its process's CPU time, all threads), apart from the
         # client's: the MB/s are latency-bound and swing with the machine's load, this less so.

@@ -21,6 +21,8 @@ class BenchResult:
     higher_is_better: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
+    rounds: list[float] = field(default_factory=list)  # the ratio of each round, where both ran side by side
+
     @property
     def ratio(self) -> float:
         if self.higher_is_better:
@@ -32,9 +34,22 @@ class BenchResult:
         d["ratio"] = self.ratio
         return d
 
+    def spread(self, goal: float = 1.0) -> str:
+        """The rounds' own ratios at a glance: their range and how many met `goal`."""
+        if not self.rounds:
+            return "-"
+        return f"{min(self.rounds):.2f}-{max(self.rounds):.2f}, {sum(r >= goal for r in self.rounds)}/{len(self.rounds)} >= {goal:g}"
 
-def emit(results: list[BenchResult], as_json: bool, console: Console | None = None) -> None:
-    """Print results as a table, or as JSON (one object, or a list for several) on stdout."""
+
+def round_ratios(ours: list[float], theirs: list[float], higher_is_better: bool) -> list[float]:
+    """Per round, ours against theirs measured in that same round (a round's two runs see the
+    same machine load; the load drifts between rounds)."""
+    return [(o / t if higher_is_better else t / o) if o and t else float("nan") for o, t in zip(ours, theirs)]
+
+
+def emit(results: list[BenchResult], as_json: bool, console: Console | None = None, goal: float = 1.0) -> None:
+    """Print results as a table, or as JSON (one object, or a list for several) on stdout.
+    Results with per-round ratios get a column of their range and how many rounds met `goal`."""
     if as_json:
         payload: Any = [r.to_json() for r in results]
         if len(payload) == 1:
@@ -43,15 +58,14 @@ def emit(results: list[BenchResult], as_json: bool, console: Console | None = No
         return
     console = console or Console()
     table = Table(title="benchmark")
-    for col in ("what", "figure", "baseline", "ratio"):
+    cols = ["what", "figure", "baseline", "ratio"]
+    if any(r.rounds for r in results):
+        cols.append("rounds' ratios")
+    for col in cols:
         table.add_column(col, justify="right" if col != "what" else "left")
     for r in results:
-        table.add_row(
-            r.name,
-            f"{r.figure:,.1f} {r.unit}",
-            f"{r.baseline:,.1f} {r.unit} ({r.baseline_name})",
-            f"{r.ratio:.2f}",
-        )
+        row = [r.name, f"{r.figure:,.1f} {r.unit}", f"{r.baseline:,.1f} {r.unit} ({r.baseline_name})", f"{r.ratio:.2f}"]
+        table.add_row(*row, *([r.spread(goal)] if len(cols) > 4 else []))
     console.print(table)
 
 

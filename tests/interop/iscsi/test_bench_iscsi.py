@@ -25,6 +25,7 @@ def test_bench_iscsi_rows_and_target_cpu() -> None:
     for x in rows:
         assert x["figure"] > 0 and x["baseline"] > 0 and x["ratio"] == pytest.approx(x["figure"] / x["baseline"])
         assert len(x["extra"]["netswap_runs"]) == 1 and len(x["extra"]["tgtd_runs"]) == 1
+        assert x["rounds"] == pytest.approx([x["extra"]["netswap_runs"][0] / x["extra"]["tgtd_runs"][0]])
         for who in ("netswap", "tgtd"):
             assert len(x["extra"][f"{who}_cpu_us_per_op"]) == 1 and x["extra"][f"{who}_cpu_us_per_op"][0] >= 0
     # Each target really worked: thousands of operations cost each some CPU (10 ms ticks).

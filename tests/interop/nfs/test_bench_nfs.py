@@ -24,6 +24,8 @@ def test_bench_nfs_rows_and_server_cpu() -> None:
         ("tcp", "in"), ("tcp", "out"), ("udp", "in"), ("udp", "out")]
     for x in rows:
         assert x["figure"] > 0 and x["baseline"] > 0 and x["ratio"] == pytest.approx(x["figure"] / x["baseline"])
+        # Each round's own ratio: the same copy's seconds, ganesha's over ours, that round.
+        assert x["rounds"] == pytest.approx([g / o for o, g in zip(x["extra"]["seconds_ours"], x["extra"]["seconds_ganesha"])])
         for who in ("ours", "ganesha"):
             assert len(x["extra"][f"seconds_{who}"]) == 2 and all(s > 0 for s in x["extra"][f"seconds_{who}"])
             assert len(x["extra"][f"server_cpu_s_{who}"]) == 2 and all(c >= 0 for c in x["extra"][f"server_cpu_s_{who}"])
