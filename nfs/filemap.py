@@ -57,7 +57,9 @@ class FileMaps:
                 return ent[0][offset : offset + n]
         try:
             whole = memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ))
-        except (OSError, ValueError):  # a filesystem without mmap; a size of 0
+        except ValueError:  # the file is shorter than `size` now (cut since its fstat), or empty
+            return None  # (not remembered: the next READ, with the new size, maps it)
+        except OSError:  # a filesystem without mmap; no address space for a huge sparse file
             maps[ino] = None
             self._trim()
             return None
