@@ -291,7 +291,11 @@ async def test_big_reads_go_from_the_page_cache_and_see_the_file_as_it_is(tmp_pa
             with _connect(port) as s:
                 out = [read(s, 1, 0, 4096)]  # (the first: its handle resolved, its fd opened)
                 out += [read(s, 2, 0, 1 << 20), read(s, 3, (1 << 20) + 5, 1 << 20)]
-                os.pwrite(os.open(export_dir / "big", os.O_WRONLY), b"new bytes", 100)
+                wfd = os.open(export_dir / "big", os.O_WRONLY)
+                try:
+                    os.pwrite(wfd, b"new bytes", 100)
+                finally:
+                    os.close(wfd)
                 out.append(read(s, 4, 0, 1 << 20))
                 os.truncate(export_dir / "big", (1 << 20) + 300_000)
                 out += [read(s, 5, 1 << 20, 1 << 20), read(s, 6, 2 << 20, 1 << 20)]
