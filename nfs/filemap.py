@@ -13,9 +13,11 @@ between the fstat a view was cut by and that copy, the kernel's copy faults on t
 the new end; a fault in the kernel's own access to user memory is fixed up, not turned into
 SIGBUS: sendmsg sends what it copied and then fails with EFAULT (tests/unit/nfs/test_filemap.py
 checks this kernel's behaviour). Over TCP the record is then cut short and the connection is
-closed (the client reconnects and sends the call again, and gets the shorter file); over UDP the
-datagram is not sent (the client retransmits). User space must never read a view (a SIGBUS there
-would end the server): views go to sendmsg only (the hot path's READ, `Nfsd.call_fast`; READ
+shut down at once, before any reply held back behind this one can follow the cut bytes (the
+client would read it as the rest of the READ's data); the client reconnects and sends the call
+again, and gets the shorter file. (UDP never gets here: a datagram's READ is at most 64 KiB less
+its headers, under MAP_MIN_READ.) User space must never read a view (a SIGBUS there
+would end the server): views go to sendmsg only (the hot path's READ, `NfsProgram.call_fast`; READ
 is idempotent, so its replies are never kept in the reply cache). As with knfsd's spliced pages,
 bytes the socket has not taken yet when a concurrent WRITE changes them go out changed.
 
@@ -57,7 +59,9 @@ class FileMaps:
                 return ent[0][offset : offset + n]
         try:
             whole = memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ))
-        except (OSError, ValueError):  # a filesystem without mmap; a size of 0
+        except ValueError:  # the file is shorter than `size` now (cut since its fstat), or empty
+            return None  # (not remembered: the next READ, with the new size, maps it)
+        except OSError:  # a filesystem without mmap; no address space for a huge sparse file
             maps[ino] = None
             self._trim()
             return None

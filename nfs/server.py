@@ -562,6 +562,11 @@ class NfsServer:
         except OSError as e:
             log.debug("%s:%d: reply not sent: %s", *t.conn.peer, e)
             ok = False
+            # The record is cut short (EFAULT, a file cut short under its mapping, leaves the
+            # connection itself good): end it before a reply the loop holds back for this one
+            # can go, or the client would read that reply as the rest of this one's data.
+            with contextlib.suppress(OSError):
+                t.sock.shutdown(pysocket.SHUT_RDWR)
         with self._core:
             t.unsent = []
             t.sending = False

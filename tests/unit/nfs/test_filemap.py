@@ -113,3 +113,24 @@ def test_a_file_cut_short_under_a_view_makes_sendmsg_fail_with_efault(tmp_path: 
                        timeout=60, cwd=Path(__file__).resolve().parents[3])
     assert r.returncode == 0, (r.returncode, r.stderr)
     assert r.stdout.startswith("EFAULT after"), r.stdout
+
+
+def test_a_file_cut_short_before_it_is_mapped_is_mapped_by_the_next_read(tmp_path: Path) -> None:
+    """A READ whose fstat saw the file longer than it is when the mapping is made gets no view
+    (pread then answers it); the next READ, with the file's new size, is sent from a mapping:
+    one lost race does not make the file pread-only for as long as its fd stays cached."""
+    path = tmp_path / "f"
+    data = os.urandom(300_000)
+    path.write_bytes(data)
+    maps = FileMaps()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        os.truncate(path, 200_000)  # (after the fstat, before the mapping)
+        assert maps.view(st.st_ino, fd, st.st_size, 0, 100_000) is None
+        size = os.fstat(fd).st_size
+        view = maps.view(st.st_ino, fd, size, 100_000, 100_000)
+        assert view is not None and bytes(view) == data[100_000:200_000]
+        assert maps.mapped == 1 and len(maps) == 1
+    finally:
+        os.close(fd)

@@ -291,7 +291,11 @@ async def test_big_reads_go_from_the_page_cache_and_see_the_file_as_it_is(tmp_pa
             with _connect(port) as s:
                 out = [read(s, 1, 0, 4096)]  # (the first: its handle resolved, its fd opened)
                 out += [read(s, 2, 0, 1 << 20), read(s, 3, (1 << 20) + 5, 1 << 20)]
-                os.pwrite(os.open(export_dir / "big", os.O_WRONLY), b"new bytes", 100)
+                wfd = os.open(export_dir / "big", os.O_WRONLY)
+                try:
+                    os.pwrite(wfd, b"new bytes", 100)
+                finally:
+                    os.close(wfd)
                 out.append(read(s, 4, 0, 1 << 20))
                 os.truncate(export_dir / "big", (1 << 20) + 300_000)
                 out += [read(s, 5, 1 << 20, 1 << 20), read(s, 6, 2 << 20, 1 << 20)]
@@ -357,4 +361,74 @@ async def test_a_file_cut_short_while_its_read_is_being_sent_ends_the_connection
             await _all_closed(server)
         assert outcome.startswith("connection closed after"), outcome
         assert after.status == Stat.NFS3_OK and after.count == 0 and after.eof
+        assert server.svc.stats.system_err == 0
+
+
+async def test_no_reply_is_sent_into_a_read_cut_short_by_a_truncation(
+        tmp_path: Path, export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call handed to the loop waits while the thread sends a big READ from a mapping; the
+    file is cut short under that READ (EFAULT mid-record): the loop's reply must not go onto the
+    connection after the cut record's bytes (the client would read it as the rest of the READ's
+    data), the connection ends with the record cut."""
+    monkeypatch.setattr("nfs.server._SOCK_BUF", 64 * 1024)  # (a send buffer far smaller than the reply)
+    cred = AuthSys().to_auth()
+    data = os.urandom(2 << 20)
+    (export_dir / "big").write_bytes(data)
+    (export_dir / "small").write_bytes(os.urandom(16384))
+    async with serving(tmp_path, export_dir) as (server, port, _):
+        big = server.export.fh_for(str(export_dir / "big"), os.lstat(export_dir / "big"), server.export.root_ino)
+        small = server.export.fh_for(str(export_dir / "small"), os.lstat(export_dir / "small"),
+                                     server.export.root_ino)
+
+        def read(xid: int, fh: bytes, count: int) -> bytes:
+            return _rec(_call(xid, Proc.READ, ReadArgs(fh, 0, count), cred))
+
+        def client() -> bytes:
+            with _connect(port) as s:
+                s.sendall(read(1, big, 1 << 20))
+                _recv_record(s)  # (the first: its handle resolved, its fd opened)
+            with server._core:
+                before, before_now = server.stats.tcp_thread_calls, server.stats.calls_now
+            slow = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting: a small window)
+            slow.settimeout(10)
+            slow.connect((H, port))
+            with slow:
+                # One segment, so the thread takes both records at once: the first (a file whose
+                # fd is not open yet: not the hot path's) goes to the loop, whose reply must wait
+                # while the thread sends the second's (a READ from the mapping, half sent).
+                slow.sendall(read(2, small, 8192) + read(3, big, 1 << 20))
+                deadline = time.monotonic() + 10  # (a bound for a broken server, not a timing)
+                while True:
+                    with server._core:
+                        # (the thread's READ answered, and the loop's: its reply waits for the thread's)
+                        if server.stats.tcp_thread_calls > before and server.stats.calls_now >= before_now + 2:
+                            break
+                    assert time.monotonic() < deadline, "the calls were not answered"
+                    time.sleep(0.005)
+                # The READ's last page is gone: its record is cut 4 KiB (or more) short of its end.
+                os.truncate(export_dir / "big", (1 << 20) - 4096)
+                got = bytearray()
+                try:
+                    while True:
+                        chunk = slow.recv(1 << 16)
+                        if not chunk:
+                            break
+                        got += chunk
+                except ConnectionResetError:
+                    pass
+                return bytes(got)
+
+        with trio.fail_after(30):
+            got = await trio.to_thread.run_sync(client)
+            await _all_closed(server)
+        (mark,) = struct.unpack(">I", got[:4])
+        size = mark & 0x7FFF_FFFF
+        assert mark & LAST_FRAG and size > (1 << 20)
+        assert struct.unpack(">I", got[4:8])[0] == 3  # (the big READ's reply went first)
+        # Nothing after the cut: the bytes end short of the READ's record, and every data byte
+        # that came is the file's (with the bug, the small READ's reply came as its last 4 KiB).
+        assert len(got) < 4 + size, (len(got), size)
+        head = 4 + size - (1 << 20)
+        assert got[head:] == data[: len(got) - head]
         assert server.svc.stats.system_err == 0
