@@ -5,23 +5,34 @@ with EFAULT (no SIGBUS)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 from nfs.filemap import FileMaps
 from nfs.store import Export
 
 
-def test_views_have_the_files_bytes_and_are_remapped_only_when_it_grew(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _opened(tmp_path: Path, size: int, flags: int) -> Iterator[tuple[Path, bytes, int]]:
+    """A file of `size` random bytes, and an fd open on it (closed after)."""
     path = tmp_path / "f"
-    data = os.urandom(300_000)
+    data = os.urandom(size)
     path.write_bytes(data)
-    maps = FileMaps()
-    fd = os.open(path, os.O_RDWR)
+    fd = os.open(path, flags)
     try:
+        yield path, data, fd
+    finally:
+        os.close(fd)
+
+
+def test_views_have_the_files_bytes_and_are_remapped_only_when_it_grew(tmp_path: Path) -> None:
+    maps = FileMaps()
+    with _opened(tmp_path, 300_000, os.O_RDWR) as (_, data, fd):
         st = os.fstat(fd)
         assert bytes(maps.view(st.st_ino, fd, st.st_size, 0, 100_000) or b"") == data[:100_000]
         assert bytes(maps.view(st.st_ino, fd, st.st_size, 200_000, 100_000) or b"") == data[200_000:]
@@ -38,8 +49,6 @@ def test_views_have_the_files_bytes_and_are_remapped_only_when_it_grew(tmp_path:
         maps.drop(st.st_ino)
         assert len(maps) == 0
         assert maps.view(st.st_ino, fd, st.st_size, 0, 10) is not None and maps.mapped == 3
-    finally:
-        os.close(fd)
 
 
 def test_an_empty_file_gives_no_view_and_the_number_of_mappings_is_bounded(tmp_path: Path) -> None:
@@ -119,12 +128,8 @@ def test_a_file_cut_short_before_it_is_mapped_is_mapped_by_the_next_read(tmp_pat
     """A READ whose fstat saw the file longer than it is when the mapping is made gets no view
     (pread then answers it); the next READ, with the file's new size, is sent from a mapping:
     one lost race does not make the file pread-only for as long as its fd stays cached."""
-    path = tmp_path / "f"
-    data = os.urandom(300_000)
-    path.write_bytes(data)
     maps = FileMaps()
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with _opened(tmp_path, 300_000, os.O_RDONLY) as (path, data, fd):
         st = os.fstat(fd)
         os.truncate(path, 200_000)  # (after the fstat, before the mapping)
         assert maps.view(st.st_ino, fd, st.st_size, 0, 100_000) is None
@@ -132,5 +137,3 @@ def test_a_file_cut_short_before_it_is_mapped_is_mapped_by_the_next_read(tmp_pat
         view = maps.view(st.st_ino, fd, size, 100_000, 100_000)
         assert view is not None and bytes(view) == data[100_000:200_000]
         assert maps.mapped == 1 and len(maps) == 1
-    finally:
-        os.close(fd)
