@@ -67,16 +67,6 @@ _OK_TRUE = b"\0\0\0\0" + _TRUE  # NFS3_OK, then an attribute follows
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
 
 
-async def _sync(fd: int, how: Callable[[int], None]) -> None:
-    """fsync/fdatasync in a worker thread (other calls go on meanwhile), on our own dup of the fd
-    so the export's fd cache may close its copy in the meantime."""
-    own = os.dup(fd)
-    try:
-        await trio.to_thread.run_sync(how, own)
-    finally:
-        os.close(own)
-
-
 def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
     done = 0
     while done < len(mv):
@@ -935,10 +925,15 @@ class NfsProgram:
         if not pystat.S_ISREG(st.st_mode):
             status = Stat.NFS3ERR_ISDIR if pystat.S_ISDIR(st.st_mode) else Stat.NFS3ERR_INVAL
             return CommitRes(status, WccData(pre, self._attr(st)))
-        fd = self.export.fd(path, st)
-        await _sync(fd, os.fsync)  # offset and count: the whole file is committed
+        # On our own dup: the cache may close its fd while the fsync runs (eviction, the laundrette).
+        own = os.dup(self.export.fd(path, st))
+        try:
+            await trio.to_thread.run_sync(os.fsync, own)  # offset and count: the whole file is committed
+            post = os.fstat(own)
+        finally:
+            os.close(own)
         self.write_behind.synced(st.st_ino)
-        return CommitRes(_OK, WccData(pre, self._attr(os.fstat(fd))), self.verifier)
+        return CommitRes(_OK, WccData(pre, self._attr(post)), self.verifier)
 
 
 async def _commit_metadata_path(path: str, st: os.stat_result) -> None:

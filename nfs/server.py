@@ -84,6 +84,7 @@ _SOCK_BUF = 4 * 1024 * 1024
 _MAX_LOWAT = 1024 * 1024  # a 1 MiB WRITE wakes the server once (the kernel grows the rcvbuf for it)
 _CORE_WAIT = 0.002  # how long a UDP service thread waits for the event loop to let go of the core
 _MAX_HANDOFFS = 64  # datagrams a UDP service thread may have handed to the event loop, not yet taken
+LAUNDRETTE_DELAY = 2.0  # s between closings of idle cached fds: knfsd's NFSD_LAUNDRETTE_DELAY (2 * HZ)
 
 
 @dataclass
@@ -282,6 +283,7 @@ class NfsServer:
                     for _, tcp, udp in socks:
                         nursery.start_soon(self._accept_loop, tcp, nursery)
                         await nursery.start(self._udp_loop, udp)
+                    nursery.start_soon(self._laundrette)
                     task_status.started(dict(self.ports))
             finally:
                 trio.lowlevel.remove_instrument(core)
@@ -291,6 +293,15 @@ class NfsServer:
                 tcp.close()
                 udp.close()
             self.export.close()
+
+    async def _laundrette(self) -> None:
+        """Every LAUNDRETTE_DELAY, close the open-file cache's fds that were not used since the
+        last round (`Export.expire_idle`; on the loop, so with the core lock held: no service
+        thread is using an fd meanwhile, and worker threads use their own dups)."""
+        while True:
+            await trio.sleep(LAUNDRETTE_DELAY)
+            if n := self.export.expire_idle():
+                log.debug("closed %d idle cached file(s)", n)
 
     async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         while True:

@@ -100,6 +100,7 @@ class Export:
         self._paths: dict[int, str] = {st.st_ino: self.root}  # ino -> absolute path inside root
         self._parents: dict[int, int] = {st.st_ino: st.st_ino}
         self._fds: OrderedDict[int, int] = OrderedDict()  # ino -> fd, LRU
+        self._referenced: set[int] = set()  # inodes whose cached fd was used since the last `expire_idle`
         self.maps = FileMaps()  # mappings of the cached fds' files, for big READs (dropped with their fd)
         self._known: dict[bytes, tuple[int, int]] = {}  # handles that verified -> (ino, parent ino)
         # Inodes a walk of the export did not find: later calls with their handles are STALE
@@ -320,6 +321,7 @@ class Export:
         fd = self._fds.get(ino)
         if fd is not None:
             self._fds.move_to_end(ino)
+            self._referenced.add(ino)
             return fd
         if not pystat.S_ISREG(st.st_mode):
             raise Nfs3Error(Stat.NFS3ERR_ISDIR if pystat.S_ISDIR(st.st_mode) else Stat.NFS3ERR_INVAL)
@@ -331,6 +333,7 @@ class Export:
             os.close(fd)
             raise Nfs3Error(Stat.NFS3ERR_STALE)
         self._fds[ino] = fd
+        self._referenced.add(ino)
         while len(self._fds) > self.max_open:
             old_ino, old = self._fds.popitem(last=False)
             self.maps.drop(old_ino)
@@ -354,7 +357,20 @@ class Export:
         if st.st_nlink == 0:
             return None
         self._fds.move_to_end(ino)
+        self._referenced.add(ino)
         return fd, st
+
+    def expire_idle(self) -> int:
+        """Close the cached fds not used since the last call (knfsd's file cache laundrette,
+        which runs every 2 s and closes the files whose REFERENCED bit it finds clear, clearing
+        it on the rest): an fd not used between two calls (2 to 4 s) is closed, so a file
+        removed behind the server's back (not by an NFS REMOVE) gives its space back, and its
+        mapping goes. How many were closed."""
+        idle = [ino for ino in self._fds if ino not in self._referenced]
+        for ino in idle:
+            self.close_ino(ino)
+        self._referenced.clear()
+        return len(idle)
 
     def close_ino(self, ino: int) -> None:
         self.maps.drop(ino)

@@ -7,6 +7,7 @@ they wait (as with a client in another process)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -432,3 +433,43 @@ async def test_no_reply_is_sent_into_a_read_cut_short_by_a_truncation(
         head = 4 + size - (1 << 20)
         assert got[head:] == data[: len(got) - head]
         assert server.svc.stats.system_err == 0
+
+
+def _deleted_open(path: Path) -> int:
+    """How many of this process's fds (the in-process server's) name `path`, removed."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/self/fd/{fd}") == f"{path} (deleted)"
+    return n
+
+
+async def test_a_file_removed_behind_the_servers_back_is_closed_by_the_laundrette(
+        tmp_path: Path, export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file the server has open (its fd cache and a READ's mapping), removed locally, not by an
+    NFS REMOVE: the laundrette closes it within two of its rounds (knfsd's every 2 s; 0.1 s
+    here), so its space comes back; a file still in use stays open."""
+    monkeypatch.setattr("nfs.server.LAUNDRETTE_DELAY", 0.1)
+    cred = AuthSys().to_auth()
+    gone, kept = export_dir / "gone", export_dir / "kept"
+    gone.write_bytes(os.urandom(200_000))
+    kept.write_bytes(os.urandom(1000))
+    async with serving(tmp_path, export_dir) as (server, port, _):
+        fhs = [server.export.fh_for(str(p), os.lstat(p), server.export.root_ino) for p in (gone, kept)]
+        with _connect(port) as s:
+            def read(fh: bytes, count: int) -> None:
+                s.sendall(_rec(_call(1, Proc.READ, ReadArgs(fh, 0, count), cred)))
+                assert _res(Proc.READ, _recv_record(s)).status == Stat.NFS3_OK
+
+            for fh, count in zip(fhs, (100_000, 1000)):
+                await trio.to_thread.run_sync(read, fh, count)
+                await trio.to_thread.run_sync(read, fh, count)  # (the second from the hot path: mapped)
+            assert server.export.maps.mapped == 1
+            gone.unlink()
+            assert _deleted_open(gone) >= 1  # the cached fd and the mapping's own
+            with trio.fail_after(10):  # (a bound for a broken server, not a timing)
+                while _deleted_open(gone):
+                    await trio.to_thread.run_sync(read, fhs[1], 1000)  # kept in use meanwhile
+                    await trio.sleep(0.02)
+            # (On the event loop, which holds the core lock while it runs.)
+            assert server.export.open_file(fhs[1]) is not None  # still cached: it was in use
