@@ -4,9 +4,10 @@ page cache.
 A READ answered with pread(2) copies its data twice: page cache -> a buffer of ours (pread), then
 buffer -> socket (sendmsg). Handed a view of a shared mapping of the file instead, sendmsg copies
 straight from the page cache: one copy, no buffer. Linux's knfsd saves the same copy by splicing
-the page cache pages into its reply. On the 2-core development VM a 1 MiB READ over TCP took
-320 us instead of 422 (server CPU 300 us instead of 425); 64 KiB READs 12% less time; 32 KiB ones
-(UDP's largest) 11% *more*, so only READs of at least MAP_MIN_READ use it.
+the page cache pages into its reply. On the 2-core development VM (raw client, one call in
+flight, medians of four rounds) a 1 MiB READ over TCP took 358 us instead of 488 (server CPU 338
+instead of 438); 64 KiB READs 6-12% less time; 32 KiB ones (UDP's largest) 11% *more*, so only
+READs of at least MAP_MIN_READ use it.
 
 Why this is safe: only the kernel reads the mapped bytes, inside sendmsg. If the file shrinks
 between the fstat a view was cut by and that copy, the kernel's copy faults on the pages past

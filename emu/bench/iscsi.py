@@ -179,9 +179,10 @@ def bench_iscsi(seconds: float, rounds: int, in_flight: int, write_depth: int, s
                 raise click.ClickException(f"could not start the targets: {e}") from None
     results = [
         BenchResult(name=w.name, unit="IOPS", figure=statistics.median(w.ours), baseline=statistics.median(w.tgtd),
-                    baseline_name="tgtd", rounds=round_ratios(w.ours, w.tgtd, higher_is_better=True), extra={"seconds": seconds, "rounds": rounds, "goal_ratio": GOAL, "dir": where,
-                                                 "netswap_runs": w.ours, "tgtd_runs": w.tgtd,
-                                                 "netswap_cpu_us_per_op": w.ours_cpu, "tgtd_cpu_us_per_op": w.tgtd_cpu})
+                    baseline_name="tgtd", rounds=round_ratios(w.ours, w.tgtd, higher_is_better=True),
+                    extra={"seconds": seconds, "rounds": rounds, "goal_ratio": GOAL, "dir": where,
+                           "netswap_runs": w.ours, "tgtd_runs": w.tgtd,
+                           "netswap_cpu_us_per_op": w.ours_cpu, "tgtd_cpu_us_per_op": w.tgtd_cpu})
         for w in workloads
     ]
     emit(results, as_json, goal=GOAL)
