@@ -576,8 +576,7 @@ class NfsServer:
             # The record is cut short (EFAULT, a file cut short under its mapping, leaves the
             # connection itself good): end it before a reply the loop holds back for this one
             # can go, or the client would read that reply as the rest of this one's data.
-            with contextlib.suppress(OSError):
-                t.sock.shutdown(pysocket.SHUT_RDWR)
+            t.cut()
         with self._core:
             t.unsent = []
             t.sending = False
@@ -907,8 +906,13 @@ class _TcpStream:
             # (it sends its calls again then): end the connection.
             log.debug("%s:%d: reply not sent: %s", *self.conn.peer, e)
             self.reply_bytes = 0
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(pysocket.SHUT_RDWR)
+            self.cut()
+
+    def cut(self) -> None:
+        """End the connection after a reply that did not (wholly) go: the client sends its calls
+        again on a new one."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(pysocket.SHUT_RDWR)
 
 
 class _UdpSocket:

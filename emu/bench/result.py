@@ -58,14 +58,13 @@ def emit(results: list[BenchResult], as_json: bool, console: Console | None = No
         return
     console = console or Console()
     table = Table(title="benchmark")
-    cols = ["what", "figure", "baseline", "ratio"]
-    if any(r.rounds for r in results):
-        cols.append(f"rounds: range, >= {goal:g}")
+    with_rounds = any(r.rounds for r in results)
+    cols = ["what", "figure", "baseline", "ratio"] + ([f"rounds: range, >= {goal:g}"] if with_rounds else [])
     for col in cols:
         table.add_column(col, justify="right" if col != "what" else "left")
     for r in results:
         row = [r.name, f"{r.figure:,.1f} {r.unit}", f"{r.baseline:,.1f} {r.unit} ({r.baseline_name})", f"{r.ratio:.2f}"]
-        table.add_row(*row, *([r.spread(goal)] if len(cols) > 4 else []))
+        table.add_row(*row, *([r.spread(goal)] if with_rounds else []))
     console.print(table)
 
 

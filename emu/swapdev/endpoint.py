@@ -131,7 +131,7 @@ def backend_for_url(url: str, backend: str) -> str:
     """The backend a server URL implies when none was asked for: iscsi:// is iSCSI, nfs:// keeps
     an NFS `backend`'s transport (NFS/UDP if `backend` was iSCSI); another scheme changes nothing
     (server_for_backend then says what is wrong)."""
-    scheme = urlsplit(url).scheme.lower()
+    scheme = urlsplit(url).scheme  # (lower case: urlsplit folds it)
     if scheme == "iscsi":
         return "iscsi"
     if scheme == "nfs" and backend == "iscsi":
