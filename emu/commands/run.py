@@ -196,7 +196,7 @@ def run(scenario_file: str | None, backend: str | None, policy: str | None, ram:
         console.print(f"pcap: {p['file']}: {p['frames_written']} frames ({p['rx_frames']} RX, {p['tx_frames']} TX"
                       + (f"; the oldest {p['left_out']} left out of the {format_size(p['ring_bytes'])} ring" if p["left_out"] else "")
                       + f"), written in {p['write_s']:.1f} s; try: tshark -r {p['file']} -Y 'frame.comment contains \"DROP\"'"
-                      + (f"; iSCSI: {p['decode_as']} -r {p['file']} -Y iscsi" if p.get("decode_as") else ""),
+                      + (f"; the swap traffic: {p['decode_as']} -r {p['file']} -Y 'nfs || mount || iscsi'" if p.get("decode_as") else ""),
                       markup=False, highlight=False, soft_wrap=True)
     if json_out:
         _write_json(json_out, result)

@@ -111,20 +111,28 @@ def run_host(sc: scen.Scenario, server: Endpoint, progress: Progress | None = No
     res.timeline = run.recorder
     if run.obs is not None and run.obs.tap is not None:
         run.obs.tap.stop()
-        decode = ""
-        if isinstance(server, IscsiEndpoint):
-            decode = f"tshark -d tcp.port=={server.port},iscsi"  # our target listens on a free port
+        decode = tshark_decode_as(server, sc.backend)
         res.pcap = run.obs.write_pcap(f"netswap run: backend {sc.backend}, policy {sc.policy}, scenario {sc.name}, "
                                       f"server {server.url()}, outcome {res.outcome} at t={res.emulated_s:.3f} s "
                                       f"(emulated; timestamps are the run's wall-clock start plus emulated time)"
-                                      + (f"; decode iSCSI with: {decode}" if decode else ""))
-        if decode:
-            res.pcap["decode_as"] = decode
+                                      f"; decode the swap traffic with: {decode}")
+        res.pcap["decode_as"] = decode
         res.files["pcap"] = str(res.pcap["file"])
     if out_dir is not None:
         write_outputs(res, out_dir, stem or f"{sc.backend}-{sc.policy}", run.recorder,
                       run.verdict.at if run.verdict is not None and outcome in STUCK else None)
     return res
+
+
+def tshark_decode_as(server: Endpoint, backend: str) -> str:
+    """The tshark options that decode the swap traffic by port. Our servers listen on free ports,
+    which tshark does not know: iSCSI would stay undecoded, and RPC is found only by heuristics,
+    which try RTCP's first (on UDP, a datagram whose XID starts 0x80C8 is an RTCP Sender Report
+    to tshark; XIDs start at random, so about one NFS-over-UDP run in a hundred)."""
+    if isinstance(server, IscsiEndpoint):
+        return f"tshark -d tcp.port=={server.port},iscsi"
+    proto = "udp" if backend == "nfs-udp" else "tcp"
+    return f"tshark -d {proto}.port=={server.nfsport},rpc -d {proto}.port=={server.mountport},rpc"
 
 
 def describe_failure(e: BaseException, phase: str, url: str) -> str:

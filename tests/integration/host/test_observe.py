@@ -14,12 +14,14 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from emu.host.timeline import COLUMNS, Recorder, columns, plotted_columns
 from emu.net.dropmon import LOCATIONS
 from emu.net.netstat import VERDICTS
+from emu.swapdev.endpoint import NfsEndpoint, parse_server_url
 from peers import require_binary
 
 from .conftest import PAIRS, Observed
@@ -88,7 +90,11 @@ def dissect(path: str, *extra: str) -> list[list[str]]:
 
 @pytest.mark.peers
 def test_pcap_decodes_rpc_and_iscsi_without_malformed_frames(observed: Observed) -> None:
-    nfs = dissect(str(observed.pcap("nfs-udp", "none")))
+    nfs_res = observed.seen[("nfs-udp", "none")]
+    ep = parse_server_url(nfs_res.server)
+    assert isinstance(ep, NfsEndpoint)
+    assert nfs_res.pcap["decode_as"] == f"tshark -d udp.port=={ep.nfsport},rpc -d udp.port=={ep.mountport},rpc"
+    nfs = dissect(str(observed.pcap("nfs-udp", "none")), *nfs_res.pcap["decode_as"].split()[1:])
     calls = [f for f in nfs if f[1] == "0" and ":nfs" in f[0]]
     assert any("7" in f[2].split(",") for f in calls)  # NFSv3 WRITE calls: the swap-outs
     assert any(f[1] == "1" and ":nfs" in f[0] for f in nfs)  # and their replies, matched to them
@@ -97,13 +103,52 @@ def test_pcap_decodes_rpc_and_iscsi_without_malformed_frames(observed: Observed)
     port = tshark("-r", iscsi_pcap, "-Y", 'tcp && frame.comment == "TX"', "-T", "fields", "-e", "tcp.dstport",
                   "-c", "1").strip()
     assert decode == f"tshark -d tcp.port=={port},iscsi"
-    isc = dissect(iscsi_pcap, "-d", f"tcp.port=={port},iscsi")
+    isc = dissect(iscsi_pcap, *decode.split()[1:])
     ops = {op for f in isc for op in f[3].split(",") if op}
     assert {"0x01", "0x21"} <= ops, sorted(ops)  # SCSI Command and SCSI Response PDUs
     for frames in (nfs, isc):
         bad = [f for f in frames if "_ws.malformed" in f[0] or "error" in f[4].split(",")
                or "8388608" in f[4].split(",")]  # PI_ERROR, for tshark versions that print the number
         assert bad == [], bad[:5]
+
+
+@pytest.mark.peers
+def test_decode_as_holds_rpc_whose_xid_looks_like_rtcp(observed: Observed, tmp_path: Path) -> None:
+    """XIDs start at random. One that starts 0x80C8 makes a datagram an RTCP Sender Report to
+    tshark's heuristics, which it tries before RPC's (a CI run met one): the run's decode_as
+    keeps its RPC RPC whatever the XID."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.utils import PcapNgReader, wrpcap
+
+    res = observed.seen[("nfs-udp", "none")]
+    ep = parse_server_url(res.server)
+    assert isinstance(ep, NfsEndpoint)
+    ours = {ep.nfsport, ep.mountport}
+    frames: list[Any] = []
+    calls: set[bytes] = set()
+    with PcapNgReader(str(observed.pcap("nfs-udp", "none"))) as r:
+        for pkt in r:
+            # calls in one datagram (a page's WRITE goes in IP fragments) and the replies to them
+            if UDP not in pkt or pkt[IP].flags.MF or pkt[IP].frag:
+                continue
+            body = bytearray(bytes(pkt[UDP].payload))
+            if pkt[UDP].dport in ours:
+                calls.add(bytes(body[:4]))
+            if pkt[UDP].dport in ours or (pkt[UDP].sport in ours and bytes(body[:4]) in calls):
+                body[:2] = b"\x80\xc8"  # version 2, packet type 200 (SR) to RTCP
+                pkt[UDP].remove_payload()
+                pkt[UDP].add_payload(bytes(body))
+                pkt[UDP].chksum = None
+                frames.append(pkt)
+            if len(frames) == 10:  # the MOUNT and the swap file's setup (the pages go in IP fragments)
+                break
+    assert len(frames) == 10
+    path = tmp_path / "rtcp-shaped-xids.pcap"
+    wrpcap(str(path), frames)
+    out = dissect(str(path), *res.pcap["decode_as"].split()[1:])
+    odd = [f for f in out if not f[0].endswith((":rpc:nfs", ":rpc:mount")) or f[4] != ""]
+    assert len(out) == 10 and odd == [], odd[:5]
+    assert {f[0].rsplit(":", 1)[1] for f in out} == {"mount", "nfs"}
 
 
 def test_dropwatch_accounts_for_every_drop(observed: Observed) -> None:
