@@ -15,13 +15,15 @@ pytestmark = pytest.mark.peers
 
 def test_bench_nfs_rows_and_server_cpu() -> None:
     require_root()
-    require_binary("ganesha.nfsd", "rpcbind", "nfs-cp")
+    require_binary("ganesha.nfsd", "rpcbind", "nfs-cp", "nfs-cat")
     r = subprocess.run([sys.executable, "-m", "emu", "bench", "nfs", "--size", "8M", "--udp-size", "2M",
                         "--rounds", "2", "--no-warmup", "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(r.stdout)
     assert [(x["extra"]["transport"], x["extra"]["direction"]) for x in rows] == [
         ("tcp", "in"), ("tcp", "out"), ("udp", "in"), ("udp", "out")]
+    assert [x["name"].split(",")[0] for x in rows] == ["TCP into: nfs-cp", "TCP out of: nfs-cat", "UDP into: netswap client",
+                                                       "UDP out of: netswap client"]
     for x in rows:
         assert x["figure"] > 0 and x["baseline"] > 0 and x["ratio"] == pytest.approx(x["figure"] / x["baseline"])
         # Each round's own ratio: the same copy's seconds, ganesha's over ours, that round.
