@@ -205,7 +205,9 @@ async def test_half_open_connections_are_bounded(tmp_path: Path) -> None:
     async with _serve(tmp_path, max_pending_per_source=3) as s:
         socks = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(5)]
         try:
-            await trio.sleep(0.2)
+            with trio.fail_after(5):  # the target accepts all five
+                while s.target.stats["evicted"] < 2:
+                    await trio.sleep(0.01)
             assert len(s.target.pending) == 3 and s.target.stats["evicted"] == 2  # the oldest two closed
             for x in socks[:2]:
                 x.settimeout(5)
@@ -220,8 +222,11 @@ async def test_half_open_connections_are_bounded(tmp_path: Path) -> None:
 async def test_target_nop_in_pings_are_answered(tmp_path: Path) -> None:
     async with _serve(tmp_path, nop_interval=0.05) as s:
         async with s.initiator() as ini:
-            await trio.sleep(0.4)  # several pings; unanswered ones would close the session
             (sess,) = s.target.core.sessions
+            with trio.fail_after(5):  # several pings; unanswered ones would close the session
+                while sess.nop_ttt <= 0x10000003:
+                    await trio.sleep(0.05)
+            assert s.target.core.sessions == {sess}  # (still open)
             # several pings went out; at most the one just sent is not answered yet
             assert sess.nop_ttt > 0x10000003 and sess.nops_unanswered <= 1
             assert len(await ini.read(0, 1)) == 512
@@ -242,7 +247,7 @@ async def test_unanswered_command_times_out_and_is_reissued(tmp_path: Path, monk
     monkeypatch.setattr(sess.TargetSession, "_scsi_cmd", lossy)
     monkeypatch.setattr(sess.TargetSession, "_fast", lambda self, bhs, data: False)
     async with _serve(tmp_path) as s:
-        async with s.initiator(command_timeout=0.3, reconnect_delay=0.01) as ini:
+        async with s.initiator(command_timeout=1.0, reconnect_delay=0.01) as ini:
             await ini.write(0, b"z" * 512)
             with trio.fail_after(10):
                 assert await ini.read(0, 1) == b"z" * 512

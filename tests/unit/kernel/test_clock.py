@@ -176,7 +176,8 @@ def test_an_unreachable_peer_makes_the_clock_follow_the_wall() -> None:
         return trio.current_time() - t0
 
     t0 = time.perf_counter()
-    assert run(main, clock) == pytest.approx(100.3, abs=0.1)
+    # 100 emulated seconds after at least 0.3 real ones (a stalled machine may add real ones)
+    assert 100.3 <= run(main, clock) < 102
     assert time.perf_counter() - t0 < 5
     assert clock.stats.realtime_s >= 0.25
 

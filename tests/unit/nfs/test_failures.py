@@ -332,12 +332,12 @@ async def test_hard_client_outlasts_major_timeouts_until_the_server_comes(tmp_pa
 
 
 async def test_mount_failures_are_named_not_hangs() -> None:
-    from emu.util.ports import free_port
-
     from nfs.client import NfsMountError
     from nfs.rpc import AcceptStat, encode_reply_accepted
 
-    closed = free_port(H, udp_too=True)
+    # tcpmux's port: nothing listens there, and the kernel never hands it out as an ephemeral
+    # port (a free port picked here could be taken by another process before the calls)
+    closed = 1
     with trio.fail_after(3):  # TCP: a refused connection is final at once
         async with NfsClient.tcp(H, closed, closed, timeo=0.2) as c:
             with pytest.raises(NfsMountError, match=r"server 127.0.0.1: MOUNT failed: connection refused"):

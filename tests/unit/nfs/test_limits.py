@@ -193,7 +193,8 @@ async def test_fair_share_bounds_one_connection(tmp_path: Path, export_dir: Path
 async def test_a_slow_record_is_not_a_stalled_one(tmp_path: Path, export_dir: Path) -> None:
     """A record whose bytes keep coming, slowly, is served; only one that stops is closed."""
     (export_dir / "f").write_bytes(b"")
-    async with serving(export_dir, tmp_path / "s", record_timeout=0.6) as (server, ports):
+    # the record takes 2 s, longer than record_timeout; each piece comes well within it
+    async with serving(export_dir, tmp_path / "s", record_timeout=1.5) as (server, ports):
         fh = server.export.fh_for(str(export_dir / "f"), os.lstat(export_dir / "f"), server.export.root_ino)
         from nfs.nfs3xdr import NFS3_PROCEDURES, WriteArgs
         from nfs.rpc import AuthSys

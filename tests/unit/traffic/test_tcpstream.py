@@ -20,7 +20,9 @@ def test_tcp_connections_stream_exact_byte_counts(tcp_sink) -> None:  # type: ig
 def test_tcp_sources_bind_inside_the_spoof_range_without_raw_sockets(tcp_sink) -> None:  # type: ignore[no-untyped-def]
     stats = run(TrafficSpec(profile="tcp-stream", ports=(tcp_sink.port,), rate=None, count=16, size=100, connections=4, spoof="127.99.0.0/16"))
     assert stats.connections == 4
-    time.sleep(0.1)
+    deadline = time.monotonic() + 5  # the sink's accept thread records the peers
+    while len(set(tcp_sink.peers)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert len(set(tcp_sink.peers)) == 4
     assert all(ipaddress.ip_address(p) in ipaddress.ip_network("127.99.0.0/16") for p in tcp_sink.peers)
 
