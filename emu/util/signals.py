@@ -3,7 +3,9 @@
 SIGTERM is turned into SIGINT, which trio delivers as KeyboardInterrupt at a point where the
 run can unwind (its servers stopped, temporary LUNs removed, results so far written); which
 signal it was is remembered for the exit status (128 + signal number, as a shell reports it).
-Child processes we start die with us even if we are killed outright (`PR_SET_PDEATHSIG`).
+Child processes we start die with us even if we are killed outright: by `PR_SET_PDEATHSIG`
+when the main thread started them, else (a Dask worker runs its tasks in a thread pool) by
+watching for the parent to change.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import NoReturn
 
-PARENT_ENV = "NETSWAP_DIE_WITH_PARENT"  # the pid a child of ours dies with
+PARENT_ENV = "NETSWAP_DIE_WITH_PARENT"  # the pid a child of ours dies with ("PID" or "PID:watch")
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PARENT_WATCH_S = 0.5  # how often a watching child looks at its parent
 
 
 class Interrupts:
@@ -77,24 +80,42 @@ def is_interrupt(e: BaseException) -> bool:
 
 
 def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for a child netswap process that must not outlive this one.  Only from
-    the main thread: PR_SET_PDEATHSIG fires when the *thread* that forked the child ends."""
+    """The environment for a child netswap process that must not outlive this one. From the
+    main thread the kernel tells the child (PR_SET_PDEATHSIG); from another one the child
+    watches its parent instead: PR_SET_PDEATHSIG fires when the *thread* that forked the child
+    ends, which would stop it early, or (that thread alive) would not fire at all."""
     import threading
 
     out = dict(os.environ if env is None else env)
-    if threading.current_thread() is threading.main_thread():
-        out[PARENT_ENV] = str(os.getpid())
+    main = threading.current_thread() is threading.main_thread()
+    out[PARENT_ENV] = str(os.getpid()) if main else f"{os.getpid()}:watch"
     return out
 
 
 def die_with_parent() -> None:
     """In a child started with `child_env`: ask the kernel for SIGTERM when the parent dies
-    (also by SIGKILL), and exit at once if it already has."""
+    (also by SIGKILL), or watch for it in a daemon thread and SIGTERM ourselves; exit at once
+    if it already has."""
     want = os.environ.pop(PARENT_ENV, None)
     if not want or not sys.platform.startswith("linux"):
         return
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    if str(os.getppid()) != want:  # the parent died before the prctl took effect
+    pid, _, how = want.partition(":")
+    if how != "watch":
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if str(os.getppid()) != pid:  # the parent died before the prctl took effect
         os._exit(143)
+    if how == "watch":
+        import threading
+
+        threading.Thread(target=_watch_parent, args=(int(pid),), name="netswap-parent-watch", daemon=True).start()
+
+
+def _watch_parent(pid: int) -> None:
+    """Until the parent is gone (we are reparented), then SIGTERM: stop as on `kill`."""
+    import time
+
+    while os.getppid() == pid:
+        time.sleep(PARENT_WATCH_S)
+    os.kill(os.getpid(), signal.SIGTERM)

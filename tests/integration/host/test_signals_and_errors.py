@@ -110,6 +110,41 @@ def test_sigkill_of_run_takes_its_server_along(tmp_path: Path) -> None:
     assert not alive(server), "the server was orphaned"
 
 
+# A parent that starts a netswap child from a thread other than its main one (as a Dask worker
+# runs a sweep's points), lets that thread end, prints the child's pid and lives on.
+_THREAD_PARENT = """
+import subprocess, sys, threading, time
+from emu.util.signals import child_env
+CHILD = "from emu.util.signals import die_with_parent; die_with_parent(); import time; time.sleep(120)"
+kid = []
+t = threading.Thread(target=lambda: kid.append(subprocess.Popen([sys.executable, "-c", CHILD], env=child_env())))
+t.start(); t.join()
+print(kid[0].pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_child_started_from_a_thread_dies_with_its_parent_not_with_the_thread() -> None:
+    parent = subprocess.Popen([sys.executable, "-c", _THREAD_PARENT], env=ENV, stdout=subprocess.PIPE, text=True)
+    child = 0
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        time.sleep(1.5)  # the thread that started it has ended: the child stays (PR_SET_PDEATHSIG would not)
+        assert alive(child)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(child), "the child was orphaned"
+    finally:
+        parent.kill()
+        parent.wait()
+        if child and alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
 def test_an_interrupted_demo_shows_the_runs_it_finished(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     p = netswap("demo", "--backend", "iscsi", "--policy", "v12", "--policy", "pfmemalloc", "--out", str(out))

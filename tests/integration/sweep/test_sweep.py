@@ -127,6 +127,24 @@ def dask_cluster(tmp_path: Path) -> Iterator[dict[str, Any]]:
             f.close()
 
 
+def _servers_of(pid: int) -> list[int]:
+    """The `netswap serve` processes whose parent is `pid`."""
+    out = []
+    for d in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            if d.isdigit() and int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid \
+                    and " serve " in Path(f"/proc/{d}/cmdline").read_text().replace("\0", " "):
+                out.append(int(d))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_dask_worker_killed_mid_sweep(dask_cluster: dict[str, Any], local_rows: list[dict[str, str]], tmp_path: Path) -> None:
     client = dask_cluster["client"]
     procs = dask_cluster["procs"]
@@ -147,6 +165,7 @@ def test_dask_worker_killed_mid_sweep(dask_cluster: dict[str, Any], local_rows: 
             for addr, tasks in client.processing().items():
                 if names.get(addr) == "wA" and any(str(t).startswith("netswap-run-") for t in tasks):
                     time.sleep(1.0)  # well inside the run (it starts its server and swaps)
+                    servers = _servers_of(procs["wA"].pid)  # (started from a worker thread)
                     procs["wA"].send_signal(signal.SIGKILL)
                     killed = addr
             time.sleep(0.1)
@@ -157,6 +176,11 @@ def test_dask_worker_killed_mid_sweep(dask_cluster: dict[str, Any], local_rows: 
             proc.wait()
     assert proc.returncode == 0, stderr[-3000:]
     assert procs["wA"].wait(10) == -signal.SIGKILL
+    assert servers, "worker wA ran no server"
+    deadline = time.monotonic() + 15
+    while any(_running(pid) for pid in servers):  # the killed worker's server went with it
+        assert time.monotonic() < deadline, [pid for pid in servers if _running(pid)]
+        time.sleep(0.1)
     rs = check_complete(out, 2)
     summary = json.loads(stdout)
     assert summary["executor"].startswith("dask") and summary["errors"] == 0
