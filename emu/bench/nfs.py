@@ -98,8 +98,7 @@ def _udp_cp(fn: Any, *args: Any) -> float:
 def _cat(url: str) -> float:
     """`nfs-cat URL > /dev/null`: the copy out of a server, timed without a local file to write."""
     t0 = time.perf_counter()
-    r = subprocess.run(["nfs-cat", url], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600,
-                       env={**os.environ, "LC_ALL": "C"})
+    r = libnfs("nfs-cat", url, timeout=600, stdout=subprocess.DEVNULL)
     elapsed = time.perf_counter() - t0
     if r.returncode != 0:
         raise click.ClickException(f"nfs-cat {url} failed: {r.stderr.strip()}")

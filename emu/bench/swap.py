@@ -173,9 +173,10 @@ async def baseline(backend: str, server: Any, out_trace: list[tuple[str, int, in
 
         st: Any = IscsiSwapLun(None, server, via_host=False)
     else:
+        from emu.swapdev.endpoint import nfs_transport
         from emu.swapdev.nfs import NfsSwapFile
 
-        st = NfsSwapFile(None, server, "udp" if backend == "nfs-udp" else "tcp", via_host=False)
+        st = NfsSwapFile(None, server, nfs_transport(backend), via_host=False)
     res: dict[str, float] = {}
     async with trio.open_nursery() as n:
         await n.start(st.run)

@@ -27,7 +27,7 @@ from emu.host.run import WALL_TIMEOUT_DEFAULT, HostRun, Progress
 from emu.host.servers import local_server
 from emu.kernel.clock import EmuClock, deterministic_scheduling
 from emu.kernel.policy import Policy
-from emu.swapdev.endpoint import Endpoint, IscsiEndpoint, parse_server_url
+from emu.swapdev.endpoint import Endpoint, IscsiEndpoint, nfs_transport, parse_server_url
 from emu.util.signals import is_interrupt
 
 
@@ -131,7 +131,7 @@ def tshark_decode_as(server: Endpoint, backend: str) -> str:
     to tshark; XIDs start at random, so about one NFS-over-UDP run in a hundred)."""
     if isinstance(server, IscsiEndpoint):
         return f"tshark -d tcp.port=={server.port},iscsi"
-    proto = "udp" if backend == "nfs-udp" else "tcp"
+    proto = nfs_transport(backend)
     return f"tshark -d {proto}.port=={server.nfsport},rpc -d {proto}.port=={server.mountport},rpc"
 
 

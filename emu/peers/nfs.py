@@ -181,6 +181,7 @@ def capture(port_filter: str, out: Path, iface: str = "lo") -> Iterator[Path]:
         stop_process(proc, grace=10, sig=signal.SIGINT)  # dumpcap writes out what it holds on SIGINT
 
 
-def libnfs(tool: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([tool, *args], capture_output=True, text=True, timeout=timeout,
+def libnfs(tool: str, *args: str, timeout: float = 120.0, stdout: int = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
+    """One of libnfs's tools, its output captured (`stdout=subprocess.DEVNULL`: only stderr)."""
+    return subprocess.run([tool, *args], stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=timeout,
                           env={**os.environ, "LC_ALL": "C"})

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from emu.swapdev.endpoint import Endpoint, IscsiEndpoint, NfsEndpoint
+from emu.swapdev.endpoint import Endpoint, IscsiEndpoint, NfsEndpoint, nfs_transport
 from emu.swapdev.remote import RemoteSwap
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ def make_swap(backend: str, endpoint: Endpoint, net: NetStack, *, initiator_name
 
         if not isinstance(endpoint, NfsEndpoint):
             raise ValueError(f"backend {backend} needs an NFS server, not {endpoint.url()}")
-        return NfsSwapFile(net, endpoint, "udp" if backend == "nfs-udp" else "tcp")
+        return NfsSwapFile(net, endpoint, nfs_transport(backend))
     from emu.swapdev.iscsi import IscsiSwapLun
 
     if not isinstance(endpoint, IscsiEndpoint):

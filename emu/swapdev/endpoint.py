@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
 DEFAULT_IQN = "iqn.2026-01.org.netswap:swap"
@@ -46,6 +47,11 @@ class IscsiEndpoint:
 
 
 Endpoint = NfsEndpoint | IscsiEndpoint
+
+
+def nfs_transport(backend: str) -> Literal["udp", "tcp"]:
+    """The transport of an NFS backend (nfs-udp, nfs-tcp)."""
+    return "udp" if backend == "nfs-udp" else "tcp"
 
 
 def _loopback(host: str, url: str) -> str:

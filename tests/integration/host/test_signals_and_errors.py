@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from proctree import alive, cmdline, descendants
 
 ENV = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[3]))
 
@@ -24,37 +25,6 @@ ENV = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[3]))
 def netswap(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "emu", *args], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def descendants(pid: int) -> list[int]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text()
-            except OSError:
-                continue
-            kids.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        for k in kids.get(todo.pop(), []):
-            out.append(k)
-            todo.append(k)
-    return out
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
-    except OSError:
-        return ""
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def wait_for_server(p: subprocess.Popen[str], timeout: float = 60.0) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from proctree import alive, cmdline, descendants
 
 from emu.util.procs import stop_process
 
@@ -127,24 +128,6 @@ def dask_cluster(tmp_path: Path) -> Iterator[dict[str, Any]]:
             f.close()
 
 
-def _servers_of(pid: int) -> list[int]:
-    """The `netswap serve` processes whose parent is `pid`."""
-    out = []
-    for d in os.listdir("/proc"):
-        with contextlib.suppress(OSError):
-            if d.isdigit() and int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid \
-                    and " serve " in Path(f"/proc/{d}/cmdline").read_text().replace("\0", " "):
-                out.append(int(d))
-    return out
-
-
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_dask_worker_killed_mid_sweep(dask_cluster: dict[str, Any], local_rows: list[dict[str, str]], tmp_path: Path) -> None:
     client = dask_cluster["client"]
     procs = dask_cluster["procs"]
@@ -165,7 +148,7 @@ def test_dask_worker_killed_mid_sweep(dask_cluster: dict[str, Any], local_rows: 
             for addr, tasks in client.processing().items():
                 if names.get(addr) == "wA" and any(str(t).startswith("netswap-run-") for t in tasks):
                     time.sleep(1.0)  # well inside the run (it starts its server and swaps)
-                    servers = _servers_of(procs["wA"].pid)  # (started from a worker thread)
+                    servers = [p for p in descendants(procs["wA"].pid) if " serve " in cmdline(p)]  # (from a worker thread)
                     procs["wA"].send_signal(signal.SIGKILL)
                     killed = addr
             time.sleep(0.1)
@@ -178,8 +161,8 @@ def test_dask_worker_killed_mid_sweep(dask_cluster: dict[str, Any], local_rows: 
     assert procs["wA"].wait(10) == -signal.SIGKILL
     assert servers, "worker wA ran no server"
     deadline = time.monotonic() + 15
-    while any(_running(pid) for pid in servers):  # the killed worker's server went with it
-        assert time.monotonic() < deadline, [pid for pid in servers if _running(pid)]
+    while any(alive(pid) for pid in servers):  # the killed worker's server went with it
+        assert time.monotonic() < deadline, [pid for pid in servers if alive(pid)]
         time.sleep(0.1)
     rs = check_complete(out, 2)
     summary = json.loads(stdout)
