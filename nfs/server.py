@@ -72,7 +72,7 @@ from nfs.nfs3 import NFS_PROGRAM, NFS_V3
 from nfs.nfsd import NfsProgram
 from nfs.portmap import IPPROTO_TCP, IPPROTO_UDP, PMAP_PROGRAM, PMAP_V2, Mapping, PortmapProgram
 from nfs.record import DEFAULT_MAX_RECORD, BufferPool, RecordDecoder, RecordTooLarge, record_mark
-from nfs.store import Export, default_state_dir, load_key
+from nfs.store import Export, close_fds, default_state_dir, load_key
 from nfs.svc import STREAM_MAX_REPLY, Buffer, CallContext, Pending, RpcProgram, RpcService
 from nfs.writeback import DEFAULT_WRITE_BEHIND
 
@@ -295,13 +295,17 @@ class NfsServer:
             self.export.close()
 
     async def _laundrette(self) -> None:
-        """Every LAUNDRETTE_DELAY, close the open-file cache's fds that were not used since the
-        last round (`Export.expire_idle`; on the loop, so with the core lock held: no service
-        thread is using an fd meanwhile, and worker threads use their own dups)."""
+        """Every LAUNDRETTE_DELAY, take the open-file cache's fds that were not used since the
+        last round out of it (`Export.expire_idle`; on the loop, so with the core lock held: no
+        service thread is using an fd meanwhile, and worker threads use their own dups), then
+        close them in a worker thread, without the lock: the last close of a file removed
+        behind our back frees its page cache and blocks, tens of ms during which the service
+        threads would wait for the lock."""
         while True:
             await trio.sleep(LAUNDRETTE_DELAY)
-            if n := self.export.expire_idle():
-                log.debug("closed %d idle cached file(s)", n)
+            if fds := self.export.expire_idle():
+                await trio.to_thread.run_sync(close_fds, fds)
+                log.debug("closed %d idle cached file(s)", len(fds))
 
     async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         while True:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from nfs.filemap import FileMaps
-from nfs.store import Export
+from nfs.store import Export, close_fds
 
 
 @contextlib.contextmanager
@@ -141,10 +141,11 @@ def test_a_file_cut_short_before_it_is_mapped_is_mapped_by_the_next_read(tmp_pat
         assert maps.mapped == 1 and len(maps) == 1
 
 
-def test_the_laundrette_closes_cached_fds_left_unused_for_a_round(tmp_path: Path) -> None:
+def test_the_laundrette_takes_out_cached_fds_left_unused_for_a_round(tmp_path: Path) -> None:
     """`Export.expire_idle` (the server calls it every 2 s, as knfsd's file cache laundrette):
-    an fd used since the last round stays; one not used for a whole round is closed, with its
-    mapping, so a file removed behind the server's back gives its space back."""
+    an fd used since the last round stays; one not used for a whole round leaves the cache,
+    with its mapping, and is handed back still open, for `close_fds` (the server's worker
+    thread) to close, so a file removed behind the server's back gives its space back."""
     root = tmp_path / "export"
     root.mkdir()
     export = Export(root, b"k" * 32)
@@ -155,13 +156,19 @@ def test_the_laundrette_closes_cached_fds_left_unused_for_a_round(tmp_path: Path
         sts.append(os.lstat(p))
     fds = [export.fd(str(root / f"f{i}"), sts[i]) for i in range(2)]
     assert export.maps.view(sts[0].st_ino, fds[0], sts[0].st_size, 0, 100_000) is not None
-    assert export.expire_idle() == 0  # both used since the start
+    assert export.expire_idle() == []  # both used since the start
     (root / "f0").unlink()  # removed locally: the cache still holds it open
     assert export.fd(str(root / "f1"), sts[1]) == fds[1]  # f1 used in this round, f0 not
-    assert export.expire_idle() == 1
+    assert export.expire_idle() == [fds[0]]
     assert len(export.maps) == 0
+    assert os.fstat(fds[0]).st_nlink == 0  # out of the cache, not closed yet
+    fd = export.fd(str(root / "f1"), sts[1])
+    assert fd == fds[1]  # the rest of the cache is untouched
+    close_fds([fds[0]])
     with pytest.raises(OSError):  # (closed: nothing has opened a file since, to reuse its number)
         os.fstat(fds[0])
-    assert export.expire_idle() == 1  # f1 not used since
-    assert export.expire_idle() == 0
+    assert export.expire_idle() == []  # f1 used in the last round
+    assert export.expire_idle() == [fds[1]]
+    close_fds([fds[1]])
+    assert export.expire_idle() == []
     export.close()

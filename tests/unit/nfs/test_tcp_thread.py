@@ -25,6 +25,7 @@ from nfs.nfs3 import FILE_SYNC, NFS_PROGRAM, UNSTABLE, Proc, Stat
 from nfs.nfs3xdr import NFS3_PROCEDURES, FhArgs, ReadArgs, WriteArgs
 from nfs.record import LAST_FRAG
 from nfs.rpc import AuthSys, OpaqueAuth, encode_call
+import nfs.server
 from nfs.server import NfsServer, ServerConfig
 from nfs.xdr import Packer, Unpacker
 
@@ -473,3 +474,42 @@ async def test_a_file_removed_behind_the_servers_back_is_closed_by_the_laundrett
                     await trio.sleep(0.02)
             # (On the event loop, which holds the core lock while it runs.)
             assert server.export.open_file(fhs[1]) is not None  # still cached: it was in use
+
+
+async def test_the_laundrettes_closes_do_not_stall_the_calls(
+        tmp_path: Path, export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last close of a big file removed behind the server's back frees its page cache and
+    blocks (about 50 ms for 256 MiB on ext4). The laundrette closes in a worker thread, without
+    the core lock, so calls are answered meanwhile: here a close held up until a READ of
+    another file has been answered (held on the loop with the lock, it would never be)."""
+    monkeypatch.setattr("nfs.server.LAUNDRETTE_DELAY", 0.1)
+    closing, answered = threading.Event(), threading.Event()
+    real_close = nfs.server.close_fds
+
+    def held_close(fds: list[int]) -> None:
+        closing.set()
+        answered.wait(10)
+        real_close(fds)
+
+    monkeypatch.setattr("nfs.server.close_fds", held_close)
+    cred = AuthSys().to_auth()
+    gone, kept = export_dir / "gone", export_dir / "kept"
+    gone.write_bytes(os.urandom(200_000))
+    kept.write_bytes(os.urandom(1000))
+    async with serving(tmp_path, export_dir) as (server, port, _):
+        fhs = [server.export.fh_for(str(p), os.lstat(p), server.export.root_ino) for p in (gone, kept)]
+        with _connect(port) as s:
+            def read(fh: bytes, count: int) -> None:
+                s.sendall(_rec(_call(1, Proc.READ, ReadArgs(fh, 0, count), cred)))
+                assert _res(Proc.READ, _recv_record(s)).status == Stat.NFS3_OK
+
+            for fh, count in zip(fhs, (100_000, 1000)):
+                await trio.to_thread.run_sync(read, fh, count)
+            gone.unlink()
+            with trio.fail_after(10):  # (bounds for a broken server, not timings)
+                await trio.to_thread.run_sync(closing.wait, 10)
+                await trio.to_thread.run_sync(read, fhs[1], 1000)  # while the close is held
+            answered.set()
+            with trio.fail_after(10):
+                while _deleted_open(gone):
+                    await trio.sleep(0.02)
