@@ -10,8 +10,8 @@ a local file made that row the client's: on a VM, nfs-cp's page cache for its co
 a local file then checks the bytes. libnfs's tools speak NFS over TCP only, so over UDP the client is netswap's own
 (nfs/client.py, the emulated host's), one 32 KiB call at a time as nfs-cp sends one at a time:
 UNSTABLE WRITEs and one COMMIT at the end, and READs. Each round runs every copy, the servers in
-alternating order, after an unmeasured warm-up round; the median counts. Every copy is checked
-byte for byte. The figures are latency-bound (one call in flight), so on a busy machine they vary a
+alternating order (each server's copies back to back), after an unmeasured warm-up round; the
+median counts. Every copy is checked byte for byte, then removed through NFS (untimed). The figures are latency-bound (one call in flight), so on a busy machine they vary a
 lot from round to round: compare the ratios, measured side by side.
 """
 
@@ -86,12 +86,23 @@ async def _udp_cp_out(srv: Served, name: str, dst: Path) -> None:
         await c.umount()
 
 
-def _udp_cp(fn: Any, *args: Any) -> float:
+async def _nfs_rm(srv: Served, name: str) -> None:
+    """REMOVE through NFS (our client, over TCP), as a client removes a file."""
+    from nfs.client import NfsClient
+
+    async with NfsClient.tcp(H, srv.nfs_port, srv.mount_port) as c:
+        root = await c.mount(srv.export_path)
+        await c.remove(root, name)
+        await c.umount()
+
+
+def _run(what: str, fn: Any, *args: Any) -> float:
+    """One of our client's jobs (`_udp_cp_in`, ...) in a trio run of its own; its seconds."""
     t0 = time.perf_counter()
     try:
         trio.run(fn, *args)
     except Exception as e:
-        raise click.ClickException(f"copy over UDP failed: {e}") from None
+        raise click.ClickException(f"{what} failed: {e}") from None
     return time.perf_counter() - t0
 
 
@@ -184,8 +195,14 @@ def bench_nfs(size: str, udp_size: str, rounds: int, warmup: bool, directory: Pa
                         order = list(servers.items())
                         if r % 2:
                             order.reverse()
-                        for proto in protos:
-                            for name, srv in order:
+                        # A server's copies run back to back, so each follows the same history
+                        # whichever server goes first. With the transports outermost, the first TCP
+                        # copy into a server in a round was slow (over 0.45 s for 256 MiB, against
+                        # 0.2-0.3) 27 times in 60 and the second 8 times (the kernel's page cache
+                        # allocation, dearer after a pause on a VM), and one server went first in
+                        # 3 of 5 rounds; this way 19 and 19 times in 50.
+                        for name, srv in order:
+                            for proto in protos:
                                 label = f"{'warm-up' if r < 0 else f'round {r + 1}'} {proto.upper()}"
                                 fname = f"bench-{proto}-{r + 1}.bin"
                                 local = base / f"back-{name}.bin"
@@ -195,7 +212,7 @@ def bench_nfs(size: str, udp_size: str, rounds: int, warmup: bool, directory: Pa
                                 if proto == "tcp":
                                     t_in = _cp(str(src), srv.url(fname))
                                 else:
-                                    t_in = _udp_cp(_udp_cp_in, srv, udp_src, fname)
+                                    t_in = _run("copy over UDP", _udp_cp_in, srv, udp_src, fname)
                                 c_in = cpu_seconds(srv.proc.pid) - c0
                                 if _sha256(srv.export / fname) != expect:
                                     raise click.ClickException(f"the copy into {name} ({proto}) is not byte-identical")
@@ -207,12 +224,16 @@ def bench_nfs(size: str, udp_size: str, rounds: int, warmup: bool, directory: Pa
                                     c_out = cpu_seconds(srv.proc.pid) - c0
                                     _cp(srv.url(fname), str(local))  # checked below, not timed
                                 else:
-                                    t_out = _udp_cp(_udp_cp_out, srv, fname, local)
+                                    t_out = _run("copy over UDP", _udp_cp_out, srv, fname, local)
                                     c_out = cpu_seconds(srv.proc.pid) - c0
                                 if _sha256(local) != expect:
                                     raise click.ClickException(f"the copy out of {name} ({proto}) is not byte-identical")
                                 local.unlink()
-                                (srv.export / fname).unlink()
+                                # Removed through NFS, as a client removes, so each server frees the
+                                # file then, untimed (its last close: 50 ms per 256 MiB on ext4).
+                                # Removed locally, ganesha kept it open past the run and ours closed
+                                # it 2-4 s later, inside its own next copies.
+                                _run(f"REMOVE {fname} from {name}", _nfs_rm, srv, fname)
                                 progress.advance(bar)
                                 if r >= 0:
                                     times[f"{name}_in_{proto}"].append(t_in)
