@@ -370,17 +370,17 @@ class Export:
         (50 ms for 256 MiB on ext4), which the kernel, too, leaves to a worker (an nfsd
         thread's final fput runs later, from the delayed_fput work)."""
         idle = [ino for ino in self._fds if ino not in self._referenced]
-        fds = []
-        for ino in idle:
-            self.maps.drop(ino)
-            fds.append(self._fds.pop(ino))
         self._referenced.clear()
-        return fds
+        return [fd for ino in idle if (fd := self.forget_fd(ino)) is not None]
+
+    def forget_fd(self, ino: int) -> int | None:
+        """Take an inode's cached fd out of the cache, with its mapping; returned still open,
+        for the caller to close."""
+        self.maps.drop(ino)
+        return self._fds.pop(ino, None)
 
     def close_ino(self, ino: int) -> None:
-        self.maps.drop(ino)
-        fd = self._fds.pop(ino, None)
-        if fd is not None:
+        if (fd := self.forget_fd(ino)) is not None:
             os.close(fd)
 
     def close(self) -> None:
