@@ -801,8 +801,8 @@ class NfsProgram:
                 if held:
                     # The last close frees the file's page cache and blocks (50 ms for 256 MiB
                     # on ext4): in a worker thread, so the loop lets go of the core lock and the
-                    # service threads go on meanwhile. The reply still waits for it (the space
-                    # is free when REMOVE answers, as knfsd closes its cached file first).
+                    # service threads go on meanwhile. The reply still waits for it: the space
+                    # is free when REMOVE answers, as after a local unlink.
                     with trio.CancelScope(shield=True):
                         await trio.to_thread.run_sync(close_fds, held)
             return WccRes(status, self._wcc(d))

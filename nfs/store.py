@@ -391,7 +391,8 @@ class Export:
 
 
 def close_fds(fds: list[int]) -> None:
-    """Close fds that `Export.expire_idle` let go of (in a worker thread: see there)."""
+    """Close fds taken out of the open-file cache (`Export.expire_idle`, `forget_fd`), in a
+    worker thread: the last close of a removed file frees its page cache and blocks."""
     for fd in fds:
         os.close(fd)
 

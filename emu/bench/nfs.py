@@ -11,8 +11,9 @@ a local file then checks the bytes. libnfs's tools speak NFS over TCP only, so o
 (nfs/client.py, the emulated host's), one 32 KiB call at a time as nfs-cp sends one at a time:
 UNSTABLE WRITEs and one COMMIT at the end, and READs. Each round runs every copy, the servers in
 alternating order (each server's copies back to back), after an unmeasured warm-up round; the
-median counts. Every copy is checked byte for byte, then removed through NFS (untimed). The figures are latency-bound (one call in flight), so on a busy machine they vary a
-lot from round to round: compare the ratios, measured side by side.
+median counts. Every copy is checked byte for byte, then removed through NFS (untimed). The
+figures are latency-bound (one call in flight), so on a busy machine they vary a lot from round
+to round: compare the ratios, measured side by side.
 """
 
 from __future__ import annotations
@@ -198,9 +199,8 @@ def bench_nfs(size: str, udp_size: str, rounds: int, warmup: bool, directory: Pa
                         # A server's copies run back to back, so each follows the same history
                         # whichever server goes first. With the transports outermost, the first TCP
                         # copy into a server in a round was slow (over 0.45 s for 256 MiB, against
-                        # 0.2-0.3) 27 times in 60 and the second 8 times (the kernel's page cache
-                        # allocation, dearer after a pause on a VM), and one server went first in
-                        # 3 of 5 rounds; this way 19 and 19 times in 50.
+                        # 0.2-0.3: fresh page cache, dearer on a VM after a pause) 27 times in 60
+                        # and the second 8 times, and one server went first in 3 of 5 rounds.
                         for name, srv in order:
                             for proto in protos:
                                 label = f"{'warm-up' if r < 0 else f'round {r + 1}'} {proto.upper()}"
