@@ -118,6 +118,16 @@ def _frees_slowly(st: os.stat_result) -> bool:
     return pystat.S_ISREG(st.st_mode) and st.st_nlink <= 1 and st.st_size >= SLOW_FREE
 
 
+async def _release(held: list[int]) -> None:
+    """Close the fds `_hold` kept, in a worker thread: the last close frees the file's page
+    cache and blocks (50 ms for 256 MiB on ext4), and meanwhile the loop lets go of the core
+    lock, so the service threads go on. The reply still waits for it: the space is free when
+    the call answers, as after a local unlink or rename."""
+    if held:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(close_fds, held)
+
+
 def _encode(xdr: ProcXdr[Any, Any], res: object) -> list[Buffer]:
     p = Packer()
     xdr.encode_res(p, res)
@@ -766,7 +776,7 @@ class NfsProgram:
     async def _unlink(self, a: DirOpArgs, ctx: CallContext, rmdir: bool) -> WccRes:
         async with self._dir(a.dir) as d:
             gone: list[os.stat_result] = []
-            held: list[int] = []  # fds on a big file whose last link goes: closed in a worker
+            held: list[int] = []  # a big file whose last link goes (`_hold`)
 
             async def change() -> None:
                 if rmdir and a.name == "..":
@@ -782,9 +792,7 @@ class NfsProgram:
                 if rmdir:
                     os.rmdir(a.name, dir_fd=d.fd)
                 else:
-                    if _frees_slowly(st):  # (held over the unlink: the last close is then ours)
-                        with contextlib.suppress(OSError):
-                            held.append(os.open(a.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d.fd))
+                    self._hold(d.fd, a.name, st, held)
                     os.unlink(a.name, dir_fd=d.fd)
                 gone.append(st)
                 await _commit_metadata(d.fd, None)  # the name is gone on disk too
@@ -792,25 +800,29 @@ class NfsProgram:
             try:
                 status = await _status(change)
                 if gone and gone[0].st_nlink <= 1:
-                    if _frees_slowly(gone[0]):
-                        if (fd := self.export.forget_fd(gone[0].st_ino)) is not None:
-                            held.append(fd)
-                    else:
-                        self.export.close_ino(gone[0].st_ino)
+                    self.export.close_ino(gone[0].st_ino)  # (a big file's fd is in `held`)
             finally:
-                if held:
-                    # The last close frees the file's page cache and blocks (50 ms for 256 MiB
-                    # on ext4): in a worker thread, so the loop lets go of the core lock and the
-                    # service threads go on meanwhile. The reply still waits for it: the space
-                    # is free when REMOVE answers, as after a local unlink.
-                    with trio.CancelScope(shield=True):
-                        await trio.to_thread.run_sync(close_fds, held)
+                await _release(held)
             return WccRes(status, self._wcc(d))
+
+    def _hold(self, dir_fd: int, name: str, st: os.stat_result, held: list[int]) -> None:
+        """Before the last link of a big file goes (REMOVE, or a RENAME onto it): hold the
+        file, by its cached fd taken out of the cache or else an O_PATH fd of it, so that its
+        last close, which frees its page cache and blocks, is ours, in a worker (`_release`)."""
+        if not _frees_slowly(st):
+            return
+        fd = self.export.forget_fd(st.st_ino)
+        if fd is None:
+            with contextlib.suppress(OSError):
+                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        if fd is not None:
+            held.append(fd)
 
     async def rename(self, a: RenameArgs, ctx: CallContext) -> RenameRes:
         self.export.same_export(a.source.dir, a.target.dir)  # XDEV first, as knfsd
         async with self._dir(a.source.dir) as src, self._dir(a.target.dir) as dst:
             who = self._who(ctx)
+            held: list[int] = []  # a big file the rename replaces (`_hold`)
 
             async def change() -> None:
                 for n in (a.source.name, a.target.name):
@@ -828,6 +840,7 @@ class NfsProgram:
                     check_delete(dst.st, old, who)
                     if pystat.S_ISDIR(old.st_mode) != pystat.S_ISDIR(st.st_mode):
                         raise Nfs3Error(Stat.NFS3ERR_EXIST if not pystat.S_ISDIR(st.st_mode) else Stat.NFS3ERR_NOTDIR)
+                    self._hold(dst.fd, a.target.name, old, held)
                 os.rename(a.source.name, a.target.name, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
                 self.export.moved(st.st_ino, os.path.join(dst.path, a.target.name), dst.st.st_ino,
                                   pystat.S_ISDIR(st.st_mode))
@@ -835,7 +848,10 @@ class NfsProgram:
                 if dst.st.st_ino != src.st.st_ino:
                     await _commit_metadata(dst.fd, None)
 
-            status = await _status(change)
+            try:
+                status = await _status(change)
+            finally:
+                await _release(held)
             return RenameRes(status, self._wcc(src), self._wcc(dst))
 
     async def link(self, a: LinkArgs, ctx: CallContext) -> LinkRes:

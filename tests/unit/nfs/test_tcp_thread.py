@@ -22,7 +22,7 @@ import pytest
 import trio
 
 from nfs.nfs3 import FILE_SYNC, NFS_PROGRAM, UNSTABLE, Proc, Stat
-from nfs.nfs3xdr import NFS3_PROCEDURES, DirOpArgs, FhArgs, ReadArgs, WriteArgs
+from nfs.nfs3xdr import NFS3_PROCEDURES, DirOpArgs, FhArgs, ReadArgs, RenameArgs, WriteArgs
 from nfs.record import LAST_FRAG
 from nfs.rpc import AuthSys, OpaqueAuth, encode_call
 import nfs.nfsd
@@ -516,13 +516,14 @@ async def test_the_laundrettes_closes_do_not_stall_the_calls(
                     await trio.sleep(0.02)
 
 
-@pytest.mark.parametrize("cached", [True, False], ids=["cached-fd", "not-cached"])
-async def test_removing_a_big_file_frees_it_without_holding_up_other_calls(
-        tmp_path: Path, export_dir: Path, monkeypatch: pytest.MonkeyPatch, cached: bool) -> None:
-    """REMOVE of a big file: its last close (page cache and blocks freed, about 50 ms for 256
-    MiB on ext4) runs in a worker thread, so other calls are answered meanwhile (here, while
-    that close is held up); REMOVE answers once it is done, with the space free. Whether or not
-    the server had the file open in its cache (else it holds the file over the unlink)."""
+@pytest.mark.parametrize("how", ["remove-cached", "remove", "rename-onto"])
+async def test_freeing_a_big_file_does_not_hold_up_other_calls(
+        tmp_path: Path, export_dir: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """REMOVE of a big file, or a RENAME onto it: its last close (page cache and blocks freed,
+    about 50 ms for 256 MiB on ext4) runs in a worker thread, so other calls are answered
+    meanwhile (here, while that close is held up); the call answers once it is done, with the
+    space free. Whether or not the server had the file open in its cache (else it holds the
+    file over the unlink or rename)."""
     closing, answered = threading.Event(), threading.Event()
     real_close = nfs.nfsd.close_fds
 
@@ -536,6 +537,7 @@ async def test_removing_a_big_file_frees_it_without_holding_up_other_calls(
     big, kept = export_dir / "big", export_dir / "kept"
     big.write_bytes(os.urandom(nfs.nfsd.SLOW_FREE))
     kept.write_bytes(os.urandom(1000))
+    (export_dir / "new").write_bytes(b"the new big")
     async with serving(tmp_path, export_dir) as (server, port, _):
         ex = server.export
         root = ex.fh_for(str(export_dir), os.lstat(export_dir), ex.root_ino)
@@ -545,17 +547,25 @@ async def test_removing_a_big_file_frees_it_without_holding_up_other_calls(
                 sock.sendall(_rec(_call(1, Proc.READ, ReadArgs(fh, 0, 1000), cred)))
                 assert _res(Proc.READ, _recv_record(sock)).status == Stat.NFS3_OK
 
-            if cached:
+            if how == "remove-cached":
                 await trio.to_thread.run_sync(read, s, fhs[0])
             await trio.to_thread.run_sync(read, s2, fhs[1])
-            assert (ex.open_file(fhs[0]) is not None) is cached
-            s.sendall(_rec(_call(2, Proc.REMOVE, DirOpArgs(root, "big"), cred)))
+            assert (ex.open_file(fhs[0]) is not None) is (how == "remove-cached")
+            if how == "rename-onto":
+                proc, args = Proc.RENAME, RenameArgs(DirOpArgs(root, "new"), DirOpArgs(root, "big"))
+            else:
+                proc, args = Proc.REMOVE, DirOpArgs(root, "big")
+            s.sendall(_rec(_call(2, proc, args, cred)))
             with trio.fail_after(10):  # (bounds for a broken server, not timings)
                 await trio.to_thread.run_sync(closing.wait, 10)
                 await trio.to_thread.run_sync(read, s2, fhs[1])  # while the close is held
-            assert not big.exists() and _deleted_open(big) >= 1  # unlinked; not freed yet
+            assert _deleted_open(big) >= 1  # its last name gone, not freed yet
             answered.set()
             with trio.fail_after(10):
                 res = await trio.to_thread.run_sync(_recv_record, s)
-            assert _res(Proc.REMOVE, res).status == Stat.NFS3_OK
-            assert _deleted_open(big) == 0  # freed before REMOVE answered
+            assert _res(proc, res).status == Stat.NFS3_OK
+            assert _deleted_open(big) == 0  # freed before the call answered
+            if how == "rename-onto":
+                assert big.read_bytes() == b"the new big" and not (export_dir / "new").exists()
+            else:
+                assert not big.exists()
