@@ -27,6 +27,7 @@ from nfs.record import LAST_FRAG
 from nfs.rpc import AuthSys, OpaqueAuth, encode_call
 import nfs.nfsd
 import nfs.server
+import nfs.store
 from nfs.server import NfsServer, ServerConfig
 from nfs.xdr import Packer, Unpacker
 
@@ -446,74 +447,59 @@ def _deleted_open(path: Path) -> int:
     return n
 
 
+def _hold_closes(monkeypatch: pytest.MonkeyPatch, module: str) -> tuple[threading.Event, threading.Event]:
+    """`close_fds` in `module` held up until the test says so: (a close is waiting, go on)."""
+    closing, go_on = threading.Event(), threading.Event()
+    real_close = nfs.store.close_fds
+
+    def held_close(fds: list[int]) -> None:
+        closing.set()
+        go_on.wait(10)
+        real_close(fds)
+
+    monkeypatch.setattr(f"{module}.close_fds", held_close)
+    return closing, go_on
+
+
+def _read(sock: socket.socket, fh: bytes, count: int) -> None:
+    sock.sendall(_rec(_call(1, Proc.READ, ReadArgs(fh, 0, count), AuthSys().to_auth())))
+    assert _res(Proc.READ, _recv_record(sock)).status == Stat.NFS3_OK
+
+
 async def test_a_file_removed_behind_the_servers_back_is_closed_by_the_laundrette(
         tmp_path: Path, export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file the server has open (its fd cache and a READ's mapping), removed locally, not by an
     NFS REMOVE: the laundrette closes it within two of its rounds (knfsd's every 2 s; 0.1 s
-    here), so its space comes back; a file still in use stays open."""
+    here), so its space comes back; a file still in use stays open. It closes in a worker
+    thread, without the core lock: the last close of a big removed file frees its page cache
+    and blocks (about 50 ms for 256 MiB on ext4), and calls are answered meanwhile (here while
+    that close is held up; held on the loop with the lock, never)."""
     monkeypatch.setattr("nfs.server.LAUNDRETTE_DELAY", 0.1)
-    cred = AuthSys().to_auth()
+    closing, go_on = _hold_closes(monkeypatch, "nfs.server")
     gone, kept = export_dir / "gone", export_dir / "kept"
     gone.write_bytes(os.urandom(200_000))
     kept.write_bytes(os.urandom(1000))
     async with serving(tmp_path, export_dir) as (server, port, _):
         fhs = [server.export.fh_for(str(p), os.lstat(p), server.export.root_ino) for p in (gone, kept)]
         with _connect(port) as s:
-            def read(fh: bytes, count: int) -> None:
-                s.sendall(_rec(_call(1, Proc.READ, ReadArgs(fh, 0, count), cred)))
-                assert _res(Proc.READ, _recv_record(s)).status == Stat.NFS3_OK
-
             for fh, count in zip(fhs, (100_000, 1000)):
-                await trio.to_thread.run_sync(read, fh, count)
-                await trio.to_thread.run_sync(read, fh, count)  # (the second from the hot path: mapped)
+                await trio.to_thread.run_sync(_read, s, fh, count)
+                await trio.to_thread.run_sync(_read, s, fh, count)  # (the second from the hot path: mapped)
             assert server.export.maps.mapped == 1
             gone.unlink()
             assert _deleted_open(gone) >= 1  # the cached fd and the mapping's own
-            with trio.fail_after(10):  # (a bound for a broken server, not a timing)
+            with trio.fail_after(10):  # (bounds for a broken server, not timings)
+                while not closing.is_set():
+                    await trio.to_thread.run_sync(_read, s, fhs[1], 1000)  # kept in use meanwhile
+                    await trio.sleep(0.02)
+                await trio.to_thread.run_sync(_read, s, fhs[1], 1000)  # while the close is held
+            go_on.set()
+            with trio.fail_after(10):
                 while _deleted_open(gone):
-                    await trio.to_thread.run_sync(read, fhs[1], 1000)  # kept in use meanwhile
+                    await trio.to_thread.run_sync(_read, s, fhs[1], 1000)
                     await trio.sleep(0.02)
             # (On the event loop, which holds the core lock while it runs.)
             assert server.export.open_file(fhs[1]) is not None  # still cached: it was in use
-
-
-async def test_the_laundrettes_closes_do_not_stall_the_calls(
-        tmp_path: Path, export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The last close of a big file removed behind the server's back frees its page cache and
-    blocks (about 50 ms for 256 MiB on ext4). The laundrette closes in a worker thread, without
-    the core lock, so calls are answered meanwhile: here a close held up until a READ of
-    another file has been answered (held on the loop with the lock, it would never be)."""
-    monkeypatch.setattr("nfs.server.LAUNDRETTE_DELAY", 0.1)
-    closing, answered = threading.Event(), threading.Event()
-    real_close = nfs.server.close_fds
-
-    def held_close(fds: list[int]) -> None:
-        closing.set()
-        answered.wait(10)
-        real_close(fds)
-
-    monkeypatch.setattr("nfs.server.close_fds", held_close)
-    cred = AuthSys().to_auth()
-    gone, kept = export_dir / "gone", export_dir / "kept"
-    gone.write_bytes(os.urandom(200_000))
-    kept.write_bytes(os.urandom(1000))
-    async with serving(tmp_path, export_dir) as (server, port, _):
-        fhs = [server.export.fh_for(str(p), os.lstat(p), server.export.root_ino) for p in (gone, kept)]
-        with _connect(port) as s:
-            def read(fh: bytes, count: int) -> None:
-                s.sendall(_rec(_call(1, Proc.READ, ReadArgs(fh, 0, count), cred)))
-                assert _res(Proc.READ, _recv_record(s)).status == Stat.NFS3_OK
-
-            for fh, count in zip(fhs, (100_000, 1000)):
-                await trio.to_thread.run_sync(read, fh, count)
-            gone.unlink()
-            with trio.fail_after(10):  # (bounds for a broken server, not timings)
-                await trio.to_thread.run_sync(closing.wait, 10)
-                await trio.to_thread.run_sync(read, fhs[1], 1000)  # while the close is held
-            answered.set()
-            with trio.fail_after(10):
-                while _deleted_open(gone):
-                    await trio.sleep(0.02)
 
 
 @pytest.mark.parametrize("how", ["remove-cached", "remove", "rename-onto"])
@@ -524,15 +510,7 @@ async def test_freeing_a_big_file_does_not_hold_up_other_calls(
     meanwhile (here, while that close is held up); the call answers once it is done, with the
     space free. Whether or not the server had the file open in its cache (else it holds the
     file over the unlink or rename)."""
-    closing, answered = threading.Event(), threading.Event()
-    real_close = nfs.nfsd.close_fds
-
-    def held_close(fds: list[int]) -> None:
-        closing.set()
-        answered.wait(10)
-        real_close(fds)
-
-    monkeypatch.setattr("nfs.nfsd.close_fds", held_close)
+    closing, go_on = _hold_closes(monkeypatch, "nfs.nfsd")
     cred = AuthSys().to_auth()
     big, kept = export_dir / "big", export_dir / "kept"
     big.write_bytes(os.urandom(nfs.nfsd.SLOW_FREE))
@@ -543,24 +521,20 @@ async def test_freeing_a_big_file_does_not_hold_up_other_calls(
         root = ex.fh_for(str(export_dir), os.lstat(export_dir), ex.root_ino)
         fhs = [ex.fh_for(str(p), os.lstat(p), ex.root_ino) for p in (big, kept)]
         with _connect(port) as s, _connect(port) as s2:
-            def read(sock: socket.socket, fh: bytes) -> None:
-                sock.sendall(_rec(_call(1, Proc.READ, ReadArgs(fh, 0, 1000), cred)))
-                assert _res(Proc.READ, _recv_record(sock)).status == Stat.NFS3_OK
-
             if how == "remove-cached":
-                await trio.to_thread.run_sync(read, s, fhs[0])
-            await trio.to_thread.run_sync(read, s2, fhs[1])
+                await trio.to_thread.run_sync(_read, s, fhs[0], 1000)
+            await trio.to_thread.run_sync(_read, s2, fhs[1], 1000)
             assert (ex.open_file(fhs[0]) is not None) is (how == "remove-cached")
+            args: object = DirOpArgs(root, "big")
+            proc = Proc.REMOVE
             if how == "rename-onto":
                 proc, args = Proc.RENAME, RenameArgs(DirOpArgs(root, "new"), DirOpArgs(root, "big"))
-            else:
-                proc, args = Proc.REMOVE, DirOpArgs(root, "big")
             s.sendall(_rec(_call(2, proc, args, cred)))
             with trio.fail_after(10):  # (bounds for a broken server, not timings)
                 await trio.to_thread.run_sync(closing.wait, 10)
-                await trio.to_thread.run_sync(read, s2, fhs[1])  # while the close is held
+                await trio.to_thread.run_sync(_read, s2, fhs[1], 1000)  # while the close is held
             assert _deleted_open(big) >= 1  # its last name gone, not freed yet
-            answered.set()
+            go_on.set()
             with trio.fail_after(10):
                 res = await trio.to_thread.run_sync(_recv_record, s)
             assert _res(proc, res).status == Stat.NFS3_OK
