@@ -22,7 +22,7 @@ import pytest
 import trio
 
 from nfs.nfs3 import FILE_SYNC, NFS_PROGRAM, UNSTABLE, Proc, Stat
-from nfs.nfs3xdr import NFS3_PROCEDURES, DirOpArgs, FhArgs, ReadArgs, RenameArgs, WriteArgs
+from nfs.nfs3xdr import NFS3_PROCEDURES, DirOpArgs, FhArgs, ReadArgs, RenameArgs, Sattr3, SetattrArgs, WriteArgs
 from nfs.record import LAST_FRAG
 from nfs.rpc import AuthSys, OpaqueAuth, encode_call
 import nfs.nfsd
@@ -447,18 +447,18 @@ def _deleted_open(path: Path) -> int:
     return n
 
 
-def _hold_closes(monkeypatch: pytest.MonkeyPatch, module: str) -> tuple[threading.Event, threading.Event]:
-    """`close_fds` in `module` held up until the test says so: (a close is waiting, go on)."""
-    closing, go_on = threading.Event(), threading.Event()
-    real_close = nfs.store.close_fds
+def _held_up(monkeypatch: pytest.MonkeyPatch, target: str, real: Any) -> tuple[threading.Event, threading.Event]:
+    """`target` (a worker thread's job: "module.function") held up until the test says so:
+    (it is waiting, go on)."""
+    waiting, go_on = threading.Event(), threading.Event()
 
-    def held_close(fds: list[int]) -> None:
-        closing.set()
+    def held(*args: Any) -> None:
+        waiting.set()
         go_on.wait(10)
-        real_close(fds)
+        real(*args)
 
-    monkeypatch.setattr(f"{module}.close_fds", held_close)
-    return closing, go_on
+    monkeypatch.setattr(target, held)
+    return waiting, go_on
 
 
 def _read(sock: socket.socket, fh: bytes, count: int) -> None:
@@ -475,7 +475,7 @@ async def test_a_file_removed_behind_the_servers_back_is_closed_by_the_laundrett
     and blocks (about 50 ms for 256 MiB on ext4), and calls are answered meanwhile (here while
     that close is held up; held on the loop with the lock, never)."""
     monkeypatch.setattr("nfs.server.LAUNDRETTE_DELAY", 0.1)
-    closing, go_on = _hold_closes(monkeypatch, "nfs.server")
+    closing, go_on = _held_up(monkeypatch, "nfs.server.close_fds", nfs.store.close_fds)
     gone, kept = export_dir / "gone", export_dir / "kept"
     gone.write_bytes(os.urandom(200_000))
     kept.write_bytes(os.urandom(1000))
@@ -510,7 +510,7 @@ async def test_freeing_a_big_file_does_not_hold_up_other_calls(
     meanwhile (here, while that close is held up); the call answers once it is done, with the
     space free. Whether or not the server had the file open in its cache (else it holds the
     file over the unlink or rename)."""
-    closing, go_on = _hold_closes(monkeypatch, "nfs.nfsd")
+    closing, go_on = _held_up(monkeypatch, "nfs.nfsd.close_fds", nfs.store.close_fds)
     cred = AuthSys().to_auth()
     big, kept = export_dir / "big", export_dir / "kept"
     big.write_bytes(os.urandom(nfs.nfsd.SLOW_FREE))
@@ -543,3 +543,30 @@ async def test_freeing_a_big_file_does_not_hold_up_other_calls(
                 assert big.read_bytes() == b"the new big" and not (export_dir / "new").exists()
             else:
                 assert not big.exists()
+
+
+async def test_cutting_a_big_file_does_not_hold_up_other_calls(
+        tmp_path: Path, export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SETATTR that cuts a big file frees its page cache and blocks, as a last close does: the
+    truncate runs in a worker thread, so other calls are answered meanwhile (here while it is
+    held up); SETATTR answers once it is done, with the new size and mode both set."""
+    cutting, go_on = _held_up(monkeypatch, "nfs.nfsd._truncate", os.ftruncate)
+    big, kept = export_dir / "big", export_dir / "kept"
+    big.write_bytes(os.urandom(nfs.nfsd.SLOW_FREE + 5))
+    kept.write_bytes(os.urandom(1000))
+    async with serving(tmp_path, export_dir) as (server, port, _):
+        ex = server.export
+        fhs = [ex.fh_for(str(p), os.lstat(p), ex.root_ino) for p in (big, kept)]
+        with _connect(port) as s, _connect(port) as s2:
+            await trio.to_thread.run_sync(_read, s2, fhs[1], 1000)
+            s.sendall(_rec(_call(2, Proc.SETATTR, SetattrArgs(fhs[0], Sattr3(size=5, mode=0o600)),
+                                 AuthSys().to_auth())))
+            with trio.fail_after(10):  # (bounds for a broken server, not timings)
+                await trio.to_thread.run_sync(cutting.wait, 10)
+                await trio.to_thread.run_sync(_read, s2, fhs[1], 1000)  # while the cut is held
+            go_on.set()
+            with trio.fail_after(10):
+                res = await trio.to_thread.run_sync(_recv_record, s)
+            assert _res(Proc.SETATTR, res).status == Stat.NFS3_OK
+            st = big.stat()
+            assert st.st_size == 5 and st.st_mode & 0o7777 == 0o600
