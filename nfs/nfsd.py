@@ -475,7 +475,6 @@ class NfsProgram:
             attrs = a.new_attributes
             self._check_setattr(st, attrs, self._who(ctx))
             if attrs.size is not None and pystat.S_ISREG(st.st_mode) and st.st_size - attrs.size >= SLOW_FREE:
-                valid_sattr(attrs)
                 # Cutting a big file frees its page cache and blocks, as a last close does: in a
                 # worker thread, on a dup of its fd, while the service threads go on.
                 fd = os.dup(self.export.fd(path, st))
