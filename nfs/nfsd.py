@@ -120,7 +120,7 @@ def _frees_slowly(st: os.stat_result) -> bool:
 
 
 def _truncate(fd: int, size: int) -> None:
-    """ftruncate(2), for a worker thread (SETATTR cutting a big file)."""
+    """ftruncate(2), for a worker thread (`NfsProgram._set`)."""
     os.ftruncate(fd, size)
 
 
@@ -472,18 +472,8 @@ class NfsProgram:
             return WccRes(Stat.NFS3ERR_NOT_SYNC, WccData(pre, self._attr(st)))
 
         async def change() -> None:
-            attrs = a.new_attributes
-            self._check_setattr(st, attrs, self._who(ctx))
-            if attrs.size is not None and pystat.S_ISREG(st.st_mode) and st.st_size - attrs.size >= SLOW_FREE:
-                # Cutting a big file frees its page cache and blocks, as a last close does: in a
-                # worker thread, on a dup of its fd, while the service threads go on.
-                fd = os.dup(self.export.fd(path, st))
-                try:
-                    await trio.to_thread.run_sync(_truncate, fd, attrs.size)
-                finally:
-                    os.close(fd)
-                attrs = dataclasses.replace(attrs, size=None)
-            self._apply(path, st, attrs)
+            self._check_setattr(st, a.new_attributes, self._who(ctx))
+            await self._set(path, st, a.new_attributes)
             await _commit_metadata_path(path, st)  # the new attributes are on disk before the reply
 
         status = await _status(change)
@@ -495,6 +485,20 @@ class NfsProgram:
         check_setattr(st, who, size=a.size is not None and a.size != st.st_size, mode=a.mode is not None,
                       uid=a.uid, gid=a.gid, times=a.atime is not None or a.mtime is not None,
                       client_times=isinstance(a.atime, NfsTime) or isinstance(a.mtime, NfsTime))
+
+    async def _set(self, path: str, st: os.stat_result, a: Sattr3) -> None:
+        """`_apply`, but a cut of SLOW_FREE or more off a regular file, which frees its page
+        cache and blocks as a last close does, runs in a worker thread on a dup of its fd,
+        while the service threads go on."""
+        if a.size is not None and pystat.S_ISREG(st.st_mode) and st.st_size - a.size >= SLOW_FREE:
+            valid_sattr(a)
+            fd = os.dup(self.export.fd(path, st))
+            try:
+                await trio.to_thread.run_sync(_truncate, fd, a.size)
+            finally:
+                os.close(fd)
+            a = dataclasses.replace(a, size=None)
+        self._apply(path, st, a)
 
     def _apply(self, path: str, st: os.stat_result, a: Sattr3) -> None:
         """Set attributes on the very inode `st` describes: through an O_PATH fd of it (a
@@ -722,7 +726,7 @@ class NfsProgram:
             if not created:  # setting attributes of someone's existing file: SETATTR's rules
                 self._check_setattr(st, attrs, who)
             # The requested mode exactly (not filtered by our umask, as knfsd), and the rest.
-            self._apply(os.path.join(d.path, name), st, attrs)
+            await self._set(os.path.join(d.path, name), st, attrs)
 
         return await self._make(a.where, ctx, make)
 

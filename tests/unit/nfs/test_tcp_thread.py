@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import trio
 
-from nfs.nfs3 import FILE_SYNC, NFS_PROGRAM, UNSTABLE, Proc, Stat
-from nfs.nfs3xdr import NFS3_PROCEDURES, DirOpArgs, FhArgs, ReadArgs, RenameArgs, Sattr3, SetattrArgs, WriteArgs
+from nfs.nfs3 import FILE_SYNC, NFS_PROGRAM, UNSTABLE, CreateMode, Proc, Stat
+from nfs.nfs3xdr import NFS3_PROCEDURES, CreateArgs, DirOpArgs, FhArgs, ReadArgs, RenameArgs, Sattr3, SetattrArgs, WriteArgs
 from nfs.record import LAST_FRAG
 from nfs.rpc import AuthSys, OpaqueAuth, encode_call
 import nfs.nfsd
@@ -545,28 +545,35 @@ async def test_freeing_a_big_file_does_not_hold_up_other_calls(
                 assert not big.exists()
 
 
+@pytest.mark.parametrize("how", ["setattr", "create-unchecked"])
 async def test_cutting_a_big_file_does_not_hold_up_other_calls(
-        tmp_path: Path, export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """SETATTR that cuts a big file frees its page cache and blocks, as a last close does: the
-    truncate runs in a worker thread, so other calls are answered meanwhile (here while it is
-    held up); SETATTR answers once it is done, with the new size and mode both set."""
+        tmp_path: Path, export_dir: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """SETATTR, or a CREATE UNCHECKED of an existing file, that cuts a big file frees its page
+    cache and blocks, as a last close does: the truncate runs in a worker thread, so other calls
+    are answered meanwhile (here while it is held up); the call answers once it is done, with
+    the new size and mode both set."""
     cutting, go_on = _held_up(monkeypatch, "nfs.nfsd._truncate", os.ftruncate)
     big, kept = export_dir / "big", export_dir / "kept"
     big.write_bytes(os.urandom(nfs.nfsd.SLOW_FREE + 5))
     kept.write_bytes(os.urandom(1000))
     async with serving(tmp_path, export_dir) as (server, port, _):
         ex = server.export
+        root = ex.fh_for(str(export_dir), os.lstat(export_dir), ex.root_ino)
         fhs = [ex.fh_for(str(p), os.lstat(p), ex.root_ino) for p in (big, kept)]
         with _connect(port) as s, _connect(port) as s2:
             await trio.to_thread.run_sync(_read, s2, fhs[1], 1000)
-            s.sendall(_rec(_call(2, Proc.SETATTR, SetattrArgs(fhs[0], Sattr3(size=5, mode=0o600)),
-                                 AuthSys().to_auth())))
+            attrs = Sattr3(size=5, mode=0o600)
+            args: object = SetattrArgs(fhs[0], attrs)
+            proc = Proc.SETATTR
+            if how == "create-unchecked":
+                proc, args = Proc.CREATE, CreateArgs(DirOpArgs(root, "big"), CreateMode.UNCHECKED, attrs)
+            s.sendall(_rec(_call(2, proc, args, AuthSys().to_auth())))
             with trio.fail_after(10):  # (bounds for a broken server, not timings)
                 await trio.to_thread.run_sync(cutting.wait, 10)
                 await trio.to_thread.run_sync(_read, s2, fhs[1], 1000)  # while the cut is held
             go_on.set()
             with trio.fail_after(10):
                 res = await trio.to_thread.run_sync(_recv_record, s)
-            assert _res(Proc.SETATTR, res).status == Stat.NFS3_OK
+            assert _res(proc, res).status == Stat.NFS3_OK
             st = big.stat()
             assert st.st_size == 5 and st.st_mode & 0o7777 == 0o600
