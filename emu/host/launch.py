@@ -34,13 +34,15 @@ from emu.util.signals import is_interrupt
 def run_host(sc: scen.Scenario, server: Endpoint, progress: Progress | None = None, out_dir: Path | None = None, *,
              raw_traffic: bool = True, reference_rate: float | None = None,
              wall_timeout: float = WALL_TIMEOUT_DEFAULT, observe: Observe | None = None,
-             identity: HostIdentity | None = None, stem: str | None = None) -> RunResult:
+             identity: HostIdentity | None = None, stem: str | None = None,
+             on_result: Callable[[RunResult], None] | None = None) -> RunResult:
     """Run one host to its verdict, in a `trio.run` of its own under its emulated clock.
 
     `raw_traffic=False` sends the background traffic as an unprivileged user would even when we
     are root.  `reference_rate`: the progress rate of the same scenario under a reserve policy,
     for the livelock verdict (default: this run's own best).  `identity`: the host's address (and
     initiator name) when it shares the server with others.  `stem`: the output files' name.
+    `on_result`: given the result once the run has ended, before its files are written.
     """
     clock = EmuClock()
     run = HostRun(sc, server, clock, raw_traffic=raw_traffic, reference_rate=reference_rate, observe=observe,
@@ -109,6 +111,8 @@ def run_host(sc: scen.Scenario, server: Endpoint, progress: Progress | None = No
     res.server_events = list(run.server_events)
     res.wall_s = res.clock["wall_s"] = round(perf_counter() - wall0, 3)
     res.timeline = run.recorder
+    if on_result is not None:  # before the files: an interrupt while they are written keeps the run
+        on_result(res)
     if run.obs is not None and run.obs.tap is not None:
         run.obs.tap.stop()
         decode = tshark_decode_as(server, sc.backend)
@@ -190,7 +194,13 @@ def run_matrix(base: scen.Scenario, backends: Sequence[str], policies: Sequence[
             rates = [r.progress_rate for (b, p), r in results.items() if b == sc.backend and r.outcome == "completed"]
             ref = max(rates) if rates else None
         obs = observe_for(sc) if observe_for is not None else None
-        results[(sc.backend, sc.policy)] = run_host(sc, server, progress, out_dir, reference_rate=ref, observe=obs, **kw)
+
+        def keep(res: RunResult) -> None:
+            results[(sc.backend, sc.policy)] = res
+
+        # (kept by run_host as soon as the run has ended: a Ctrl-C while its files are written,
+        # once its JSON is even there, would otherwise lose a finished run)
+        run_host(sc, server, progress, out_dir, reference_rate=ref, observe=obs, on_result=keep, **kw)
 
     try:
         for b in backends:
