@@ -153,6 +153,7 @@ class RpcClient:
         self._connect_done = trio.Event()
         self._connect_error: Exception | None = None
         self._timer_kick = trio.Event()
+        self._timer_armed = math.inf  # when the timer task will wake by itself
         self._nursery: trio.Nursery | None = None
         self._nursery_cm: Any = None
         self.closed = False
@@ -202,14 +203,20 @@ class RpcClient:
         handle the time and act on what it says."""
         while True:
             deadline = self.core.get_timer()
-            with trio.move_on_at(math.inf if deadline is None else deadline):
+            self._timer_armed = math.inf if deadline is None else deadline
+            with trio.move_on_at(self._timer_armed):
                 await self._timer_kick.wait()
             self._timer_kick = trio.Event()
             self.core.handle_timer(trio.current_time())
             self._events()
 
-    def _kick(self) -> None:
-        self._timer_kick.set()
+    def _kick(self, deadline: float) -> None:
+        """A request's timer now runs to `deadline`: wake the timer task only if that is
+        sooner than it will wake anyway. With one call after another, each call's deadline is
+        later than the one armed, so a call costs no trip through the timer task; the task
+        wakes at the armed time, finds that call done, and sleeps until the next one's."""
+        if deadline < self._timer_armed:
+            self._timer_kick.set()
 
     def _events(self) -> None:
         while (ev := self.core.next_event()) is not None:
@@ -393,7 +400,7 @@ class RpcClient:
                         raise
                     log.debug("connect failed: %s", e)
                     core.not_sent(rq, trio.current_time(), f"cannot connect: {e.strerror or e}", rq.timeout)
-                    self._kick()
+                    self._kick(rq.deadline)
                     await wake.wait()
                     continue
                 if not c.stream and len(rq.message) > UDP_MAX_CALL:
@@ -405,18 +412,18 @@ class RpcClient:
                     await self._kill(c)
                     losses += 1
                     core.not_sent(rq, trio.current_time(), "send failed", min(0.01 * 2**losses, 2.0))
-                    self._kick()
+                    self._kick(rq.deadline)
                     await wake.wait()
                     continue
                 core.transmitted(rq, trio.current_time())
-                self._kick()
+                self._kick(rq.deadline)
                 await wake.wait()  # the reply, the timer (retransmit or give up), or a lost connection
                 if not rq.done and c.dead and rq.deadline != math.inf:
                     losses += 1  # the connection went away: resend on a new one (backing off)
                     if losses > 1:
                         wake = self._wake[rq.xid] = trio.Event()
                         core.not_sent(rq, trio.current_time(), "connection lost", min(0.01 * 2**losses, 2.0))
-                        self._kick()
+                        self._kick(rq.deadline)
                         await wake.wait()
             if rq.error is not None:
                 raise rq.error
