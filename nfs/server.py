@@ -5,10 +5,11 @@ answers every program (as knfsd's and ganesha's ports do for NULL probes). Each 
 has a service thread (`_tcp_thread`, knfsd's and ganesha's design): it waits for the
 connection's bytes in poll(2), reassembles records (RFC 5531 record marking, each capped by
 `max_record`; a bigger one closes that connection only) and answers READ and UNSTABLE WRITE
-itself (`RpcService.try_fast`) with the core lock held (below), when no other reply is being
-sent on the connection, so a hot call costs no trip through the event loop. Every other call is
-handed to the loop in a task of its own (answered at once when it needs no waiting,
-`RpcService.try_now`; else a sync or a walk of the export holds up no other call). The
+(`RpcService.try_fast`), and every other call that needs no waiting (`RpcService.try_here`:
+GETATTR, LOOKUP, ... of a known handle; a refusal), itself with the core lock held (below),
+when no other reply is being sent on the connection, so such a call costs no trip through the
+event loop. Every other call is handed to the loop in a task of its own (so a sync or a walk
+of the export holds up no other call). The
 connection's task on the loop keeps its timers, waits for the byte budget or a call slot when
 the thread needs one, and closes the socket (which ends the thread) when the connection ends.
 The loop's drivers call plain non-blocking sockets and wait through trio only when a call would
@@ -16,7 +17,8 @@ block.
 
 Each UDP socket has a service thread (knfsd's nfsd threads, ganesha's workers): it waits in a
 blocking recvfrom, so a call costs no trip through the event loop, and answers READ and
-UNSTABLE WRITE itself (`try_fast`) with the *core lock* held. The event loop holds that lock
+UNSTABLE WRITE (`try_fast`), and the other calls that need no waiting (`try_here`), itself with
+the *core lock* held. The event loop holds that lock
 whenever it runs and lets go of it only while it waits for I/O (`_CoreLock`, a trio
 instrument), so the sans-IO core never runs in two threads at once and the loop never waits
 for a thread longer than one call. Any other call, or one that finds the loop busy for
@@ -401,9 +403,9 @@ class NfsServer:
         """An nfsd thread for a TCP connection (knfsd's and ganesha's design): it waits for the
         connection's bytes itself (poll(2), no trip through the event loop per call), feeds the
         record decoder (RFC 5531 record marking), charges what arrived to the byte budget as the
-        event loop did, and answers READ and UNSTABLE WRITE (`try_fast`) with the core lock held
-        when no other reply is being sent on the connection; every other call is handed to the
-        loop (`_tcp_handoff`). Whenever it would wait for the budget or a call slot, the loop
+        event loop did, and answers READ and UNSTABLE WRITE (`try_fast`) and the other calls
+        that need no waiting (`try_here`) with the core lock held when no other reply is being
+        sent on the connection; every other call is handed to the loop (`_tcp_handoff`). Whenever it would wait for the budget or a call slot, the loop
         waits for it (`_tcp_wait`), so the budget's rules stay the loop's. Its end (the peer's,
         a bad record, the loop closing the socket) is told to the loop by `t.ended`."""
         sock, core, conn, dec = t.sock, self._core, t.conn, t.conn.dec
@@ -536,8 +538,9 @@ class NfsServer:
                 return None  # (the rest of its reply goes first)
 
     def _tcp_call_now(self, t: _TcpStream, rec: memoryview) -> None:
-        """With the core lock held: answer a hot call here (its reply goes before the reply
-        cache and the statistics are kept, `_TcpStream.send`), or hand it to the loop."""
+        """With the core lock held: answer a call that needs no waiting here (its reply goes
+        before the reply cache and the statistics are kept, `_TcpStream.send`), or hand it to
+        the loop."""
         conn = t.conn
         t0 = time.perf_counter()  # the call's service time starts (per-client statistics)
         conn.last_active = t.clock.current_time()
@@ -547,6 +550,8 @@ class NfsServer:
         if not t.send_lock.locked() and not t.sending:
             t.reply_bytes = -1
             reply = self.svc.try_fast(rec, conn.peer[0], "tcp", STREAM_MAX_REPLY, t.send)
+            if reply is None:
+                reply = self.svc.try_here(rec, CallContext(*conn.peer, "tcp"), t.send)
         if reply is None:
             t.token.run_sync_soon(self._tcp_handoff, t, rec, t0)
             return
@@ -713,8 +718,8 @@ class NfsServer:
 
     def _udp_thread(self, u: _UdpSocket) -> None:
         """An nfsd thread for a UDP socket: it waits in recvfrom (no trip through the event loop
-        per call) and answers the hot calls (`try_fast`: READ, UNSTABLE WRITE) with the core lock
-        held, which the event loop lets go of only while it waits for I/O; a call needing more,
+        per call) and answers the hot calls (`try_fast`: READ, UNSTABLE WRITE) and the others
+        that need no waiting (`try_here`) with the core lock held, which the event loop lets go of only while it waits for I/O; a call needing more,
         or one that comes while the loop runs, is handed to the loop (at most _MAX_HANDOFFS
         handed over and not yet admitted: past that the thread waits, and the socket's queue
         holds what comes). A call answered here holds its one datagram while it runs, in the
@@ -751,15 +756,17 @@ class NfsServer:
                 return
 
     def _udp_now(self, u: _UdpSocket, data: memoryview, addr: Any) -> bool:
-        """In the service thread, with the core lock held: answer a hot call; False if it is
-        not one (nothing done). The reply goes before the reply cache and the statistics are
+        """In the service thread, with the core lock held: answer a call that needs no
+        waiting; False if it is not one (nothing done). The reply goes before the reply cache and the statistics are
         kept (`_UdpSocket.send`), off the client's wait."""
         t0 = time.perf_counter()
         host = addr[0]
         u.addr, u.sent = addr, None
         reply = self.svc.try_fast(data, host, "udp", UDP_MAX_PAYLOAD, u.send)
         if reply is None:
-            return False
+            reply = self.svc.try_here(data, CallContext(host, int(addr[1]), "udp", max_reply=UDP_MAX_PAYLOAD), u.send)
+            if reply is None:
+                return False
         stats = self.stats
         stats.udp_datagrams += 1
         stats.calls_now += 1

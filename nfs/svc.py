@@ -13,7 +13,8 @@ crashing the server.
 A driver may split `dispatch` in two: `begin` checks the header; `try_now` runs the call at once
 when its program can do it without waiting (`call_nowait`: a READ or an UNSTABLE WRITE whose
 handle is known), so the common call costs no task and no trip through the event loop; the rest
-go to `finish`, in a task. Both give the same replies, reply cache included.
+go to `finish`, in a task. Both give the same replies, reply cache included. `try_here` is the
+two in one for a service thread: the reply, or nothing done and nothing counted.
 """
 
 from __future__ import annotations
@@ -212,7 +213,26 @@ class RpcService:
             return [encode_reply_accepted(xid, AcceptStat.PROC_UNAVAIL)]
         return Pending(hdr, args, prog)
 
-    def try_now(self, p: Pending, ctx: CallContext) -> list[Buffer] | None:
+    def try_here(self, msg: bytes | bytearray | memoryview, ctx: CallContext,
+                 send: Callable[[list[Buffer]], object] | None = None) -> list[Buffer] | None:
+        """`begin` and `try_now` in one, for a service thread (after `try_fast`): the reply of
+        a call that needs no waiting, or of one refused at its header; None, with nothing done
+        and nothing counted, for any other (the usual way then counts and answers it, or drops
+        it). `send` as in `try_fast`."""
+        stats = self.stats
+        calls, dropped = stats.calls, stats.dropped
+        p = self.begin(msg, ctx)
+        if isinstance(p, Pending):
+            reply = self.try_now(p, ctx, send)
+            if reply is None:
+                stats.calls = calls
+            return reply
+        if p is None:
+            stats.dropped = dropped
+        return p
+
+    def try_now(self, p: Pending, ctx: CallContext,
+                send: Callable[[list[Buffer]], object] | None = None) -> list[Buffer] | None:
         """Run the call now if the program can do it without waiting (knfsd's nfsd thread runs
         a call to its end; here that saves the event loop a task and its wake-ups per call);
         None, with nothing done, when it must be awaited with `finish`."""
@@ -234,7 +254,7 @@ class RpcService:
                 assert cached is not None
                 return [cached]
             # NEW: run() ends before anything else runs, so no duplicate can see it in progress.
-        return self._complete(p.hdr.xid, p.prog, p.hdr.proc, run, key)
+        return self._complete(p.hdr.xid, p.prog, p.hdr.proc, run, key, send=send)
 
     async def finish(self, p: Pending, ctx: CallContext) -> list[Buffer] | None:
         """Run a call that `begin` accepted, waiting as it needs (the reply cache, a sync)."""

@@ -1,5 +1,6 @@
 """A TCP connection's service thread (nfs/server.py `_tcp_thread`): it answers READ and UNSTABLE
-WRITE itself with the replies the usual way gives, hands every other call to the event loop,
+WRITE, and every other call that needs no waiting, itself with the replies the usual way gives,
+hands the rest to the event loop,
 reassembles records however the bytes are split, keeps to the byte budget, survives garbage and
 a peer gone mid-record, and no thread outlives its connection or the server. Real loopback
 sockets; the clients are blocking sockets in another thread, so the event loop is idle while
@@ -22,7 +23,7 @@ import pytest
 import trio
 
 from nfs.nfs3 import FILE_SYNC, NFS_PROGRAM, UNSTABLE, CreateMode, Proc, Stat
-from nfs.nfs3xdr import NFS3_PROCEDURES, CreateArgs, DirOpArgs, FhArgs, ReadArgs, RenameArgs, Sattr3, SetattrArgs, WriteArgs
+from nfs.nfs3xdr import NFS3_PROCEDURES, CommitArgs, CreateArgs, DirOpArgs, FhArgs, ReadArgs, RenameArgs, Sattr3, SetattrArgs, WriteArgs
 from nfs.record import LAST_FRAG
 from nfs.rpc import AuthSys, OpaqueAuth, encode_call
 import nfs.nfsd
@@ -97,7 +98,7 @@ def _connect(port: int) -> socket.socket:
 
 async def test_hot_calls_over_tcp_are_answered_by_the_connection_thread(tmp_path: Path, export_dir: Path) -> None:
     """READ and UNSTABLE WRITE from the connection's service thread, the right bytes; a
-    GETATTR and a FILE_SYNC WRITE from the loop; the thread is gone with the connection."""
+    FILE_SYNC WRITE from the loop; the thread is gone with the connection."""
     cred = AuthSys().to_auth()
     data = os.urandom(200_000)
     async with serving(tmp_path, export_dir) as (server, port, fh):
@@ -106,7 +107,7 @@ async def test_hot_calls_over_tcp_are_answered_by_the_connection_thread(tmp_path
         def client() -> list[bytes]:
             with _connect(port) as s:
                 out = []
-                s.sendall(_rec(_call(1, Proc.GETATTR, FhArgs(fh), cred)))  # (its credential is new: the loop's)
+                s.sendall(_rec(_call(1, Proc.GETATTR, FhArgs(fh), cred)))
                 out.append(_recv_record(s))
                 assert len(_tcp_threads()) == 1
                 s.sendall(_rec(_call(2, Proc.WRITE, WriteArgs(fh, 0, 4, UNSTABLE, b"warm"), cred)))
@@ -135,6 +136,49 @@ async def test_hot_calls_over_tcp_are_answered_by_the_connection_thread(tmp_path
         assert server.stats.tcp_thread_calls - counted[0] == 5  # the four UNSTABLE WRITEs and the READ
         assert server.budget.used == 0 and server.svc.stats.system_err == 0
     assert (export_dir / "f").read_bytes() == b"hello" + data[5:]
+
+
+async def test_calls_that_need_no_waiting_are_answered_by_the_thread_and_counted_once(
+        tmp_path: Path, export_dir: Path) -> None:
+    """GETATTR, NULL and a call to a program the server lacks (its PROG_UNAVAIL) are answered by
+    the connection's service thread; a COMMIT (an fsync) and a call whose header cannot be read
+    (dropped) go the usual way, on the loop. Each call is counted once, wherever it ran."""
+    cred = AuthSys().to_auth()
+    async with serving(tmp_path, export_dir) as (server, port, fh):
+        counted: list[int] = []
+
+        def client() -> list[bytes]:
+            with _connect(port) as s:
+                out = []
+                s.sendall(_rec(_call(1, Proc.GETATTR, FhArgs(fh), cred)))  # (the handle: resolved, cached)
+                out.append(_recv_record(s))
+                with server._core:
+                    counted.append(server.stats.tcp_thread_calls)
+                s.sendall(_rec(_call(2, Proc.GETATTR, FhArgs(fh), cred)))
+                out.append(_recv_record(s))
+                s.sendall(_rec(_call(3, Proc.NULL, None, cred)))
+                out.append(_recv_record(s))
+                s.sendall(_rec(bytes(encode_call(4, 100999, 1, 0, b"", cred))))
+                out.append(_recv_record(s))
+                s.sendall(_rec(_call(5, Proc.COMMIT, CommitArgs(fh, 0, 0), cred)))
+                out.append(_recv_record(s))
+                s.sendall(_rec(b"\0" * 8))  # (no reply: dropped)
+                s.sendall(_rec(_call(6, Proc.GETATTR, FhArgs(fh), cred)))
+                out.append(_recv_record(s))
+                with server._core:
+                    counted.append(server.stats.tcp_thread_calls)
+                return out
+
+        svc = server.svc.stats
+        with trio.fail_after(20):
+            replies = await trio.to_thread.run_sync(client)
+        assert [struct.unpack_from(">I", r)[0] for r in replies] == [1, 2, 3, 4, 5, 6]
+        assert _res(Proc.GETATTR, replies[1]).status == Stat.NFS3_OK
+        assert struct.unpack_from(">I", replies[3], 20)[0] == 1  # PROG_UNAVAIL
+        assert _res(Proc.COMMIT, replies[4]).status == Stat.NFS3_OK
+        assert counted[1] - counted[0] == 4  # GETATTR, NULL, PROG_UNAVAIL, GETATTR
+        assert (svc.calls, svc.dropped, svc.prog_unavail) == (6, 1, 1)
+        assert (svc.by_proc["NFS3.1"], svc.by_proc["NFS3.0"], svc.by_proc["NFS3.21"]) == (3, 1, 1)
 
 
 async def test_a_record_split_across_reads_is_served(tmp_path: Path, export_dir: Path) -> None:
@@ -392,21 +436,21 @@ async def test_no_reply_is_sent_into_a_read_cut_short_by_a_truncation(
                 s.sendall(read(1, big, 1 << 20))
                 _recv_record(s)  # (the first: its handle resolved, its fd opened)
             with server._core:
-                before, before_now = server.stats.tcp_thread_calls, server.stats.calls_now
+                before = server.stats.tcp_thread_calls
             slow = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting: a small window)
             slow.settimeout(10)
             slow.connect((H, port))
             with slow:
-                # One segment, so the thread takes both records at once: the first (a file whose
-                # fd is not open yet: not the hot path's) goes to the loop, whose reply must wait
-                # while the thread sends the second's (a READ from the mapping, half sent).
-                slow.sendall(read(2, small, 8192) + read(3, big, 1 << 20))
+                # One segment, so the thread takes both records at once: the first (a COMMIT,
+                # which syncs: not the thread's) goes to the loop, whose reply must wait while the
+                # thread sends the second's (a READ from the mapping, half sent).
+                slow.sendall(_rec(_call(2, Proc.COMMIT, CommitArgs(small), cred)) + read(3, big, 1 << 20))
                 deadline = time.monotonic() + 10  # (a bound for a broken server, not a timing)
                 while True:
                     with server._core:
-                        # (the thread's READ answered, and the loop's: its reply waits for the thread's)
-                        if server.stats.tcp_thread_calls > before and server.stats.calls_now >= before_now + 2:
+                        # (the thread's READ answered, and the loop's COMMIT: its reply waits)
+                        if server.stats.tcp_thread_calls > before and server.svc.stats.by_proc.get("NFS3.21"):
                             break
                     assert time.monotonic() < deadline, "the calls were not answered"
                     time.sleep(0.005)
@@ -431,7 +475,7 @@ async def test_no_reply_is_sent_into_a_read_cut_short_by_a_truncation(
         assert mark & LAST_FRAG and size > (1 << 20)
         assert struct.unpack(">I", got[4:8])[0] == 3  # (the big READ's reply went first)
         # Nothing after the cut: the bytes end short of the READ's record, and every data byte
-        # that came is the file's (with the bug, the small READ's reply came as its last 4 KiB).
+        # that came is the file's (with the bug, the COMMIT's reply came in its last 4 KiB).
         assert len(got) < 4 + size, (len(got), size)
         head = 4 + size - (1 << 20)
         assert got[head:] == data[: len(got) - head]
