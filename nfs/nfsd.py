@@ -45,7 +45,7 @@ from nfs.nfs3xdr import (
     fattr3_bytes, wcc_attr_bytes,
 )
 from nfs.filemap import MAP_MIN_READ
-from nfs.store import FH_SIZE, Export, check_name, close_fds, errno_to_stat, proc_path
+from nfs.store import FH_SIZE, SLOW_FREE, Export, check_name, close_fds, errno_to_stat, frees_slowly, proc_path
 from nfs.rpc import AuthSys
 from nfs.svc import Buffer, CallContext, peer_address
 from nfs.writeback import DEFAULT_WRITE_BEHIND, WriteBehind, start_writeback
@@ -109,14 +109,6 @@ def _dir(a: Any) -> bytes:
     return a.dir  # type: ignore[no-any-return]
 
 
-SLOW_FREE = 1 << 20  # bytes: a regular file this big takes longer to free than a trip to a worker thread
-
-
-def _frees_slowly(st: os.stat_result) -> bool:
-    """Whether freeing this file (its last link and fd gone) is worth a worker thread: freeing
-    256 MiB of page cache and blocks takes about 50 ms on ext4, a worker thread's round trip
-    about 0.1 ms."""
-    return pystat.S_ISREG(st.st_mode) and st.st_nlink <= 1 and st.st_size >= SLOW_FREE
 
 
 def _truncate(fd: int, size: int) -> None:
@@ -833,7 +825,7 @@ class NfsProgram:
         """Before the last link of a big file goes (REMOVE, or a RENAME onto it): hold the
         file, by its cached fd taken out of the cache or else an O_PATH fd of it, so that its
         last close, which frees its page cache and blocks, is ours, in a worker (`_release`)."""
-        if not _frees_slowly(st):
+        if not frees_slowly(st, links=1):
             return
         fd = self.export.forget_fd(st.st_ino)
         if fd is None:

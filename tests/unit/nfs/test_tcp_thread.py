@@ -557,7 +557,7 @@ async def test_freeing_a_big_file_does_not_hold_up_other_calls(
     closing, go_on = _held_up(monkeypatch, "nfs.nfsd.close_fds", nfs.store.close_fds)
     cred = AuthSys().to_auth()
     big, kept = export_dir / "big", export_dir / "kept"
-    big.write_bytes(os.urandom(nfs.nfsd.SLOW_FREE))
+    big.write_bytes(os.urandom(nfs.store.SLOW_FREE))
     kept.write_bytes(os.urandom(1000))
     (export_dir / "new").write_bytes(b"the new big")
     async with serving(tmp_path, export_dir) as (server, port, _):
@@ -598,7 +598,7 @@ async def test_cutting_a_big_file_does_not_hold_up_other_calls(
     the new size and mode both set."""
     cutting, go_on = _held_up(monkeypatch, "nfs.nfsd._truncate", os.ftruncate)
     big, kept = export_dir / "big", export_dir / "kept"
-    big.write_bytes(os.urandom(nfs.nfsd.SLOW_FREE + 5))
+    big.write_bytes(os.urandom(nfs.store.SLOW_FREE + 5))
     kept.write_bytes(os.urandom(1000))
     async with serving(tmp_path, export_dir) as (server, port, _):
         ex = server.export
