@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,22 +127,35 @@ def ganesha(workdir: Path, tmpfs_size: str = "1g", timeout: float = 30.0) -> Ite
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "recov").mkdir(exist_ok=True)
     export = workdir / "export"
-    nfs = free_port(H, udp_too=True)
-    mnt = free_port(H, udp_too=True, avoid={nfs})
     with rpcbind(), real_fs_dir(export, tmpfs_size) as export:
         conf = workdir / "ganesha.conf"
-        conf.write_text(GANESHA_CONF.format(nfs=nfs, mnt=mnt, dir=workdir, export=export))
         log = workdir / "ganesha.log"
-        proc = subprocess.Popen(["ganesha.nfsd", "-F", "-f", str(conf), "-L", str(log), "-N", "NIV_EVENT",
-                                 "-p", str(workdir / "ganesha.pid")],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
+        for attempt in range(3):
+            # (free ports, bound by ganesha a moment later: another process may take one first;
+            # then ganesha fails to bind, and starts again on other ports)
+            nfs = free_port(H, udp_too=True)
+            mnt = free_port(H, udp_too=True, avoid={nfs})
+            conf.write_text(GANESHA_CONF.format(nfs=nfs, mnt=mnt, dir=workdir, export=export))
+            log.unlink(missing_ok=True)
+            proc = subprocess.Popen(["ganesha.nfsd", "-F", "-f", str(conf), "-L", str(log), "-N", "NIV_EVENT",
+                                     "-p", str(workdir / "ganesha.pid")],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             deadline = time.monotonic() + timeout
-            while not (port_open(nfs) and port_open(mnt)):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-                    raise TestbedError(f"ganesha did not start (rc={proc.poll()}):\n{tail}")
-                time.sleep(0.1)
+            try:
+                while not (port_open(nfs) and port_open(mnt)):
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                        if "Address already in use" in tail and attempt < 2:
+                            break
+                        raise TestbedError(f"ganesha did not start (rc={proc.poll()}):\n{tail}")
+                    time.sleep(0.1)
+                else:
+                    break
+            except BaseException:
+                stop_process(proc, grace=15)
+                raise
+            stop_process(proc, grace=15)
+        try:
             yield Served(nfs, mnt, export, str(export), proc)
         finally:
             stop_process(proc, grace=15)
@@ -165,20 +178,29 @@ def capture(port_filter: str, out: Path, iface: str = "lo") -> Iterator[Path]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise TestbedError(f"dumpcap did not start: {log.read_text(errors='replace')}")
             time.sleep(0.02)
-        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            size0 = out.stat().st_size if out.exists() else 0
-            while not (out.exists() and out.stat().st_size > size0):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise TestbedError("dumpcap captures nothing")
-                probe.sendto(b"netswap capture probe", (H, probe_port))
-                time.sleep(0.05)
-        finally:
-            probe.close()
+        if not _probe_until_captured(out, probe_port, lambda: proc.poll() is None and time.monotonic() < deadline):
+            raise TestbedError("dumpcap captures nothing")
         yield out
-        time.sleep(0.3)  # let the last packets reach the capture
+        _probe_until_captured(out, probe_port)  # (the packets before it are in the file too)
     finally:
         stop_process(proc, grace=10, sig=signal.SIGINT)  # dumpcap writes out what it holds on SIGINT
+
+
+def _probe_until_captured(out: Path, port: int, go_on: Callable[[], bool] | None = None) -> bool:
+    """Send probe datagrams to `port` until the capture file grows (dumpcap writes each packet
+    as it comes, in order): whether it did, within 10 s (or while `go_on()`)."""
+    give_up = time.monotonic() + 10
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        size0 = out.stat().st_size if out.exists() else 0
+        while not (out.exists() and out.stat().st_size > size0):
+            if (go_on is not None and not go_on()) or time.monotonic() > give_up:
+                return False
+            probe.sendto(b"netswap capture probe", (H, port))
+            time.sleep(0.05)
+        return True
+    finally:
+        probe.close()
 
 
 def libnfs(tool: str, *args: str, timeout: float = 120.0, stdout: int = subprocess.PIPE) -> subprocess.CompletedProcess[str]:

@@ -39,7 +39,7 @@ async def test_swapped_out_owner_lets_its_queue_fill_then_drains_it(tmp_path: Pa
             for p in range(700):
                 await hogp.touch(p)
         assert all(isinstance(pte, int) for pte in app.pte), app.pte  # swapped out
-        storage.latency = 0.2  # from now on a slow swap device
+        storage.latency = 0.6  # from now on a slow swap device (the 200 datagrams arrive well within it)
 
         async def resident() -> None:  # the app's working set, faulted back in before each read
             for p in range(2):
