@@ -72,11 +72,18 @@ def tgtd(workdir: str | os.PathLike[str], *, size: int = 64 << 20, digests: bool
     with open(img, "wb") as f:
         f.truncate(size)
     env = dict(os.environ, TGT_IPC_SOCKET=str(wd / "tgtd.socket"))
-    port = port or free_port()
     log_path = wd / "tgtd.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([tgtd_bin, "-f", "--iscsi", f"portal={H}:{port}"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+    for attempt in range(3):
+        # A free port is bound by tgtd a moment later: if another process took it first, tgtd
+        # runs on without its portal (it logs so); then it starts again on another port.
+        use = port or free_port()
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([tgtd_bin, "-f", "--iscsi", f"portal={H}:{use}"], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT)
+        if port is not None or attempt == 2 or not _portal_failed(log_path, proc):
+            break
+        stop_process(proc, grace=1.0)
+    port = use
     try:
         def adm(*args: str) -> None:
             for _ in range(100):
@@ -101,6 +108,20 @@ def tgtd(workdir: str | os.PathLike[str], *, size: int = 64 << 20, digests: bool
         yield Daemon(proc, port, TGT_IQN, TGT_LUN, img, log_path)
     finally:
         stop_process(proc, grace=1.0)  # tgtd ignores SIGTERM while it has targets: then SIGKILL
+
+
+def _portal_failed(log_path: Path, proc: subprocess.Popen[bytes]) -> bool:
+    """Whether tgtd said it could not bind its portal (it says so first thing, or starts its
+    event loop and says nothing of it)."""
+    deadline = time.monotonic() + 5
+    while proc.poll() is None and time.monotonic() < deadline:
+        text = log_path.read_text(errors="replace")
+        if "failed to create/bind to portal" in text:
+            return True
+        if "bs_init" in text:  # (its backing-store setup, after the portals)
+            return False
+        time.sleep(0.02)
+    return False
 
 
 @contextlib.contextmanager
