@@ -493,7 +493,10 @@ class NfsServer:
                     n = sock.recv_into(scratch)
                 except BlockingIOError:
                     poller.poll(1000)  # (the loop's shutdown of the socket wakes it at once)
-                    continue
+                    try:  # (straight on: nothing else changed while it waited)
+                        n = sock.recv_into(scratch)
+                    except BlockingIOError:
+                        continue
                 if n == 0:
                     return  # the calls in flight still get their replies
                 pending = scratch_mv[:n]
