@@ -554,7 +554,7 @@ class NfsServer:
             t.reply_bytes = -1
             reply = self.svc.try_fast(rec, conn.peer[0], "tcp", STREAM_MAX_REPLY, t.send)
             if reply is None:
-                reply = self.svc.try_here(rec, CallContext(*conn.peer, "tcp"), t.send)
+                reply = self.svc.try_here(rec, CallContext(conn.peer[0], conn.peer[1], "tcp"), t.send)
         if reply is None:
             t.token.run_sync_soon(self._tcp_handoff, t, rec, t0)
             return
