@@ -650,7 +650,7 @@ class NfsProgram:
 
         try:
             trio.lowlevel.spawn_system_task(run)
-        except RuntimeError:  # not on the event loop's thread (a UDP service thread): the loop starts it
+        except RuntimeError:  # not on the event loop's thread (a service thread): the loop starts it
             if self.loop_token is None:
                 self.write_behind.done(ino)
                 os.close(own)

@@ -340,7 +340,11 @@ class Export:
         while len(self._fds) > self.max_open:
             old_ino, old = self._fds.popitem(last=False)
             self.maps.drop(old_ino)
-            if len(self._doomed) < MAX_DOOMED and frees_slowly(os.fstat(old)):
+            try:
+                doomed = len(self._doomed) < MAX_DOOMED and frees_slowly(os.fstat(old))
+            except OSError:
+                doomed = False
+            if doomed:
                 self._doomed.append(old)
             else:
                 os.close(old)

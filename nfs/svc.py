@@ -240,7 +240,8 @@ class RpcService:
         if nowait is None:
             return None
         hdr, args = p.hdr, p.args
-        body = args.buf[args.pos :]  # (the reply cache's checksum covers the arguments: before they are decoded)
+        pos = args.pos
+        body = args.buf[pos:]  # (the reply cache's checksum covers the arguments: before they are decoded)
         run = nowait(hdr.vers, hdr.proc, args, ctx)
         if run is None:
             return None
@@ -248,7 +249,10 @@ class RpcService:
         if p.prog.non_idempotent(hdr.vers, hdr.proc):
             key = self.drc.key(hdr.xid, ctx.host, hdr.prog, hdr.vers, hdr.proc, body)
             if key in self._in_progress:
-                return None  # the original is running: finish() drops or waits, as the rules say
+                # The original is running: finish() drops or waits, as the rules say, and
+                # needs the arguments as they came (its key covers them; it decodes them).
+                args.pos = pos
+                return None
             state, cached = self.drc.lookup(key)
             if state is DrcState.DONE:
                 assert cached is not None

@@ -189,6 +189,29 @@ def _call(xid: int, proc: Proc, args: object, cred: OpaqueAuth) -> bytes:
     return bytes(encode_call(xid, NFS_PROGRAM, 3, proc, b"".join(p.iov()), cred))  # type: ignore[arg-type]
 
 
+async def test_a_duplicate_of_a_write_still_running_is_left_whole_for_the_usual_way(
+        tmp_path: Path, export_dir: Path) -> None:
+    """A retransmitted UNSTABLE WRITE while its original is still running (say, waiting for a
+    walk of the export): `try_now` leaves it to `finish`, its arguments as they came, so the
+    reply cache finds the original (UDP: the duplicate is dropped, the client retransmits)
+    instead of a GARBAGE_ARGS for arguments already read."""
+    (export_dir / "f").write_bytes(b"x" * 10)
+    svc, prog = _core(tmp_path, export_dir)
+    fh = prog.export.fh_for(str(export_dir / "f"), os.lstat(export_dir / "f"), prog.export.root_ino)
+    msg = _call(9, Proc.WRITE, WriteArgs(fh, 0, 4, UNSTABLE, b"abcd"), AuthSys().to_auth())
+    ctx = CallContext(H, 700, "udp", max_reply=65507)
+    p = svc.begin(msg, ctx)
+    assert isinstance(p, Pending)
+    pos = p.args.pos
+    key = svc.drc.key(9, H, NFS_PROGRAM, 3, Proc.WRITE, p.args.buf[pos:])
+    svc._in_progress[key] = trio.Event()  # the original, running in finish()
+    svc.drc.lookup(key)
+    assert svc.try_now(p, ctx) is None
+    assert p.args.pos == pos
+    assert await svc.finish(p, ctx) is None  # dropped: the original's reply is still to come
+    assert svc.stats.garbage_args == 0 and (export_dir / "f").read_bytes() == b"x" * 10
+
+
 def _usual(svc: RpcService, msg: bytes, transport: str = "udp") -> bytes:
     ctx = CallContext(H, 700, transport, max_reply=65507 if transport == "udp" else STREAM_MAX_REPLY)
     p = svc.begin(msg, ctx)
