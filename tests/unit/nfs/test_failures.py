@@ -289,8 +289,12 @@ async def test_a_duplicate_on_a_new_tcp_connection_gets_the_original_reply(nfs_s
     rec = struct.pack(">I", LAST_FRAG | len(call)) + call
     a = await trio.open_tcp_stream(H, nfs_server.nfs_port)
     b = await trio.open_tcp_stream(H, nfs_server.nfs_port)
+    drc = nfs_server.server.svc.drc.stats
     await a.send_all(rec)
-    await b.send_all(rec)  # "the client reconnected and resent": same xid, while A's fsync runs
+    with trio.fail_after(10):  # A's call has started (under load, closing A before that may drop it)
+        while not drc.misses:
+            await trio.sleep(0.005)
+    await b.send_all(rec)  # "the client reconnected and resent": same xid, A's running or done
     await a.aclose()  # A's reply goes nowhere
     got = bytearray()
     with trio.fail_after(10):
@@ -300,8 +304,7 @@ async def test_a_duplicate_on_a_new_tcp_connection_gets_the_original_reply(nfs_s
     assert (xid, mtype, rstat, astat, nfsstat) == (4242, 1, 0, 0, 0)
     await b.aclose()
     assert (nfs_server.export / "w").read_bytes() == data
-    drc = nfs_server.server.svc.drc.stats
-    assert drc.hits + drc.in_progress_drops >= 1  # executed once, answered twice
+    assert drc.misses == 1 and drc.hits + drc.in_progress_drops >= 1  # executed once, answered twice
 
 
 async def test_hard_client_outlasts_major_timeouts_until_the_server_comes(tmp_path: Path, export_dir: Path,
