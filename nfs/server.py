@@ -18,10 +18,9 @@ block.
 Each UDP socket has a service thread (knfsd's nfsd threads, ganesha's workers): it waits in a
 blocking recvfrom, so a call costs no trip through the event loop, and answers READ and
 UNSTABLE WRITE (`try_fast`), and the other calls that need no waiting (`try_here`), itself with
-the *core lock* held. The event loop holds that lock
-whenever it runs and lets go of it only while it waits for I/O (`_CoreLock`, a trio
-instrument), so the sans-IO core never runs in two threads at once and the loop never waits
-for a thread longer than one call. Any other call, or one that finds the loop busy for
+the *core lock* held. The event loop holds that lock whenever it runs and lets go of it only
+while it waits for I/O (`_CoreLock`, a trio instrument), so the sans-IO core never runs in two
+threads at once and the loop never waits for a thread longer than one call. Any other call, or one that finds the loop busy for
 `_CORE_WAIT`, is handed to the loop (`_udp_dispatch`), charged to the byte budget there and
 answered as over TCP. At most `_MAX_HANDOFFS` datagrams are handed over and not yet admitted
 (the socket's calls running at once are bounded as a connection's are); past that the thread
@@ -405,8 +404,9 @@ class NfsServer:
         record decoder (RFC 5531 record marking), charges what arrived to the byte budget as the
         event loop did, and answers READ and UNSTABLE WRITE (`try_fast`) and the other calls
         that need no waiting (`try_here`) with the core lock held when no other reply is being
-        sent on the connection; every other call is handed to the loop (`_tcp_handoff`). Whenever it would wait for the budget or a call slot, the loop
-        waits for it (`_tcp_wait`), so the budget's rules stay the loop's. Its end (the peer's,
+        sent on the connection; every other call is handed to the loop (`_tcp_handoff`).
+        Whenever it would wait for the budget or a call slot, the loop waits for it
+        (`_tcp_wait`), so the budget's rules stay the loop's. Its end (the peer's,
         a bad record, the loop closing the socket) is told to the loop by `t.ended`."""
         sock, core, conn, dec = t.sock, self._core, t.conn, t.conn.dec
         host, port = conn.peer
@@ -722,8 +722,9 @@ class NfsServer:
     def _udp_thread(self, u: _UdpSocket) -> None:
         """An nfsd thread for a UDP socket: it waits in recvfrom (no trip through the event loop
         per call) and answers the hot calls (`try_fast`: READ, UNSTABLE WRITE) and the others
-        that need no waiting (`try_here`) with the core lock held, which the event loop lets go of only while it waits for I/O; a call needing more,
-        or one that comes while the loop runs, is handed to the loop (at most _MAX_HANDOFFS
+        that need no waiting (`try_here`) with the core lock held, which the event loop lets go
+        of only while it waits for I/O; a call needing more, or one that comes while the loop
+        runs, is handed to the loop (at most _MAX_HANDOFFS
         handed over and not yet admitted: past that the thread waits, and the socket's queue
         holds what comes). A call answered here holds its one datagram while it runs, in the
         thread's own receive buffer (as an nfsd thread's rq_pages: nothing is allocated per
@@ -760,8 +761,8 @@ class NfsServer:
 
     def _udp_now(self, u: _UdpSocket, data: memoryview, addr: Any) -> bool:
         """In the service thread, with the core lock held: answer a call that needs no
-        waiting; False if it is not one (nothing done). The reply goes before the reply cache and the statistics are
-        kept (`_UdpSocket.send`), off the client's wait."""
+        waiting; False if it is not one (nothing done). The reply goes before the reply cache
+        and the statistics are kept (`_UdpSocket.send`), off the client's wait."""
         t0 = time.perf_counter()
         host = addr[0]
         u.addr, u.sent = addr, None
