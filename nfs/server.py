@@ -1,31 +1,29 @@
 """The NFS server's trio driver: sockets in, `RpcService.dispatch` in the middle, sockets out.
 
 Every service port (NFS, MOUNT, optional portmap) is served on both UDP and TCP, and every port
-answers every program (as knfsd's and ganesha's ports do for NULL probes). Each TCP connection
-has a service thread (`_tcp_thread`, knfsd's and ganesha's design): it waits for the
-connection's bytes in poll(2), reassembles records (RFC 5531 record marking, each capped by
-`max_record`; a bigger one closes that connection only) and answers READ and UNSTABLE WRITE
-(`RpcService.try_fast`), and every other call that needs no waiting (`RpcService.try_here`:
-GETATTR, LOOKUP, ... of a known handle; a refusal), itself with the core lock held (below),
-when no other reply is being sent on the connection, so such a call costs no trip through the
-event loop. Every other call is handed to the loop in a task of its own (so a sync or a walk
-of the export holds up no other call). The
-connection's task on the loop keeps its timers, waits for the byte budget or a call slot when
-the thread needs one, and closes the socket (which ends the thread) when the connection ends.
-The loop's drivers call plain non-blocking sockets and wait through trio only when a call would
-block.
+answers every program (as knfsd's and ganesha's ports do for NULL probes). Each TCP connection has
+a service thread (`_tcp_thread`, knfsd's and ganesha's design): it waits for the connection's bytes
+in poll(2), reassembles records (RFC 5531 record marking, each capped by `max_record`; a bigger one
+closes that connection only) and answers READ and UNSTABLE WRITE (`RpcService.try_fast`), and every
+other call that needs no waiting (`RpcService.try_here`: GETATTR, LOOKUP, ... of a known handle; a
+refusal), itself with the core lock held (below), when no other reply is being sent on the
+connection, so such a call costs no trip through the event loop. Every other call is handed to the
+loop in a task of its own (so a sync or a walk of the export holds up no other call). The
+connection's task on the loop keeps its timers, waits for the byte budget or a call slot when the
+thread needs one, and closes the socket (which ends the thread) when the connection ends. The
+loop's drivers call plain non-blocking sockets and wait through trio only when a call would block.
 
 Each UDP socket has a service thread (knfsd's nfsd threads, ganesha's workers): it waits in a
-blocking recvfrom, so a call costs no trip through the event loop, and answers READ and
-UNSTABLE WRITE (`try_fast`), and the other calls that need no waiting (`try_here`), itself with
-the *core lock* held. The event loop holds that lock whenever it runs and lets go of it only
-while it waits for I/O (`_CoreLock`, a trio instrument), so the sans-IO core never runs in two
-threads at once and the loop never waits for a thread longer than one call. Any other call, or one that finds the loop busy for
-`_CORE_WAIT`, is handed to the loop (`_udp_dispatch`), charged to the byte budget there and
-answered as over TCP. At most `_MAX_HANDOFFS` datagrams are handed over and not yet admitted
-(the socket's calls running at once are bounded as a connection's are); past that the thread
-stops reading, and the socket's own queue (4 MiB) holds the rest, as it holds calls while all
-of knfsd's threads are busy: the kernel drops only when that queue is full.
+blocking recvfrom, so a call costs no trip through the event loop, and answers READ and UNSTABLE
+WRITE (`try_fast`), and the other calls that need no waiting (`try_here`), itself with the *core
+lock* held. The event loop holds that lock whenever it runs and lets go of it only while it waits
+for I/O (`_CoreLock`, a trio instrument), so the sans-IO core never runs in two threads at once and
+the loop never waits for a thread longer than one call. Any other call, or one that finds the loop
+busy for `_CORE_WAIT`, is handed to the loop (`_udp_dispatch`), charged to the byte budget there
+and answered as over TCP. At most `_MAX_HANDOFFS` datagrams are handed over and not yet admitted
+(the socket's calls running at once are bounded as a connection's are); past that the thread stops
+reading, and the socket's own queue (4 MiB) holds the rest, as it holds calls while all of knfsd's
+threads are busy: the kernel drops only when that queue is full.
 
 Memory is bounded server-wide: every connection and UDP socket draws from one `ByteBudget`
 (nfs/budget.py) of `max_buffered` bytes: a record's bytes are
