@@ -109,8 +109,6 @@ def _dir(a: Any) -> bytes:
     return a.dir  # type: ignore[no-any-return]
 
 
-
-
 def _truncate(fd: int, size: int) -> None:
     """ftruncate(2), for a worker thread (`NfsProgram._set`)."""
     os.ftruncate(fd, size)

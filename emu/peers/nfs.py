@@ -128,37 +128,45 @@ def ganesha(workdir: Path, tmpfs_size: str = "1g", timeout: float = 30.0) -> Ite
     (workdir / "recov").mkdir(exist_ok=True)
     export = workdir / "export"
     with rpcbind(), real_fs_dir(export, tmpfs_size) as export:
-        conf = workdir / "ganesha.conf"
-        log = workdir / "ganesha.log"
+        proc = None
         for attempt in range(3):
             # (free ports, bound by ganesha a moment later: another process may take one first;
             # then ganesha fails to bind, and starts again on other ports)
             nfs = free_port(H, udp_too=True)
             mnt = free_port(H, udp_too=True, avoid={nfs})
-            conf.write_text(GANESHA_CONF.format(nfs=nfs, mnt=mnt, dir=workdir, export=export))
-            log.unlink(missing_ok=True)
-            proc = subprocess.Popen(["ganesha.nfsd", "-F", "-f", str(conf), "-L", str(log), "-N", "NIV_EVENT",
-                                     "-p", str(workdir / "ganesha.pid")],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            deadline = time.monotonic() + timeout
-            try:
-                while not (port_open(nfs) and port_open(mnt)):
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-                        if "Address already in use" in tail and attempt < 2:
-                            break
-                        raise TestbedError(f"ganesha did not start (rc={proc.poll()}):\n{tail}")
-                    time.sleep(0.1)
-                else:
-                    break
-            except BaseException:
-                stop_process(proc, grace=15)
-                raise
-            stop_process(proc, grace=15)
+            proc = _start_ganesha(workdir, export, nfs, mnt, timeout, may_retry=attempt < 2)
+            if proc is not None:
+                break
+        assert proc is not None  # (the last try raises rather than give up)
         try:
             yield Served(nfs, mnt, export, str(export), proc)
         finally:
             stop_process(proc, grace=15)
+
+
+def _start_ganesha(workdir: Path, export: Path, nfs: int, mnt: int, timeout: float,
+                   may_retry: bool) -> subprocess.Popen[bytes] | None:
+    """ganesha.nfsd on these ports, once both are open; None (stopped) if it could not bind
+    one and `may_retry`; TestbedError if it did not start."""
+    conf, log = workdir / "ganesha.conf", workdir / "ganesha.log"
+    conf.write_text(GANESHA_CONF.format(nfs=nfs, mnt=mnt, dir=workdir, export=export))
+    log.unlink(missing_ok=True)
+    proc = subprocess.Popen(["ganesha.nfsd", "-F", "-f", str(conf), "-L", str(log), "-N", "NIV_EVENT",
+                             "-p", str(workdir / "ganesha.pid")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while not (port_open(nfs) and port_open(mnt)):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                if not (may_retry and "Address already in use" in tail):
+                    raise TestbedError(f"ganesha did not start (rc={proc.poll()}):\n{tail}")
+                stop_process(proc, grace=15)
+                return None
+            time.sleep(0.1)
+    except BaseException:
+        stop_process(proc, grace=15)
+        raise
+    return proc
 
 
 @contextlib.contextmanager
