@@ -44,9 +44,9 @@ from nfs.nfs3xdr import (
     RenameRes, Sattr3, SetattrArgs, StatAttr, SymlinkArgs, WccAttr, WccData, WccRes, WriteArgs, WriteRes, entry_size,
     fattr3_bytes, wcc_attr_bytes,
 )
-from nfs.filemap import MAP_MIN_READ
 from nfs.store import FH_SIZE, SLOW_FREE, Export, check_name, close_fds, errno_to_stat, frees_slowly, proc_path
 from nfs.rpc import AuthSys
+from nfs.sendfile import SENDFILE_MIN_READ, FileSlice
 from nfs.svc import Buffer, CallContext, peer_address
 from nfs.writeback import DEFAULT_WRITE_BEHIND, WriteBehind, start_writeback
 from nfs.xdr import Packer, Unpacker, XdrError
@@ -329,15 +329,18 @@ class NfsProgram:
                 return None
             limit = self.udp_max_io if transport == "udp" else self.max_io
             count = min(count, limit, max(0, max_reply - 256))
-            maps = self.export.maps
+            stream = transport == "tcp"
 
             def read() -> list[Buffer]:
                 n = max(0, min(count, st.st_size - offset))
                 eof = offset + n >= st.st_size
-                # A big READ's data goes to the socket straight from the page cache (one copy
-                # instead of two), as a view that only sendmsg reads: nfs/filemap.py.
-                data: Buffer | None = maps.view(st.st_ino, fd, st.st_size, offset, n) if n >= MAP_MIN_READ else None
-                if data is None:
+                data: Buffer | FileSlice
+                if stream and n >= SENDFILE_MIN_READ:
+                    # A big READ's data goes to the socket straight from the page cache, with
+                    # sendfile (no copy here): nfs/sendfile.py. (The cached fd serves, as the
+                    # reply is sent at once, with the core lock still held.)
+                    data = FileSlice(fd, offset, n)
+                else:
                     data = os.pread(fd, n, offset) if n else b""
                     if len(data) < n:  # the file shrank since the fstat
                         n = len(data)
@@ -597,9 +600,10 @@ class NfsProgram:
         offset = a.offset
         n = max(0, min(count, st.st_size - offset))
         eof = offset + n >= st.st_size
-        # Read into memory and sent with the reply's header in one sendmsg, as ganesha does: on
-        # loopback that beat sendfile(2) of the page-cache pages by 0.1 ms per 1 MiB READ (0.79
-        # against 0.91 ms, medians of 1000 calls each, interleaved, on the 2-core VM).
+        # Read into memory and sent with the reply's header, as ganesha does. (The loop's way, for
+        # a READ the service thread could not answer: a handle not resolved yet, say. The
+        # thread's big READs over TCP go by sendfile, `call_fast`; here the reply may wait for
+        # the connection, and the open-file cache may close its fd meanwhile.)
         data = os.pread(fd, n, offset) if n else b""
         if len(data) < n:  # the file shrank since the fstat
             n = len(data)

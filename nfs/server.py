@@ -58,7 +58,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import trio
 
@@ -71,6 +71,7 @@ from nfs.nfs3 import NFS_PROGRAM, NFS_V3
 from nfs.nfsd import NfsProgram
 from nfs.portmap import IPPROTO_TCP, IPPROTO_UDP, PMAP_PROGRAM, PMAP_V2, Mapping, PortmapProgram
 from nfs.record import DEFAULT_MAX_RECORD, BufferPool, RecordDecoder, RecordTooLarge, record_mark
+from nfs.sendfile import FileSlice, Part, release, send_now
 from nfs.store import Export, close_fds, default_state_dir, load_key
 from nfs.svc import STREAM_MAX_REPLY, Buffer, CallContext, Pending, RpcProgram, RpcService
 from nfs.writeback import DEFAULT_WRITE_BEHIND
@@ -150,17 +151,18 @@ class ListenError(OSError):
 
 
 async def send_stream(sock: pysocket.socket, bufs: Sequence[Buffer]) -> None:
-    """Send every buffer, in order, onto a non-blocking stream socket (scatter-gather), handling
-    partial sends. It waits (through trio) only when the socket is full, so a reply that fits
-    costs no trip through the event loop."""
-    views = [memoryview(b).cast("B") for b in bufs if len(b)]
-    while views:
-        try:
-            n = sock.sendmsg(views, [], pysocket.MSG_DONTWAIT)
-        except BlockingIOError:
+    """Send every buffer (and file slice, nfs/sendfile.py), in order, onto a non-blocking
+    stream socket, handling partial sends. It waits (through trio) only when the socket is full,
+    so a reply that fits costs no trip through the event loop."""
+    parts = send_now(sock, list(bufs))
+    try:
+        while parts:
+            # (While it waits the open-file cache may close a slice's fd: the rest keeps its own.)
+            parts = [p.own() if isinstance(p, FileSlice) else p for p in parts]
             await trio.lowlevel.wait_writable(sock)
-            continue
-        views = _drop_sent(views, n)
+            parts = send_now(sock, parts)
+    finally:
+        release(parts)
 
 
 async def send_datagram(sock: pysocket.socket, bufs: Sequence[Buffer], addr: Any) -> None:
@@ -168,17 +170,23 @@ async def send_datagram(sock: pysocket.socket, bufs: Sequence[Buffer], addr: Any
     in its send buffer if need be)."""
     while True:
         try:
-            sock.sendmsg(bufs, [], pysocket.MSG_DONTWAIT, addr)  # (the socket may be a blocking one)
+            sock.sendmsg(_datagram(bufs), [], pysocket.MSG_DONTWAIT, addr)  # (the socket may be a blocking one)
             return
         except BlockingIOError:
             await trio.lowlevel.wait_writable(sock)
+
+
+def _datagram(bufs: Sequence[Buffer]) -> Sequence[bytes | bytearray | memoryview]:
+    """A reply over UDP as the iovec it is: it holds no FileSlice (nfsd preads a READ's data
+    for a datagram: nfs/sendfile.py)."""
+    return cast(Sequence[bytes | bytearray | memoryview], bufs)
 
 
 def _send_datagram_now(sock: pysocket.socket, bufs: Sequence[Buffer], addr: Any, stats: ServerStats) -> bool:
     """Send a reply datagram without waiting; whether it went (a full send buffer, rare on a
     datagram socket, loses it like the network would: the client retransmits)."""
     try:
-        sock.sendmsg(bufs, [], pysocket.MSG_DONTWAIT, addr)
+        sock.sendmsg(_datagram(bufs), [], pysocket.MSG_DONTWAIT, addr)
     except OSError as e:
         stats.udp_send_errors += 1
         log.debug("udp sendmsg to %s: %s", addr, e)
@@ -510,6 +518,7 @@ class NfsServer:
             log.exception("%s:%d: connection's service thread failed", host, port)
             t.oversized = True  # (closes it, calls and all)
         finally:
+            release(t.unsent)  # (a READ's data left unsent: its fd)
             with contextlib.suppress(trio.RunFinishedError):
                 t.token.run_sync_soon(t.ended.set)
 
@@ -570,23 +579,24 @@ class NfsServer:
     def _tcp_finish_send(self, t: _TcpStream) -> bool:
         """Without the core lock: the rest of a reply the socket had no room for; whether the
         connection is still good."""
-        views = t.unsent
+        parts = t.unsent
         ok = True
         poller = select.poll()
         poller.register(t.sock.fileno(), select.POLLOUT)
         try:
-            while views and not t.closing:
-                try:
-                    views = _drop_sent(views, t.sock.sendmsg(views, [], pysocket.MSG_DONTWAIT))
-                except BlockingIOError:
+            while parts and not t.closing:
+                parts = send_now(t.sock, parts)
+                if parts:
                     poller.poll(1000)
         except OSError as e:
             log.debug("%s:%d: reply not sent: %s", *t.conn.peer, e)
             ok = False
-            # The record is cut short (EFAULT, a file cut short under its mapping, leaves the
+            # The record is cut short (a READ's file cut short before its data went leaves the
             # connection itself good): end it before a reply the loop holds back for this one
             # can go, or the client would read that reply as the rest of this one's data.
             t.cut()
+        finally:
+            release(t.unsent)
         with self._core:
             t.unsent = []
             t.sending = False
@@ -863,18 +873,6 @@ class NfsServer:
                 "budget_waits": self.budget.waits, "connections": len(self._conns)}
 
 
-def _drop_sent(views: list[memoryview], n: int) -> list[memoryview]:
-    """What is left of an iovec after a (partial) send of n bytes."""
-    i = 0
-    while i < len(views) and n >= len(views[i]):
-        n -= len(views[i])
-        i += 1
-    left = views[i:]
-    if left and n:
-        left[0] = left[0][n:]
-    return left
-
-
 class _TcpStream:
     """A TCP connection's state shared by its service thread and the event loop (changed under
     the core lock, or by one side only)."""
@@ -888,7 +886,7 @@ class _TcpStream:
         self.calls: trio.Nursery | None = None
         self.send_lock = trio.StrictFIFOLock()  # a reply being sent by the loop
         self.sending = False  # the thread is sending the rest of a reply (`unsent`)
-        self.unsent: list[memoryview] = []
+        self.unsent: list[Part] = []  # (slices among them own their fds)
         self.send_waiter: trio.Event | None = None  # a loop task waiting for `sending` to end
         self.charged = 0  # bytes of the decoder's `received` already charged to the budget
         self.held: memoryview | None = None  # a record waiting for a call slot
@@ -903,20 +901,17 @@ class _TcpStream:
         total = 0
         for b in reply:
             total += len(b)
-        bufs = [record_mark(total), *reply]
         try:
-            try:
-                sent = self.sock.sendmsg(bufs, [], pysocket.MSG_DONTWAIT)
-            except BlockingIOError:
-                sent = 0
-            if sent < total + 4:
-                self.unsent = _drop_sent([memoryview(b).cast("B") for b in bufs if len(b)], sent)
+            left = send_now(self.sock, [record_mark(total), *reply])
+            if left:
+                # (The rest goes without the core lock: a READ's data keeps an fd of its own.)
+                self.unsent = [p.own() if isinstance(p, FileSlice) else p for p in left]
                 self.sending = True
             self.reply_bytes = total
         except OSError as e:
-            # (A reset or broken connection; or EFAULT, a READ's file cut short under its
-            # mapping, nfs/filemap.py.) A TCP client recovers a lost reply only by reconnecting
-            # (it sends its calls again then): end the connection.
+            # (A reset or broken connection; or a READ's file cut short before its data went,
+            # nfs/sendfile.py.) A TCP client recovers a lost reply only by reconnecting (it
+            # sends its calls again then): end the connection.
             log.debug("%s:%d: reply not sent: %s", *self.conn.peer, e)
             self.reply_bytes = 0
             self.cut()

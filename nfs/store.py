@@ -29,7 +29,6 @@ import struct
 from collections import OrderedDict
 from pathlib import Path
 
-from nfs.filemap import FileMaps
 from nfs.mntid import fd_mount_id, mount_id
 from nfs.nfs3 import NAME_MAX, Nfs3Error, Stat
 
@@ -101,7 +100,6 @@ class Export:
         self._parents: dict[int, int] = {st.st_ino: st.st_ino}
         self._fds: OrderedDict[int, int] = OrderedDict()  # ino -> fd, LRU
         self._referenced: set[int] = set()  # inodes whose cached fd was used since the last `expire_idle`
-        self.maps = FileMaps()  # mappings of the cached fds' files, for big READs (dropped with their fd)
         self._known: dict[bytes, tuple[int, int]] = {}  # handles that verified -> (ino, parent ino)
         # Inodes a walk of the export did not find: later calls with their handles are STALE
         # at once instead of walking the whole export again (until the inode is seen again).
@@ -338,8 +336,7 @@ class Export:
         self._fds[ino] = fd
         self._referenced.add(ino)
         while len(self._fds) > self.max_open:
-            old_ino, old = self._fds.popitem(last=False)
-            self.maps.drop(old_ino)
+            _, old = self._fds.popitem(last=False)
             try:
                 doomed = len(self._doomed) < MAX_DOOMED and frees_slowly(os.fstat(old))
             except OSError:
@@ -373,21 +370,20 @@ class Export:
     def expire_idle(self) -> list[int]:
         """Forget the cached fds not used since the last call (knfsd's file cache laundrette,
         which runs every 2 s and drops the files whose REFERENCED bit it finds clear, clearing
-        it on the rest): an fd not used between two calls (2 to 4 s) leaves the cache, with its
-        mapping, so a file removed behind the server's back (not by an NFS REMOVE) gives its
-        space back. Returns those fds still open, for the caller to close (`close_fds`) away
-        from the calls: the last close of a removed file frees its page cache and its blocks
-        (50 ms for 256 MiB on ext4), which the kernel, too, leaves to a worker (an nfsd
-        thread's final fput runs later, from the delayed_fput work)."""
+        it on the rest): an fd not used between two calls (2 to 4 s) leaves the cache, so a
+        file removed behind the server's back (not by an NFS REMOVE) gives its space back.
+        Returns those fds still open, for the caller to close (`close_fds`) away from the
+        calls: the last close of a removed file frees its page cache and its blocks (50 ms for
+        256 MiB on ext4), which the kernel, too, leaves to a worker (an nfsd thread's final fput
+        runs later, from the delayed_fput work)."""
         idle = [ino for ino in self._fds if ino not in self._referenced]
         self._referenced.clear()
         doomed, self._doomed = self._doomed, []  # (and the removed big files pushed out since)
         return doomed + [fd for ino in idle if (fd := self.forget_fd(ino)) is not None]
 
     def forget_fd(self, ino: int) -> int | None:
-        """Take an inode's cached fd out of the cache, with its mapping; returned still open,
-        for the caller to close."""
-        self.maps.drop(ino)
+        """Take an inode's cached fd out of the cache; returned still open, for the caller to
+        close."""
         return self._fds.pop(ino, None)
 
     def close_ino(self, ino: int) -> None:
@@ -395,7 +391,6 @@ class Export:
             os.close(fd)
 
     def close(self) -> None:
-        self.maps.clear()
         for fd in [*self._fds.values(), *self._doomed]:
             os.close(fd)
         self._fds.clear()

@@ -26,7 +26,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import trio
 
@@ -35,6 +35,7 @@ from nfs.rpc import (
     AcceptStat, AuthFlavor, AuthStat, AuthSys, CallHeader, RejectStat, RpcVersionMismatch, decode_call,
     encode_reply_accepted, encode_reply_denied, reply_header,
 )
+from nfs.sendfile import FileSlice
 from nfs.xdr import Unpacker, XdrError
 
 log = logging.getLogger("netswap.nfs.svc")
@@ -48,7 +49,7 @@ _AUTH_SYS = 1
 
 
 
-Buffer = bytes | bytearray | memoryview  # one element of a reply's iovec
+Buffer = bytes | bytearray | memoryview | FileSlice  # one element of a reply (a slice: a big READ over TCP, nfs/sendfile.py)
 
 
 def peer_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -330,7 +331,7 @@ class RpcService:
                 send(reply)
         finally:  # (the reply cache never keeps a call in progress, whatever the sender did)
             if key is not None:
-                self.drc.done(key, b"".join(reply))
+                self.drc.done(key, b"".join(cast(list[bytes], reply)))  # (no FileSlice: READ is never cached)
                 self._wake(key)
         by_proc = self.stats.by_proc
         name = self._names.get((prog.prog, proc))

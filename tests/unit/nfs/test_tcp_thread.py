@@ -324,9 +324,18 @@ async def test_no_thread_outlives_the_server(tmp_path: Path, export_dir: Path) -
             s.close()
 
 
-async def test_big_reads_go_from_the_page_cache_and_see_the_file_as_it_is(tmp_path: Path, export_dir: Path) -> None:
-    """READs of 64 KiB and more are sent from a mapping of the file (nfs/filemap.py): the right
-    bytes, a write seen by the next READ, a file cut short seen as shorter (eof), not a fault."""
+async def test_big_reads_go_from_the_page_cache_and_see_the_file_as_it_is(
+        tmp_path: Path, export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """READs of 32 KiB and more are sent with sendfile from the page cache (nfs/sendfile.py):
+    the right bytes, a write seen by the next READ, a file cut short seen as shorter (eof)."""
+    sendfiles = []
+    real_sendfile = os.sendfile
+
+    def sendfile(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        sendfiles.append(count)
+        return real_sendfile(out_fd, in_fd, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", sendfile)
     cred = AuthSys().to_auth()
     data = bytearray(os.urandom(3 << 20))
     (export_dir / "big").write_bytes(data)
@@ -361,15 +370,15 @@ async def test_big_reads_go_from_the_page_cache_and_see_the_file_as_it_is(tmp_pa
         assert bytes(r[3].data) == data[: 1 << 20]
         assert bytes(r[4].data) == data[1 << 20 : (1 << 20) + 300_000] and r[4].eof
         assert r[5].count == 0 and r[5].eof
-        assert server.export.maps.mapped >= 1
+        assert sendfiles and max(sendfiles) == 1 << 20  # (the 4 KiB READ's went with its header)
         assert server.svc.stats.system_err == 0
 
 
 async def test_a_file_cut_short_while_its_read_is_being_sent_ends_the_connection(
         tmp_path: Path, export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A READ's reply waits half sent (the client reads slowly) while the file is truncated
-    under the mapping it is sent from: the rest cannot be sent (EFAULT), so the connection is
-    closed mid-record (the client reconnects and asks again); the server serves on."""
+    """A READ's reply waits half sent (the client reads slowly) while the file is truncated:
+    the rest of its data is gone (sendfile finds the file's end), so the connection is closed
+    mid-record (the client reconnects and asks again); the server serves on."""
     monkeypatch.setattr("nfs.server._SOCK_BUF", 64 * 1024)  # (a send buffer far smaller than the reply)
     cred = AuthSys().to_auth()
     (export_dir / "big").write_bytes(os.urandom(2 << 20))
@@ -416,8 +425,8 @@ async def test_a_file_cut_short_while_its_read_is_being_sent_ends_the_connection
 
 async def test_no_reply_is_sent_into_a_read_cut_short_by_a_truncation(
         tmp_path: Path, export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A call handed to the loop waits while the thread sends a big READ from a mapping; the
-    file is cut short under that READ (EFAULT mid-record): the loop's reply must not go onto the
+    """A call handed to the loop waits while the thread sends a big READ (sendfile); the file
+    is cut short under that READ (its record cut): the loop's reply must not go onto the
     connection after the cut record's bytes (the client would read it as the rest of the READ's
     data), the connection ends with the record cut."""
     monkeypatch.setattr("nfs.server._SOCK_BUF", 64 * 1024)  # (a send buffer far smaller than the reply)
@@ -446,7 +455,7 @@ async def test_no_reply_is_sent_into_a_read_cut_short_by_a_truncation(
             with slow:
                 # One segment, so the thread takes both records at once: the first (a COMMIT,
                 # which syncs: not the thread's) goes to the loop, whose reply must wait while the
-                # thread sends the second's (a READ from the mapping, half sent).
+                # thread sends the second's (a big READ, half sent).
                 slow.sendall(_rec(_call(2, Proc.COMMIT, CommitArgs(small), cred)) + read(3, big, 1 << 20))
                 deadline = time.monotonic() + 10  # (a bound for a broken server, not a timing)
                 while True:
@@ -514,7 +523,7 @@ def _read(sock: socket.socket, fh: bytes, count: int) -> None:
 
 async def test_a_file_removed_behind_the_servers_back_is_closed_by_the_laundrette(
         tmp_path: Path, export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A file the server has open (its fd cache and a READ's mapping), removed locally, not by an
+    """A file the server has open (its fd cache), removed locally, not by an
     NFS REMOVE: the laundrette closes it within two of its rounds (knfsd's every 2 s; 0.1 s
     here), so its space comes back; a file still in use stays open. It closes in a worker
     thread, without the core lock: the last close of a big removed file frees its page cache
@@ -530,10 +539,9 @@ async def test_a_file_removed_behind_the_servers_back_is_closed_by_the_laundrett
         with _connect(port) as s:
             for fh, count in zip(fhs, (100_000, 1000)):
                 await trio.to_thread.run_sync(_read, s, fh, count)
-                await trio.to_thread.run_sync(_read, s, fh, count)  # (the second from the hot path: mapped)
-            assert server.export.maps.mapped == 1
+                await trio.to_thread.run_sync(_read, s, fh, count)  # (the second from the hot path)
             gone.unlink()
-            assert _deleted_open(gone) >= 1  # the cached fd and the mapping's own
+            assert _deleted_open(gone) >= 1  # the cached fd
             with trio.fail_after(10):  # (bounds for a broken server, not timings)
                 while not closing.is_set():
                     await trio.to_thread.run_sync(_read, s, fhs[1], 1000)  # kept in use meanwhile

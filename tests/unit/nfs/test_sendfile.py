@@ -1,0 +1,111 @@
+"""Replies sent with sendfile(2) from the page cache (nfs/sendfile.py): the right bytes in
+order around the file's, what a full socket leaves (with an fd of its own), and a file cut
+short under a slice."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nfs.sendfile import FileCutShort, FileSlice, Part, release, send_now
+
+
+@contextlib.contextmanager
+def _pair(sndbuf: int | None = None) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected TCP pair on loopback, the sender non-blocking."""
+    with socket.create_server(("127.0.0.1", 0)) as ls:
+        a = socket.socket()
+        if sndbuf is not None:
+            a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        a.connect(ls.getsockname())
+        b, _ = ls.accept()
+    a.setblocking(False)
+    with a, b:
+        yield a, b
+
+
+def _recv_exactly(s: socket.socket, n: int) -> bytes:
+    got = bytearray()
+    s.settimeout(10)
+    while len(got) < n:
+        chunk = s.recv(n - len(got))
+        if not chunk:
+            break
+        got += chunk
+    return bytes(got)
+
+
+def _fds_on(path: Path) -> int:
+    n = 0
+    for f in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/self/fd/{f}") in (str(path), f"{path} (deleted)")
+    return n
+
+
+def test_buffers_and_a_slice_go_in_order_with_the_files_bytes(tmp_path: Path) -> None:
+    data = os.urandom(200_000)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with _pair() as (a, b):
+            parts: list[Part] = [b"mark", bytearray(b"head"), FileSlice(fd, 1000, 50_001), b"\0\0\0"]
+            assert send_now(a, parts) == []
+            assert _recv_exactly(b, 8 + 50_001 + 3) == b"markhead" + data[1000:51_001] + b"\0\0\0"
+            assert os.lseek(fd, 0, os.SEEK_CUR) == 0  # (the cached fd's offset is not moved)
+    finally:
+        os.close(fd)
+
+
+def test_a_full_socket_leaves_the_rest_and_the_rest_keeps_its_own_fd(tmp_path: Path) -> None:
+    """What the socket cannot take comes back (the rest of the slice as a slice); once it owns
+    a duplicate of the fd, the original may be closed (the open-file cache may close it) and
+    the rest still goes; `release` closes the duplicate."""
+    data = os.urandom(4 << 20)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    with _pair(sndbuf=64 * 1024) as (a, b):
+        left = send_now(a, [b"head", FileSlice(fd, 0, len(data)), b"tail"])
+        assert left and isinstance(left[0], FileSlice)
+        assert 0 < left[0].offset < len(data) and left[0].offset + left[0].count == len(data)
+        owned: list[Part] = [p.own() if isinstance(p, FileSlice) else p for p in left]
+        os.close(fd)  # (the cache's fd)
+        assert _fds_on(path) == 1  # the rest's own
+        got = bytearray()
+        b.settimeout(10)
+        rest = owned
+        while rest:
+            got += b.recv(1 << 20)
+            rest = send_now(a, rest)
+        got += _recv_exactly(b, 4 + len(data) + 4 - len(got))
+        assert bytes(got) == b"head" + data + b"tail"
+        release(left)  # (the slices handed back borrow their fd: nothing closed)
+        assert _fds_on(path) == 1
+        release(owned)
+        assert _fds_on(path) == 0
+        release(owned)  # (once only)
+
+
+def test_a_file_cut_short_under_a_slice_raises_after_what_was_there(tmp_path: Path) -> None:
+    """The file ends before the slice does (cut since its fstat): what it still had is sent,
+    then FileCutShort, so the server ends the connection (the record is short)."""
+    path = tmp_path / "f"
+    data = os.urandom(300_000)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.truncate(path, 100_000)
+        with _pair() as (a, b):
+            with pytest.raises(FileCutShort):
+                send_now(a, [b"head", FileSlice(fd, 50_000, 200_000)])
+            a.close()
+            assert _recv_exactly(b, 1 << 20) == b"head" + data[50_000:100_000]
+    finally:
+        os.close(fd)
