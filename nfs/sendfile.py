@@ -15,7 +15,10 @@ A reply is a list of parts: buffers, and at most one `FileSlice` (an fd, an offs
 for its data. The buffers before a slice go with `MSG_MORE`, so the record mark, the header
 and the first data leave together. The slice names the open-file cache's fd, which is good
 while the core lock is held; what the socket cannot take at once is sent later without the
-lock, so the rest of a slice then holds a duplicate of the fd of its own (`own`).
+lock, so the rest of a slice then holds a duplicate of the fd of its own (`hold`).
+
+A file that cannot be spliced (sendfile fails with EINVAL, as on a filesystem without
+`splice_read`) is read with pread for that reply instead.
 
 If the file is cut short before its slice has been sent, sendfile stops at the new end: the
 record is cut short (`FileCutShort`), and the connection must end before anything else is sent
@@ -26,47 +29,40 @@ changes them go out changed.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from dataclasses import dataclass
+from typing import cast
 
 SENDFILE_MIN_READ = 32 * 1024  # smaller READs cost the same with pread (see above)
+_NO_SPLICE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})  # (sendfile(2): the file cannot be spliced)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class FileSlice:
-    """`count` bytes of the file open as `fd`, from `offset`, for sendfile. `owned`: the fd is
-    this slice's own duplicate (closed by `release`), else it is borrowed from the open-file
-    cache, good only while the core lock is held."""
+    """`count` bytes of the file open as `fd`, from `offset`, for sendfile. Whoever made it
+    keeps the fd open until the slice has been sent or dropped (`hold`)."""
 
     fd: int
     offset: int
     count: int
-    owned: bool = False
 
     def __len__(self) -> int:
         return self.count
-
-    def own(self) -> FileSlice:
-        """This slice with an fd of its own, for sending after the core lock is let go."""
-        return self if self.owned else FileSlice(os.dup(self.fd), self.offset, self.count, True)
-
-    def release(self) -> None:
-        if self.owned:
-            self.owned = False
-            os.close(self.fd)
 
 
 class FileCutShort(OSError):
     """A slice's file ended before the slice had been sent: its record is cut short."""
 
 
-Part = bytes | bytearray | memoryview | FileSlice  # one part of a reply on a stream
+_Bytes = bytes | bytearray | memoryview
+Part = _Bytes | FileSlice  # one part of a reply on a stream
 
 
 def send_now(sock: socket.socket, parts: list[Part]) -> list[Part]:
     """Send as much of `parts`, in order, as the non-blocking stream socket takes now; what is
-    left (empty once all went), buffers as memoryviews. Raises OSError if the connection fails,
+    left (empty once all went). Raises OSError if the connection fails,
     FileCutShort if a slice's file ends before the slice does."""
     i, n = 0, len(parts)
     fileno = sock.fileno()
@@ -77,11 +73,21 @@ def send_now(sock: socket.socket, parts: list[Part]) -> list[Part]:
                 sent = os.sendfile(fileno, p.fd, p.offset, p.count)
             except BlockingIOError:
                 return parts[i:]
+            except OSError as e:
+                if e.errno not in _NO_SPLICE:
+                    raise
+                # A filesystem whose files cannot be spliced: the slice's bytes, read here.
+                data = os.pread(p.fd, p.count, p.offset)
+                if len(data) < p.count:
+                    raise FileCutShort(f"file ended {p.count - len(data)} bytes before its READ's data") from None
+                parts = [data, *parts[i + 1 :]]
+                i, n = 0, len(parts)
+                continue
             if sent == 0:
                 raise FileCutShort(f"file ended {p.count} bytes before its READ's data")
             if sent < p.count:
                 parts = parts[i:]
-                parts[0] = FileSlice(p.fd, p.offset + sent, p.count - sent, p.owned)
+                parts[0] = FileSlice(p.fd, p.offset + sent, p.count - sent)
                 i, n = 0, len(parts)
                 continue
             i += 1
@@ -89,15 +95,14 @@ def send_now(sock: socket.socket, parts: list[Part]) -> list[Part]:
         j = i + 1
         while j < n and not isinstance(parts[j], FileSlice):
             j += 1
-        views = [memoryview(b).cast("B") for b in parts[i:j] if len(b)]  # type: ignore[arg-type]
+        run = cast(list[_Bytes], parts[i:j] if i or j < n else parts)
         flags = socket.MSG_DONTWAIT | (socket.MSG_MORE if j < n else 0)
         try:
-            sent = sock.sendmsg(views, [], flags) if views else 0
+            sent = sock.sendmsg(run, [], flags)
         except BlockingIOError:
-            return [*views, *parts[j:]]
-        left = _drop_sent(views, sent)
-        if left:
-            return [*left, *parts[j:]]
+            return parts[i:]
+        if sent < sum(map(len, run)):
+            return [*_drop_sent([memoryview(b).cast("B") for b in run if len(b)], sent), *parts[j:]]
         i = j
     return []
 
@@ -114,11 +119,29 @@ def _drop_sent(views: list[memoryview], n: int) -> list[memoryview]:
     return left
 
 
-def release(parts: list[Part]) -> None:
-    """Close the fds of the slices among `parts` that own one."""
-    for p in parts:
-        if isinstance(p, FileSlice):
-            p.release()
+def hold(parts: list[Part]) -> tuple[list[Part], list[int]]:
+    """`parts` with each slice on a duplicate of its fd, and those duplicates: for sending the
+    rest of a reply after the core lock is let go (the open-file cache may close its fds
+    then). Close the duplicates (`release`) once the rest has been sent or dropped."""
+    fds: list[int] = []
+    out: list[Part] = []
+    try:
+        for p in parts:
+            if isinstance(p, FileSlice):
+                fds.append(os.dup(p.fd))
+                p = FileSlice(fds[-1], p.offset, p.count)
+            out.append(p)
+    except OSError:
+        release(fds)
+        raise
+    return out, fds
 
 
-__all__ = ["SENDFILE_MIN_READ", "FileCutShort", "FileSlice", "Part", "release", "send_now"]
+def release(fds: list[int]) -> None:
+    """Close the duplicates `hold` made."""
+    for fd in fds:
+        os.close(fd)
+    fds.clear()
+
+
+__all__ = ["SENDFILE_MIN_READ", "FileCutShort", "FileSlice", "Part", "hold", "release", "send_now"]

@@ -71,7 +71,7 @@ from nfs.nfs3 import NFS_PROGRAM, NFS_V3
 from nfs.nfsd import NfsProgram
 from nfs.portmap import IPPROTO_TCP, IPPROTO_UDP, PMAP_PROGRAM, PMAP_V2, Mapping, PortmapProgram
 from nfs.record import DEFAULT_MAX_RECORD, BufferPool, RecordDecoder, RecordTooLarge, record_mark
-from nfs.sendfile import FileSlice, Part, release, send_now
+from nfs.sendfile import Part, hold, release, send_now
 from nfs.store import Export, close_fds, default_state_dir, load_key
 from nfs.svc import STREAM_MAX_REPLY, Buffer, CallContext, Pending, RpcProgram, RpcService
 from nfs.writeback import DEFAULT_WRITE_BEHIND
@@ -155,14 +155,16 @@ async def send_stream(sock: pysocket.socket, bufs: Sequence[Buffer]) -> None:
     stream socket, handling partial sends. It waits (through trio) only when the socket is full,
     so a reply that fits costs no trip through the event loop."""
     parts = send_now(sock, list(bufs))
+    if not parts:
+        return
+    # (While it waits the open-file cache may close a slice's fd: the rest keeps its own.)
+    parts, held = hold(parts)
     try:
         while parts:
-            # (While it waits the open-file cache may close a slice's fd: the rest keeps its own.)
-            parts = [p.own() if isinstance(p, FileSlice) else p for p in parts]
             await trio.lowlevel.wait_writable(sock)
             parts = send_now(sock, parts)
     finally:
-        release(parts)
+        release(held)
 
 
 async def send_datagram(sock: pysocket.socket, bufs: Sequence[Buffer], addr: Any) -> None:
@@ -518,7 +520,7 @@ class NfsServer:
             log.exception("%s:%d: connection's service thread failed", host, port)
             t.oversized = True  # (closes it, calls and all)
         finally:
-            release(t.unsent)  # (a READ's data left unsent: its fd)
+            release(t.unsent_fds)  # (a READ's data left unsent: its fd)
             with contextlib.suppress(trio.RunFinishedError):
                 t.token.run_sync_soon(t.ended.set)
 
@@ -596,7 +598,7 @@ class NfsServer:
             # can go, or the client would read that reply as the rest of this one's data.
             t.cut()
         finally:
-            release(t.unsent)
+            release(t.unsent_fds)
         with self._core:
             t.unsent = []
             t.sending = False
@@ -886,7 +888,8 @@ class _TcpStream:
         self.calls: trio.Nursery | None = None
         self.send_lock = trio.StrictFIFOLock()  # a reply being sent by the loop
         self.sending = False  # the thread is sending the rest of a reply (`unsent`)
-        self.unsent: list[Part] = []  # (slices among them own their fds)
+        self.unsent: list[Part] = []
+        self.unsent_fds: list[int] = []  # the fds of the slices in `unsent` (dups of the cache's), closed once sent
         self.send_waiter: trio.Event | None = None  # a loop task waiting for `sending` to end
         self.charged = 0  # bytes of the decoder's `received` already charged to the budget
         self.held: memoryview | None = None  # a record waiting for a call slot
@@ -905,7 +908,7 @@ class _TcpStream:
             left = send_now(self.sock, [record_mark(total), *reply])
             if left:
                 # (The rest goes without the core lock: a READ's data keeps an fd of its own.)
-                self.unsent = [p.own() if isinstance(p, FileSlice) else p for p in left]
+                self.unsent, self.unsent_fds = hold(left)
                 self.sending = True
             self.reply_bytes = total
         except OSError as e:

@@ -5,6 +5,7 @@ short under a slice."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from nfs.sendfile import FileCutShort, FileSlice, Part, release, send_now
+from nfs.sendfile import FileCutShort, FileSlice, Part, hold, release, send_now
 
 
 @contextlib.contextmanager
@@ -64,9 +65,9 @@ def test_buffers_and_a_slice_go_in_order_with_the_files_bytes(tmp_path: Path) ->
 
 
 def test_a_full_socket_leaves_the_rest_and_the_rest_keeps_its_own_fd(tmp_path: Path) -> None:
-    """What the socket cannot take comes back (the rest of the slice as a slice); once it owns
-    a duplicate of the fd, the original may be closed (the open-file cache may close it) and
-    the rest still goes; `release` closes the duplicate."""
+    """What the socket cannot take comes back (the rest of the slice as a slice); held on a
+    duplicate of the fd (`hold`), the rest still goes once the original is closed (the
+    open-file cache may close it meanwhile), and `release` closes the duplicate."""
     data = os.urandom(4 << 20)
     path = tmp_path / "f"
     path.write_bytes(data)
@@ -75,22 +76,20 @@ def test_a_full_socket_leaves_the_rest_and_the_rest_keeps_its_own_fd(tmp_path: P
         left = send_now(a, [b"head", FileSlice(fd, 0, len(data)), b"tail"])
         assert left and isinstance(left[0], FileSlice)
         assert 0 < left[0].offset < len(data) and left[0].offset + left[0].count == len(data)
-        owned: list[Part] = [p.own() if isinstance(p, FileSlice) else p for p in left]
+        rest, held = hold(left)
+        assert len(held) == 1 and rest[0] == FileSlice(held[0], left[0].offset, left[0].count)
         os.close(fd)  # (the cache's fd)
         assert _fds_on(path) == 1  # the rest's own
         got = bytearray()
         b.settimeout(10)
-        rest = owned
         while rest:
             got += b.recv(1 << 20)
             rest = send_now(a, rest)
         got += _recv_exactly(b, 4 + len(data) + 4 - len(got))
         assert bytes(got) == b"head" + data + b"tail"
-        release(left)  # (the slices handed back borrow their fd: nothing closed)
-        assert _fds_on(path) == 1
-        release(owned)
-        assert _fds_on(path) == 0
-        release(owned)  # (once only)
+        release(held)
+        assert _fds_on(path) == 0 and held == []
+        release(held)  # (once only)
 
 
 def test_a_file_cut_short_under_a_slice_raises_after_what_was_there(tmp_path: Path) -> None:
@@ -107,5 +106,36 @@ def test_a_file_cut_short_under_a_slice_raises_after_what_was_there(tmp_path: Pa
                 send_now(a, [b"head", FileSlice(fd, 50_000, 200_000)])
             a.close()
             assert _recv_exactly(b, 1 << 20) == b"head" + data[50_000:100_000]
+    finally:
+        os.close(fd)
+
+
+def test_a_file_that_cannot_be_spliced_is_read_instead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sendfile fails with EINVAL for a file whose filesystem cannot splice it: the slice's
+    bytes are read with pread and sent, not lost (nor the connection)."""
+    data = os.urandom(100_000)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+
+    def no_splice(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "sendfile", no_splice)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with _pair() as (a, b):
+            left = send_now(a, [b"head", FileSlice(fd, 10, 60_000), b"tail"])
+            assert not any(isinstance(p, FileSlice) for p in left)  # (the rest, if any: bytes)
+            want = 4 + 60_000 + 4
+            got = bytearray()
+            b.settimeout(10)
+            while len(got) < want:
+                got += b.recv(want - len(got))
+                if left:
+                    left = send_now(a, left)
+            assert bytes(got) == b"head" + data[10:60_010] + b"tail"
+        os.truncate(path, 1000)
+        with _pair() as (a, b), pytest.raises(FileCutShort):
+            send_now(a, [b"head", FileSlice(fd, 10, 60_000)])
     finally:
         os.close(fd)
