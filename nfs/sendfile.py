@@ -77,10 +77,7 @@ def send_now(sock: socket.socket, parts: list[Part]) -> list[Part]:
                 if e.errno not in _NO_SPLICE:
                     raise
                 # A filesystem whose files cannot be spliced: the slice's bytes, read here.
-                data = os.pread(p.fd, p.count, p.offset)
-                if len(data) < p.count:
-                    raise FileCutShort(f"file ended {p.count - len(data)} bytes before its READ's data") from None
-                parts = [data, *parts[i + 1 :]]
+                parts = [_read(p), *parts[i + 1 :]]
                 i, n = 0, len(parts)
                 continue
             if sent == 0:
@@ -122,19 +119,31 @@ def _drop_sent(views: list[memoryview], n: int) -> list[memoryview]:
 def hold(parts: list[Part]) -> tuple[list[Part], list[int]]:
     """`parts` with each slice on a duplicate of its fd, and those duplicates: for sending the
     rest of a reply after the core lock is let go (the open-file cache may close its fds
-    then). Close the duplicates (`release`) once the rest has been sent or dropped."""
+    then). Close the duplicates (`release`) once the rest has been sent or dropped. With no fd
+    to spare (EMFILE), a slice's bytes are read instead (FileCutShort if the file ended)."""
     fds: list[int] = []
     out: list[Part] = []
     try:
         for p in parts:
             if isinstance(p, FileSlice):
-                fds.append(os.dup(p.fd))
-                p = FileSlice(fds[-1], p.offset, p.count)
+                try:
+                    fds.append(os.dup(p.fd))
+                    p = FileSlice(fds[-1], p.offset, p.count)
+                except OSError:
+                    p = _read(p)
             out.append(p)
-    except OSError:
+    except BaseException:
         release(fds)
         raise
     return out, fds
+
+
+def _read(p: FileSlice) -> bytes:
+    """A slice's bytes, read (FileCutShort if the file ends first)."""
+    data = os.pread(p.fd, p.count, p.offset)
+    if len(data) < p.count:
+        raise FileCutShort(f"file ended {p.count - len(data)} bytes before its READ's data")
+    return data
 
 
 def release(fds: list[int]) -> None:

@@ -423,6 +423,76 @@ async def test_a_file_cut_short_while_its_read_is_being_sent_ends_the_connection
         assert server.svc.stats.system_err == 0
 
 
+async def test_a_read_half_sent_keeps_its_own_fd_while_the_cache_closes_its(
+        tmp_path: Path, export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A big READ's reply waits half sent (the client reads slowly) while other READs push its
+    file out of the open-file cache (at most one fd): the rest still comes, the file's bytes,
+    from the fd the reply holds of its own; once it has gone that fd is closed too (none is
+    left open on the file), and the connection serves on."""
+    monkeypatch.setattr("nfs.server._SOCK_BUF", 64 * 1024)  # (a send buffer far smaller than the reply)
+    cred = AuthSys().to_auth()
+    data = os.urandom(2 << 20)
+    (export_dir / "big").write_bytes(data)
+    (export_dir / "other").write_bytes(os.urandom(8192))
+    async with serving(tmp_path, export_dir) as (server, port, _):
+        server.export.max_open = 1
+        fhs = {name: server.export.fh_for(str(export_dir / name), os.lstat(export_dir / name), server.export.root_ino)
+               for name in ("big", "other")}
+
+        def read(xid: int, name: str, count: int) -> bytes:
+            return _rec(_call(xid, Proc.READ, ReadArgs(fhs[name], 0, count), cred))
+
+        def client() -> tuple[Any, int, int]:
+            with _connect(port) as s:
+                s.sendall(read(1, "big", 4096))
+                _recv_record(s)  # (the first: its handle resolved, its fd opened)
+            with server._core:
+                before = server.stats.tcp_thread_calls
+            slow = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting: a small window)
+            slow.settimeout(10)
+            slow.connect((H, port))
+            with slow:
+                slow.sendall(read(2, "big", 1 << 20))
+                deadline = time.monotonic() + 10  # (a bound for a broken server, not a timing)
+                while True:  # until the thread has answered it: the reply is half sent
+                    with server._core:
+                        if server.stats.tcp_thread_calls > before:
+                            break
+                    assert time.monotonic() < deadline, "the READ was not answered by the thread"
+                    time.sleep(0.005)
+                with _connect(port) as s:  # "other" takes the cache's one fd: big's is closed
+                    s.sendall(read(3, "other", 8192))
+                    _recv_record(s)
+                with server._core:
+                    cached = server.export.open_file(fhs["big"]) is not None
+                held = _open_on(export_dir / "big")  # the half-sent reply's own
+                res = _res(Proc.READ, _recv_record(slow))
+                deadline = time.monotonic() + 10
+                while _open_on(export_dir / "big") and time.monotonic() < deadline:
+                    time.sleep(0.005)  # (the thread closes it once the rest has gone)
+                slow.sendall(read(4, "other", 100))
+                assert _res(Proc.READ, _recv_record(slow)).status == Stat.NFS3_OK
+                return res, held + 10 * cached, _open_on(export_dir / "big")
+
+        with trio.fail_after(30):
+            res, held, left = await trio.to_thread.run_sync(client)
+            await _all_closed(server)
+        assert res.status == Stat.NFS3_OK and bytes(res.data) == data[: 1 << 20]
+        assert held == 1  # not cached any more; the reply's own fd
+        assert left == 0
+        assert server.svc.stats.system_err == 0
+
+
+def _open_on(path: Path) -> int:
+    """How many of this process's fds (the in-process server's) are open on `path`."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+    return n
+
+
 async def test_no_reply_is_sent_into_a_read_cut_short_by_a_truncation(
         tmp_path: Path, export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A call handed to the loop waits while the thread sends a big READ (sendfile); the file
