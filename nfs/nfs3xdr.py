@@ -690,7 +690,7 @@ class ReadRes:
     file_attributes: Attr | None = None
     count: int = 0  # resok
     eof: bool = False  # resok
-    data: Payload = b""  # resok: bytes, a memoryview of the reply, or (server) of a file mapping
+    data: Payload = b""  # resok: bytes, or a memoryview of the reply
 
 
 @dataclass(slots=True)

@@ -341,7 +341,10 @@ class NfsProgram:
                     # reply is sent at once, with the core lock still held.)
                     data = FileSlice(fd, offset, n)
                 else:
-                    data = os.pread(fd, n, offset) if n else b""
+                    try:
+                        data = os.pread(fd, n, offset) if n else b""
+                    except OSError as e:  # (as the usual way answers it: NFS3ERR_IO, say)
+                        return _encode(NFS3_PROCEDURES[Proc.READ], NFS3_PROCEDURES[Proc.READ].res(errno_to_stat(e)))
                     if len(data) < n:  # the file shrank since the fstat
                         n = len(data)
                         eof = True

@@ -5,6 +5,7 @@ a file's writeback early and COMMIT still syncs."""
 from __future__ import annotations
 
 import ipaddress
+import errno
 import os
 import socket
 import threading
@@ -288,6 +289,28 @@ async def test_the_hot_path_answers_read_and_write_as_the_usual_way(tmp_path: Pa
     (export_dir / "f").write_bytes(b"changed")
     assert _fast(svc, msg, transport) == sent[0] and (export_dir / "f").read_bytes() == b"changed"
     assert svc.try_fast(msg, H, transport, 65507, lambda r: sent.append(b"")) is not None and len(sent) == 1
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_a_read_the_disk_fails_gets_the_usual_ways_error(tmp_path: Path, export_dir: Path, transport: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A READ whose pread fails (EIO from the disk) is answered NFS3ERR_IO on the hot path, as
+    the usual way answers it, not SYSTEM_ERR."""
+    svc, prog = _core(tmp_path, export_dir)
+    (export_dir / "f").write_bytes(os.urandom(10_000))
+    fh = prog.export.fh_for(str(export_dir / "f"), os.lstat(export_dir / "f"), prog.export.root_ino)
+    cred = AuthSys(uid=0, gid=0).to_auth()
+    _usual(svc, _call(1, Proc.READ, ReadArgs(fh, 0, 8), cred), transport)  # (resolves it, opens its fd)
+
+    def failing(fd: int, n: int, offset: int) -> bytes:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "pread", failing)
+    msg = _call(2, Proc.READ, ReadArgs(fh, 0, 4096), cred)
+    fast = _fast(svc, msg, transport)
+    assert fast is not None and fast == _usual(svc, msg, transport)
+    assert NFS3_PROCEDURES[Proc.READ].decode_res(Unpacker(fast[24:])).status == Stat.NFS3ERR_IO
+    assert svc.stats.system_err == 0
 
 
 async def test_the_hot_path_leaves_everything_else_to_the_usual_way(tmp_path: Path, export_dir: Path) -> None:
