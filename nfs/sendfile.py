@@ -1,15 +1,17 @@
 """Big READ replies over TCP sent straight from the page cache, with sendfile(2).
 
 A READ answered with pread(2) copies its data twice: page cache -> a buffer of ours, then that
-buffer -> the socket. sendfile(2) to a TCP socket copies nothing on the server: since Linux 6.5
-it splices the page cache's pages into the socket (`MSG_SPLICE_PAGES`), and the client's
-`recv` copies straight from them (over loopback, the only copy left). Linux's knfsd sends READ
-data the same way (`nfsd_splice_read`). On the 2-core development VM (kernel 6.18, one call in
-flight, medians of 500 calls, interleaved) a 1 MiB reply took 138 us against 294 from a shared
-mapping with `sendmsg` (one copy, this server's way before) and 334 with pread + `sendmsg`;
-32 KiB ones 48-57 against 59-61; at 4 KiB the ways are even, so only READs of at least
-`SENDFILE_MIN_READ` go this way. `netswap bench nfs`'s copy out over TCP (libnfs's `nfs-cat`,
-1 MiB READs): 67-77 ms per 256 MiB against 92-95 before.
+buffer -> the socket. sendfile(2) to a TCP socket copies nothing on the server: the kernel
+hands the socket references to the page cache's pages (`MSG_SPLICE_PAGES` since Linux 6.5,
+`sendpage` before), and the client's `recv` copies straight from them (over loopback, the only
+copy left). Linux's knfsd sends READ data the same way (`nfsd_splice_read`). On the 2-core
+development VM (kernel 6.18), a bare socket pair (one request in flight, medians of 500,
+interleaved): a 1 MiB reply took 138 us against 294 from a shared mapping with `sendmsg` (one
+copy, this server's way before) and 334 with pread + `sendmsg`; 32 KiB ones 48-57 against
+59-61; at 4 KiB the ways are even, so only READs of at least `SENDFILE_MIN_READ` go this way.
+Our server's 1 MiB READ from a raw client: 225 us against 344 the way before (ganesha 385-413);
+`netswap bench nfs`'s copy out over TCP (libnfs's `nfs-cat`, 1 MiB READs): 67-77 ms per 256 MiB
+against 92-95.
 
 A reply is a list of parts: buffers, and at most one `FileSlice` (an fd, an offset, a count)
 for its data. The buffers before a slice go with `MSG_MORE`, so the record mark, the header
@@ -62,8 +64,8 @@ Part = _Bytes | FileSlice  # one part of a reply on a stream
 
 def send_now(sock: socket.socket, parts: list[Part]) -> list[Part]:
     """Send as much of `parts`, in order, as the non-blocking stream socket takes now; what is
-    left (empty once all went). Raises OSError if the connection fails,
-    FileCutShort if a slice's file ends before the slice does."""
+    left (empty once all went). Raises OSError if the connection fails, FileCutShort if a
+    slice's file ends before the slice does."""
     i, n = 0, len(parts)
     fileno = sock.fileno()
     while i < n:
