@@ -14,7 +14,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -324,6 +324,27 @@ async def test_no_thread_outlives_the_server(tmp_path: Path, export_dir: Path) -
             s.close()
 
 
+def _slow_reader(port: int) -> socket.socket:
+    """A connection whose client reads slowly: a small receive window (set before connecting)."""
+    slow = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.settimeout(10)
+    slow.connect((H, port))
+    return slow
+
+
+def _wait_for(server: NfsServer, done: Callable[[], bool], what: str) -> None:
+    """From a client thread: until `done()` holds, checked with the core lock held (10 s is a
+    bound for a broken server, not a timing)."""
+    deadline = time.monotonic() + 10
+    while True:
+        with server._core:
+            if done():
+                return
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
 async def test_big_reads_go_from_the_page_cache_and_see_the_file_as_it_is(
         tmp_path: Path, export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """READs of 32 KiB and more are sent with sendfile from the page cache (nfs/sendfile.py):
@@ -392,19 +413,10 @@ async def test_a_file_cut_short_while_its_read_is_being_sent_ends_the_connection
                 _recv_record(s)  # (the first: its handle resolved, its fd opened)
             with server._core:
                 before = server.stats.tcp_thread_calls
-            slow = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting: a small window)
-            slow.settimeout(10)
-            slow.connect((H, port))
-            with slow:
+            with _slow_reader(port) as slow:
                 slow.sendall(read(2, 0))
-                deadline = time.monotonic() + 10  # (a bound for a broken server, not a timing)
-                while True:  # until the thread has answered it: the reply is half sent
-                    with server._core:
-                        if server.stats.tcp_thread_calls > before:
-                            break
-                    assert time.monotonic() < deadline, "the READ was not answered by the thread"
-                    time.sleep(0.005)
+                # (until the thread has answered it: the reply is half sent)
+                _wait_for(server, lambda: server.stats.tcp_thread_calls > before, "the READ was not answered by the thread")
                 os.truncate(export_dir / "big", 0)
                 try:
                     _recv_record(slow)
@@ -448,19 +460,10 @@ async def test_a_read_half_sent_keeps_its_own_fd_while_the_cache_closes_its(
                 _recv_record(s)  # (the first: its handle resolved, its fd opened)
             with server._core:
                 before = server.stats.tcp_thread_calls
-            slow = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting: a small window)
-            slow.settimeout(10)
-            slow.connect((H, port))
-            with slow:
+            with _slow_reader(port) as slow:
                 slow.sendall(read(2, "big", 1 << 20))
-                deadline = time.monotonic() + 10  # (a bound for a broken server, not a timing)
-                while True:  # until the thread has answered it: the reply is half sent
-                    with server._core:
-                        if server.stats.tcp_thread_calls > before:
-                            break
-                    assert time.monotonic() < deadline, "the READ was not answered by the thread"
-                    time.sleep(0.005)
+                # (until the thread has answered it: the reply is half sent)
+                _wait_for(server, lambda: server.stats.tcp_thread_calls > before, "the READ was not answered by the thread")
                 with _connect(port) as s:  # "other" takes the cache's one fd: big's is closed
                     s.sendall(read(3, "other", 8192))
                     _recv_record(s)
@@ -518,23 +521,14 @@ async def test_no_reply_is_sent_into_a_read_cut_short_by_a_truncation(
                 _recv_record(s)  # (the first: its handle resolved, its fd opened)
             with server._core:
                 before = server.stats.tcp_thread_calls
-            slow = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting: a small window)
-            slow.settimeout(10)
-            slow.connect((H, port))
-            with slow:
+            with _slow_reader(port) as slow:
                 # One segment, so the thread takes both records at once: the first (a COMMIT,
                 # which syncs: not the thread's) goes to the loop, whose reply must wait while the
                 # thread sends the second's (a big READ, half sent).
                 slow.sendall(_rec(_call(2, Proc.COMMIT, CommitArgs(small), cred)) + read(3, big, 1 << 20))
-                deadline = time.monotonic() + 10  # (a bound for a broken server, not a timing)
-                while True:
-                    with server._core:
-                        # (the thread's READ answered, and the loop's COMMIT: its reply waits)
-                        if server.stats.tcp_thread_calls > before and server.svc.stats.by_proc.get("NFS3.21"):
-                            break
-                    assert time.monotonic() < deadline, "the calls were not answered"
-                    time.sleep(0.005)
+                # (the thread's READ answered, and the loop's COMMIT: its reply waits)
+                _wait_for(server, lambda: server.stats.tcp_thread_calls > before
+                          and bool(server.svc.stats.by_proc.get("NFS3.21")), "the calls were not answered")
                 # The READ's last page is gone: its record is cut 4 KiB (or more) short of its end.
                 os.truncate(export_dir / "big", (1 << 20) - 4096)
                 got = bytearray()
