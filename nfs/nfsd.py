@@ -222,6 +222,7 @@ class NfsProgram:
         self._as_root = os.geteuid() == 0  # new files are given to their creator (needs root)
         self.allow = list(allow)
         self._allowed: dict[str, bool] = {}  # host -> in --allow (parsing addresses per call is slow)
+        self._unreadable: set[int] = set()  # files a big READ failed to read after its header went
         self._whos: dict[int, tuple[AuthSys | None, Cred]] = {}  # id(credential) -> (it, its effective cred)
         self.max_io = max_io
         self.udp_max_io = udp_max_io
@@ -330,12 +331,13 @@ class NfsProgram:
             limit = self.udp_max_io if transport == "udp" else self.max_io
             count = min(count, limit, max(0, max_reply - 256))
             stream = transport == "tcp"
+            unreadable = self._unreadable
 
             def read() -> list[Buffer]:
                 n = max(0, min(count, st.st_size - offset))
                 eof = offset + n >= st.st_size
                 data: Buffer | FileSlice
-                if stream and n >= SENDFILE_MIN_READ:
+                if stream and n >= SENDFILE_MIN_READ and st.st_ino not in unreadable:
                     # A big READ's data goes to the socket straight from the page cache, with
                     # sendfile (no copy here): nfs/sendfile.py. (The cached fd serves, as the
                     # reply is sent at once, with the core lock still held.)
@@ -373,6 +375,15 @@ class NfsProgram:
             return [_OK_TRUE + pre + _TRUE + fattr3_bytes(post, fsid) + _WRITE_OK.pack(count, stable) + self.verifier]
 
         return write
+
+    def note_unreadable(self, ino: int) -> None:
+        """A big READ's file could not be read after its reply's header had gone (the
+        connection was cut, nfs/sendfile.py): its next READs read their data before the
+        header, so a failure is answered (NFS3ERR_IO) instead of cut again. (Bounded: a file
+        forgotten reads by sendfile again.)"""
+        if len(self._unreadable) >= 1024:
+            self._unreadable.clear()
+        self._unreadable.add(ino)
 
     def _who_fast(self, cred: AuthSys | None) -> Cred:
         """effective_cred, kept for the credential objects the RPC layer hands out again."""

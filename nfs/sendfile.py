@@ -20,7 +20,10 @@ while the core lock is held; what the socket cannot take at once is sent later w
 lock, so the rest of a slice then holds a duplicate of the fd of its own (`hold`).
 
 A file that cannot be spliced (sendfile fails with EINVAL, as on a filesystem without
-`splice_read`) is read with pread for that reply instead.
+`splice_read`) is read with pread for that reply instead. If it cannot be read at all (EIO
+from the disk) after the header has gone, the record is cut (`FileReadError`) and the server
+reads that file's next READs before their header, so the client gets the error
+(NFS3ERR_IO), not the same cut again.
 
 If the file is cut short before its slice has been sent, sendfile stops at the new end: the
 record is cut short (`FileCutShort`), and the connection must end before anything else is sent
@@ -38,7 +41,8 @@ from dataclasses import dataclass
 from typing import cast
 
 SENDFILE_MIN_READ = 32 * 1024  # smaller READs cost the same with pread (see above)
-_NO_SPLICE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})  # (sendfile(2): the file cannot be spliced)
+_SOCKET_ERRORS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNABORTED, errno.ESHUTDOWN,
+                            errno.ETIMEDOUT})  # (sendfile(2) failing on the socket's side; any other, the file's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +60,16 @@ class FileSlice:
 
 class FileCutShort(OSError):
     """A slice's file ended before the slice had been sent: its record is cut short."""
+
+
+class FileReadError(OSError):
+    """A slice's file could not be read (EIO from the disk, say), neither by sendfile nor by
+    pread, after its reply's header had gone: its record is cut short. `ino` names the file,
+    so that its next READs are read before their header is sent (and answered with the error)."""
+
+    def __init__(self, e: OSError, ino: int) -> None:
+        super().__init__(e.errno, f"{e.strerror} (inode {ino})")
+        self.ino = ino
 
 
 _Bytes = bytes | bytearray | memoryview
@@ -76,9 +90,10 @@ def send_now(sock: socket.socket, parts: list[Part]) -> list[Part]:
             except BlockingIOError:
                 return parts[i:]
             except OSError as e:
-                if e.errno not in _NO_SPLICE:
+                if e.errno in _SOCKET_ERRORS:
                     raise
-                # A filesystem whose files cannot be spliced: the slice's bytes, read here.
+                # The file's side: one that cannot be spliced (EINVAL: a filesystem without
+                # splice_read), or a read error. The slice's bytes, read here.
                 parts = [_read(p), *parts[i + 1 :]]
                 i, n = 0, len(parts)
                 continue
@@ -141,8 +156,12 @@ def hold(parts: list[Part]) -> tuple[list[Part], list[int]]:
 
 
 def _read(p: FileSlice) -> bytes:
-    """A slice's bytes, read (FileCutShort if the file ends first)."""
-    data = os.pread(p.fd, p.count, p.offset)
+    """A slice's bytes, read (FileCutShort if the file ends first, FileReadError if it cannot
+    be read)."""
+    try:
+        data = os.pread(p.fd, p.count, p.offset)
+    except OSError as e:
+        raise FileReadError(e, os.fstat(p.fd).st_ino) from e
     if len(data) < p.count:
         raise FileCutShort(f"file ended {p.count - len(data)} bytes before its READ's data")
     return data
@@ -155,4 +174,4 @@ def release(fds: list[int]) -> None:
     fds.clear()
 
 
-__all__ = ["SENDFILE_MIN_READ", "FileCutShort", "FileSlice", "Part", "hold", "release", "send_now"]
+__all__ = ["SENDFILE_MIN_READ", "FileCutShort", "FileReadError", "FileSlice", "Part", "hold", "release", "send_now"]

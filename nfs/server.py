@@ -55,7 +55,7 @@ import socket as pysocket
 import termios
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -71,7 +71,7 @@ from nfs.nfs3 import NFS_PROGRAM, NFS_V3
 from nfs.nfsd import NfsProgram
 from nfs.portmap import IPPROTO_TCP, IPPROTO_UDP, PMAP_PROGRAM, PMAP_V2, Mapping, PortmapProgram
 from nfs.record import DEFAULT_MAX_RECORD, BufferPool, RecordDecoder, RecordTooLarge, record_mark
-from nfs.sendfile import Part, hold, release, send_now
+from nfs.sendfile import FileReadError, Part, hold, release, send_now
 from nfs.store import Export, close_fds, default_state_dir, load_key
 from nfs.svc import STREAM_MAX_REPLY, Buffer, CallContext, Pending, RpcProgram, RpcService
 from nfs.writeback import DEFAULT_WRITE_BEHIND
@@ -360,7 +360,8 @@ class NfsServer:
         conn = _Conn((host, port), self.budget.share(self.config.inflight_bytes, self.config.max_inflight), dec,
                      trio.current_time(), self.config)
         self._conns[id(conn)] = conn
-        t = _TcpStream(sock, conn, trio.lowlevel.current_trio_token(), trio.lowlevel.current_clock())
+        t = _TcpStream(sock, conn, trio.lowlevel.current_trio_token(), trio.lowlevel.current_clock(),
+                       self.nfs.note_unreadable)
         thread = threading.Thread(target=self._tcp_thread, args=(t,), name=f"nfsd-tcp-{host}:{port}", daemon=True)
         cfg = self.config
         tick = min(1.0, cfg.record_timeout / 4, cfg.first_call_timeout / 4, cfg.idle_timeout / 4)
@@ -592,6 +593,9 @@ class NfsServer:
                     poller.poll(1000)
         except OSError as e:
             log.debug("%s:%d: reply not sent: %s", *t.conn.peer, e)
+            if isinstance(e, FileReadError):
+                with self._core:
+                    t.note_unreadable(e.ino)
             ok = False
             # The record is cut short (a READ's file cut short before its data went leaves the
             # connection itself good): end it before a reply the loop holds back for this one
@@ -880,8 +884,9 @@ class _TcpStream:
     the core lock, or by one side only)."""
 
     def __init__(self, sock: pysocket.socket, conn: _Conn, token: trio.lowlevel.TrioToken,
-                 clock: trio.abc.Clock) -> None:
+                 clock: trio.abc.Clock, note_unreadable: Callable[[int], None]) -> None:
         self.sock = sock
+        self.note_unreadable = note_unreadable  # (NfsProgram's: called with the core lock held)
         self.conn = conn
         self.token = token
         self.clock = clock  # (the loop's clock, read by the thread for the connection's timers)
@@ -916,6 +921,8 @@ class _TcpStream:
             # nfs/sendfile.py.) A TCP client recovers a lost reply only by reconnecting (it
             # sends its calls again then): end the connection.
             log.debug("%s:%d: reply not sent: %s", *self.conn.peer, e)
+            if isinstance(e, FileReadError):
+                self.note_unreadable(e.ino)
             self.reply_bytes = 0
             self.cut()
 

@@ -9,6 +9,7 @@ they wait (as with a client in another process)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import struct
@@ -494,6 +495,51 @@ def _open_on(path: Path) -> int:
         with contextlib.suppress(OSError):
             n += os.readlink(f"/proc/self/fd/{fd}") == str(path)
     return n
+
+
+async def test_a_file_the_disk_cannot_read_gets_an_error_not_endless_cuts(
+        tmp_path: Path, export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A big READ's file cannot be read (EIO, by sendfile and by pread) after its reply's header
+    went: that connection is cut (the record cannot be finished), and the client's retry on a
+    new one is answered NFS3ERR_IO, not cut again; once the disk reads again, so does READ."""
+    cred = AuthSys().to_auth()
+    data = os.urandom(2 << 20)
+    (export_dir / "big").write_bytes(data)
+    real_pread = os.pread
+
+    def eio(*args: Any) -> Any:
+        raise OSError(errno.EIO, "Input/output error")
+
+    async with serving(tmp_path, export_dir) as (server, port, _):
+        big = server.export.fh_for(str(export_dir / "big"), os.lstat(export_dir / "big"), server.export.root_ino)
+
+        def read(s: socket.socket, xid: int) -> Any:
+            s.sendall(_rec(_call(xid, Proc.READ, ReadArgs(big, 0, 1 << 20), cred)))
+            return _res(Proc.READ, _recv_record(s))
+
+        def client() -> tuple[str, Any, Any]:
+            with _connect(port) as s:
+                assert read(s, 1).status == Stat.NFS3_OK  # (its handle resolved, its fd opened)
+            monkeypatch.setattr(os, "sendfile", eio)
+            monkeypatch.setattr(os, "pread", eio)
+            with _connect(port) as s:
+                try:
+                    first = f"whole: {read(s, 2).status}"
+                except EOFError as e:
+                    first = str(e)
+            with _connect(port) as s:
+                retry = read(s, 3)
+            monkeypatch.setattr(os, "pread", real_pread)
+            with _connect(port) as s:
+                return first, retry, read(s, 4)
+
+        with trio.fail_after(30):
+            first, retry, healed = await trio.to_thread.run_sync(client)
+            await _all_closed(server)
+        assert first.startswith("connection closed after"), first
+        assert retry.status == Stat.NFS3ERR_IO
+        assert healed.status == Stat.NFS3_OK and bytes(healed.data) == data[: 1 << 20]
+        assert server.svc.stats.system_err == 0
 
 
 async def test_no_reply_is_sent_into_a_read_cut_short_by_a_truncation(
