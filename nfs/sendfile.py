@@ -81,12 +81,11 @@ def send_now(sock: socket.socket, parts: list[Part]) -> list[Part]:
     left (empty once all went). Raises OSError if the connection fails, FileCutShort if a
     slice's file ends before the slice does."""
     i, n = 0, len(parts)
-    fileno = sock.fileno()
     while i < n:
         p = parts[i]
         if isinstance(p, FileSlice):
             try:
-                sent = os.sendfile(fileno, p.fd, p.offset, p.count)
+                sent = os.sendfile(sock.fileno(), p.fd, p.offset, p.count)
             except BlockingIOError:
                 return parts[i:]
             except OSError as e:

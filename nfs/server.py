@@ -58,7 +58,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import trio
 
@@ -172,23 +172,19 @@ async def send_datagram(sock: pysocket.socket, bufs: Sequence[Buffer], addr: Any
     in its send buffer if need be)."""
     while True:
         try:
-            sock.sendmsg(_datagram(bufs), [], pysocket.MSG_DONTWAIT, addr)  # (the socket may be a blocking one)
+            # (The socket may be a blocking one. A UDP reply holds no FileSlice: nfsd preads a
+            # READ's data for a datagram, nfs/sendfile.py.)
+            sock.sendmsg(bufs, [], pysocket.MSG_DONTWAIT, addr)  # type: ignore[arg-type]
             return
         except BlockingIOError:
             await trio.lowlevel.wait_writable(sock)
-
-
-def _datagram(bufs: Sequence[Buffer]) -> Sequence[bytes | bytearray | memoryview]:
-    """A reply over UDP as the iovec it is: it holds no FileSlice (nfsd preads a READ's data
-    for a datagram: nfs/sendfile.py)."""
-    return cast(Sequence[bytes | bytearray | memoryview], bufs)
 
 
 def _send_datagram_now(sock: pysocket.socket, bufs: Sequence[Buffer], addr: Any, stats: ServerStats) -> bool:
     """Send a reply datagram without waiting; whether it went (a full send buffer, rare on a
     datagram socket, loses it like the network would: the client retransmits)."""
     try:
-        sock.sendmsg(_datagram(bufs), [], pysocket.MSG_DONTWAIT, addr)
+        sock.sendmsg(bufs, [], pysocket.MSG_DONTWAIT, addr)  # type: ignore[arg-type]  # (no FileSlice, as above)
     except OSError as e:
         stats.udp_send_errors += 1
         log.debug("udp sendmsg to %s: %s", addr, e)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +15,17 @@ from nfs.nfs3xdr import NFS3_PROCEDURES
 from nfs.xdr import Packer
 
 H = "127.0.0.1"
+
+
+def fds_on(path: Path, *, removed_only: bool = False) -> int:
+    """How many of this process's fds (an in-process server's, say) are open on `path`: by
+    that name or removed (`removed_only`: removed)."""
+    names = {f"{path} (deleted)"} if removed_only else {str(path), f"{path} (deleted)"}
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/self/fd/{fd}") in names
+    return n
 
 
 def client(proto: str, srv: Any, **kw: Any) -> NfsClient:

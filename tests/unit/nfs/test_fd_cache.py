@@ -3,13 +3,13 @@ of it that would be slow to close."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
 import pytest
 
 from nfs.store import SLOW_FREE, Export, close_fds
+from unit.nfs.helpers import fds_on
 
 
 def test_the_laundrette_takes_out_cached_fds_left_unused_for_a_round(tmp_path: Path) -> None:
@@ -62,12 +62,7 @@ def test_a_removed_big_file_pushed_out_of_the_cache_is_left_to_the_laundrette(tm
 
     def held(name: str) -> int:
         """This process's fds on the file (removed or not)."""
-        path = str(root / name)
-        n = 0
-        for f in os.listdir("/proc/self/fd"):
-            with contextlib.suppress(OSError):
-                n += os.readlink(f"/proc/self/fd/{f}") in (path, f"{path} (deleted)")
-        return n
+        return fds_on(root / name)
 
     big = fd("big")
     fd("small")

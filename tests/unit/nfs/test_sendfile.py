@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from nfs.sendfile import FileCutShort, FileSlice, Part, hold, release, send_now
+from unit.nfs.helpers import fds_on
 
 
 @contextlib.contextmanager
@@ -39,14 +40,6 @@ def _recv_exactly(s: socket.socket, n: int) -> bytes:
             break
         got += chunk
     return bytes(got)
-
-
-def _fds_on(path: Path) -> int:
-    n = 0
-    for f in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            n += os.readlink(f"/proc/self/fd/{f}") in (str(path), f"{path} (deleted)")
-    return n
 
 
 def test_buffers_and_a_slice_go_in_order_with_the_files_bytes(tmp_path: Path) -> None:
@@ -84,7 +77,7 @@ def test_a_full_socket_leaves_the_rest_and_the_rest_keeps_its_own_fd(tmp_path: P
         rest, held = hold(left)
         assert len(held) == 1 and rest[0] == FileSlice(held[0], left[0].offset, left[0].count)
         os.close(fd)  # (the cache's fd)
-        assert _fds_on(path) == 1  # the rest's own
+        assert fds_on(path) == 1  # the rest's own
         got = bytearray()
         b.settimeout(10)
         while rest:
@@ -93,7 +86,7 @@ def test_a_full_socket_leaves_the_rest_and_the_rest_keeps_its_own_fd(tmp_path: P
         got += _recv_exactly(b, 4 + len(data) + 4 - len(got))
         assert bytes(got) == b"head" + data + b"tail"
         release(held)
-        assert _fds_on(path) == 0 and held == []
+        assert fds_on(path) == 0 and held == []
         release(held)  # (once only)
 
 

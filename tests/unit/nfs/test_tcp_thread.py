@@ -8,7 +8,6 @@ they wait (as with a client in another process)."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import socket
@@ -32,6 +31,7 @@ import nfs.server
 import nfs.store
 from nfs.server import NfsServer, ServerConfig
 from nfs.xdr import Packer, Unpacker
+from unit.nfs.helpers import fds_on
 
 H = "127.0.0.1"
 
@@ -470,14 +470,14 @@ async def test_a_read_half_sent_keeps_its_own_fd_while_the_cache_closes_its(
                     _recv_record(s)
                 with server._core:
                     cached = server.export.open_file(fhs["big"]) is not None
-                held = _open_on(export_dir / "big")  # the half-sent reply's own
+                held = fds_on(export_dir / "big")  # the half-sent reply's own
                 res = _res(Proc.READ, _recv_record(slow))
                 deadline = time.monotonic() + 10
-                while _open_on(export_dir / "big") and time.monotonic() < deadline:
+                while fds_on(export_dir / "big") and time.monotonic() < deadline:
                     time.sleep(0.005)  # (the thread closes it once the rest has gone)
                 slow.sendall(read(4, "other", 100))
                 assert _res(Proc.READ, _recv_record(slow)).status == Stat.NFS3_OK
-                return res, held + 10 * cached, _open_on(export_dir / "big")
+                return res, held + 10 * cached, fds_on(export_dir / "big")
 
         with trio.fail_after(30):
             res, held, left = await trio.to_thread.run_sync(client)
@@ -486,15 +486,6 @@ async def test_a_read_half_sent_keeps_its_own_fd_while_the_cache_closes_its(
         assert held == 1  # not cached any more; the reply's own fd
         assert left == 0
         assert server.svc.stats.system_err == 0
-
-
-def _open_on(path: Path) -> int:
-    """How many of this process's fds (the in-process server's) are open on `path`."""
-    n = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            n += os.readlink(f"/proc/self/fd/{fd}") == str(path)
-    return n
 
 
 async def test_a_file_the_disk_cannot_read_gets_an_error_not_endless_cuts(
@@ -603,15 +594,6 @@ async def test_no_reply_is_sent_into_a_read_cut_short_by_a_truncation(
         assert server.svc.stats.system_err == 0
 
 
-def _deleted_open(path: Path) -> int:
-    """How many of this process's fds (the in-process server's) name `path`, removed."""
-    n = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            n += os.readlink(f"/proc/self/fd/{fd}") == f"{path} (deleted)"
-    return n
-
-
 def _held_up(monkeypatch: pytest.MonkeyPatch, target: str, real: Any) -> tuple[threading.Event, threading.Event]:
     """`target` (a worker thread's job: "module.function") held up until the test says so:
     (it is waiting, go on)."""
@@ -651,7 +633,7 @@ async def test_a_file_removed_behind_the_servers_back_is_closed_by_the_laundrett
                 await trio.to_thread.run_sync(_read, s, fh, count)
                 await trio.to_thread.run_sync(_read, s, fh, count)  # (the second from the hot path)
             gone.unlink()
-            assert _deleted_open(gone) >= 1  # the cached fd
+            assert fds_on(gone, removed_only=True) >= 1  # the cached fd
             with trio.fail_after(10):  # (bounds for a broken server, not timings)
                 while not closing.is_set():
                     await trio.to_thread.run_sync(_read, s, fhs[1], 1000)  # kept in use meanwhile
@@ -659,7 +641,7 @@ async def test_a_file_removed_behind_the_servers_back_is_closed_by_the_laundrett
                 await trio.to_thread.run_sync(_read, s, fhs[1], 1000)  # while the close is held
             go_on.set()
             with trio.fail_after(10):
-                while _deleted_open(gone):
+                while fds_on(gone, removed_only=True):
                     await trio.to_thread.run_sync(_read, s, fhs[1], 1000)
                     await trio.sleep(0.02)
             # (On the event loop, which holds the core lock while it runs.)
@@ -697,12 +679,12 @@ async def test_freeing_a_big_file_does_not_hold_up_other_calls(
             with trio.fail_after(10):  # (bounds for a broken server, not timings)
                 await trio.to_thread.run_sync(closing.wait, 10)
                 await trio.to_thread.run_sync(_read, s2, fhs[1], 1000)  # while the close is held
-            assert _deleted_open(big) >= 1  # its last name gone, not freed yet
+            assert fds_on(big, removed_only=True) >= 1  # its last name gone, not freed yet
             go_on.set()
             with trio.fail_after(10):
                 res = await trio.to_thread.run_sync(_recv_record, s)
             assert _res(proc, res).status == Stat.NFS3_OK
-            assert _deleted_open(big) == 0  # freed before the call answered
+            assert fds_on(big, removed_only=True) == 0  # freed before the call answered
             if how == "rename-onto":
                 assert big.read_bytes() == b"the new big" and not (export_dir / "new").exists()
             else:
